@@ -1,0 +1,6 @@
+//! clustermesh node agent.
+//!
+//! Control plane: cluster watchers → merge (affinity, tiers, weights) → weighted Maglev →
+//! desired state handed to a [`datapath::Datapath`].
+
+pub mod datapath;
