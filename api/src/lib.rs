@@ -1,0 +1,39 @@
+//! Shared vocabulary of clustermesh: the records a mesh API server exports, the gRPC
+//! mesh API, the store key layout, and the validation and annotation rules every
+//! component must agree on.
+//!
+//! This crate does no I/O, so the API server, the agent and the CLI can all depend on it
+//! and get byte-identical behaviour.
+//!
+//! - [`v1`]: generated protobuf messages and the tonic `MeshApi` client/server.
+//! - [`keys`]: `mesh/v1/...` key builders and a typed key parser.
+//! - [`records`]: decoding a store value or Watch payload into the right record type.
+//! - [`cluster`]: cluster name and ID rules, the 255/511-cluster modes.
+//! - [`cidr`]: pod CIDR parsing and overlap detection between clusters.
+//! - [`identity`]: cluster-scoped numeric identities (cluster ID in the high bits).
+//! - [`annotations`]: global-service annotations, new and legacy forms.
+#![forbid(unsafe_code)]
+
+pub mod annotations;
+pub mod cidr;
+pub mod cluster;
+pub mod identity;
+pub mod keys;
+pub mod records;
+
+/// Generated protobuf messages and gRPC service for package `clustermesh.v1`.
+///
+/// Unknown fields in received messages are skipped by prost, so older readers accept
+/// newer writers.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
+pub mod v1 {
+    tonic::include_proto!("clustermesh.v1");
+}
+
+pub use keys::{Kind, MeshKey};
