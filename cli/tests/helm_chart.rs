@@ -1,0 +1,488 @@
+//! Renders `deploy/helm/clustermesh` for several value sets and validates the manifests.
+//!
+//! Every document must parse as the typed Kubernetes object its `kind` names
+//! (k8s-openapi), and serializing that object back must give the same JSON, so a
+//! misspelled or misplaced field (silently dropped by the typed parse) fails the test.
+//! Then the scenario-specific fields are checked: workload kind per store mode, service
+//! type, raft peers, RBAC verbs, agent mounts and capabilities, remote clusters.
+
+// Helpers outside #[test] fns: a failed unwrap there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use clustermesh_cli::chart::{Chart, Release, TemplateError};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde_json::{json, Value};
+
+fn chart() -> Chart {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/clustermesh");
+    Chart::load(&dir).expect("chart loads")
+}
+
+fn release() -> Release {
+    Release {
+        name: "clustermesh".into(),
+        namespace: "kube-system".into(),
+    }
+}
+
+/// Drops nulls (absent optional fields serialize as absent) so the round trip compares
+/// only what the manifest says.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, origin: &str) -> T {
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{origin}: not a valid {}: {e}\n{doc:#}",
+            std::any::type_name::<T>()
+        )
+    });
+    let mut back = serde_json::to_value(&typed).unwrap();
+    let mut orig = doc.clone();
+    strip_nulls(&mut back);
+    strip_nulls(&mut orig);
+    if let Some(diff) = first_difference(&orig, &back, String::new()) {
+        panic!("{origin}: the typed round trip changed {diff} (misspelled or misplaced field?)");
+    }
+    typed
+}
+
+/// The path of the first difference between two JSON values, with both sides.
+fn first_difference(a: &Value, b: &Value, path: String) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(u), Some(v)) => first_difference(u, v, format!("{path}.{k}")),
+                (u, v) => Some(format!("{path}.{k}: manifest {u:?} vs typed {v:?}")),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (u, v))| first_difference(u, v, format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(format!("{path}: manifest {a} vs typed {b}")),
+    }
+}
+
+/// All rendered objects, validated, as (kind, name, json).
+struct Rendered(Vec<(String, String, Value)>);
+
+impl Rendered {
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        &self
+            .0
+            .iter()
+            .find(|(k, n, _)| k == kind && n == name)
+            .unwrap_or_else(|| panic!("no {kind}/{name} in {:?}", self.kinds()))
+            .2
+    }
+    fn has(&self, kind: &str, name: &str) -> bool {
+        self.0.iter().any(|(k, n, _)| k == kind && n == name)
+    }
+    fn kinds(&self) -> Vec<String> {
+        self.0.iter().map(|(k, n, _)| format!("{k}/{n}")).collect()
+    }
+}
+
+fn render(overrides: Value) -> Result<Rendered, TemplateError> {
+    let docs = chart().render_documents(&release(), &overrides)?;
+    let mut out = Vec::new();
+    for (template, text) in docs {
+        let doc: Value = serde_yaml::from_str(&text)
+            .unwrap_or_else(|e| panic!("{template}: rendered YAML does not parse: {e}\n{text}"));
+        let kind = doc["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{template}: no kind"))
+            .to_string();
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{template}: no name"))
+            .to_string();
+        assert!(doc["apiVersion"].is_string(), "{template}: no apiVersion");
+        let origin = format!("{template} {kind}/{name}");
+        match kind.as_str() {
+            "Deployment" => {
+                let d: Deployment = roundtrip(&doc, &origin);
+                let spec = d.spec;
+                check_selector(
+                    &spec.selector.match_labels,
+                    &spec.template.metadata,
+                    &origin,
+                );
+                check_pod(spec.template.spec.as_ref().unwrap(), &origin);
+            }
+            "StatefulSet" => {
+                let s: StatefulSet = roundtrip(&doc, &origin);
+                let spec = s.spec;
+                check_selector(
+                    &spec.selector.match_labels,
+                    &spec.template.metadata,
+                    &origin,
+                );
+                let claims: Vec<String> = spec
+                    .volume_claim_templates
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|c| c.metadata.name)
+                    .collect();
+                check_pod_with(spec.template.spec.as_ref().unwrap(), &claims, &origin);
+            }
+            "DaemonSet" => {
+                let d: DaemonSet = roundtrip(&doc, &origin);
+                let spec = d.spec;
+                check_selector(
+                    &spec.selector.match_labels,
+                    &spec.template.metadata,
+                    &origin,
+                );
+                check_pod(spec.template.spec.as_ref().unwrap(), &origin);
+            }
+            "Service" => {
+                roundtrip::<Service>(&doc, &origin);
+            }
+            "ServiceAccount" => {
+                roundtrip::<ServiceAccount>(&doc, &origin);
+            }
+            "ConfigMap" => {
+                roundtrip::<ConfigMap>(&doc, &origin);
+            }
+            "ClusterRole" => {
+                roundtrip::<ClusterRole>(&doc, &origin);
+            }
+            "ClusterRoleBinding" => {
+                roundtrip::<ClusterRoleBinding>(&doc, &origin);
+            }
+            other => panic!("{origin}: unexpected kind {other}"),
+        }
+        out.push((kind, name, doc));
+    }
+    Ok(Rendered(out))
+}
+
+fn check_selector(
+    selector: &Option<std::collections::BTreeMap<String, String>>,
+    meta: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    origin: &str,
+) {
+    let labels = meta
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    for (k, v) in selector.clone().unwrap_or_default() {
+        assert_eq!(
+            labels.get(&k),
+            Some(&v),
+            "{origin}: selector {k}={v} does not match the pod labels"
+        );
+    }
+}
+
+fn check_pod(pod: &PodSpec, origin: &str) {
+    check_pod_with(pod, &[], origin);
+}
+
+/// Every volume mount must name a volume of the pod (or a claim template).
+fn check_pod_with(pod: &PodSpec, claims: &[String], origin: &str) {
+    let mut volumes: Vec<String> = pod
+        .volumes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    volumes.extend(claims.iter().cloned());
+    for c in &pod.containers {
+        for m in c.volume_mounts.clone().unwrap_or_default() {
+            assert!(
+                volumes.contains(&m.name),
+                "{origin}: mount {} has no volume (have {volumes:?})",
+                m.name
+            );
+        }
+        assert!(
+            c.image
+                .as_deref()
+                .is_some_and(|i| i.contains(':') && !i.ends_with(':')),
+            "{origin}: image without tag"
+        );
+    }
+}
+
+fn args(obj: &Value) -> Vec<String> {
+    obj["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn base() -> Value {
+    json!({"cluster": {"name": "cluster1", "id": 1}})
+}
+
+fn with(extra: Value) -> Value {
+    let mut v = base();
+    clustermesh_cli::chart::merge_values(&mut v, &extra);
+    v
+}
+
+#[test]
+fn default_values_render_single_raft_apiserver_behind_a_load_balancer() {
+    let r = render(base()).unwrap();
+    let dep = r.get("Deployment", "clustermesh-apiserver");
+    assert_eq!(dep["spec"]["replicas"], 1);
+    assert_eq!(dep["spec"]["strategy"]["type"], "Recreate");
+    let a = args(dep);
+    assert!(a.contains(&"--cluster-name=cluster1".to_string()), "{a:?}");
+    assert!(a.contains(&"--cluster-id=1".to_string()));
+    assert!(a.contains(&"--store=raft".to_string()));
+    assert!(!a.iter().any(|x| x.starts_with("--raft-peer=")));
+    assert!(!r.has("StatefulSet", "clustermesh-apiserver"));
+    assert_eq!(
+        r.get("Service", "clustermesh-apiserver")["spec"]["type"],
+        "LoadBalancer"
+    );
+    let sc = &dep["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+}
+
+#[test]
+fn three_raft_replicas_render_a_statefulset_with_every_peer() {
+    let r = render(with(json!({"apiserver": {"replicas": 3}}))).unwrap();
+    assert!(!r.has("Deployment", "clustermesh-apiserver"));
+    let sts = r.get("StatefulSet", "clustermesh-apiserver");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["serviceName"], "clustermesh-apiserver-peers");
+    let peers: Vec<String> = args(sts)
+        .into_iter()
+        .filter(|a| a.starts_with("--raft-peer="))
+        .collect();
+    assert_eq!(
+        peers,
+        (0..3)
+            .map(|i| format!(
+                "--raft-peer=clustermesh-apiserver-{i}=clustermesh-apiserver-{i}.clustermesh-apiserver-peers.kube-system.svc:2380"
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    let headless = r.get("Service", "clustermesh-apiserver-peers");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+}
+
+#[test]
+fn raft_statefulset_without_persistence_uses_an_empty_dir() {
+    let r = render(with(json!({"apiserver": {"replicas": 3, "store": {"raft": {"persistence": {"enabled": false}}}}}))).unwrap();
+    let sts = r.get("StatefulSet", "clustermesh-apiserver");
+    assert!(sts["spec"].get("volumeClaimTemplates").is_none());
+    let vols = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(vols
+        .iter()
+        .any(|v| v["name"] == "data" && v.get("emptyDir").is_some()));
+}
+
+#[test]
+fn etcd_store_renders_stateless_replicas_with_etcd_tls() {
+    let r = render(with(
+        json!({"apiserver": {"replicas": 2, "store": {"type": "etcd", "etcd": {
+        "endpoints": "https://etcd-0:2379,https://etcd-1:2379", "tlsSecret": "etcd-client"}}}}),
+    ))
+    .unwrap();
+    let dep = r.get("Deployment", "clustermesh-apiserver");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    assert!(
+        dep["spec"].get("strategy").is_none(),
+        "rolling updates are fine without raft"
+    );
+    let a = args(dep);
+    assert!(a.contains(&"--store=etcd".to_string()));
+    assert!(a.contains(&"--etcd-endpoints=https://etcd-0:2379,https://etcd-1:2379".to_string()));
+    assert!(a.contains(&"--etcd-tls-dir=/etc/clustermesh/etcd-tls".to_string()));
+    assert!(!a.iter().any(|x| x.starts_with("--raft")));
+}
+
+#[test]
+fn node_port_service_carries_the_requested_port() {
+    let r = render(with(
+        json!({"apiserver": {"service": {"type": "NodePort", "nodePort": 32379}}}),
+    ))
+    .unwrap();
+    let svc = r.get("Service", "clustermesh-apiserver");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    assert_eq!(svc["spec"]["ports"][0]["nodePort"], 32379);
+    let r = render(with(
+        json!({"apiserver": {"service": {"type": "ClusterIP", "nodePort": 32379}}}),
+    ))
+    .unwrap();
+    assert!(
+        r.get("Service", "clustermesh-apiserver")["spec"]["ports"][0]
+            .get("nodePort")
+            .is_none()
+    );
+}
+
+#[test]
+fn rbac_grants_only_read_access_to_the_exported_kinds() {
+    let r = render(base()).unwrap();
+    let role = r.get("ClusterRole", "clustermesh-apiserver-kube-system");
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["verbs"], json!(["get", "list", "watch"]));
+        for res in rule["resources"].as_array().unwrap() {
+            granted.push(format!(
+                "{}/{}",
+                rule["apiGroups"][0].as_str().unwrap(),
+                res.as_str().unwrap()
+            ));
+        }
+    }
+    granted.sort();
+    assert_eq!(
+        granted,
+        vec![
+            "/nodes",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices"
+        ]
+    );
+    let binding = r.get("ClusterRoleBinding", "clustermesh-apiserver-kube-system");
+    assert_eq!(binding["subjects"][0]["name"], "clustermesh-apiserver");
+    assert_eq!(
+        r.get("ServiceAccount", "clustermesh-agent")["automountServiceAccountToken"],
+        false
+    );
+}
+
+#[test]
+fn agent_daemonset_mounts_bpffs_and_cgroup_with_only_needed_capabilities() {
+    let r = render(base()).unwrap();
+    let ds = r.get("DaemonSet", "clustermesh-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        json!(["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"])
+    );
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(mounts.contains(&"/sys/fs/bpf"));
+    assert!(mounts.contains(&"/run/clustermesh/cgroupv2"));
+    let vols = pod["volumes"].as_array().unwrap();
+    let host =
+        |name: &str| vols.iter().find(|v| v["name"] == name).unwrap()["hostPath"]["path"].clone();
+    assert_eq!(host("bpffs"), "/sys/fs/bpf");
+    assert_eq!(host("cgroup"), "/sys/fs/cgroup");
+    let a = args(ds);
+    assert!(a.contains(&"--config=/etc/clustermesh/agent/agent.yaml".to_string()));
+    assert!(a.contains(&"--cgroup=/run/clustermesh/cgroupv2".to_string()));
+}
+
+#[test]
+fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+    let r = render(with(json!({"agent": {"remoteClusters": [
+        {"name": "cluster2", "endpoints": ["https://10.0.0.2:2379"], "caCert": pem},
+        {"name": "cluster3", "endpoints": ["https://10.0.0.3:2379", "https://10.0.0.4:2379"], "caCert": pem},
+    ]}})))
+    .unwrap();
+    let cm = r.get("ConfigMap", "clustermesh-agent-config");
+    let config: Value = serde_yaml::from_str(cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(config["local_cluster"], "cluster1");
+    let clusters = config["clusters"].as_array().unwrap();
+    let names: Vec<&str> = clusters
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["cluster1", "cluster2", "cluster3"]);
+    assert_eq!(
+        clusters[0]["endpoints"],
+        json!(["https://clustermesh-apiserver.kube-system.svc:2379"])
+    );
+    assert_eq!(
+        clusters[2]["endpoints"],
+        json!(["https://10.0.0.3:2379", "https://10.0.0.4:2379"])
+    );
+    assert_eq!(
+        clusters[1]["ca_file"],
+        "/etc/clustermesh/agent/cluster2-ca.crt"
+    );
+    assert_eq!(cm["data"]["cluster2-ca.crt"].as_str().unwrap().trim(), pem);
+}
+
+#[test]
+fn invalid_values_are_refused_with_a_message_naming_the_value() {
+    let cases = [
+        (json!({"cluster": {"id": 1}}), "cluster.name is required"),
+        (
+            json!({"cluster": {"name": "c", "id": 0}}),
+            "cluster.id must be between 1",
+        ),
+        (
+            json!({"cluster": {"name": "c", "id": 256}}),
+            "cluster.id must be between 1",
+        ),
+        (
+            with(json!({"apiserver": {"store": {"type": "zookeeper"}}})),
+            "apiserver.store.type must be raft or etcd",
+        ),
+        (
+            with(json!({"apiserver": {"store": {"type": "etcd"}}})),
+            "apiserver.store.etcd.endpoints is required",
+        ),
+        (
+            with(json!({"apiserver": {"replicas": 2}})),
+            "must be 1, 3 or 5",
+        ),
+        (
+            with(json!({"apiserver": {"service": {"type": "External"}}})),
+            "apiserver.service.type must be",
+        ),
+    ];
+    for (values, want) in cases {
+        let err = render(values.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{values} rendered"));
+        assert!(matches!(err, TemplateError::Fail(_)), "{err}");
+        assert!(
+            err.to_string().contains(want),
+            "{values}: got '{err}', want '{want}'"
+        );
+    }
+    // 511-cluster mode widens the ID range.
+    assert!(
+        render(json!({"cluster": {"name": "c", "id": 300, "maxConnectedClusters": 511}})).is_ok()
+    );
+}

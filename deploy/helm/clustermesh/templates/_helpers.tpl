@@ -1,0 +1,135 @@
+{{/* Labels shared by every object of the release. */}}
+{{- define "clustermesh.labels" -}}
+app.kubernetes.io/part-of: clustermesh
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+clustermesh.io/cluster: {{ .Values.cluster.name | quote }}
+{{- end -}}
+
+{{/* Image tag: the configured one or the chart's appVersion. */}}
+{{- define "clustermesh.tag" -}}
+{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* Pod template of the mesh API server, shared by its Deployment and StatefulSet. */}}
+{{- define "clustermesh.apiserverPod" -}}
+metadata:
+  labels:
+    {{- include "clustermesh.labels" . | nindent 4 }}
+    app.kubernetes.io/name: clustermesh-apiserver
+spec:
+  serviceAccountName: clustermesh-apiserver
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
+    fsGroup: 65532
+    seccompProfile:
+      type: RuntimeDefault
+  containers:
+    - name: apiserver
+      image: "{{ .Values.image.prefix }}/clustermesh-apiserver:{{ include "clustermesh.tag" . }}"
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        - --cluster-name={{ .Values.cluster.name }}
+        - --cluster-id={{ .Values.cluster.id }}
+        - --max-connected-clusters={{ .Values.cluster.maxConnectedClusters }}
+        - --source=kubernetes
+        - --listen=0.0.0.0:{{ .Values.apiserver.grpcPort }}
+        - --metrics-listen=0.0.0.0:{{ .Values.apiserver.metricsPort }}
+        - --tls-dir=/etc/clustermesh/tls
+        - --log-format={{ .Values.apiserver.logFormat }}
+        - --store={{ .Values.apiserver.store.type }}
+        {{- if eq .Values.apiserver.store.type "raft" }}
+        - --raft-data-dir=/var/lib/clustermesh
+        - --raft-listen=0.0.0.0:{{ .Values.apiserver.raftPort }}
+        {{- if gt (int .Values.apiserver.replicas) 1 }}
+        - --raft-node-name=$(POD_NAME)
+        {{- $ns := .Release.Namespace }}
+        {{- $port := .Values.apiserver.raftPort }}
+        {{- range $i := until (int .Values.apiserver.replicas) }}
+        - --raft-peer=clustermesh-apiserver-{{ $i }}=clustermesh-apiserver-{{ $i }}.clustermesh-apiserver-peers.{{ $ns }}.svc:{{ $port }}
+        {{- end }}
+        {{- end }}
+        {{- else }}
+        - --etcd-endpoints={{ .Values.apiserver.store.etcd.endpoints }}
+        {{- if .Values.apiserver.store.etcd.tlsSecret }}
+        - --etcd-tls-dir=/etc/clustermesh/etcd-tls
+        {{- end }}
+        {{- end }}
+      env:
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+      ports:
+        - name: grpc
+          containerPort: {{ .Values.apiserver.grpcPort }}
+          protocol: TCP
+        - name: raft
+          containerPort: {{ .Values.apiserver.raftPort }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ .Values.apiserver.metricsPort }}
+          protocol: TCP
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: metrics
+        periodSeconds: 5
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: metrics
+        periodSeconds: 10
+        failureThreshold: 6
+      resources:
+        {{- toYaml .Values.apiserver.resources | nindent 8 }}
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities:
+          drop: ["ALL"]
+      volumeMounts:
+        - name: tls
+          mountPath: /etc/clustermesh/tls
+          readOnly: true
+        - name: data
+          mountPath: /var/lib/clustermesh
+        {{- if .Values.apiserver.store.etcd.tlsSecret }}
+        - name: etcd-tls
+          mountPath: /etc/clustermesh/etcd-tls
+          readOnly: true
+        {{- end }}
+  nodeSelector:
+    {{- toYaml .Values.apiserver.nodeSelector | nindent 4 }}
+  tolerations:
+    {{- toYaml .Values.apiserver.tolerations | nindent 4 }}
+  volumes:
+    - name: tls
+      projected:
+        sources:
+          - secret:
+              name: {{ .Values.tls.serverSecret }}
+              items:
+                - key: tls.crt
+                  path: server.crt
+                - key: tls.key
+                  path: server.key
+                - key: ca.crt
+                  path: ca.crt
+          - secret:
+              name: {{ .Values.tls.caBundleSecret }}
+              items:
+                - key: ca-bundle.crt
+                  path: ca-bundle.crt
+    {{- if not (and (eq .Values.apiserver.store.type "raft") (gt (int .Values.apiserver.replicas) 1) .Values.apiserver.store.raft.persistence.enabled) }}
+    - name: data
+      emptyDir: {}
+    {{- end }}
+    {{- if .Values.apiserver.store.etcd.tlsSecret }}
+    - name: etcd-tls
+      secret:
+        secretName: {{ .Values.apiserver.store.etcd.tlsSecret }}
+    {{- end }}
+{{- end -}}
