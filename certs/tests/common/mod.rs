@@ -1,0 +1,111 @@
+//! Shared fixtures for the behaviour tests: a mesh PKI and loopback servers.
+// Fixtures are shared by several test binaries (not all use every item) and, like
+// tests, fail loudly on broken setup.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::{IssuedCert, MeshCa, MeshTls, ServerNames, TrustDomain, Validity};
+use rustls::pki_types::CertificateDer;
+
+pub const TD: &str = "clustermesh.local";
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new(TD).unwrap()
+}
+
+pub fn ca() -> MeshCa {
+    MeshCa::generate(td()).unwrap()
+}
+
+pub fn valid() -> Validity {
+    Validity::from_now(DEFAULT_LEAF_VALIDITY)
+}
+
+pub fn expired() -> Validity {
+    let now = SystemTime::now();
+    Validity::between(
+        now - Duration::from_secs(10 * 24 * 3600),
+        now - Duration::from_secs(24 * 3600),
+    )
+}
+
+pub fn loopback_names() -> ServerNames {
+    ServerNames::new(["localhost".to_owned()], ["127.0.0.1".parse().unwrap()])
+}
+
+pub fn tls(ca_pem: &str, leaf: &IssuedCert) -> Arc<MeshTls> {
+    Arc::new(
+        MeshTls::from_pem(
+            td(),
+            ca_pem.as_bytes(),
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+        )
+        .unwrap(),
+    )
+}
+
+pub fn server_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
+    tls(
+        ca.cert_pem(),
+        &ca.issue_server(cluster, &loopback_names(), valid())
+            .unwrap(),
+    )
+}
+
+pub fn client_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
+    tls(ca.cert_pem(), &ca.issue_client(cluster, valid()).unwrap())
+}
+
+pub fn roots(ca_pem: &str) -> rustls::RootCertStore {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in clustermesh_certs::pem::parse_certs(ca_pem.as_bytes()).unwrap() {
+        store.add(cert).unwrap();
+    }
+    store
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A plain rustls client config trusting `ca_pem` and presenting `leaf` (or nothing),
+/// with none of our identity checks: it plays the misbehaving peer.
+pub fn raw_client_config(ca_pem: &str, leaf: Option<&IssuedCert>) -> Arc<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(ca_pem));
+    let mut config = match leaf {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                clustermesh_certs::pem::parse_certs(leaf.cert_pem.as_bytes()).unwrap(),
+                clustermesh_certs::pem::parse_private_key(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+pub fn leaf_der(leaf: &IssuedCert) -> CertificateDer<'static> {
+    clustermesh_certs::pem::parse_certs(leaf.cert_pem.as_bytes())
+        .unwrap()
+        .remove(0)
+}
+
+pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// The rustls error inside an I/O error from tokio-rustls.
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
