@@ -12,6 +12,7 @@
 //!   or [`StoreError::Compacted`] when `from` is older than the history still held.
 #![forbid(unsafe_code)]
 
+pub mod raft;
 mod types;
 
 pub use types::{

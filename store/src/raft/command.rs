@@ -1,0 +1,130 @@
+//! The commands replicated through the raft log and the answers the state machine gives.
+//!
+//! Every change to the key space — including lease expiry and history compaction — is a
+//! [`Command`] in the log, so every replica applies exactly the same sequence and agrees
+//! on revisions, lease ownership and which keys an expired lease removed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LeaseId, Revision};
+
+/// A state machine command, stored in the raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Write a value, optionally bound to a lease.
+    Put {
+        /// Key to write.
+        key: Vec<u8>,
+        /// New value.
+        value: Vec<u8>,
+        /// Lease to bind the key to.
+        lease: Option<LeaseId>,
+    },
+    /// Delete one key.
+    Delete {
+        /// Key to delete.
+        key: Vec<u8>,
+    },
+    /// Delete every key under a prefix in one revision.
+    DeletePrefix {
+        /// The prefix.
+        prefix: Vec<u8>,
+    },
+    /// Compare `mod_revision` and write on success.
+    CompareAndSwap {
+        /// Key compared and written.
+        key: Vec<u8>,
+        /// Expected `mod_revision` (`0`: the key must not exist).
+        expected_mod_revision: Revision,
+        /// Write applied when the comparison holds; `None` deletes the key.
+        put: Option<(Vec<u8>, Option<LeaseId>)>,
+    },
+    /// Grant a lease; the state machine picks its id.
+    GrantLease {
+        /// Time to live in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Revoke a lease at a client's request.
+    RevokeLease {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// Expire a lease: proposed by the leader when the lease's deadline passed.
+    ExpireLease {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// Drop watch history before `revision`.
+    Compact {
+        /// First revision still held afterwards.
+        revision: Revision,
+    },
+}
+
+/// The state machine's answer to one applied log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// Entry without a command (blank leader entry, membership change).
+    None,
+    /// A write happened at this revision.
+    Written {
+        /// Revision of the write.
+        revision: Revision,
+    },
+    /// A delete of a key that did not exist; no revision consumed.
+    NotFound,
+    /// Number of keys a prefix delete removed.
+    DeletedPrefix {
+        /// How many keys were removed.
+        count: u64,
+    },
+    /// A compare-and-swap whose comparison failed.
+    CasFailed {
+        /// The key as it is (absent: `None`).
+        current: Option<StoredKv>,
+    },
+    /// A lease was granted.
+    LeaseGranted {
+        /// The new lease id.
+        lease: LeaseId,
+    },
+    /// A lease was revoked or expired.
+    LeaseRemoved,
+    /// The command named a lease that does not exist.
+    LeaseNotFound {
+        /// The missing lease.
+        lease: LeaseId,
+    },
+    /// History was compacted; the first revision still held.
+    Compacted {
+        /// First revision watches may start from.
+        floor: Revision,
+    },
+}
+
+/// A key with its metadata, in the serializable form the state machine stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKv {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision of creation.
+    pub create_revision: Revision,
+    /// Revision of the last write.
+    pub mod_revision: Revision,
+    /// Lease the key is bound to.
+    pub lease: Option<LeaseId>,
+}
+
+impl From<StoredKv> for crate::KeyValue {
+    fn from(kv: StoredKv) -> Self {
+        crate::KeyValue {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }
+    }
+}

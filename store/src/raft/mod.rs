@@ -1,0 +1,46 @@
+//! The embedded raft backend: an openraft cluster of 1, 3 or 5 replicas holding the key
+//! space, so a clustermesh API server needs no external database.
+//!
+//! Layout, bottom up:
+//! - [`record`]: checksummed framing for every file this backend writes;
+//! - [`log_store`]: the durable raft log (segments + vote), fsynced before an append is
+//!   acknowledged, with torn-tail repair and corruption refusal on open;
+//! - [`keyspace`]: the deterministic key space (revisions, leases, watch history);
+//! - [`state_machine`]: applies the log to the key space, snapshots it to disk;
+//! - [`network`] / [`rpc`]: replica traffic over gRPC (tonic);
+//! - [`node`]: one running [`Replica`] with write forwarding and ReadIndex reads;
+//! - [`store`]: [`RaftStore`], the [`crate::Store`] implementation;
+//! - [`cluster`]: [`LocalCluster`], N replicas in one process for tests and demos.
+
+use std::io::Cursor;
+
+mod cluster;
+mod command;
+mod config;
+mod keyspace;
+mod leases;
+mod log_store;
+mod network;
+mod node;
+mod record;
+mod rpc;
+mod state_machine;
+mod store;
+mod watch;
+
+pub use cluster::LocalCluster;
+pub use command::{Command, CommandResponse, StoredKv};
+pub use config::{ConfigError, NodeId, RaftConfig, RaftConfigBuilder};
+pub use network::NetworkFaults;
+pub use node::Replica;
+pub use store::RaftStore;
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of the store.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);

@@ -1,0 +1,286 @@
+//! Outgoing replica traffic: the openraft network factory, the per-peer gRPC channels,
+//! and the fault switch tests use to partition a replica.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use super::record;
+use super::rpc::{self, Frame, Method};
+use super::TypeConfig;
+
+type NodeId = u64;
+
+/// A switch that drops replica RPCs, for fault tests.
+///
+/// Replicas built with the same `NetworkFaults` consult it on every RPC they send and
+/// receive; an isolated replica's messages are dropped in both directions, as if its
+/// network were cut. In production nothing is ever isolated.
+#[derive(Debug, Default)]
+pub struct NetworkFaults {
+    isolated: RwLock<HashSet<NodeId>>,
+}
+
+impl NetworkFaults {
+    /// A switch with every replica connected.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops all RPCs to and from `node` until [`NetworkFaults::heal`].
+    pub fn isolate(&self, node: NodeId) {
+        self.isolated
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node);
+    }
+
+    /// Reconnects `node`.
+    pub fn heal(&self, node: NodeId) {
+        self.isolated
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&node);
+    }
+
+    /// Whether a message between `a` and `b` is dropped.
+    #[must_use]
+    pub fn blocks(&self, a: NodeId, b: NodeId) -> bool {
+        let iso = self.isolated.read().unwrap_or_else(|e| e.into_inner());
+        iso.contains(&a) || iso.contains(&b)
+    }
+}
+
+/// Lazily connected channels to peers, keyed by address.
+#[derive(Debug)]
+pub(crate) struct Peers {
+    me: NodeId,
+    faults: Arc<NetworkFaults>,
+    channels: Mutex<HashMap<String, Channel>>,
+    rpc_timeout: Duration,
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerError {
+    /// The request was never sent (fault switch, bad address, TLS setup).
+    #[error("request to raft peer {addr} not sent: {reason}")]
+    NotSent {
+        /// Peer address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request failed in transit or on the peer; it may or may not have taken effect.
+    #[error("request to raft peer {addr} failed: {status}")]
+    Failed {
+        /// Peer address.
+        addr: String,
+        /// gRPC status.
+        status: tonic::Status,
+    },
+    /// The answer could not be decoded.
+    #[error("answer from raft peer {addr} does not decode: {detail}")]
+    BadAnswer {
+        /// Peer address.
+        addr: String,
+        /// Decoder message.
+        detail: String,
+    },
+}
+
+impl Peers {
+    pub(crate) fn new(me: NodeId, faults: Arc<NetworkFaults>, rpc_timeout: Duration) -> Self {
+        Peers {
+            me,
+            faults,
+            channels: Mutex::new(HashMap::new()),
+            rpc_timeout,
+        }
+    }
+
+    pub(crate) fn faults(&self) -> &Arc<NetworkFaults> {
+        &self.faults
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = endpoint.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Sends `req` to the peer `target` at `addr` and decodes the answer.
+    pub(crate) async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: NodeId,
+        addr: &str,
+        method: Method,
+        req: &Req,
+        timeout: Option<Duration>,
+    ) -> Result<Resp, PeerError> {
+        if self.faults.blocks(self.me, target) {
+            return Err(PeerError::NotSent {
+                addr: addr.to_string(),
+                reason: "network partitioned (fault injection)".into(),
+            });
+        }
+        let payload = record::encode(req).map_err(|e| PeerError::NotSent {
+            addr: addr.to_string(),
+            reason: format!("cannot encode request: {e}"),
+        })?;
+        let channel = self.channel(addr).map_err(|reason| PeerError::NotSent {
+            addr: addr.to_string(),
+            reason,
+        })?;
+        let frame = Frame {
+            from: self.me,
+            payload,
+        };
+        let timeout = timeout.unwrap_or(self.rpc_timeout);
+        let answer = match tokio::time::timeout(timeout, rpc::call(channel, method, frame)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(status)) => {
+                return Err(PeerError::Failed {
+                    addr: addr.to_string(),
+                    status,
+                })
+            }
+            Err(_) => {
+                return Err(PeerError::Failed {
+                    addr: addr.to_string(),
+                    status: tonic::Status::deadline_exceeded(format!(
+                        "no answer within {timeout:?}"
+                    )),
+                })
+            }
+        };
+        if self.faults.blocks(self.me, target) {
+            return Err(PeerError::Failed {
+                addr: addr.to_string(),
+                status: tonic::Status::unavailable("network partitioned (fault injection)"),
+            });
+        }
+        record::decode(&answer.payload).map_err(|detail| PeerError::BadAnswer {
+            addr: addr.to_string(),
+            detail,
+        })
+    }
+}
+
+/// The openraft network factory of one replica.
+#[derive(Debug, Clone)]
+pub(crate) struct Network {
+    peers: Arc<Peers>,
+}
+
+impl Network {
+    pub(crate) fn new(peers: Arc<Peers>) -> Self {
+        Network { peers }
+    }
+}
+
+/// The openraft client for one peer.
+#[derive(Debug)]
+pub(crate) struct PeerClient {
+    peers: Arc<Peers>,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            peers: self.peers.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+impl PeerClient {
+    async fn send<Req, Resp, E>(
+        &self,
+        method: Method,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let answer: Result<Resp, RaftError<NodeId, E>> = self
+            .peers
+            .call(
+                self.target,
+                &self.addr,
+                method,
+                req,
+                Some(option.hard_ttl()),
+            )
+            .await
+            .map_err(|e| match e {
+                PeerError::BadAnswer { .. } => RPCError::Network(NetworkError::new(&e)),
+                _ => RPCError::Unreachable(Unreachable::new(&e)),
+            })?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(Method::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(Method::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(Method::Vote, &rpc, &option).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
