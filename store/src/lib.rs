@@ -12,8 +12,12 @@
 //!   or [`StoreError::Compacted`] when `from` is older than the history still held.
 #![forbid(unsafe_code)]
 
+pub mod conformance;
+mod etcd;
 pub mod raft;
 mod types;
+
+pub use etcd::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls};
 
 pub use types::{
     CasOutcome, CasWrite, Event, EventKind, KeyValue, LeaseId, ListResult, Revision,
