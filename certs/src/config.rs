@@ -121,6 +121,15 @@ impl TlsPaths {
         }
     }
 
+    /// `ca.crt`, `admin.crt`, `admin.key` in an admin bundle directory.
+    pub fn admin(dir: &Path) -> Self {
+        Self {
+            ca: dir.join(files::CA_CERT_FILE),
+            cert: dir.join(files::ADMIN_CERT_FILE),
+            key: dir.join(files::ADMIN_KEY_FILE),
+        }
+    }
+
     pub(crate) fn describe(&self) -> String {
         format!(
             "CA {}, certificate {}, key {}",

@@ -10,6 +10,9 @@
 //! | `client.crt`  | the leaf agents present to remote clusters (PEM)     | 0644 |
 //! | `client.key`  | its private key (PKCS#8 PEM)                         | 0600 |
 //!
+//! An admin bundle ([`write_admin_bundle`], for the CLI) holds `ca.crt`, `admin.crt` and
+//! `admin.key` with the same modes.
+//!
 //! The CA's own key is written separately ([`write_ca`], `ca.key`) and should not be
 //! shipped to nodes. Every file is written atomically (temporary file in the same
 //! directory, fsync, rename) so a hot-reloading reader never sees half a file, and key
@@ -39,6 +42,11 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 pub const CLIENT_CERT_FILE: &str = "client.crt";
 /// File name of the client key in a bundle directory.
 pub const CLIENT_KEY_FILE: &str = "client.key";
+
+/// File name of an admin certificate (CLI bundle).
+pub const ADMIN_CERT_FILE: &str = "admin.crt";
+/// File name of an admin key (CLI bundle).
+pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// Mode of private key files.
 pub const KEY_FILE_MODE: u32 = 0o600;
@@ -232,6 +240,24 @@ pub fn write_cluster_bundle(dir: &Path, bundle: &ClusterBundle) -> Result<Bundle
     Ok(paths)
 }
 
+/// Writes an admin bundle (`ca.crt`, `admin.crt`, `admin.key`) into `dir` (created if
+/// missing); returns the paths for [`crate::TlsPaths`].
+pub fn write_admin_bundle(
+    dir: &Path,
+    ca_pem: &str,
+    admin: &IssuedCert,
+) -> Result<crate::config::TlsPaths, FileError> {
+    fs::create_dir_all(dir).map_err(|source| FileError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let paths = crate::config::TlsPaths::admin(dir);
+    write_cert(&paths.ca, ca_pem)?;
+    write_private_key(&paths.key, &admin.key_pem)?;
+    write_cert(&paths.cert, &admin.cert_pem)?;
+    Ok(paths)
+}
+
 /// Writes the CA certificate (`ca.crt`, 0644) and key (`ca.key`, 0600) into `dir`.
 pub fn write_ca(dir: &Path, ca: &MeshCa) -> Result<(PathBuf, PathBuf), FileError> {
     fs::create_dir_all(dir).map_err(|source| FileError::Write {
@@ -336,6 +362,23 @@ mod tests {
             err.to_string().contains("/nonexistent/clustermesh/ca.crt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn admin_bundle_loads_as_admin_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("clustermesh.local").unwrap();
+        let ca = MeshCa::generate(td.clone()).unwrap();
+        let admin = ca
+            .issue_admin(
+                "alice",
+                Validity::from_now(crate::issue::DEFAULT_LEAF_VALIDITY),
+            )
+            .unwrap();
+        let paths = write_admin_bundle(dir.path(), ca.cert_pem(), &admin).unwrap();
+        assert_eq!(mode(&paths.key), 0o600);
+        let tls = crate::MeshTls::load(td, &paths).unwrap();
+        assert!(tls.identity().is_admin());
     }
 
     #[test]

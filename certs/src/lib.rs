@@ -9,7 +9,9 @@
 //! * [`identity`]: [`PeerIdentity`], [`TrustDomain`], cluster-name validation.
 //! * [`issue`]: the mesh CA ([`MeshCa`]) and leaf issuance with rcgen.
 //! * [`pem`] and [`files`]: PEM decoding, atomic file writes (keys created 0600), the
-//!   cluster bundle directory layout.
+//!   cluster and admin bundle directory layouts.
+//! * [`trust_bundle`]: the set of trusted CAs, merged by `connect`, pruned by
+//!   `disconnect`; [`inspect`]: identity, SANs and expiry of a certificate.
 //! * [`config`]: validated [`TlsMaterial`] and the rustls server/client configs
 //!   ([`MeshTls`]) with our verifiers.
 //! * [`reload`]: [`ReloadingTls`], configs that follow file rotations without dropping
@@ -60,13 +62,16 @@
 pub mod config;
 pub mod files;
 pub mod identity;
+pub mod inspect;
 pub mod issue;
 pub mod pem;
 pub mod reload;
 pub mod transport;
+pub mod trust_bundle;
 mod verify;
 
 pub use config::{MeshTls, TlsError, TlsMaterial, TlsPaths, TlsSource};
 pub use identity::{IdentityError, IdentityKind, PeerIdentity, TrustDomain};
 pub use issue::{IssueError, IssuedCert, MeshCa, ServerNames, Validity};
 pub use reload::ReloadingTls;
+pub use trust_bundle::TrustBundle;

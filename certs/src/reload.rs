@@ -11,7 +11,7 @@
 //! mtime, catches same-second rewrites and symlink swaps (Kubernetes `..data`).
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
@@ -23,6 +23,11 @@ use crate::identity::TrustDomain;
 
 /// Default interval between polls of the files.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Our certificate expiring within this window is logged as a warning by the watcher.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+/// The expiry warning is repeated at most this often.
+const EXPIRY_WARNING_REPEAT: Duration = Duration::from_secs(3600);
 
 /// What a reload attempt did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,17 +154,41 @@ impl ReloadingTls {
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
+            let mut last_expiry_warning: Option<tokio::time::Instant> = None;
             loop {
                 ticker.tick().await;
-                let this = Arc::clone(&this);
+                let reloader = Arc::clone(&this);
                 // Errors were logged by `reload`; the next tick retries.
-                if let Err(e) = tokio::task::spawn_blocking(move || this.reload()).await {
+                if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload()).await {
                     tracing::error!(error = %e, "mesh TLS reload task failed");
+                }
+                let due = last_expiry_warning.is_none_or(|t| t.elapsed() >= EXPIRY_WARNING_REPEAT);
+                if due && this.warn_if_expiring(SystemTime::now()) {
+                    last_expiry_warning = Some(tokio::time::Instant::now());
                 }
             }
         });
         WatcherHandle { task }
+    }
+
+    /// Logs a warning if our certificate expires within [`EXPIRY_WARNING`] of `now`;
+    /// returns whether it did.
+    fn warn_if_expiring(&self, now: SystemTime) -> bool {
+        let current = self.current();
+        let Some(not_after) = current.not_after() else {
+            return false;
+        };
+        let left = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+        if left > EXPIRY_WARNING {
+            return false;
+        }
+        tracing::warn!(
+            identity = %current.identity(),
+            cert = %self.paths.cert.display(),
+            remaining_secs = left.as_secs(),
+            "mesh certificate expires soon (or has expired); rotate it: new connections will fail once it is invalid"
+        );
+        true
     }
 
     fn read_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
