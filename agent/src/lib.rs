@@ -4,3 +4,4 @@
 //! desired state handed to a [`datapath::Datapath`].
 
 pub mod datapath;
+pub mod maglev;

@@ -1,0 +1,736 @@
+//! Weighted Maglev consistent hashing.
+//!
+//! Every load-balanced service gets a lookup table of prime size `M`; the datapath hashes a
+//! flow's 5-tuple to a slot and the slot names the backend. The table is built with the
+//! population algorithm of Eisenbud et al., "Maglev: A Fast and Reliable Software Network
+//! Load Balancer", NSDI 2016, §3.4 ("Consistent Hashing", Pseudocode 1): every backend
+//! derives a permutation of the slots from `offset` and `skip`, and backends take turns
+//! claiming their next preferred free slot until the table is full. Because each backend's
+//! preference list depends only on its own key, removing one backend mostly frees only its
+//! own slots.
+//!
+//! Three changes to the paper's population loop, each for a stated reason:
+//!
+//! * **One probe per turn.** In Pseudocode 1 a backend's turn walks its permutation until
+//!   it finds a free slot. Here a turn inspects exactly one permutation entry and claims it
+//!   only if it is free. The probe sequence of every backend is then fixed in advance, so
+//!   when a backend disappears its slots are simply picked up by whoever probes them next;
+//!   nobody else's later claims shift. With the paper's loop every skipped slot shifts the
+//!   rest of that backend's claims and the differences cascade: measured at `M ≈ 100·N`,
+//!   removing one backend moved 1.4–2.6 % (worst 7 %) of the other backends' slots with
+//!   the paper's loop, and well under 1 % with single probes (see `BENCHMARKS.md`).
+//!   Every slot is still filled: each backend's sequence visits every slot, and a slot
+//!   stays free only if every backend had reached its quota when it probed it.
+//! * **Weights by turn frequency.** Backend `i` with weight `w_i` takes turns at a rate
+//!   proportional to `w_i` on an exponential clock (see `GroupClock`); turns run in time
+//!   order (ties: heavier first, then key order).
+//!   Each backend stops once it owns its quota, the largest-remainder rounding of
+//!   `M · w_i / W` (ties by key order), so slot shares are exact to within one slot. A
+//!   backend's schedule does not depend on the other backends' weights, so the relative
+//!   order of everyone else's turns survives a removal.
+//! * **Speed.** Instead of materialising the `N × M` permutation matrix, each backend keeps
+//!   its next candidate slot and advances it by `skip` with one conditional subtraction (no
+//!   per-step modulo); filled slots live in a bitmap; backends of equal weight share one
+//!   scheduler entry, so equal weights cost no heap work at all.
+//!
+//! `offset` and `skip` come from one 64-bit xxh3 hash (seeded, configurable) of a stable
+//! key of the backend: address, port and cluster. The low 32 bits give
+//! `offset = h mod M`, the high 32 bits give `skip = h' mod (M − 1) + 1`; as `M` is prime,
+//! every `skip` is coprime with `M` and the sequence visits every slot.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::net::IpAddr;
+
+use crate::datapath::{Backend, BackendState};
+
+/// Table sizes the agent picks from (all prime), smallest first.
+pub const TABLE_SIZES: [u32; 10] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
+];
+
+/// Default hash seed (any fixed value works; all agents of a mesh must use the same one so
+/// that every node computes the same table for the same backends).
+pub const DEFAULT_SEED: u64 = 0x6d61_676c_6576_3031; // "maglev01"
+
+/// Marker in a partially built table for a slot nobody owns yet.
+const EMPTY: u32 = u32::MAX;
+
+/// Errors from building a Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaglevError {
+    /// A configured fixed table size is not usable.
+    #[error(
+        "maglev table size {0} is not a prime >= 3; configure one of {TABLE_SIZES:?} (or another prime)"
+    )]
+    InvalidTableSize(u32),
+    /// Two backends share the same key (address, port, cluster).
+    #[error("backend {0} appears twice in one service; deduplicate backends before building the maglev table")]
+    DuplicateBackend(String),
+    /// More backends than the table index type can address.
+    #[error("{0} backends is more than a maglev table can index; split the service")]
+    TooManyBackends(usize),
+}
+
+/// How the table size `M` is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableSize {
+    /// Smallest of [`TABLE_SIZES`] with `M ≥ 100 × backends` (the largest if none is).
+    #[default]
+    Auto,
+    /// Always this (prime) size.
+    Fixed(u32),
+}
+
+/// Maglev table builder: seed and table-size policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maglev {
+    seed: u64,
+    size: TableSize,
+}
+
+impl Default for Maglev {
+    fn default() -> Self {
+        Self {
+            seed: DEFAULT_SEED,
+            size: TableSize::Auto,
+        }
+    }
+}
+
+/// The stable identity of a backend that its Maglev permutation is derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey<'a> {
+    /// Backend address.
+    pub ip: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// Cluster the backend lives in.
+    pub cluster: &'a str,
+}
+
+impl BackendKey<'_> {
+    /// Hashes the key with xxh3-64 and `seed`. The byte encoding is fixed (family tag,
+    /// address octets, big-endian port, cluster name) so every process agrees.
+    #[must_use]
+    pub fn hash(&self, seed: u64) -> u64 {
+        let mut buf = [0u8; 1 + 16 + 2 + 64];
+        let mut len = 0;
+        match self.ip {
+            IpAddr::V4(v4) => {
+                buf[0] = 4;
+                buf[1..5].copy_from_slice(&v4.octets());
+                len += 5;
+            }
+            IpAddr::V6(v6) => {
+                buf[0] = 6;
+                buf[1..17].copy_from_slice(&v6.octets());
+                len += 17;
+            }
+        }
+        buf[len..len + 2].copy_from_slice(&self.port.to_be_bytes());
+        len += 2;
+        let cluster = self.cluster.as_bytes();
+        if cluster.len() <= buf.len() - len {
+            buf[len..len + cluster.len()].copy_from_slice(cluster);
+            len += cluster.len();
+            xxhash_rust::xxh3::xxh3_64_with_seed(&buf[..len], seed)
+        } else {
+            // Cluster names are at most 32 bytes; longer ones still hash deterministically.
+            let mut long = buf[..len].to_vec();
+            long.extend_from_slice(cluster);
+            xxhash_rust::xxh3::xxh3_64_with_seed(&long, seed)
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}@{}", self.port, self.cluster),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}@{}", self.port, self.cluster),
+        }
+    }
+}
+
+/// One backend as the table builder sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightedKey<'a> {
+    /// Stable identity.
+    pub key: BackendKey<'a>,
+    /// Relative weight; 0 keeps the backend out of the table.
+    pub weight: u32,
+}
+
+impl<'a> From<&'a Backend> for WeightedKey<'a> {
+    fn from(b: &'a Backend) -> Self {
+        let weight = match b.state {
+            BackendState::Active => b.weight,
+            BackendState::Terminating => 0,
+        };
+        WeightedKey {
+            key: BackendKey {
+                ip: b.ip,
+                port: b.port,
+                cluster: &b.cluster,
+            },
+            weight,
+        }
+    }
+}
+
+impl Maglev {
+    /// A builder with `seed` and the automatic table size.
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            size: TableSize::Auto,
+        }
+    }
+
+    /// Uses `size` to choose the table size.
+    #[must_use]
+    pub fn with_table_size(mut self, size: TableSize) -> Self {
+        self.size = size;
+        self
+    }
+
+    /// The hash seed.
+    #[must_use]
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Checks the configuration (a fixed size must be a prime ≥ 3).
+    pub fn validate(&self) -> Result<(), MaglevError> {
+        match self.size {
+            TableSize::Auto => Ok(()),
+            TableSize::Fixed(m) if is_prime(m) && m >= 3 => Ok(()),
+            TableSize::Fixed(m) => Err(MaglevError::InvalidTableSize(m)),
+        }
+    }
+
+    /// Table size for a service with `active` backends in its table.
+    #[must_use]
+    pub fn table_size_for(&self, active: usize) -> u32 {
+        match self.size {
+            TableSize::Fixed(m) => m,
+            TableSize::Auto => auto_table_size(active),
+        }
+    }
+
+    /// Builds the table for a service's backends: entry = index into `backends`.
+    /// Terminating backends and weight-0 backends get no slot. Returns an empty table when
+    /// no backend has weight.
+    pub fn build(&self, backends: &[Backend]) -> Result<Vec<u32>, MaglevError> {
+        let keys: Vec<WeightedKey<'_>> = backends.iter().map(WeightedKey::from).collect();
+        self.build_keys(&keys)
+    }
+
+    /// Like [`Maglev::build`], on bare keys and weights.
+    pub fn build_keys(&self, backends: &[WeightedKey<'_>]) -> Result<Vec<u32>, MaglevError> {
+        self.validate()?;
+        if u32::try_from(backends.len()).map_or(true, |n| n == EMPTY) {
+            return Err(MaglevError::TooManyBackends(backends.len()));
+        }
+        let mut active: Vec<u32> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .map(|i| i as u32)
+            .collect();
+        if active.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Key order makes the table independent of input order.
+        active.sort_unstable_by(|&a, &b| backends[a as usize].key.cmp(&backends[b as usize].key));
+        if let Some(w) = active
+            .windows(2)
+            .find(|w| backends[w[0] as usize].key == backends[w[1] as usize].key)
+        {
+            return Err(MaglevError::DuplicateBackend(
+                backends[w[0] as usize].key.to_string(),
+            ));
+        }
+        let m = self.table_size_for(active.len());
+        let mut cursors: Vec<Cursor> = active
+            .iter()
+            .map(|&i| Cursor::new(backends[i as usize].key.hash(self.seed), m))
+            .collect();
+        let weights: Vec<u32> = active
+            .iter()
+            .map(|&i| backends[i as usize].weight)
+            .collect();
+        let mut table = vec![EMPTY; m as usize];
+        let mut filled = Bitmap::new(m);
+        let quotas = quotas(&weights, m);
+        fill(&mut cursors, &weights, &quotas, &mut table, &mut filled);
+        // Translate positions in `active` back to indices into `backends`.
+        for slot in &mut table {
+            *slot = active[*slot as usize];
+        }
+        Ok(table)
+    }
+}
+
+/// Smallest size from [`TABLE_SIZES`] with `M ≥ 100 × active`.
+#[must_use]
+pub fn auto_table_size(active: usize) -> u32 {
+    let need = (active as u64).saturating_mul(100);
+    TABLE_SIZES
+        .iter()
+        .copied()
+        .find(|&m| u64::from(m) >= need)
+        .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1])
+}
+
+/// Trial-division primality test (table sizes are at most a few million).
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// A backend's position in its slot permutation `offset, offset+skip, … (mod M)`.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    next: u32,
+    skip: u32,
+    m: u32,
+    owned: u32,
+}
+
+impl Cursor {
+    fn new(hash: u64, m: u32) -> Self {
+        let offset = (hash as u32) % m;
+        let skip = ((hash >> 32) as u32) % (m - 1) + 1;
+        Self {
+            next: offset,
+            skip,
+            m,
+            owned: 0,
+        }
+    }
+
+    /// One turn: inspects the next slot of the permutation and claims it if it is free.
+    /// Returns true if the slot was claimed.
+    #[inline]
+    fn probe(&mut self, me: u32, table: &mut [u32], filled: &mut Bitmap) -> bool {
+        let slot = self.next;
+        // `next + skip` is below 2·M: one subtraction replaces `% M`.
+        let advanced = self.next + self.skip;
+        self.next = if advanced >= self.m {
+            advanced - self.m
+        } else {
+            advanced
+        };
+        if filled.set_if_clear(slot) {
+            table[slot as usize] = me;
+            self.owned += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Largest-remainder apportionment of `m` slots to `weights` (ties by position).
+fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let mut quotas = Vec::with_capacity(weights.len());
+    let mut remainders = Vec::with_capacity(weights.len());
+    let mut assigned: u64 = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        let scaled = u128::from(m) * u128::from(w);
+        let q = (scaled / total) as u32;
+        quotas.push(q);
+        assigned += u64::from(q);
+        remainders.push((scaled % total, i));
+    }
+    let left = (u64::from(m) - assigned) as usize;
+    if left > 0 {
+        // Largest remainder first; equal remainders in key order.
+        remainders.select_nth_unstable_by(left - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, i) in &remainders[..left] {
+            quotas[i] += 1;
+        }
+    }
+    quotas
+}
+
+/// Virtual clock of one group of equal-weight backends.
+///
+/// Turn `k` of a backend with weight `w` runs at time `E_k / w`, where
+/// `E_k = 1/M + 1/(M−1) + … + 1/(M−k+1)` (so `E_0 = 0`). `E_k` is the expected `k`-th
+/// smallest of `M` unit exponentials, i.e. the turn index pushed through the exponential
+/// quantile `−ln(1 − k/M)`. As a backend's permutation puts a given slot at a uniformly
+/// random position, the time at which backend `i` first probes a slot is then (close to)
+/// exponential with rate `w_i`, and the first prober of a freed slot is backend `i` with
+/// probability `w_i / W`: freed slots are handed out in proportion to weight, which keeps
+/// quotas from cascading when a backend is removed. (Plain `k / w` favours heavy
+/// backends, e.g. 3/4 instead of 2/3 for weights 2:1.) Only `+` and `/` on `f64` are used,
+/// which IEEE 754 makes bit-identical on every platform.
+#[derive(Debug, Clone, Copy)]
+struct GroupClock {
+    /// `E_turn / weight`.
+    time: f64,
+    /// `E_turn`.
+    expected: f64,
+    turn: u32,
+    weight: u32,
+    group: u32,
+}
+
+impl GroupClock {
+    fn new(weight: u32, group: u32) -> Self {
+        Self {
+            time: 0.0,
+            expected: 0.0,
+            turn: 0,
+            weight,
+            group,
+        }
+    }
+
+    fn advance(&mut self, m: u32) {
+        // A backend probes each slot once at most, so `turn < m` while it still runs.
+        self.expected += 1.0 / f64::from(m.saturating_sub(self.turn).max(1));
+        self.turn += 1;
+        self.time = self.expected / f64::from(self.weight);
+    }
+}
+
+impl PartialEq for GroupClock {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for GroupClock {}
+
+impl Ord for GroupClock {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: "greater" = runs first = earlier virtual time, then the
+        // heavier group, then the lower group index.
+        other
+            .time
+            .total_cmp(&self.time)
+            .then(self.weight.cmp(&other.weight))
+            .then(other.group.cmp(&self.group))
+    }
+}
+
+impl PartialOrd for GroupClock {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Runs the turns until every slot has an owner. Backends of equal weight take their turns
+/// together (in key order), so the scheduler's heap holds one entry per distinct weight.
+fn fill(
+    cursors: &mut [Cursor],
+    weights: &[u32],
+    quotas: &[u32],
+    table: &mut [u32],
+    filled: &mut Bitmap,
+) {
+    let mut by_weight: Vec<u32> = (0..weights.len() as u32).collect();
+    // Stable: keeps key order inside a weight group.
+    by_weight.sort_by(|&a, &b| weights[b as usize].cmp(&weights[a as usize]));
+    let mut groups: Vec<Vec<u32>> = Vec::new();
+    let mut group_weights: Vec<u32> = Vec::new();
+    for &i in &by_weight {
+        let w = weights[i as usize];
+        if group_weights.last() != Some(&w) {
+            group_weights.push(w);
+            groups.push(Vec::new());
+        }
+        if quotas[i as usize] > 0 {
+            if let Some(g) = groups.last_mut() {
+                g.push(i);
+            }
+        }
+    }
+    let mut heap: BinaryHeap<GroupClock> = group_weights
+        .iter()
+        .enumerate()
+        .filter(|(g, _)| !groups[*g].is_empty())
+        .map(|(g, &weight)| GroupClock::new(weight, g as u32))
+        .collect();
+    let m32 = table.len() as u32;
+    let m = table.len();
+    let mut count = 0usize;
+    while let Some(mut top) = heap.peek_mut() {
+        let members = &mut groups[top.group as usize];
+        let mut finished = false;
+        for &i in members.iter() {
+            let c = &mut cursors[i as usize];
+            if c.owned < quotas[i as usize] && c.probe(i, table, filled) {
+                count += 1;
+                finished |= c.owned == quotas[i as usize];
+            }
+        }
+        if count == m {
+            return;
+        }
+        if finished {
+            members.retain(|&i| cursors[i as usize].owned < quotas[i as usize]);
+        }
+        if members.is_empty() {
+            std::collections::binary_heap::PeekMut::pop(top);
+        } else {
+            top.advance(m32);
+        }
+    }
+}
+
+/// One bit per slot: set once the slot has an owner.
+#[derive(Debug)]
+struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    fn new(bits: u32) -> Self {
+        Self {
+            words: vec![0; (bits as usize).div_ceil(64)],
+        }
+    }
+
+    /// Sets `bit`; returns true if it was clear.
+    #[inline]
+    fn set_if_clear(&mut self, bit: u32) -> bool {
+        let word = &mut self.words[(bit >> 6) as usize];
+        let mask = 1u64 << (bit & 63);
+        let was_clear = *word & mask == 0;
+        *word |= mask;
+        was_clear
+    }
+}
+
+/// A direct transcription of the paper's Pseudocode 1 (precomputed `permutation[i][j]`,
+/// `% M` at every step) for equal weights; weights are honoured the naive way by giving a
+/// backend `w` consecutive turns per round. Kept as the oracle for tests and as the
+/// baseline in `benches/maglev.rs`; not used by the agent.
+#[doc(hidden)]
+pub mod reference {
+    use super::WeightedKey;
+
+    /// Builds a table of size `m` (entries index `backends`); backends must be distinct
+    /// and have weight > 0. Order of turns is key order, like the fast builder.
+    #[must_use]
+    pub fn build(backends: &[WeightedKey<'_>], m: u32, seed: u64) -> Vec<u32> {
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        order.sort_by(|&a, &b| backends[a].key.cmp(&backends[b].key));
+        let n = order.len();
+        let m = m as usize;
+        let mut permutation = vec![vec![0usize; m]; n];
+        for (row, &i) in order.iter().enumerate() {
+            let h = backends[i].key.hash(seed);
+            let offset = ((h as u32) as usize) % m;
+            let skip = (((h >> 32) as u32) as usize) % (m - 1) + 1;
+            for (j, slot) in permutation[row].iter_mut().enumerate() {
+                *slot = (offset + j * skip) % m;
+            }
+        }
+        let mut next = vec![0usize; n];
+        let mut entry = vec![-1i64; m];
+        let mut filled = 0;
+        loop {
+            for (row, &i) in order.iter().enumerate() {
+                for _ in 0..backends[i].weight {
+                    let mut c = permutation[row][next[row]];
+                    while entry[c] >= 0 {
+                        next[row] += 1;
+                        c = permutation[row][next[row]];
+                    }
+                    entry[c] = i as i64;
+                    next[row] += 1;
+                    filled += 1;
+                    if filled == m {
+                        return entry.into_iter().map(|e| e as u32).collect();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn key(i: u32, cluster: &str) -> BackendKey<'_> {
+        BackendKey {
+            ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+            port: 8080,
+            cluster,
+        }
+    }
+
+    #[test]
+    fn auto_size_is_smallest_prime_with_100_slots_per_backend() {
+        assert_eq!(auto_table_size(1), 251);
+        assert_eq!(auto_table_size(2), 251);
+        assert_eq!(auto_table_size(3), 509);
+        assert_eq!(auto_table_size(10), 1021);
+        assert_eq!(auto_table_size(100), 16381);
+        assert_eq!(auto_table_size(164), 32749);
+        assert_eq!(auto_table_size(5000), 131071);
+    }
+
+    #[test]
+    fn every_listed_size_is_prime() {
+        assert!(TABLE_SIZES.iter().all(|&m| is_prime(m)));
+        assert!(!is_prime(65537 * 3));
+    }
+
+    #[test]
+    fn fixed_size_must_be_prime() {
+        let m = Maglev::default().with_table_size(TableSize::Fixed(1000));
+        assert_eq!(m.validate(), Err(MaglevError::InvalidTableSize(1000)));
+        let keys = [WeightedKey {
+            key: key(1, "a"),
+            weight: 1,
+        }];
+        assert!(m.build_keys(&keys).is_err());
+        let ok = Maglev::default().with_table_size(TableSize::Fixed(7));
+        assert_eq!(ok.build_keys(&keys).unwrap(), vec![0; 7]);
+    }
+
+    #[test]
+    fn no_weight_gives_empty_table() {
+        let keys = [WeightedKey {
+            key: key(1, "a"),
+            weight: 0,
+        }];
+        assert!(Maglev::default().build_keys(&keys).unwrap().is_empty());
+        assert!(Maglev::default().build_keys(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let keys = [
+            WeightedKey {
+                key: key(1, "a"),
+                weight: 1,
+            },
+            WeightedKey {
+                key: key(1, "a"),
+                weight: 2,
+            },
+        ];
+        assert!(matches!(
+            Maglev::default().build_keys(&keys),
+            Err(MaglevError::DuplicateBackend(_))
+        ));
+    }
+
+    #[test]
+    fn quotas_sum_to_m_and_follow_largest_remainder() {
+        assert_eq!(quotas(&[1, 1, 1], 7), vec![3, 2, 2]);
+        assert_eq!(quotas(&[1, 2], 7), vec![2, 5]);
+        assert_eq!(quotas(&[3, 1], 251), vec![188, 63]);
+        let q = quotas(&[u32::MAX, u32::MAX, 1], 131_071);
+        assert_eq!(q.iter().map(|&q| u64::from(q)).sum::<u64>(), 131_071);
+    }
+
+    /// The scheduling rule written out naively: list every (backend, turn) at virtual time
+    /// turn/weight, sort by (time, heavier first, key order), play them in order.
+    fn naive(keys: &[WeightedKey<'_>], m: u32, seed: u64) -> Vec<u32> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&a, &b| keys[a].key.cmp(&keys[b].key));
+        let weights: Vec<u32> = order.iter().map(|&i| keys[i].weight).collect();
+        let quota = quotas(&weights, m);
+        let mut events: Vec<(f64, u32, usize)> = Vec::new();
+        for (pos, _) in order.iter().enumerate() {
+            let mut expected = 0.0f64;
+            for turn in 0..m {
+                events.push((expected / f64::from(weights[pos]), weights[pos], pos));
+                expected += 1.0 / f64::from(m - turn);
+            }
+        }
+        events.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        let mut table = vec![None; m as usize];
+        let mut owned = vec![0u32; order.len()];
+        let mut next: Vec<u64> = order
+            .iter()
+            .map(|&i| keys[i].key.hash(seed) as u32 as u64 % u64::from(m))
+            .collect();
+        for (_, _, pos) in events {
+            if owned[pos] == quota[pos] {
+                continue;
+            }
+            let h = keys[order[pos]].key.hash(seed);
+            let skip = ((h >> 32) as u32 as u64) % u64::from(m - 1) + 1;
+            let slot = next[pos] as usize;
+            next[pos] = (next[pos] + skip) % u64::from(m);
+            if table[slot].is_none() {
+                table[slot] = Some(order[pos] as u32);
+                owned[pos] += 1;
+            }
+        }
+        table
+            .into_iter()
+            .map(|e| e.expect("naive filled every slot"))
+            .collect()
+    }
+
+    #[test]
+    fn fast_builder_matches_the_naive_schedule() {
+        for (n, weights) in [(1, 1), (5, 1), (13, 3), (13, 7), (40, 5)] {
+            let keys: Vec<WeightedKey<'_>> = (0..n)
+                .map(|i| WeightedKey {
+                    key: key(i * 7, if i % 2 == 0 { "east" } else { "west" }),
+                    weight: 1 + (i * 5) % weights,
+                })
+                .collect();
+            let fast = Maglev::new(42).build_keys(&keys).unwrap();
+            assert_eq!(fast, naive(&keys, fast.len() as u32, 42), "n={n}");
+        }
+    }
+
+    #[test]
+    fn terminating_backends_get_no_slot() {
+        use crate::datapath::{Protocol, Tier};
+        let b = |i: u32, state| Backend {
+            ip: IpAddr::V4(Ipv4Addr::from(i)),
+            port: 80,
+            protocol: Protocol::Tcp,
+            cluster: "c1".into(),
+            node: String::new(),
+            zone: String::new(),
+            tier: Tier::Cluster,
+            weight: 1,
+            state,
+        };
+        let backends = vec![
+            b(1, BackendState::Active),
+            b(2, BackendState::Terminating),
+            b(3, BackendState::Active),
+        ];
+        let table = Maglev::default().build(&backends).unwrap();
+        assert_eq!(table.len(), 251);
+        assert!(table.iter().all(|&i| i == 0 || i == 2));
+        assert!(table.contains(&0) && table.contains(&2));
+    }
+
+    #[test]
+    fn key_hash_distinguishes_fields() {
+        let a = key(1, "a").hash(1);
+        assert_ne!(a, key(1, "b").hash(1));
+        assert_ne!(a, key(2, "a").hash(1));
+        assert_ne!(a, key(1, "a").hash(2));
+        let long = "x".repeat(100);
+        assert_eq!(key(1, &long).hash(1), key(1, &long).hash(1));
+    }
+}
