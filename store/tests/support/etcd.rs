@@ -46,6 +46,17 @@ pub(crate) fn free_ports() -> (u16, u16) {
     )
 }
 
+/// PEM files for an etcd that serves TLS and requires client certificates.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerTls {
+    /// CA that signs client certificates (and etcd's own).
+    pub(crate) ca_file: PathBuf,
+    /// etcd's server certificate (IP SAN 127.0.0.1).
+    pub(crate) cert_file: PathBuf,
+    /// Its private key.
+    pub(crate) key_file: PathBuf,
+}
+
 /// A running etcd member.
 #[derive(Debug)]
 pub(crate) struct EtcdServer {
@@ -53,6 +64,7 @@ pub(crate) struct EtcdServer {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<ServerTls>,
     child: Option<Child>,
 }
 
@@ -97,13 +109,22 @@ impl EtcdServer {
                 .expect("create a temp dir for etcd"),
             client_port,
             peer_port,
+            tls: None,
             child: None,
         }
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// Serves clients over TLS with client-certificate authentication (call before
+    /// [`Self::launch`]).
+    pub(crate) fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The client URL, `http(s)://127.0.0.1:<port>`.
     pub(crate) fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// A store config for this server with a short connect deadline.
@@ -144,7 +165,15 @@ impl EtcdServer {
             .map_err(|e| format!("clone log handle: {e}"))?;
         let client = self.client_url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert_file.display()))
+                .arg(format!("--key-file={}", tls.key_file.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca_file.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=m0")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -170,7 +199,7 @@ impl EtcdServer {
                     return Err(format!("etcd exited with {status}:\n{}", self.log_tail()));
                 }
             }
-            if healthy(self.client_port).await {
+            if self.ready().await {
                 return Ok(());
             }
             if started.elapsed() > START_DEADLINE {
@@ -181,6 +210,18 @@ impl EtcdServer {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether etcd answers: `/health` over plain HTTP, or (TLS) its port accepts
+    /// connections; TLS clients then retry through `EtcdStore::connect`.
+    async fn ready(&self) -> bool {
+        if self.tls.is_some() {
+            tokio::net::TcpStream::connect(("127.0.0.1", self.client_port))
+                .await
+                .is_ok()
+        } else {
+            healthy(self.client_port).await
         }
     }
 
