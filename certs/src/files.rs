@@ -105,13 +105,29 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError
     })
 }
 
-/// Loads exactly one private key from a PEM file.
+/// Loads exactly one private key from a PEM file. A key readable by group or others is
+/// loaded but logged as a warning.
 pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
+    warn_if_exposed(path);
     let bytes = read_file(path)?;
     pem::parse_private_key(&bytes).map_err(|source| FileError::Pem {
         path: path.to_owned(),
         source,
     })
+}
+
+pub(crate) fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format_args!("{mode:o}"),
+                "private key file is readable by other users; chmod 600 it"
+            );
+        }
+    }
 }
 
 /// Writes a certificate PEM atomically with mode 0644.

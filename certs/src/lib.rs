@@ -59,6 +59,8 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod files;
 pub mod identity;

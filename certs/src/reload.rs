@@ -65,6 +65,7 @@ impl ReloadingTls {
     /// Loads the files once; fails if the initial material is unusable (there is no
     /// last good material to fall back to).
     pub fn load(trust_domain: TrustDomain, paths: TlsPaths) -> Result<Arc<Self>, TlsError> {
+        files::warn_if_exposed(&paths.key);
         let contents = read_contents(&paths)?;
         let tls = build(&trust_domain, &paths, &contents)?;
         tracing::info!(

@@ -97,6 +97,9 @@ pub enum ConnectError {
         /// Who answered.
         got: Box<PeerIdentity>,
     },
+    /// The endpoint itself is invalid.
+    #[error(transparent)]
+    Target(#[from] TargetError),
     /// The whole connection attempt failed via tonic.
     #[error("failed to establish the gRPC channel to {target}: {source}")]
     Channel {
@@ -200,10 +203,7 @@ impl MeshEndpoint {
 
     /// Connects now; fails if the server cannot be reached or verified.
     pub async fn connect(&self) -> Result<Channel, ConnectError> {
-        let endpoint = self.tonic_endpoint().map_err(|e| ConnectError::Tcp {
-            target: self.target.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, e),
-        })?;
+        let endpoint = self.tonic_endpoint()?;
         self.connect_with(endpoint).await
     }
 
