@@ -13,6 +13,7 @@ use super::config::{NodeId, RaftConfig, RaftConfigBuilder};
 use super::network::NetworkFaults;
 use super::node::Replica;
 use super::store::RaftStore;
+use super::tls::ReplicaTls;
 use crate::StoreError;
 
 #[derive(Debug)]
@@ -31,6 +32,7 @@ pub struct LocalCluster {
     faults: Arc<NetworkFaults>,
     slots: Mutex<Vec<Slot>>,
     tune: fn(RaftConfigBuilder) -> RaftConfigBuilder,
+    tls: Option<ReplicaTls>,
 }
 
 fn keep(b: RaftConfigBuilder) -> RaftConfigBuilder {
@@ -38,9 +40,14 @@ fn keep(b: RaftConfigBuilder) -> RaftConfigBuilder {
 }
 
 impl LocalCluster {
-    /// Starts `n` replicas (1, 3 or 5) with default settings and waits for a leader.
-    pub async fn start(n: usize, base_dir: &Path) -> Result<LocalCluster, StoreError> {
-        Self::start_with(n, base_dir, keep).await
+    /// Starts `n` replicas (1, 3 or 5) with default settings, over mTLS with `tls` (or
+    /// plaintext gRPC with `None`), and waits for a leader.
+    pub async fn start(
+        n: usize,
+        base_dir: &Path,
+        tls: Option<ReplicaTls>,
+    ) -> Result<LocalCluster, StoreError> {
+        Self::start_with(n, base_dir, tls, keep).await
     }
 
     /// Starts `n` replicas, letting `tune` adjust each replica's configuration (timing,
@@ -48,6 +55,7 @@ impl LocalCluster {
     pub async fn start_with(
         n: usize,
         base_dir: &Path,
+        tls: Option<ReplicaTls>,
         tune: fn(RaftConfigBuilder) -> RaftConfigBuilder,
     ) -> Result<LocalCluster, StoreError> {
         let faults = Arc::new(NetworkFaults::new());
@@ -65,6 +73,9 @@ impl LocalCluster {
             let mut b = RaftConfig::builder(id, base_dir.join(format!("replica-{id}")))
                 .listen(addrs[i])
                 .faults(faults.clone());
+            if let Some(tls) = &tls {
+                b = b.tls(tls.clone());
+            }
             for (j, a) in addrs.iter().enumerate() {
                 b = b.member(j as NodeId + 1, a.to_string());
             }
@@ -84,6 +95,7 @@ impl LocalCluster {
             faults,
             slots: Mutex::new(slots),
             tune,
+            tls,
         };
         cluster.wait_for_leader(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -232,14 +244,16 @@ impl LocalCluster {
                 slots.iter().map(|s| s.id).max().unwrap_or(0) + 1,
             )
         };
-        let config = (self.tune)(
-            RaftConfig::builder(id, self.base_dir.join(format!("replica-{id}")))
-                .listen(addr)
-                .bootstrap(false)
-                .faults(self.faults.clone()),
-        )
-        .build()
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut b = RaftConfig::builder(id, self.base_dir.join(format!("replica-{id}")))
+            .listen(addr)
+            .bootstrap(false)
+            .faults(self.faults.clone());
+        if let Some(tls) = &self.tls {
+            b = b.tls(tls.clone());
+        }
+        let config = (self.tune)(b)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         let replica = Replica::start_with_listener(config.clone(), listener).await?;
         self.slots().push(Slot {
             id,

@@ -14,8 +14,10 @@ pub enum Command {
     /// Write a value, optionally bound to a lease.
     Put {
         /// Key to write.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// New value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Lease to bind the key to.
         lease: Option<LeaseId>,
@@ -23,21 +25,24 @@ pub enum Command {
     /// Delete one key.
     Delete {
         /// Key to delete.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Delete every key under a prefix in one revision.
     DeletePrefix {
         /// The prefix.
+        #[serde(with = "serde_bytes")]
         prefix: Vec<u8>,
     },
     /// Compare `mod_revision` and write on success.
     CompareAndSwap {
         /// Key compared and written.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// Expected `mod_revision` (`0`: the key must not exist).
         expected_mod_revision: Revision,
         /// Write applied when the comparison holds; `None` deletes the key.
-        put: Option<(Vec<u8>, Option<LeaseId>)>,
+        put: Option<CasPut>,
     },
     /// Grant a lease; the state machine picks its id.
     GrantLease {
@@ -59,6 +64,16 @@ pub enum Command {
         /// First revision still held afterwards.
         revision: Revision,
     },
+}
+
+/// The write of a successful compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CasPut {
+    /// New value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Lease to bind the key to.
+    pub lease: Option<LeaseId>,
 }
 
 /// The state machine's answer to one applied log entry.
@@ -106,8 +121,10 @@ pub enum CommandResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredKv {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision of creation.
     pub create_revision: Revision,

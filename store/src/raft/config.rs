@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::network::NetworkFaults;
+use super::tls::ReplicaTls;
 
 /// Node id of a replica (unique within one store cluster, never reused).
 pub type NodeId = u64;
@@ -49,6 +50,9 @@ pub struct RaftConfig {
     pub request_timeout: Duration,
     /// How often the leader checks lease deadlines.
     pub lease_check_interval: Duration,
+    /// mTLS for replica traffic; `None` runs plaintext gRPC (only for a single replica
+    /// or a trusted loopback setup).
+    pub tls: Option<ReplicaTls>,
     /// Fault switch shared with other replicas (tests only; `None` in production).
     pub faults: Option<Arc<NetworkFaults>>,
 }
@@ -87,6 +91,7 @@ impl RaftConfig {
                 history_max_bytes: 64 * 1024 * 1024,
                 request_timeout: Duration::from_secs(10),
                 lease_check_interval: Duration::from_millis(100),
+                tls: None,
                 faults: None,
             },
         }
@@ -181,6 +186,13 @@ impl RaftConfigBuilder {
     #[must_use]
     pub fn lease_check_interval(mut self, interval: Duration) -> Self {
         self.config.lease_check_interval = interval;
+        self
+    }
+
+    /// Serves and dials peers over mTLS with this identity.
+    #[must_use]
+    pub fn tls(mut self, tls: ReplicaTls) -> Self {
+        self.config.tls = Some(tls);
         self
     }
 

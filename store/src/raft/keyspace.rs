@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Command, CommandResponse, StoredKv};
+use super::command::{CasPut, Command, CommandResponse, StoredKv};
 use crate::{Event, EventKind, LeaseId, Revision};
 
 /// Bounds of the in-memory watch history.
@@ -149,6 +149,7 @@ pub(crate) struct Lease {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Value {
+    #[serde(with = "serde_bytes")]
     value: Vec<u8>,
     create_revision: Revision,
     mod_revision: Revision,
@@ -264,7 +265,7 @@ impl KeySpace {
                     };
                 }
                 match put {
-                    Some((value, lease)) => self.put(key, value, lease),
+                    Some(CasPut { value, lease }) => self.put(key, value, lease),
                     None if current == 0 => CommandResponse::Written {
                         revision: self.revision,
                     },
@@ -472,7 +473,10 @@ mod tests {
         let cas = |expected, value: &str| Command::CompareAndSwap {
             key: b"k".to_vec(),
             expected_mod_revision: expected,
-            put: Some((value.as_bytes().to_vec(), None)),
+            put: Some(CasPut {
+                value: value.as_bytes().to_vec(),
+                lease: None,
+            }),
         };
         assert_eq!(
             ks.apply(cas(0, "a")),

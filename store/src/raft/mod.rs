@@ -7,7 +7,8 @@
 //!   acknowledged, with torn-tail repair and corruption refusal on open;
 //! - [`keyspace`]: the deterministic key space (revisions, leases, watch history);
 //! - [`state_machine`]: applies the log to the key space, snapshots it to disk;
-//! - [`network`] / [`rpc`]: replica traffic over gRPC (tonic);
+//! - [`network`] / [`rpc`] / [`tls`]: replica traffic over gRPC (tonic) with mTLS from
+//!   the `certs` crate;
 //! - [`node`]: one running [`Replica`] with write forwarding and ReadIndex reads;
 //! - [`store`]: [`RaftStore`], the [`crate::Store`] implementation;
 //! - [`cluster`]: [`LocalCluster`], N replicas in one process for tests and demos.
@@ -26,14 +27,16 @@ mod record;
 mod rpc;
 mod state_machine;
 mod store;
+mod tls;
 mod watch;
 
 pub use cluster::LocalCluster;
-pub use command::{Command, CommandResponse, StoredKv};
+pub use command::{CasPut, Command, CommandResponse, StoredKv};
 pub use config::{ConfigError, NodeId, RaftConfig, RaftConfigBuilder};
 pub use network::NetworkFaults;
-pub use node::Replica;
+pub use node::{peer_status, PeerStatus, Replica};
 pub use store::RaftStore;
+pub use tls::ReplicaTls;
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of the store.

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::record;
 use super::rpc::{self, Frame, Method};
+use super::tls::ReplicaTls;
 use super::TypeConfig;
 
 type NodeId = u64;
@@ -68,6 +69,7 @@ impl NetworkFaults {
 #[derive(Debug)]
 pub(crate) struct Peers {
     me: NodeId,
+    tls: Option<ReplicaTls>,
     faults: Arc<NetworkFaults>,
     channels: Mutex<HashMap<String, Channel>>,
     rpc_timeout: Duration,
@@ -103,9 +105,15 @@ pub(crate) enum PeerError {
 }
 
 impl Peers {
-    pub(crate) fn new(me: NodeId, faults: Arc<NetworkFaults>, rpc_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        me: NodeId,
+        tls: Option<ReplicaTls>,
+        faults: Arc<NetworkFaults>,
+        rpc_timeout: Duration,
+    ) -> Self {
         Peers {
             me,
+            tls,
             faults,
             channels: Mutex::new(HashMap::new()),
             rpc_timeout,
@@ -127,7 +135,10 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let ch = endpoint.connect_lazy();
+        let ch = match &self.tls {
+            Some(tls) => tls.channel(addr, endpoint)?,
+            None => endpoint.connect_lazy(),
+        };
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -234,15 +245,15 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        // openraft's TTL is derived from the heartbeat interval, too short for an append
+        // batch carrying megabyte values; votes keep it (a slow vote is a lost vote).
+        let ttl = match method {
+            Method::Vote => option.hard_ttl(),
+            _ => option.hard_ttl().max(Duration::from_secs(5)),
+        };
         let answer: Result<Resp, RaftError<NodeId, E>> = self
             .peers
-            .call(
-                self.target,
-                &self.addr,
-                method,
-                req,
-                Some(option.hard_ttl()),
-            )
+            .call(self.target, &self.addr, method, req, Some(ttl))
             .await
             .map_err(|e| match e {
                 PeerError::BadAnswer { .. } => RPCError::Network(NetworkError::new(&e)),

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clustermesh_certs::PeerIdentity;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,7 @@ use super::network::{Network, NetworkFaults, PeerError, Peers};
 use super::record;
 use super::rpc::{Frame, Handler, Method, RaftService};
 use super::state_machine::{SharedState, StateMachine};
+use super::tls::ReplicaTls;
 use super::TypeConfig;
 use crate::{LeaseId, StoreError};
 
@@ -37,6 +39,37 @@ pub(crate) enum ForwardError {
     Unavailable(String),
     /// The lease does not exist.
     LeaseNotFound,
+}
+
+/// A replica's answer to a status request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The replica's node id.
+    pub node_id: NodeId,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Its current raft term.
+    pub term: u64,
+    /// Index of the last log entry it applied.
+    pub applied_index: Option<u64>,
+    /// The store revision it has applied.
+    pub revision: crate::Revision,
+}
+
+/// Asks the replica at `addr` for its status, over mTLS with `tls` (or plaintext with
+/// `None`), presenting this process as node `0`. Fails with
+/// [`StoreError::Unavailable`] when the peer cannot be reached, refuses the TLS handshake,
+/// or refuses our identity.
+pub async fn peer_status(
+    addr: &str,
+    tls: Option<ReplicaTls>,
+    timeout: Duration,
+) -> Result<PeerStatus, StoreError> {
+    let peers = Peers::new(0, tls, Arc::new(NetworkFaults::new()), timeout);
+    peers
+        .call(u64::MAX, addr, Method::Status, &(), Some(timeout))
+        .await
+        .map_err(|e| unavailable(e.to_string()))
 }
 
 /// A running replica.
@@ -99,7 +132,12 @@ impl Replica {
             .faults
             .clone()
             .unwrap_or_else(|| Arc::new(NetworkFaults::new()));
-        let peers = Arc::new(Peers::new(config.node_id, faults, Duration::from_secs(5)));
+        let peers = Arc::new(Peers::new(
+            config.node_id,
+            config.tls.clone(),
+            faults,
+            Duration::from_secs(5),
+        ));
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -130,19 +168,37 @@ impl Replica {
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let service = RaftService::new(Arc::new(RpcHandler(Arc::downgrade(&replica))));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            });
         let id = replica.id;
-        let server_task = tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(node = id, error = %e, "raft RPC server failed");
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service);
+        let stop = async {
+            let _ = stop_rx.await;
+        };
+        let server_task = match &config.tls {
+            Some(tls) => {
+                let incoming = clustermesh_certs::transport::incoming(
+                    listener,
+                    tls.source().clone(),
+                    clustermesh_certs::transport::IncomingConfig::default(),
+                );
+                let server = router.serve_with_incoming_shutdown(incoming, stop);
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(node = id, error = %e, "raft RPC server failed");
+                    }
+                })
             }
-        });
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let server = router.serve_with_incoming_shutdown(incoming, stop);
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(node = id, error = %e, "raft RPC server failed");
+                    }
+                })
+            }
+        };
         let lease_task = tokio::spawn(lease_loop(Arc::downgrade(&replica)));
         {
             let mut tasks = replica.tasks.lock().unwrap_or_else(|e| e.into_inner());
@@ -590,13 +646,16 @@ impl Handler for RpcHandler {
         &self,
         method: Method,
         frame: Frame,
-        _peer: Option<String>,
+        peer: Option<PeerIdentity>,
     ) -> Result<Frame, Status> {
         let Some(r) = self.0.upgrade() else {
             return Err(Status::unavailable("raft replica stopped"));
         };
         if r.stopped.load(Ordering::SeqCst) {
             return Err(Status::unavailable("raft replica stopped"));
+        }
+        if let Some(tls) = &r.config.tls {
+            tls.authorize(peer.as_ref())?;
         }
         if r.peers.faults().blocks(frame.from, r.id) {
             return Err(Status::unavailable("network partitioned (fault injection)"));
@@ -636,6 +695,17 @@ impl Handler for RpcHandler {
                     Err(e) => Err(ForwardError::Unavailable(e.to_string())),
                 };
                 answer(me, &res)
+            }
+            Method::Status => {
+                let m = r.raft.metrics().borrow().clone();
+                let status = PeerStatus {
+                    node_id: me,
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    applied_index: m.last_applied.map(|l| l.index),
+                    revision: r.shared.read().ks.revision(),
+                };
+                answer(me, &status)
             }
             Method::KeepAlive => {
                 let lease: LeaseId = request(&frame)?;

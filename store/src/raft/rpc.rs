@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use clustermesh_certs::PeerIdentity;
 use tonic::body::Body;
 use tonic::codegen::{http, Body as HttpBody, Service, StdError};
 use tonic::transport::Channel;
@@ -50,16 +51,19 @@ pub(crate) enum Method {
     ReadIndex,
     /// A lease keep-alive forwarded to the leader.
     KeepAlive,
+    /// The replica's view of the cluster (for status tools and peer checks).
+    Status,
 }
 
 impl Method {
-    const ALL: [Method; 6] = [
+    const ALL: [Method; 7] = [
         Method::AppendEntries,
         Method::Vote,
         Method::InstallSnapshot,
         Method::Write,
         Method::ReadIndex,
         Method::KeepAlive,
+        Method::Status,
     ];
 
     fn path(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Method {
             Method::Write => "/clustermesh.raft.v1.Raft/Write",
             Method::ReadIndex => "/clustermesh.raft.v1.Raft/ReadIndex",
             Method::KeepAlive => "/clustermesh.raft.v1.Raft/KeepAlive",
+            Method::Status => "/clustermesh.raft.v1.Raft/Status",
         }
     }
 
@@ -85,13 +90,9 @@ pub(crate) trait Handler: Send + Sync + 'static {
         &self,
         method: Method,
         frame: Frame,
-        peer: Option<String>,
+        peer: Option<PeerIdentity>,
     ) -> impl Future<Output = Result<Frame, Status>> + Send;
 }
-
-/// Extension a transport may put into the request to name the authenticated peer.
-#[derive(Debug, Clone)]
-pub(crate) struct PeerName(pub(crate) String);
 
 /// The tonic service wrapping a [`Handler`].
 #[derive(Debug)]
@@ -127,7 +128,7 @@ impl<H: Handler> tonic::server::UnaryService<Frame> for Unary<H> {
         let handler = self.handler.clone();
         let method = self.method;
         Box::pin(async move {
-            let peer = request.extensions().get::<PeerName>().map(|p| p.0.clone());
+            let peer = clustermesh_certs::transport::peer_identity(&request).cloned();
             let frame = request.into_inner();
             handler.handle(method, frame, peer).await.map(Response::new)
         })

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::command::{Command, CommandResponse};
+use super::command::{CasPut, Command, CommandResponse};
 use super::node::Replica;
 use super::watch;
 use crate::{
@@ -118,7 +118,7 @@ impl Store for RaftStore {
         let put = match write {
             CasWrite::Put { value, lease } => {
                 Self::check_value(key, &value)?;
-                Some((value, lease))
+                Some(CasPut { value, lease })
             }
             CasWrite::Delete => None,
         };
