@@ -3,5 +3,6 @@
 //! Control plane: cluster watchers → merge (affinity, tiers, weights) → weighted Maglev →
 //! desired state handed to a [`datapath::Datapath`].
 
+pub mod bpf;
 pub mod datapath;
 pub mod maglev;

@@ -1,0 +1,175 @@
+//! Host prerequisites: finding the cgroup2 mount, checking the configured cgroup, and making
+//! sure the pin directory is on bpffs (mounting it when needed).
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
+
+use super::error::{BpfError, Result};
+
+/// Finds the first cgroup2 mount in `/proc/self/mounts` (on hybrid hosts it is not at
+/// `/sys/fs/cgroup`).
+///
+/// # Errors
+/// [`BpfError::NoCgroup2Mount`] when none is mounted.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|source| BpfError::Io {
+        step: "read",
+        path: PathBuf::from("/proc/self/mounts"),
+        source,
+    })?;
+    find_mount(&mounts, "cgroup2").ok_or(BpfError::NoCgroup2Mount)
+}
+
+/// Finds the mount point of the first filesystem of type `fstype` in a mounts table.
+pub(crate) fn find_mount(mounts: &str, fstype: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next()?;
+        let target = fields.next()?;
+        (fields.next()? == fstype).then(|| PathBuf::from(unescape_mount_path(target)))
+    })
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = &bytes[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let v = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Resolves the cgroup to attach to and checks that it is a cgroup v2 directory.
+///
+/// # Errors
+/// [`BpfError::CgroupMissing`], [`BpfError::NotCgroup2`] or [`BpfError::NoCgroup2Mount`].
+pub fn resolve_cgroup(configured: Option<&Path>) -> Result<PathBuf> {
+    let path = match configured {
+        Some(p) => p.to_path_buf(),
+        None => cgroup2_mount()?,
+    };
+    if !path.is_dir() {
+        return Err(BpfError::CgroupMissing { path });
+    }
+    match statfs(&path) {
+        Ok(fs) if fs.filesystem_type() == CGROUP2_SUPER_MAGIC => Ok(path),
+        Ok(_) => Err(BpfError::NotCgroup2 { path }),
+        Err(e) => Err(BpfError::Io {
+            step: "statfs",
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+/// True when `path` (which must exist) is on bpffs.
+fn on_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on bpffs, mounting bpffs at `mount` when the pin directory
+/// lies below it and it is not mounted yet.
+///
+/// # Errors
+/// [`BpfError::BpffsUnavailable`] when mounting fails, [`BpfError::PinDirNotBpffs`] when
+/// the pin directory is elsewhere, [`BpfError::Io`] when it cannot be created.
+pub fn ensure_pin_dir(pin_dir: &Path, mount: &Path) -> Result<()> {
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    if !on_bpffs(existing) {
+        if !pin_dir.starts_with(mount) {
+            return Err(BpfError::PinDirNotBpffs {
+                path: pin_dir.to_path_buf(),
+            });
+        }
+        if !mount.is_dir() {
+            return Err(BpfError::BpffsUnavailable {
+                mount: mount.to_path_buf(),
+                reason: "the mount point does not exist".into(),
+            });
+        }
+        if !on_bpffs(mount) {
+            tracing::info!(mount = %mount.display(), "mounting bpffs");
+            nix::mount::mount(
+                Some("bpf"),
+                mount,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| BpfError::BpffsUnavailable {
+                mount: mount.to_path_buf(),
+                reason: e.desc().to_owned(),
+            })?;
+        }
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
+        step: "create pin directory",
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    if !on_bpffs(pin_dir) {
+        return Err(BpfError::PinDirNotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n\
+                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n";
+        assert_eq!(
+            find_mount(mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(find_mount(mounts, "bpf"), None);
+    }
+
+    #[test]
+    fn unescapes_octal_sequences_in_mount_paths() {
+        let mounts = "none /mnt/with\\040space cgroup2 rw 0 0\n";
+        assert_eq!(
+            find_mount(mounts, "cgroup2"),
+            Some(PathBuf::from("/mnt/with space"))
+        );
+    }
+
+    #[test]
+    fn missing_cgroup_is_reported_by_path() {
+        let err = resolve_cgroup(Some(Path::new("/nonexistent/cgroup/for-test"))).unwrap_err();
+        assert!(matches!(err, BpfError::CgroupMissing { .. }));
+        assert!(err.to_string().contains("/nonexistent/cgroup/for-test"));
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_a_cgroup() {
+        let err = resolve_cgroup(Some(Path::new("/proc"))).unwrap_err();
+        assert!(matches!(err, BpfError::NotCgroup2 { .. }), "{err}");
+    }
+}
