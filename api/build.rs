@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Watch payloads are forwarded from the server's cache without copying.
+        .bytes(".clustermesh.v1.Upsert.value")
         .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -1,0 +1,406 @@
+//! The gRPC `MeshApi` service: GetClusterInfo, Watch and Status, with authorization by
+//! the caller's certificate identity.
+//!
+//! Every connection arrives through `clustermesh_certs::transport::incoming`, so by the
+//! time a request is handled its client certificate has been verified against the mesh
+//! CA and its SPIFFE identity is attached to the request. Authorization is then:
+//! - `GetClusterInfo` and `Watch`: any cluster identity (optionally restricted to an
+//!   allow-list) or any admin identity; the API has no write calls at all, so remote
+//!   clusters are read-only by construction;
+//! - `Status`: admin identities only.
+//!
+//! Each Watch is served by its own task reading the shared [`Cache`]; see that module for
+//! resume and Reset semantics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clustermesh_api::keys::Kind;
+use clustermesh_api::v1;
+use clustermesh_api::v1::mesh_api_server::MeshApi;
+use clustermesh_certs::transport::peer_identity;
+use clustermesh_certs::PeerIdentity;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::cache::{Cache, CacheEvent, Subscription};
+use crate::metrics::Metrics;
+
+/// Who may call what.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    /// Cluster identities allowed to Watch and GetClusterInfo; `None` allows every
+    /// cluster of the trust domain (the CA already limits who that is).
+    pub allowed_clusters: Option<BTreeSet<String>>,
+}
+
+impl AccessPolicy {
+    /// Checks `peer` for `rpc`. `admin_only` RPCs refuse cluster identities.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` without a verified identity, `PERMISSION_DENIED` otherwise.
+    pub fn check(
+        &self,
+        rpc: &str,
+        peer: Option<&PeerIdentity>,
+        admin_only: bool,
+    ) -> Result<(), Refusal> {
+        let Some(peer) = peer else {
+            return Err(Refusal {
+                reason: "no-identity",
+                status: Status::unauthenticated(format!(
+                    "{rpc}: no verified mesh identity on this connection; connect with a client certificate issued by the mesh CA"
+                )),
+            });
+        };
+        if peer.is_admin() {
+            return Ok(());
+        }
+        if admin_only {
+            return Err(Refusal {
+                reason: "not-admin",
+                status: Status::permission_denied(format!(
+                    "{rpc} is restricted to admin identities and {peer} is a cluster identity; use an admin certificate (spiffe://<trust-domain>/admin/<name>)"
+                )),
+            });
+        }
+        match (&self.allowed_clusters, peer.cluster_name()) {
+            (None, Some(_)) => Ok(()),
+            (Some(allowed), Some(cluster)) if allowed.contains(cluster) => Ok(()),
+            _ => Err(Refusal {
+                reason: "cluster-not-allowed",
+                status: Status::permission_denied(format!(
+                    "{rpc}: {peer} is not among the clusters allowed to connect; add it with `clustermesh connect`"
+                )),
+            }),
+        }
+    }
+}
+
+/// A refused request: the status to return and a metric label.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Metric label.
+    pub reason: &'static str,
+    /// What the client gets.
+    pub status: Status,
+}
+
+/// One open Watch stream, for `Status`.
+#[derive(Debug)]
+struct WatcherInfo {
+    peer: String,
+    kinds: Vec<Kind>,
+    since_unix_ms: u64,
+    revision: AtomicU64,
+    events_sent: AtomicU64,
+    queued: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct WatcherRegistry {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<WatcherInfo>>>,
+}
+
+impl WatcherRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<WatcherInfo>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes a watcher from the registry when its task ends.
+struct WatcherGuard {
+    id: u64,
+    registry: Arc<WatcherRegistry>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+        self.metrics.watcher_delta(-1);
+    }
+}
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The cluster's configuration record, returned by GetClusterInfo.
+    pub cluster_config: v1::ClusterConfig,
+    /// Authorization.
+    pub policy: AccessPolicy,
+    /// Messages buffered per Watch stream between its task and the connection.
+    pub stream_buffer: usize,
+}
+
+/// The `MeshApi` implementation.
+#[derive(Debug, Clone)]
+pub struct MeshApiService {
+    cache: Arc<Cache>,
+    config: Arc<ServiceConfig>,
+    metrics: Arc<Metrics>,
+    watchers: Arc<WatcherRegistry>,
+}
+
+impl MeshApiService {
+    /// A service serving `cache`.
+    #[must_use]
+    pub fn new(cache: Arc<Cache>, config: ServiceConfig, metrics: Arc<Metrics>) -> Self {
+        MeshApiService {
+            cache,
+            config: Arc::new(config),
+            metrics,
+            watchers: Arc::default(),
+        }
+    }
+
+    /// The tonic server wrapper, ready for `Server::add_service`.
+    #[must_use]
+    pub fn into_server(self) -> v1::mesh_api_server::MeshApiServer<Self> {
+        v1::mesh_api_server::MeshApiServer::new(self).max_decoding_message_size(64 * 1024)
+    }
+
+    fn authorize<T>(
+        &self,
+        rpc: &str,
+        request: &Request<T>,
+        admin_only: bool,
+    ) -> Result<String, Status> {
+        let peer = peer_identity(request);
+        match self.config.policy.check(rpc, peer, admin_only) {
+            Ok(()) => Ok(peer.map(ToString::to_string).unwrap_or_default()),
+            Err(refusal) => {
+                let remote = request
+                    .remote_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(rpc, peer = ?peer.map(ToString::to_string), %remote, reason = refusal.reason, "request refused");
+                self.metrics.refused(rpc, refusal.reason);
+                Err(refusal.status)
+            }
+        }
+    }
+}
+
+/// Proto form of a cache event.
+#[must_use]
+pub fn to_proto(event: &CacheEvent) -> v1::WatchEvent {
+    use v1::watch_event::Event;
+    let event = match event {
+        CacheEvent::Upsert {
+            kind,
+            key,
+            value,
+            revision,
+        } => Event::Upsert(v1::Upsert {
+            kind: kind.to_proto().into(),
+            key: key.to_string(),
+            value: value.clone(),
+            revision: *revision,
+        }),
+        CacheEvent::Delete {
+            kind,
+            key,
+            revision,
+        } => Event::Delete(v1::Delete {
+            kind: kind.to_proto().into(),
+            key: key.to_string(),
+            revision: *revision,
+        }),
+        CacheEvent::Synced { kind, revision } => Event::Synced(v1::Synced {
+            kind: kind.to_proto().into(),
+            revision: *revision,
+        }),
+    };
+    v1::WatchEvent { event: Some(event) }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[tonic::async_trait]
+impl MeshApi for MeshApiService {
+    async fn get_cluster_info(
+        &self,
+        request: Request<v1::GetClusterInfoRequest>,
+    ) -> Result<Response<v1::GetClusterInfoResponse>, Status> {
+        self.authorize("GetClusterInfo", &request, false)?;
+        Ok(Response::new(v1::GetClusterInfoResponse {
+            config: Some(self.config.cluster_config.clone()),
+            revision: self.cache.snapshot_stats().revision,
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<v1::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = self.authorize("Watch", &request, false)?;
+        let req = request.into_inner();
+        let mut kinds = BTreeSet::new();
+        for raw in &req.kinds {
+            match Kind::from_proto(*raw) {
+                Some(k) => {
+                    kinds.insert(k);
+                }
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "Watch: unknown kind {raw}; use KIND_CLUSTER_CONFIG..KIND_SERVICE or leave kinds empty for all"
+                    )))
+                }
+            }
+        }
+        let id = self.watchers.next.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(WatcherInfo {
+            peer: peer.clone(),
+            kinds: kinds.iter().copied().collect(),
+            since_unix_ms: unix_ms(),
+            revision: AtomicU64::new(req.from_revision),
+            events_sent: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        });
+        self.watchers.lock().insert(id, Arc::clone(&info));
+        self.metrics.watcher_delta(1);
+        let guard = WatcherGuard {
+            id,
+            registry: Arc::clone(&self.watchers),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let subscription = self.cache.subscribe(&kinds, req.from_revision);
+        tracing::info!(%peer, from_revision = req.from_revision, kinds = ?kinds, reset = ?subscription.reset.map(|r| r.0), "watch started");
+        let (tx, rx) = mpsc::channel(self.config.stream_buffer.max(1));
+        let task = WatchTask {
+            cache: Arc::clone(&self.cache),
+            kinds,
+            tx,
+            info,
+            metrics: Arc::clone(&self.metrics),
+            _guard: guard,
+        };
+        tokio::spawn(task.run(subscription));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.authorize("Status", &request, true)?;
+        let stats = self.cache.snapshot_stats();
+        let counts = stats
+            .counts
+            .iter()
+            .map(|(kind, count)| v1::KindCount {
+                kind: kind.to_proto().into(),
+                count: *count as u64,
+                synced: stats.synced.contains(kind),
+            })
+            .collect();
+        let watchers = self
+            .watchers
+            .lock()
+            .values()
+            .map(|w| v1::WatcherStatus {
+                peer: w.peer.clone(),
+                kinds: w.kinds.iter().map(|k| k.to_proto().into()).collect(),
+                revision: w.revision.load(Ordering::Relaxed),
+                events_sent: w.events_sent.load(Ordering::Relaxed),
+                queued: w.queued.load(Ordering::Relaxed),
+                since_unix_ms: w.since_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            cluster: self.config.cluster_config.name.clone(),
+            cluster_id: self.config.cluster_config.id,
+            revision: stats.revision,
+            counts,
+            watchers,
+        }))
+    }
+}
+
+/// The task behind one Watch stream.
+struct WatchTask {
+    cache: Arc<Cache>,
+    kinds: BTreeSet<Kind>,
+    tx: mpsc::Sender<Result<v1::WatchEvent, Status>>,
+    info: Arc<WatcherInfo>,
+    metrics: Arc<Metrics>,
+    _guard: WatcherGuard,
+}
+
+impl WatchTask {
+    async fn run(self, mut subscription: Subscription) {
+        loop {
+            if let Some((reason, revision)) = subscription.reset {
+                self.metrics.watch_reset(reason.as_str());
+                tracing::info!(peer = %self.info.peer, reason = reason.as_str(), "watch reset");
+                let reset = v1::WatchEvent {
+                    event: Some(v1::watch_event::Event::Reset(v1::Reset {
+                        revision,
+                        reason: reason.as_str().to_owned(),
+                    })),
+                };
+                if !self.send(reset, revision).await {
+                    return;
+                }
+            }
+            for event in &subscription.initial {
+                if !self.send(to_proto(event), event.revision()).await {
+                    return;
+                }
+            }
+            self.info
+                .revision
+                .fetch_max(subscription.revision, Ordering::Relaxed);
+            loop {
+                let received = tokio::select! {
+                    received = subscription.live.recv() => received,
+                    () = self.tx.closed() => return,
+                };
+                match received {
+                    Ok(event) => {
+                        if !self.kinds.is_empty() && !self.kinds.contains(&event.kind()) {
+                            continue;
+                        }
+                        self.info
+                            .queued
+                            .store(subscription.live.len() as u64, Ordering::Relaxed);
+                        if !self.send(to_proto(&event), event.revision()).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(peer = %self.info.peer, missed, "watcher fell behind the lag bound; resetting it");
+                        subscription = self.cache.resubscribe_after_lag(&self.kinds);
+                        break;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+
+    /// Sends one event; false when the client is gone.
+    async fn send(&self, event: v1::WatchEvent, revision: u64) -> bool {
+        if self.tx.send(Ok(event)).await.is_err() {
+            tracing::debug!(peer = %self.info.peer, "watch client went away");
+            return false;
+        }
+        self.info.events_sent.fetch_add(1, Ordering::Relaxed);
+        self.info.revision.fetch_max(revision, Ordering::Relaxed);
+        self.metrics.events_sent(1);
+        true
+    }
+}

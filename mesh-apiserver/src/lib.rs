@@ -1,0 +1,41 @@
+//! The clustermesh API server: reads one cluster's Kubernetes state, keeps its records in
+//! the store, and serves them to every other cluster over the mTLS gRPC mesh API.
+//!
+//! ```text
+//! source (kubernetes | dir:PATH) ─> state (translate) ─> export ─> Store
+//!                                                                   │ one watch
+//!                              gRPC MeshApi (mTLS, authz) <─ cache <┘
+//! ```
+//!
+//! - [`source`]: where Kubernetes objects come from ([`source::Source`]).
+//! - [`translate`] and [`state`]: objects → records, incrementally.
+//! - [`identity`]: numeric identities by compare-and-swap.
+//! - [`export`]: minimal writes, synced markers.
+//! - [`cache`]: the fan-out cache every watcher reads.
+//! - [`grpc`]: the `MeshApi` service and its authorization.
+//! - [`http`] and [`metrics`]: health, readiness, Prometheus.
+//! - [`server`]: wiring and graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod export;
+pub mod grpc;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod server;
+pub mod source;
+pub mod state;
+pub mod translate;
+
+/// Runs a store operation and records its latency under `op`.
+pub(crate) async fn timed<T>(
+    metrics: &metrics::Metrics,
+    op: &str,
+    operation: impl std::future::Future<Output = T>,
+) -> T {
+    let start = std::time::Instant::now();
+    let result = operation.await;
+    metrics.store_op(op, start.elapsed());
+    result
+}

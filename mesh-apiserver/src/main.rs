@@ -1,0 +1,402 @@
+//! `clustermesh-apiserver`: exports one cluster's state to the mesh.
+//!
+//! Flags can also come from a TOML file (`--config`), whose keys are the long flag names
+//! with `-` replaced by `_`; a flag on the command line wins over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use clustermesh_api::cidr::Cidr;
+use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
+use clustermesh_apiserver::cache::CacheConfig;
+use clustermesh_apiserver::export::ExportConfig;
+use clustermesh_apiserver::grpc::AccessPolicy;
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::server::{self, ServerOptions};
+use clustermesh_apiserver::source::{DirSource, Source};
+use clustermesh_certs::{ReloadingTls, TlsPaths, TlsSource, TrustDomain};
+use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
+use clustermesh_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    Raft,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Exports one cluster's nodes, identities, endpoints and services to the mesh.
+#[derive(Debug, Parser, Default)]
+#[command(version, about)]
+struct Cli {
+    /// TOML file with any of the options below (flags win).
+    #[arg(long, env = "CLUSTERMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// This cluster's name (≤32 lowercase alphanumerics and '-').
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// This cluster's ID (1..=255, or 1..=511 with --max-connected-clusters 511).
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_ID")]
+    cluster_id: Option<u32>,
+    /// 255 or 511.
+    #[arg(long)]
+    max_connected_clusters: Option<u32>,
+    /// Pod CIDR of the cluster (repeat for several), exported in the cluster config.
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<String>,
+    /// Store backend.
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+    /// raft: this replica's ID.
+    #[arg(long)]
+    raft_id: Option<u64>,
+    /// raft: data directory.
+    #[arg(long)]
+    raft_data_dir: Option<PathBuf>,
+    /// raft: address replicas talk to this one on.
+    #[arg(long)]
+    raft_listen: Option<SocketAddr>,
+    /// raft: a member as ID=HOST:PORT (repeat for each replica, this one included);
+    /// default: this replica alone.
+    #[arg(long = "raft-peer")]
+    raft_peers: Vec<String>,
+    /// etcd: client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// etcd: CA file for an https endpoint.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: client certificate.
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: client key.
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// `kubernetes` or `dir:PATH`.
+    #[arg(long)]
+    source: Option<String>,
+    /// Poll interval of the dir source.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    dir_poll_interval: Option<Duration>,
+    /// gRPC listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory with ca.crt, server.crt, server.key (mesh PKI layout).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Cluster allowed to connect (repeat); default: every cluster of the trust domain.
+    #[arg(long = "allowed-cluster")]
+    allowed_clusters: Vec<String>,
+    /// Health and metrics listen address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// How long an unused identity is kept.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    identity_gc_grace: Option<Duration>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// The same options from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    cluster_name: Option<String>,
+    cluster_id: Option<u32>,
+    max_connected_clusters: Option<u32>,
+    #[serde(default)]
+    pod_cidrs: Vec<String>,
+    store: Option<StoreKind>,
+    raft_id: Option<u64>,
+    raft_data_dir: Option<PathBuf>,
+    raft_listen: Option<SocketAddr>,
+    #[serde(default)]
+    raft_peers: Vec<String>,
+    #[serde(default)]
+    etcd_endpoints: Vec<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    source: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    dir_poll_interval: Option<Duration>,
+    listen: Option<SocketAddr>,
+    tls_dir: Option<PathBuf>,
+    trust_domain: Option<String>,
+    #[serde(default)]
+    allowed_clusters: Vec<String>,
+    metrics_addr: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde_opt")]
+    identity_gc_grace: Option<Duration>,
+    log_format: Option<LogFormat>,
+}
+
+/// `"5m"`-style durations in the config file.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let raw: Option<String> = Option::deserialize(d)?;
+        raw.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+impl Cli {
+    /// Fills unset flags from the config file.
+    fn merge(mut self, file: FileConfig) -> Self {
+        macro_rules! fill {
+            ($($field:ident),*) => {$(
+                if self.$field.is_none() { self.$field = file.$field; }
+            )*};
+        }
+        macro_rules! fill_vec {
+            ($($field:ident),*) => {$(
+                if self.$field.is_empty() { self.$field = file.$field; }
+            )*};
+        }
+        fill!(
+            cluster_name,
+            cluster_id,
+            max_connected_clusters,
+            store,
+            raft_id,
+            raft_data_dir,
+            raft_listen,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            source,
+            dir_poll_interval,
+            listen,
+            tls_dir,
+            trust_domain,
+            metrics_addr,
+            identity_gc_grace,
+            log_format
+        );
+        fill_vec!(pod_cidrs, raft_peers, etcd_endpoints, allowed_clusters);
+        self
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("clustermesh-apiserver: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cli = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let file: FileConfig = toml::from_str(&text)
+                .with_context(|| format!("invalid config file {}", path.display()))?;
+            cli.merge(file)
+        }
+        None => cli,
+    };
+    init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+
+    let cluster = cli
+        .cluster_name
+        .clone()
+        .context("--cluster-name is required")?;
+    validate_cluster_name(&cluster)?;
+    let mode = ClusterIdMode::from_max_clusters(cli.max_connected_clusters.unwrap_or(255))?;
+    let cluster_id = cli.cluster_id.context("--cluster-id is required")?;
+    validate_cluster_id(cluster_id, mode)?;
+    let pod_cidrs = cli
+        .pod_cidrs
+        .iter()
+        .map(|c| Cidr::parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trust_domain = TrustDomain::new(
+        cli.trust_domain
+            .clone()
+            .unwrap_or_else(|| "clustermesh.local".to_owned()),
+    )?;
+    let tls_dir = cli
+        .tls_dir
+        .clone()
+        .context("--tls-dir is required (the mesh API only serves mTLS)")?;
+    let tls = ReloadingTls::load(trust_domain, TlsPaths::server(&tls_dir))
+        .with_context(|| format!("cannot load TLS material from {}", tls_dir.display()))?;
+    let _tls_watcher = tls.spawn_watcher(clustermesh_certs::reload::DEFAULT_POLL_INTERVAL);
+    let tls: Arc<dyn TlsSource> = tls;
+
+    let metrics = Arc::new(Metrics::new());
+    let source = build_source(&cli, &metrics)?;
+    let (store, replica) = build_store(&cli, &cluster, &tls).await?;
+
+    let mut export = ExportConfig::new(cluster.clone(), cluster_id);
+    export.mode = mode;
+    export.pod_cidrs = pod_cidrs;
+    if let Some(grace) = cli.identity_gc_grace {
+        export.identity_gc_grace = grace;
+    }
+    let listen = cli
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 32379)));
+    let grpc_listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+    let metrics_addr = cli
+        .metrics_addr
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9963)));
+    let ops_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {metrics_addr} (--metrics-addr)"))?;
+    let policy = AccessPolicy {
+        allowed_clusters: if cli.allowed_clusters.is_empty() {
+            None
+        } else {
+            Some(cli.allowed_clusters.iter().cloned().collect())
+        },
+    };
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, "starting");
+    let options = ServerOptions {
+        export,
+        cache: CacheConfig::default(),
+        policy,
+        grpc_listener,
+        tls,
+        ops_listener: Some(ops_listener),
+        stream_buffer: 1024,
+        metrics,
+    };
+    let result = server::run(store, source, options, shutdown).await;
+    if let Some(replica) = replica {
+        replica.shutdown().await;
+    }
+    result.context("API server failed")
+}
+
+fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
+    let spec = cli
+        .source
+        .clone()
+        .context("--source is required: kubernetes or dir:PATH")?;
+    if let Some(path) = spec.strip_prefix("dir:") {
+        let mut source = DirSource::new(path).with_metrics(Arc::clone(metrics));
+        if let Some(interval) = cli.dir_poll_interval {
+            source = source.with_poll_interval(interval);
+        }
+        return Ok(Box::new(source));
+    }
+    if spec == "kubernetes" {
+        bail!("--source kubernetes is not implemented in this build yet; use --source dir:PATH");
+    }
+    bail!("invalid --source {spec:?}: use kubernetes or dir:PATH")
+}
+
+async fn build_store(
+    cli: &Cli,
+    cluster: &str,
+    tls: &Arc<dyn TlsSource>,
+) -> Result<(Arc<dyn Store>, Option<Arc<Replica>>)> {
+    match cli.store.unwrap_or(StoreKind::Raft) {
+        StoreKind::Etcd => {
+            if cli.etcd_endpoints.is_empty() {
+                bail!("--store etcd needs --etcd-endpoints");
+            }
+            let mut config = EtcdConfig::new(cli.etcd_endpoints.iter().cloned());
+            if let Some(ca) = &cli.etcd_ca {
+                let mut etcd_tls = EtcdTls::new(ca);
+                if let (Some(cert), Some(key)) = (&cli.etcd_cert, &cli.etcd_key) {
+                    etcd_tls = etcd_tls.with_client_identity(cert, key);
+                }
+                config = config.with_tls(etcd_tls);
+            }
+            let store = EtcdStore::connect(config)
+                .await
+                .context("cannot connect to etcd")?;
+            Ok((Arc::new(store), None))
+        }
+        StoreKind::Raft => {
+            let id = cli.raft_id.unwrap_or(1);
+            let data_dir = cli
+                .raft_data_dir
+                .clone()
+                .context("--store raft needs --raft-data-dir")?;
+            let listen = cli
+                .raft_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 32380)));
+            let mut builder = RaftConfig::builder(id, data_dir)
+                .listen(listen)
+                .tls(ReplicaTls::new(Arc::clone(tls), cluster));
+            if cli.raft_peers.is_empty() {
+                builder = builder.member(id, listen.to_string());
+            }
+            for peer in &cli.raft_peers {
+                let (peer_id, addr) = peer
+                    .split_once('=')
+                    .and_then(|(i, a)| Some((i.parse::<u64>().ok()?, a)))
+                    .with_context(|| format!("invalid --raft-peer {peer:?}: use ID=HOST:PORT"))?;
+                builder = builder.member(peer_id, addr);
+            }
+            let config = builder.build().context("invalid raft configuration")?;
+            let replica = Replica::start(config)
+                .await
+                .context("cannot start the raft replica")?;
+            let store = RaftStore::new(Arc::clone(&replica));
+            Ok((Arc::new(store), Some(replica)))
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

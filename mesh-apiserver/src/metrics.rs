@@ -1,0 +1,210 @@
+//! Prometheus metrics of the API server, served on `/metrics`.
+//!
+//! One [`Metrics`] value is shared by every component; each records through a small
+//! method so metric names and labels live in this file only.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `kind` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// `op` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: String,
+}
+
+/// `rpc` and `reason` labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    rpc: String,
+    reason: String,
+}
+
+type HistogramFamily = Family<OpLabel, Histogram, fn() -> Histogram>;
+
+/// All metrics of the API server.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    records: Family<KindLabel, Gauge>,
+    watchers: Gauge,
+    events_sent: Counter,
+    watch_resets: Family<ReasonLabel, Counter>,
+    rejected_inputs: Family<ReasonLabel, Counter>,
+    refusals: Family<RefusalLabel, Counter>,
+    store_writes: Family<OpLabel, Counter>,
+    store_latency: HistogramFamily,
+    identities: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~6.5 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("clustermesh_apiserver");
+        let records = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "records",
+            "Records this cluster exports, per kind",
+            records.clone(),
+        );
+        let watchers = Gauge::default();
+        registry.register("watchers", "Open Watch streams", watchers.clone());
+        let events_sent = Counter::default();
+        registry.register(
+            "watch_events_sent",
+            "Watch events sent to clients",
+            events_sent.clone(),
+        );
+        let watch_resets = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "watch_resets",
+            "Watch streams restarted with Reset, by reason",
+            watch_resets.clone(),
+        );
+        let rejected_inputs = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "rejected_inputs",
+            "Inputs (annotations, ports, addresses, manifest files) rejected or defaulted, by reason",
+            rejected_inputs.clone(),
+        );
+        let refusals = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "auth_refusals",
+            "Requests refused by authorization",
+            refusals.clone(),
+        );
+        let store_writes = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "store_writes",
+            "Writes to the store, by operation",
+            store_writes.clone(),
+        );
+        let store_latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "store_op_duration_seconds",
+            "Latency of store operations, by operation",
+            store_latency.clone(),
+        );
+        let identities = Gauge::default();
+        registry.register(
+            "identities",
+            "Numeric identities allocated by this cluster",
+            identities.clone(),
+        );
+        Metrics {
+            registry,
+            records,
+            watchers,
+            events_sent,
+            watch_resets,
+            rejected_inputs,
+            refusals,
+            store_writes,
+            store_latency,
+            identities,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Sets the number of records of `kind`.
+    pub fn set_records(&self, kind: &str, count: usize) {
+        self.records
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A watch stream opened (+1) or closed (-1).
+    pub fn watcher_delta(&self, delta: i64) {
+        self.watchers.inc_by(delta);
+    }
+
+    /// `n` watch events were sent.
+    pub fn events_sent(&self, n: u64) {
+        self.events_sent.inc_by(n);
+    }
+
+    /// A watch stream started over with Reset.
+    pub fn watch_reset(&self, reason: &str) {
+        self.watch_resets
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An input was rejected or defaulted.
+    pub fn rejected_input(&self, reason: &str) {
+        self.rejected_inputs
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request was refused.
+    pub fn refused(&self, rpc: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabel {
+                rpc: rpc.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A store operation finished after `elapsed`.
+    pub fn store_op(&self, op: &str, elapsed: Duration) {
+        let label = OpLabel { op: op.to_owned() };
+        self.store_latency
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        if op != "list" && op != "get" {
+            self.store_writes.get_or_create(&label).inc();
+        }
+    }
+
+    /// Sets the number of identities held.
+    pub fn set_identities(&self, count: usize) {
+        self.identities
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}

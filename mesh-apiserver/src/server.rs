@@ -1,0 +1,132 @@
+//! Wiring: source → exporter → store → cache → gRPC, plus the operations endpoint.
+//!
+//! [`run`] owns every task of an API server and stops them all when its shutdown token
+//! is cancelled (SIGTERM in the binary), waiting for in-flight gRPC streams to close.
+
+use std::sync::Arc;
+
+use clustermesh_certs::transport::{incoming, IncomingConfig};
+use clustermesh_certs::TlsSource;
+use clustermesh_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cache, CacheConfig};
+use crate::export::{ExportConfig, ExportError, Exporter};
+use crate::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
+use crate::http::{self, OpsState};
+use crate::metrics::Metrics;
+use crate::source::Source;
+
+/// Everything [`run`] needs besides the store and the source.
+#[derive(Debug)]
+pub struct ServerOptions {
+    /// Cluster identity and export tuning.
+    pub export: ExportConfig,
+    /// Cache bounds.
+    pub cache: CacheConfig,
+    /// Authorization.
+    pub policy: AccessPolicy,
+    /// Bound gRPC listener.
+    pub grpc_listener: TcpListener,
+    /// Server TLS (fixed or hot-reloading).
+    pub tls: Arc<dyn TlsSource>,
+    /// Bound operations (health, metrics) listener, if any.
+    pub ops_listener: Option<TcpListener>,
+    /// Messages buffered per Watch stream.
+    pub stream_buffer: usize,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The exporter could not start.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Runs the API server until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`ServerError`] when start-up fails or the gRPC server dies.
+pub async fn run(
+    store: Arc<dyn Store>,
+    source: Box<dyn Source>,
+    options: ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let metrics = options.metrics;
+    let cluster_config = options.export.cluster_config();
+    let exporter = Exporter::start(
+        Arc::clone(&store),
+        options.export.clone(),
+        Arc::clone(&metrics),
+    )
+    .await?;
+    let synced = exporter.ready();
+
+    let cache = Arc::new(Cache::new(
+        options.export.cluster.clone(),
+        options.cache,
+        Arc::clone(&metrics),
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(Arc::clone(&cache).run(Arc::clone(&store), shutdown.clone()));
+
+    let (tx, rx) = mpsc::channel(1024);
+    let source_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(error) = source.run(tx, source_shutdown.clone()).await {
+            tracing::error!(%error, "source failed; the API server stops");
+            source_shutdown.cancel();
+        }
+    });
+    tasks.spawn(exporter.run(rx, shutdown.clone()));
+
+    if let Some(listener) = options.ops_listener {
+        let state = OpsState {
+            metrics: Arc::clone(&metrics),
+            store: Arc::clone(&store),
+            synced,
+        };
+        let ops_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(error) = http::serve(listener, state, ops_shutdown).await {
+                tracing::error!(%error, "operations endpoint failed");
+            }
+        });
+    }
+
+    let service = MeshApiService::new(
+        Arc::clone(&cache),
+        ServiceConfig {
+            cluster_config,
+            policy: options.policy,
+            stream_buffer: options.stream_buffer,
+        },
+        Arc::clone(&metrics),
+    );
+    let local = options.grpc_listener.local_addr().ok();
+    let incoming = incoming(
+        options.grpc_listener,
+        options.tls,
+        IncomingConfig::default(),
+    );
+    tracing::info!(listen = ?local, "mesh API serving");
+    let grpc_shutdown = shutdown.clone();
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await })
+        .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("API server stopped");
+    result.map_err(ServerError::from)
+}

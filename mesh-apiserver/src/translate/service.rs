@@ -1,0 +1,236 @@
+//! Service + EndpointSlices → [`v1::Service`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use clustermesh_api::annotations::parse_service_annotations;
+use clustermesh_api::v1;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{object_name, InputWarning};
+
+/// Builds the record of `svc` with backends from `slices` (the EndpointSlices labelled
+/// `kubernetes.io/service-name: <name>` in the same namespace; the caller selects them).
+///
+/// Returns `None` for services that have nothing to load-balance: ExternalName services
+/// and headless services (no cluster IP), or a service without a name. Every port
+/// is carried with its name; each backend lists, per service port name, the target port
+/// from its EndpointSlice, so a consumer builds one load-balancer entry per service port
+/// and picks each backend's target port by name ([`v1::Backend::target_port`]).
+///
+/// Endpoint conditions follow the EndpointSlice API: `ready` unset means ready, `serving`
+/// unset means "same as ready", `terminating` unset means not terminating. Only the first
+/// address of an endpoint is used (addresses of one endpoint are fungible; kube-proxy
+/// does the same). Backends are sorted by IP and ports by name so that the same input
+/// always encodes to the same bytes (the exporter relies on that to skip unchanged writes).
+#[must_use]
+pub fn service_record(
+    cluster: &str,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    warnings: &mut Vec<InputWarning>,
+) -> Option<v1::Service> {
+    let object = object_name("Service", &svc.metadata);
+    let name = svc.metadata.name.clone()?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+
+    let mut frontends = Vec::new();
+    let ips: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    for raw in ips {
+        if raw.is_empty() || raw == "None" {
+            continue;
+        }
+        match raw.parse::<IpAddr>() {
+            Ok(ip) => {
+                let ip = ip.to_string();
+                if !frontends.contains(&ip) {
+                    frontends.push(ip);
+                }
+            }
+            Err(_) => warnings.push(InputWarning::BadFrontend {
+                object: object.clone(),
+                value: raw.clone(),
+            }),
+        }
+    }
+    if frontends.is_empty() {
+        return None;
+    }
+
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let label = if port_name.is_empty() {
+            port.port.to_string()
+        } else {
+            port_name.clone()
+        };
+        let protocol = match parse_protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(reason) => {
+                warnings.push(InputWarning::BadPort {
+                    object: object.clone(),
+                    port: label,
+                    reason,
+                });
+                continue;
+            }
+        };
+        let Some(number) = valid_port(port.port) else {
+            warnings.push(InputWarning::BadPort {
+                object: object.clone(),
+                port: label,
+                reason: format!("port number {} is outside 1..=65535", port.port),
+            });
+            continue;
+        };
+        ports.push(v1::ServicePort {
+            name: port_name,
+            port: number,
+            protocol: protocol.into(),
+        });
+    }
+
+    let parsed = parse_service_annotations(&svc.metadata.annotations.clone().unwrap_or_default());
+    warnings.extend(
+        parsed
+            .warnings
+            .into_iter()
+            .map(|warning| InputWarning::Annotation {
+                object: object.clone(),
+                warning,
+            }),
+    );
+    let settings = parsed.settings;
+
+    Some(v1::Service {
+        namespace,
+        name,
+        cluster: cluster.to_owned(),
+        frontends,
+        ports,
+        backends: backends(slices, warnings),
+        global: settings.global,
+        shared: settings.shared,
+        affinity: settings.affinity.into(),
+        topology_aware: settings.topology_aware,
+    })
+}
+
+fn backends(slices: &[&EndpointSlice], warnings: &mut Vec<InputWarning>) -> Vec<v1::Backend> {
+    let mut sorted: Vec<&EndpointSlice> = slices.to_vec();
+    sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut by_ip: BTreeMap<IpAddr, v1::Backend> = BTreeMap::new();
+    for slice in sorted {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            // FQDN slices carry no IPs to load-balance to.
+            continue;
+        }
+        let object = object_name("EndpointSlice", &slice.metadata);
+        let mut slice_ports = Vec::new();
+        for port in slice.ports.iter().flatten() {
+            let name = port.name.clone().unwrap_or_default();
+            let label = if name.is_empty() {
+                "<unnamed>".to_owned()
+            } else {
+                name.clone()
+            };
+            let protocol = match parse_protocol(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(reason) => {
+                    warnings.push(InputWarning::BadPort {
+                        object: object.clone(),
+                        port: label,
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            let Some(number) = port.port.and_then(valid_port) else {
+                warnings.push(InputWarning::BadPort {
+                    object: object.clone(),
+                    port: label,
+                    reason: "port number is missing or outside 1..=65535".to_owned(),
+                });
+                continue;
+            };
+            slice_ports.push(v1::BackendPort {
+                name,
+                port: number,
+                protocol: protocol.into(),
+            });
+        }
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(raw) = endpoint.addresses.first() else {
+                continue;
+            };
+            let Ok(ip) = raw.parse::<IpAddr>() else {
+                warnings.push(InputWarning::BadAddress {
+                    object: object.clone(),
+                    value: raw.clone(),
+                });
+                continue;
+            };
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            let backend = by_ip.entry(ip).or_insert_with(|| v1::Backend {
+                ip: ip.to_string(),
+                ports: Vec::new(),
+                ready,
+                serving: conditions.serving.unwrap_or(ready),
+                terminating: conditions.terminating.unwrap_or(false),
+                node: endpoint.node_name.clone().unwrap_or_default(),
+                zone: endpoint.zone.clone().unwrap_or_default(),
+                weight: 1,
+                pod: endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_default(),
+            });
+            for port in &slice_ports {
+                if !backend
+                    .ports
+                    .iter()
+                    .any(|p| p.name == port.name && p.protocol == port.protocol)
+                {
+                    backend.ports.push(port.clone());
+                }
+            }
+        }
+    }
+    by_ip
+        .into_values()
+        .map(|mut b| {
+            b.ports
+                .sort_by(|x, y| (&x.name, x.protocol).cmp(&(&y.name, y.protocol)));
+            b
+        })
+        .collect()
+}
+
+fn parse_protocol(raw: Option<&str>) -> Result<v1::Protocol, String> {
+    match raw.unwrap_or("TCP") {
+        "TCP" => Ok(v1::Protocol::Tcp),
+        "UDP" => Ok(v1::Protocol::Udp),
+        "SCTP" => Ok(v1::Protocol::Sctp),
+        other => Err(format!("protocol {other:?} is not TCP, UDP or SCTP")),
+    }
+}
+
+fn valid_port(port: i32) -> Option<u32> {
+    u16::try_from(port).ok().filter(|p| *p != 0).map(u32::from)
+}
