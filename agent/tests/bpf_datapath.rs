@@ -30,6 +30,7 @@ use clustermesh_agent::{
         Backend, BackendState, Datapath, DesiredChanges, Frontend, LbService, LbServiceId,
         Protocol, Tier,
     },
+    maglev::Maglev,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -271,9 +272,9 @@ fn backend(addr: SocketAddr, protocol: Protocol, weight: u32) -> Backend {
 }
 
 /// A weighted table of prime size `m`: every backend with weight gets slots in proportion
-/// to its weight (largest remainder), scattered by a stride permutation. The datapath only
-/// has to follow whatever table the control plane hands it, so the tests build their own
-/// with exactly known proportions.
+/// to its weight (largest remainder), scattered by a stride permutation. Used where a test
+/// needs a table of an exact size (the slab-capacity test); elsewhere the agent's weighted
+/// Maglev builds the tables.
 fn weighted_table(backends: &[Backend], m: u32) -> Vec<u32> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
@@ -308,14 +309,35 @@ fn weighted_table(backends: &[Backend], m: u32) -> Vec<u32> {
     table
 }
 
-/// A service with a weighted table of size 251 (the Maglev default for few backends).
+/// A service whose table is built by the agent's weighted Maglev.
 fn service(
     name: &str,
     vips: &[SocketAddr],
     protocol: Protocol,
     backends: Vec<Backend>,
 ) -> LbService {
+    let table = Maglev::default().build(&backends).expect("maglev table");
+    service_with_table(name, vips, protocol, backends, table)
+}
+
+/// A service with a weighted table of exactly 251 entries.
+fn service_251(
+    name: &str,
+    vips: &[SocketAddr],
+    protocol: Protocol,
+    backends: Vec<Backend>,
+) -> LbService {
     let table = weighted_table(&backends, 251);
+    service_with_table(name, vips, protocol, backends, table)
+}
+
+fn service_with_table(
+    name: &str,
+    vips: &[SocketAddr],
+    protocol: Protocol,
+    backends: Vec<Backend>,
+    table: Vec<u32>,
+) -> LbService {
     LbService {
         id: service_id(name),
         frontends: vips
@@ -389,7 +411,20 @@ fn tcp_connects_spread_as_maglev_weights_say_and_peer_is_the_vip() {
         peers_ok, n,
         "getpeername must report the VIP for every connection"
     );
+    let mut slots = [0u32; 3];
+    for &b in svc.table.iter() {
+        slots[b as usize] += 1;
+    }
+    let m = svc.table.len() as f64;
     let total_weight: u32 = weights.iter().sum();
+    for i in 0..3 {
+        let got = f64::from(counts[i]) / f64::from(n);
+        let table_share = f64::from(slots[i]) / m;
+        assert!(
+            (got - table_share).abs() <= 0.02,
+            "backend {i}: share {got:.4}, table share {table_share:.4} (counts {counts:?})"
+        );
+    }
     for i in 0..3 {
         let got = f64::from(counts[i]) / f64::from(n);
         let want = f64::from(weights[i]) / f64::from(total_weight);
@@ -723,14 +758,14 @@ fn full_slab_is_a_clear_error_and_the_old_table_stays() {
     let b1 = TcpBackend::start("127.0.8.2", 1);
     let b2 = TcpBackend::start("127.0.8.3", 2);
     let front = vip("127.77.8.1:80");
-    let first = service(
+    let first = service_251(
         "full",
         &[front],
         Protocol::Tcp,
         vec![backend(b1.addr, Protocol::Tcp, 1)],
     );
     dp.reconcile(std::slice::from_ref(&first)).unwrap();
-    let second = service(
+    let second = service_251(
         "full",
         &[front],
         Protocol::Tcp,
