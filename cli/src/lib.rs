@@ -1,6 +1,19 @@
 //! The `clustermesh` command-line tool as a library, so behaviour tests can drive it.
 //!
-//! Standalone mode works on local state directories; Kubernetes mode renders the chart
-//! in `deploy/helm/clustermesh` and applies it.
+//! - [`cli`]: the command line (clap) and dispatch.
+//! - [`state`]: the standalone state-directory layout; [`agent_config`]: the agent
+//!   configuration file format; [`standalone`]: enable / disable / connect / disconnect.
+//! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
+//!   client; [`status`]: `status` and `--wait`.
+//! - [`txn`]: all-or-nothing multi-file updates.
+//! - [`chart`]: renders `deploy/helm/clustermesh` (Kubernetes mode and chart validation).
 
+pub mod admin;
+pub mod agent_config;
 pub mod chart;
+pub mod cli;
+pub mod meshapi;
+pub mod standalone;
+pub mod state;
+pub mod status;
+pub mod txn;

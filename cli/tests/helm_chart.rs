@@ -414,12 +414,19 @@ fn agent_daemonset_mounts_bpffs_and_cgroup_with_only_needed_capabilities() {
 fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
     let r = render(with(json!({"agent": {"remoteClusters": [
-        {"name": "cluster2", "endpoints": ["https://10.0.0.2:2379"], "caCert": pem},
-        {"name": "cluster3", "endpoints": ["https://10.0.0.3:2379", "https://10.0.0.4:2379"], "caCert": pem},
+        {"name": "cluster2", "id": 2, "endpoints": ["10.0.0.2:2379"], "caCert": pem},
+        {"name": "cluster3", "id": 3, "endpoints": ["10.0.0.3:2379", "10.0.0.4:2379"], "caCert": pem},
     ]}})))
     .unwrap();
     let cm = r.get("ConfigMap", "clustermesh-agent-config");
-    let config: Value = serde_yaml::from_str(cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    let text = cm["data"]["agent.yaml"].as_str().unwrap();
+    // The chart renders exactly the format the CLI writes and agents read.
+    let typed: clustermesh_cli::agent_config::AgentConfig = serde_yaml::from_str(text).unwrap();
+    assert_eq!(
+        typed.clusters.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let config: Value = serde_yaml::from_str(text).unwrap();
     assert_eq!(config["local_cluster"], "cluster1");
     let clusters = config["clusters"].as_array().unwrap();
     let names: Vec<&str> = clusters
@@ -429,11 +436,11 @@ fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     assert_eq!(names, vec!["cluster1", "cluster2", "cluster3"]);
     assert_eq!(
         clusters[0]["endpoints"],
-        json!(["https://clustermesh-apiserver.kube-system.svc:2379"])
+        json!(["clustermesh-apiserver.kube-system.svc:2379"])
     );
     assert_eq!(
         clusters[2]["endpoints"],
-        json!(["https://10.0.0.3:2379", "https://10.0.0.4:2379"])
+        json!(["10.0.0.3:2379", "10.0.0.4:2379"])
     );
     assert_eq!(
         clusters[1]["ca_file"],

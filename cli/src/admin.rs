@@ -1,0 +1,321 @@
+//! Client of an agent's admin API (HTTP/1.1 with JSON bodies on a local unix socket).
+//!
+//! `status`, `service list` and `bpf lb list` read the agent through this. The endpoints
+//! and JSON shapes below are the contract with `clustermesh-agent --admin-socket`; unknown
+//! fields are ignored and missing optional ones default, so either side can grow.
+//!
+//! | request            | response body |
+//! |--------------------|---------------|
+//! | `GET /v1/status`   | [`AgentStatus`] |
+//! | `GET /v1/services` | list of [`ServiceStatus`] |
+//! | `GET /v1/bpf/lb`   | list of [`BpfLbEntry`] |
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest response accepted (a full service dump of a big cluster fits comfortably).
+const MAX_RESPONSE: u64 = 64 << 20;
+
+/// Errors talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Connecting to the socket failed.
+    #[error("cannot reach the agent admin socket {path}: {reason}; is clustermesh-agent running with --admin-socket {path}?")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The exchange failed or timed out.
+    #[error("agent at {path} did not answer {request}: {reason}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The request path.
+        request: String,
+        /// Why.
+        reason: String,
+    },
+    /// The answer was not a valid HTTP response with the expected JSON.
+    #[error("agent at {path} sent an invalid answer to {request}: {reason}; is the agent the same version as this CLI?")]
+    BadResponse {
+        /// The socket.
+        path: PathBuf,
+        /// The request path.
+        request: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentStatus {
+    /// Node name.
+    pub node: String,
+    /// The agent's own cluster.
+    pub local_cluster: String,
+    /// Every configured cluster, the local one included.
+    pub clusters: Vec<ClusterStatus>,
+}
+
+/// One watched cluster as an agent sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterStatus {
+    /// Cluster name.
+    pub name: String,
+    /// The watch stream is established.
+    pub connected: bool,
+    /// Every kind's initial state has been received.
+    pub synced: bool,
+    /// Disconnected, serving last-known state.
+    pub stale: bool,
+    /// Last revision received.
+    pub revision: u64,
+    /// Last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// `GET /v1/services` element: a merged global or local service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceStatus {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Frontends, e.g. `10.96.0.10:80/TCP`.
+    pub frontends: Vec<String>,
+    /// `local`, `remote` or `none`.
+    pub affinity: String,
+    /// Tier currently serving (`node`, `zone`, `cluster`, `remote`).
+    pub active_tier: String,
+    /// Backends from every cluster.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// A backend of a merged service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackendStatus {
+    /// Cluster it belongs to.
+    pub cluster: String,
+    /// `ip:port`.
+    pub address: String,
+    /// `active`, `terminating`, `inactive`...
+    pub state: String,
+    /// Locality tier.
+    pub tier: String,
+    /// Maglev weight.
+    pub weight: u32,
+}
+
+/// `GET /v1/bpf/lb` element: one programmed frontend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BpfLbEntry {
+    /// Frontend, e.g. `10.96.0.10:80/TCP`.
+    pub frontend: String,
+    /// Service ID in the services map.
+    pub service_id: u32,
+    /// Offset of its table in the Maglev slab.
+    pub table_offset: u32,
+    /// Table size M.
+    pub table_size: u32,
+    /// Programmed backends.
+    pub backends: Vec<BpfBackend>,
+}
+
+/// A backend in the BPF maps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BpfBackend {
+    /// Backend ID.
+    pub id: u32,
+    /// `ip:port`.
+    pub address: String,
+    /// Cluster ID.
+    pub cluster: String,
+    /// State.
+    pub state: String,
+    /// Maglev slots it owns.
+    pub slots: u32,
+}
+
+/// Sends `GET <request>` to the agent at `socket` and decodes the JSON body.
+pub async fn get<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &str,
+    timeout: Duration,
+) -> Result<T, AdminError> {
+    let io = |reason: String| AdminError::Io {
+        path: socket.to_path_buf(),
+        request: request.to_string(),
+        reason,
+    };
+    let bad = |reason: String| AdminError::BadResponse {
+        path: socket.to_path_buf(),
+        request: request.to_string(),
+        reason,
+    };
+    let exchange = async {
+        let mut stream =
+            tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|e| AdminError::Connect {
+                    path: socket.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+        let req = format!("GET {request} HTTP/1.1\r\nHost: agent\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let mut raw = Vec::new();
+        stream
+            .take(MAX_RESPONSE)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        Ok::<_, AdminError>(raw)
+    };
+    let raw = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| io(format!("no answer within {timeout:?}")))??;
+    let body = parse_http_response(&raw).map_err(bad)?;
+    serde_json::from_slice(&body).map_err(|e| bad(format!("JSON: {e}")))
+}
+
+/// Extracts the body of a complete HTTP/1.1 response; non-2xx statuses are errors
+/// carrying the body text.
+pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1.x status line: {status_line:?}"));
+    }
+    let code: u16 = code
+        .parse()
+        .map_err(|_| format!("bad status code in {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+            chunked = true;
+        } else if k == "content-length" {
+            length = Some(
+                v.parse::<usize>()
+                    .map_err(|_| format!("bad content-length {v:?}"))?,
+            );
+        }
+    }
+    let body = if chunked {
+        dechunk(body)?
+    } else if let Some(n) = length {
+        body.get(..n)
+            .ok_or("body shorter than content-length")?
+            .to_vec()
+    } else {
+        body.to_vec()
+    };
+    if !(200..300).contains(&code) {
+        return Err(format!(
+            "HTTP {code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
+        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| "bad chunk size")?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = data.get(..size).ok_or("truncated chunk")?;
+        out.extend_from_slice(chunk);
+        data = data.get(size + 2..).ok_or("truncated chunk end")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn content_length_and_chunked_bodies_decode() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_http_response(r).unwrap(), b"{}");
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
+        assert_eq!(parse_http_response(r).unwrap(), b"[1,2]");
+    }
+
+    #[test]
+    fn error_statuses_carry_the_body() {
+        let r = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\n\r\nstarting";
+        assert_eq!(parse_http_response(r).unwrap_err(), "HTTP 503: starting");
+    }
+
+    #[test]
+    fn agent_status_tolerates_missing_and_unknown_fields() {
+        let s: AgentStatus = serde_json::from_str(
+            r#"{"node":"n1","clusters":[{"name":"c2","connected":true,"future":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.clusters[0].name, "c2");
+        assert!(!s.clusters[0].synced);
+    }
+
+    proptest! {
+        /// Arbitrary bytes from a misbehaving agent never panic the decoder.
+        #[test]
+        fn decoder_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_http_response(&raw);
+        }
+
+        /// Any body survives chunked encoding with arbitrary chunk sizes.
+        #[test]
+        fn chunked_round_trip(body in proptest::collection::vec(any::<u8>(), 0..200), size in 1usize..17) {
+            let mut enc = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for c in body.chunks(size) {
+                enc.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                enc.extend_from_slice(c);
+                enc.extend_from_slice(b"\r\n");
+            }
+            enc.extend_from_slice(b"0\r\n\r\n");
+            prop_assert_eq!(parse_http_response(&enc).unwrap(), body);
+        }
+    }
+}

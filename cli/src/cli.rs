@@ -1,0 +1,443 @@
+//! Command-line definition and dispatch of the `clustermesh` binary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::admin::{self, BpfLbEntry, ServiceStatus};
+use crate::standalone::{self, EnableOptions};
+use crate::state::StateDir;
+use crate::status;
+
+const EXAMPLES: &str = "\
+Examples (standalone hosts, one state directory per cluster):
+  clustermesh --state-dir /var/lib/clustermesh/east enable --cluster-name east --cluster-id 1 \\
+      --mesh-endpoint 10.0.0.1:2379 --agent-socket /run/clustermesh/agent.sock
+  clustermesh --state-dir /var/lib/clustermesh/west enable --cluster-name west --cluster-id 2 \\
+      --mesh-endpoint 10.0.1.1:2379
+  clustermesh --state-dir /var/lib/clustermesh/east connect --destination-state-dir /var/lib/clustermesh/west
+  clustermesh --state-dir /var/lib/clustermesh/east status --wait --wait-duration 2m
+  clustermesh --state-dir /var/lib/clustermesh/east -o json service list
+  clustermesh completion bash > /etc/bash_completion.d/clustermesh";
+
+/// Connect clusters into one service mesh and inspect it.
+#[derive(Debug, Parser)]
+#[command(name = "clustermesh", version, about, after_help = EXAMPLES)]
+pub struct Cli {
+    /// State directory of the cluster to operate on (standalone mode).
+    #[arg(long, global = true, env = "CLUSTERMESH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Log format (logs go to stderr; RUST_LOG sets the level, default error).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create this cluster's CA, certificates and configuration.
+    #[command(
+        after_help = "Example:\n  clustermesh --state-dir ./east enable --cluster-name east --cluster-id 1 --mesh-endpoint 127.0.0.1:2379"
+    )]
+    Enable(EnableArgs),
+    /// Remove this cluster's mesh configuration and certificates (keeps manifests/).
+    Disable {
+        /// Disable even while still connected to other clusters.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Connect this cluster with another one, in both directions.
+    #[command(
+        after_help = "Example:\n  clustermesh --state-dir ./east connect --destination-state-dir ./west"
+    )]
+    Connect {
+        /// State directory of the other cluster.
+        #[arg(long)]
+        destination_state_dir: PathBuf,
+        /// How long to wait for each mesh API server to answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Disconnect this cluster from another one, in both directions.
+    Disconnect {
+        /// State directory of the other cluster.
+        #[arg(long)]
+        destination_state_dir: PathBuf,
+    },
+    /// Show the mesh API server, the agents and their cluster connections.
+    #[command(
+        after_help = "Example:\n  clustermesh --state-dir ./east status --wait --wait-duration 1m"
+    )]
+    Status {
+        /// Wait until every agent is connected to every configured cluster.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits before failing.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wait_duration: Duration,
+        /// Timeout of each request.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Services as the agents see them.
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// The eBPF datapath.
+    Bpf {
+        /// What to inspect.
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `enable` arguments.
+#[derive(Debug, Args)]
+pub struct EnableArgs {
+    /// Cluster name: at most 32 lowercase letters, digits and '-'.
+    #[arg(long)]
+    pub cluster_name: String,
+    /// Cluster ID, unique in the mesh: 1..=255 (1..=511 with --max-connected-clusters 511).
+    #[arg(long)]
+    pub cluster_id: u32,
+    /// 255 or 511.
+    #[arg(long, default_value_t = 255)]
+    pub max_connected_clusters: u32,
+    /// Trust domain of the SPIFFE identities; every cluster of a mesh uses the same.
+    #[arg(long, default_value = "clustermesh.local")]
+    pub trust_domain: String,
+    /// host:port where other clusters reach this cluster's mesh API (repeatable).
+    #[arg(long = "mesh-endpoint", required = true)]
+    pub mesh_endpoints: Vec<String>,
+    /// Admin socket of one of this cluster's agents (repeatable), for status.
+    #[arg(long = "agent-socket")]
+    pub agent_sockets: Vec<PathBuf>,
+}
+
+/// `service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// List merged services with their backends per cluster.
+    List {
+        /// Ask this agent (default: the first answering agent of cluster.yaml).
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+    },
+}
+
+/// `bpf` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BpfCommand {
+    /// Load balancing state.
+    Lb {
+        /// What to do.
+        #[command(subcommand)]
+        command: BpfLbCommand,
+    },
+}
+
+/// `bpf lb` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BpfLbCommand {
+    /// List programmed frontends, their Maglev tables and backends.
+    List {
+        /// Ask this agent (default: the first answering agent of cluster.yaml).
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+    },
+}
+
+/// A failed command: one line for the user and the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No --state-dir.
+    #[error("no state directory given; pass --state-dir DIR (or set CLUSTERMESH_STATE_DIR)")]
+    NoStateDir,
+    /// A standalone operation failed.
+    #[error(transparent)]
+    Standalone(#[from] standalone::StandaloneError),
+    /// A state directory could not be read.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// An agent could not be queried.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// `status --wait` timed out.
+    #[error(
+        "the mesh was not ready after {waited}: {missing}; check the agents' and apiservers' logs"
+    )]
+    NotReady {
+        /// How long it waited.
+        waited: String,
+        /// What was missing.
+        missing: String,
+    },
+    /// Plain `status` found something down (the report was printed).
+    #[error("the mesh is not fully up: {0}")]
+    Degraded(String),
+    /// No agent socket configured or given.
+    #[error(
+        "no agent admin socket known; pass --agent-socket or add agent_sockets to cluster.yaml"
+    )]
+    NoAgent,
+    /// JSON encoding failed.
+    #[error("cannot encode output: {0}")]
+    Encode(String),
+}
+
+fn state_dir(cli: &Cli) -> Result<StateDir, CliError> {
+    cli.state_dir
+        .clone()
+        .map(StateDir::new)
+        .ok_or(CliError::NoStateDir)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
+    serde_json::to_string_pretty(v).map_err(|e| CliError::Encode(e.to_string()))
+}
+
+/// Runs the command; returns what to print on stdout.
+pub async fn run(cli: Cli) -> Result<String, CliError> {
+    match &cli.command {
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "clustermesh", &mut buf);
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        }
+        Command::Enable(a) => {
+            let dir = state_dir(&cli)?;
+            let state = standalone::enable(
+                &dir,
+                &EnableOptions {
+                    name: a.cluster_name.clone(),
+                    id: a.cluster_id,
+                    max_connected_clusters: a.max_connected_clusters,
+                    trust_domain: a.trust_domain.clone(),
+                    mesh_endpoints: a.mesh_endpoints.clone(),
+                    agent_sockets: a.agent_sockets.clone(),
+                },
+            )?;
+            match cli.output {
+                Output::Json => json(&state),
+                Output::Table => Ok(format!(
+                    "enabled cluster {} (id {}) in {}\n  mesh API server: clustermesh-apiserver --cluster-name {} --cluster-id {} --tls-dir {} --source dir:{}\n  agents:          clustermesh-agent --config {}\n",
+                    state.name,
+                    state.id,
+                    dir.root().display(),
+                    state.name,
+                    state.id,
+                    dir.tls_dir().display(),
+                    dir.manifests_dir().display(),
+                    dir.agent_config().display()
+                )),
+            }
+        }
+        Command::Disable { force } => {
+            let name = standalone::disable(&state_dir(&cli)?, *force)?;
+            match cli.output {
+                Output::Json => json(&serde_json::json!({ "disabled": name })),
+                Output::Table => Ok(format!("disabled cluster {name}\n")),
+            }
+        }
+        Command::Connect {
+            destination_state_dir,
+            timeout,
+        } => {
+            let r = standalone::connect(
+                &state_dir(&cli)?,
+                &StateDir::new(destination_state_dir),
+                *timeout,
+            )
+            .await?;
+            match cli.output {
+                Output::Json => json(&serde_json::json!({
+                    "source": r.source, "destination": r.destination, "already_connected": r.already_connected,
+                })),
+                Output::Table => Ok(format!(
+                    "connected {} <-> {}{}; agents pick up the change without a restart (check with `clustermesh status --wait`)\n",
+                    r.source,
+                    r.destination,
+                    if r.already_connected { " (were already connected; configuration refreshed)" } else { "" }
+                )),
+            }
+        }
+        Command::Disconnect {
+            destination_state_dir,
+        } => {
+            let (a, b) =
+                standalone::disconnect(&state_dir(&cli)?, &StateDir::new(destination_state_dir))?;
+            match cli.output {
+                Output::Json => json(&serde_json::json!({ "source": a, "destination": b })),
+                Output::Table => Ok(format!("disconnected {a} <-> {b}\n")),
+            }
+        }
+        Command::Status {
+            wait,
+            wait_duration,
+            timeout,
+        } => {
+            let dir = state_dir(&cli)?;
+            let state = dir.load()?;
+            let (st, ready) = if *wait {
+                status::wait_ready(&dir, &state, *wait_duration, Duration::from_millis(500)).await
+            } else {
+                let st = status::collect(&dir, &state, *timeout).await;
+                let ready = st.ready();
+                (st, ready)
+            };
+            let text = match cli.output {
+                Output::Json => json(&st)?,
+                Output::Table => st.table(),
+            };
+            if ready {
+                Ok(text)
+            } else {
+                // The report still goes to stdout; the error line says what is missing.
+                print!("{text}");
+                Err(if *wait {
+                    CliError::NotReady {
+                        waited: humantime::format_duration(*wait_duration).to_string(),
+                        missing: st.missing(),
+                    }
+                } else {
+                    CliError::Degraded(st.missing())
+                })
+            }
+        }
+        Command::Service {
+            command: ServiceCommand::List { agent_socket },
+        } => {
+            let (node, services): (String, Vec<ServiceStatus>) =
+                ask_agent(&cli, agent_socket.as_ref(), "/v1/services").await?;
+            match cli.output {
+                Output::Json => json(&services),
+                Output::Table => Ok(services_table(&node, &services)),
+            }
+        }
+        Command::Bpf {
+            command:
+                BpfCommand::Lb {
+                    command: BpfLbCommand::List { agent_socket },
+                },
+        } => {
+            let (node, entries): (String, Vec<BpfLbEntry>) =
+                ask_agent(&cli, agent_socket.as_ref(), "/v1/bpf/lb").await?;
+            match cli.output {
+                Output::Json => json(&entries),
+                Output::Table => Ok(bpf_table(&node, &entries)),
+            }
+        }
+    }
+}
+
+/// Queries the given agent, or the first answering agent of the state directory.
+async fn ask_agent<T: serde::de::DeserializeOwned>(
+    cli: &Cli,
+    socket: Option<&PathBuf>,
+    request: &str,
+) -> Result<(String, T), CliError> {
+    let timeout = Duration::from_secs(5);
+    let sockets: Vec<PathBuf> = match socket {
+        Some(s) => vec![s.clone()],
+        None => state_dir(cli)?.load()?.agent_sockets,
+    };
+    let mut last = None;
+    for s in &sockets {
+        match admin::get::<T>(s, request, timeout).await {
+            Ok(v) => return Ok((s.display().to_string(), v)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or(CliError::NoAgent, CliError::Admin))
+}
+
+fn services_table(source: &str, services: &[ServiceStatus]) -> String {
+    let mut out = format!("# from agent {source}\n");
+    out.push_str(&format!(
+        "{:<32} {:<24} {:<8} {:<8} BACKENDS\n",
+        "SERVICE", "FRONTENDS", "AFFINITY", "TIER"
+    ));
+    for s in services {
+        let backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}/{}({},{},w{})",
+                    b.cluster, b.address, b.state, b.tier, b.weight
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<32} {:<24} {:<8} {:<8} {}\n",
+            format!("{}/{}", s.namespace, s.name),
+            s.frontends.join(","),
+            s.affinity,
+            s.active_tier,
+            backends.join(" ")
+        ));
+    }
+    out
+}
+
+fn bpf_table(source: &str, entries: &[BpfLbEntry]) -> String {
+    let mut out = format!("# from agent {source}\n");
+    out.push_str(&format!(
+        "{:<26} {:>6} {:>8} {:>7} BACKENDS (id address cluster state slots)\n",
+        "FRONTEND", "SVC", "OFFSET", "M"
+    ));
+    for e in entries {
+        let backends: Vec<String> = e
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "#{} {} {} {} {}",
+                    b.id, b.address, b.cluster, b.state, b.slots
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<26} {:>6} {:>8} {:>7} {}\n",
+            e.frontend,
+            e.service_id,
+            e.table_offset,
+            e.table_size,
+            backends.join("; ")
+        ));
+    }
+    out
+}

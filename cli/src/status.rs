@@ -1,0 +1,268 @@
+//! `clustermesh status`: the mesh API server plus every agent's view of every cluster,
+//! summarized like cilium-cli ("2/2 configured, 2/2 connected"), and `--wait` until the
+//! whole mesh is up.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::admin::{self, AgentStatus};
+use crate::meshapi;
+use crate::standalone;
+use crate::state::{ClusterState, StateDir};
+
+/// Status of one cluster's control plane.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshStatus {
+    /// This cluster.
+    pub cluster: String,
+    /// Its ID.
+    pub cluster_id: u32,
+    /// Clusters in `agent.yaml` (this one included).
+    pub configured: Vec<String>,
+    /// The mesh API server.
+    pub apiserver: ApiserverStatus,
+    /// One entry per agent socket in `cluster.yaml`.
+    pub agents: Vec<AgentReport>,
+}
+
+/// The local mesh API server.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiserverStatus {
+    /// Answered `GetClusterInfo`.
+    pub reachable: bool,
+    /// Endpoint that answered.
+    pub endpoint: Option<String>,
+    /// Store revision.
+    pub revision: Option<u64>,
+    /// Number of active watchers (from `Status`).
+    pub watchers: Option<usize>,
+    /// Error when unreachable.
+    pub error: Option<String>,
+}
+
+/// One agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentReport {
+    /// Admin socket.
+    pub socket: String,
+    /// Its status, when it answered.
+    pub status: Option<AgentStatus>,
+    /// Error when it did not.
+    pub error: Option<String>,
+}
+
+impl MeshStatus {
+    /// Configured remote+local clusters that this agent reports connected and synced.
+    fn connected_on(&self, agent: &AgentStatus) -> usize {
+        self.configured
+            .iter()
+            .filter(|name| {
+                agent
+                    .clusters
+                    .iter()
+                    .any(|c| &c.name == *name && c.connected && c.synced)
+            })
+            .count()
+    }
+
+    /// Whether everything is up: apiserver reachable, every agent answering and
+    /// connected to every configured cluster.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.apiserver.reachable
+            && self.agents.iter().all(|a| {
+                a.status
+                    .as_ref()
+                    .is_some_and(|s| self.connected_on(s) == self.configured.len())
+            })
+    }
+
+    /// One line on what is still missing (for `--wait` progress and timeouts).
+    #[must_use]
+    pub fn missing(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.apiserver.reachable {
+            parts.push("mesh API server unreachable".to_string());
+        }
+        let answering = self.agents.iter().filter(|a| a.status.is_some()).count();
+        if answering < self.agents.len() {
+            parts.push(format!(
+                "{answering}/{} agents answering",
+                self.agents.len()
+            ));
+        }
+        for a in &self.agents {
+            if let Some(s) = &a.status {
+                let n = self.connected_on(s);
+                if n < self.configured.len() {
+                    parts.push(format!(
+                        "{}: {n}/{} clusters connected",
+                        s.node,
+                        self.configured.len()
+                    ));
+                }
+            }
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// Human-readable report.
+    #[must_use]
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let ok = |b: bool| if b { "OK" } else { "DOWN" };
+        out.push_str(&format!(
+            "Cluster:     {} (id {})\n",
+            self.cluster, self.cluster_id
+        ));
+        let api = &self.apiserver;
+        out.push_str(&format!(
+            "Mesh API:    {} {}{}\n",
+            ok(api.reachable),
+            api.endpoint.clone().unwrap_or_default(),
+            match (&api.error, api.revision, api.watchers) {
+                (Some(e), _, _) => format!(" ({e})"),
+                (None, Some(r), Some(w)) => format!(" (revision {r}, {w} watchers)"),
+                (None, Some(r), None) => format!(" (revision {r})"),
+                _ => String::new(),
+            }
+        ));
+        let answering = self.agents.iter().filter(|a| a.status.is_some()).count();
+        out.push_str(&format!(
+            "Agents:      {answering}/{} answering\n",
+            self.agents.len()
+        ));
+        let n = self.configured.len();
+        let min_connected = self
+            .agents
+            .iter()
+            .filter_map(|a| a.status.as_ref())
+            .map(|s| self.connected_on(s))
+            .min()
+            .unwrap_or(0);
+        out.push_str(&format!(
+            "Clusters:    {n}/{n} configured, {min_connected}/{n} connected (least-connected agent)\n"
+        ));
+        for a in &self.agents {
+            match &a.status {
+                None => out.push_str(&format!(
+                    "  {:<24} unreachable: {}\n",
+                    a.socket,
+                    a.error.clone().unwrap_or_default()
+                )),
+                Some(s) => {
+                    out.push_str(&format!(
+                        "  node {:<19} {}/{n} connected\n",
+                        s.node,
+                        self.connected_on(s)
+                    ));
+                    for name in &self.configured {
+                        let line = match s.clusters.iter().find(|c| &c.name == name) {
+                            None => "not configured on this agent yet".to_string(),
+                            Some(c) => {
+                                let mut st = vec![if c.connected {
+                                    "connected"
+                                } else {
+                                    "disconnected"
+                                }];
+                                if c.synced {
+                                    st.push("synced");
+                                }
+                                if c.stale {
+                                    st.push("stale");
+                                }
+                                let err = c
+                                    .last_error
+                                    .clone()
+                                    .map(|e| format!(" last error: {e}"))
+                                    .unwrap_or_default();
+                                format!("{} rev {}{err}", st.join(", "), c.revision)
+                            }
+                        };
+                        out.push_str(&format!("    {name:<22} {line}\n"));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Collects the status once.
+pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) -> MeshStatus {
+    let configured = standalone::load_agent_config(dir)
+        .map(|a| a.clusters.into_iter().map(|c| c.name).collect())
+        .unwrap_or_else(|_| vec![state.name.clone()]);
+    let apiserver = match meshapi::probe(dir, state, timeout).await {
+        Ok(info) => ApiserverStatus {
+            reachable: true,
+            endpoint: Some(info.endpoint),
+            revision: Some(info.revision),
+            watchers: info.status.map(|s| s.watchers.len()),
+            error: None,
+        },
+        Err(e) => ApiserverStatus {
+            reachable: false,
+            endpoint: None,
+            revision: None,
+            watchers: None,
+            error: Some(e.to_string()),
+        },
+    };
+    let mut agents = Vec::new();
+    for socket in &state.agent_sockets {
+        let r = admin::get::<AgentStatus>(socket, "/v1/status", timeout).await;
+        agents.push(AgentReport {
+            socket: socket.display().to_string(),
+            error: r.as_ref().err().map(ToString::to_string),
+            status: r.ok(),
+        });
+    }
+    MeshStatus {
+        cluster: state.name.clone(),
+        cluster_id: state.id,
+        configured,
+        apiserver,
+        agents,
+    }
+}
+
+/// Polls until [`MeshStatus::ready`] or `wait` elapses, drawing a progress line on
+/// stderr. Returns the last status and whether it became ready.
+pub async fn wait_ready(
+    dir: &StateDir,
+    state: &ClusterState,
+    wait: Duration,
+    poll: Duration,
+) -> (MeshStatus, bool) {
+    const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
+    let start = Instant::now();
+    let mut tick = 0usize;
+    loop {
+        let st = collect(dir, state, poll.max(Duration::from_secs(1))).await;
+        if st.ready() {
+            eprint!("\r\x1b[2K");
+            return (st, true);
+        }
+        if start.elapsed() >= wait {
+            eprint!("\r\x1b[2K");
+            return (st, false);
+        }
+        eprint!(
+            "\r\x1b[2K{} waiting for the mesh ({}s/{}s): {}",
+            SPINNER[tick % SPINNER.len()],
+            start.elapsed().as_secs(),
+            wait.as_secs(),
+            st.missing()
+        );
+        let _ = std::io::stderr().flush();
+        tick += 1;
+        tokio::time::sleep(poll).await;
+    }
+}

@@ -1,0 +1,567 @@
+//! Behaviour of the standalone verbs on real state directories, against mesh API servers
+//! speaking the real gRPC API over real mTLS (certificates from the state directories),
+//! and agents answering the admin API on a unix socket.
+//!
+//! The servers here are test doubles of `clustermesh-apiserver` and `clustermesh-agent`
+//! (they answer `GetClusterInfo`/`Status` and `/v1/status` from fixed data); the real
+//! binaries are exercised by the namespace harness. Every server listens on 127.0.0.1.
+
+// Helpers outside #[test] fns: a failed unwrap there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use clustermesh_api::v1::mesh_api_server::{MeshApi, MeshApiServer};
+use clustermesh_api::v1::{
+    ClusterConfig, GetClusterInfoRequest, GetClusterInfoResponse, StatusRequest, StatusResponse,
+    WatchEvent, WatchRequest,
+};
+use clustermesh_certs::transport::{self, IncomingConfig};
+use clustermesh_certs::{MeshTls, TlsPaths, TrustDomain};
+use tonic::{Request, Response, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clustermesh");
+
+/// Answers as cluster `name`/`id`; Status only for admin identities, like the real one.
+#[derive(Debug, Clone)]
+struct TestMeshApi {
+    name: String,
+    id: u32,
+}
+
+#[tonic::async_trait]
+impl MeshApi for TestMeshApi {
+    async fn get_cluster_info(
+        &self,
+        req: Request<GetClusterInfoRequest>,
+    ) -> Result<Response<GetClusterInfoResponse>, Status> {
+        transport::require_peer(&req)?;
+        Ok(Response::new(GetClusterInfoResponse {
+            config: Some(ClusterConfig {
+                name: self.name.clone(),
+                id: self.id,
+                ..Default::default()
+            }),
+            revision: 7,
+        }))
+    }
+
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        _req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("test server has no Watch"))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        transport::require_admin(&req)?;
+        Ok(Response::new(StatusResponse {
+            cluster: self.name.clone(),
+            cluster_id: self.id,
+            revision: 7,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A mesh API server for the cluster in `dir`, serving with the cluster's own server
+/// certificate. Reports `as_name`/`as_id` (normally the cluster's own). Dropping it
+/// drops the runtime, which stops the server.
+struct Server {
+    _rt: tokio::runtime::Runtime,
+}
+
+fn serve(dir: &Path, port: u16, as_name: &str, as_id: u32) -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let td = TrustDomain::new("clustermesh.local").unwrap();
+    let tls = Arc::new(MeshTls::load(td, &TlsPaths::server(&dir.join("tls"))).unwrap());
+    let svc = TestMeshApi {
+        name: as_name.into(),
+        id: as_id,
+    };
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .unwrap();
+    rt.spawn(async move {
+        let incoming = transport::incoming(listener, tls, IncomingConfig::default());
+        tonic::transport::Server::builder()
+            .add_service(MeshApiServer::new(svc))
+            .serve_with_incoming(incoming)
+            .await
+    });
+    Server { _rt: rt }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn cm(args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("CLUSTERMESH_STATE_DIR")
+        .output()
+        .unwrap();
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn enable(dir: &Path, name: &str, id: u32, port: u16, extra: &[&str]) {
+    let id = id.to_string();
+    let ep = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--state-dir",
+        s(dir),
+        "enable",
+        "--cluster-name",
+        name,
+        "--cluster-id",
+        &id,
+        "--mesh-endpoint",
+        &ep,
+    ];
+    args.extend_from_slice(extra);
+    let r = cm(&args);
+    assert!(r.ok, "enable {name}: {}", r.stderr);
+}
+
+/// Every file of a directory tree with its contents, to prove "unchanged".
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Asserts the error is exactly one line and contains `want`.
+fn assert_one_line_error(r: &Run, want: &str) {
+    assert!(!r.ok, "expected failure, got success: {}", r.stdout);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line, got: {:?}",
+        r.stderr
+    );
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(want),
+        "{:?} does not contain {want:?}",
+        lines[0]
+    );
+}
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    pa: u16,
+    pb: u16,
+}
+
+fn pair() -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("east"), tmp.path().join("west"));
+    let (pa, pb) = (free_port(), free_port());
+    enable(&a, "east", 1, pa, &[]);
+    enable(&b, "west", 2, pb, &[]);
+    Pair {
+        _tmp: tmp,
+        a,
+        b,
+        pa,
+        pb,
+    }
+}
+
+fn agent_yaml(dir: &Path) -> serde_json::Value {
+    serde_yaml::from_str(&std::fs::read_to_string(dir.join("agent.yaml")).unwrap()).unwrap()
+}
+
+#[test]
+fn enable_writes_certificates_keys_0600_and_agent_config() {
+    let p = pair();
+    use std::os::unix::fs::PermissionsExt;
+    for key in [
+        "ca/ca.key",
+        "tls/server.key",
+        "tls/client.key",
+        "admin/client.key",
+    ] {
+        let mode = std::fs::metadata(p.a.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let cfg = agent_yaml(&p.a);
+    assert_eq!(cfg["local_cluster"], "east");
+    assert_eq!(cfg["clusters"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        cfg["clusters"][0]["endpoints"][0],
+        format!("127.0.0.1:{}", p.pa)
+    );
+    // The server certificate must be usable by a real mTLS server: load it.
+    MeshTls::load(
+        TrustDomain::new("clustermesh.local").unwrap(),
+        &TlsPaths::server(&p.a.join("tls")),
+    )
+    .unwrap();
+}
+
+#[test]
+fn connect_exchanges_cas_and_endpoints_in_both_directions() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let _sb = serve(&p.b, p.pb, "west", 2);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("connected east <-> west"), "{}", r.stdout);
+
+    for (dir, peer, peer_port, other) in [(&p.a, "west", p.pb, &p.b), (&p.b, "east", p.pa, &p.a)] {
+        let cfg = agent_yaml(dir);
+        let names: Vec<&str> = cfg["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2);
+        let entry = cfg["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == peer)
+            .unwrap();
+        assert_eq!(entry["endpoints"][0], format!("127.0.0.1:{peer_port}"));
+        let pinned = std::fs::read_to_string(entry["ca_file"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            pinned,
+            std::fs::read_to_string(other.join("ca/ca.crt")).unwrap()
+        );
+        let bundle = std::fs::read_to_string(dir.join("tls/ca.crt")).unwrap();
+        assert!(
+            bundle.contains(pinned.trim()),
+            "trust bundle lacks the peer CA"
+        );
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    // A third cluster reusing west's ID cannot join east's mesh, though it differs from east.
+    let tmp = tempfile::tempdir().unwrap();
+    let south = tmp.path().join("south");
+    let ps = free_port();
+    enable(&south, "south", 2, ps, &[]);
+    let _ss = serve(&south, ps, "south", 2);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&south),
+    ]);
+    assert_one_line_error(
+        &r,
+        "cluster ID 2 is used by west (known to east) and by south",
+    );
+
+    // Connecting again is idempotent.
+    let before = (snapshot(&p.a), snapshot(&p.b));
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "-o",
+        "json",
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["already_connected"], true);
+    assert_eq!(before, (snapshot(&p.a), snapshot(&p.b)));
+
+    // Disconnect removes everything connect added, on both sides.
+    let r = cm(&[
+        "--state-dir",
+        s(&p.b),
+        "disconnect",
+        "--destination-state-dir",
+        s(&p.a),
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    for dir in [&p.a, &p.b] {
+        assert_eq!(agent_yaml(dir)["clusters"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("tls/ca.crt"))
+                .unwrap()
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            1
+        );
+        assert_eq!(std::fs::read_dir(dir.join("remotes")).unwrap().count(), 0);
+    }
+    let r = cm(&[
+        "--state-dir",
+        s(&p.b),
+        "disconnect",
+        "--destination-state-dir",
+        s(&p.a),
+    ]);
+    assert_one_line_error(&r, "are not connected");
+}
+
+#[test]
+fn connect_to_a_peer_that_is_down_changes_nothing() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let before = (snapshot(&p.a), snapshot(&p.b));
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+        "--timeout",
+        "2s",
+    ]);
+    assert_one_line_error(&r, "mesh API of cluster west is not reachable");
+    assert_eq!(before, (snapshot(&p.a), snapshot(&p.b)));
+}
+
+#[test]
+fn connect_refuses_a_server_that_is_another_cluster() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    // West's address answers with west's certificate but claims to be another cluster.
+    let _sb = serve(&p.b, p.pb, "north", 9);
+    let before = (snapshot(&p.a), snapshot(&p.b));
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
+    assert_one_line_error(&r, "reports cluster north (id 9)");
+    assert_eq!(before, (snapshot(&p.a), snapshot(&p.b)));
+}
+
+#[test]
+fn connect_refuses_a_server_whose_certificate_is_from_another_ca() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    // West's port is served by east's certificate: the CLI expects west's identity.
+    let _sb = serve(&p.a, p.pb, "west", 2);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+        "--timeout",
+        "2s",
+    ]);
+    assert_one_line_error(&r, "not reachable");
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_leaves_both_sides_unchanged() {
+    let p = pair();
+    let tmp = tempfile::tempdir().unwrap();
+    let dup_id = tmp.path().join("dup-id");
+    enable(&dup_id, "south", 1, free_port(), &[]);
+    let dup_name = tmp.path().join("dup-name");
+    enable(&dup_name, "east", 3, free_port(), &[]);
+    let other_td = tmp.path().join("other-td");
+    enable(
+        &other_td,
+        "north",
+        4,
+        free_port(),
+        &["--trust-domain", "other.example"],
+    );
+    let plain = tmp.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["connect", "--destination-state-dir", s(&p.a)],
+            "cannot connect cluster east to itself",
+        ),
+        (
+            vec!["connect", "--destination-state-dir", s(&dup_id)],
+            "clusters east and south both have ID 1",
+        ),
+        (
+            vec!["connect", "--destination-state-dir", s(&dup_name)],
+            "both clusters are named east",
+        ),
+        (
+            vec!["connect", "--destination-state-dir", s(&other_td)],
+            "trust domain",
+        ),
+        (
+            vec!["connect", "--destination-state-dir", s(&plain)],
+            "is not a clustermesh state directory",
+        ),
+        (
+            vec!["connect", "--destination-state-dir", "/nonexistent/dir"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "enable",
+                "--cluster-name",
+                "east",
+                "--cluster-id",
+                "5",
+                "--mesh-endpoint",
+                "1.2.3.4:1",
+            ],
+            "already holds cluster east",
+        ),
+    ];
+    let dirs = [&p.a, &p.b, &dup_id, &dup_name, &other_td, &plain];
+    let before: Vec<_> = dirs.iter().map(|d| snapshot(d)).collect();
+    for (args, want) in cases {
+        let mut full = vec!["--state-dir", s(&p.a)];
+        full.extend(args);
+        assert_one_line_error(&cm(&full), want);
+    }
+    let after: Vec<_> = dirs.iter().map(|d| snapshot(d)).collect();
+    assert_eq!(before, after, "a failed command changed a state directory");
+
+    let fresh = tmp.path().join("fresh");
+    for (args, want) in [
+        (
+            vec!["--cluster-name", "Bad_Name", "--cluster-id", "1"],
+            "invalid cluster name",
+        ),
+        (
+            vec!["--cluster-name", "ok", "--cluster-id", "0"],
+            "cluster ID",
+        ),
+        (
+            vec!["--cluster-name", "ok", "--cluster-id", "256"],
+            "cluster ID",
+        ),
+    ] {
+        let mut full = vec![
+            "--state-dir",
+            s(&fresh),
+            "enable",
+            "--mesh-endpoint",
+            "127.0.0.1:1",
+        ];
+        full.extend(args);
+        assert_one_line_error(&cm(&full), want);
+        assert!(!fresh.join("cluster.yaml").exists());
+    }
+    assert_one_line_error(&cm(&["status"]), "no state directory given");
+}
+
+#[test]
+fn a_write_failure_on_the_peer_side_rolls_back_the_source_side() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let _sb = serve(&p.b, p.pb, "west", 2);
+    // A file where west's remotes/ directory must go makes the west half fail after the
+    // east half was written.
+    std::fs::write(p.b.join("remotes"), b"not a directory").unwrap();
+    let before = (snapshot(&p.a), snapshot(&p.b));
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
+    assert_one_line_error(&r, "nothing was changed");
+    assert_eq!(before, (snapshot(&p.a), snapshot(&p.b)));
+}
+
+#[test]
+fn disable_refuses_while_connected_then_removes_the_mesh_state() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let _sb = serve(&p.b, p.pb, "west", 2);
+    assert!(
+        cm(&[
+            "--state-dir",
+            s(&p.a),
+            "connect",
+            "--destination-state-dir",
+            s(&p.b)
+        ])
+        .ok
+    );
+    std::fs::write(p.a.join("manifests/svc.yaml"), "kind: Service\n").unwrap();
+    assert_one_line_error(
+        &cm(&["--state-dir", s(&p.a), "disable"]),
+        "still connected to west",
+    );
+    let r = cm(&["--state-dir", s(&p.a), "disable", "--force"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(!p.a.join("cluster.yaml").exists());
+    assert!(!p.a.join("ca/ca.key").exists());
+    assert!(
+        p.a.join("manifests/svc.yaml").exists(),
+        "user manifests are kept"
+    );
+    // It can be enabled again.
+    enable(&p.a, "east", 1, p.pa, &[]);
+}
+
+#[test]
+fn completion_and_help_are_available() {
+    let r = cm(&["completion", "bash"]);
+    assert!(r.ok && r.stdout.contains("clustermesh"), "{}", r.stderr);
+    let r = cm(&["--help"]);
+    assert!(r.ok && r.stdout.contains("Examples"), "{}", r.stdout);
+}
