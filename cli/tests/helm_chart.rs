@@ -281,7 +281,7 @@ fn three_raft_replicas_render_a_statefulset_with_every_peer() {
         peers,
         (0..3)
             .map(|i| format!(
-                "--raft-peer=clustermesh-apiserver-{i}=clustermesh-apiserver-{i}.clustermesh-apiserver-peers.kube-system.svc:2380"
+                "--raft-peer={i}=clustermesh-apiserver-{i}.clustermesh-apiserver-peers.kube-system.svc:2380"
             ))
             .collect::<Vec<_>>()
     );
@@ -322,7 +322,7 @@ fn etcd_store_renders_stateless_replicas_with_etcd_tls() {
     let a = args(dep);
     assert!(a.contains(&"--store=etcd".to_string()));
     assert!(a.contains(&"--etcd-endpoints=https://etcd-0:2379,https://etcd-1:2379".to_string()));
-    assert!(a.contains(&"--etcd-tls-dir=/etc/clustermesh/etcd-tls".to_string()));
+    assert!(a.contains(&"--etcd-ca=/etc/clustermesh/etcd-tls/ca.crt".to_string()));
     assert!(!a.iter().any(|x| x.starts_with("--raft")));
 }
 

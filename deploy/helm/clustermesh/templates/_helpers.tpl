@@ -34,9 +34,10 @@ spec:
         - --cluster-name={{ .Values.cluster.name }}
         - --cluster-id={{ .Values.cluster.id }}
         - --max-connected-clusters={{ .Values.cluster.maxConnectedClusters }}
+        - --trust-domain={{ .Values.trustDomain }}
         - --source=kubernetes
         - --listen=0.0.0.0:{{ .Values.apiserver.grpcPort }}
-        - --metrics-listen=0.0.0.0:{{ .Values.apiserver.metricsPort }}
+        - --metrics-addr=0.0.0.0:{{ .Values.apiserver.metricsPort }}
         - --tls-dir=/etc/clustermesh/tls
         - --log-format={{ .Values.apiserver.logFormat }}
         - --store={{ .Values.apiserver.store.type }}
@@ -44,17 +45,20 @@ spec:
         - --raft-data-dir=/var/lib/clustermesh
         - --raft-listen=0.0.0.0:{{ .Values.apiserver.raftPort }}
         {{- if gt (int .Values.apiserver.replicas) 1 }}
-        - --raft-node-name=$(POD_NAME)
+        {{- /* Raft IDs are the StatefulSet pod indexes. */}}
+        - --raft-id=$(POD_INDEX)
         {{- $ns := .Release.Namespace }}
         {{- $port := .Values.apiserver.raftPort }}
         {{- range $i := until (int .Values.apiserver.replicas) }}
-        - --raft-peer=clustermesh-apiserver-{{ $i }}=clustermesh-apiserver-{{ $i }}.clustermesh-apiserver-peers.{{ $ns }}.svc:{{ $port }}
+        - --raft-peer={{ $i }}=clustermesh-apiserver-{{ $i }}.clustermesh-apiserver-peers.{{ $ns }}.svc:{{ $port }}
         {{- end }}
         {{- end }}
         {{- else }}
         - --etcd-endpoints={{ .Values.apiserver.store.etcd.endpoints }}
         {{- if .Values.apiserver.store.etcd.tlsSecret }}
-        - --etcd-tls-dir=/etc/clustermesh/etcd-tls
+        - --etcd-ca=/etc/clustermesh/etcd-tls/ca.crt
+        - --etcd-cert=/etc/clustermesh/etcd-tls/tls.crt
+        - --etcd-key=/etc/clustermesh/etcd-tls/tls.key
         {{- end }}
         {{- end }}
       env:
@@ -62,6 +66,12 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.name
+        {{- if and (eq .Values.apiserver.store.type "raft") (gt (int .Values.apiserver.replicas) 1) }}
+        - name: POD_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        {{- end }}
       ports:
         - name: grpc
           containerPort: {{ .Values.apiserver.grpcPort }}
@@ -116,13 +126,12 @@ spec:
                   path: server.crt
                 - key: tls.key
                   path: server.key
-                - key: ca.crt
-                  path: ca.crt
+          # Trusted CAs: this cluster's plus every connected cluster's (clustermesh connect).
           - secret:
               name: {{ .Values.tls.caBundleSecret }}
               items:
                 - key: ca-bundle.crt
-                  path: ca-bundle.crt
+                  path: ca.crt
     {{- if not (and (eq .Values.apiserver.store.type "raft") (gt (int .Values.apiserver.replicas) 1) .Values.apiserver.store.raft.persistence.enabled) }}
     - name: data
       emptyDir: {}
