@@ -349,6 +349,30 @@ async fn stalled_handshake_times_out_without_blocking_others() {
 }
 
 #[tokio::test]
+async fn tcp_probe_counts_as_early_close_not_as_failure() {
+    let ca = ca();
+    let (listener, addr) = loopback_listener().await;
+    let mut conns = incoming(listener, server_tls(&ca, "east"), IncomingConfig::default());
+    let stats = conns.stats();
+    // A load balancer health check: connect, then close without a byte.
+    drop(TcpStream::connect(addr).await.unwrap());
+    // A probe that sends a partial ClientHello record header and closes.
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    drop(partial);
+    eventually("two early closes", || stats.early_closes() == 2).await;
+    assert_eq!(stats.handshake_failures(), 0);
+
+    let good = MeshEndpoint::new(&addr.to_string(), client_tls(&ca, "west")).unwrap();
+    good.dial().await.unwrap();
+    tokio::time::timeout(DEADLINE, conns.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn client_refuses_server_of_other_trust_domain() {
     let ca = ca();
     let foreign = PeerIdentity::cluster(TrustDomain::new("other.mesh").unwrap(), "east").unwrap();

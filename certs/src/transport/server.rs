@@ -153,6 +153,27 @@ pub enum HandshakeError {
     Identity(#[from] IdentityError),
 }
 
+impl HandshakeError {
+    /// True when the client closed the connection without sending or answering anything
+    /// that failed verification, as TCP health checks of load balancers and port probes
+    /// do. Such connections are logged at debug level, not as warnings.
+    pub fn is_early_close(&self) -> bool {
+        match self {
+            Self::Tls(e) => {
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                ) && e
+                    .get_ref()
+                    .is_none_or(|inner| inner.downcast_ref::<rustls::Error>().is_none())
+            }
+            Self::Timeout(_) | Self::Identity(_) => false,
+        }
+    }
+}
+
 /// Runs the server side of the mTLS handshake on an accepted TCP connection and reads
 /// the client's identity. Used by [`incoming`]; public for servers with their own
 /// accept loop.
@@ -185,6 +206,7 @@ pub struct IncomingStats {
     accepted: AtomicU64,
     handshake_failures: AtomicU64,
     handshake_timeouts: AtomicU64,
+    early_closes: AtomicU64,
 }
 
 impl IncomingStats {
@@ -193,7 +215,8 @@ impl IncomingStats {
         self.accepted.load(Ordering::Relaxed)
     }
 
-    /// Connections dropped because the handshake failed (timeouts excluded).
+    /// Connections dropped because the handshake failed (timeouts and early closes
+    /// excluded).
     pub fn handshake_failures(&self) -> u64 {
         self.handshake_failures.load(Ordering::Relaxed)
     }
@@ -201,6 +224,12 @@ impl IncomingStats {
     /// Connections dropped because the handshake timed out.
     pub fn handshake_timeouts(&self) -> u64 {
         self.handshake_timeouts.load(Ordering::Relaxed)
+    }
+
+    /// Connections the client closed before the handshake completed without a TLS
+    /// error (TCP health checks, port probes); see [`HandshakeError::is_early_close`].
+    pub fn early_closes(&self) -> u64 {
+        self.early_closes.load(Ordering::Relaxed)
     }
 }
 
@@ -309,6 +338,10 @@ async fn accept_loop<S>(
                     tracing::debug!(remote = %remote, peer = %conn.peer(), "accepted mesh connection");
                     // A send error means the server stopped; the connection is dropped.
                     let _ = tx.send(conn).await;
+                }
+                Err(e) if e.is_early_close() => {
+                    stats.early_closes.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(remote = %remote, error = %e, "client closed before completing the TLS handshake (health check or probe?)");
                 }
                 Err(e) => {
                     let counter = match e {
