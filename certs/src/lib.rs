@@ -21,8 +21,7 @@
 //!
 //! # Example
 //!
-//! ```no_run
-//! use std::sync::Arc;
+//! ```
 //! use clustermesh_certs::{
 //!     files::{write_cluster_bundle, ClusterBundle},
 //!     issue::{MeshCa, ServerNames, Validity, DEFAULT_LEAF_VALIDITY},
@@ -30,31 +29,37 @@
 //!     transport::{self, IncomingConfig, MeshEndpoint},
 //!     TlsPaths, TrustDomain,
 //! };
+//! use tokio_stream::StreamExt;
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // Once, e.g. in `clustermesh enable`: a CA and the bundle of cluster "east".
-//! let ca = MeshCa::generate(TrustDomain::new("clustermesh.local")?)?;
-//! let names = ServerNames::new(["mesh.east.example".to_owned()], []);
-//! let bundle = ClusterBundle::issue(&ca, "east", &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))?;
-//! let dir = std::path::Path::new("/var/lib/clustermesh/tls");
-//! write_cluster_bundle(dir, &bundle)?;
-//!
-//! // Server: verified connections for tonic, reloaded when the files change.
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let td = TrustDomain::new("clustermesh.local")?;
-//! let server_tls = ReloadingTls::load(td.clone(), TlsPaths::server(dir))?;
+//! // Once, e.g. in `clustermesh enable`: a CA and the bundle of cluster "east"
+//! // (ca.crt, server.crt/key, client.crt/key).
+//! let ca = MeshCa::generate(td.clone())?;
+//! let names = ServerNames::new(["localhost".to_owned()], ["127.0.0.1".parse()?]);
+//! let bundle = ClusterBundle::issue(&ca, "east", &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))?;
+//! let dir = tempfile::tempdir()?;
+//! write_cluster_bundle(dir.path(), &bundle)?;
+//!
+//! // Server: verified connections for tonic, following file rotations.
+//! let server_tls = ReloadingTls::load(td.clone(), TlsPaths::server(dir.path()))?;
 //! let _watcher = server_tls.spawn_watcher(DEFAULT_POLL_INTERVAL);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let addr = listener.local_addr()?;
-//! let incoming = transport::incoming(listener, server_tls, IncomingConfig::default());
-//! // tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming);
-//! // ... and inside a handler: `let peer = transport::require_peer(&request)?;`
-//! # drop(incoming);
+//! let mut incoming = transport::incoming(listener, server_tls, IncomingConfig::default());
+//! // Normally: Server::builder().add_service(svc).serve_with_incoming(incoming), and in a
+//! // handler `let peer = transport::require_peer(&request)?;`.
 //!
-//! // Client: a Channel whose connections present client.crt and verify the server.
-//! let client_tls = ReloadingTls::load(td, TlsPaths::client(dir))?;
-//! let channel = MeshEndpoint::new(&format!("mesh.east.example:{}", addr.port()), client_tls)?
-//!     .connect_lazy()?;
-//! # drop(channel);
+//! // Client: presents client.crt, verifies the server against ca.crt and 127.0.0.1.
+//! let client_tls = ReloadingTls::load(td, TlsPaths::client(dir.path()))?;
+//! let endpoint = MeshEndpoint::new(&addr.to_string(), client_tls)?;
+//! let (_stream, server_identity) = endpoint.dial().await?;
+//! assert_eq!(server_identity.to_string(), "spiffe://clustermesh.local/cluster/east");
+//!
+//! let conn = incoming.next().await.expect("accept loop running")?;
+//! assert_eq!(conn.peer().cluster_name(), Some("east"));
+//! // For gRPC: `endpoint.connect().await?` or `endpoint.connect_lazy()?` gives a Channel.
 //! # Ok(())
 //! # }
 //! ```

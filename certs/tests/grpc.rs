@@ -8,8 +8,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::transport::{self, incoming, IncomingConfig, MeshEndpoint};
-use clustermesh_certs::PeerIdentity;
+use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths};
 use common::*;
 use tonic::transport::Server;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -153,4 +154,31 @@ async fn connect_to_server_of_another_ca_fails_with_tls_error() {
         "{chain}"
     );
     assert!(seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn established_channel_survives_client_rotation_and_new_channels_use_new_cert() {
+    let ca = ca();
+    let (addr, seen, _stop) = serve_health(server_tls(&ca, "east"), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let issue = |cluster| ClusterBundle::issue(&ca, cluster, &loopback_names(), valid()).unwrap();
+    write_cluster_bundle(dir.path(), &issue("west")).unwrap();
+    let client = ReloadingTls::load(td(), TlsPaths::client(dir.path())).unwrap();
+    let endpoint = MeshEndpoint::new(&addr.to_string(), client.clone()).unwrap();
+    let established = endpoint.connect().await.unwrap();
+    check(established.clone()).await.unwrap();
+
+    write_cluster_bundle(dir.path(), &issue("west-2")).unwrap();
+    client.reload().unwrap();
+    // Same HTTP/2 connection: still the identity it was made with.
+    check(established).await.unwrap();
+    // A new channel makes a new connection with the rotated certificate.
+    check(endpoint.connect().await.unwrap()).await.unwrap();
+    let names: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.name().to_owned())
+        .collect();
+    assert_eq!(names, ["west", "west", "west-2"]);
 }
