@@ -149,7 +149,9 @@ impl ReloadingTls {
         }
     }
 
-    /// Polls the files every `interval` until the returned handle is dropped.
+    /// Polls the files every `interval` until the returned handle is dropped, and warns
+    /// (at most hourly) when our certificate is within [`EXPIRY_WARNING`] of expiry.
+    /// Must be called inside a tokio runtime.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> WatcherHandle {
         let this = Arc::clone(self);
         let task = tokio::spawn(async move {

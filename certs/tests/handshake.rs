@@ -349,6 +349,42 @@ async fn stalled_handshake_times_out_without_blocking_others() {
 }
 
 #[tokio::test]
+async fn handshake_limit_queues_connections_until_a_slot_frees() {
+    let ca = ca();
+    let (listener, addr) = loopback_listener().await;
+    let config = IncomingConfig::default()
+        .max_concurrent_handshakes(1)
+        .handshake_timeout(Duration::from_millis(300));
+    let mut conns = incoming(listener, server_tls(&ca, "east"), config);
+    let stats = conns.stats();
+
+    // The silent client takes the only handshake slot until it times out.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let good = MeshEndpoint::new(&addr.to_string(), client_tls(&ca, "west")).unwrap();
+    good.dial().await.unwrap();
+    tokio::time::timeout(DEADLINE, conns.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The good handshake could only start after the slot was released.
+    assert_eq!(stats.handshake_timeouts(), 1);
+    assert_eq!(stats.accepted(), 1);
+}
+
+#[tokio::test]
+async fn dial_gives_up_after_the_connect_timeout() {
+    let ca = ca();
+    // A listener nobody accepts on: TCP completes in the kernel, TLS never answers.
+    let (_listener, addr) = loopback_listener().await;
+    let endpoint = MeshEndpoint::new(&addr.to_string(), client_tls(&ca, "west"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(200));
+    let err = endpoint.dial().await.unwrap_err();
+    assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test]
 async fn tcp_probe_counts_as_early_close_not_as_failure() {
     let ca = ca();
     let (listener, addr) = loopback_listener().await;

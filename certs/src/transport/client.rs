@@ -97,6 +97,14 @@ pub enum ConnectError {
         /// Who answered.
         got: Box<PeerIdentity>,
     },
+    /// TCP connect plus handshake took longer than the connect timeout.
+    #[error("connecting to {target} timed out after {timeout:?}")]
+    Timeout {
+        /// Where.
+        target: String,
+        /// The limit.
+        timeout: Duration,
+    },
     /// The endpoint itself is invalid.
     #[error(transparent)]
     Target(#[from] TargetError),
@@ -218,9 +226,19 @@ impl MeshEndpoint {
             })
     }
 
-    /// Dials the server and completes the mTLS handshake, returning the stream and the
-    /// server's verified identity (what [`MeshConnector`] does per connection).
+    /// Dials the server and completes the mTLS handshake within the connect timeout,
+    /// returning the stream and the server's verified identity (what [`MeshConnector`]
+    /// does per connection).
     pub async fn dial(&self) -> Result<(TlsStream<TcpStream>, PeerIdentity), ConnectError> {
+        tokio::time::timeout(self.connect_timeout, self.dial_inner())
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                target: self.target.clone(),
+                timeout: self.connect_timeout,
+            })?
+    }
+
+    async fn dial_inner(&self) -> Result<(TlsStream<TcpStream>, PeerIdentity), ConnectError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| ConnectError::Tcp {
