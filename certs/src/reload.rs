@@ -50,6 +50,8 @@ struct State {
     current: Arc<MeshTls>,
     good: Contents,
     rejected: Option<Contents>,
+    /// The last read error logged, so a persistently missing file is warned about once.
+    read_error: Option<String>,
 }
 
 /// TLS configs backed by files that are re-read when they change.
@@ -80,6 +82,7 @@ impl ReloadingTls {
                 current: Arc::new(tls),
                 good: contents,
                 rejected: None,
+                read_error: None,
             }),
             generation: watch::Sender::new(0),
         }))
@@ -112,10 +115,18 @@ impl ReloadingTls {
         let contents = match read_contents(&self.paths) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read mesh TLS files; keeping the current material");
+                let message = e.to_string();
+                let repeated = self.read_state(|s| s.read_error.as_deref() == Some(&message));
+                if repeated {
+                    tracing::debug!(error = %e, "mesh TLS files still unreadable");
+                } else {
+                    tracing::warn!(error = %e, "cannot read mesh TLS files; keeping the current material");
+                    self.write_state(|s| s.read_error = Some(message));
+                }
                 return Err(e);
             }
         };
+        self.write_state(|s| s.read_error = None);
         let unchanged =
             self.read_state(|s| s.good == contents || s.rejected.as_ref() == Some(&contents));
         if unchanged {
