@@ -174,3 +174,27 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod prefix_properties {
+    use proptest::prelude::*;
+
+    use super::prefix_range;
+
+    /// Whether etcd's range `[start, end)` (end `\0` = unbounded) holds `key`.
+    fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+        key >= start && (end == [0] || key < end)
+    }
+
+    proptest! {
+        /// The computed range holds exactly the keys that start with the prefix.
+        #[test]
+        fn range_holds_exactly_the_prefixed_keys(
+            prefix in prop::collection::vec(prop::sample::select(vec![0u8, 1, b'a', 0xfe, 0xff]), 0..4),
+            key in prop::collection::vec(prop::sample::select(vec![0u8, 1, b'a', 0xfe, 0xff]), 1..6),
+        ) {
+            let (start, end) = prefix_range(&prefix);
+            prop_assert_eq!(in_range(&key, &start, &end), key.starts_with(&prefix));
+        }
+    }
+}
