@@ -4,7 +4,10 @@ use std::pin::Pin;
 
 use futures::Stream;
 
-/// A store revision. Revision 0 is "before the first write"; the first write is 1.
+/// A store revision. Revision 0 is "before the first write". On a fresh raft store the
+/// first write is 1; a fresh etcd starts at revision 1, so there the first write is 2.
+/// Callers rely only on order and on the values the store hands out, never on absolute
+/// numbers.
 pub type Revision = u64;
 
 /// A lease identifier.

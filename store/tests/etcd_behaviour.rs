@@ -263,3 +263,31 @@ async fn tls_with_client_certificates_round_trips() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_watch_outlives_the_request_timeout() {
+    let Some(server) =
+        EtcdServer::start_or_skip("an_idle_watch_outlives_the_request_timeout").await
+    else {
+        return;
+    };
+    let logs = CapturedLogs::default();
+    let _guard = logs.install();
+    let store = EtcdStore::connect(server.config().with_request_timeout(Duration::from_secs(1)))
+        .await
+        .expect("connect");
+    let mut watch = store.watch(b"idle/", 0).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rev = store.put(b"idle/k", b"v".to_vec(), None).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("event arrives")
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(event.revision(), rev);
+    let text = logs.text();
+    assert!(
+        !text.contains("resuming"),
+        "the watch broke although only the request timeout passed:\n{text}"
+    );
+}
