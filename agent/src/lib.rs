@@ -6,3 +6,5 @@
 pub mod bpf;
 pub mod datapath;
 pub mod maglev;
+pub mod merge;
+pub mod records;

@@ -154,17 +154,10 @@ pub(crate) fn read_single_record<T: serde::de::DeserializeOwned>(
                 format!("cannot decode contents: {e}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
             )
         }),
-        _ => {
-            let what = match end {
-                ScanEnd::Corrupt { offset, reason } => format!("{reason} at offset {offset}"),
-                ScanEnd::Torn { offset } => format!("file is cut short at offset {offset}"),
-                ScanEnd::Clean => format!("{} records where one was expected", recs.len()),
-            };
-            Err(corrupt(
-                path,
-                format!("{what}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
-            ))
-        }
+        _ => Err(corrupt(
+            path,
+            format!("file damaged ({end:?}); restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
+        )),
     }
 }
 

@@ -138,10 +138,8 @@ impl Store for RaftStore {
     }
 
     async fn watch(&self, prefix: &[u8], from_revision: Revision) -> Result<WatchStream> {
-        // Linearizable start: this replica has applied everything committed before the
-        // call (a compaction or write acknowledged elsewhere included).
-        self.replica.read_barrier().await?;
         let from = if from_revision == 0 {
+            self.replica.read_barrier().await?;
             self.replica.shared().read().ks.revision() + 1
         } else {
             from_revision
