@@ -18,11 +18,12 @@ const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 /// How long a starting etcd may take to report itself healthy.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Where the etcd binary is: `CLUSTERMESH_ETCD_BIN`, else `/usr/bin/etcd`, else `etcd` on
-/// `PATH`.
+/// Where the etcd binary is: `CLUSTERMESH_ETCD_BIN` (if that file does not exist, etcd
+/// counts as missing), else `/usr/bin/etcd`, else `etcd` on `PATH`.
 pub(crate) fn etcd_binary() -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("CLUSTERMESH_ETCD_BIN") {
-        return Some(PathBuf::from(bin));
+        let bin = PathBuf::from(bin);
+        return bin.is_file().then_some(bin);
     }
     let default = PathBuf::from("/usr/bin/etcd");
     if default.is_file() {
