@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use clustermesh_ebpf_common::{
     capacity, map_names, BackendValue, ClusterName, LayoutMeta, RevNatKey, RevNatValue, ServiceKey,
-    ServiceMeta, ServiceValue, SlabChunk, ABI_VERSION, BPF_F_MMAPABLE, LAYOUT_MAGIC,
+    ServiceMeta, ServiceValue, SlabChunk, ABI_VERSION, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
+    LAYOUT_MAGIC,
 };
 
 use super::error::{BpfError, Result};
@@ -39,7 +40,7 @@ fn specs() -> [Spec; 8] {
             key_size: size::<ServiceKey>(),
             value_size: size::<ServiceValue>(),
             max_entries: Some(capacity::SERVICES),
-            flags: 0,
+            flags: BPF_F_NO_PREALLOC,
         },
         Spec {
             name: map_names::BACKENDS,
@@ -47,7 +48,7 @@ fn specs() -> [Spec; 8] {
             key_size: 4,
             value_size: size::<BackendValue>(),
             max_entries: Some(capacity::BACKENDS),
-            flags: 0,
+            flags: BPF_F_NO_PREALLOC,
         },
         Spec {
             name: map_names::SLAB,
@@ -71,7 +72,7 @@ fn specs() -> [Spec; 8] {
             key_size: 4,
             value_size: size::<ServiceMeta>(),
             max_entries: Some(capacity::SERVICE_META),
-            flags: 0,
+            flags: BPF_F_NO_PREALLOC,
         },
         Spec {
             name: map_names::CLUSTERS,

@@ -20,6 +20,11 @@ pub const LAYOUT_MAGIC: u64 = u64::from_be_bytes(*b"CMESHLB1");
 /// plain memory stores instead of one syscall per entry.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// `BPF_F_NO_PREALLOC`: hash maps whose capacity is a ceiling, not a reservation. The
+/// services, backends and service-meta maps allocate entries as services are programmed,
+/// so an agent with few services does not pin the memory of 131k of them.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Backend ids per slab array element.
 ///
 /// The kernel stores array values at an 8-byte stride, so an array of plain `u32` would

@@ -24,14 +24,16 @@ use aya_ebpf::{
 use clustermesh_ebpf_common::{
     capacity, family, flow_with_frontend, maglev_slot, proto, service_flags, stats, BackendValue,
     ClusterName, LayoutMeta, RevNatKey, RevNatValue, ServiceKey, ServiceMeta, ServiceValue,
-    SlabChunk, BPF_F_MMAPABLE, SLAB_CHUNK,
+    SlabChunk, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, SLAB_CHUNK,
 };
 
 #[map(name = "CM_SERVICES")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "CM_BACKENDS")]
-static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
+static BACKENDS: HashMap<u32, BackendValue> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CM_SLAB")]
 static SLAB: Array<SlabChunk> = Array::pinned(capacity::SLAB_DEFAULT_ELEMENTS, BPF_F_MMAPABLE);
@@ -41,7 +43,8 @@ static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(capacity:
 
 // Userspace-only maps: declared here so one object defines (and pins) the whole layout.
 #[map(name = "CM_SVC_META")]
-static SERVICE_META: HashMap<u32, ServiceMeta> = HashMap::pinned(capacity::SERVICE_META, 0);
+static SERVICE_META: HashMap<u32, ServiceMeta> =
+    HashMap::pinned(capacity::SERVICE_META, BPF_F_NO_PREALLOC);
 
 #[map(name = "CM_CLUSTERS")]
 static CLUSTERS: Array<ClusterName> = Array::pinned(capacity::CLUSTERS, 0);

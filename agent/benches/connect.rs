@@ -1,0 +1,632 @@
+//! Datapath benchmark: connect() latency through the eBPF socket load balancer versus a
+//! direct connect and versus kube-proxy-style iptables DNAT chains, how fast services are
+//! programmed, and how much BPF map memory 10k services need with per-service table sizes
+//! versus a fixed M=16381 table each. Prints one markdown table per part; every row comes
+//! from the same run.
+//!
+//! Needs root (cgroups, bpf, network namespaces). Without it the bench prints why and
+//! exits successfully. Traffic only goes to 127.0.0.0/8, in the host namespace or in
+//! network namespaces this bench creates (they have no route but loopback).
+//!
+//! `cargo bench -p clustermesh-agent --bench connect` (env `CM_BENCH_CONNECTS` sets the
+//! connects per latency row, default 20000).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use clustermesh_agent::{
+    bpf::{cgroup2_mount, BpfConfig, BpfDatapath},
+    datapath::{
+        Backend, BackendState, DesiredChanges, Frontend, LbService, LbServiceId, Protocol, Tier,
+    },
+    maglev::{Maglev, TableSize},
+};
+use nix::sys::socket::{
+    bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn,
+};
+
+const SERVICES: u32 = 10_000;
+
+fn main() {
+    // cargo bench passes `--bench`; a filter argument that does not match skips the bench.
+    if let Some(filter) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+        if !"connect".contains(filter.as_str()) {
+            return;
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("connect bench skipped: needs root for cgroups, bpf and network namespaces");
+        return;
+    }
+    let Ok(cg_root) = cgroup2_mount() else {
+        println!("connect bench skipped: no cgroup2 mount");
+        return;
+    };
+    let connects: usize = std::env::var("CM_BENCH_CONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let env = BenchEnv::new(&cg_root);
+    let mut out = String::new();
+    latency(&env, connects, &mut out);
+    programming_and_memory(&env, &mut out);
+    println!("\n{out}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Environment.
+
+struct BenchEnv {
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl BenchEnv {
+    fn new(cg_root: &Path) -> Self {
+        let name = format!("cm-bench-{}", std::process::id());
+        let cgroup = cg_root.join(&name);
+        std::fs::create_dir(&cgroup).expect("create bench cgroup");
+        std::fs::write(cgroup.join("cgroup.type"), "threaded").expect("threaded cgroup");
+        Self {
+            cgroup,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+        }
+    }
+
+    fn config(&self, pin_suffix: &str, slab_entries: u32) -> BpfConfig {
+        BpfConfig::default()
+            .with_pin_dir(self.pin_dir.with_file_name(format!(
+                "{}-{pin_suffix}",
+                self.pin_dir.file_name().unwrap().to_string_lossy()
+            )))
+            .with_cgroup(&self.cgroup)
+            .with_slab_entries(slab_entries)
+    }
+
+    /// Runs `f` on a thread inside the bench cgroup (where the programs are attached).
+    fn in_cgroup<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let threads = self.cgroup.join("cgroup.threads");
+        std::thread::spawn(move || {
+            std::fs::write(&threads, nix::unistd::gettid().to_string()).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for BenchEnv {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A TCP server that accepts and immediately drops connections (backlog SOMAXCONN).
+struct Sink {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(ip: Ipv4Addr) -> Self {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(ip, 0))).unwrap();
+        listen(&fd, Backlog::MAXCONN).unwrap();
+        let listener = TcpListener::from(fd);
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            for s in listener.incoming() {
+                drop(s);
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One raw connect: socket(), SO_LINGER 0 (close sends RST, no TIME_WAIT pile-up),
+/// connect() timed alone, close().
+fn timed_connect(to: SocketAddrV4) -> Duration {
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(
+        &fd,
+        sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    let addr = SockaddrIn::from(to);
+    let t = Instant::now();
+    connect(fd.as_raw_fd(), &addr).expect("connect");
+    let d = t.elapsed();
+    drop(fd);
+    d
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lat {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn measure(to: SocketAddrV4, n: usize) -> Lat {
+    for _ in 0..(n / 10).max(100) {
+        timed_connect(to);
+    }
+    let mut v: Vec<Duration> = (0..n).map(|_| timed_connect(to)).collect();
+    v.sort_unstable();
+    Lat {
+        p50: v[v.len() / 2],
+        p99: v[v.len() * 99 / 100],
+    }
+}
+
+fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("IPv4 expected"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Desired state.
+
+fn backend(ip: Ipv4Addr, port: u16) -> Backend {
+    Backend {
+        ip: IpAddr::V4(ip),
+        port,
+        protocol: Protocol::Tcp,
+        cluster: "bench".into(),
+        node: String::new(),
+        zone: String::new(),
+        tier: Tier::Cluster,
+        weight: 1,
+        state: BackendState::Active,
+    }
+}
+
+fn vip_for(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(127, 100, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+fn service(i: u32, backends: Vec<Backend>, maglev: &Maglev) -> LbService {
+    let table = maglev.build(&backends).unwrap();
+    LbService {
+        id: LbServiceId {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: String::new(),
+        },
+        frontends: vec![Frontend {
+            ip: IpAddr::V4(vip_for(i)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+        backends,
+        table: table.into(),
+    }
+}
+
+/// Backends of the measured service: the two real sinks. Other services point at
+/// addresses nobody connects to.
+fn services_with(n: u32, measured: u32, real: &[SocketAddr]) -> Vec<LbService> {
+    let maglev = Maglev::default();
+    (0..n)
+        .map(|i| {
+            let backends = if i == measured {
+                real.iter()
+                    .map(|a| backend(*v4(*a).ip(), a.port()))
+                    .collect()
+            } else {
+                vec![
+                    backend(
+                        Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8),
+                        8080,
+                    ),
+                    backend(
+                        Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 1) as u8),
+                        8080,
+                    ),
+                ]
+            };
+            service(i, backends, &maglev)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 1: connect() latency.
+
+fn latency(env: &BenchEnv, n: usize, out: &mut String) {
+    let sinks = [
+        Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
+        Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
+    ];
+    let real: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
+    let backend0 = v4(real[0]);
+    let measured = SERVICES / 2;
+    let vip = SocketAddrV4::new(vip_for(measured), 80);
+    let mut rows: Vec<(String, Lat)> = Vec::new();
+
+    eprintln!("direct (no programs)");
+    rows.push((
+        "direct to backend, no programs".into(),
+        std::thread::spawn(move || measure(backend0, n))
+            .join()
+            .unwrap(),
+    ));
+
+    let dp = BpfDatapath::open(env.config("lat", 1 << 24)).expect("open datapath");
+    eprintln!("direct with programs");
+    rows.push((
+        "direct to backend, programs attached (lookup miss)".into(),
+        env.in_cgroup(move || measure(backend0, n)),
+    ));
+    let hundred = services_with(100, 50, &real);
+    dp.reconcile(&hundred).unwrap();
+    let vip100 = SocketAddrV4::new(vip_for(50), 80);
+    eprintln!("eBPF 100");
+    rows.push((
+        "eBPF VIP, 100 services".into(),
+        env.in_cgroup(move || measure(vip100, n)),
+    ));
+    let tenk = services_with(SERVICES, measured, &real);
+    dp.reconcile(&tenk).unwrap();
+    eprintln!("eBPF 10k");
+    rows.push((
+        "eBPF VIP, 10k services".into(),
+        env.in_cgroup(move || measure(vip, n)),
+    ));
+    dp.cleanup().unwrap();
+    drop(sinks);
+
+    for (tool, label) in [
+        ("iptables-legacy", "iptables-legacy DNAT, 10k services"),
+        ("iptables-nft", "iptables-nft DNAT, 10k services"),
+    ] {
+        eprintln!("{label}");
+        match iptables_latency(tool, n) {
+            Ok((middle, last, load)) => {
+                rows.push((format!("{label} (rules loaded in {load:.1?})"), middle));
+                rows.push((format!("{label}, VIP last in the chain"), last));
+            }
+            Err(e) => {
+                let _ = writeln!(out, "{label}: not measured: {e}\n");
+            }
+        }
+    }
+
+    let direct = rows[0].1;
+    let _ = writeln!(
+        out,
+        "connect() latency, {n} connects per row (SO_LINGER 0), VIP in the middle of the service list unless noted\n"
+    );
+    let _ = writeln!(out, "| path | p50 | p99 | p50 / direct | p99 / direct |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for (label, l) in &rows {
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} µs | {:.1} µs | {:.2}× | {:.2}× |",
+            l.p50.as_secs_f64() * 1e6,
+            l.p99.as_secs_f64() * 1e6,
+            l.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+            l.p99.as_secs_f64() / direct.p99.as_secs_f64(),
+        );
+    }
+    let find = |prefix: &str| {
+        rows.iter()
+            .find(|(l, _)| l.starts_with(prefix))
+            .map(|r| r.1)
+    };
+    if let (Some(ebpf), Some(legacy)) = (find("eBPF VIP, 10k"), find("iptables-legacy")) {
+        let _ = writeln!(
+            out,
+            "\niptables-legacy / eBPF at 10k services: p50 {:.2}×, p99 {:.2}×",
+            legacy.p50.as_secs_f64() / ebpf.p50.as_secs_f64(),
+            legacy.p99.as_secs_f64() / ebpf.p99.as_secs_f64()
+        );
+    }
+    if let (Some(ebpf), Some(nft)) = (find("eBPF VIP, 10k"), find("iptables-nft")) {
+        let _ = writeln!(
+            out,
+            "iptables-nft / eBPF at 10k services: p50 {:.2}×, p99 {:.2}×\n",
+            nft.p50.as_secs_f64() / ebpf.p50.as_secs_f64(),
+            nft.p99.as_secs_f64() / ebpf.p99.as_secs_f64()
+        );
+    }
+}
+
+/// kube-proxy's iptables layout: OUTPUT → KUBE-SERVICES (one rule per service) →
+/// KUBE-SVC-n (random split) → KUBE-SEP-n-k (DNAT), built in a fresh network namespace.
+fn iptables_latency(tool: &'static str, n: usize) -> Result<(Lat, Lat, Duration), String> {
+    std::thread::spawn(move || -> Result<(Lat, Lat, Duration), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        let st = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .map_err(|e| format!("ip: {e}"))?;
+        if !st.success() {
+            return Err("ip link set lo up failed".into());
+        }
+        let sinks = [
+            Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
+            Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
+        ];
+        let mut rules = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+        for i in 0..SERVICES {
+            let _ = writeln!(rules, ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i}-0 - [0:0]\n:KUBE-SEP-{i}-1 - [0:0]");
+        }
+        rules.push_str("-A OUTPUT -j KUBE-SERVICES\n");
+        for i in 0..SERVICES {
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}",
+                vip_for(i)
+            );
+        }
+        for i in 0..SERVICES {
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SVC-{i} -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i}-0\n-A KUBE-SVC-{i} -j KUBE-SEP-{i}-1"
+            );
+            for (k, s) in sinks.iter().enumerate() {
+                let _ = writeln!(
+                    rules,
+                    "-A KUBE-SEP-{i}-{k} -p tcp -m tcp -j DNAT --to-destination {}",
+                    s.addr
+                );
+            }
+        }
+        rules.push_str("COMMIT\n");
+        let t = Instant::now();
+        let mut child = Command::new(format!("{tool}-restore"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{tool}-restore: {e}"))?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .map_err(|e| format!("{tool}-restore stdin: {e}"))?;
+        let o = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!(
+                "{tool}-restore failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let load = t.elapsed();
+        let middle = SocketAddrV4::new(vip_for(SERVICES / 2), 80);
+        let last = SocketAddrV4::new(vip_for(SERVICES - 1), 80);
+        Ok((measure(middle, n), measure(last, n), load))
+    })
+    .join()
+    .map_err(|_| "iptables thread panicked".to_string())?
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 2: programming rate and map memory.
+
+/// Deterministic 2..=50 backend counts (xorshift, fixed seed).
+fn backend_counts(n: u32) -> Vec<u32> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            2 + (x % 49) as u32
+        })
+        .collect()
+}
+
+fn mixed_services(counts: &[u32], maglev: &Maglev, range: std::ops::Range<u32>) -> Vec<LbService> {
+    range
+        .map(|i| {
+            let backends = (0..counts[i as usize])
+                .map(|k| {
+                    backend(
+                        Ipv4Addr::new(127, 3 + (k as u8), (i / 250) as u8, (i % 250 + 1) as u8),
+                        8080,
+                    )
+                })
+                .collect();
+            service(i, backends, maglev)
+        })
+        .collect()
+}
+
+fn memlock_of(pin: &Path) -> Option<u64> {
+    // The kernel's own accounting of a map's memory, from fdinfo of a fresh fd.
+    let f = aya::maps::MapData::from_pin(pin).ok()?;
+    let fd = f.fd();
+    let info = std::fs::read_to_string(format!(
+        "/proc/self/fdinfo/{}",
+        std::os::fd::AsFd::as_fd(fd).as_raw_fd()
+    ))
+    .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn map_memory(pin_dir: &Path) -> u64 {
+    ["CM_SERVICES", "CM_BACKENDS", "CM_SLAB", "CM_SVC_META"]
+        .iter()
+        .filter_map(|m| memlock_of(&pin_dir.join(m)))
+        .sum()
+}
+
+fn programming_and_memory(env: &BenchEnv, out: &mut String) {
+    let counts = backend_counts(SERVICES);
+    let mut rows = Vec::new();
+    for (label, size) in [
+        (
+            "per-service M (smallest prime ≥ 100×backends)",
+            TableSize::Auto,
+        ),
+        ("fixed M = 16381", TableSize::Fixed(16_381)),
+    ] {
+        eprintln!("programming: {label}");
+        let maglev = Maglev::default().with_table_size(size);
+        // Size the slab to what this layout needs (tables plus backend lists), as an operator
+        // would.
+        let entries: u64 = counts
+            .iter()
+            .map(|&c| u64::from(maglev.table_size_for(c as usize)) + u64::from(c))
+            .sum();
+        // 10 % headroom: replacing a table needs free space next to the old one until
+        // the flip, and holes left by smaller tables fragment the slab.
+        let slab_entries = u32::try_from(entries + entries / 10 + 65_536).unwrap_or(u32::MAX);
+        let cfg = env.config(
+            if matches!(size, TableSize::Auto) {
+                "auto"
+            } else {
+                "fixed"
+            },
+            slab_entries,
+        );
+        let dp = match BpfDatapath::open(cfg.clone()) {
+            Ok(dp) => dp,
+            Err(e) => {
+                let _ = writeln!(out, "{label}: datapath not opened: {e}");
+                continue;
+            }
+        };
+        // Build and program in batches of 1000 so the fixed-M tables never all sit in memory.
+        let (mut build, mut program) = (Duration::ZERO, Duration::ZERO);
+        let mut installed = 0u32;
+        for start in (0..SERVICES).step_by(1000) {
+            let t = Instant::now();
+            let batch = mixed_services(&counts, &maglev, start..(start + 1000).min(SERVICES));
+            build += t.elapsed();
+            let t = Instant::now();
+            let changes = DesiredChanges {
+                upserts: batch,
+                removals: vec![],
+            };
+            match dp.apply_changes(&changes) {
+                Ok(n) => installed += n as u32,
+                Err(e) => {
+                    let _ = writeln!(out, "{label}: programming failed: {e}");
+                    break;
+                }
+            }
+            program += t.elapsed();
+        }
+        let dump = dp.dump(false).unwrap();
+        // Incremental update rate: 1000 services each losing one backend.
+        let updates: Vec<LbService> = mixed_services(&counts, &maglev, 0..1000)
+            .into_iter()
+            .map(|mut s| {
+                s.backends.pop();
+                s.table = maglev.build(&s.backends).unwrap().into();
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        dp.apply_changes(&DesiredChanges {
+            upserts: updates,
+            removals: vec![],
+        })
+        .unwrap();
+        let update = t.elapsed();
+        let mem = map_memory(cfg.pin_dir());
+        rows.push((
+            label,
+            installed,
+            dump.slab.used,
+            mem,
+            program,
+            build,
+            update,
+        ));
+        dp.cleanup().unwrap();
+    }
+    let _ = writeln!(
+        out,
+        "10k services, 2–50 backends each (same deterministic counts in both rows), programmed in batches of 1000\n"
+    );
+    let _ = writeln!(
+        out,
+        "| tables | services | slab entries used | table bytes | BPF map memory (memlock) | programming | services/s | Maglev build | 1000 updates |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (label, installed, used, mem, program, build, update) in &rows {
+        let _ = writeln!(
+            out,
+            "| {label} | {installed} | {used} | {:.1} MiB | {:.1} MiB | {:.2} s | {:.0} | {:.2} s | {:.1} ms |",
+            (*used as f64) * 4.0 / 1048576.0,
+            (*mem as f64) / 1048576.0,
+            program.as_secs_f64(),
+            f64::from(*installed) / program.as_secs_f64(),
+            build.as_secs_f64(),
+            update.as_secs_f64() * 1e3,
+        );
+    }
+    if rows.len() == 2 {
+        let _ = writeln!(
+            out,
+            "\nmemory ratio per-service / fixed: slab {:.3}, all maps {:.3}",
+            rows[0].2 as f64 / rows[1].2 as f64,
+            rows[0].3 as f64 / rows[1].3 as f64
+        );
+    }
+}
