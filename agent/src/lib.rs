@@ -5,6 +5,8 @@
 
 pub mod bpf;
 pub mod datapath;
+pub mod desired;
 pub mod maglev;
 pub mod merge;
+pub mod recording;
 pub mod records;
