@@ -30,6 +30,12 @@ pub fn bpf_dir(run: &str) -> PathBuf {
     Path::new(BPF_DIR).join(format!("clustermesh-netns-{run}"))
 }
 
+/// Scratch directory of a run (state directories, raft data), removed with the run.
+#[must_use]
+pub fn state_dir(run: &str) -> PathBuf {
+    Path::new(MARKER_DIR).join(format!("{run}.d"))
+}
+
 /// Identifies a process across pid reuse: (pid, start time in clock ticks).
 fn process_identity(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -105,6 +111,12 @@ pub fn cleanup_run(run: &str) -> Vec<String> {
             problems.push(format!("remove {}: {e}", pins.display()));
         }
     }
+    let scratch = state_dir(run);
+    if scratch.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&scratch) {
+            problems.push(format!("remove {}: {e}", scratch.display()));
+        }
+    }
     let _ = std::fs::remove_file(Path::new(MARKER_DIR).join(run));
     problems
 }
@@ -115,7 +127,10 @@ pub fn sweep_stale() -> Vec<String> {
         return Vec::new();
     };
     let mut removed = Vec::new();
-    for entry in entries.filter_map(|e| e.ok()) {
+    for entry in entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+    {
         let run = entry.file_name().to_string_lossy().into_owned();
         let owner = std::fs::read_to_string(entry.path()).unwrap_or_default();
         let alive = owner
@@ -141,7 +156,12 @@ pub fn cleanup_everything() -> Vec<String> {
     let mut runs: Vec<String> = std::fs::read_dir(MARKER_DIR)
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .trim_end_matches(".d")
+                        .to_string()
+                })
                 .collect()
         })
         .unwrap_or_default();

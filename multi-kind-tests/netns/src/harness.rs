@@ -385,6 +385,15 @@ impl Harness {
         self.spawned.retain(|s| s.netns != ns);
     }
 
+    /// Kills (and reaps) one process the harness started.
+    pub fn kill_pid(&mut self, pid: u32) {
+        for s in self.spawned.iter_mut().filter(|s| s.child.id() == pid) {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        self.spawned.retain(|s| s.child.id() != pid);
+    }
+
     /// Runs one request from node `n` (in its namespace and cgroup) to `to`; returns the
     /// answer (`<cluster>/<pod> <message>`).
     pub fn request_from_node(

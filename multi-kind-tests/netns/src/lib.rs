@@ -18,6 +18,7 @@ pub mod cleanup;
 mod cmd;
 pub mod echo;
 pub mod harness;
+pub mod mesh;
 pub mod topology;
 
 pub use harness::Harness;

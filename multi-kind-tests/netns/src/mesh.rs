@@ -1,0 +1,313 @@
+//! The clustermesh control plane on top of a [`Harness`] topology: one state directory
+//! per cluster (made by the real `clustermesh enable`), Kubernetes-format manifests
+//! describing the topology's nodes, pods and the global echo service, and a real
+//! `clustermesh-apiserver` per cluster running in its first node's namespace.
+//!
+//! Agents join here once `clustermesh-agent` exists; until then the scenarios stop at the
+//! control plane (enable, connect, status, an apiserver going down and coming back).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::Harness;
+use crate::topology;
+use crate::{cleanup, Error, Result};
+
+/// Port of every mesh API server (on its node's fabric address).
+pub const MESH_API_PORT: u16 = 2379;
+/// Port the echo pods listen on.
+pub const ECHO_PORT: u16 = 8080;
+/// Cluster IP of the global echo service (same in every cluster, as with Cilium).
+pub const ECHO_VIP: &str = "10.96.0.10";
+
+/// Paths of the workspace binaries the mesh runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `clustermesh` (the CLI).
+    pub cli: PathBuf,
+    /// `clustermesh-apiserver`.
+    pub apiserver: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries next to `sibling` (a binary of the same cargo profile), built first
+    /// with `cargo build` when `cargo` is given, so a test run never uses stale ones.
+    pub fn beside(sibling: &Path, cargo: Option<&Path>) -> Result<Self> {
+        let dir = sibling.parent().ok_or_else(|| {
+            Error::Topology(format!("{} has no parent directory", sibling.display()))
+        })?;
+        if let Some(cargo) = cargo {
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "clustermesh-cli",
+                "-p",
+                "clustermesh-apiserver",
+            ]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().map_err(|source| Error::Spawn {
+                command: format!("{} build", cargo.display()),
+                source,
+            })?;
+            if !status.success() {
+                return Err(Error::Topology(
+                    "cargo build of clustermesh-cli/clustermesh-apiserver failed".into(),
+                ));
+            }
+        }
+        let b = Self {
+            cli: dir.join("clustermesh"),
+            apiserver: dir.join("clustermesh-apiserver"),
+        };
+        for p in [&b.cli, &b.apiserver] {
+            if !p.is_file() {
+                return Err(Error::Topology(format!(
+                    "{} is missing; build it with `cargo build -p clustermesh-cli -p clustermesh-apiserver`",
+                    p.display()
+                )));
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// Output of one CLI run.
+#[derive(Debug, Clone)]
+pub struct CliRun {
+    /// Exit status was 0.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// The control plane of every cluster of a harness.
+#[derive(Debug)]
+pub struct Mesh {
+    bins: Binaries,
+    state_root: PathBuf,
+    apiserver_pids: Vec<Option<u32>>,
+}
+
+impl Mesh {
+    /// Prepares state directories (under the run's directory, removed at teardown) and
+    /// writes each cluster's manifests. Nothing runs yet.
+    pub fn new(h: &Harness, bins: Binaries) -> Result<Self> {
+        let state_root = cleanup::state_dir(h.run_id());
+        std::fs::create_dir_all(&state_root).map_err(|source| Error::Io {
+            action: "create",
+            path: state_root.clone(),
+            source,
+        })?;
+        Ok(Self {
+            bins,
+            state_root,
+            apiserver_pids: vec![None; h.spec().clusters.len()],
+        })
+    }
+
+    /// State directory of cluster `c`.
+    #[must_use]
+    pub fn state_dir(&self, c: usize) -> PathBuf {
+        self.state_root.join(format!("cluster{}", c + 1))
+    }
+
+    /// Mesh API address of cluster `c` (its first node's fabric address).
+    #[must_use]
+    pub fn mesh_endpoint(c: usize) -> SocketAddr {
+        SocketAddr::new(topology::node_ip(c, 0).into(), MESH_API_PORT)
+    }
+
+    /// Runs the CLI in the host namespace (state-directory-only commands).
+    pub fn cli(&self, args: &[&str]) -> Result<CliRun> {
+        let out = Command::new(&self.bins.cli)
+            .args(args)
+            .env_remove("CLUSTERMESH_STATE_DIR")
+            .output()
+            .map_err(|source| Error::Spawn {
+                command: format!("{} {}", self.bins.cli.display(), args.join(" ")),
+                source,
+            })?;
+        Ok(CliRun {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs the CLI inside node `n` of cluster `c` (commands that reach mesh API servers).
+    pub fn cli_on_node(&self, h: &Harness, c: usize, n: usize, args: &[&str]) -> Result<CliRun> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.node_netns(c, n)))
+            .arg("--")
+            .arg(&self.bins.cli)
+            .args(args)
+            .env_remove("CLUSTERMESH_STATE_DIR")
+            .output()
+            .map_err(|source| Error::Spawn {
+                command: format!("nsenter {} {}", self.bins.cli.display(), args.join(" ")),
+                source,
+            })?;
+        Ok(CliRun {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// `clustermesh enable` for cluster `c` with ID `c+1`, then writes its manifests.
+    pub fn enable(&self, h: &Harness, c: usize) -> Result<CliRun> {
+        let dir = self.state_dir(c);
+        let name = h.spec().clusters[c].name.clone();
+        let id = (c + 1).to_string();
+        let ep = Self::mesh_endpoint(c).to_string();
+        let run = self.cli(&[
+            "--state-dir",
+            &dir.display().to_string(),
+            "enable",
+            "--cluster-name",
+            &name,
+            "--cluster-id",
+            &id,
+            "--mesh-endpoint",
+            &ep,
+        ])?;
+        if run.ok {
+            let path = dir.join("manifests").join("topology.yaml");
+            std::fs::write(&path, manifests(h, c)).map_err(|source| Error::Io {
+                action: "write",
+                path,
+                source,
+            })?;
+        }
+        Ok(run)
+    }
+
+    /// Starts cluster `c`'s mesh API server in its first node and waits until it answers
+    /// (`clustermesh status` from that node reports it reachable).
+    pub fn start_apiserver(&mut self, h: &mut Harness, c: usize) -> Result<()> {
+        let dir = self.state_dir(c);
+        let name = h.spec().clusters[c].name.clone();
+        let id = (c + 1).to_string();
+        let listen = Self::mesh_endpoint(c).to_string();
+        let raft_dir = dir.join("raft");
+        let (net, len) = topology::cluster_pod_cidr(c);
+        let args: Vec<String> = vec![
+            format!("--cluster-name={name}"),
+            format!("--cluster-id={id}"),
+            format!("--pod-cidr={net}/{len}"),
+            "--store=raft".into(),
+            format!("--raft-data-dir={}", raft_dir.display()),
+            "--raft-listen=127.0.0.1:2380".into(),
+            format!("--source=dir:{}", dir.join("manifests").display()),
+            "--dir-poll-interval=200ms".into(),
+            format!("--listen={listen}"),
+            "--metrics-addr=127.0.0.1:9962".into(),
+            format!("--tls-dir={}", dir.join("tls").display()),
+            "--trust-domain=clustermesh.local".into(),
+            "--log-format=json".into(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = h.spawn_in_node(
+            c,
+            0,
+            &format!("{name}-apiserver"),
+            &self.bins.apiserver,
+            &argv,
+        )?;
+        self.apiserver_pids[c] = Some(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let state = dir.display().to_string();
+        loop {
+            let run = self.cli_on_node(
+                h,
+                c,
+                0,
+                &[
+                    "--state-dir",
+                    &state,
+                    "-o",
+                    "json",
+                    "status",
+                    "--timeout",
+                    "1s",
+                ],
+            )?;
+            let up = serde_json_reachable(&run.stdout);
+            if up {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Topology(format!(
+                    "mesh API server of {name} did not come up within 30s: {}",
+                    run.stderr.trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills cluster `c`'s mesh API server.
+    pub fn kill_apiserver(&mut self, h: &mut Harness, c: usize) {
+        if let Some(pid) = self.apiserver_pids[c].take() {
+            h.kill_pid(pid);
+        }
+    }
+}
+
+/// Whether `status -o json` output says the mesh API server answered.
+fn serde_json_reachable(stdout: &str) -> bool {
+    // A tiny check without a JSON dependency: the field is printed as `"reachable": true`.
+    stdout.contains("\"reachable\": true")
+}
+
+/// Kubernetes-format manifests of cluster `c`: its nodes, its echo pods, and the global
+/// echo service with affinity `local` and an EndpointSlice listing the pods.
+#[must_use]
+pub fn manifests(h: &Harness, c: usize) -> String {
+    let cluster = &h.spec().clusters[c];
+    let mut y = String::new();
+    for (n, node) in cluster.nodes.iter().enumerate() {
+        let (net, len) = topology::node_pod_subnet(c, n);
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{topology.kubernetes.io/zone: zone-{}}}\nspec:\n  podCIDR: {net}/{len}\n  podCIDRs: [{net}/{len}]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n---\n",
+            node.name,
+            n + 1,
+            topology::node_ip(c, n)
+        );
+        for (p, pod) in node.pods.iter().enumerate() {
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n  labels: {{app: echo}}\nspec:\n  nodeName: {}\n  containers: [{{name: echo, image: clustermesh-netns}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+                node.name,
+                topology::pod_ip(c, n, p)
+            );
+        }
+    }
+    let _ = write!(
+        y,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    service.cilium.io/global: \"true\"\n    service.cilium.io/affinity: local\nspec:\n  type: ClusterIP\n  clusterIP: {ECHO_VIP}\n  clusterIPs: [{ECHO_VIP}]\n  selector: {{app: echo}}\n  ports:\n  - {{name: tcp, port: {ECHO_PORT}, targetPort: {ECHO_PORT}, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports:\n- {{name: tcp, port: {ECHO_PORT}, protocol: TCP}}\nendpoints:\n"
+    );
+    for (n, node) in cluster.nodes.iter().enumerate() {
+        for (p, pod) in node.pods.iter().enumerate() {
+            let _ = write!(
+                y,
+                "- addresses: [{}]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {}\n  zone: zone-{}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+                topology::pod_ip(c, n, p),
+                node.name,
+                n + 1
+            );
+        }
+    }
+    y
+}
