@@ -890,3 +890,24 @@ fn dump_serializes_services_backends_and_tables() {
     assert!(dump.counters.contains_key("connect_lb"));
     assert_eq!(Path::new(&dump.pin_dir), sb.pin_dir.as_path());
 }
+
+#[test]
+fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
+    let Some(sb) = Sandbox::new("bpffs") else { return };
+    let tmp = std::env::temp_dir().join(format!("cm-test-{}-bpffs", std::process::id()));
+    // A pin directory on a non-bpf filesystem, outside the bpffs mount point.
+    let err = BpfDatapath::open(sb.config().with_pin_dir(tmp.join("pins"))).unwrap_err();
+    assert!(matches!(err, BpfError::PinDirNotBpffs { .. }), "{err}");
+    assert!(err.to_string().contains("bpffs"), "{err}");
+    // bpffs expected at a mount point that does not exist: it cannot be mounted.
+    let mount = tmp.join("no-such-mount");
+    let err = BpfDatapath::open(
+        sb.config()
+            .with_bpffs_mount(&mount)
+            .with_pin_dir(mount.join("clustermesh")),
+    )
+    .unwrap_err();
+    assert!(matches!(err, BpfError::BpffsUnavailable { .. }), "{err}");
+    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
