@@ -291,3 +291,63 @@ async fn an_idle_watch_outlives_the_request_timeout() {
         "the watch broke although only the request timeout passed:\n{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resuming_into_compacted_history_ends_with_compacted() {
+    support::init_tracing();
+    let Some(mut server) =
+        EtcdServer::start_or_skip("a_watch_resuming_into_compacted_history_ends_with_compacted")
+            .await
+    else {
+        return;
+    };
+    // A long first retry delay leaves time to write and compact while the watch is away.
+    let store = EtcdStore::connect(
+        server
+            .config()
+            .with_backoff(Duration::from_secs(10), Duration::from_secs(10)),
+    )
+    .await
+    .expect("connect");
+    let r1 = store.put(b"gone/a", b"1".to_vec(), None).await.unwrap();
+    let mut watch = store.watch(b"gone/", r1).await.unwrap();
+    assert_eq!(watch.next().await.unwrap().unwrap().revision(), r1);
+
+    let reader = tokio::spawn(async move {
+        let first = tokio::time::timeout(Duration::from_secs(60), watch.next())
+            .await
+            .expect("an item within 60 s");
+        let after = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("the stream ends");
+        (first, after.is_none())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.stop();
+    server.launch().await.expect("etcd restarts");
+    let r2 = loop {
+        match store.put(b"gone/b", b"2".to_vec(), None).await {
+            Ok(rev) => break rev,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    store.put(b"gone/c", b"3".to_vec(), None).await.unwrap();
+    let r3 = store.put(b"gone/d", b"4".to_vec(), None).await.unwrap();
+    store.compact(r3).await.unwrap();
+
+    let (first, ended) = reader.await.unwrap();
+    match first {
+        Some(Err(clustermesh_store::StoreError::Compacted {
+            requested,
+            compacted,
+        })) => {
+            assert_eq!(
+                requested, r2,
+                "the watch wanted the first event it had not seen"
+            );
+            assert_eq!(compacted, r3);
+        }
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(ended, "the stream ends after Compacted");
+}
