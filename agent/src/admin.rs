@@ -1,0 +1,254 @@
+//! The admin API: HTTP/1.1 with JSON bodies on a local unix socket.
+//!
+//! `clustermesh status`, `service list` and `bpf lb list` read the agent through it. The
+//! shapes follow the CLI's client (`cli/src/admin.rs`); fields are only added, never
+//! renamed, and the CLI ignores unknown ones.
+//!
+//! | request            | response |
+//! |--------------------|----------|
+//! | `GET /v1/status`   | [`StatusBody`] |
+//! | `GET /v1/services` | list of [`ServiceBody`] (one per service port) |
+//! | `GET /v1/bpf/lb`   | what the datapath dump hook returns (503 without one) |
+//! | `GET /metrics`     | Prometheus text |
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::datapath::{BackendState, Frontend, Protocol, Tier};
+use crate::runtime::AgentView;
+use crate::watcher::ClusterStatus;
+
+/// Produces the `GET /v1/bpf/lb` body (JSON) from the live datapath.
+pub type BpfDumpHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusBody {
+    /// Node name.
+    pub node: String,
+    /// The agent's own cluster.
+    pub local_cluster: String,
+    /// Every configured cluster.
+    pub clusters: Vec<ClusterStatus>,
+    /// Number of load-balanced service ports.
+    pub services: usize,
+}
+
+/// `GET /v1/services` element.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceBody {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Service port name.
+    pub port_name: String,
+    /// Frontends, e.g. `10.96.0.10:80/TCP`.
+    pub frontends: Vec<String>,
+    /// Tier currently serving (`node`, `zone`, `cluster`, `remote`, or `none`).
+    pub active_tier: String,
+    /// Maglev table size (0: no usable backend).
+    pub table_size: usize,
+    /// Backends from every cluster.
+    pub backends: Vec<BackendBody>,
+}
+
+/// A backend of a service.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendBody {
+    /// Cluster.
+    pub cluster: String,
+    /// `ip:port`.
+    pub address: String,
+    /// `active` or `terminating`.
+    pub state: String,
+    /// Locality tier.
+    pub tier: String,
+    /// Maglev weight.
+    pub weight: u32,
+    /// Table slots it owns.
+    pub slots: u32,
+}
+
+fn tier_name(t: Tier) -> &'static str {
+    match t {
+        Tier::Node => "node",
+        Tier::Zone => "zone",
+        Tier::Cluster => "cluster",
+        Tier::Remote => "remote",
+    }
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+fn frontend(f: &Frontend) -> String {
+    format!("{}/{}", socket_addr(f.ip, f.port), proto_name(f.protocol))
+}
+
+/// The status body for `view`.
+#[must_use]
+pub fn status(view: &AgentView) -> StatusBody {
+    StatusBody {
+        node: view.node.clone(),
+        local_cluster: view.local_cluster.clone(),
+        clusters: view.clusters.snapshot(),
+        services: view.services().len(),
+    }
+}
+
+/// The services body for `view`.
+#[must_use]
+pub fn services(view: &AgentView) -> Vec<ServiceBody> {
+    view.services()
+        .values()
+        .map(|s| {
+            let mut slots = vec![0u32; s.lb.backends.len()];
+            for &i in s.lb.table.iter() {
+                if let Some(c) = slots.get_mut(i as usize) {
+                    *c += 1;
+                }
+            }
+            ServiceBody {
+                namespace: s.lb.id.namespace.clone(),
+                name: s.lb.id.name.clone(),
+                port_name: s.lb.id.port_name.clone(),
+                frontends: s.lb.frontends.iter().map(frontend).collect(),
+                active_tier: s.active_tier.map_or("none", tier_name).to_owned(),
+                table_size: s.lb.table.len(),
+                backends: s
+                    .lb
+                    .backends
+                    .iter()
+                    .zip(slots)
+                    .map(|(b, slots)| BackendBody {
+                        cluster: b.cluster.clone(),
+                        address: socket_addr(b.ip, b.port),
+                        state: match b.state {
+                            BackendState::Active => "active",
+                            BackendState::Terminating => "terminating",
+                        }
+                        .to_owned(),
+                        tier: tier_name(b.tier).to_owned(),
+                        weight: b.weight,
+                        slots,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn json<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(bytes),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode response: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+/// The admin router.
+pub fn router(view: AgentView, bpf: Option<BpfDumpHook>) -> Router {
+    let v1 = view.clone();
+    let v2 = view.clone();
+    let v3 = view;
+    Router::new()
+        .route("/v1/status", get(move || async move { json(&status(&v1)) }))
+        .route(
+            "/v1/services",
+            get(move || async move { json(&services(&v2)) }),
+        )
+        .route(
+            "/v1/bpf/lb",
+            get(move || async move {
+                match &bpf {
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this agent runs without the eBPF datapath",
+                    )
+                        .into_response(),
+                    Some(hook) => match tokio::task::block_in_place(|| hook()) {
+                        Ok(v) => json(&v),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+                    },
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    v3.metrics.render(),
+                )
+            }),
+        )
+}
+
+/// Errors starting the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The socket cannot be created.
+    #[error("cannot listen on admin socket {path}: {source}; check the directory exists and is writable")]
+    Bind {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Serves the admin API on unix socket `path` (replacing a stale socket file) until
+/// `cancel`.
+pub async fn serve(
+    path: &Path,
+    view: AgentView,
+    bpf: Option<BpfDumpHook>,
+    cancel: CancellationToken,
+) -> Result<(), AdminError> {
+    if path.exists() {
+        // A previous agent's socket; nobody can be listening on it if we are starting.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| AdminError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    tracing::info!(socket = %path.display(), "admin API listening");
+    let app = router(view, bpf);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}

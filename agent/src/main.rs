@@ -1,0 +1,165 @@
+//! `clustermesh-agent`: the node agent binary.
+//!
+//! Parses flags, sets up logging, opens the datapath (eBPF, or a recorder for dry runs),
+//! starts the control plane and the admin API, and exits non-zero with one clear line
+//! when it cannot start.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use clustermesh_agent::admin::{self, BpfDumpHook};
+use clustermesh_agent::bpf::{BpfConfig, BpfDatapath};
+use clustermesh_agent::datapath::Datapath;
+use clustermesh_agent::maglev::{Maglev, TableSize, DEFAULT_SEED};
+use clustermesh_agent::recording::RecordingDatapath;
+use clustermesh_agent::runtime::{Agent, AgentOptions};
+use clustermesh_agent::watcher::Backoff;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DatapathKind {
+    /// Program the eBPF maps (needs root, bpffs and cgroup v2).
+    Bpf,
+    /// Compute everything but program nothing (dry run; see the admin API).
+    Record,
+}
+
+/// clustermesh node agent: watches every cluster, merges global services, builds
+/// weighted Maglev tables and programs the eBPF datapath.
+#[derive(Debug, Parser)]
+#[command(name = "clustermesh-agent", version)]
+struct Args {
+    /// Agent configuration file (written by `clustermesh enable/connect`), reloaded on change.
+    #[arg(long, env = "CLUSTERMESH_AGENT_CONFIG")]
+    config: PathBuf,
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's zone (`topology.kubernetes.io/zone`).
+    #[arg(long, env = "NODE_ZONE", default_value = "")]
+    zone: String,
+    /// Admin API unix socket.
+    #[arg(long, default_value = "/var/run/clustermesh/agent.sock")]
+    admin_socket: PathBuf,
+    /// Drop an unreachable cluster's records after this long (e.g. `10m`); default: keep.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stale_ttl: Option<Duration>,
+    /// Maglev hash seed (must be the same on every node of the mesh).
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    maglev_seed: u64,
+    /// Fixed Maglev table size (a prime); default: per service, ≥ 100 × backends.
+    #[arg(long)]
+    maglev_table_size: Option<u32>,
+    /// Datapath to program.
+    #[arg(long, value_enum, default_value = "bpf")]
+    datapath: DatapathKind,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = clustermesh_agent::bpf::DEFAULT_PIN_DIR)]
+    bpf_pin_dir: PathBuf,
+    /// cgroup v2 directory to attach the socket load balancer to (default: the root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// How often to check the configuration file for changes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    config_poll: Duration,
+    /// Largest reconnect backoff.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    max_backoff: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(e) = run(args) {
+        tracing::error!(error = %format!("{e:#}"), "clustermesh-agent stopped");
+        eprintln!("clustermesh-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let size = args
+        .maglev_table_size
+        .map_or(TableSize::Auto, TableSize::Fixed);
+    let maglev = Maglev::new(args.maglev_seed).with_table_size(size);
+    let (datapath, bpf_hook): (Arc<dyn Datapath>, Option<BpfDumpHook>) = match args.datapath {
+        DatapathKind::Record => (Arc::new(RecordingDatapath::new()), None),
+        DatapathKind::Bpf => {
+            let mut cfg = BpfConfig::default().with_pin_dir(&args.bpf_pin_dir);
+            if let Some(cg) = &args.cgroup {
+                cfg = cfg.with_cgroup(cg);
+            }
+            let bpf = Arc::new(BpfDatapath::open(cfg).context(
+                "cannot open the eBPF datapath (run as root with bpffs and cgroup v2, or use --datapath record)",
+            )?);
+            let for_dump = Arc::clone(&bpf);
+            let hook: BpfDumpHook = Arc::new(move || {
+                let dump = for_dump.dump(false).map_err(|e| e.to_string())?;
+                serde_json::to_value(dump).map_err(|e| e.to_string())
+            });
+            (bpf, Some(hook))
+        }
+    };
+    let mut options = AgentOptions::new(&args.config, &args.node_name);
+    options.zone = args.zone;
+    options.stale_ttl = args.stale_ttl;
+    options.maglev = maglev;
+    options.config_poll = args.config_poll;
+    options.backoff = Backoff {
+        max: args.max_backoff,
+        ..Backoff::default()
+    };
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(options, datapath, cancel.clone())
+        .with_context(|| format!("cannot start with config {}", args.config.display()))?;
+    if let Some(dir) = args.admin_socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create admin socket directory {}", dir.display()))?;
+    }
+    let admin_cancel = cancel.clone();
+    let admin_task = tokio::spawn({
+        let view = agent.view.clone();
+        let path = args.admin_socket.clone();
+        async move { admin::serve(&path, view, bpf_hook, admin_cancel).await }
+    });
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    };
+    tokio::select! {
+        r = shutdown => { r.context("cannot listen for shutdown signals")?; }
+        r = &mut Box::pin(admin_task) => {
+            r.context("admin API task failed")??;
+        }
+    }
+    tracing::info!("shutting down (pinned eBPF state stays in force)");
+    cancel.cancel();
+    let _ = agent.task.await;
+    Ok(())
+}

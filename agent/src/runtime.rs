@@ -1,0 +1,344 @@
+//! The running agent: a supervisor that keeps one watcher per configured cluster, and a
+//! reconciler that turns watcher updates into datapath changes.
+//!
+//! ```text
+//! agent.yaml ──(poll)──> supervisor ──spawn/cancel──> watcher per cluster
+//!                                                        │ Update (mpsc)
+//!                              reconciler <──────────────┘
+//!    DesiredState.compute() on a blocking thread ──> Datapath::apply (pending kept on error)
+//! ```
+//!
+//! The reconciler applies every update that is already queued before computing, so a
+//! burst of events costs one compute, while a single event is applied on its own (the
+//! "within one event" latency). Views for the admin API are published after every round.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use clustermesh_certs::TrustDomain;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, ClusterEntry, ConfigError};
+use crate::datapath::{Datapath, LbServiceId};
+use crate::desired::{DesiredState, ServiceState};
+use crate::maglev::Maglev;
+use crate::merge::Locality;
+use crate::metrics::Metrics;
+use crate::watcher::{self, Backoff, ClusterRegistry, StatusBoard, Update, WatcherConfig};
+
+/// How long to wait before retrying a batch the datapath refused.
+const DATAPATH_RETRY: Duration = Duration::from_secs(1);
+
+/// Options of a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The configuration file (re-read when it changes).
+    pub config_path: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// This node's zone ("" if unknown).
+    pub zone: String,
+    /// Drop a disconnected cluster's records after this long (`None`: keep).
+    pub stale_ttl: Option<Duration>,
+    /// Table builder.
+    pub maglev: Maglev,
+    /// Reconnect policy.
+    pub backoff: Backoff,
+    /// How often the configuration file is checked for changes.
+    pub config_poll: Duration,
+    /// Connect + TLS handshake timeout.
+    pub connect_timeout: Duration,
+}
+
+impl AgentOptions {
+    /// Defaults for `config_path` and `node`.
+    #[must_use]
+    pub fn new(config_path: impl Into<PathBuf>, node: impl Into<String>) -> Self {
+        Self {
+            config_path: config_path.into(),
+            node: node.into(),
+            zone: String::new(),
+            stale_ttl: None,
+            maglev: Maglev::default(),
+            backoff: Backoff::default(),
+            config_poll: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The initial configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The trust domain in the configuration is invalid.
+    #[error("agent config: trust_domain {0:?} is invalid: {1}")]
+    TrustDomain(String, String),
+    /// The Maglev settings are invalid.
+    #[error(transparent)]
+    Maglev(#[from] crate::maglev::MaglevError),
+}
+
+/// What the admin API reads: published by the running agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentView {
+    /// Node name.
+    pub node: String,
+    /// Local cluster.
+    pub local_cluster: String,
+    /// Watcher statuses.
+    pub clusters: StatusBoard,
+    /// Desired state of every service port after the last compute.
+    pub services: Arc<RwLock<Arc<BTreeMap<LbServiceId, ServiceState>>>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AgentView {
+    /// The current services.
+    #[must_use]
+    pub fn services(&self) -> Arc<BTreeMap<LbServiceId, ServiceState>> {
+        self.services
+            .read()
+            .map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g))
+    }
+
+    fn publish(&self, services: BTreeMap<LbServiceId, ServiceState>) {
+        let services = Arc::new(services);
+        match self.services.write() {
+            Ok(mut g) => *g = services,
+            Err(p) => *p.into_inner() = services,
+        }
+    }
+}
+
+/// A started agent: its view and the task running it.
+#[derive(Debug)]
+pub struct Agent {
+    /// What the admin API shows.
+    pub view: AgentView,
+    /// Runs until the cancellation token passed to [`Agent::start`] fires.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Loads the configuration and starts the supervisor and reconciler.
+    pub fn start(
+        options: AgentOptions,
+        datapath: Arc<dyn Datapath>,
+        cancel: CancellationToken,
+    ) -> Result<Agent, AgentError> {
+        options.maglev.validate()?;
+        let config = AgentConfig::load(&options.config_path)?;
+        let trust_domain = TrustDomain::new(config.trust_domain.clone())
+            .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e.to_string()))?;
+        let view = AgentView {
+            node: options.node.clone(),
+            local_cluster: config.local_cluster.clone(),
+            metrics: Arc::new(Metrics::new()),
+            ..AgentView::default()
+        };
+        let here = Locality {
+            cluster: config.local_cluster.clone(),
+            node: options.node.clone(),
+            zone: options.zone.clone(),
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        let desired = DesiredState::new(here, options.maglev);
+        let reconciler = reconcile(desired, rx, datapath, view.clone(), cancel.clone());
+        let supervisor = Supervisor {
+            options,
+            trust_domain,
+            updates: tx,
+            view: view.clone(),
+            registry: Arc::new(ClusterRegistry::default()),
+            running: BTreeMap::new(),
+            cancel: cancel.clone(),
+        };
+        let task = tokio::spawn(async move {
+            tokio::join!(reconciler, supervisor.run(config));
+        });
+        Ok(Agent { view, task })
+    }
+}
+
+/// Applies queued updates, computes on a blocking thread, flushes to the datapath.
+async fn reconcile(
+    mut desired: DesiredState,
+    mut rx: mpsc::Receiver<Update>,
+    datapath: Arc<dyn Datapath>,
+    view: AgentView,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = if desired.has_pending() {
+            // A refused batch is waiting: retry after a pause unless updates come first.
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                u = rx.recv() => u,
+                () = tokio::time::sleep(DATAPATH_RETRY) => None,
+            }
+        } else {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                u = rx.recv() => match u { Some(u) => Some(u), None => return },
+            }
+        };
+        if let Some(u) = first {
+            apply(&mut desired, u);
+        }
+        while let Ok(u) = rx.try_recv() {
+            apply(&mut desired, u);
+        }
+        let dp = Arc::clone(&datapath);
+        let round = tokio::task::spawn_blocking(move || {
+            let stats = desired.compute();
+            let result = desired.flush(dp.as_ref());
+            (desired, stats, result)
+        })
+        .await;
+        let (d, stats, result) = match round {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "desired-state computation panicked; the agent cannot continue");
+                return;
+            }
+        };
+        desired = d;
+        view.metrics.computed(
+            stats.tables_built,
+            stats.build_errors,
+            desired.services().len(),
+        );
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                view.metrics.datapath_result(true);
+                tracing::debug!(
+                    services = n,
+                    merged = stats.merged,
+                    tables = stats.tables_built,
+                    "datapath updated"
+                );
+            }
+            Err(e) => {
+                view.metrics.datapath_result(false);
+                tracing::error!(error = %e, "datapath refused changes; retrying");
+            }
+        }
+        view.publish(desired.services().clone());
+    }
+}
+
+fn apply(desired: &mut DesiredState, u: Update) {
+    match u {
+        Update::Replace { cluster, records } => desired.replace_cluster(&cluster, records),
+        Update::Upsert(r) => desired.upsert(r),
+        Update::Remove { cluster, name } => desired.remove(&cluster, &name),
+        Update::DropCluster { cluster } => desired.remove_cluster(&cluster),
+    }
+}
+
+/// Starts, stops and restarts watchers as the configuration changes.
+struct Supervisor {
+    options: AgentOptions,
+    trust_domain: TrustDomain,
+    updates: mpsc::Sender<Update>,
+    view: AgentView,
+    registry: Arc<ClusterRegistry>,
+    running: BTreeMap<String, (ClusterEntry, CancellationToken)>,
+    cancel: CancellationToken,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut config: AgentConfig) {
+        self.sync_watchers(&config).await;
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                () = tokio::time::sleep(self.options.config_poll) => {}
+            }
+            match AgentConfig::load(&self.options.config_path) {
+                Ok(new) if new != config => {
+                    if new.local_cluster != config.local_cluster
+                        || new.trust_domain != config.trust_domain
+                    {
+                        tracing::error!(old = %config.local_cluster, new = %new.local_cluster, "local_cluster or trust_domain changed in the agent config; restart the agent to apply that (other changes are applied)");
+                    }
+                    tracing::info!(path = %self.options.config_path.display(), "agent config changed; updating cluster watchers");
+                    self.sync_watchers(&new).await;
+                    config = new;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload the agent config; keeping the running configuration");
+                }
+            }
+        }
+        for (_, (_, token)) in std::mem::take(&mut self.running) {
+            token.cancel();
+        }
+    }
+
+    async fn sync_watchers(&mut self, config: &AgentConfig) {
+        let wanted: BTreeMap<&str, &ClusterEntry> = config
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let stop: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, (entry, _))| wanted.get(name.as_str()) != Some(&entry))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stop {
+            if let Some((_, token)) = self.running.remove(&name) {
+                token.cancel();
+            }
+            self.registry.release(&name);
+            let still_configured = wanted.contains_key(name.as_str());
+            if !still_configured {
+                tracing::info!(cluster = %name, "cluster removed from the configuration; dropping its records");
+                self.view.clusters.remove(&name);
+                // The reconciler lives as long as the agent; a closed channel means shutdown.
+                let _ = self
+                    .updates
+                    .send(Update::DropCluster { cluster: name })
+                    .await;
+            } else {
+                tracing::info!(cluster = %name, "cluster settings changed; restarting its watcher (records kept until resynced)");
+            }
+        }
+        for (name, entry) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let token = self.cancel.child_token();
+            let wc = WatcherConfig {
+                entry: entry.clone(),
+                trust_domain: self.trust_domain.clone(),
+                cert_file: config.cert_file.clone(),
+                key_file: config.key_file.clone(),
+                backoff: self.options.backoff,
+                stale_ttl: self.options.stale_ttl,
+                connect_timeout: self.options.connect_timeout,
+            };
+            tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
+            tokio::spawn(watcher::run(
+                wc,
+                self.updates.clone(),
+                self.view.clusters.clone(),
+                Arc::clone(&self.registry),
+                Arc::clone(&self.view.metrics),
+                token.clone(),
+            ));
+            self.running.insert(name.to_owned(), (entry.clone(), token));
+        }
+    }
+}
