@@ -38,6 +38,8 @@ pub struct ApiserverStatus {
     pub revision: Option<u64>,
     /// Number of active watchers (from `Status`).
     pub watchers: Option<usize>,
+    /// Exported records per kind (from `Status`), e.g. `services: 1`.
+    pub records: std::collections::BTreeMap<String, u64>,
     /// Error when unreachable.
     pub error: Option<String>,
 }
@@ -133,10 +135,23 @@ impl MeshStatus {
                 _ => String::new(),
             }
         ));
+        if !api.records.is_empty() {
+            let list: Vec<String> = api
+                .records
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            out.push_str(&format!("Exported:    {}\n", list.join(", ")));
+        }
         let answering = self.agents.iter().filter(|a| a.status.is_some()).count();
         out.push_str(&format!(
-            "Agents:      {answering}/{} answering\n",
-            self.agents.len()
+            "Agents:      {answering}/{} answering{}\n",
+            self.agents.len(),
+            if self.agents.is_empty() {
+                " (none listed in cluster.yaml; see enable --agent-socket)"
+            } else {
+                ""
+            }
         ));
         let n = self.configured.len();
         let min_connected = self
@@ -194,6 +209,24 @@ impl MeshStatus {
     }
 }
 
+/// `KIND_SERVICE` → `services`.
+fn kind_name(kind: i32) -> String {
+    match clustermesh_api::v1::Kind::try_from(kind) {
+        Ok(k) => {
+            let base = k
+                .as_str_name()
+                .trim_start_matches("KIND_")
+                .to_ascii_lowercase();
+            match base.as_str() {
+                "cluster_config" => base,
+                "identity" => "identities".into(),
+                _ => format!("{base}s"),
+            }
+        }
+        Err(_) => format!("kind-{kind}"),
+    }
+}
+
 /// Collects the status once.
 pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) -> MeshStatus {
     let configured = standalone::load_agent_config(dir)
@@ -204,7 +237,16 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             reachable: true,
             endpoint: Some(info.endpoint),
             revision: Some(info.revision),
-            watchers: info.status.map(|s| s.watchers.len()),
+            watchers: info.status.as_ref().map(|s| s.watchers.len()),
+            records: info
+                .status
+                .map(|s| {
+                    s.counts
+                        .iter()
+                        .map(|k| (kind_name(k.kind), k.count))
+                        .collect()
+                })
+                .unwrap_or_default(),
             error: None,
         },
         Err(e) => ApiserverStatus {
@@ -212,6 +254,7 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             endpoint: None,
             revision: None,
             watchers: None,
+            records: std::collections::BTreeMap::new(),
             error: Some(e.to_string()),
         },
     };

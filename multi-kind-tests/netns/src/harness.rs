@@ -271,6 +271,19 @@ impl Harness {
         program: &Path,
         args: &[&str],
     ) -> Result<u32> {
+        self.spawn_in_node_logged(c, n, label, program, args, None)
+    }
+
+    /// Like [`Self::spawn_in_node`], with stdout and stderr appended to `log`.
+    pub fn spawn_in_node_logged(
+        &mut self,
+        c: usize,
+        n: usize,
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> Result<u32> {
         let ns = self.node_netns(c, n);
         let cg = self.node_cgroup(c, n);
         let mut full: Vec<String> = vec![
@@ -284,7 +297,7 @@ impl Harness {
         let helper = self.helper.display().to_string();
         let mut all = vec![helper.as_str()];
         all.extend(full.iter().map(String::as_str));
-        self.spawn(&ns, label, &all, false).map(|(pid, _)| pid)
+        self.spawn(&ns, label, &all, false, log).map(|(pid, _)| pid)
     }
 
     fn spawn(
@@ -293,18 +306,33 @@ impl Harness {
         label: &str,
         argv: &[&str],
         want_stdout: bool,
+        log: Option<&Path>,
     ) -> Result<(u32, Option<String>)> {
         let line = format!("{} {}", enter_netns(ns).join(" "), argv.join(" "));
+        let (stdout, stderr) = match log {
+            Some(path) => {
+                let open = || {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|source| Error::Io {
+                            action: "open log",
+                            path: path.to_path_buf(),
+                            source,
+                        })
+                };
+                (Stdio::from(open()?), Stdio::from(open()?))
+            }
+            None if want_stdout => (Stdio::piped(), Stdio::inherit()),
+            None => (Stdio::null(), Stdio::inherit()),
+        };
         let mut child = Command::new("nsenter")
             .args(&enter_netns(ns)[1..])
             .args(argv)
             .stdin(Stdio::null())
-            .stdout(if want_stdout {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .map_err(|source| Error::Spawn {
                 command: line.clone(),
@@ -358,6 +386,7 @@ impl Harness {
                 &identity,
             ],
             true,
+            None,
         )?;
         Ok(SocketAddr::new(ip.into(), port))
     }

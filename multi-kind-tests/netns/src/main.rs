@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use clustermesh_netns_harness::{cgroup, cleanup, echo, topology, Harness, TopologySpec};
+use clustermesh_netns_harness::{cgroup, cleanup, echo, mesh, topology, Harness, TopologySpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -152,7 +152,9 @@ fn demo() -> Result<(), String> {
         }
     }
     println!("==> starting an echo server in every pod");
-    let backends = h.start_all_echo(8080).map_err(|e| e.to_string())?;
+    let backends = h
+        .start_all_echo(mesh::ECHO_PORT)
+        .map_err(|e| e.to_string())?;
     for b in &backends {
         println!("    listening on {b}");
     }
@@ -166,11 +168,68 @@ fn demo() -> Result<(), String> {
         .namespaces_with_default_route()
         .map_err(|e| e.to_string())?;
     println!("==> namespaces with a default route: {}", defaults.len());
+
+    match mesh::Binaries::beside(&helper, None) {
+        Err(e) => println!("==> skipping the control plane part: {e}"),
+        Ok(bins) => control_plane(&mut h, bins)?,
+    }
+
     println!("==> tearing down run {}", h.run_id());
     let problems = h.teardown();
     if !problems.is_empty() {
         return Err(format!("teardown incomplete: {}", problems.join("; ")));
     }
-    println!("    done: namespaces, cgroups, pinned maps and processes removed");
+    println!("    done: namespaces, cgroups, pinned maps, state and processes removed");
+    Ok(())
+}
+
+/// enable x2, a real mesh API server per cluster, connect, status.
+fn control_plane(h: &mut Harness, bins: mesh::Binaries) -> Result<(), String> {
+    let mut m = mesh::Mesh::new(h, bins).map_err(|e| e.to_string())?;
+    for c in 0..2 {
+        println!(
+            "==> clustermesh enable cluster{} (id {}), mesh API at {}",
+            c + 1,
+            c + 1,
+            mesh::Mesh::mesh_endpoint(c)
+        );
+        let r = m.enable(h, c).map_err(|e| e.to_string())?;
+        if !r.ok {
+            return Err(r.stderr.trim().to_string());
+        }
+        println!(
+            "==> starting clustermesh-apiserver of cluster{} in {}",
+            c + 1,
+            h.node_netns(c, 0)
+        );
+        m.start_apiserver(h, c).map_err(|e| e.to_string())?;
+    }
+    let (a, b) = (
+        m.state_dir(0).display().to_string(),
+        m.state_dir(1).display().to_string(),
+    );
+    println!("==> clustermesh connect cluster1 <-> cluster2 (run inside cluster1/node1)");
+    let r = m
+        .cli_on_node(
+            h,
+            0,
+            0,
+            &["--state-dir", &a, "connect", "--destination-state-dir", &b],
+        )
+        .map_err(|e| e.to_string())?;
+    if !r.ok {
+        return Err(r.stderr.trim().to_string());
+    }
+    print!("    {}", r.stdout);
+    for (c, dir) in [(0, &a), (1, &b)] {
+        println!("==> clustermesh status (cluster{})", c + 1);
+        let r = m
+            .cli_on_node(h, c, 0, &["--state-dir", dir, "status"])
+            .map_err(|e| e.to_string())?;
+        for line in r.stdout.lines() {
+            println!("    {line}");
+        }
+    }
+    println!("    (node agents join once clustermesh-agent exists; the VIP and failover steps follow then)");
     Ok(())
 }

@@ -121,6 +121,13 @@ impl Mesh {
         self.state_root.join(format!("cluster{}", c + 1))
     }
 
+    /// Log file of cluster `c`'s mesh API server (kept until teardown).
+    #[must_use]
+    pub fn apiserver_log(&self, c: usize) -> PathBuf {
+        self.state_root
+            .join(format!("cluster{}-apiserver.log", c + 1))
+    }
+
     /// Mesh API address of cluster `c` (its first node's fabric address).
     #[must_use]
     pub fn mesh_endpoint(c: usize) -> SocketAddr {
@@ -217,12 +224,14 @@ impl Mesh {
             "--log-format=json".into(),
         ];
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let pid = h.spawn_in_node(
+        let log = self.apiserver_log(c);
+        let pid = h.spawn_in_node_logged(
             c,
             0,
             &format!("{name}-apiserver"),
             &self.bins.apiserver,
             &argv,
+            Some(&log),
         )?;
         self.apiserver_pids[c] = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -248,8 +257,9 @@ impl Mesh {
             }
             if Instant::now() >= deadline {
                 return Err(Error::Topology(format!(
-                    "mesh API server of {name} did not come up within 30s: {}",
-                    run.stderr.trim()
+                    "mesh API server of {name} did not come up within 30s: {} (log: {})",
+                    run.stderr.trim(),
+                    log.display()
                 )));
             }
             std::thread::sleep(Duration::from_millis(200));

@@ -84,6 +84,10 @@ fn enable_connect_status_and_peer_outage_with_real_apiservers() {
     let (ok, st, err) = status_json(&mesh, &h, 0);
     assert!(ok, "{err}");
     assert_eq!(st["apiserver"]["reachable"], true, "{st}");
+    let records = &st["apiserver"]["records"];
+    assert_eq!(records["services"], 1, "{st}");
+    assert_eq!(records["endpoints"], 2, "{st}");
+    assert_eq!(records["nodes"], 2, "{st}");
 
     // connect from inside cluster1/node1: both apiservers are reached over the fabric.
     let r = mesh
