@@ -64,6 +64,36 @@ pub enum Command {
         /// First revision still held afterwards.
         revision: Revision,
     },
+    /// Several client commands proposed as one log entry, applied in order (each with
+    /// its own revision). Batching amortises one append, one fsync and one replication
+    /// round over every write that arrived while the previous entry was in flight.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Approximate encoded size, for batch limits.
+    pub(crate) fn size(&self) -> usize {
+        16 + match self {
+            Command::Put { key, value, .. } => key.len() + value.len(),
+            Command::Delete { key } => key.len(),
+            Command::DeletePrefix { prefix } => prefix.len(),
+            Command::CompareAndSwap { key, put, .. } => {
+                key.len() + put.as_ref().map_or(0, |p| p.value.len())
+            }
+            Command::Batch(cmds) => cmds.iter().map(Command::size).sum(),
+            _ => 0,
+        }
+    }
+
+    /// Whether proposing the command twice leaves the same final state (a put of the
+    /// same value, a prefix delete, a compaction), so an ambiguous failure may be retried.
+    pub(crate) fn retry_safe(&self) -> bool {
+        match self {
+            Command::Put { .. } | Command::DeletePrefix { .. } | Command::Compact { .. } => true,
+            Command::Batch(cmds) => cmds.iter().all(Command::retry_safe),
+            _ => false,
+        }
+    }
 }
 
 /// The write of a successful compare-and-swap.
@@ -115,6 +145,8 @@ pub enum CommandResponse {
         /// First revision watches may start from.
         floor: Revision,
     },
+    /// The answers to a [`Command::Batch`], in order.
+    Batch(Vec<CommandResponse>),
 }
 
 /// A key with its metadata, in the serializable form the state machine stores.

@@ -36,6 +36,12 @@ pub struct RaftConfig {
     /// Build a snapshot after this many applied entries since the last one; the log
     /// before it is then purged, keeping disk use bounded.
     pub snapshot_every: u64,
+    /// Also build a snapshot once this many command bytes were applied since the last
+    /// one (bounds the log by size as well as by entry count).
+    pub snapshot_bytes: u64,
+    /// Batches a replica may have in flight at once (writes arriving meanwhile are
+    /// batched into the next one).
+    pub proposers: usize,
     /// Entries kept in the log behind the snapshot (lets a briefly lagging follower
     /// catch up without a snapshot transfer).
     pub keep_after_snapshot: u64,
@@ -85,7 +91,9 @@ impl RaftConfig {
                 heartbeat: Duration::from_millis(100),
                 election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
                 snapshot_every: 10_000,
-                keep_after_snapshot: 1_000,
+                keep_after_snapshot: 100,
+                snapshot_bytes: 128 * 1024 * 1024,
+                proposers: 2,
                 segment_bytes: 64 * 1024 * 1024,
                 history_max_events: 100_000,
                 history_max_bytes: 64 * 1024 * 1024,
@@ -157,6 +165,20 @@ impl RaftConfigBuilder {
     pub fn snapshots(mut self, every: u64, keep_after: u64) -> Self {
         self.config.snapshot_every = every;
         self.config.keep_after_snapshot = keep_after;
+        self
+    }
+
+    /// Snapshot after this many applied command bytes, too.
+    #[must_use]
+    pub fn snapshot_bytes(mut self, bytes: u64) -> Self {
+        self.config.snapshot_bytes = bytes;
+        self
+    }
+
+    /// Batches in flight at once per replica.
+    #[must_use]
+    pub fn proposers(mut self, n: usize) -> Self {
+        self.config.proposers = n;
         self
     }
 

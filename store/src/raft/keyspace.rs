@@ -302,6 +302,9 @@ impl KeySpace {
                 }
                 CommandResponse::LeaseRemoved
             }
+            Command::Batch(cmds) => {
+                CommandResponse::Batch(cmds.into_iter().map(|c| self.apply(c)).collect())
+            }
             Command::Compact { revision } => {
                 let target = revision.min(self.revision + 1);
                 self.history.drop_before(target);

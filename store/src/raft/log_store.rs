@@ -64,6 +64,20 @@ struct LogMeta {
     last_purged: Option<LogId<NodeId>>,
 }
 
+/// Where an entry's record lives, and how big it is.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    /// First index of the segment (its file name).
+    segment: u64,
+    /// Byte offset of the record in the segment.
+    offset: u64,
+    /// Encoded size of the entry.
+    size: u64,
+}
+
+/// Most entry bytes one AppendEntries carries (well under the RPC message limit).
+const REPLICATION_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
 #[derive(Debug)]
 struct Segment {
     path: PathBuf,
@@ -80,8 +94,8 @@ struct ActiveSegment {
 struct LogInner {
     dir: PathBuf,
     entries: BTreeMap<u64, Entry<TypeConfig>>,
-    /// Index → (segment first index, byte offset of the record).
-    locs: BTreeMap<u64, (u64, u64)>,
+    /// Index → where its record is.
+    locs: BTreeMap<u64, Loc>,
     segments: BTreeMap<u64, Segment>,
     active: Option<ActiveSegment>,
     last_purged: Option<LogId<NodeId>>,
@@ -154,10 +168,17 @@ pub(crate) fn read_single_record<T: serde::de::DeserializeOwned>(
                 format!("cannot decode contents: {e}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
             )
         }),
-        _ => Err(corrupt(
-            path,
-            format!("file damaged ({end:?}); restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
-        )),
+        _ => {
+            let what = match end {
+                ScanEnd::Corrupt { offset, reason } => format!("{reason} at offset {offset}"),
+                ScanEnd::Torn { offset } => format!("file is cut short at offset {offset}"),
+                ScanEnd::Clean => format!("{} records where one was expected", recs.len()),
+            };
+            Err(corrupt(
+                path,
+                format!("{what}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
+            ))
+        }
     }
 }
 
@@ -258,7 +279,14 @@ impl LogStore {
                             }
                         }
                         expected_next = Some(index + 1);
-                        inner.locs.insert(index, (first, offset as u64));
+                        inner.locs.insert(
+                            index,
+                            Loc {
+                                segment: first,
+                                offset: offset as u64,
+                                size: payload.len() as u64,
+                            },
+                        );
                         inner.entries.insert(index, entry);
                     }
                 }
@@ -378,6 +406,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let inner = self.lock();
         Ok(inner.entries.range(range).map(|(_, e)| e.clone()).collect())
     }
+
+    /// Caps a replication batch at [`REPLICATION_BATCH_BYTES`] (at least one entry), so a
+    /// run of megabyte values never exceeds the RPC message limit.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (index, e) in inner.entries.range(start..end) {
+            let size = inner.locs.get(index).map(|l| l.size).unwrap_or(0);
+            if !out.is_empty() && bytes + size > REPLICATION_BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            out.push(e.clone());
+        }
+        Ok(out)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -458,9 +507,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut buf = Vec::new();
         let mut offsets = Vec::with_capacity(entries.len());
         for e in &entries {
-            offsets.push(buf.len() as u64);
             let payload = record::encode(&LogRecordRef::Entry(e))
                 .map_err(|err| StorageIOError::write_log_entry(*e.get_log_id(), &io_err(err)))?;
+            offsets.push((buf.len() as u64, payload.len() as u64));
             record::push_frame(&mut buf, &payload);
         }
         let mut inner = self.lock();
@@ -474,9 +523,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e))?;
         active.len += buf.len() as u64;
         let file = active.file.clone();
-        for (e, off) in entries.into_iter().zip(offsets) {
+        for (e, (off, size)) in entries.into_iter().zip(offsets) {
             let index = e.get_log_id().index;
-            inner.locs.insert(index, (seg, base + off));
+            inner.locs.insert(
+                index,
+                Loc {
+                    segment: seg,
+                    offset: base + off,
+                    size,
+                },
+            );
             inner.entries.insert(index, e);
         }
         drop(inner);
@@ -488,7 +544,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let mut inner = self.lock();
-        let Some(&(seg, offset)) = inner.locs.get(&log_id.index) else {
+        let Some(&Loc {
+            segment: seg,
+            offset,
+            ..
+        }) = inner.locs.get(&log_id.index)
+        else {
             return Ok(());
         };
         tracing::debug!(

@@ -26,6 +26,8 @@ mod node;
 mod record;
 mod rpc;
 mod state_machine;
+#[cfg(test)]
+mod storage_suite;
 mod store;
 mod tls;
 mod watch;

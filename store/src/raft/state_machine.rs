@@ -8,7 +8,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::RaftStateMachine;
@@ -47,6 +47,8 @@ pub(crate) struct SharedState {
     revision: watch::Sender<Revision>,
     /// Set when the replica stopped; watchers then end with an error.
     closed: AtomicBool,
+    /// Command bytes applied since the last snapshot (triggers a snapshot by size).
+    since_snapshot: AtomicU64,
 }
 
 impl SharedState {
@@ -72,6 +74,11 @@ impl SharedState {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.revision.send_modify(|_| {});
+    }
+
+    /// Command bytes applied since the last snapshot was built or installed.
+    pub(crate) fn bytes_since_snapshot(&self) -> u64 {
+        self.since_snapshot.load(Ordering::Relaxed)
     }
 
     /// Whether the replica stopped.
@@ -130,6 +137,7 @@ impl StateMachine {
                 applied: RwLock::new(applied),
                 revision: watch::Sender::new(revision),
                 closed: AtomicBool::new(false),
+                since_snapshot: AtomicU64::new(0),
             }),
             snapshot_path,
             limits,
@@ -150,6 +158,7 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        self.shared.since_snapshot.store(0, Ordering::Relaxed);
         let (data, meta) = {
             let applied = self.shared.read();
             let data = record::encode(&applied.ks).map_err(|e| {
@@ -201,7 +210,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 applied.last_applied = Some(entry.log_id);
                 let resp = match entry.payload {
                     EntryPayload::Blank => CommandResponse::None,
-                    EntryPayload::Normal(cmd) => applied.ks.apply(cmd),
+                    EntryPayload::Normal(cmd) => {
+                        self.shared
+                            .since_snapshot
+                            .fetch_add(cmd.size() as u64, Ordering::Relaxed);
+                        applied.ks.apply(cmd)
+                    }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         CommandResponse::None
@@ -247,6 +261,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.persist(&file)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let revision = ks.revision();
+        self.shared.since_snapshot.store(0, Ordering::Relaxed);
         {
             let mut applied = self.shared.write();
             applied.ks = ks;

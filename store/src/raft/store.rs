@@ -13,9 +13,16 @@ use crate::{
 
 /// A [`Store`] served by one local replica of the embedded raft cluster.
 ///
-/// Writes go through the raft log (forwarded to the leader when this replica follows);
-/// reads are linearizable (ReadIndex confirmed with the leader) and served from the local
-/// state; watches are served from this replica's history.
+/// Writes go through the raft log (batched, and forwarded to the leader when this replica
+/// follows); reads are linearizable (ReadIndex confirmed with the leader) and served from
+/// the local state; watches start linearizably and are served from this replica's
+/// history.
+///
+/// Failure semantics: an error means the write was not acknowledged. When the connection
+/// to the leader breaks mid-request the outcome is unknown; puts, prefix deletes and
+/// compactions are then retried (re-applying them leaves the same state, though a watch
+/// sees the put twice), other writes fail with [`StoreError::Unavailable`] saying the
+/// write may or may not have been applied.
 #[derive(Debug, Clone)]
 pub struct RaftStore {
     replica: Arc<Replica>,
@@ -138,8 +145,10 @@ impl Store for RaftStore {
     }
 
     async fn watch(&self, prefix: &[u8], from_revision: Revision) -> Result<WatchStream> {
+        // Linearizable start: this replica has applied everything committed before the
+        // call (a compaction or write acknowledged elsewhere included).
+        self.replica.read_barrier().await?;
         let from = if from_revision == 0 {
-            self.replica.read_barrier().await?;
             self.replica.shared().read().ks.revision() + 1
         } else {
             from_revision
