@@ -96,17 +96,6 @@ impl BenchEnv {
             .with_cgroup(&self.cgroup)
             .with_slab_entries(slab_entries)
     }
-
-    /// Runs `f` on a thread inside the bench cgroup (where the programs are attached).
-    fn in_cgroup<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let threads = self.cgroup.join("cgroup.threads");
-        std::thread::spawn(move || {
-            std::fs::write(&threads, nix::unistd::gettid().to_string()).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
 }
 
 impl Drop for BenchEnv {
@@ -202,18 +191,6 @@ struct Lat {
     p99: Duration,
 }
 
-fn measure(to: SocketAddrV4, n: usize) -> Lat {
-    for _ in 0..(n / 10).max(100) {
-        timed_connect(to);
-    }
-    let mut v: Vec<Duration> = (0..n).map(|_| timed_connect(to)).collect();
-    v.sort_unstable();
-    Lat {
-        p50: v[v.len() / 2],
-        p99: v[v.len() * 99 / 100],
-    }
-}
-
 fn v4(a: SocketAddr) -> SocketAddrV4 {
     match a {
         SocketAddr::V4(a) => a,
@@ -289,6 +266,108 @@ fn services_with(n: u32, measured: u32, real: &[SocketAddr]) -> Vec<LbService> {
 
 // ---------------------------------------------------------------------------------------
 // Part 1: connect() latency.
+//
+// Every path gets a long-lived worker thread placed where that path applies (host, a cgroup
+// with programs attached, a network namespace with iptables rules). The rows are measured
+// in interleaved rounds, so load from other processes on this shared machine hits all rows
+// alike instead of whichever row happened to run during a busy moment.
+
+/// Where a worker thread lives.
+enum Place {
+    /// Host namespace, no programs.
+    Host,
+    /// Inside a cgroup with the datapath programs attached.
+    Cgroup(PathBuf),
+    /// In a fresh network namespace with kube-proxy-style rules loaded by this tool.
+    Iptables(&'static str),
+}
+
+/// A worker: send (address, count), receive that many connect() durations.
+struct Worker {
+    tx: std::sync::mpsc::Sender<Option<(SocketAddrV4, usize)>>,
+    rx: std::sync::mpsc::Receiver<Vec<Duration>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts a worker; for `Place::Iptables` also returns the rule load time.
+    fn start(place: Place) -> Result<(Self, Option<Duration>), String> {
+        let (tx, work_rx) = std::sync::mpsc::channel::<Option<(SocketAddrV4, usize)>>();
+        let (done_tx, rx) = std::sync::mpsc::channel::<Vec<Duration>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<Duration>, String>>();
+        let handle = std::thread::spawn(move || {
+            // Sinks of a namespace worker must live as long as the worker.
+            let mut _sinks = Vec::new();
+            let ready = match place {
+                Place::Host => Ok(None),
+                Place::Cgroup(cg) => {
+                    std::fs::write(cg.join("cgroup.threads"), nix::unistd::gettid().to_string())
+                        .map(|()| None)
+                        .map_err(|e| format!("join cgroup: {e}"))
+                }
+                Place::Iptables(tool) => iptables_namespace(tool).map(|(sinks, load)| {
+                    _sinks = sinks;
+                    Some(load)
+                }),
+            };
+            let ok = ready.is_ok();
+            let _ = ready_tx.send(ready);
+            if !ok {
+                return;
+            }
+            while let Ok(Some((to, n))) = work_rx.recv() {
+                let v = (0..n).map(|_| timed_connect(to)).collect();
+                if done_tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        let load = ready_rx
+            .recv()
+            .map_err(|_| "worker died during setup".to_string())??;
+        Ok((
+            Self {
+                tx,
+                rx,
+                handle: Some(handle),
+            },
+            load,
+        ))
+    }
+
+    fn run(&self, to: SocketAddrV4, n: usize) -> Vec<Duration> {
+        self.tx.send(Some((to, n))).expect("worker alive");
+        self.rx.recv().expect("worker result")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.tx.send(None);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn percentiles(mut v: Vec<Duration>) -> Lat {
+    v.sort_unstable();
+    Lat {
+        p50: v[v.len() / 2],
+        p99: v[v.len() * 99 / 100],
+    }
+}
+
+/// A second threaded cgroup for the 100-service datapath.
+fn sibling_cgroup(env: &BenchEnv, suffix: &str) -> PathBuf {
+    let cg = env.cgroup.with_file_name(format!(
+        "{}-{suffix}",
+        env.cgroup.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir(&cg).expect("create cgroup");
+    std::fs::write(cg.join("cgroup.type"), "threaded").expect("threaded cgroup");
+    cg
+}
 
 fn latency(env: &BenchEnv, n: usize, out: &mut String) {
     let sinks = [
@@ -298,50 +377,57 @@ fn latency(env: &BenchEnv, n: usize, out: &mut String) {
     let real: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
     let backend0 = v4(real[0]);
     let measured = SERVICES / 2;
-    let vip = SocketAddrV4::new(vip_for(measured), 80);
-    let mut rows: Vec<(String, Lat)> = Vec::new();
 
-    eprintln!("direct (no programs)");
-    rows.push((
-        "direct to backend, no programs".into(),
-        std::thread::spawn(move || measure(backend0, n))
-            .join()
-            .unwrap(),
-    ));
+    // Datapath with 10k services on the main bench cgroup, 100 services on a sibling.
+    let dp_10k = BpfDatapath::open(env.config("lat10k", 1 << 24)).expect("open datapath");
+    dp_10k
+        .reconcile(&services_with(SERVICES, measured, &real))
+        .unwrap();
+    let cg_100 = sibling_cgroup(env, "100");
+    let dp_100 = BpfDatapath::open(env.config("lat100", 1 << 20).with_cgroup(&cg_100))
+        .expect("open datapath");
+    dp_100.reconcile(&services_with(100, 50, &real)).unwrap();
 
-    let dp = BpfDatapath::open(env.config("lat", 1 << 24)).expect("open datapath");
-    eprintln!("direct with programs");
+    let mut rows: Vec<(String, Worker, SocketAddrV4)> = Vec::new();
+    let host = Worker::start(Place::Host).unwrap().0;
+    rows.push(("direct to backend, no programs".into(), host, backend0));
+    let miss = Worker::start(Place::Cgroup(env.cgroup.clone())).unwrap().0;
     rows.push((
         "direct to backend, programs attached (lookup miss)".into(),
-        env.in_cgroup(move || measure(backend0, n)),
+        miss,
+        backend0,
     ));
-    let hundred = services_with(100, 50, &real);
-    dp.reconcile(&hundred).unwrap();
-    let vip100 = SocketAddrV4::new(vip_for(50), 80);
-    eprintln!("eBPF 100");
+    let w100 = Worker::start(Place::Cgroup(cg_100.clone())).unwrap().0;
     rows.push((
         "eBPF VIP, 100 services".into(),
-        env.in_cgroup(move || measure(vip100, n)),
+        w100,
+        SocketAddrV4::new(vip_for(50), 80),
     ));
-    let tenk = services_with(SERVICES, measured, &real);
-    dp.reconcile(&tenk).unwrap();
-    eprintln!("eBPF 10k");
+    let w10k = Worker::start(Place::Cgroup(env.cgroup.clone())).unwrap().0;
     rows.push((
         "eBPF VIP, 10k services".into(),
-        env.in_cgroup(move || measure(vip, n)),
+        w10k,
+        SocketAddrV4::new(vip_for(measured), 80),
     ));
-    dp.cleanup().unwrap();
-    drop(sinks);
-
     for (tool, label) in [
         ("iptables-legacy", "iptables-legacy DNAT, 10k services"),
         ("iptables-nft", "iptables-nft DNAT, 10k services"),
     ] {
-        eprintln!("{label}");
-        match iptables_latency(tool, n) {
-            Ok((middle, last, load)) => {
-                rows.push((format!("{label} (rules loaded in {load:.1?})"), middle));
-                rows.push((format!("{label}, VIP last in the chain"), last));
+        eprintln!("loading {label}");
+        match Worker::start(Place::Iptables(tool)) {
+            Ok((w, load)) => {
+                let load = load.unwrap_or_default();
+                rows.push((
+                    format!("{label} (rules loaded in {load:.1?})"),
+                    w,
+                    SocketAddrV4::new(vip_for(measured), 80),
+                ));
+                let (w_last, _) = Worker::start(Place::Iptables(tool)).expect("second namespace");
+                rows.push((
+                    format!("{label}, VIP last in the chain"),
+                    w_last,
+                    SocketAddrV4::new(vip_for(SERVICES - 1), 80),
+                ));
             }
             Err(e) => {
                 let _ = writeln!(out, "{label}: not measured: {e}\n");
@@ -349,14 +435,40 @@ fn latency(env: &BenchEnv, n: usize, out: &mut String) {
         }
     }
 
-    let direct = rows[0].1;
+    // Warm-up round, then interleaved measured rounds.
+    let rounds = 20usize;
+    let per_round = (n / rounds).max(1);
+    for (_, w, to) in &rows {
+        w.run(*to, per_round / 2 + 1);
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); rows.len()];
+    for round in 0..rounds {
+        eprintln!("latency round {}/{rounds}", round + 1);
+        for (k, (_, w, to)) in rows.iter().enumerate() {
+            samples[k].extend(w.run(*to, per_round));
+        }
+    }
+    let lats: Vec<(String, Lat)> = rows
+        .iter()
+        .zip(samples)
+        .map(|((label, _, _), v)| (label.clone(), percentiles(v)))
+        .collect();
+    drop(rows);
+    dp_100.cleanup().unwrap();
+    dp_10k.cleanup().unwrap();
+    drop(sinks);
+    let _ = std::fs::remove_dir(&cg_100);
+
+    let direct = lats[0].1;
     let _ = writeln!(
         out,
-        "connect() latency, {n} connects per row (SO_LINGER 0), VIP in the middle of the service list unless noted\n"
+        "connect() latency, {} connects per row in {rounds} interleaved rounds (SO_LINGER 0), \
+         VIP in the middle of the service list unless noted\n",
+        per_round * rounds
     );
     let _ = writeln!(out, "| path | p50 | p99 | p50 / direct | p99 / direct |");
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-    for (label, l) in &rows {
+    for (label, l) in &lats {
         let _ = writeln!(
             out,
             "| {label} | {:.1} µs | {:.1} µs | {:.2}× | {:.2}× |",
@@ -367,98 +479,93 @@ fn latency(env: &BenchEnv, n: usize, out: &mut String) {
         );
     }
     let find = |prefix: &str| {
-        rows.iter()
+        lats.iter()
             .find(|(l, _)| l.starts_with(prefix))
             .map(|r| r.1)
     };
-    if let (Some(ebpf), Some(legacy)) = (find("eBPF VIP, 10k"), find("iptables-legacy")) {
-        let _ = writeln!(
-            out,
-            "\niptables-legacy / eBPF at 10k services: p50 {:.2}×, p99 {:.2}×",
-            legacy.p50.as_secs_f64() / ebpf.p50.as_secs_f64(),
-            legacy.p99.as_secs_f64() / ebpf.p99.as_secs_f64()
-        );
+    for (name, prefix) in [
+        ("iptables-legacy", "iptables-legacy DNAT, 10k services ("),
+        ("iptables-nft", "iptables-nft DNAT, 10k services ("),
+    ] {
+        if let (Some(ebpf), Some(ipt)) = (find("eBPF VIP, 10k"), find(prefix)) {
+            let _ = writeln!(
+                out,
+                "\n{name} / eBPF at 10k services (VIP mid-chain): p50 {:.2}×, p99 {:.2}×",
+                ipt.p50.as_secs_f64() / ebpf.p50.as_secs_f64(),
+                ipt.p99.as_secs_f64() / ebpf.p99.as_secs_f64()
+            );
+        }
     }
-    if let (Some(ebpf), Some(nft)) = (find("eBPF VIP, 10k"), find("iptables-nft")) {
-        let _ = writeln!(
-            out,
-            "iptables-nft / eBPF at 10k services: p50 {:.2}×, p99 {:.2}×\n",
-            nft.p50.as_secs_f64() / ebpf.p50.as_secs_f64(),
-            nft.p99.as_secs_f64() / ebpf.p99.as_secs_f64()
-        );
-    }
+    let _ = writeln!(out);
 }
 
 /// kube-proxy's iptables layout: OUTPUT → KUBE-SERVICES (one rule per service) →
-/// KUBE-SVC-n (random split) → KUBE-SEP-n-k (DNAT), built in a fresh network namespace.
-fn iptables_latency(tool: &'static str, n: usize) -> Result<(Lat, Lat, Duration), String> {
-    std::thread::spawn(move || -> Result<(Lat, Lat, Duration), String> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
-        let st = Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .map_err(|e| format!("ip: {e}"))?;
-        if !st.success() {
-            return Err("ip link set lo up failed".into());
-        }
-        let sinks = [
-            Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
-            Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
-        ];
-        let mut rules = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
-        for i in 0..SERVICES {
-            let _ = writeln!(rules, ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i}-0 - [0:0]\n:KUBE-SEP-{i}-1 - [0:0]");
-        }
-        rules.push_str("-A OUTPUT -j KUBE-SERVICES\n");
-        for i in 0..SERVICES {
+/// KUBE-SVC-n (random split) → KUBE-SEP-n-k (DNAT), in a fresh network namespace of the
+/// calling thread, with two sinks inside it. Returns the sinks and the rule load time.
+fn iptables_namespace(tool: &'static str) -> Result<(Vec<Sink>, Duration), String> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| format!("ip: {e}"))?;
+    if !st.success() {
+        return Err("ip link set lo up failed".into());
+    }
+    let sinks = vec![
+        Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
+        Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
+    ];
+    let mut rules = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    for i in 0..SERVICES {
+        let _ = writeln!(
+            rules,
+            ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i}-0 - [0:0]\n:KUBE-SEP-{i}-1 - [0:0]"
+        );
+    }
+    rules.push_str("-A OUTPUT -j KUBE-SERVICES\n");
+    for i in 0..SERVICES {
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}",
+            vip_for(i)
+        );
+    }
+    for i in 0..SERVICES {
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SVC-{i} -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i}-0\n-A KUBE-SVC-{i} -j KUBE-SEP-{i}-1"
+        );
+        for (k, s) in sinks.iter().enumerate() {
             let _ = writeln!(
                 rules,
-                "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}",
-                vip_for(i)
+                "-A KUBE-SEP-{i}-{k} -p tcp -m tcp -j DNAT --to-destination {}",
+                s.addr
             );
         }
-        for i in 0..SERVICES {
-            let _ = writeln!(
-                rules,
-                "-A KUBE-SVC-{i} -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i}-0\n-A KUBE-SVC-{i} -j KUBE-SEP-{i}-1"
-            );
-            for (k, s) in sinks.iter().enumerate() {
-                let _ = writeln!(
-                    rules,
-                    "-A KUBE-SEP-{i}-{k} -p tcp -m tcp -j DNAT --to-destination {}",
-                    s.addr
-                );
-            }
-        }
-        rules.push_str("COMMIT\n");
-        let t = Instant::now();
-        let mut child = Command::new(format!("{tool}-restore"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{tool}-restore: {e}"))?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .map_err(|e| format!("{tool}-restore stdin: {e}"))?;
-        let o = child.wait_with_output().map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(format!(
-                "{tool}-restore failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        let load = t.elapsed();
-        let middle = SocketAddrV4::new(vip_for(SERVICES / 2), 80);
-        let last = SocketAddrV4::new(vip_for(SERVICES - 1), 80);
-        Ok((measure(middle, n), measure(last, n), load))
-    })
-    .join()
-    .map_err(|_| "iptables thread panicked".to_string())?
+    }
+    rules.push_str("COMMIT\n");
+    let t = Instant::now();
+    let mut child = Command::new(format!("{tool}-restore"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{tool}-restore: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(rules.as_bytes())
+        .map_err(|e| format!("{tool}-restore stdin: {e}"))?;
+    let o = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(format!(
+            "{tool}-restore failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok((sinks, t.elapsed()))
 }
 
 // ---------------------------------------------------------------------------------------
