@@ -130,7 +130,8 @@ pub enum Check {
     WatchFromPastRevision,
     /// A watch from revision 0 starts at the next write.
     WatchFromNow,
-    /// Under concurrent writers a watch sees every write once, in revision order.
+    /// Under concurrent writers a watch sees every write once, in revision order, and a
+    /// replay from the first of those revisions sees the same sequence.
     WatchConcurrentWriters,
     /// An expired lease deletes its keys and emits their delete events; keep-alive then
     /// fails with `LeaseNotFound`.

@@ -183,6 +183,19 @@ pub(super) async fn concurrent_writers(
         written.difference(&seen).take(5).collect::<Vec<_>>(),
         seen.difference(&written).take(5).collect::<Vec<_>>()
     );
+
+    // A second watcher replaying the same history from its first revision sees the same
+    // sequence.
+    let first = seen.iter().next().map_or(0, |(rev, _)| *rev);
+    let mut replay = store.watch(b"c/", first).await.context("replay watch c/")?;
+    for (n, want) in seen.iter().enumerate() {
+        let event = next_event(&mut replay, options.wait, "replaying concurrent writes").await?;
+        let got = (
+            event.revision(),
+            String::from_utf8_lossy(&event.kv.key).into_owned(),
+        );
+        ensure_eq!(got, *want, "event {n} of a replay of the concurrent writes");
+    }
     Ok(())
 }
 
