@@ -893,7 +893,9 @@ fn dump_serializes_services_backends_and_tables() {
 
 #[test]
 fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
-    let Some(sb) = Sandbox::new("bpffs") else { return };
+    let Some(sb) = Sandbox::new("bpffs") else {
+        return;
+    };
     let tmp = std::env::temp_dir().join(format!("cm-test-{}-bpffs", std::process::id()));
     // A pin directory on a non-bpf filesystem, outside the bpffs mount point.
     let err = BpfDatapath::open(sb.config().with_pin_dir(tmp.join("pins"))).unwrap_err();
@@ -910,4 +912,89 @@ fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
     assert!(matches!(err, BpfError::BpffsUnavailable { .. }), "{err}");
     assert!(err.to_string().contains("mount -t bpf"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn restart_reconciles_changed_and_removed_services() {
+    let Some(sb) = Sandbox::new("reconcile") else {
+        return;
+    };
+    let Some(dp) = sb.open(sb.config()) else {
+        return;
+    };
+    let old = TcpBackend::start("127.0.12.2", 1);
+    let new = TcpBackend::start("127.0.12.3", 2);
+    let (fa, fb) = (vip("127.77.12.1:80"), vip("127.77.12.2:80"));
+    dp.reconcile(&[
+        service(
+            "a",
+            &[fa],
+            Protocol::Tcp,
+            vec![backend(old.addr, Protocol::Tcp, 1)],
+        ),
+        service(
+            "b",
+            &[fb],
+            Protocol::Tcp,
+            vec![backend(old.addr, Protocol::Tcp, 1)],
+        ),
+    ])
+    .unwrap();
+    drop(dp);
+    // While the agent was down, service a moved to another backend and b was deleted.
+    let dp = sb.open(sb.config()).expect("reopen");
+    assert_eq!(dp.service_count(), 2);
+    let report = dp
+        .reconcile(&[service(
+            "a",
+            &[fa],
+            Protocol::Tcp,
+            vec![backend(new.addr, Protocol::Tcp, 1)],
+        )])
+        .unwrap();
+    assert_eq!((report.programmed, report.removed), (1, 1), "{report:?}");
+    let (tag_a, err_b) = sb.run_in_cgroup(move || {
+        (
+            connect_tag(fa).unwrap().0,
+            TcpStream::connect_timeout(&fb, Duration::from_secs(2)).unwrap_err(),
+        )
+    });
+    assert_eq!(tag_a, 2);
+    // b is no longer a service: its VIP is just an address nobody listens on.
+    assert_eq!(err_b.kind(), ErrorKind::ConnectionRefused);
+    let dump = dp.dump(false).unwrap();
+    assert_eq!(
+        dump.backends.len(),
+        1,
+        "the old backend was garbage collected"
+    );
+    assert_eq!(dump.backends[0].address, new.addr.to_string());
+}
+
+#[test]
+fn udp_over_ipv6_is_translated_both_ways() {
+    let Some(sb) = Sandbox::new("udp6") else {
+        return;
+    };
+    let Some(dp) = sb.open(sb.config()) else {
+        return;
+    };
+    let server = UdpBackend::start("::1", 7);
+    let front = vip("[::1]:15353");
+    dp.reconcile(&[service(
+        "udp6",
+        &[front],
+        Protocol::Udp,
+        vec![backend(server.addr, Protocol::Udp, 1)],
+    )])
+    .unwrap();
+    sb.run_in_cgroup(move || {
+        let sock = UdpSocket::bind("[::1]:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock.send_to(b"q", front).unwrap();
+        let mut buf = [0u8; 8];
+        let (len, from) = sock.recv_from(&mut buf).expect("UDP reply over IPv6");
+        assert_eq!(from, front);
+        assert_eq!(&buf[..len], &[7, b'q']);
+    });
 }
