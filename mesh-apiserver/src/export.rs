@@ -439,26 +439,25 @@ impl Exporter {
         }
         let store = &self.store;
         let metrics = &self.metrics;
-        let results: Vec<WriteResult> =
-            futures::stream::iter(writes)
-                .map(|(kind, write)| async move {
-                    let result = match &write {
-                        Write::Put(key, value) => timed(
-                            metrics,
-                            "put",
-                            store.put(key.as_bytes(), value.clone(), None),
-                        )
-                        .await
-                        .map(Some),
-                        Write::Delete(key) => {
-                            timed(metrics, "delete", store.delete(key.as_bytes())).await
-                        }
-                    };
-                    ((kind, write), result)
-                })
-                .buffer_unordered(self.config.write_concurrency.max(1))
-                .collect()
-                .await;
+        let results: Vec<WriteResult> = futures::stream::iter(writes)
+            .map(|(kind, write)| async move {
+                let result = match &write {
+                    Write::Put(key, value) => timed(
+                        metrics,
+                        "put",
+                        store.put(key.as_bytes(), value.clone(), None),
+                    )
+                    .await
+                    .map(Some),
+                    Write::Delete(key) => {
+                        timed(metrics, "delete", store.delete(key.as_bytes())).await
+                    }
+                };
+                ((kind, write), result)
+            })
+            .buffer_unordered(self.config.write_concurrency.max(1))
+            .collect()
+            .await;
         for ((kind, write), result) in results {
             match result {
                 Ok(_) => {

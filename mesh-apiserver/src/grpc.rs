@@ -24,6 +24,7 @@ use clustermesh_certs::transport::peer_identity;
 use clustermesh_certs::PeerIdentity;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, CacheEvent, Subscription};
@@ -146,6 +147,7 @@ pub struct MeshApiService {
     config: Arc<ServiceConfig>,
     metrics: Arc<Metrics>,
     watchers: Arc<WatcherRegistry>,
+    shutdown: CancellationToken,
 }
 
 impl MeshApiService {
@@ -157,7 +159,16 @@ impl MeshApiService {
             config: Arc::new(config),
             metrics,
             watchers: Arc::default(),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Ends every Watch stream when `shutdown` is cancelled (a graceful server shutdown
+    /// waits for open streams, which would otherwise never end).
+    #[must_use]
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// The tonic server wrapper, ready for `Server::add_service`.
@@ -286,6 +297,7 @@ impl MeshApi for MeshApiService {
             tx,
             info,
             metrics: Arc::clone(&self.metrics),
+            shutdown: self.shutdown.clone(),
             _guard: guard,
         };
         tokio::spawn(task.run(subscription));
@@ -337,6 +349,7 @@ struct WatchTask {
     tx: mpsc::Sender<Result<v1::WatchEvent, Status>>,
     info: Arc<WatcherInfo>,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
     _guard: WatcherGuard,
 }
 
@@ -368,6 +381,7 @@ impl WatchTask {
                 let received = tokio::select! {
                     received = subscription.live.recv() => received,
                     () = self.tx.closed() => return,
+                    () = self.shutdown.cancelled() => return,
                 };
                 match received {
                     Ok(event) => {
@@ -394,8 +408,12 @@ impl WatchTask {
 
     /// Sends one event; false when the client is gone.
     async fn send(&self, event: v1::WatchEvent, revision: u64) -> bool {
-        if self.tx.send(Ok(event)).await.is_err() {
-            tracing::debug!(peer = %self.info.peer, "watch client went away");
+        let sent = tokio::select! {
+            sent = self.tx.send(Ok(event)) => sent.is_ok(),
+            () = self.shutdown.cancelled() => false,
+        };
+        if !sent {
+            tracing::debug!(peer = %self.info.peer, "watch stream ended (client gone or shutdown)");
             return false;
         }
         self.info.events_sent.fetch_add(1, Ordering::Relaxed);

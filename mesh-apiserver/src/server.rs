@@ -111,22 +111,37 @@ pub async fn run(
             stream_buffer: options.stream_buffer,
         },
         Arc::clone(&metrics),
-    );
-    let local = options.grpc_listener.local_addr().ok();
-    let incoming = incoming(
+    )
+    .with_shutdown(shutdown.clone());
+    let result = serve_grpc(
+        service,
         options.grpc_listener,
         options.tls,
-        IncomingConfig::default(),
-    );
-    tracing::info!(listen = ?local, "mesh API serving");
-    let grpc_shutdown = shutdown.clone();
-    let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await })
-        .await;
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     tracing::info!("API server stopped");
     result.map_err(ServerError::from)
+}
+
+/// Serves `service` over mTLS on `listener` until `shutdown` is cancelled.
+///
+/// # Errors
+/// The transport error that stopped the server.
+pub async fn serve_grpc(
+    service: MeshApiService,
+    listener: TcpListener,
+    tls: Arc<dyn TlsSource>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let local = listener.local_addr().ok();
+    let incoming = incoming(listener, tls, IncomingConfig::default());
+    tracing::info!(listen = ?local, "mesh API serving");
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
+        .await
 }

@@ -1,0 +1,303 @@
+//! Shared helpers of the behaviour tests: real stores (embedded raft, or an etcd process
+//! on a loopback port), a throwaway mesh PKI, and a mesh API server on 127.0.0.1.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_api::v1;
+use clustermesh_api::v1::mesh_api_client::MeshApiClient;
+use clustermesh_apiserver::cache::{Cache, CacheConfig};
+use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::server::serve_grpc;
+use clustermesh_certs::issue::{MeshCa, ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
+use clustermesh_certs::transport::MeshEndpoint;
+use clustermesh_certs::{IssuedCert, MeshTls, TlsSource, TrustDomain};
+use clustermesh_store::raft::LocalCluster;
+use clustermesh_store::{EtcdConfig, EtcdStore, Store};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const TRUST_DOMAIN: &str = "mesh.test";
+
+/// Which store backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Raft,
+    Etcd,
+}
+
+/// A running store and whatever keeps it alive.
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    raft: Option<LocalCluster>,
+    etcd: Option<EtcdProcess>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestStore {
+    /// Starts a store; `None` (with a message) when the backend's prerequisite (the etcd
+    /// binary) is missing and CLUSTERMESH_REQUIRE_PRIVILEGED is not set.
+    pub async fn start(backend: Backend) -> Option<TestStore> {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Raft => {
+                let cluster = LocalCluster::start(1, dir.path(), None).await.unwrap();
+                let store: Arc<dyn Store> = Arc::new(cluster.store(0).unwrap());
+                Some(TestStore {
+                    store,
+                    raft: Some(cluster),
+                    etcd: None,
+                    dir,
+                })
+            }
+            Backend::Etcd => {
+                let Some(binary) = etcd_binary() else {
+                    assert!(
+                        std::env::var("CLUSTERMESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+                        "etcd binary not found (install etcd-server) and CLUSTERMESH_REQUIRE_PRIVILEGED=1"
+                    );
+                    eprintln!("skipping: etcd binary not found (install the etcd-server package)");
+                    return None;
+                };
+                let etcd = EtcdProcess::start(binary, dir.path().join("etcd"));
+                let config = EtcdConfig::new([etcd.client_url()])
+                    .with_connect_deadline(Duration::from_secs(30));
+                let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(config).await.unwrap());
+                Some(TestStore {
+                    store,
+                    raft: None,
+                    etcd: Some(etcd),
+                    dir,
+                })
+            }
+        }
+    }
+
+    pub async fn shutdown(self) {
+        if let Some(cluster) = self.raft {
+            cluster.shutdown().await;
+        }
+        drop(self.etcd);
+    }
+}
+
+fn etcd_binary() -> Option<PathBuf> {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An etcd server on loopback ports, killed on drop.
+pub struct EtcdProcess {
+    child: Child,
+    client_port: u16,
+}
+
+impl EtcdProcess {
+    fn start(binary: PathBuf, data_dir: PathBuf) -> EtcdProcess {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(binary)
+            .arg("--name=t0")
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=t0={peer}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        EtcdProcess { child, client_port }
+    }
+
+    fn client_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A throwaway mesh PKI.
+pub struct Pki {
+    pub ca: MeshCa,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        Pki {
+            ca: MeshCa::generate(td()).unwrap(),
+        }
+    }
+
+    fn tls(&self, leaf: &IssuedCert) -> Arc<dyn TlsSource> {
+        Arc::new(
+            MeshTls::from_pem(
+                td(),
+                self.ca.cert_pem().as_bytes(),
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The API server's certificate for cluster `cluster`, valid for localhost/127.0.0.1.
+    pub fn server(&self, cluster: &str) -> Arc<dyn TlsSource> {
+        let names = ServerNames::new(
+            ["localhost".to_owned()],
+            [std::net::IpAddr::from([127, 0, 0, 1])],
+        );
+        self.tls(
+            &self
+                .ca
+                .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+                .unwrap(),
+        )
+    }
+
+    /// A remote cluster's client certificate.
+    pub fn cluster_client(&self, cluster: &str) -> Arc<dyn TlsSource> {
+        self.tls(
+            &self
+                .ca
+                .issue_client(cluster, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+                .unwrap(),
+        )
+    }
+
+    /// An admin certificate.
+    pub fn admin(&self, name: &str) -> Arc<dyn TlsSource> {
+        self.tls(
+            &self
+                .ca
+                .issue_admin(name, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+                .unwrap(),
+        )
+    }
+}
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new(TRUST_DOMAIN).unwrap()
+}
+
+/// A mesh API server (cache + gRPC, no exporter) over `store`.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct ServerSetup {
+    pub cluster: String,
+    pub cache: CacheConfig,
+    pub policy: AccessPolicy,
+    pub stream_buffer: usize,
+}
+
+impl ServerSetup {
+    pub fn new(cluster: &str) -> ServerSetup {
+        ServerSetup {
+            cluster: cluster.to_owned(),
+            cache: CacheConfig::default(),
+            policy: AccessPolicy::default(),
+            stream_buffer: 64,
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(store: Arc<dyn Store>, pki: &Pki, setup: ServerSetup) -> TestServer {
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(Cache::new(
+            setup.cluster.clone(),
+            setup.cache,
+            Arc::clone(&metrics),
+        ));
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(
+            Arc::clone(&cache).run(store, shutdown.clone()),
+        ));
+        cache.wait_loaded().await;
+        let mut export = clustermesh_apiserver::export::ExportConfig::new(setup.cluster.clone(), 1);
+        export.pod_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+        let service = MeshApiService::new(
+            Arc::clone(&cache),
+            ServiceConfig {
+                cluster_config: export.cluster_config(),
+                policy: setup.policy,
+                stream_buffer: setup.stream_buffer,
+            },
+            Arc::clone(&metrics),
+        )
+        .with_shutdown(shutdown.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = pki.server(&setup.cluster);
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            serve_grpc(service, listener, tls, token).await.unwrap();
+        }));
+        TestServer {
+            addr,
+            cache,
+            metrics,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// A client presenting `tls`.
+    pub async fn client(&self, tls: Arc<dyn TlsSource>) -> MeshApiClient<Channel> {
+        let channel = MeshEndpoint::new(&format!("localhost:{}", self.addr.port()), tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        MeshApiClient::new(channel)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Receives the next event within 10 s.
+pub async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::watch_event::Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no watch event within 10s")
+        .expect("watch stream failed")
+        .expect("watch stream ended")
+        .event
+        .expect("empty watch event")
+}
