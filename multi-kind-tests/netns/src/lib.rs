@@ -19,6 +19,7 @@ mod cmd;
 pub mod echo;
 pub mod harness;
 pub mod mesh;
+pub mod scenario;
 pub mod topology;
 
 pub use harness::Harness;

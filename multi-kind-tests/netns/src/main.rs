@@ -12,7 +12,9 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use clustermesh_netns_harness::{cgroup, cleanup, echo, mesh, topology, Harness, TopologySpec};
+use clustermesh_netns_harness::{
+    cgroup, cleanup, echo, mesh, scenario, topology, Harness, TopologySpec,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -151,85 +153,47 @@ fn demo() -> Result<(), String> {
             );
         }
     }
-    println!("==> starting an echo server in every pod");
-    let backends = h
-        .start_all_echo(mesh::ECHO_PORT)
-        .map_err(|e| e.to_string())?;
-    for b in &backends {
-        println!("    listening on {b}");
-    }
-    let remote = backends.last().copied().ok_or("no backend")?;
-    println!("==> request from cluster1/node1 (in its cgroup) to {remote} in cluster2");
+    println!("==> proving the topology: an echo server in cluster2/node2's pod, a request from cluster1/node1");
+    let remote = h.start_echo(1, 1, 0, 9999).map_err(|e| e.to_string())?;
     let answer = h
         .request_from_node(0, 0, remote, Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
-    println!("    answer: {answer}");
+    println!("    {remote} answered: {answer}");
+    h.kill_pod(1, 1, 0);
     let defaults = h
         .namespaces_with_default_route()
         .map_err(|e| e.to_string())?;
-    println!("==> namespaces with a default route: {}", defaults.len());
+    println!("    namespaces with a default route: {}", defaults.len());
 
-    match mesh::Binaries::beside(&helper, None) {
-        Err(e) => println!("==> skipping the control plane part: {e}"),
-        Ok(bins) => control_plane(&mut h, bins)?,
-    }
-
+    let result = match mesh::Binaries::beside(&helper, None) {
+        Err(e) => Err(format!("the mesh part needs the workspace binaries: {e}")),
+        Ok(bins) => mesh_demo(&mut h, bins),
+    };
     println!("==> tearing down run {}", h.run_id());
     let problems = h.teardown();
     if !problems.is_empty() {
         return Err(format!("teardown incomplete: {}", problems.join("; ")));
     }
     println!("    done: namespaces, cgroups, pinned maps, state and processes removed");
-    Ok(())
+    result
 }
 
-/// enable x2, a real mesh API server per cluster, connect, status.
-fn control_plane(h: &mut Harness, bins: mesh::Binaries) -> Result<(), String> {
+/// The failover scenario with narration.
+fn mesh_demo(h: &mut Harness, bins: mesh::Binaries) -> Result<(), String> {
+    let say = |m: &str| println!("==> {m}");
     let mut m = mesh::Mesh::new(h, bins).map_err(|e| e.to_string())?;
-    for c in 0..2 {
-        println!(
-            "==> clustermesh enable cluster{} (id {}), mesh API at {}",
-            c + 1,
-            c + 1,
-            mesh::Mesh::mesh_endpoint(c)
-        );
-        let r = m.enable(h, c).map_err(|e| e.to_string())?;
-        if !r.ok {
-            return Err(r.stderr.trim().to_string());
-        }
-        println!(
-            "==> starting clustermesh-apiserver of cluster{} in {}",
-            c + 1,
-            h.node_netns(c, 0)
-        );
-        m.start_apiserver(h, c).map_err(|e| e.to_string())?;
-    }
-    let (a, b) = (
-        m.state_dir(0).display().to_string(),
-        m.state_dir(1).display().to_string(),
+    scenario::bring_up(h, &mut m, &say).map_err(|e| e.to_string())?;
+    let repeats = 20;
+    let report = scenario::failover(h, &mut m, repeats, &say).map_err(|e| e.to_string())?;
+    println!(
+        "==> failover over {repeats} repeats: p50 {:.0?}, p99 {:.0?}; failback p50 {:.0?}, p99 {:.0?}",
+        scenario::quantile(&report.failover, 0.5),
+        scenario::quantile(&report.failover, 0.99),
+        scenario::quantile(&report.failback, 0.5),
+        scenario::quantile(&report.failback, 0.99)
     );
-    println!("==> clustermesh connect cluster1 <-> cluster2 (run inside cluster1/node1)");
-    let r = m
-        .cli_on_node(
-            h,
-            0,
-            0,
-            &["--state-dir", &a, "connect", "--destination-state-dir", &b],
-        )
-        .map_err(|e| e.to_string())?;
-    if !r.ok {
-        return Err(r.stderr.trim().to_string());
-    }
-    print!("    {}", r.stdout);
-    for (c, dir) in [(0, &a), (1, &b)] {
-        println!("==> clustermesh status (cluster{})", c + 1);
-        let r = m
-            .cli_on_node(h, c, 0, &["--state-dir", dir, "status"])
-            .map_err(|e| e.to_string())?;
-        for line in r.stdout.lines() {
-            println!("    {line}");
-        }
-    }
-    println!("    (node agents join once clustermesh-agent exists; the VIP and failover steps follow then)");
+    scenario::remote_outage(h, &mut m, &say).map_err(|e| e.to_string())?;
+    scenario::disconnect(h, &mut m, &say).map_err(|e| e.to_string())?;
+    println!("==> every step passed");
     Ok(())
 }

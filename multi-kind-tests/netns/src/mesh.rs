@@ -30,6 +30,8 @@ pub struct Binaries {
     pub cli: PathBuf,
     /// `clustermesh-apiserver`.
     pub apiserver: PathBuf,
+    /// `clustermesh-agent`.
+    pub agent: PathBuf,
 }
 
 impl Binaries {
@@ -66,11 +68,12 @@ impl Binaries {
         let b = Self {
             cli: dir.join("clustermesh"),
             apiserver: dir.join("clustermesh-apiserver"),
+            agent: dir.join("clustermesh-agent"),
         };
-        for p in [&b.cli, &b.apiserver] {
+        for p in [&b.cli, &b.apiserver, &b.agent] {
             if !p.is_file() {
                 return Err(Error::Topology(format!(
-                    "{} is missing; build it with `cargo build -p clustermesh-cli -p clustermesh-apiserver`",
+                    "{} is missing; build it with `cargo build -p clustermesh-cli -p clustermesh-apiserver -p clustermesh-agent`",
                     p.display()
                 )));
             }
@@ -96,6 +99,7 @@ pub struct Mesh {
     bins: Binaries,
     state_root: PathBuf,
     apiserver_pids: Vec<Option<u32>>,
+    agent_pids: Vec<Vec<Option<u32>>>,
 }
 
 impl Mesh {
@@ -112,6 +116,12 @@ impl Mesh {
             bins,
             state_root,
             apiserver_pids: vec![None; h.spec().clusters.len()],
+            agent_pids: h
+                .spec()
+                .clusters
+                .iter()
+                .map(|c| vec![None; c.nodes.len()])
+                .collect(),
         })
     }
 
@@ -119,6 +129,68 @@ impl Mesh {
     #[must_use]
     pub fn state_dir(&self, c: usize) -> PathBuf {
         self.state_root.join(format!("cluster{}", c + 1))
+    }
+
+    /// Admin socket of the agent of node `n` of cluster `c`.
+    #[must_use]
+    pub fn agent_socket(&self, c: usize, n: usize) -> PathBuf {
+        self.state_root
+            .join(format!("c{}n{}-agent.sock", c + 1, n + 1))
+    }
+
+    /// Log file of the agent of node `n` of cluster `c`.
+    #[must_use]
+    pub fn agent_log(&self, c: usize, n: usize) -> PathBuf {
+        self.state_root
+            .join(format!("c{}n{}-agent.log", c + 1, n + 1))
+    }
+
+    /// Starts the agent of node `n` of cluster `c`: in the node's namespace, attached to
+    /// the node's cgroup, pinning its maps under the node's pin directory, reading the
+    /// cluster's `agent.yaml`. Waits until its admin socket answers.
+    pub fn start_agent(&mut self, h: &mut Harness, c: usize, n: usize) -> Result<()> {
+        let node = h.spec().clusters[c].nodes[n].name.clone();
+        let socket = self.agent_socket(c, n);
+        let _ = std::fs::remove_file(&socket);
+        let args: Vec<String> = vec![
+            format!(
+                "--config={}",
+                self.state_dir(c).join("agent.yaml").display()
+            ),
+            format!("--node-name={node}"),
+            format!("--zone=zone-{}", n + 1),
+            format!("--admin-socket={}", socket.display()),
+            "--datapath=bpf".into(),
+            format!("--bpf-pin-dir={}", h.node_bpf_pin_dir(c, n).display()),
+            format!("--cgroup={}", h.node_cgroup(c, n).display()),
+            "--config-poll=200ms".into(),
+            "--max-backoff=1s".into(),
+            "--log-format=json".into(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.agent_log(c, n);
+        let label = format!("{}-{node}-agent", h.spec().clusters[c].name);
+        let pid = h.spawn_in_node_logged(c, n, &label, &self.bins.agent, &argv, Some(&log))?;
+        self.agent_pids[c][n] = Some(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if Instant::now() >= deadline {
+                return Err(Error::Topology(format!(
+                    "agent of {label} did not open {} within 30s (log: {})",
+                    socket.display(),
+                    log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Kills the agent of node `n` of cluster `c`.
+    pub fn kill_agent(&mut self, h: &mut Harness, c: usize, n: usize) {
+        if let Some(pid) = self.agent_pids[c][n].take() {
+            h.kill_pid(pid);
+        }
     }
 
     /// Log file of cluster `c`'s mesh API server (kept until teardown).
@@ -177,9 +249,13 @@ impl Mesh {
         let name = h.spec().clusters[c].name.clone();
         let id = (c + 1).to_string();
         let ep = Self::mesh_endpoint(c).to_string();
-        let run = self.cli(&[
+        let state = dir.display().to_string();
+        let sockets: Vec<String> = (0..h.spec().clusters[c].nodes.len())
+            .map(|n| self.agent_socket(c, n).display().to_string())
+            .collect();
+        let mut args = vec![
             "--state-dir",
-            &dir.display().to_string(),
+            &state,
             "enable",
             "--cluster-name",
             &name,
@@ -187,16 +263,33 @@ impl Mesh {
             &id,
             "--mesh-endpoint",
             &ep,
-        ])?;
+        ];
+        for s in &sockets {
+            args.extend(["--agent-socket", s.as_str()]);
+        }
+        let run = self.cli(&args)?;
         if run.ok {
-            let path = dir.join("manifests").join("topology.yaml");
-            std::fs::write(&path, manifests(h, c)).map_err(|source| Error::Io {
-                action: "write",
-                path,
-                source,
-            })?;
+            self.set_ready(h, c, true)?;
         }
         Ok(run)
+    }
+
+    /// Rewrites cluster `c`'s manifests with every echo endpoint ready or not ready; the
+    /// apiserver's `dir:` source picks the change up.
+    pub fn set_ready(&self, h: &Harness, c: usize, ready: bool) -> Result<()> {
+        let dir = self.state_dir(c).join("manifests");
+        let tmp = dir.join(".topology.yaml.tmp");
+        let path = dir.join("topology.yaml");
+        std::fs::write(&tmp, manifests(h, c, ready)).map_err(|source| Error::Io {
+            action: "write",
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
+            action: "rename into",
+            path,
+            source,
+        })
     }
 
     /// Starts cluster `c`'s mesh API server in its first node and waits until it answers
@@ -283,7 +376,7 @@ fn serde_json_reachable(stdout: &str) -> bool {
 /// Kubernetes-format manifests of cluster `c`: its nodes, its echo pods, and the global
 /// echo service with affinity `local` and an EndpointSlice listing the pods.
 #[must_use]
-pub fn manifests(h: &Harness, c: usize) -> String {
+pub fn manifests(h: &Harness, c: usize, ready: bool) -> String {
     let cluster = &h.spec().clusters[c];
     let mut y = String::new();
     for (n, node) in cluster.nodes.iter().enumerate() {
@@ -312,7 +405,7 @@ pub fn manifests(h: &Harness, c: usize) -> String {
         for (p, pod) in node.pods.iter().enumerate() {
             let _ = write!(
                 y,
-                "- addresses: [{}]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {}\n  zone: zone-{}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+                "- addresses: [{}]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {}\n  zone: zone-{}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
                 topology::pod_ip(c, n, p),
                 node.name,
                 n + 1
