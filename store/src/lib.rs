@@ -20,8 +20,8 @@ mod types;
 pub use etcd::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls};
 
 pub use types::{
-    CasOutcome, CasWrite, Event, EventKind, KeyValue, LeaseId, ListResult, Revision,
-    WatchStream, MAX_VALUE_SIZE,
+    CasOutcome, CasWrite, Event, EventKind, KeyValue, LeaseId, ListResult, Revision, WatchStream,
+    MAX_VALUE_SIZE,
 };
 
 use std::time::Duration;
@@ -42,7 +42,9 @@ pub enum StoreError {
         compacted: Revision,
     },
     /// The value is larger than [`MAX_VALUE_SIZE`].
-    #[error("value for key {key:?} is {size} bytes, larger than the {max} byte limit; split the record")]
+    #[error(
+        "value for key {key:?} is {size} bytes, larger than the {max} byte limit; split the record"
+    )]
     ValueTooLarge {
         /// Key the write was for (lossy UTF-8).
         key: String,
