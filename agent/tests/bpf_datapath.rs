@@ -998,3 +998,54 @@ fn udp_over_ipv6_is_translated_both_ways() {
         assert_eq!(&buf[..len], &[7, b'q']);
     });
 }
+
+#[test]
+fn first_apply_after_restart_prunes_services_left_by_the_previous_run() {
+    let Some(sb) = Sandbox::new("firstapply") else {
+        return;
+    };
+    let Some(dp) = sb.open(sb.config()) else {
+        return;
+    };
+    let b = TcpBackend::start("127.0.13.2", 1);
+    let (fa, fb) = (vip("127.77.13.1:80"), vip("127.77.13.2:80"));
+    let a = service(
+        "a",
+        &[fa],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    let bsvc = service(
+        "b",
+        &[fb],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    dp.apply(&DesiredChanges {
+        upserts: vec![a.clone(), bsvc],
+        removals: vec![],
+    })
+    .unwrap();
+    drop(dp);
+    let dp = sb.open(sb.config()).expect("reopen");
+    // The control plane's first batch after a restart is its full view: only a.
+    dp.apply(&DesiredChanges {
+        upserts: vec![a.clone()],
+        removals: vec![],
+    })
+    .unwrap();
+    assert_eq!(dp.service_count(), 1);
+    // Later batches are incremental: an upsert of b alone does not remove a.
+    let b2 = service(
+        "b",
+        &[fb],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    dp.apply(&DesiredChanges {
+        upserts: vec![b2],
+        removals: vec![],
+    })
+    .unwrap();
+    assert_eq!(dp.service_count(), 2);
+}

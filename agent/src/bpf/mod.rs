@@ -27,7 +27,10 @@ mod system;
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, MutexGuard,
+    },
 };
 
 use aya::{
@@ -70,6 +73,8 @@ pub struct BpfDatapath {
     config: BpfConfig,
     cgroup: PathBuf,
     reused: bool,
+    /// Set once the first [`Datapath::apply`] (treated as the full state) has run.
+    first_apply_done: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -182,6 +187,7 @@ impl BpfDatapath {
             config,
             cgroup,
             reused: pinned.reused,
+            first_apply_done: AtomicBool::new(false),
             state: Mutex::new(state),
         })
     }
@@ -226,6 +232,7 @@ impl BpfDatapath {
     /// The first per-service failure (after trying every service), or a map failure during
     /// clean-up. Services that failed keep their previous state.
     pub fn reconcile(&self, desired: &[LbService]) -> Result<ReconcileReport> {
+        self.first_apply_done.store(true, Ordering::SeqCst);
         let mut st = self.lock();
         let mut report = ReconcileReport::default();
         let mut first_err = None;
@@ -353,13 +360,21 @@ fn slab_map_mapping(data: &aya::maps::MapData, entries: u32) -> Result<slab_map:
     })
 }
 
+/// The control plane only starts programming once every cluster has synced, and its first
+/// batch then holds every service (its own view starts empty). The first `apply` after
+/// [`BpfDatapath::open`] is therefore treated as the full desired state and reconciled:
+/// services left in the pinned maps by a previous run that are not in it are removed.
+/// Later batches are incremental.
 impl Datapath for BpfDatapath {
     fn apply(&self, changes: &DesiredChanges) -> std::result::Result<(), DatapathError> {
-        self.apply_changes(changes)
-            .map(|_| ())
-            .map_err(|e| DatapathError {
-                service: e.service().to_owned(),
-                reason: e.to_string(),
-            })
+        let result = if self.first_apply_done.swap(true, Ordering::SeqCst) {
+            self.apply_changes(changes).map(|_| ())
+        } else {
+            self.reconcile(&changes.upserts).map(|_| ())
+        };
+        result.map_err(|e| DatapathError {
+            service: e.service().to_owned(),
+            reason: e.to_string(),
+        })
     }
 }
