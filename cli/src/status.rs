@@ -309,3 +309,76 @@ pub async fn wait_ready(
         tokio::time::sleep(poll).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::ClusterStatus;
+
+    fn agent(node: &str, clusters: &[(&str, bool, bool)]) -> AgentReport {
+        AgentReport {
+            socket: format!("/run/{node}.sock"),
+            status: Some(AgentStatus {
+                node: node.into(),
+                local_cluster: "c1".into(),
+                clusters: clusters
+                    .iter()
+                    .map(|(n, connected, synced)| ClusterStatus {
+                        name: (*n).into(),
+                        connected: *connected,
+                        synced: *synced,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            error: None,
+        }
+    }
+
+    fn status(agents: Vec<AgentReport>) -> MeshStatus {
+        MeshStatus {
+            cluster: "c1".into(),
+            cluster_id: 1,
+            configured: vec!["c1".into(), "c2".into()],
+            apiserver: ApiserverStatus {
+                reachable: true,
+                endpoint: Some("127.0.0.1:2379".into()),
+                revision: Some(3),
+                watchers: Some(2),
+                records: Default::default(),
+                error: None,
+            },
+            agents,
+        }
+    }
+
+    #[test]
+    fn ready_only_when_every_agent_is_connected_and_synced_to_every_cluster() {
+        let all = status(vec![
+            agent("n1", &[("c1", true, true), ("c2", true, true)]),
+            agent("n2", &[("c1", true, true), ("c2", true, true)]),
+        ]);
+        assert!(all.ready());
+        assert!(all.table().contains("2/2 configured, 2/2 connected"));
+
+        let unsynced = status(vec![
+            agent("n1", &[("c1", true, true), ("c2", true, false)]),
+            agent("n2", &[("c1", true, true), ("c2", true, true)]),
+        ]);
+        assert!(!unsynced.ready());
+        assert_eq!(unsynced.missing(), "n1: 1/2 clusters connected");
+        assert!(unsynced.table().contains("2/2 configured, 1/2 connected"));
+
+        let mut down = status(vec![AgentReport {
+            socket: "/run/n3.sock".into(),
+            status: None,
+            error: Some("refused".into()),
+        }]);
+        down.apiserver.reachable = false;
+        assert!(!down.ready());
+        assert_eq!(
+            down.missing(),
+            "mesh API server unreachable, 0/1 agents answering"
+        );
+    }
+}
