@@ -1049,3 +1049,75 @@ fn first_apply_after_restart_prunes_services_left_by_the_previous_run() {
     .unwrap();
     assert_eq!(dp.service_count(), 2);
 }
+
+#[test]
+fn leftovers_of_an_interrupted_run_keep_routing_until_reconcile_cleans_them() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use clustermesh_agent::bpf::service_key;
+    use clustermesh_ebpf_common::{ServiceKey, ServiceMeta, ServiceValue};
+
+    let Some(sb) = Sandbox::new("orphans") else {
+        return;
+    };
+    let Some(dp) = sb.open(sb.config()) else {
+        return;
+    };
+    let b = TcpBackend::start("127.0.14.2", 5);
+    let fa = vip("127.77.14.1:80");
+    let a = service(
+        "a",
+        &[fa],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    dp.reconcile(std::slice::from_ref(&a)).unwrap();
+    let table = dp.dump(false).unwrap().services[0].clone();
+    drop(dp);
+
+    // What a crash could leave: a frontend whose service record is gone, and a service
+    // record that cannot be parsed.
+    let orphan = vip("127.77.14.9:80");
+    let mut services: BpfHashMap<MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+        Map::HashMap(MapData::from_pin(sb.pin_dir.join("CM_SERVICES")).unwrap()),
+    )
+    .unwrap();
+    let orphan_key = service_key(&Frontend {
+        ip: orphan.ip(),
+        port: orphan.port(),
+        protocol: Protocol::Tcp,
+    });
+    let value = ServiceValue {
+        service_id: 4242,
+        table_offset: table.table_offset,
+        table_size: table.table_size,
+        flags: 0,
+    };
+    services.insert(orphan_key, value, 0).unwrap();
+    let mut meta: BpfHashMap<MapData, u32, ServiceMeta> = BpfHashMap::try_from(Map::HashMap(
+        MapData::from_pin(sb.pin_dir.join("CM_SVC_META")).unwrap(),
+    ))
+    .unwrap();
+    let mut garbage = ServiceMeta {
+        name_len: 7,
+        ..ServiceMeta::default()
+    };
+    garbage.name[..7].copy_from_slice(b"garbage");
+    meta.insert(4243, garbage, 0).unwrap();
+
+    let dp = sb.open(sb.config()).expect("reopen with leftovers");
+    assert_eq!(dp.service_count(), 1);
+    // Until reconcile, the leftover frontend keeps working (its table is kept alive).
+    assert_eq!(sb.run_in_cgroup(move || connect_tag(orphan).unwrap().0), 5);
+    dp.reconcile(&[a]).unwrap();
+    let err = sb.run_in_cgroup(move || connect_tag(orphan).unwrap_err());
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    assert!(
+        services.get(&orphan_key, 0).is_err(),
+        "orphan frontend removed"
+    );
+    assert!(
+        meta.get(&4243, 0).is_err(),
+        "unparsable service record removed"
+    );
+    assert_eq!(sb.run_in_cgroup(move || connect_tag(fa).unwrap().0), 5);
+}
