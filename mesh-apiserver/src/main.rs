@@ -17,7 +17,7 @@ use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::server::{self, ServerOptions};
-use clustermesh_apiserver::source::{DirSource, Source};
+use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
 use clustermesh_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
@@ -91,6 +91,10 @@ struct Cli {
     /// Poll interval of the dir source.
     #[arg(long, value_parser = humantime::parse_duration)]
     dir_poll_interval: Option<Duration>,
+    /// kubernetes source: kubeconfig context to use (default: in-cluster config in a
+    /// pod, else the kubeconfig's current context).
+    #[arg(long)]
+    kube_context: Option<String>,
     /// gRPC listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -137,6 +141,7 @@ struct FileConfig {
     source: Option<String>,
     #[serde(default, with = "humantime_serde_opt")]
     dir_poll_interval: Option<Duration>,
+    kube_context: Option<String>,
     listen: Option<SocketAddr>,
     tls_dir: Option<PathBuf>,
     trust_domain: Option<String>,
@@ -189,6 +194,7 @@ impl Cli {
             etcd_key,
             source,
             dir_poll_interval,
+            kube_context,
             listen,
             tls_dir,
             trust_domain,
@@ -266,7 +272,7 @@ async fn run(cli: Cli) -> Result<()> {
     let tls: Arc<dyn TlsSource> = tls;
 
     let metrics = Arc::new(Metrics::new());
-    let source = build_source(&cli, &metrics)?;
+    let source = build_source(&cli, &metrics).await?;
     let (store, replica) = build_store(&cli, &cluster, &tls).await?;
 
     let mut export = ExportConfig::new(cluster.clone(), cluster_id);
@@ -314,12 +320,15 @@ async fn run(cli: Cli) -> Result<()> {
     result.context("API server failed")
 }
 
-fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
+async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
     let spec = cli
         .source
         .clone()
         .context("--source is required: kubernetes or dir:PATH")?;
     if let Some(path) = spec.strip_prefix("dir:") {
+        if cli.kube_context.is_some() {
+            bail!("--kube-context only applies to --source kubernetes");
+        }
         let mut source = DirSource::new(path).with_metrics(Arc::clone(metrics));
         if let Some(interval) = cli.dir_poll_interval {
             source = source.with_poll_interval(interval);
@@ -327,7 +336,10 @@ fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
         return Ok(Box::new(source));
     }
     if spec == "kubernetes" {
-        bail!("--source kubernetes is not implemented in this build yet; use --source dir:PATH");
+        let source = KubernetesSource::connect(cli.kube_context.as_deref())
+            .await
+            .context("cannot set up the Kubernetes source")?;
+        return Ok(Box::new(source.with_metrics(Arc::clone(metrics))));
     }
     bail!("invalid --source {spec:?}: use kubernetes or dir:PATH")
 }

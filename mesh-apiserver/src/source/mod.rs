@@ -6,11 +6,13 @@
 //! [`Source`].
 
 mod dir;
+pub mod kubernetes;
 mod object;
 
 pub use dir::{
     parse_manifests, DirSource, DirSourceError, ManifestError, DEFAULT_POLL_INTERVAL, MAX_FILE_SIZE,
 };
+pub use kubernetes::{KubernetesSource, KubernetesSourceError};
 pub use object::{K8sObject, ObjectKind, ObjectRef};
 
 use tokio::sync::mpsc;
@@ -43,6 +45,9 @@ pub enum SourceError {
     /// The directory source failed.
     #[error(transparent)]
     Dir(#[from] DirSourceError),
+    /// The Kubernetes source failed.
+    #[error(transparent)]
+    Kubernetes(#[from] KubernetesSourceError),
     /// Another source failed.
     #[error("source failed: {0}")]
     Other(String),
