@@ -284,26 +284,40 @@ pub async fn wait_ready(
     wait: Duration,
     poll: Duration,
 ) -> (MeshStatus, bool) {
+    use std::io::IsTerminal;
     const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
+    let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut tick = 0usize;
+    let mut last_report = String::new();
     loop {
         let st = collect(dir, state, poll.max(Duration::from_secs(1))).await;
-        if st.ready() {
-            eprint!("\r\x1b[2K");
-            return (st, true);
+        let done = st.ready() || start.elapsed() >= wait;
+        if done {
+            if tty {
+                eprint!("\r\x1b[2K");
+            }
+            let ready = st.ready();
+            return (st, ready);
         }
-        if start.elapsed() >= wait {
-            eprint!("\r\x1b[2K");
-            return (st, false);
+        let missing = st.missing();
+        if tty {
+            // One redrawn line with a spinner.
+            eprint!(
+                "\r\x1b[2K{} waiting for the mesh ({}s/{}s): {missing}",
+                SPINNER[tick % SPINNER.len()],
+                start.elapsed().as_secs(),
+                wait.as_secs()
+            );
+        } else if missing != last_report {
+            // Logs and pipes get a line only when what is missing changes.
+            eprintln!(
+                "waiting for the mesh ({}s/{}s): {missing}",
+                start.elapsed().as_secs(),
+                wait.as_secs()
+            );
+            last_report = missing;
         }
-        eprint!(
-            "\r\x1b[2K{} waiting for the mesh ({}s/{}s): {}",
-            SPINNER[tick % SPINNER.len()],
-            start.elapsed().as_secs(),
-            wait.as_secs(),
-            st.missing()
-        );
         let _ = std::io::stderr().flush();
         tick += 1;
         tokio::time::sleep(poll).await;
