@@ -2,16 +2,16 @@
 //! space, so a clustermesh API server needs no external database.
 //!
 //! Layout, bottom up:
-//! - [`record`]: checksummed framing for every file this backend writes;
-//! - [`log_store`]: the durable raft log (segments + vote), fsynced before an append is
+//! - `record`: checksummed framing for every file this backend writes;
+//! - `log_store`: the durable raft log (segments + vote), fsynced before an append is
 //!   acknowledged, with torn-tail repair and corruption refusal on open;
-//! - [`keyspace`]: the deterministic key space (revisions, leases, watch history);
-//! - [`state_machine`]: applies the log to the key space, snapshots it to disk;
-//! - [`network`] / [`rpc`] / [`tls`]: replica traffic over gRPC (tonic) with mTLS from
+//! - `keyspace`: the deterministic key space (revisions, leases, watch history);
+//! - `state_machine`: applies the log to the key space, snapshots it to disk;
+//! - `network` / `rpc` / `tls`: replica traffic over gRPC (tonic) with mTLS from
 //!   the `certs` crate;
-//! - [`node`]: one running [`Replica`] with write forwarding and ReadIndex reads;
-//! - [`store`]: [`RaftStore`], the [`crate::Store`] implementation;
-//! - [`cluster`]: [`LocalCluster`], N replicas in one process for tests and demos.
+//! - `node`: one running [`Replica`] with write forwarding and ReadIndex reads;
+//! - `store`: [`RaftStore`], the [`crate::Store`] implementation;
+//! - `cluster`: [`LocalCluster`], N replicas in one process for tests and demos.
 
 use std::io::Cursor;
 
