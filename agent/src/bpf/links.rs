@@ -185,7 +185,8 @@ fn wait_released(ids: &[u32]) {
     }
 }
 
-/// True when `path` is a pinned link of this datapath (used by tests and cleanup checks).
+/// True when any program link of this datapath is pinned in `links_dir` (the programs are
+/// attached).
 #[must_use]
 pub fn links_present(links_dir: &Path) -> bool {
     PROGRAMS.iter().any(|p| links_dir.join(p).exists())

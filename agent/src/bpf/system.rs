@@ -160,6 +160,21 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// The mounts table is parsed defensively: any input, including broken escapes and
+        /// non-ASCII bytes after a backslash, yields a result instead of a panic.
+        #[test]
+        fn any_mounts_table_parses_without_panicking(table in ".{0,200}", target in "[a-z/\\\\0-9é]{1,30}") {
+            let _ = find_mount(&table, "cgroup2");
+            let line = format!("none {target} cgroup2 rw 0 0");
+            let found = find_mount(&line, "cgroup2");
+            proptest::prop_assert!(found.is_some());
+            if !target.contains('\\') {
+                proptest::prop_assert_eq!(found, Some(PathBuf::from(&target)));
+            }
+        }
+    }
+
     #[test]
     fn missing_cgroup_is_reported_by_path() {
         let err = resolve_cgroup(Some(Path::new("/nonexistent/cgroup/for-test"))).unwrap_err();
