@@ -47,6 +47,7 @@ impl Binaries {
             cmd.args([
                 "build",
                 "--quiet",
+                "--locked",
                 "-p",
                 "clustermesh-cli",
                 "-p",
@@ -184,6 +185,51 @@ impl Mesh {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// Sum of the samples of Prometheus metric `name` (all label sets) from the admin API
+    /// (`GET /metrics`) of the agent of node `n` of cluster `c`.
+    pub fn agent_metric(&self, c: usize, n: usize, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let socket = self.agent_socket(c, n);
+        let io = |source| Error::Io {
+            action: "query agent metrics on",
+            path: socket.clone(),
+            source,
+        };
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(io)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .map_err(io)?;
+        let mut text = String::new();
+        stream
+            .take(16 << 20)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let mut sum = 0.0;
+        let mut found = false;
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(x) => x,
+                None => continue,
+            };
+            let metric = series.split('{').next().unwrap_or_default();
+            if metric == name {
+                if let Ok(v) = value.trim().parse::<f64>() {
+                    sum += v;
+                    found = true;
+                }
+            }
+        }
+        if found {
+            Ok(sum)
+        } else {
+            Err(Error::Topology(format!("agent metrics have no {name}")))
+        }
     }
 
     /// Kills the agent of node `n` of cluster `c`.
