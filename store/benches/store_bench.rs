@@ -15,8 +15,14 @@
 //!   replica traffic over loopback gRPC with mTLS, fsync before acknowledging; the store
 //!   handle is the leader's.
 //!
+//! All backends are started first; then `STORE_BENCH_ROUNDS` rounds (default 3) each
+//! measure every backend once per writer count, rotating the backend order per round, so
+//! load from other processes hits all backends alike. The table shows, per backend and
+//! writer count, the round with the median puts/s, and the range over the rounds.
+//!
 //! Environment: `STORE_BENCH_SECS` (default 3), `STORE_BENCH_WRITERS` (default `1,16,64`),
-//! `STORE_BENCH_MARKDOWN` (a file to also write the table to, as Markdown).
+//! `STORE_BENCH_ROUNDS` (default 3), `STORE_BENCH_BACKENDS`, `STORE_BENCH_MARKDOWN` (a
+//! file to also write the tables to, as Markdown).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -49,6 +55,8 @@ struct Row {
     watch_p50: Duration,
     watch_p99: Duration,
     watch_samples: usize,
+    /// Lowest and highest puts/s over the rounds.
+    range: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -193,6 +201,7 @@ async fn measure(
         watch_p50: percentile(&watch_samples, 50.0),
         watch_p99: percentile(&watch_samples, 99.0),
         watch_samples: watch_samples.len(),
+        range: None,
     })
 }
 
@@ -260,16 +269,18 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| backend | writers | puts/s | put p50 ms | put p99 ms | watch p50 ms | watch p99 ms | errors |"
+        "| backend | writers | puts/s (median) | puts/s range | put p50 ms | put p99 ms | watch p50 ms | watch p99 ms | errors |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             r.backend,
             r.writers,
             r.puts_per_sec(),
+            r.range
+                .map_or_else(String::new, |(lo, hi)| format!("{lo:.0}–{hi:.0}")),
             ms(r.put_p50),
             ms(r.put_p99),
             ms(r.watch_p50),
@@ -331,32 +342,57 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let rounds: usize = std::env::var("STORE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let rows = runtime.block_on(async {
-        let mut rows = Vec::new();
-        for (b, name) in backends.iter().enumerate() {
-            let backend = match start_backend(name).await {
-                Ok(backend) => backend,
-                Err(e) => {
-                    eprintln!("store_bench: skipping {name}: {e}");
-                    continue;
-                }
-            };
+        // All backends run for the whole benchmark; every round measures each of them once
+        // per writer count, in a rotating order, so load from other processes on the
+        // machine hits all backends alike.
+        let mut started = Vec::new();
+        for name in &backends {
+            match start_backend(name).await {
+                Ok(backend) => started.push(backend),
+                Err(e) => eprintln!("store_bench: skipping {name}: {e}"),
+            }
+        }
+        let mut samples: Vec<Vec<Row>> = vec![Vec::new(); started.len() * writers.len()];
+        let mut slot = 0;
+        for round in 0..rounds {
             for (w, &n) in writers.iter().enumerate() {
-                let round = b * 100 + w;
-                match measure(Arc::clone(&backend.store), &backend.label, n, run_for, round).await {
-                    Ok(row) => {
-                        eprintln!(
-                            "{:<28} writers={:<3} {:>8.0} puts/s  p50 {:>7.2} ms  p99 {:>7.2} ms  watch p50 {:>7.2} ms p99 {:>7.2} ms ({} samples)",
-                            row.backend, row.writers, row.puts_per_sec(), ms(row.put_p50),
-                            ms(row.put_p99), ms(row.watch_p50), ms(row.watch_p99), row.watch_samples
-                        );
-                        rows.push(row);
+                for k in 0..started.len() {
+                    let b = (k + round) % started.len();
+                    let backend = &started[b];
+                    slot += 1;
+                    match measure(Arc::clone(&backend.store), &backend.label, n, run_for, slot)
+                        .await
+                    {
+                        Ok(row) => {
+                            eprintln!(
+                                "round {round}: {:<26} writers={:<3} {:>8.0} puts/s  p50 {:>7.2} ms  p99 {:>7.2} ms  watch p50 {:>7.2} ms p99 {:>7.2} ms ({} watch samples)",
+                                row.backend, row.writers, row.puts_per_sec(), ms(row.put_p50),
+                                ms(row.put_p99), ms(row.watch_p50), ms(row.watch_p99), row.watch_samples
+                            );
+                            samples[b * writers.len() + w].push(row);
+                        }
+                        Err(e) => eprintln!("store_bench: {} with {n} writers failed: {e}", backend.label),
                     }
-                    Err(e) => eprintln!("store_bench: {name} with {n} writers failed: {e}"),
                 }
             }
         }
-        rows
+        // Report, per backend and writer count, the round with the median puts/s.
+        samples
+            .into_iter()
+            .filter_map(|mut runs| {
+                runs.sort_by(|a, b| a.puts_per_sec().total_cmp(&b.puts_per_sec()));
+                let (low, high) = (runs.first()?.puts_per_sec(), runs.last()?.puts_per_sec());
+                let mut median = runs.get(runs.len() / 2)?.clone();
+                median.range = Some((low, high));
+                Some(median)
+            })
+            .collect::<Vec<_>>()
     });
 
     let report = format!("{}\n{}", table(&rows), ratios(&rows));
