@@ -58,7 +58,10 @@ async fn run() -> anyhow::Result<()> {
             }
         );
     }
-    println!("    cluster up, leader elected, after {:?}", started.elapsed());
+    println!(
+        "    cluster up, leader elected, after {:?}",
+        started.elapsed()
+    );
 
     let follower = (0..cluster.len())
         .find(|i| *i != leader)
