@@ -71,6 +71,8 @@ struct Seen {
     path: String,
     call: Call,
     resource_version: Option<String>,
+    /// When (paused test time).
+    at: tokio::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +156,7 @@ impl tower::Service<Request<Body>> for ApiServer {
             path: path.clone(),
             call,
             resource_version,
+            at: tokio::time::Instant::now(),
         });
         let queue = script.replies.entry(leak(&path)).or_default();
         match queue.front() {
@@ -244,10 +247,10 @@ impl Running {
         }
     }
 
-    /// Receives until `kind` has produced `n` events (or a minute of paused time passes),
+    /// Receives until `kind` has produced `n` events (or ten minutes of paused time pass),
     /// and returns that kind's events so far, described.
     async fn until(&mut self, kind: ObjectKind, n: usize) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
         while of_kind(&self.received, kind).len() < n {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(event)) => self.received.push(event),
@@ -521,6 +524,42 @@ async fn forbidden_list_logs_the_missing_rbac_rule_and_recovers() {
             .count(),
         2
     );
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_lists_are_retried_with_growing_delays() {
+    let mut replies: Vec<Reply> = (0..6)
+        .map(|_| Reply {
+            call: Call::List,
+            status: 403,
+            fixture: "endpointslices-forbidden.json",
+        })
+        .collect();
+    replies.push(list("endpointslices-list.json"));
+    let api = ApiServer::default().script(ENDPOINT_SLICES, replies);
+    let mut running = Running::start(KubernetesSource::new(api.client()));
+    assert_eq!(
+        running.until(ObjectKind::EndpointSlice, 1).await,
+        ["Replace [shop/frontend-x7k2p]"]
+    );
+    let times: Vec<tokio::time::Instant> = api
+        .seen(ENDPOINT_SLICES)
+        .into_iter()
+        .filter(|s| s.call == Call::List)
+        .map(|s| s.at)
+        .collect();
+    assert_eq!(times.len(), 7);
+    // kube's DefaultBackoff: 0.8 s doubling per attempt, plus up to 100 % jitter.
+    for (attempt, pair) in times.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let base = Duration::from_millis(800) * 2u32.pow(u32::try_from(attempt).unwrap());
+        assert!(
+            gap >= base && gap <= base * 2,
+            "retry {attempt} came after {gap:?}, expected {base:?}..={:?}",
+            base * 2
+        );
+    }
     running.stop().await;
 }
 

@@ -1,8 +1,8 @@
 //! The `kubernetes` source: kube-rs watchers on the cluster's own API.
 //!
 //! One [`kube::runtime::watcher`] per kind (Services, `discovery.k8s.io/v1`
-//! EndpointSlices, Nodes, Pods, all namespaces), each with kube's default backoff. A
-//! watcher lists, then watches from the list's resourceVersion; it re-lists when the
+//! EndpointSlices, Nodes, Pods, all namespaces), each with kube's default backoff policy
+//! ([`DefaultBackoff`]: 0.8 s doubling to 30 s, jittered). A watcher lists, then watches from the list's resourceVersion; it re-lists when the
 //! watch falls out of the API server's history (410 Gone) or after a failed list. Every
 //! completed (re-)list becomes one [`SourceEvent::Replace`] for the kind, so objects
 //! deleted while we were not watching disappear, and the first one marks the kind synced;
@@ -11,6 +11,13 @@
 //! Memory: the exporter keeps the objects, so the source keeps none, except the pages of a
 //! list in progress until it is complete (a Replace needs the whole set). Fields nothing
 //! downstream reads are dropped first (see `slim`).
+//!
+//! The backoff is applied here rather than with `WatchStreamExt::default_backoff`:
+//! kube's `StreamBackoff` resets on every `Ok` item, and the watcher yields `Event::Init`
+//! (an `Ok`) before every list attempt, so a list that keeps failing (a missing RBAC rule)
+//! was retried at the minimum delay forever (about once a second per kind with
+//! kube-runtime 5.0.0, seen against a fake API server). Here the backoff resets only on
+//! progress: a completed list or a watch event. An expired watch (410) re-lists at once.
 //!
 //! Failures never end the source: each is logged with the kind and what would fix it (see
 //! [`WatchProblem`]) and retried with backoff, so for example granting a missing RBAC rule
@@ -26,8 +33,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, watcher, DefaultBackoff, Event};
 use kube::Api;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -112,9 +119,8 @@ impl KubernetesSource {
     ) -> Result<(), KubernetesSourceError> {
         let kind = K::KIND;
         let api: Api<K> = Api::all(self.client.clone());
-        let mut stream = watcher(api, self.watcher_config.clone())
-            .default_backoff()
-            .boxed();
+        let mut stream = watcher(api, self.watcher_config.clone()).boxed();
+        let mut backoff = DefaultBackoff::default();
         let mut feed = KindFeed::new(kind, self.metrics.as_deref());
         loop {
             let item = tokio::select! {
@@ -125,11 +131,48 @@ impl KubernetesSource {
                 tracing::error!(%kind, "watcher stream ended");
                 return Err(KubernetesSourceError::WatcherEnded { kind });
             };
-            if let Some(event) = feed.step(item) {
+            let step = feed.step(item);
+            if step.progress {
+                backoff.reset();
+            }
+            if let Some(event) = step.event {
                 if events.send(event).await.is_err() {
                     return Ok(());
                 }
             }
+            if step.back_off {
+                // DefaultBackoff never runs out; the fallback is its ceiling.
+                let delay = backoff.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::debug!(%kind, ?delay, "retrying after a delay");
+                tokio::select! {
+                    () = events.closed() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Longest delay between two attempts ([`DefaultBackoff`]'s ceiling).
+const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What one watcher item leads to.
+#[derive(Debug, Default)]
+struct Step {
+    /// Event to pass on.
+    event: Option<SourceEvent>,
+    /// A list completed or a watch event arrived: the backoff starts over.
+    progress: bool,
+    /// A request failed: wait before the watcher's next attempt.
+    back_off: bool,
+}
+
+impl Step {
+    fn emit(event: SourceEvent) -> Self {
+        Step {
+            event: Some(event),
+            progress: true,
+            back_off: false,
         }
     }
 }
@@ -156,35 +199,35 @@ impl<'a> KindFeed<'a> {
         }
     }
 
-    fn step<K: Watched>(&mut self, item: Result<Event<K>, watcher::Error>) -> Option<SourceEvent> {
+    fn step<K: Watched>(&mut self, item: Result<Event<K>, watcher::Error>) -> Step {
         let kind = self.kind;
         match item {
             Ok(Event::Init) => {
                 tracing::debug!(%kind, relist = self.listed_once, "listing");
                 self.listing = Some(Vec::new());
-                None
+                Step::default()
             }
             Ok(Event::InitApply(object)) => {
                 self.listing
                     .get_or_insert_with(Vec::new)
                     .push(slimmed(object));
-                None
+                Step::default()
             }
             Ok(Event::InitDone) => {
                 let objects = self.listing.take().unwrap_or_default();
                 tracing::info!(%kind, objects = objects.len(), relist = self.listed_once, "listed; replacing this kind's objects");
                 self.listed_once = true;
-                Some(SourceEvent::Replace { kind, objects })
+                Step::emit(SourceEvent::Replace { kind, objects })
             }
             Ok(Event::Apply(object)) => {
                 let object = slimmed(object);
                 tracing::debug!(object = %object.object_ref(), "applied");
-                Some(SourceEvent::Apply(object))
+                Step::emit(SourceEvent::Apply(object))
             }
             Ok(Event::Delete(object)) => {
                 let r = slimmed(object).object_ref();
                 tracing::debug!(object = %r, "deleted");
-                Some(SourceEvent::Delete(r))
+                Step::emit(SourceEvent::Delete(r))
             }
             Err(error) => {
                 let problem = WatchProblem::explain(kind, &error);
@@ -198,7 +241,11 @@ impl<'a> KindFeed<'a> {
                         metrics.rejected_input("kubernetes_response");
                     }
                 }
-                None
+                Step {
+                    event: None,
+                    progress: false,
+                    back_off: !problem.is_routine(),
+                }
             }
         }
     }
@@ -247,8 +294,9 @@ mod tests {
         }
     }
 
-    fn names(event: Option<SourceEvent>) -> Vec<String> {
-        match event {
+    fn names(step: Step) -> Vec<String> {
+        assert!(step.progress && !step.back_off);
+        match step.event {
             Some(SourceEvent::Replace { objects, .. }) => {
                 objects.iter().map(|o| o.object_ref().name).collect()
             }
@@ -259,14 +307,14 @@ mod tests {
     #[test]
     fn a_relist_restarts_the_buffer() {
         let mut feed = KindFeed::new(ObjectKind::Pod, None);
-        assert!(feed.step::<Pod>(Ok(Event::Init)).is_none());
-        assert!(feed.step(Ok(Event::InitApply(pod("a")))).is_none());
+        let quiet = |step: Step| step.event.is_none() && !step.progress && !step.back_off;
+        assert!(quiet(feed.step::<Pod>(Ok(Event::Init))));
+        assert!(quiet(feed.step(Ok(Event::InitApply(pod("a"))))));
         // The list failed half-way; kube starts over with Init.
-        assert!(feed
-            .step::<Pod>(Err(watcher::Error::NoResourceVersion))
-            .is_none());
-        assert!(feed.step::<Pod>(Ok(Event::Init)).is_none());
-        assert!(feed.step(Ok(Event::InitApply(pod("b")))).is_none());
+        let failed = feed.step::<Pod>(Err(watcher::Error::NoResourceVersion));
+        assert!(failed.event.is_none() && failed.back_off && !failed.progress);
+        assert!(quiet(feed.step::<Pod>(Ok(Event::Init))));
+        assert!(quiet(feed.step(Ok(Event::InitApply(pod("b"))))));
         assert_eq!(names(feed.step::<Pod>(Ok(Event::InitDone))), ["b"]);
     }
 
@@ -281,12 +329,12 @@ mod tests {
     fn watch_events_pass_through_with_their_ref() {
         let mut feed = KindFeed::new(ObjectKind::Pod, None);
         let Some(SourceEvent::Apply(K8sObject::Pod(applied))) =
-            feed.step(Ok(Event::Apply(pod("a"))))
+            feed.step(Ok(Event::Apply(pod("a")))).event
         else {
             panic!("expected Apply");
         };
         assert_eq!(applied.metadata.name.as_deref(), Some("a"));
-        let Some(SourceEvent::Delete(r)) = feed.step(Ok(Event::Delete(pod("a")))) else {
+        let Some(SourceEvent::Delete(r)) = feed.step(Ok(Event::Delete(pod("a")))).event else {
             panic!("expected Delete");
         };
         assert_eq!(
@@ -297,6 +345,17 @@ mod tests {
                 name: "a".to_owned()
             }
         );
+    }
+
+    #[test]
+    fn an_expired_watch_relists_without_delay() {
+        let mut feed = KindFeed::new(ObjectKind::Service, None);
+        let gone = kube::core::Status {
+            code: 410,
+            ..kube::core::Status::default()
+        };
+        let step = feed.step::<Service>(Err(watcher::Error::WatchError(Box::new(gone))));
+        assert!(step.event.is_none() && !step.back_off);
     }
 
     #[test]
