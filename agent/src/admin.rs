@@ -191,10 +191,19 @@ pub fn router(view: AgentView, bpf: Option<BpfDumpHook>) -> Router {
                         "this agent runs without the eBPF datapath",
                     )
                         .into_response(),
-                    Some(hook) => match tokio::task::block_in_place(|| hook()) {
-                        Ok(v) => json(&v),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-                    },
+                    Some(hook) => {
+                        // Map reads are syscalls: keep them off the runtime's workers.
+                        let hook = Arc::clone(hook);
+                        match tokio::task::spawn_blocking(move || hook()).await {
+                            Ok(Ok(v)) => json(&v),
+                            Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+                            Err(e) => (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("datapath dump failed: {e}"),
+                            )
+                                .into_response(),
+                        }
+                    }
                 }
             }),
         )
@@ -251,4 +260,61 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(path);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(path: &Path, request: &str) -> String {
+        let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
+        s.write_all(
+            format!("GET {request} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_status_services_and_metrics_on_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let view = AgentView {
+            node: "n1".into(),
+            local_cluster: "east".into(),
+            ..AgentView::default()
+        };
+        view.metrics.decode_error("west");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let (sock, view, cancel) = (sock.clone(), view.clone(), cancel.clone());
+            async move { serve(&sock, view, None, cancel).await }
+        });
+        for _ in 0..200 {
+            if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let status = get(&sock, "/v1/status").await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(status.contains(r#""local_cluster":"east""#), "{status}");
+        let services = get(&sock, "/v1/services").await;
+        assert!(services.ends_with("[]"), "{services}");
+        let bpf = get(&sock, "/v1/bpf/lb").await;
+        assert!(bpf.starts_with("HTTP/1.1 503"), "{bpf}");
+        let metrics = get(&sock, "/metrics").await;
+        assert!(
+            metrics.contains("clustermesh_agent_record_decode_errors_total"),
+            "{metrics}"
+        );
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+        assert!(!sock.exists(), "socket removed on shutdown");
+    }
 }

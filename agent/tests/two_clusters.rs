@@ -1,0 +1,423 @@
+//! Behaviour test: two in-process mesh API servers (real raft stores, real mTLS gRPC on
+//! 127.0.0.1) and an agent with the recording datapath.
+//!
+//! Scenario for global service `default/web` with affinity `local`, seen from cluster
+//! `east`: local backends serve; every local backend goes unready → the remote ones take
+//! over in one datapath batch; local ones come back → back to local; the remote server is
+//! killed → its last-known backends stay in force and the cluster shows as stale; the
+//! remote server restarts → after resync nothing is re-sent; a record that does not decode
+//! is ignored and counted.
+
+// Helpers outside #[test] fns are test code too: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_agent::datapath::{Datapath, LbServiceId};
+use clustermesh_agent::recording::RecordingDatapath;
+use clustermesh_agent::runtime::{Agent, AgentOptions, AgentView};
+use clustermesh_agent::watcher::Backoff;
+use clustermesh_api::keys::{service_key, synced_key, Kind};
+use clustermesh_api::v1;
+use clustermesh_apiserver::cache::{Cache, CacheConfig};
+use clustermesh_apiserver::export::ExportConfig;
+use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::server::serve_grpc;
+use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
+use clustermesh_store::raft::LocalCluster;
+use clustermesh_store::Store;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+const TD: &str = "mesh.test";
+
+struct Server {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    async fn start(
+        store: Arc<dyn Store>,
+        ca: &MeshCa,
+        cluster: &str,
+        id: u32,
+        cidr: &str,
+        listener: tokio::net::TcpListener,
+    ) -> Server {
+        let td = TrustDomain::new(TD).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(Cache::new(
+            cluster.to_owned(),
+            CacheConfig::default(),
+            Arc::clone(&metrics),
+        ));
+        let shutdown = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(
+            Arc::clone(&cache).run(store, shutdown.clone()),
+        )];
+        cache.wait_loaded().await;
+        let mut export = ExportConfig::new(cluster.to_owned(), id);
+        export.pod_cidrs = vec![cidr.parse().unwrap()];
+        let service = MeshApiService::new(
+            cache,
+            ServiceConfig {
+                cluster_config: export.cluster_config(),
+                policy: AccessPolicy::default(),
+                stream_buffer: 64,
+            },
+            metrics,
+        )
+        // Ends the watch streams on stop, so a stopped server really drops its agents.
+        .with_shutdown(shutdown.clone());
+        let names = ServerNames::new(
+            ["localhost".to_owned()],
+            [std::net::IpAddr::from([127, 0, 0, 1])],
+        );
+        let leaf = ca
+            .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .unwrap();
+        let tls: Arc<dyn TlsSource> = Arc::new(
+            MeshTls::from_pem(
+                td,
+                ca.cert_pem().as_bytes(),
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+            )
+            .unwrap(),
+        );
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            serve_grpc(service, listener, tls, token).await.unwrap();
+        }));
+        Server { shutdown, tasks }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn service(cluster: &str, backends: &[(&str, bool)], affinity: v1::Affinity) -> v1::Service {
+    v1::Service {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster: cluster.into(),
+        frontends: vec![if cluster == "east" {
+            "10.96.0.10".into()
+        } else {
+            "10.97.0.10".into()
+        }],
+        ports: vec![v1::ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: v1::Protocol::Tcp.into(),
+        }],
+        backends: backends
+            .iter()
+            .map(|&(ip, ready)| v1::Backend {
+                ip: ip.into(),
+                ports: vec![v1::BackendPort {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: v1::Protocol::Tcp.into(),
+                }],
+                ready,
+                serving: ready,
+                terminating: false,
+                node: "n2".into(),
+                zone: "z1".into(),
+                weight: 1,
+                pod: String::new(),
+            })
+            .collect(),
+        global: true,
+        shared: true,
+        affinity: affinity.into(),
+        topology_aware: false,
+    }
+}
+
+async fn put_service(store: &dyn Store, svc: &v1::Service) {
+    let key = service_key(&svc.cluster, &svc.namespace, &svc.name);
+    store
+        .put(key.as_bytes(), svc.encode_to_vec(), None)
+        .await
+        .unwrap();
+}
+
+async fn mark_synced(store: &dyn Store, cluster: &str) {
+    let key = synced_key(cluster, Kind::Service);
+    let marker = v1::SyncedMarker { revision: 1 }.encode_to_vec();
+    store.put(key.as_bytes(), marker, None).await.unwrap();
+}
+
+fn web() -> LbServiceId {
+    LbServiceId {
+        namespace: "default".into(),
+        name: "web".into(),
+        port_name: "http".into(),
+    }
+}
+
+/// Clusters whose backends appear in the programmed Maglev table of `default/web`.
+fn table_clusters(dp: &RecordingDatapath) -> BTreeSet<String> {
+    dp.service(&web())
+        .map(|s| {
+            s.table
+                .iter()
+                .map(|&i| s.backends[i as usize].cluster.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    eprintln!("waiting for: {what}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_config(path: &Path, dir: &Path, east: SocketAddr, west: SocketAddr) {
+    let yaml = format!(
+        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n  - name: east\n    id: 1\n    endpoints: [\"localhost:{e}\"]\n    ca_file: {d}/ca.crt\n  - name: west\n    id: 2\n    endpoints: [\"localhost:{w}\"]\n    ca_file: {d}/ca.crt\n",
+        d = dir.display(),
+        e = east.port(),
+        w = west.port()
+    );
+    std::fs::write(path, yaml).unwrap();
+}
+
+fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::ClusterStatus {
+    view.clusters.get(name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new(TD).unwrap();
+    let ca = MeshCa::generate(td).unwrap();
+    let client = ca
+        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.path().join("client.key"), &client.key_pem).unwrap();
+
+    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
+        .await
+        .unwrap();
+    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
+        .await
+        .unwrap();
+    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
+    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+
+    put_service(
+        east_store.as_ref(),
+        &service(
+            "east",
+            &[("10.1.0.5", true), ("10.1.0.6", true)],
+            v1::Affinity::Local,
+        ),
+    )
+    .await;
+    mark_synced(east_store.as_ref(), "east").await;
+    put_service(
+        west_store.as_ref(),
+        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(west_store.as_ref(), "west").await;
+
+    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let east_addr = east_listener.local_addr().unwrap();
+    let west_addr = west_listener.local_addr().unwrap();
+    let east = Server::start(
+        Arc::clone(&east_store),
+        &ca,
+        "east",
+        1,
+        "10.1.0.0/16",
+        east_listener,
+    )
+    .await;
+    let west = Server::start(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        west_listener,
+    )
+    .await;
+
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, west_addr);
+    let dp = Arc::new(RecordingDatapath::new());
+    let mut options = AgentOptions::new(&config, "n1");
+    options.backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(300),
+    };
+    options.config_poll = Duration::from_millis(100);
+    let cancel = CancellationToken::new();
+    let datapath: Arc<dyn Datapath> = Arc::clone(&dp) as Arc<dyn Datapath>;
+    let agent = Agent::start(options, datapath, cancel.clone()).unwrap();
+    let view = agent.view.clone();
+
+    // Both clusters synced; affinity local → only east's backends take connections.
+    eventually("both clusters synced", || {
+        view.clusters.snapshot().iter().filter(|s| s.synced).count() == 2
+    })
+    .await;
+    eventually("local backends programmed", || {
+        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+    })
+    .await;
+    // Every local backend becomes unready: one datapath batch moves traffic to west.
+    let before = dp.batch_count();
+    put_service(
+        east_store.as_ref(),
+        &service(
+            "east",
+            &[("10.1.0.5", false), ("10.1.0.6", false)],
+            v1::Affinity::Local,
+        ),
+    )
+    .await;
+    eventually("failover to west", || {
+        table_clusters(&dp) == BTreeSet::from(["west".to_owned()])
+    })
+    .await;
+    assert_eq!(
+        dp.batch_count(),
+        before + 1,
+        "failover took exactly one batch"
+    );
+
+    // Local backends come back.
+    let before = dp.batch_count();
+    put_service(
+        east_store.as_ref(),
+        &service(
+            "east",
+            &[("10.1.0.5", true), ("10.1.0.6", true)],
+            v1::Affinity::Local,
+        ),
+    )
+    .await;
+    eventually("back to east", || {
+        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+    })
+    .await;
+    assert_eq!(dp.batch_count(), before + 1);
+
+    // Fail over again, then lose west entirely: its last-known backends stay in force.
+    put_service(
+        east_store.as_ref(),
+        &service(
+            "east",
+            &[("10.1.0.5", false), ("10.1.0.6", false)],
+            v1::Affinity::Local,
+        ),
+    )
+    .await;
+    eventually("failover to west again", || {
+        table_clusters(&dp) == BTreeSet::from(["west".to_owned()])
+    })
+    .await;
+    let programmed = dp.service(&web()).unwrap();
+    let batches = dp.batch_count();
+    west.stop().await;
+    eventually("west shown stale", || {
+        let s = cluster_status(&view, "west");
+        !s.connected && s.stale && s.last_error.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        dp.service(&web()).unwrap(),
+        programmed,
+        "last-known state kept"
+    );
+    assert_eq!(
+        dp.batch_count(),
+        batches,
+        "no datapath change while west is down"
+    );
+
+    // West comes back on the same address: it resumes or resyncs; nothing changed, so
+    // nothing is sent to the datapath.
+    let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
+    let west = Server::start(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        west_listener,
+    )
+    .await;
+    eventually("west reconnected", || {
+        let s = cluster_status(&view, "west");
+        s.connected && s.synced && !s.stale
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        dp.batch_count(),
+        batches,
+        "resync of unchanged records changes nothing"
+    );
+
+    // A record that does not decode is ignored and counted; the service is unaffected.
+    west_store
+        .put(
+            service_key("west", "default", "broken").as_bytes(),
+            vec![0xff, 0xff, 0xff, 0xff],
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("decode error counted", || {
+        cluster_status(&view, "west").decode_errors >= 1
+    })
+    .await;
+    assert_eq!(dp.service(&web()).unwrap(), programmed);
+
+    // The admin API renders what the CLI reads.
+    let status = clustermesh_agent::admin::status(&view);
+    assert_eq!(status.local_cluster, "east");
+    assert_eq!(status.clusters.len(), 2);
+    let services = clustermesh_agent::admin::services(&view);
+    let web_body = services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web_body.active_tier, "remote");
+    assert!(web_body
+        .backends
+        .iter()
+        .any(|b| b.cluster == "west" && b.slots > 0));
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
