@@ -390,6 +390,25 @@ mod tests {
         assert_eq!(objects[0].kind(), ObjectKind::Node);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "(---\n|[ -~]{0,30}\n){0,12}") {
+            if let Err(e) = parse_manifests("f.yaml", &text) {
+                let lines = text.lines().count().max(1);
+                proptest::prop_assert!(e.line >= 1 && e.line <= lines + 1, "line {} of {}", e.line, lines);
+            }
+        }
+
+        #[test]
+        fn arbitrary_kubernetes_like_documents_never_panic(
+            kind in proptest::sample::select(vec!["Service", "Node", "Pod", "EndpointSlice", "List"]),
+            body in "[ -~]{0,40}",
+        ) {
+            let text = format!("apiVersion: v1\nkind: {kind}\nmetadata: {{name: x}}\nspec: {body}\nitems: {body}\n");
+            let _ = parse_manifests("f.yaml", &text);
+        }
+    }
+
     #[test]
     fn missing_kind_is_an_error() {
         let err = parse_manifests("f.yaml", "metadata: {name: a}\n").unwrap_err();

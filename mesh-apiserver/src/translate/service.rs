@@ -234,3 +234,74 @@ fn parse_protocol(raw: Option<&str>) -> Result<v1::Protocol, String> {
 fn valid_port(port: i32) -> Option<u32> {
     u16::try_from(port).ok().filter(|p| *p != 0).map(u32::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use proptest::prelude::*;
+
+    fn protocol() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            Just(Some("TCP".to_owned())),
+            Just(Some("UDP".to_owned())),
+            ".{0,5}".prop_map(Some)
+        ]
+    }
+
+    proptest! {
+        /// Whatever the object holds, translation does not panic, and what it exports
+        /// is well-formed: parseable IPs, ports in 1..=65535.
+        #[test]
+        fn arbitrary_services_translate_to_well_formed_records(
+            ips in proptest::collection::vec(prop_oneof![".{0,12}", "10\\.[0-9]{1,3}\\.0\\.1", Just("fd00::1".to_owned())], 0..3),
+            ports in proptest::collection::vec((proptest::option::of("[a-z]{0,4}"), any::<i32>(), protocol()), 0..4),
+            slice_ports in proptest::collection::vec((proptest::option::of("[a-z]{0,4}"), proptest::option::of(any::<i32>()), protocol()), 0..3),
+            addresses in proptest::collection::vec(".{0,10}|10\\.0\\.0\\.[0-9]", 0..4),
+            ready in proptest::option::of(any::<bool>()),
+            affinity in ".{0,8}",
+        ) {
+            let svc = Service {
+                metadata: ObjectMeta {
+                    name: Some("s".into()),
+                    namespace: Some("n".into()),
+                    annotations: Some([(clustermesh_api::annotations::AFFINITY.to_owned(), affinity)].into_iter().collect()),
+                    ..Default::default()
+                },
+                spec: Some(ServiceSpec {
+                    cluster_ips: Some(ips),
+                    ports: Some(ports.into_iter().map(|(name, port, protocol)| ServicePort { name, port, protocol, ..Default::default() }).collect()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let slice = EndpointSlice {
+                metadata: ObjectMeta { name: Some("s-1".into()), namespace: Some("n".into()), ..Default::default() },
+                address_type: "IPv4".into(),
+                ports: Some(slice_ports.into_iter().map(|(name, port, protocol)| EndpointPort { name, port, protocol, ..Default::default() }).collect()),
+                endpoints: Some(addresses.into_iter().map(|a| Endpoint {
+                    addresses: vec![a],
+                    conditions: Some(EndpointConditions { ready, ..Default::default() }),
+                    ..Default::default()
+                }).collect()),
+            };
+            let mut warnings = Vec::new();
+            if let Some(record) = service_record("c", &svc, &[&slice], &mut warnings) {
+                prop_assert!(!record.frontends.is_empty());
+                for f in &record.frontends {
+                    prop_assert!(f.parse::<IpAddr>().is_ok());
+                }
+                for p in &record.ports {
+                    prop_assert!((1..=65535).contains(&p.port));
+                }
+                for b in &record.backends {
+                    prop_assert!(b.ip.parse::<IpAddr>().is_ok());
+                    prop_assert!(b.ports.iter().all(|p| (1..=65535).contains(&p.port)));
+                }
+            }
+        }
+    }
+}
