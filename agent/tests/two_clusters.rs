@@ -193,14 +193,38 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn write_config(path: &Path, dir: &Path, east: SocketAddr, west: SocketAddr) {
-    let yaml = format!(
-        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n  - name: east\n    id: 1\n    endpoints: [\"localhost:{e}\"]\n    ca_file: {d}/ca.crt\n  - name: west\n    id: 2\n    endpoints: [\"localhost:{w}\"]\n    ca_file: {d}/ca.crt\n",
-        d = dir.display(),
-        e = east.port(),
-        w = west.port()
+fn write_config(path: &Path, dir: &Path, east: SocketAddr, west: Option<SocketAddr>) {
+    let entry = |name: &str, id: u32, addr: SocketAddr| {
+        format!(
+            "  - name: {name}\n    id: {id}\n    endpoints: [\"localhost:{}\"]\n    ca_file: {}/ca.crt\n",
+            addr.port(),
+            dir.display()
+        )
+    };
+    let mut yaml = format!(
+        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n",
+        d = dir.display()
     );
-    std::fs::write(path, yaml).unwrap();
+    yaml.push_str(&entry("east", 1, east));
+    if let Some(w) = west {
+        yaml.push_str(&entry("west", 2, w));
+    }
+    // Write-then-rename so the agent never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// PKI files (ca.crt, client.crt/key for cluster east) in `dir`; returns the CA.
+fn pki(dir: &Path) -> MeshCa {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let client = ca
+        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
+    ca
 }
 
 fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::ClusterStatus {
@@ -210,14 +234,7 @@ fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::C
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new(TD).unwrap();
-    let ca = MeshCa::generate(td).unwrap();
-    let client = ca
-        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
-        .unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("client.crt"), &client.cert_pem).unwrap();
-    std::fs::write(dir.path().join("client.key"), &client.key_pem).unwrap();
+    let ca = pki(dir.path());
 
     let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
         .await
@@ -269,7 +286,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     .await;
 
     let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, west_addr);
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
     let dp = Arc::new(RecordingDatapath::new());
     let mut options = AgentOptions::new(&config, "n1");
     options.backoff = Backoff {
@@ -413,6 +430,121 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         .backends
         .iter()
         .any(|b| b.cluster == "west" && b.slots > 0));
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
+        .await
+        .unwrap();
+    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
+        .await
+        .unwrap();
+    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
+    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+    put_service(
+        east_store.as_ref(),
+        &service("east", &[("10.1.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(east_store.as_ref(), "east").await;
+    put_service(
+        west_store.as_ref(),
+        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(west_store.as_ref(), "west").await;
+    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (east_addr, west_addr) = (
+        east_listener.local_addr().unwrap(),
+        west_listener.local_addr().unwrap(),
+    );
+    let east = Server::start(
+        Arc::clone(&east_store),
+        &ca,
+        "east",
+        1,
+        "10.1.0.0/16",
+        east_listener,
+    )
+    .await;
+    let west = Server::start(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        west_listener,
+    )
+    .await;
+
+    // Start with only the local cluster configured.
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, None);
+    let dp = Arc::new(RecordingDatapath::new());
+    let mut options = AgentOptions::new(&config, "n1");
+    options.backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+    };
+    options.config_poll = Duration::from_millis(100);
+    options.stale_ttl = Some(Duration::from_millis(700));
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        options,
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let east_only = BTreeSet::from(["east".to_owned()]);
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east only", || table_clusters(&dp) == east_only).await;
+
+    // `clustermesh connect` adds west to the file: picked up without a restart.
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    eventually("west added at runtime", || table_clusters(&dp) == both).await;
+
+    // West goes away: kept while stale, dropped once the stale TTL has passed.
+    west.stop().await;
+    eventually("west stale", || {
+        view.clusters.get("west").is_some_and(|s| s.stale)
+    })
+    .await;
+    eventually("west dropped after the stale TTL", || {
+        table_clusters(&dp) == east_only
+    })
+    .await;
+
+    // West returns: resynced and merged again.
+    let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
+    let west = Server::start(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        west_listener,
+    )
+    .await;
+    eventually("west back", || table_clusters(&dp) == both).await;
+
+    // `clustermesh disconnect` removes west from the file: its records and status go.
+    write_config(&config, dir.path(), east_addr, None);
+    eventually("west removed at runtime", || {
+        table_clusters(&dp) == east_only && view.clusters.get("west").is_none()
+    })
+    .await;
 
     cancel.cancel();
     let _ = agent.task.await;
