@@ -225,12 +225,14 @@ pub fn router(view: AgentView, bpf: Option<BpfDumpHook>) -> Router {
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The socket cannot be created.
-    #[error("cannot listen on admin socket {path}: {source}; check the directory exists and is writable")]
+    #[error(
+        "cannot listen on admin socket {path}: {error}; check the directory exists and is writable"
+    )]
     Bind {
         /// Socket path.
         path: std::path::PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -246,9 +248,9 @@ pub async fn serve(
         // A previous agent's socket; nobody can be listening on it if we are starting.
         let _ = std::fs::remove_file(path);
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| AdminError::Bind {
+    let listener = tokio::net::UnixListener::bind(path).map_err(|error| AdminError::Bind {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     tracing::info!(socket = %path.display(), "admin API listening");
     let app = router(view, bpf);

@@ -56,20 +56,22 @@ pub struct ClusterEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read agent config {path}: {source}")]
+    #[error("cannot read agent config {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid YAML of the expected shape.
-    #[error("agent config {path} is not valid: {source}; see `clustermesh enable --help` for the format")]
+    #[error(
+        "agent config {path} is not valid: {error}; see `clustermesh enable --help` for the format"
+    )]
     Parse {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: serde_yaml::Error,
+        error: serde_yaml::Error,
     },
     /// The content is inconsistent.
     #[error("agent config {path}: {reason}")]
@@ -84,9 +86,9 @@ pub enum ConfigError {
 impl AgentConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(path, &text)
     }
@@ -94,9 +96,9 @@ impl AgentConfig {
     /// Parses and validates YAML `text` (`path` is only used in messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let config: AgentConfig =
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
         config.validate(path)?;
         Ok(config)

@@ -93,7 +93,6 @@ fn main() {
     let args = Args::parse();
     init_logging(args.log_format);
     if let Err(e) = run(args) {
-        tracing::error!(error = %format!("{e:#}"), "clustermesh-agent stopped");
         eprintln!("clustermesh-agent: {e:#}");
         std::process::exit(1);
     }
