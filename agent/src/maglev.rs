@@ -290,7 +290,7 @@ fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while u64::from(d) * u64::from(d) <= u64::from(n) {
-        if n % d == 0 {
+        if n.checked_rem(d) == Some(0) {
             return false;
         }
         d += 1;
