@@ -38,18 +38,20 @@ pub(crate) fn ip_in(ns: &str, args: &[&str]) -> Result<String, Error> {
     run("ip", &all)
 }
 
-/// Sets a sysctl inside a namespace (`ip netns exec` gives the namespace its own /proc/sys/net).
+/// Sets a network sysctl inside a namespace by writing `/proc/sys/<key with / for .>`
+/// (`ip netns exec` gives the program the namespace's own `/proc/sys/net`); plain `sh`,
+/// so no procps is needed.
 pub(crate) fn sysctl_in(ns: &str, key: &str, value: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
     run(
         "ip",
         &[
             "netns",
             "exec",
             ns,
-            "sysctl",
-            "-q",
-            "-w",
-            &format!("{key}={value}"),
+            "sh",
+            "-c",
+            &format!("echo {value} > {path}"),
         ],
     )
     .map(|_| ())
