@@ -51,6 +51,11 @@ pub struct AgentOptions {
     pub config_poll: Duration,
     /// Connect + TLS handshake timeout.
     pub connect_timeout: Duration,
+    /// After start, nothing is sent to the datapath until every configured cluster has
+    /// synced once, or this long has passed (so a restart does not program services with
+    /// only part of their backends, and a reconciling datapath does not prune what an
+    /// unsynced cluster still provides).
+    pub initial_sync_timeout: Duration,
 }
 
 impl AgentOptions {
@@ -66,6 +71,7 @@ impl AgentOptions {
             backoff: Backoff::default(),
             config_poll: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
+            initial_sync_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -150,7 +156,15 @@ impl Agent {
         };
         let (tx, rx) = mpsc::channel(4096);
         let desired = DesiredState::new(here, options.maglev);
-        let reconciler = reconcile(desired, rx, datapath, view.clone(), cancel.clone());
+        let deadline = tokio::time::Instant::now() + options.initial_sync_timeout;
+        let reconciler = reconcile(
+            desired,
+            rx,
+            datapath,
+            view.clone(),
+            deadline,
+            cancel.clone(),
+        );
         let supervisor = Supervisor {
             options,
             trust_domain,
@@ -173,15 +187,23 @@ async fn reconcile(
     mut rx: mpsc::Receiver<Update>,
     datapath: Arc<dyn Datapath>,
     view: AgentView,
+    initial_sync_deadline: tokio::time::Instant,
     cancel: CancellationToken,
 ) {
+    let mut gate_open = false;
     loop {
         let first = if desired.has_pending() {
-            // A refused batch is waiting: retry after a pause unless updates come first.
+            // Changes are waiting (refused by the datapath, or held until the initial
+            // sync): retry after a pause unless updates come first.
+            let wake = if gate_open {
+                tokio::time::Instant::now() + DATAPATH_RETRY
+            } else {
+                initial_sync_deadline
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 u = rx.recv() => u,
-                () = tokio::time::sleep(DATAPATH_RETRY) => None,
+                () = tokio::time::sleep_until(wake) => None,
             }
         } else {
             tokio::select! {
@@ -195,10 +217,23 @@ async fn reconcile(
         while let Ok(u) = rx.try_recv() {
             apply(&mut desired, u);
         }
+        if !gate_open {
+            let clusters = view.clusters.snapshot();
+            let all_synced = !clusters.is_empty() && clusters.iter().all(|c| c.synced);
+            if all_synced || tokio::time::Instant::now() >= initial_sync_deadline {
+                gate_open = true;
+                tracing::info!(all_synced, "initial sync done; programming the datapath");
+            }
+        }
         let dp = Arc::clone(&datapath);
+        let flush = gate_open;
         let round = tokio::task::spawn_blocking(move || {
             let stats = desired.compute();
-            let result = desired.flush(dp.as_ref());
+            let result = if flush {
+                desired.flush(dp.as_ref())
+            } else {
+                Ok(0)
+            };
             (desired, stats, result)
         })
         .await;
