@@ -121,9 +121,28 @@ impl ApiServer {
     }
 }
 
+/// A recorded response. Embedded at compile time, so the test binary does not depend on
+/// the directory it was built from (the build directory is shared between checkouts).
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/kube/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+    macro_rules! fixtures {
+        ($($file:literal),* $(,)?) => {
+            match name {
+                $($file => include_bytes!(concat!("fixtures/kube/", $file)).to_vec(),)*
+                other => panic!("no fixture {other} in tests/fixtures/kube"),
+            }
+        };
+    }
+    fixtures!(
+        "services-list.json",
+        "services-watch.jsonl",
+        "services-relist.json",
+        "endpointslices-forbidden.json",
+        "endpointslices-list.json",
+        "nodes-list.json",
+        "pods-list.json",
+        "pods-list-malformed.json",
+        "pods-watch-malformed.jsonl",
+    )
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
