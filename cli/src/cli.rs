@@ -28,6 +28,15 @@ pub struct Cli {
     /// State directory of the cluster to operate on (standalone mode).
     #[arg(long, global = true, env = "CLUSTERMESH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Kubeconfig context of the cluster to operate on (Kubernetes mode).
+    #[arg(long, global = true, conflicts_with = "state_dir")]
+    pub context: Option<String>,
+    /// Kubeconfig context of the other cluster for `connect`/`disconnect` (Kubernetes mode).
+    #[arg(long, global = true)]
+    pub destination_context: Option<String>,
+    /// Namespace of the mesh components (Kubernetes mode).
+    #[arg(long, global = true, default_value = crate::k8s::context::DEFAULT_NAMESPACE)]
+    pub namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -78,7 +87,7 @@ pub enum Command {
     Connect {
         /// State directory of the other cluster.
         #[arg(long)]
-        destination_state_dir: PathBuf,
+        destination_state_dir: Option<PathBuf>,
         /// How long to wait for each mesh API server to answer.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -87,7 +96,7 @@ pub enum Command {
     Disconnect {
         /// State directory of the other cluster.
         #[arg(long)]
-        destination_state_dir: PathBuf,
+        destination_state_dir: Option<PathBuf>,
     },
     /// Show the mesh API server, the agents and their cluster connections.
     #[command(
@@ -212,6 +221,25 @@ pub enum CliError {
         "no agent admin socket known; pass --agent-socket or add agent_sockets to cluster.yaml"
     )]
     NoAgent,
+    /// A kubeconfig context could not be used.
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeError),
+    /// The verb has no Kubernetes mode in this build.
+    #[error(
+        "`{verb}` is not available in Kubernetes mode yet (context {context} is reachable); use --state-dir (standalone mode)"
+    )]
+    KubeVerbUnavailable {
+        /// The verb.
+        verb: &'static str,
+        /// The context that was reached.
+        context: String,
+    },
+    /// `--destination-state-dir` missing in standalone mode.
+    #[error("no destination state directory given; pass --destination-state-dir DIR")]
+    NoDestinationStateDir,
+    /// `--destination-context` without `--context`.
+    #[error("--destination-context needs --context (the source cluster's kubeconfig context)")]
+    DestinationContextWithoutContext,
     /// JSON encoding failed.
     #[error("cannot encode output: {0}")]
     Encode(String),
@@ -224,12 +252,65 @@ fn state_dir(cli: &Cli) -> Result<StateDir, CliError> {
         .ok_or(CliError::NoStateDir)
 }
 
+fn destination_dir(dir: Option<&PathBuf>) -> Result<StateDir, CliError> {
+    dir.map(StateDir::new)
+        .ok_or(CliError::NoDestinationStateDir)
+}
+
+fn verb_name(command: &Command) -> &'static str {
+    match command {
+        Command::Enable(_) => "enable",
+        Command::Disable { .. } => "disable",
+        Command::Connect { .. } => "connect",
+        Command::Disconnect { .. } => "disconnect",
+        Command::Status { .. } => "status",
+        Command::Service { .. } => "service list",
+        Command::Bpf { .. } => "bpf lb list",
+        Command::Completion { .. } => "completion",
+    }
+}
+
+/// Kubernetes mode: resolves the context(s) first so a wrong name or an unreachable API
+/// server is the one line the user sees.
+async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
+    let timeout = Duration::from_secs(10);
+    let target = crate::k8s::context::connect(
+        crate::k8s::context::read_kubeconfig()?,
+        context,
+        &cli.namespace,
+        timeout,
+    )
+    .await?;
+    if let (Command::Connect { .. } | Command::Disconnect { .. }, Some(dest)) =
+        (&cli.command, cli.destination_context.as_deref())
+    {
+        crate::k8s::context::connect(
+            crate::k8s::context::read_kubeconfig()?,
+            dest,
+            &cli.namespace,
+            timeout,
+        )
+        .await?;
+    }
+    Err(CliError::KubeVerbUnavailable {
+        verb: verb_name(&cli.command),
+        context: target.context,
+    })
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
     serde_json::to_string_pretty(v).map_err(|e| CliError::Encode(e.to_string()))
 }
 
 /// Runs the command; returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<String, CliError> {
+    if !matches!(cli.command, Command::Completion { .. }) {
+        match (cli.context.as_deref(), cli.destination_context.is_some()) {
+            (Some(context), _) => return run_kube(&cli, context).await,
+            (None, true) => return Err(CliError::DestinationContextWithoutContext),
+            (None, false) => {}
+        }
+    }
     match &cli.command {
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -278,7 +359,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         } => {
             let r = standalone::connect(
                 &state_dir(&cli)?,
-                &StateDir::new(destination_state_dir),
+                &destination_dir(destination_state_dir.as_ref())?,
                 *timeout,
             )
             .await?;
@@ -297,8 +378,10 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Disconnect {
             destination_state_dir,
         } => {
-            let (a, b) =
-                standalone::disconnect(&state_dir(&cli)?, &StateDir::new(destination_state_dir))?;
+            let (a, b) = standalone::disconnect(
+                &state_dir(&cli)?,
+                &destination_dir(destination_state_dir.as_ref())?,
+            )?;
             match cli.output {
                 Output::Json => json(&serde_json::json!({ "source": a, "destination": b })),
                 Output::Table => Ok(format!("disconnected {a} <-> {b}\n")),

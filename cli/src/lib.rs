@@ -6,12 +6,14 @@
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
 //! - [`txn`]: all-or-nothing multi-file updates.
+//! - [`k8s`]: Kubernetes mode (`--context`): kubeconfig context resolution.
 //! - [`chart`]: renders `deploy/helm/clustermesh` (Kubernetes mode and chart validation).
 
 pub mod admin;
 pub mod agent_config;
 pub mod chart;
 pub mod cli;
+pub mod k8s;
 pub mod meshapi;
 pub mod standalone;
 pub mod state;

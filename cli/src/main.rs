@@ -11,7 +11,9 @@ use clustermesh_cli::cli::{self, Cli, LogFormat};
 fn main() -> ExitCode {
     let args = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        // kube-client logs each failed request at error level; the CLI reports the same
+        // failure itself as one line, so kube-client stays quiet unless RUST_LOG asks.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,kube_client=off"));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

@@ -1,0 +1,165 @@
+//! Kubeconfig context resolution.
+//!
+//! Exists so that a mistyped context name or an unreachable API server is reported once,
+//! up front, with the context named, instead of as a transport error deep inside a verb.
+
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+/// Namespace the mesh components live in unless `--namespace` says otherwise.
+pub const DEFAULT_NAMESPACE: &str = "kube-system";
+
+/// Failure to turn a kubeconfig context into a working client.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No kubeconfig could be read.
+    #[error(
+        "cannot read the kubeconfig: {0}; set KUBECONFIG or create ~/.kube/config (or use --state-dir for standalone mode)"
+    )]
+    Kubeconfig(String),
+    /// The context is not in the kubeconfig.
+    #[error(
+        "context \"{context}\" not found in kubeconfig: known contexts are [{known}]; check `kubectl config get-contexts`"
+    )]
+    ContextNotFound {
+        /// The requested context.
+        context: String,
+        /// Context names the kubeconfig does hold.
+        known: String,
+    },
+    /// The context exists but its cluster/user entries cannot form a client.
+    #[error("context \"{context}\" in kubeconfig is unusable: {reason}; fix its cluster and user entries")]
+    InvalidContext {
+        /// The context.
+        context: String,
+        /// What kube-rs reported.
+        reason: String,
+    },
+    /// The API server of the context did not answer.
+    #[error("cannot reach the Kubernetes API of context {context}: {reason}; check the context and network")]
+    Unreachable {
+        /// The context.
+        context: String,
+        /// What failed (transport error or timeout).
+        reason: String,
+    },
+}
+
+/// A reachable Kubernetes cluster and the namespace the mesh lives in.
+#[derive(Clone)]
+pub struct KubeTarget {
+    /// Client for the context's API server.
+    pub client: Client,
+    /// The kubeconfig context name.
+    pub context: String,
+    /// Namespace of the mesh components.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for KubeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTarget")
+            .field("context", &self.context)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the kubeconfig from `KUBECONFIG` or `~/.kube/config`.
+///
+/// # Errors
+/// [`KubeError::Kubeconfig`] when no file exists or it does not parse.
+pub fn read_kubeconfig() -> Result<Kubeconfig, KubeError> {
+    Kubeconfig::read().map_err(|e| KubeError::Kubeconfig(e.to_string()))
+}
+
+/// Builds a client for `context` of `kubeconfig` and checks that its API server answers
+/// a version request within `timeout`.
+///
+/// # Errors
+/// [`KubeError::ContextNotFound`], [`KubeError::InvalidContext`] or
+/// [`KubeError::Unreachable`], each naming the context.
+pub async fn connect(
+    kubeconfig: Kubeconfig,
+    context: &str,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<KubeTarget, KubeError> {
+    if !kubeconfig.contexts.iter().any(|c| c.name == context) {
+        let known: Vec<&str> = kubeconfig
+            .contexts
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        return Err(KubeError::ContextNotFound {
+            context: context.to_owned(),
+            known: known.join(", "),
+        });
+    }
+    let options = KubeConfigOptions {
+        context: Some(context.to_owned()),
+        ..KubeConfigOptions::default()
+    };
+    let invalid = |reason: String| KubeError::InvalidContext {
+        context: context.to_owned(),
+        reason,
+    };
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| invalid(e.to_string()))?;
+    config.default_namespace = namespace.to_owned();
+    config.connect_timeout = Some(timeout);
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|e| invalid(e.to_string()))?;
+    let unreachable = |reason: String| KubeError::Unreachable {
+        context: context.to_owned(),
+        reason,
+    };
+    match tokio::time::timeout(timeout, client.apiserver_version()).await {
+        Ok(Ok(info)) => {
+            tracing::debug!(context, %url, version = %info.git_version, "Kubernetes API reachable");
+        }
+        Ok(Err(e)) => return Err(unreachable(format!("{url}: {e}"))),
+        Err(_) => {
+            return Err(unreachable(format!(
+                "{url}: no answer within {}",
+                humantime::format_duration(timeout)
+            )));
+        }
+    }
+    Ok(KubeTarget {
+        client,
+        context: context.to_owned(),
+        namespace: namespace.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kubeconfig(server: &str) -> Kubeconfig {
+        Kubeconfig::from_yaml(&format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\ncontexts:\n- name: east\n  context:\n    cluster: c\n    user: u\nusers:\n- name: u\n  user:\n    token: t\ncurrent-context: east\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn unknown_context_lists_the_known_ones() {
+        let err = connect(
+            kubeconfig("https://127.0.0.1:1"),
+            "west",
+            "kube-system",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "context \"west\" not found in kubeconfig: known contexts are [east]; check `kubectl config get-contexts`"
+        );
+    }
+}
