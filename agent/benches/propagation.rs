@@ -1,0 +1,414 @@
+//! End-to-end agent benchmark (issue "Agent control plane", Benchmarks): propagation
+//! latency and initial sync of a large remote cluster, through real raft stores, real
+//! mesh API servers and real mTLS gRPC on 127.0.0.1.
+//!
+//! Setup: cluster `west` (remote) holds `SERVICES` global services with `BACKENDS`
+//! ready backends each (10k × 10 = 100k endpoints by default); cluster `east` (local)
+//! holds the same services with a frontend and no backends (a service is only programmed
+//! where it exists locally), so every backend the agent programs comes from `west`.
+//! Both run as in-process API servers on embedded single-replica raft stores.
+//!
+//! 1. Initial sync: from `Agent::start` until the datapath has received all of `west`'s
+//!    backends (both clusters synced, merged, Maglev tables built, handed over). The
+//!    process RSS is read before the agent starts (stores + API servers loaded) and
+//!    after; the difference is the agent's share plus whatever the servers allocate
+//!    while streaming to it.
+//! 2. Propagation: `UPDATES` writes to `west`'s store, one every 15 ms, each flipping one
+//!    backend of a different service to not-ready; time from the start of the store write
+//!    until the datapath receives that service's new entry; p50/p99.
+//!
+//! The datapath is a lean timestamping one (keeps per-service arrival times and backend
+//! counts only): `RecordingDatapath` keeps a copy of every batch, which would inflate the
+//! RSS figure with test bookkeeping.
+//!
+//! Not a criterion benchmark (tail latencies of asynchronous deliveries). Run:
+//! `cargo bench -p clustermesh-agent --bench propagation` (env `PROP_SERVICES`,
+//! `PROP_BACKENDS`, `PROP_UPDATES` override the defaults).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness: fail loudly
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clustermesh_agent::datapath::{Datapath, DatapathError, DesiredChanges, LbServiceId};
+use clustermesh_agent::runtime::{Agent, AgentOptions};
+use clustermesh_api::keys::{service_key, synced_key, Kind};
+use clustermesh_api::v1;
+use clustermesh_apiserver::cache::{Cache, CacheConfig};
+use clustermesh_apiserver::export::ExportConfig;
+use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::server::serve_grpc;
+use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
+use clustermesh_store::raft::LocalCluster;
+use clustermesh_store::Store;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+const TD: &str = "bench.local";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (VmRSS, VmHWM) of this process in KiB.
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[derive(Debug, Default)]
+struct Arrivals {
+    /// Per service: number of upserts received and the time of the last one.
+    upserts: HashMap<LbServiceId, (u64, Instant)>,
+    /// Per service: backends from `west` in the last entry received.
+    west: HashMap<LbServiceId, usize>,
+    west_total: usize,
+}
+
+/// Timestamps what it is handed; accepts everything.
+#[derive(Debug, Default)]
+struct Timestamping {
+    inner: Mutex<Arrivals>,
+}
+
+impl Timestamping {
+    fn west_total(&self) -> usize {
+        self.inner.lock().unwrap().west_total
+    }
+
+    fn upserts_of(&self, id: &LbServiceId) -> Option<(u64, Instant)> {
+        self.inner.lock().unwrap().upserts.get(id).copied()
+    }
+}
+
+impl Datapath for Timestamping {
+    fn apply(&self, changes: &DesiredChanges) -> Result<(), DatapathError> {
+        let now = Instant::now();
+        let mut a = self.inner.lock().unwrap();
+        for id in &changes.removals {
+            if let Some(n) = a.west.remove(id) {
+                a.west_total -= n;
+            }
+        }
+        for svc in &changes.upserts {
+            let n = svc.backends.iter().filter(|b| b.cluster == "west").count();
+            let old = a.west.insert(svc.id.clone(), n).unwrap_or(0);
+            a.west_total = a.west_total + n - old;
+            let entry = a.upserts.entry(svc.id.clone()).or_insert((0, now));
+            entry.0 += 1;
+            entry.1 = now;
+        }
+        Ok(())
+    }
+}
+
+fn service(cluster: &str, i: usize, backends: usize, unready: Option<usize>) -> Vec<u8> {
+    let octet = if cluster == "east" { 96 } else { 97 };
+    v1::Service {
+        namespace: format!("ns{}", i % 100),
+        name: format!("svc{i}"),
+        cluster: cluster.into(),
+        frontends: vec![format!("10.{octet}.{}.{}", i / 250, i % 250 + 1)],
+        ports: vec![v1::ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: v1::Protocol::Tcp.into(),
+        }],
+        backends: (0..backends)
+            .map(|b| {
+                let n = i * backends + b;
+                let ready = unready != Some(b);
+                v1::Backend {
+                    ip: format!("10.{}.{}.{}", 1 + n / 62500, n / 250 % 250, n % 250 + 1),
+                    ports: vec![v1::BackendPort {
+                        name: "http".into(),
+                        port: 8080,
+                        protocol: v1::Protocol::Tcp.into(),
+                    }],
+                    ready,
+                    serving: ready,
+                    node: format!("node{}", n % 100),
+                    weight: 1,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        global: true,
+        shared: true,
+        affinity: v1::Affinity::None.into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn key(cluster: &str, i: usize) -> String {
+    service_key(cluster, &format!("ns{}", i % 100), &format!("svc{i}"))
+}
+
+async fn load(store: &Arc<dyn Store>, cluster: &str, services: usize, backends: usize) {
+    let mut writes: Vec<(String, Vec<u8>)> = (0..services)
+        .map(|i| (key(cluster, i), service(cluster, i, backends, None)))
+        .collect();
+    for kind in Kind::ALL {
+        writes.push((
+            synced_key(cluster, kind),
+            v1::SyncedMarker { revision: 0 }.encode_to_vec(),
+        ));
+    }
+    for chunk in writes.chunks(512) {
+        let mut set = tokio::task::JoinSet::new();
+        for (k, v) in chunk.iter().cloned() {
+            let store = Arc::clone(store);
+            set.spawn(async move { store.put(k.as_bytes(), v, None).await.unwrap() });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+}
+
+/// Starts a cache + mesh API server for `cluster` on `listener`.
+async fn serve(
+    store: Arc<dyn Store>,
+    ca: &MeshCa,
+    cluster: &str,
+    id: u32,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) {
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(Cache::new(
+        cluster.to_owned(),
+        CacheConfig::default(),
+        Arc::clone(&metrics),
+    ));
+    tokio::spawn(Arc::clone(&cache).run(store, shutdown.clone()));
+    cache.wait_loaded().await;
+    let service = MeshApiService::new(
+        cache,
+        ServiceConfig {
+            cluster_config: ExportConfig::new(cluster.to_owned(), id).cluster_config(),
+            policy: AccessPolicy::default(),
+            stream_buffer: 1024,
+        },
+        metrics,
+    )
+    .with_shutdown(shutdown.clone());
+    let names = ServerNames::new(
+        ["localhost".to_owned()],
+        [std::net::IpAddr::from([127, 0, 0, 1])],
+    );
+    let leaf = ca
+        .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    let tls: Arc<dyn TlsSource> = Arc::new(
+        MeshTls::from_pem(
+            TrustDomain::new(TD).unwrap(),
+            ca.cert_pem().as_bytes(),
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+        )
+        .unwrap(),
+    );
+    tokio::spawn(serve_grpc(service, listener, tls, shutdown.clone()));
+}
+
+fn write_config(dir: &Path, east: u16, west: u16) -> std::path::PathBuf {
+    let d = dir.display();
+    let entry = |name: &str, id: u32, port: u16| {
+        format!(
+            "  - name: {name}\n    id: {id}\n    endpoints: [\"localhost:{port}\"]\n    ca_file: {d}/ca.crt\n"
+        )
+    };
+    let mut yaml = format!(
+        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n"
+    );
+    yaml.push_str(&entry("east", 1, east));
+    yaml.push_str(&entry("west", 2, west));
+    let path = dir.join("agent.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() {
+    let services = env_usize("PROP_SERVICES", 10_000);
+    let backends = env_usize("PROP_BACKENDS", 10);
+    let updates = env_usize("PROP_UPDATES", 200);
+    // Cargo runs benches with `--bench`; ignore arguments.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let client = ca
+        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.path().join("client.key"), &client.key_pem).unwrap();
+
+    let east_raft = LocalCluster::start(1, &dir.path().join("east"), None)
+        .await
+        .unwrap();
+    let west_raft = LocalCluster::start(1, &dir.path().join("west"), None)
+        .await
+        .unwrap();
+    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
+    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+    let t = Instant::now();
+    load(&east_store, "east", services, 0).await;
+    load(&west_store, "west", services, backends).await;
+    eprintln!(
+        "loaded east ({services} services, no backends) and west ({services} services x {backends} backends) in {:.1?}",
+        t.elapsed()
+    );
+
+    let shutdown = CancellationToken::new();
+    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let east_port = east_listener.local_addr().unwrap().port();
+    let west_port = west_listener.local_addr().unwrap().port();
+    serve(
+        Arc::clone(&east_store),
+        &ca,
+        "east",
+        1,
+        east_listener,
+        &shutdown,
+    )
+    .await;
+    serve(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        west_listener,
+        &shutdown,
+    )
+    .await;
+    let config = write_config(dir.path(), east_port, west_port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 1. Initial sync.
+    let (rss0, hwm0) = rss_kib();
+    let dp = Arc::new(Timestamping::default());
+    let cancel = CancellationToken::new();
+    let mut options = AgentOptions::new(&config, "node0");
+    options.initial_sync_timeout = Duration::from_secs(60);
+    let started = Instant::now();
+    let agent = Agent::start(
+        options,
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let expected = services * backends;
+    let deadline = started + Duration::from_secs(120);
+    while dp.west_total() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "initial sync incomplete after 120 s: {} of {expected} west backends programmed",
+            dp.west_total()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let sync_time = started.elapsed();
+    let (rss1, hwm1) = rss_kib();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss2, _) = rss_kib();
+
+    // 2. Propagation.
+    let mut latencies = Vec::with_capacity(updates);
+    for u in 0..updates {
+        let i = (u * 97) % services;
+        let id = LbServiceId {
+            namespace: format!("ns{}", i % 100),
+            name: format!("svc{i}"),
+            port_name: "http".into(),
+        };
+        let before = dp.upserts_of(&id).map_or(0, |(n, _)| n);
+        let value = service("west", i, backends, Some(u % backends));
+        let write_started = Instant::now();
+        west_store
+            .put(key("west", i).as_bytes(), value, None)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((n, at)) = dp.upserts_of(&id) {
+                if n > before {
+                    latencies.push(at - write_started);
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "update of {i} not programmed in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    latencies.sort();
+    let (rss3, hwm3) = rss_kib();
+
+    println!("| measure | value | target |");
+    println!("|---|---:|---:|");
+    println!(
+        "| initial sync: agent start → {expected} west backends ({services} services) handed to the datapath | {:.2} s | < 3 s |",
+        sync_time.as_secs_f64()
+    );
+    println!(
+        "| process VmRSS before agent start (stores + API servers loaded) | {} MiB | |",
+        rss0 / 1024
+    );
+    println!(
+        "| process VmRSS increase at sync done / +2 s / after updates | {} / {} / {} MiB | < 300 MB |",
+        (rss1.saturating_sub(rss0)) / 1024,
+        (rss2.saturating_sub(rss0)) / 1024,
+        (rss3.saturating_sub(rss0)) / 1024
+    );
+    println!(
+        "| process VmHWM before agent / after sync / end | {} / {} / {} MiB | |",
+        hwm0 / 1024,
+        hwm1 / 1024,
+        hwm3 / 1024
+    );
+    println!(
+        "| propagation, {} single-service updates (store write → datapath) p50 | {:.1} ms | |",
+        latencies.len(),
+        ms(percentile(&latencies, 0.5))
+    );
+    println!(
+        "| propagation p99 / max | {:.1} / {:.1} ms | p99 < 50 ms |",
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap())
+    );
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    shutdown.cancel();
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
