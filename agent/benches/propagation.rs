@@ -21,6 +21,9 @@
 //! counts only): `RecordingDatapath` keeps a copy of every batch, which would inflate the
 //! RSS figure with test bookkeeping.
 //!
+//! 3. The agent binary alone as a child process (`--datapath record`) against the same
+//!    servers: its own VmRSS/VmHWM, without the in-process servers' share.
+//!
 //! Not a criterion benchmark (tail latencies of asynchronous deliveries). Run:
 //! `cargo bench -p clustermesh-agent --bench propagation` (env `PROP_SERVICES`,
 //! `PROP_BACKENDS`, `PROP_UPDATES` override the defaults).
@@ -408,6 +411,71 @@ async fn main() {
 
     cancel.cancel();
     let _ = agent.task.await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. The agent alone: the agent binary as a child process (`--datapath record`), RSS
+    //    read from /proc/<pid>/status, so the servers' allocations are not counted.
+    //    RecordingDatapath keeps a copy of every batch, so this over-states the agent.
+    let socket = dir.path().join("admin.sock");
+    let started = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clustermesh-agent"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--node-name", "node1", "--datapath", "record"])
+        .arg("--admin-socket")
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        // tracing_subscriber's fmt layer writes to stdout.
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (synced_tx, synced_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("initial sync done") {
+                let _ = synced_tx.send(Instant::now());
+            }
+        }
+    });
+    let gate_open =
+        tokio::task::spawn_blocking(move || synced_rx.recv_timeout(Duration::from_secs(60)).ok())
+            .await
+            .unwrap();
+    let child_status = |pid: u32| -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (child_rss, child_hwm) = child_status(pid);
+    child.kill().unwrap();
+    let _ = child.wait();
+    match gate_open {
+        Some(at) => println!(
+            "| agent binary alone (`--datapath record`): start → initial-sync gate open | {:.2} s | |",
+            (at - started).as_secs_f64()
+        ),
+        None => println!("| agent binary alone: no \"initial sync done\" log line within 60 s | – | |"),
+    }
+    println!(
+        "| agent binary alone: VmRSS / VmHWM 3 s after the gate opened | {} / {} MiB | < 300 MB |",
+        child_rss / 1024,
+        child_hwm / 1024
+    );
     shutdown.cancel();
     east_raft.shutdown().await;
     west_raft.shutdown().await;
