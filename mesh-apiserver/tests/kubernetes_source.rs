@@ -213,20 +213,33 @@ fn respond(status: u16, body: Vec<u8>) -> Response<Body> {
         .unwrap()
 }
 
-/// Captured log output of the current test thread.
+/// Log output of every test in this binary, captured by one global subscriber.
+///
+/// A thread-scoped subscriber (`set_default`) is not enough here: tracing caches each
+/// callsite's interest process-wide, and with tests running in parallel a callsite first
+/// hit on a thread without a subscriber could be cached as uninteresting, so a test's own
+/// warning went missing. Each test searches the shared text for lines only it produces.
 #[derive(Debug, Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 
+static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+
 impl Logs {
-    /// Captures INFO and above on this thread until the guard is dropped.
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let logs = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || logs.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// The binary-wide capture of INFO and above, installed on first use.
+    fn global() -> Logs {
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            logs
+        })
+        .clone()
     }
 
     fn text(&self) -> String {
@@ -494,8 +507,7 @@ async fn the_events_translate_to_the_expected_records() {
 
 #[tokio::test(start_paused = true)]
 async fn forbidden_list_logs_the_missing_rbac_rule_and_recovers() {
-    let logs = Logs::default();
-    let _guard = logs.capture();
+    let logs = Logs::global();
     let api = ApiServer::default()
         .script(
             ENDPOINT_SLICES,
@@ -584,8 +596,7 @@ async fn failing_lists_are_retried_with_growing_delays() {
 
 #[tokio::test(start_paused = true)]
 async fn malformed_api_responses_are_logged_counted_and_skipped() {
-    let logs = Logs::default();
-    let _guard = logs.capture();
+    let logs = Logs::global();
     let metrics = Arc::new(Metrics::new());
     let api = ApiServer::default().script(
         PODS,
