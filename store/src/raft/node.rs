@@ -334,7 +334,17 @@ impl Replica {
                     self.config.request_timeout
                 )));
             }
-            match self.raft.client_write(cmd.clone()).await {
+            // Bounded: a leader cut off from its quorum keeps a proposal pending until it
+            // learns of a newer term, which must not block the caller past its deadline.
+            let Ok(written) =
+                tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone())).await
+            else {
+                return Err(unavailable(format!(
+                    "raft replica {} did not commit the write within {:?}; it may or may not be applied, check before retrying",
+                    self.id, self.config.request_timeout
+                )));
+            };
+            match written {
                 Ok(resp) => return Ok(resp.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     let Some(leader) = f.leader_id.filter(|l| *l != self.id) else {
