@@ -14,6 +14,7 @@
 //! - [`annotations`]: global-service annotations, new and legacy forms.
 #![forbid(unsafe_code)]
 
+pub mod agent_config;
 pub mod annotations;
 pub mod cidr;
 pub mod cluster;

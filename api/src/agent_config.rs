@@ -1,0 +1,243 @@
+//! The agent configuration file (`agent.yaml`): the one type both sides of the contract use.
+//!
+//! `clustermesh enable/connect/disconnect` write it, the Helm chart renders the same format
+//! into the `clustermesh-agent-config` ConfigMap, and `clustermesh-agent --config` reads it
+//! (and re-reads it when it changes, starting and stopping cluster watchers without a
+//! restart):
+//!
+//! ```yaml
+//! local_cluster: cluster1
+//! trust_domain: clustermesh.local
+//! cert_file: /var/lib/clustermesh/cluster1/tls/client.crt
+//! key_file: /var/lib/clustermesh/cluster1/tls/client.key
+//! clusters:
+//!   - name: cluster1
+//!     id: 1
+//!     endpoints: ["172.30.0.17:2379"]
+//!     ca_file: /var/lib/clustermesh/cluster1/ca/ca.crt
+//!   - name: cluster2
+//!     id: 2
+//!     endpoints: ["172.30.0.33:2379"]
+//!     ca_file: /var/lib/clustermesh/cluster1/remotes/cluster2.crt
+//! ```
+//!
+//! Endpoints are `host:port` (TLS is implied); the agent expects the server at an endpoint
+//! to present identity `spiffe://<trust_domain>/cluster/<name>`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole `agent.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Name of the cluster this agent's node belongs to.
+    pub local_cluster: String,
+    /// Trust domain of every cluster's identities.
+    pub trust_domain: String,
+    /// Client certificate the agent presents to every mesh API server.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// Clusters to watch, the local one included.
+    pub clusters: Vec<ClusterEntry>,
+}
+
+/// One cluster to watch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEntry {
+    /// Cluster name (must match the identity in its server certificate).
+    pub name: String,
+    /// Cluster ID the cluster must report (0: not checked).
+    #[serde(default)]
+    pub id: u32,
+    /// Mesh API `host:port` addresses, tried in order.
+    pub endpoints: Vec<String>,
+    /// CA that signed this cluster's server certificate.
+    pub ca_file: PathBuf,
+}
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read agent config {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape.
+    #[error(
+        "agent config {path} is not valid: {error}; see `clustermesh enable --help` for the format"
+    )]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: serde_yaml::Error,
+    },
+    /// The content is inconsistent.
+    #[error("agent config {path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates YAML `text` (`path` is only used in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: AgentConfig =
+            serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        crate::cluster::validate_cluster_name(&self.local_cluster)
+            .map_err(|e| invalid(format!("local_cluster: {e}")))?;
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for c in &self.clusters {
+            crate::cluster::validate_cluster_name(&c.name)
+                .map_err(|e| invalid(format!("cluster entry: {e}")))?;
+            if !names.insert(c.name.as_str()) {
+                return Err(invalid(format!(
+                    "cluster {} is listed twice; keep one entry per cluster",
+                    c.name
+                )));
+            }
+            if c.id != 0 && !ids.insert(c.id) {
+                return Err(invalid(format!(
+                    "cluster ID {} is used by two entries; every cluster needs its own ID",
+                    c.id
+                )));
+            }
+            if c.endpoints.is_empty() {
+                return Err(invalid(format!(
+                    "cluster {} has no endpoints; add its mesh API host:port",
+                    c.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry for cluster `name`.
+    #[must_use]
+    pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Adds or replaces the entry for `entry.name`, keeping the local cluster first and
+    /// the rest sorted by name (so rewrites are stable).
+    pub fn upsert(&mut self, entry: ClusterEntry) {
+        self.clusters.retain(|c| c.name != entry.name);
+        self.clusters.push(entry);
+        let local = self.local_cluster.clone();
+        self.clusters
+            .sort_by(|a, b| (a.name != local, &a.name).cmp(&(b.name != local, &b.name)));
+    }
+
+    /// Removes cluster `name`; returns whether it was there.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.clusters.len();
+        self.clusters.retain(|c| c.name != name);
+        before != self.clusters.len()
+    }
+
+    /// The remote clusters (all but the local one).
+    pub fn remotes(&self) -> impl Iterator<Item = &ClusterEntry> {
+        self.clusters
+            .iter()
+            .filter(move |c| c.name != self.local_cluster)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+local_cluster: east
+trust_domain: mesh.test
+cert_file: /tls/client.crt
+key_file: /tls/client.key
+clusters:
+  - name: east
+    id: 1
+    endpoints: ["127.0.0.1:2379"]
+    ca_file: /ca/east.crt
+  - name: west
+    id: 2
+    endpoints: ["127.0.0.2:2379", "127.0.0.3:2379"]
+    ca_file: /ca/west.crt
+"#;
+
+    #[test]
+    fn parses_the_cli_format() {
+        let c = AgentConfig::parse(Path::new("agent.yaml"), GOOD).unwrap();
+        assert_eq!(c.local_cluster, "east");
+        assert_eq!(c.cluster("west").unwrap().endpoints.len(), 2);
+    }
+
+    #[test]
+    fn rejects_duplicates_and_bad_names() {
+        let dup = GOOD.replace("name: west", "name: east");
+        assert!(AgentConfig::parse(Path::new("a"), &dup).is_err());
+        let dup_id = GOOD.replace("id: 2", "id: 1");
+        assert!(AgentConfig::parse(Path::new("a"), &dup_id).is_err());
+        let bad = GOOD.replace("name: west", "name: West_1");
+        assert!(AgentConfig::parse(Path::new("a"), &bad).is_err());
+        assert!(AgentConfig::parse(Path::new("a"), "clusters: 3").is_err());
+    }
+
+    fn entry(name: &str, id: u32) -> ClusterEntry {
+        ClusterEntry {
+            name: name.into(),
+            id,
+            endpoints: vec![format!("{name}:2379")],
+            ca_file: format!("/ca/{name}.crt").into(),
+        }
+    }
+
+    #[test]
+    fn upsert_keeps_local_first_and_remotes_sorted() {
+        let mut c = AgentConfig {
+            local_cluster: "m".into(),
+            trust_domain: "td".into(),
+            cert_file: "/c".into(),
+            key_file: "/k".into(),
+            clusters: vec![entry("m", 5)],
+        };
+        c.upsert(entry("z", 3));
+        c.upsert(entry("a", 1));
+        c.upsert(entry("z", 4));
+        let names: Vec<_> = c.clusters.iter().map(|e| (e.name.as_str(), e.id)).collect();
+        assert_eq!(names, vec![("m", 5), ("a", 1), ("z", 4)]);
+        assert!(c.remove("a"));
+        assert!(!c.remove("a"));
+        assert_eq!(c.remotes().count(), 1);
+    }
+}
