@@ -11,6 +11,12 @@ use crate::state::StateDir;
 use crate::status;
 
 const EXAMPLES: &str = "\
+Examples (Kubernetes, one kubeconfig context per cluster):
+  clustermesh --context east enable --cluster-name east --cluster-id 1 --service-type LoadBalancer
+  clustermesh --context west enable --cluster-name west --cluster-id 2 --service-type NodePort
+  clustermesh --context east --destination-context west connect
+  clustermesh --context east --destination-context west disconnect
+
 Examples (standalone hosts, one state directory per cluster):
   clustermesh --state-dir /var/lib/clustermesh/east enable --cluster-name east --cluster-id 1 \\
       --mesh-endpoint 10.0.0.1:2379 --agent-socket /run/clustermesh/agent.sock
@@ -69,12 +75,32 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create this cluster's CA, certificates and configuration.
+    /// Create this cluster's CA, certificates and configuration (Kubernetes: and install
+    /// or upgrade the mesh API server and agents).
     #[command(
-        after_help = "Example:\n  clustermesh --state-dir ./east enable --cluster-name east --cluster-id 1 --mesh-endpoint 127.0.0.1:2379"
+        long_about = "Create this cluster's CA, certificates and configuration.\n\n\
+Standalone (--state-dir): writes the state directory; --mesh-endpoint is required.\n\n\
+Kubernetes (--context): stores the CA and the server, agent-client and admin certificates \
+as Secrets (clustermesh-ca, clustermesh-apiserver-server, clustermesh-agent-client, \
+clustermesh-apiserver-admin, clustermesh-ca-bundle), the name and ID in ConfigMap \
+clustermesh-config, and server-side applies the clustermesh chart (field manager \
+clustermesh). Running it again on an enabled cluster upgrades it: the CA is reused, leaf \
+certificates are renewed and connected clusters are kept; a different name, ID or trust \
+domain is refused. A failed enable can simply be run again.",
+        after_help = "Examples:\n  clustermesh --state-dir ./east enable --cluster-name east --cluster-id 1 --mesh-endpoint 127.0.0.1:2379\n  clustermesh --context east enable --cluster-name east --cluster-id 1 --service-type NodePort"
     )]
     Enable(EnableArgs),
-    /// Remove this cluster's mesh configuration and certificates (keeps manifests/).
+    /// Remove this cluster's mesh configuration and certificates (standalone: keeps
+    /// manifests/; Kubernetes: also uninstalls the mesh API server and agents).
+    #[command(
+        long_about = "Remove this cluster's mesh configuration and certificates.\n\n\
+Standalone (--state-dir): removes the state directory's mesh files, keeps manifests/.\n\n\
+Kubernetes (--context): deletes every object of the chart and the CLI labelled with this \
+cluster (workloads first), the Secrets (CA last) and ConfigMap clustermesh-config. Refused \
+while other clusters are connected: disconnect them first. With --force it proceeds anyway; \
+the peers then still list this cluster (their agents report it unreachable) until you \
+disable them too or re-enable this cluster with the same name, ID and a reconnect."
+    )]
     Disable {
         /// Disable even while still connected to other clusters.
         #[arg(long)]
@@ -82,7 +108,14 @@ pub enum Command {
     },
     /// Connect this cluster with another one, in both directions.
     #[command(
-        after_help = "Example:\n  clustermesh --state-dir ./east connect --destination-state-dir ./west"
+        long_about = "Connect this cluster with another one, in both directions.\n\n\
+Kubernetes (--context A --destination-context B): reads both clusters' settings, CAs and \
+mesh API addresses (LoadBalancer ingress + port, or node InternalIPs + nodePort), checks \
+that names and IDs are unique across both meshes, then adds each cluster's CA to the other's \
+clustermesh-ca-bundle and each cluster to the other's clustermesh-agent-config (agents \
+reload it). The server certificates are reissued if they do not yet cover the address the \
+peer dials. All or nothing: if a write fails, the earlier ones are undone.",
+        after_help = "Examples:\n  clustermesh --state-dir ./east connect --destination-state-dir ./west\n  clustermesh --context east --destination-context west connect"
     )]
     Connect {
         /// State directory of the other cluster.
@@ -92,7 +125,8 @@ pub enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Disconnect this cluster from another one, in both directions.
+    /// Disconnect this cluster from another one, in both directions (Kubernetes:
+    /// --context A --destination-context B; all or nothing like connect).
     Disconnect {
         /// State directory of the other cluster.
         #[arg(long)]
@@ -147,9 +181,14 @@ pub struct EnableArgs {
     /// Trust domain of the SPIFFE identities; every cluster of a mesh uses the same.
     #[arg(long, default_value = "clustermesh.local")]
     pub trust_domain: String,
-    /// host:port where other clusters reach this cluster's mesh API (repeatable).
-    #[arg(long = "mesh-endpoint", required = true)]
+    /// host:port where other clusters reach this cluster's mesh API (repeatable;
+    /// standalone mode, required there).
+    #[arg(long = "mesh-endpoint")]
     pub mesh_endpoints: Vec<String>,
+    /// Kubernetes mode: how other clusters reach the mesh API (default: the current
+    /// type on an enabled cluster, else LoadBalancer).
+    #[arg(long, value_enum)]
+    pub service_type: Option<crate::k8s::objects::ServiceType>,
     /// Admin socket of one of this cluster's agents (repeatable), for status.
     #[arg(long = "agent-socket")]
     pub agent_sockets: Vec<PathBuf>,
@@ -240,6 +279,15 @@ pub enum CliError {
     /// `--destination-context` without `--context`.
     #[error("--destination-context needs --context (the source cluster's kubeconfig context)")]
     DestinationContextWithoutContext,
+    /// A Kubernetes-mode verb failed.
+    #[error(transparent)]
+    KubeMode(#[from] crate::k8s::KubeModeError),
+    /// An option of the other mode was given.
+    #[error("{0}")]
+    WrongMode(String),
+    /// `connect`/`disconnect` in Kubernetes mode without `--destination-context`.
+    #[error("no destination cluster given; pass --destination-context CONTEXT (the other cluster's kubeconfig context)")]
+    NoDestinationContext,
     /// JSON encoding failed.
     #[error("cannot encode output: {0}")]
     Encode(String),
@@ -281,21 +329,124 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
         timeout,
     )
     .await?;
-    if let (Command::Connect { .. } | Command::Disconnect { .. }, Some(dest)) =
-        (&cli.command, cli.destination_context.as_deref())
-    {
-        crate::k8s::context::connect(
-            crate::k8s::context::read_kubeconfig()?,
-            dest,
-            &cli.namespace,
-            timeout,
-        )
-        .await?;
+    let destination = match (&cli.command, cli.destination_context.as_deref()) {
+        (Command::Connect { .. } | Command::Disconnect { .. }, Some(dest)) => Some(
+            crate::k8s::context::connect(
+                crate::k8s::context::read_kubeconfig()?,
+                dest,
+                &cli.namespace,
+                timeout,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    match &cli.command {
+        Command::Enable(a) => {
+            if !a.mesh_endpoints.is_empty() || !a.agent_sockets.is_empty() {
+                return Err(CliError::WrongMode(
+                    "--mesh-endpoint and --agent-socket are for standalone mode (--state-dir); with --context the address comes from the clustermesh-apiserver Service (see --service-type)".into(),
+                ));
+            }
+            let r = crate::k8s::enable::enable(
+                &target,
+                &crate::k8s::enable::EnableOptions {
+                    name: a.cluster_name.clone(),
+                    id: a.cluster_id,
+                    max_connected_clusters: a.max_connected_clusters,
+                    trust_domain: a.trust_domain.clone(),
+                    service_type: a.service_type,
+                },
+            )
+            .await?;
+            match cli.output {
+                Output::Json => json(&r),
+                Output::Table => Ok(format!(
+                    "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied, mesh API Service type {}{}\n  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
+                    if r.upgraded { "upgraded" } else { "enabled" },
+                    r.cluster,
+                    r.id,
+                    r.namespace,
+                    r.context,
+                    if r.ca_created { "new" } else { "existing" },
+                    r.applied.len(),
+                    r.service_type.as_str(),
+                    if r.connected.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", still connected to {}", r.connected.join(", "))
+                    },
+                    r.context,
+                )),
+            }
+        }
+        Command::Disable { force } => {
+            let r = crate::k8s::enable::disable(&target, *force).await?;
+            match cli.output {
+                Output::Json => json(&r),
+                Output::Table => Ok(format!(
+                    "disabled cluster {} in context {} ({} objects deleted){}\n",
+                    r.cluster,
+                    r.context,
+                    r.deleted.len(),
+                    if r.peers_left.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; {} still list it: disable or re-enable them to drop it",
+                            r.peers_left.join(", ")
+                        )
+                    }
+                )),
+            }
+        }
+        Command::Connect {
+            destination_state_dir,
+            ..
+        } => {
+            if destination_state_dir.is_some() {
+                return Err(CliError::WrongMode(
+                    "--destination-state-dir is for standalone mode; with --context pass --destination-context".into(),
+                ));
+            }
+            let dest = destination.ok_or(CliError::NoDestinationContext)?;
+            let r = crate::k8s::mesh::connect(&target, &dest).await?;
+            match cli.output {
+                Output::Json => json(&r),
+                Output::Table => Ok(format!(
+                    "connected {} ({}) <-> {} ({}){}; agents pick up the change without a restart\n",
+                    r.source,
+                    r.source_endpoints.join(","),
+                    r.destination,
+                    r.destination_endpoints.join(","),
+                    if r.already_connected {
+                        " (were already connected; configuration refreshed)"
+                    } else {
+                        ""
+                    }
+                )),
+            }
+        }
+        Command::Disconnect {
+            destination_state_dir,
+        } => {
+            if destination_state_dir.is_some() {
+                return Err(CliError::WrongMode(
+                    "--destination-state-dir is for standalone mode; with --context pass --destination-context".into(),
+                ));
+            }
+            let dest = destination.ok_or(CliError::NoDestinationContext)?;
+            let r = crate::k8s::mesh::disconnect(&target, &dest).await?;
+            match cli.output {
+                Output::Json => json(&r),
+                Output::Table => Ok(format!("disconnected {} <-> {}\n", r.source, r.destination)),
+            }
+        }
+        _ => Err(CliError::KubeVerbUnavailable {
+            verb: verb_name(&cli.command),
+            context: target.context,
+        }),
     }
-    Err(CliError::KubeVerbUnavailable {
-        verb: verb_name(&cli.command),
-        context: target.context,
-    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
@@ -319,6 +470,11 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(String::from_utf8_lossy(&buf).into_owned())
         }
         Command::Enable(a) => {
+            if a.service_type.is_some() {
+                return Err(CliError::WrongMode(
+                    "--service-type is for Kubernetes mode; pass --context CONTEXT, or --mesh-endpoint host:port for a standalone cluster".into(),
+                ));
+            }
             let dir = state_dir(&cli)?;
             let state = standalone::enable(
                 &dir,

@@ -94,13 +94,6 @@ fn read(path: &Path) -> Result<String, TemplateError> {
     })
 }
 
-fn yaml(path: &Path) -> Result<Value, TemplateError> {
-    serde_yaml::from_str(&read(path)?).map_err(|e| TemplateError::Yaml {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
 /// Deep-merges `over` into `base`: maps merge key by key, anything else replaces.
 pub fn merge_values(base: &mut Value, over: &Value) {
     match (base, over) {
@@ -140,8 +133,8 @@ pub fn set_value(values: &mut Value, dotted: &str, value: Value) {
 impl Chart {
     /// Loads a chart directory (`Chart.yaml`, `values.yaml`, `templates/*`).
     pub fn load(dir: &Path) -> Result<Self, TemplateError> {
-        let meta = yaml(&dir.join("Chart.yaml"))?;
-        let values = yaml(&dir.join("values.yaml"))?;
+        let meta = read(&dir.join("Chart.yaml"))?;
+        let values = read(&dir.join("values.yaml"))?;
         let tdir = dir.join("templates");
         let mut names: Vec<String> = std::fs::read_dir(&tdir)
             .map_err(|source| TemplateError::Io {
@@ -154,19 +147,49 @@ impl Chart {
             .collect();
         names.sort();
         let mut templates = Vec::new();
-        let mut defines = BTreeMap::new();
         for name in names {
             let src = read(&tdir.join(&name))?;
-            let parsed = parse::parse(&name, lex::lex(&name, &src)?)?;
+            templates.push((name, src));
+        }
+        let borrowed: Vec<(&str, &str)> = templates
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_str()))
+            .collect();
+        Self::from_sources(dir, &meta, &values, &borrowed)
+    }
+
+    /// Builds a chart from file contents (e.g. embedded in the binary): `Chart.yaml` and
+    /// `values.yaml` text and `(file name, template text)` pairs; `dir` only names the
+    /// files in error messages.
+    pub fn from_sources(
+        dir: &Path,
+        chart_yaml: &str,
+        values_yaml: &str,
+        templates: &[(&str, &str)],
+    ) -> Result<Self, TemplateError> {
+        let parse_yaml = |file: &str, text: &str| {
+            serde_yaml::from_str::<Value>(text).map_err(|e| TemplateError::Yaml {
+                path: dir.join(file),
+                message: e.to_string(),
+            })
+        };
+        let meta = parse_yaml("Chart.yaml", chart_yaml)?;
+        let values = parse_yaml("values.yaml", values_yaml)?;
+        let mut sorted: Vec<(&str, &str)> = templates.to_vec();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        let mut parsed_templates = Vec::new();
+        let mut defines = BTreeMap::new();
+        for (name, src) in sorted {
+            let parsed = parse::parse(name, lex::lex(name, src)?)?;
             defines.extend(parsed.defines.clone());
             if !name.starts_with('_') {
-                templates.push((name, parsed));
+                parsed_templates.push((name.to_string(), parsed));
             }
         }
         Ok(Self {
             meta,
             values,
-            templates,
+            templates: parsed_templates,
             defines,
         })
     }

@@ -3,7 +3,18 @@
 //!
 //! - [`context`]: resolves a kubeconfig context to a [`kube::Client`] and proves the API
 //!   server answers, so every verb fails early with one clear line.
+//! - [`objects`]: the Secrets and ConfigMaps the mesh is made of and typed API helpers.
+//! - [`enable`]: `enable` (install/upgrade: certificates, chart, settings) and `disable`.
+//! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
+//! - [`embedded`]: the Helm chart compiled into the binary.
+//! - [`error`]: what can go wrong, one line each.
 
 pub mod context;
+pub mod embedded;
+pub mod enable;
+pub mod error;
+pub mod mesh;
+pub mod objects;
 
 pub use context::{KubeError, KubeTarget};
+pub use error::KubeModeError;
