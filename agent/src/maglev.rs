@@ -252,6 +252,7 @@ impl Maglev {
             ));
         }
         let m = self.table_size_for(active.len());
+        let power = power_table(m);
         let mut cursors: Vec<Cursor> = active
             .iter()
             .map(|&i| Cursor::new(backends[i as usize].key.hash(self.seed), m))
@@ -262,8 +263,16 @@ impl Maglev {
             .collect();
         let mut table = vec![EMPTY; m as usize];
         let mut filled = Bitmap::new(m);
-        let quotas = quotas(&weights, m);
-        fill(&mut cursors, &weights, &quotas, &mut table, &mut filled);
+        let bounds = Bounds::new(&weights, m);
+        fill(
+            &mut cursors,
+            &weights,
+            &bounds.cap,
+            &power,
+            &mut table,
+            &mut filled,
+        );
+        raise_to_floors(&cursors, &bounds.floor, &power, &mut table);
         // Translate positions in `active` back to indices into `backends`.
         for slot in &mut table {
             *slot = active[*slot as usize];
@@ -298,11 +307,18 @@ fn is_prime(n: u32) -> bool {
     true
 }
 
-/// A backend's position in its slot permutation `offset, offset+skip, … (mod M)`.
+/// A backend's walk through its slot permutation.
+///
+/// Turn `k` visits slot `(F(offset + k·skip mod M) + shift) mod M`, where `F(x) = x^e mod M`
+/// is the power permutation of [`power_table`]. `offset + k·skip` alone is the paper's
+/// permutation; `F` and `shift` break its linear structure (see the module docs).
 #[derive(Debug, Clone, Copy)]
 struct Cursor {
-    next: u32,
+    /// Position of the next turn in the affine walk `offset + k·skip (mod M)`.
+    x: u32,
+    offset: u32,
     skip: u32,
+    shift: u32,
     m: u32,
     owned: u32,
 }
@@ -311,26 +327,50 @@ impl Cursor {
     fn new(hash: u64, m: u32) -> Self {
         let offset = (hash as u32) % m;
         let skip = ((hash >> 32) as u32) % (m - 1) + 1;
+        let shift = (mix64(hash) % u64::from(m)) as u32;
         Self {
-            next: offset,
+            x: offset,
+            offset,
             skip,
+            shift,
             m,
             owned: 0,
+        }
+    }
+
+    /// The same walk from its first turn, owning nothing.
+    fn restart(&self) -> Self {
+        Self {
+            x: self.offset,
+            owned: 0,
+            ..*self
+        }
+    }
+
+    /// The slot of the current turn; moves on to the next turn.
+    #[inline]
+    fn step(&mut self, power: &[u32]) -> u32 {
+        let x = self.x;
+        // `x + skip` is below 2·M: one subtraction replaces `% M`.
+        let advanced = x + self.skip;
+        self.x = if advanced >= self.m {
+            advanced - self.m
+        } else {
+            advanced
+        };
+        let slot = power[x as usize] + self.shift;
+        if slot >= self.m {
+            slot - self.m
+        } else {
+            slot
         }
     }
 
     /// One turn: inspects the next slot of the permutation and claims it if it is free.
     /// Returns true if the slot was claimed.
     #[inline]
-    fn probe(&mut self, me: u32, table: &mut [u32], filled: &mut Bitmap) -> bool {
-        let slot = self.next;
-        // `next + skip` is below 2·M: one subtraction replaces `% M`.
-        let advanced = self.next + self.skip;
-        self.next = if advanced >= self.m {
-            advanced - self.m
-        } else {
-            advanced
-        };
+    fn probe(&mut self, me: u32, power: &[u32], table: &mut [u32], filled: &mut Bitmap) -> bool {
+        let slot = self.step(power);
         if filled.set_if_clear(slot) {
             table[slot as usize] = me;
             self.owned += 1;
@@ -338,6 +378,102 @@ impl Cursor {
         } else {
             false
         }
+    }
+}
+
+/// SplitMix64 finaliser (Steele, Lea and Flood, "Fast Splittable Pseudorandom Number
+/// Generators", OOPSLA 2014): derives the `shift` bits from the key hash.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Smallest `e ≥ 3` with `gcd(e, M − 1) = 1`: then `x ↦ x^e` permutes `0..M` (M prime).
+fn power_exponent(m: u32) -> u64 {
+    let order = u64::from(m - 1);
+    let mut e = 3u64;
+    while gcd(e, order) != 1 {
+        e += 2;
+    }
+    e
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// `F(x) = x^e mod M` for every `x < M`, a fixed non-linear permutation of the slots.
+fn compute_power_table(m: u32) -> Box<[u32]> {
+    let e = power_exponent(m);
+    let m64 = u64::from(m);
+    (0..m)
+        .map(|x| {
+            let (mut base, mut exp, mut acc) = (u64::from(x), e, 1u64);
+            while exp > 0 {
+                if exp & 1 == 1 {
+                    acc = acc * base % m64;
+                }
+                base = base * base % m64;
+                exp >>= 1;
+            }
+            // acc < m ≤ u32::MAX.
+            acc as u32
+        })
+        .collect()
+}
+
+/// Power tables of the sizes in [`TABLE_SIZES`], computed on first use (at most 512 KiB
+/// for the largest).
+static POWER_TABLES: [std::sync::OnceLock<Box<[u32]>>; TABLE_SIZES.len()] =
+    [const { std::sync::OnceLock::new() }; TABLE_SIZES.len()];
+
+/// The power permutation for table size `m`: cached for the listed sizes, computed per
+/// call for other (fixed) sizes.
+fn power_table(m: u32) -> std::borrow::Cow<'static, [u32]> {
+    match TABLE_SIZES.iter().position(|&t| t == m) {
+        Some(i) => {
+            std::borrow::Cow::Borrowed(&**POWER_TABLES[i].get_or_init(|| compute_power_table(m)))
+        }
+        None => std::borrow::Cow::Owned(compute_power_table(m).into_vec()),
+    }
+}
+
+/// Per-backend bounds on slot counts: `floor_i ≤ count_i ≤ cap_i`.
+#[derive(Debug)]
+struct Bounds {
+    cap: Vec<u32>,
+    floor: Vec<u32>,
+}
+
+impl Bounds {
+    /// `cap = ⌊M·(w/W + 1/100)⌋`, `floor = ⌈M·(w/W − 1/100)⌉` (at least 0), in exact integer
+    /// arithmetic, so every count within the bounds has a share within one percentage
+    /// point of `w/W`. For tables smaller than 100 slots the bounds could leave no valid
+    /// count; they are then widened to include the largest-remainder quota.
+    fn new(weights: &[u32], m: u32) -> Self {
+        let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+        let quota = quotas(weights, m);
+        let m128 = u128::from(m);
+        let denominator = 100 * total;
+        let mut cap = Vec::with_capacity(weights.len());
+        let mut floor = Vec::with_capacity(weights.len());
+        for (&w, &q) in weights.iter().zip(&quota) {
+            let w = u128::from(w);
+            let high = (m128 * (100 * w + total) / denominator).min(m128) as u32;
+            let low = if 100 * w > total {
+                (m128 * (100 * w - total)).div_ceil(denominator) as u32
+            } else {
+                0
+            };
+            cap.push(high.max(q));
+            floor.push(low.min(q));
+        }
+        Self { cap, floor }
     }
 }
 
@@ -438,7 +574,8 @@ impl PartialOrd for GroupClock {
 fn fill(
     cursors: &mut [Cursor],
     weights: &[u32],
-    quotas: &[u32],
+    caps: &[u32],
+    power: &[u32],
     table: &mut [u32],
     filled: &mut Bitmap,
 ) {
@@ -453,7 +590,7 @@ fn fill(
             group_weights.push(w);
             groups.push(Vec::new());
         }
-        if quotas[i as usize] > 0 {
+        if caps[i as usize] > 0 {
             if let Some(g) = groups.last_mut() {
                 g.push(i);
             }
@@ -473,21 +610,54 @@ fn fill(
         let mut finished = false;
         for &i in members.iter() {
             let c = &mut cursors[i as usize];
-            if c.owned < quotas[i as usize] && c.probe(i, table, filled) {
+            if c.owned < caps[i as usize] && c.probe(i, power, table, filled) {
                 count += 1;
-                finished |= c.owned == quotas[i as usize];
+                finished |= c.owned == caps[i as usize];
             }
         }
         if count == m {
             return;
         }
         if finished {
-            members.retain(|&i| cursors[i as usize].owned < quotas[i as usize]);
+            members.retain(|&i| cursors[i as usize].owned < caps[i as usize]);
         }
         if members.is_empty() {
             std::collections::binary_heap::PeekMut::pop(top);
         } else {
             top.advance(m32);
+        }
+    }
+}
+
+/// Lifts every backend below its floor up to it, in key order: the backend walks its own
+/// permutation from the first turn and takes each slot whose owner holds more than that
+/// owner's floor. The slots taken are the ones it probes earliest, which makes the choice
+/// stable when other backends come and go. This always succeeds, because the floors sum
+/// to at most `M` (each is at most the quota, and the quotas sum to `M`): while the backend
+/// is short, the other backends together hold more than their floors, and its walk visits
+/// each of their slots.
+fn raise_to_floors(cursors: &[Cursor], floors: &[u32], power: &[u32], table: &mut [u32]) {
+    if cursors.iter().zip(floors).all(|(c, &f)| c.owned >= f) {
+        return;
+    }
+    let mut owned: Vec<u32> = cursors.iter().map(|c| c.owned).collect();
+    for (i, cursor) in cursors.iter().enumerate() {
+        if owned[i] >= floors[i] {
+            continue;
+        }
+        let me = i as u32;
+        let mut walk = cursor.restart();
+        for _ in 0..table.len() {
+            let slot = walk.step(power) as usize;
+            let owner = table[slot] as usize;
+            if owner != i && owned[owner] > floors[owner] {
+                table[slot] = me;
+                owned[owner] -= 1;
+                owned[i] += 1;
+                if owned[i] >= floors[i] {
+                    break;
+                }
+            }
         }
     }
 }
@@ -644,50 +814,123 @@ mod tests {
         assert_eq!(q.iter().map(|&q| u64::from(q)).sum::<u64>(), 131_071);
     }
 
-    /// The scheduling rule written out naively: list every (backend, turn) at virtual time
-    /// turn/weight, sort by (time, heavier first, key order), play them in order.
+    /// The construction written out naively: list every (backend, turn) at virtual time
+    /// E_turn/weight, sort by (time, heavier first, key order), play them in order with the
+    /// caps, then lift backends below their floors; slots via plain `pow` and `%`.
     fn naive(keys: &[WeightedKey<'_>], m: u32, seed: u64) -> Vec<u32> {
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_by(|&a, &b| keys[a].key.cmp(&keys[b].key));
         let weights: Vec<u32> = order.iter().map(|&i| keys[i].weight).collect();
-        let quota = quotas(&weights, m);
-        let mut events: Vec<(f64, u32, usize)> = Vec::new();
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let mf = f64::from(m);
+        // Float bounds are exact enough for these small inputs.
+        let cap: Vec<u32> = weights
+            .iter()
+            .map(|&w| (mf * (f64::from(w) / total + 0.01)).floor() as u32)
+            .collect();
+        let floor: Vec<u32> = weights
+            .iter()
+            .map(|&w| (mf * (f64::from(w) / total - 0.01)).ceil().max(0.0) as u32)
+            .collect();
+        let e = power_exponent(m);
+        let slot_of = |pos: usize, turn: u64| -> usize {
+            let h = keys[order[pos]].key.hash(seed);
+            let m = u64::from(m);
+            let offset = u64::from(h as u32) % m;
+            let skip = u64::from((h >> 32) as u32) % (m - 1) + 1;
+            let x = (offset + turn * skip) % m;
+            let y = (0..e).fold(1u64, |acc, _| acc * x % m);
+            ((y + mix64(h) % m) % m) as usize
+        };
+        let mut events: Vec<(f64, u32, usize, u64)> = Vec::new();
         for (pos, _) in order.iter().enumerate() {
             let mut expected = 0.0f64;
             for turn in 0..m {
-                events.push((expected / f64::from(weights[pos]), weights[pos], pos));
+                events.push((
+                    expected / f64::from(weights[pos]),
+                    weights[pos],
+                    pos,
+                    u64::from(turn),
+                ));
                 expected += 1.0 / f64::from(m - turn);
             }
         }
         events.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-        let mut table = vec![None; m as usize];
+        let mut table: Vec<Option<usize>> = vec![None; m as usize];
         let mut owned = vec![0u32; order.len()];
-        let mut next: Vec<u64> = order
-            .iter()
-            .map(|&i| keys[i].key.hash(seed) as u32 as u64 % u64::from(m))
-            .collect();
-        for (_, _, pos) in events {
-            if owned[pos] == quota[pos] {
-                continue;
-            }
-            let h = keys[order[pos]].key.hash(seed);
-            let skip = ((h >> 32) as u32 as u64) % u64::from(m - 1) + 1;
-            let slot = next[pos] as usize;
-            next[pos] = (next[pos] + skip) % u64::from(m);
-            if table[slot].is_none() {
-                table[slot] = Some(order[pos] as u32);
+        for (_, _, pos, turn) in events {
+            let slot = slot_of(pos, turn);
+            if owned[pos] < cap[pos] && table[slot].is_none() {
+                table[slot] = Some(pos);
                 owned[pos] += 1;
+            }
+        }
+        for pos in 0..order.len() {
+            for turn in 0..u64::from(m) {
+                if owned[pos] >= floor[pos] {
+                    break;
+                }
+                let slot = slot_of(pos, turn);
+                let owner = table[slot].expect("filled");
+                if owner != pos && owned[owner] > floor[owner] {
+                    table[slot] = Some(pos);
+                    owned[owner] -= 1;
+                    owned[pos] += 1;
+                }
             }
         }
         table
             .into_iter()
-            .map(|e| e.expect("naive filled every slot"))
+            .map(|e| order[e.expect("naive filled every slot")] as u32)
             .collect()
     }
 
     #[test]
+    fn bounds_keep_shares_within_one_percentage_point() {
+        for (weights, m) in [
+            (vec![1, 1, 1], 509),
+            (vec![20, 1, 1, 1], 509),
+            (vec![1; 10], 1021),
+            (vec![7, 3], 251),
+            (vec![u32::MAX, 1], 131_071),
+        ] {
+            let b = Bounds::new(&weights, m);
+            let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+            for ((&w, &lo), &hi) in weights.iter().zip(&b.floor).zip(&b.cap) {
+                let p = f64::from(w) / total;
+                assert!(lo <= hi);
+                assert!(f64::from(hi) / f64::from(m) - p <= 0.01 + 1e-12);
+                assert!(p - f64::from(lo) / f64::from(m) <= 0.01 + 1e-12);
+                // The bounds have room: about M/100 slots either side of M·w/W.
+                let mf = f64::from(m);
+                assert!(f64::from(hi) >= (mf * (p + 0.01) - 1.0).min(mf));
+                assert!(f64::from(lo) <= (mf * (p - 0.01) + 1.0).max(0.0));
+            }
+            assert!(b.cap.iter().map(|&c| u64::from(c)).sum::<u64>() >= u64::from(m));
+            assert!(b.floor.iter().map(|&c| u64::from(c)).sum::<u64>() <= u64::from(m));
+        }
+        // Below 100 slots the quota is always admissible.
+        let b = Bounds::new(&[1, 1, 1], 7);
+        assert_eq!(b.cap.iter().sum::<u32>(), 7);
+        assert_eq!(b.floor.iter().sum::<u32>(), 7);
+    }
+
+    #[test]
+    fn power_table_is_a_permutation() {
+        for m in [3, 7, 251, 1021, 4093] {
+            let t = compute_power_table(m);
+            let mut seen = vec![false; m as usize];
+            for &y in t.iter() {
+                assert!(!seen[y as usize], "m={m}: {y} twice");
+                seen[y as usize] = true;
+            }
+            assert!(power_exponent(m) >= 3);
+        }
+    }
+
+    #[test]
     fn fast_builder_matches_the_naive_schedule() {
-        for (n, weights) in [(1, 1), (5, 1), (13, 3), (13, 7), (40, 5)] {
+        for (n, weights) in [(1, 1), (3, 1), (5, 1), (4, 20), (13, 3), (13, 7), (40, 5)] {
             let keys: Vec<WeightedKey<'_>> = (0..n)
                 .map(|i| WeightedKey {
                     key: key(i * 7, if i % 2 == 0 { "east" } else { "west" }),

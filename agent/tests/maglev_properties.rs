@@ -53,9 +53,16 @@ fn input(max_n: usize, max_weight: u32) -> impl Strategy<Value = Input> {
     )
 }
 
-/// Removes up to 8 backends, one at a time from the full set, keeping M fixed; returns
-/// (mean, worst) fraction of the remaining backends' slots that changed owner, and M.
-fn disruption(inp: &Input, equal: bool, m: Option<u32>) -> Result<(f64, f64, u32), TestCaseError> {
+/// Disruption of single removals: removes up to `victims` backends, one at a time from the
+/// full set, keeping M fixed. For each removal, "moved" is the number of slots owned by a
+/// remaining backend before that have a different owner after, over the number of slots
+/// the remaining backends owned before. Returns (mean, worst single removal, M).
+fn disruption(
+    inp: &Input,
+    equal: bool,
+    m: Option<u32>,
+    victims: usize,
+) -> Result<(f64, f64, u32), TestCaseError> {
     let fail = |e: clustermesh_agent::maglev::MaglevError| TestCaseError::fail(e.to_string());
     let mut keys = inp.keys();
     if equal {
@@ -65,7 +72,7 @@ fn disruption(inp: &Input, equal: bool, m: Option<u32>) -> Result<(f64, f64, u32
     let m = m.unwrap_or_else(|| auto_table_size(n));
     let maglev = Maglev::new(99).with_table_size(TableSize::Fixed(m));
     let before = owners(&keys, &maglev.build_keys(&keys).map_err(fail)?);
-    let victims: Vec<usize> = (0..n).step_by(n.div_ceil(8)).collect();
+    let victims: Vec<usize> = (0..n).step_by(n.div_ceil(victims)).collect();
     let mut sum = 0.0;
     let mut worst: f64 = 0.0;
     for &v in &victims {
@@ -107,48 +114,63 @@ proptest! {
         }
     }
 
+    /// Share tolerance, absolute reading: |slots_i/M − w_i/W| ≤ 0.01 for every backend,
+    /// for every automatically chosen M, equal or mixed weights.
     #[test]
-    fn slot_shares_match_weights(inp in input(60, 20), seed in any::<u64>()) {
-        let keys = inp.keys();
+    fn slot_shares_are_within_one_percentage_point_of_weights(
+        inp in input(60, 20),
+        equal in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut keys = inp.keys();
+        if equal {
+            keys.iter_mut().for_each(|k| k.weight = 1);
+        }
         let table = Maglev::new(seed).build_keys(&keys).unwrap();
         let m = table.len() as f64;
-        prop_assert!(m >= 100.0 * keys.len() as f64);
+        prop_assert_eq!(table.len() as u32, auto_table_size(keys.len()));
         let total: f64 = keys.iter().map(|k| f64::from(k.weight)).sum();
         let mut counts = vec![0u32; keys.len()];
         for &i in &table {
             counts[i as usize] += 1;
         }
         for (k, &c) in keys.iter().zip(&counts) {
-            let ideal = m * f64::from(k.weight) / total;
-            // Exact to within rounding: |count − M·w/W| < 1 slot, far inside 1 % of M.
-            prop_assert!((f64::from(c) - ideal).abs() < 1.0, "count {} ideal {}", c, ideal);
-            prop_assert!((f64::from(c) / m - f64::from(k.weight) / total).abs() <= 0.01);
+            let (share, want) = (f64::from(c) / m, f64::from(k.weight) / total);
+            prop_assert!((share - want).abs() <= 0.01, "share {} want {} (m={})", share, want, m);
         }
     }
 
-    /// Large tables: removing one backend moves on average at most 1 % of the other
-    /// backends' slots (each single removal at most 3 %).
+    /// Automatically sized tables with more than 10 backends (M ≥ 2039): no single removal
+    /// moves more than 1 % of the other backends' slots.
     #[test]
-    fn removing_a_backend_moves_at_most_one_percent_of_the_others_in_large_tables(
-        inp in input(100, 6).prop_filter("need two backends", |i| i.backends.len() >= 2),
+    fn removing_a_backend_moves_at_most_one_percent_of_the_others(
+        inp in input(60, 20).prop_filter("more than 10 backends", |i| i.backends.len() > 10),
         equal in any::<bool>(),
     ) {
-        let (mean, worst, m) = disruption(&inp, equal, Some(16381))?;
-        prop_assert!(mean <= 0.01, "mean {} (m={})", mean, m);
-        prop_assert!(worst <= 0.03, "worst {} (m={})", worst, m);
+        let (_, worst, m) = disruption(&inp, equal, None, 6)?;
+        prop_assert!(worst <= 0.01, "worst {} (m={})", worst, m);
     }
 
-    /// Automatically sized tables (M ≈ 100·N): the exact-share requirement makes some
-    /// movement unavoidable, on the order of 1/√M (see the module docs); bound it.
+    /// Large fixed tables: the same bound for up to 100 backends at M = 16381.
     #[test]
-    fn removing_a_backend_moves_few_of_the_others_slots_in_auto_sized_tables(
-        inp in input(60, 6).prop_filter("need two backends", |i| i.backends.len() >= 2),
+    fn removing_a_backend_moves_at_most_one_percent_of_the_others_in_large_tables(
+        inp in input(100, 20).prop_filter("need two backends", |i| i.backends.len() >= 2),
         equal in any::<bool>(),
     ) {
-        let (mean, worst, m) = disruption(&inp, equal, None)?;
-        let scale = 1.0 / f64::from(m).sqrt();
-        prop_assert!(mean <= 1.5 * scale, "mean {} (m={})", mean, m);
-        prop_assert!(worst <= 4.0 * scale, "worst {} (m={})", worst, m);
+        let (_, worst, m) = disruption(&inp, equal, Some(16381), 4)?;
+        prop_assert!(worst <= 0.01, "worst {} (m={})", worst, m);
+    }
+
+    /// 2 to 10 backends (M = 251, 509 or 1021): the share tolerance is only a few slots
+    /// there and does not leave room for 1 % (see BENCHMARKS.md); bound what is measured.
+    #[test]
+    fn removing_one_of_few_backends_moves_few_of_the_others(
+        inp in input(10, 20).prop_filter("need two backends", |i| i.backends.len() >= 2),
+        equal in any::<bool>(),
+    ) {
+        let (mean, worst, m) = disruption(&inp, equal, None, 10)?;
+        prop_assert!(mean <= SMALL_MEAN, "mean {} (m={})", mean, m);
+        prop_assert!(worst <= SMALL_WORST, "worst {} (m={})", worst, m);
     }
 
     #[test]
@@ -192,4 +214,8 @@ fn same_input_gives_the_same_table_in_every_process() {
     assert_eq!(checksum, GOLDEN, "table checksum changed: {checksum:#018x}");
 }
 
-const GOLDEN: u64 = 0x3e0a_3771_2eed_add4;
+/// Bounds for 2..=10 backends (measured worst over many inputs, with headroom).
+const SMALL_MEAN: f64 = 0.03;
+const SMALL_WORST: f64 = 0.08;
+
+const GOLDEN: u64 = 0x49b0_fd6c_3991_3a92;
