@@ -1,0 +1,709 @@
+//! Kubernetes-mode `enable`, `disable`, `connect` and `disconnect`, through the real
+//! binary against two (or three) fake API servers, each one "cluster".
+//!
+//! What a user would notice is asserted on the stored objects: the Secrets hold a CA and
+//! leaves that parse and chain, the chart's workloads exist with the right arguments,
+//! each agent configuration (parsed with the agent's own `AgentConfig`) lists the peer
+//! with its address, ID and CA, and every refused or failed command leaves both
+//! clusters' stored objects as they were.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clustermesh_certs::inspect::CertInfo;
+use clustermesh_cli::agent_config::AgentConfig;
+use serde_json::{json, Value};
+use support::fake_kube::{kubeconfig, FakeKube};
+use support::{run_cli, CliRun};
+
+const NS: &str = "kube-system";
+
+fn secret_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/{name}")
+}
+
+fn cm_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/configmaps/{name}")
+}
+
+fn service_path() -> String {
+    format!("/api/v1/namespaces/{NS}/services/clustermesh-apiserver")
+}
+
+/// Standard base64 (RFC 4648 §4) decoding of Secret data.
+fn unbase64(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let clean: Vec<u8> = text
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::new();
+    for chunk in clean.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c) << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+fn secret_text(fake: &FakeKube, name: &str, key: &str) -> String {
+    let s = fake
+        .object(&secret_path(name))
+        .unwrap_or_else(|| panic!("Secret {name} exists"));
+    let b64 = s["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {name} has {key}: {s}"));
+    String::from_utf8(unbase64(b64)).unwrap()
+}
+
+fn cert_info(pem: &str) -> CertInfo {
+    let der = clustermesh_certs::pem::parse_certs(pem.as_bytes()).unwrap();
+    CertInfo::from_der(der[0].as_ref()).unwrap()
+}
+
+fn agent_config(fake: &FakeKube) -> (AgentConfig, Value) {
+    let cm = fake.object(&cm_path("clustermesh-agent-config")).unwrap();
+    let text = cm["data"]["agent.yaml"].as_str().unwrap();
+    (
+        AgentConfig::parse(Path::new("agent.yaml"), text).unwrap(),
+        cm["data"].clone(),
+    )
+}
+
+/// Stored objects without the fields every write changes (resourceVersion, managers), so
+/// "unchanged" compares what the objects say.
+fn content(fake: &FakeKube) -> BTreeMap<String, Value> {
+    fake.snapshot()
+        .into_iter()
+        .map(|(path, mut v)| {
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+                m.remove("managedFields");
+                m.remove("generation");
+            }
+            (path, v)
+        })
+        .collect()
+}
+
+/// Asserts that two [`content`] snapshots are equal, naming only the objects that differ.
+#[track_caller]
+fn assert_unchanged(before: &BTreeMap<String, Value>, after: &BTreeMap<String, Value>) {
+    let paths: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let changed: Vec<&String> = paths
+        .into_iter()
+        .filter(|p| before.get(*p) != after.get(*p))
+        .collect();
+    assert!(changed.is_empty(), "objects changed: {changed:?}");
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    cfg: PathBuf,
+    east: FakeKube,
+    west: FakeKube,
+}
+
+async fn mesh() -> Mesh {
+    let east = FakeKube::start().await;
+    let west = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kubeconfig(
+        dir.path(),
+        &[("east", &east), ("west", &west), ("east-again", &east)],
+    );
+    Mesh {
+        _dir: dir,
+        cfg,
+        east,
+        west,
+    }
+}
+
+impl Mesh {
+    async fn cli(&self, args: &[&str]) -> CliRun {
+        run_cli(&self.cfg, args).await
+    }
+
+    async fn enable(&self, context: &str, name: &str, id: &str, service_type: &str) -> CliRun {
+        self.cli(&[
+            "--context",
+            context,
+            "enable",
+            "--cluster-name",
+            name,
+            "--cluster-id",
+            id,
+            "--service-type",
+            service_type,
+        ])
+        .await
+    }
+
+    async fn enabled(&self, context: &str, name: &str, id: &str, service_type: &str) {
+        let r = self.enable(context, name, id, service_type).await;
+        assert!(r.ok, "enable {context}: {}", r.stderr);
+    }
+
+    async fn connect(&self, a: &str, b: &str) -> CliRun {
+        self.cli(&["--context", a, "--destination-context", b, "connect"])
+            .await
+    }
+}
+
+/// Gives east's LoadBalancer Service an ingress address.
+fn east_load_balancer(fake: &FakeKube) {
+    fake.set_status(
+        &service_path(),
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}),
+    );
+}
+
+/// Two nodes for west: a ready one and a not-ready one (listed second).
+fn west_nodes(fake: &FakeKube) {
+    for (name, ip, ready) in [
+        ("w-b", "198.51.100.7", "True"),
+        ("w-a", "198.51.100.6", "False"),
+    ] {
+        fake.insert(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {
+                "addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}],
+                "conditions": [{"type": "Ready", "status": ready}],
+            },
+        }));
+    }
+}
+
+fn one_error_line(r: &CliRun) -> &str {
+    assert!(!r.ok, "expected a failure, got: {}", r.stdout);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    r.stderr.trim_end()
+}
+
+#[tokio::test]
+async fn enable_stores_certificates_settings_and_applies_the_chart() {
+    let m = mesh().await;
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "-o",
+            "json",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--service-type",
+            "LoadBalancer",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["cluster"], "east");
+    assert_eq!(report["ca_created"], true);
+    assert_eq!(report["upgraded"], false);
+
+    // CA and leaves: parseable, chained, with the cluster's identity.
+    let ca = cert_info(&secret_text(&m.east, "clustermesh-ca", "tls.crt"));
+    assert!(ca.is_ca);
+    let ca_secret = m.east.object(&secret_path("clustermesh-ca")).unwrap();
+    assert_eq!(ca_secret["type"], "kubernetes.io/tls");
+    let server = cert_info(&secret_text(
+        &m.east,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ));
+    assert_eq!(server.issuer, ca.subject);
+    assert_eq!(
+        server.identity.unwrap().to_string(),
+        "spiffe://clustermesh.local/cluster/east"
+    );
+    assert!(server
+        .dns_names
+        .contains(&"clustermesh-apiserver.kube-system.svc".to_string()));
+    let client = cert_info(&secret_text(&m.east, "clustermesh-agent-client", "tls.crt"));
+    assert_eq!(client.issuer, ca.subject);
+    let admin = cert_info(&secret_text(
+        &m.east,
+        "clustermesh-apiserver-admin",
+        "tls.crt",
+    ));
+    assert_eq!(
+        admin.identity.unwrap().to_string(),
+        "spiffe://clustermesh.local/admin/clustermesh-cli"
+    );
+    assert_eq!(
+        secret_text(&m.east, "clustermesh-agent-client", "ca.crt"),
+        secret_text(&m.east, "clustermesh-ca", "tls.crt")
+    );
+    assert_eq!(
+        secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt").trim(),
+        secret_text(&m.east, "clustermesh-ca", "tls.crt").trim()
+    );
+
+    // Settings.
+    let cfg = m.east.object(&cm_path("clustermesh-config")).unwrap();
+    assert_eq!(cfg["data"]["cluster-name"], "east");
+    assert_eq!(cfg["data"]["cluster-id"], "1");
+    assert_eq!(cfg["data"]["service-type"], "LoadBalancer");
+
+    // The chart, server-side applied by field manager "clustermesh".
+    let ds_path = format!("/apis/apps/v1/namespaces/{NS}/daemonsets/clustermesh-agent");
+    let ds = m
+        .east
+        .object(&ds_path)
+        .expect("DaemonSet clustermesh-agent");
+    let agent = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert!(agent["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("ghcr.io/clustermesh/clustermesh-agent:"));
+    assert!(agent["args"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("--config=/etc/clustermesh/agent/agent.yaml")));
+    assert!(m
+        .east
+        .managers(&ds_path)
+        .contains(&("clustermesh".to_string(), "Apply".to_string())));
+    let dep = m
+        .east
+        .object(&format!(
+            "/apis/apps/v1/namespaces/{NS}/deployments/clustermesh-apiserver"
+        ))
+        .expect("Deployment clustermesh-apiserver");
+    let args = dep["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(args
+        .as_array()
+        .unwrap()
+        .contains(&json!("--cluster-name=east")));
+    assert!(args.as_array().unwrap().contains(&json!("--cluster-id=1")));
+    assert_eq!(
+        m.east.object(&service_path()).unwrap()["spec"]["type"],
+        "LoadBalancer"
+    );
+    assert!(m
+        .east
+        .object("/apis/rbac.authorization.k8s.io/v1/clusterroles/clustermesh-apiserver-kube-system")
+        .is_some());
+    let (agent_cfg, _) = agent_config(&m.east);
+    assert_eq!(agent_cfg.local_cluster, "east");
+    assert_eq!(agent_cfg.clusters.len(), 1);
+    // Nothing was written to the other cluster.
+    assert!(m.west.writes().is_empty());
+}
+
+#[tokio::test]
+async fn enable_again_keeps_the_ca_and_upgrades_in_place() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    let ca = secret_text(&m.east, "clustermesh-ca", "tls.crt");
+    let key = secret_text(&m.east, "clustermesh-ca", "tls.key");
+    let r = m.enable("east", "east", "1", "NodePort").await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("upgraded cluster east (id 1)"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("existing CA"), "{}", r.stdout);
+    assert_eq!(secret_text(&m.east, "clustermesh-ca", "tls.crt"), ca);
+    assert_eq!(secret_text(&m.east, "clustermesh-ca", "tls.key"), key);
+    let server = cert_info(&secret_text(
+        &m.east,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ));
+    assert_eq!(server.issuer, cert_info(&ca).subject);
+    assert_eq!(
+        m.east.object(&service_path()).unwrap()["spec"]["type"],
+        "NodePort"
+    );
+    let cfg = m.east.object(&cm_path("clustermesh-config")).unwrap();
+    assert_eq!(cfg["data"]["service-type"], "NodePort");
+}
+
+#[tokio::test]
+async fn enable_with_another_id_is_refused_and_changes_nothing() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    let before = m.east.snapshot();
+    m.east.clear_requests();
+    let r = m.enable("east", "east", "2", "LoadBalancer").await;
+    let line = one_error_line(&r);
+    assert!(
+        line.starts_with("error: context east already runs mesh cluster east (id 1) in namespace kube-system; pass --cluster-name east --cluster-id 1"),
+        "{line}"
+    );
+    assert!(m.east.writes().is_empty(), "{:?}", m.east.writes());
+    assert_unchanged(&before, &m.east.snapshot());
+    let r = m.enable("east", "other", "1", "LoadBalancer").await;
+    assert!(one_error_line(&r).contains("already runs mesh cluster east (id 1)"));
+    assert_unchanged(&before, &m.east.snapshot());
+}
+
+#[tokio::test]
+async fn connect_exchanges_endpoints_ids_and_cas_both_ways_then_disconnect_removes_them() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "NodePort").await;
+    east_load_balancer(&m.east);
+    west_nodes(&m.west);
+    let node_port = m.west.object(&service_path()).unwrap()["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("west's Service got a node port");
+    let east_ca = secret_text(&m.east, "clustermesh-ca", "tls.crt");
+    let west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+
+    let r = m.connect("east", "west").await;
+    assert!(r.ok, "{}", r.stderr);
+    let west_endpoints = vec![
+        format!("198.51.100.7:{node_port}"),
+        format!("198.51.100.6:{node_port}"),
+    ];
+    assert_eq!(
+        r.stdout.trim_end(),
+        format!(
+            "connected east (192.0.2.10:2379) <-> west ({}); agents pick up the change without a restart",
+            west_endpoints.join(",")
+        )
+    );
+
+    // east's agents watch west at its node addresses (ready node first) with west's CA.
+    let (east_agent, east_data) = agent_config(&m.east);
+    let w = east_agent.cluster("west").expect("east lists west");
+    assert_eq!(w.id, 2);
+    assert_eq!(w.endpoints, west_endpoints);
+    assert_eq!(w.ca_file, Path::new("/etc/clustermesh/agent/west-ca.crt"));
+    assert_eq!(
+        east_data["west-ca.crt"].as_str().unwrap().trim(),
+        west_ca.trim()
+    );
+    // west's agents watch east at its load balancer with east's CA.
+    let (west_agent, west_data) = agent_config(&m.west);
+    let e = west_agent.cluster("east").expect("west lists east");
+    assert_eq!(
+        (e.id, e.endpoints.clone()),
+        (1, vec!["192.0.2.10:2379".to_string()])
+    );
+    assert_eq!(
+        west_data["east-ca.crt"].as_str().unwrap().trim(),
+        east_ca.trim()
+    );
+    // Each mesh API server trusts the other's agents, and serves a certificate valid for
+    // the address the other side dials.
+    for (fake, own, peer) in [(&m.east, &east_ca, &west_ca), (&m.west, &west_ca, &east_ca)] {
+        let bundle = secret_text(fake, "clustermesh-ca-bundle", "ca-bundle.crt");
+        assert!(bundle.contains(own.trim()) && bundle.contains(peer.trim()));
+    }
+    let east_server = cert_info(&secret_text(
+        &m.east,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ));
+    assert!(east_server.ips.contains(&"192.0.2.10".parse().unwrap()));
+    let west_server = cert_info(&secret_text(
+        &m.west,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ));
+    assert!(west_server.ips.contains(&"198.51.100.7".parse().unwrap()));
+
+    // Re-enabling (upgrading) east keeps west connected and the server names.
+    let r = m.enable("east", "east", "1", "LoadBalancer").await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("still connected to west"), "{}", r.stdout);
+    assert_eq!(
+        agent_config(&m.east).0.cluster("west").unwrap().endpoints,
+        west_endpoints
+    );
+    let east_server = cert_info(&secret_text(
+        &m.east,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ));
+    assert!(east_server.ips.contains(&"192.0.2.10".parse().unwrap()));
+    assert!(
+        secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt").contains(west_ca.trim())
+    );
+
+    // Connecting again is a refresh, not an error.
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "--destination-context",
+            "east",
+            "-o",
+            "json",
+            "connect",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["already_connected"], true);
+
+    // disable refuses while connected.
+    let before = content(&m.east);
+    let line = one_error_line(&m.cli(&["--context", "east", "disable"]).await).to_string();
+    assert!(
+        line.starts_with("error: cluster east is still connected to west;"),
+        "{line}"
+    );
+    assert_unchanged(&before, &content(&m.east));
+
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "disconnect",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout, "disconnected east <-> west\n");
+    for (fake, own, peer) in [(&m.east, &east_ca, &west_ca), (&m.west, &west_ca, &east_ca)] {
+        let (agent, data) = agent_config(fake);
+        assert_eq!(agent.clusters.len(), 1, "{agent:?}");
+        assert_eq!(data.as_object().unwrap().len(), 1, "{data}");
+        let bundle = secret_text(fake, "clustermesh-ca-bundle", "ca-bundle.crt");
+        assert!(bundle.contains(own.trim()) && !bundle.contains(peer.trim()));
+    }
+    let line = one_error_line(
+        &m.cli(&[
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "disconnect",
+        ])
+        .await,
+    )
+    .to_string();
+    assert_eq!(
+        line,
+        "error: clusters east and west are not connected; nothing to disconnect"
+    );
+}
+
+#[tokio::test]
+async fn connecting_a_cluster_to_itself_is_refused() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    let before = content(&m.east);
+    let line = one_error_line(&m.connect("east", "east").await).to_string();
+    assert!(
+        line.contains("cannot connect a cluster to itself"),
+        "{line}"
+    );
+    // Another context name for the same cluster: detected by the CA.
+    let line = one_error_line(&m.connect("east", "east-again").await).to_string();
+    assert!(
+        line.starts_with("error: contexts east and east-again both reach mesh cluster east ("),
+        "{line}"
+    );
+    assert_unchanged(&before, &content(&m.east));
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_refused_directly_and_through_existing_peers() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "1", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert!(
+        line.starts_with("error: clusters east (context east) and west (context west) both have ID 1; every cluster in a mesh needs a unique name and ID"),
+        "{line}"
+    );
+    assert_unchanged(&east_before, &content(&m.east));
+    assert_unchanged(&west_before, &content(&m.west));
+
+    // A third cluster whose ID is already used by one of east's peers.
+    let north = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kubeconfig(
+        dir.path(),
+        &[("east", &m.east), ("west", &m.west), ("north", &north)],
+    );
+    let mut m2 = m;
+    m2.cfg = cfg;
+    let r = m2.cli(&["--context", "west", "disable"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    m2.enabled("west", "west", "2", "LoadBalancer").await;
+    m2.west.set_status(
+        &service_path(),
+        json!({"loadBalancer": {"ingress": [{"hostname": "west.lb.example"}]}}),
+    );
+    let r = m2.connect("east", "west").await;
+    assert!(r.ok, "{}", r.stderr);
+    m2.enabled("north", "north", "2", "LoadBalancer").await;
+    north.set_status(
+        &service_path(),
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.30"}]}}),
+    );
+    let (east_before, north_before) = (content(&m2.east), content(&north));
+    let line = one_error_line(&m2.connect("north", "east").await).to_string();
+    assert!(
+        line.starts_with(
+            "error: cluster ID 2 is used by north (known to north) and by west (known to east)"
+        ),
+        "{line}"
+    );
+    assert_unchanged(&east_before, &content(&m2.east));
+    assert_unchanged(&north_before, &content(&north));
+}
+
+#[tokio::test]
+async fn connect_to_a_cluster_without_the_mesh_says_to_enable_it_first() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    let before = content(&m.east);
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert_eq!(
+        line,
+        "error: the mesh is not enabled in namespace kube-system of context west (ConfigMap clustermesh-config not found); run `clustermesh --context west --namespace kube-system enable --cluster-name NAME --cluster-id ID` first"
+    );
+    assert_unchanged(&before, &content(&m.east));
+    assert!(m.west.writes().is_empty());
+
+    // Enabled, but the CA Secret is gone.
+    m.enabled("west", "west", "2", "LoadBalancer").await;
+    m.west.remove(&secret_path("clustermesh-ca"));
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert!(
+        line.contains("(CA Secret clustermesh-ca not found); run `clustermesh --context west"),
+        "{line}"
+    );
+    assert_unchanged(&before, &content(&m.east));
+}
+
+#[tokio::test]
+async fn a_load_balancer_without_an_address_is_a_clear_error() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert!(
+        line.starts_with("error: Service clustermesh-apiserver in namespace kube-system of context west is a LoadBalancer with no external address yet; wait for the load balancer and retry, or run `clustermesh --context west enable --service-type NodePort`"),
+        "{line}"
+    );
+    assert_unchanged(&east_before, &content(&m.east));
+    assert_unchanged(&west_before, &content(&m.west));
+}
+
+#[tokio::test]
+async fn a_failed_write_on_the_destination_leaves_both_clusters_as_they_were() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "NodePort").await;
+    east_load_balancer(&m.east);
+    west_nodes(&m.west);
+    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    m.west
+        .fail_next("PUT", "/configmaps/clustermesh-agent-config", 500);
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert!(
+        line.starts_with("error: cannot replace ConfigMap clustermesh-agent-config in namespace kube-system of context west: "),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("the 5 earlier write(s) were undone, both clusters are as they were"),
+        "{line}"
+    );
+    // east's server Secret, bundle and agent config and west's server Secret and bundle
+    // were written, then restored.
+    assert!(m.east.writes().iter().any(|w| w.method == "PUT"));
+    assert_unchanged(&east_before, &content(&m.east));
+    assert_unchanged(&west_before, &content(&m.west));
+
+    // And the same connect works once the API server accepts the write.
+    let r = m.connect("east", "west").await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(agent_config(&m.west).0.cluster("east").is_some());
+}
+
+#[tokio::test]
+async fn disable_force_removes_every_mesh_object() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    m.west.set_status(
+        &service_path(),
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}),
+    );
+    assert!(m.connect("east", "west").await.ok);
+    let r = m.cli(&["--context", "east", "disable", "--force"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .starts_with("disabled cluster east in context east ("),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("west still list it"), "{}", r.stdout);
+    let left: Vec<String> = m
+        .east
+        .snapshot()
+        .keys()
+        .filter(|p| !p.starts_with("/api/v1/namespaces/") || p.matches('/').count() > 4)
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "objects left after disable: {left:?}");
+    let line = one_error_line(&m.cli(&["--context", "east", "disable"]).await).to_string();
+    assert!(
+        line.starts_with("error: the mesh is not enabled in namespace kube-system of context east"),
+        "{line}"
+    );
+    // enable afterwards starts over with a new CA.
+    let r = m.enable("east", "east", "1", "LoadBalancer").await;
+    assert!(
+        r.ok && r.stdout.contains("new CA"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_destination_whose_api_is_down_is_reported_before_any_write() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    let before = content(&m.east);
+    m.east.clear_requests();
+    m.west.stop().await;
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert!(
+        line.starts_with("error: cannot reach the Kubernetes API of context west: "),
+        "{line}"
+    );
+    assert!(m.east.writes().is_empty(), "{:?}", m.east.writes());
+    assert_unchanged(&before, &content(&m.east));
+}
