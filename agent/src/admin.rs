@@ -155,7 +155,8 @@ pub fn services(view: &AgentView) -> Vec<ServiceBody> {
         .collect()
 }
 
-fn json<T: Serialize>(value: &T) -> Response {
+/// A JSON 200 response (500 when `value` cannot be encoded).
+pub(crate) fn json<T: Serialize>(value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(bytes) => (
             StatusCode::OK,

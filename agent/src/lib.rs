@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod http;
 pub mod maglev;
 pub mod merge;
 pub mod metrics;

@@ -1,8 +1,8 @@
 //! `clustermesh-agent`: the node agent binary.
 //!
 //! Parses flags, sets up logging, opens the datapath (eBPF, or a recorder for dry runs),
-//! starts the control plane and the admin API, and exits non-zero with one clear line
-//! when it cannot start.
+//! starts the control plane, the admin API and the optional HTTP endpoint, and exits
+//! non-zero with one clear line when it cannot start.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 use clustermesh_agent::admin::{self, BpfDumpHook};
 use clustermesh_agent::bpf::{BpfConfig, BpfDatapath};
 use clustermesh_agent::datapath::Datapath;
+use clustermesh_agent::http;
 use clustermesh_agent::maglev::{Maglev, TableSize, DEFAULT_SEED};
 use clustermesh_agent::recording::RecordingDatapath;
 use clustermesh_agent::runtime::{Agent, AgentOptions};
@@ -50,6 +51,10 @@ struct Args {
     /// Admin API unix socket.
     #[arg(long, default_value = "/var/run/clustermesh/agent.sock")]
     admin_socket: PathBuf,
+    /// Also serve /metrics, /healthz and /v1/status over TCP on this address (e.g.
+    /// 0.0.0.0:9963), for Prometheus and `clustermesh status` in Kubernetes mode; default: off.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<std::net::SocketAddr>,
     /// Drop an unreachable cluster's records after this long (e.g. `10m`); default: keep.
     #[arg(long, value_parser = humantime::parse_duration)]
     stale_ttl: Option<Duration>,
@@ -137,6 +142,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = args.admin_socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create admin socket directory {}", dir.display()))?;
+    }
+    if let Some(addr) = args.http_listen {
+        let listener = http::bind(addr).await?;
+        tokio::spawn(http::serve(listener, agent.view.clone(), cancel.clone()));
     }
     let admin_cancel = cancel.clone();
     let admin_task = tokio::spawn({
