@@ -131,6 +131,10 @@ peer dials. All or nothing: if a write fails, the earlier ones are undone.",
         /// State directory of the other cluster.
         #[arg(long)]
         destination_state_dir: Option<PathBuf>,
+        /// Kubernetes mode, instead of --destination-context: forget connected cluster NAME
+        /// on this side only (for a peer that was disabled or whose context is gone).
+        #[arg(long, value_name = "NAME", conflicts_with = "destination_state_dir")]
+        destination_cluster: Option<String>,
     },
     /// Show the mesh API server, the agents and their cluster connections.
     #[command(
@@ -342,6 +346,12 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
         _ => None,
     };
     match &cli.command {
+        Command::Enable(_) | Command::Disable { .. } if cli.destination_context.is_some() => {
+            Err(CliError::WrongMode(format!(
+                "--destination-context is only for connect and disconnect; `{}` acts on --context alone",
+                verb_name(&cli.command)
+            )))
+        }
         Command::Enable(a) => {
             if !a.mesh_endpoints.is_empty() || !a.agent_sockets.is_empty() {
                 return Err(CliError::WrongMode(
@@ -393,8 +403,9 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                         String::new()
                     } else {
                         format!(
-                            "; {} still list it: disable or re-enable them to drop it",
-                            r.peers_left.join(", ")
+                            "; {} still list it: run `clustermesh --context <peer> disconnect --destination-cluster {}` on each",
+                            r.peers_left.join(", "),
+                            r.cluster
                         )
                     }
                 )),
@@ -429,24 +440,83 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
         }
         Command::Disconnect {
             destination_state_dir,
+            destination_cluster,
         } => {
             if destination_state_dir.is_some() {
                 return Err(CliError::WrongMode(
                     "--destination-state-dir is for standalone mode; with --context pass --destination-context".into(),
                 ));
             }
-            let dest = destination.ok_or(CliError::NoDestinationContext)?;
-            let r = crate::k8s::mesh::disconnect(&target, &dest).await?;
+            let r = match (destination, destination_cluster) {
+                (Some(_), Some(_)) => {
+                    return Err(CliError::WrongMode(
+                        "pass either --destination-context (disconnect both sides) or --destination-cluster (forget a peer on this side only), not both".into(),
+                    ))
+                }
+                (None, Some(peer)) => crate::k8s::mesh::forget(&target, peer).await?,
+                (Some(dest), None) => crate::k8s::mesh::disconnect(&target, &dest).await?,
+                (None, None) => return Err(CliError::NoDestinationContext),
+            };
+            if r.one_sided {
+                return match cli.output {
+                    Output::Json => json(&r),
+                    Output::Table => Ok(format!(
+                        "cluster {} no longer lists {} (this side only)\n",
+                        r.source, r.destination
+                    )),
+                };
+            }
             match cli.output {
                 Output::Json => json(&r),
                 Output::Table => Ok(format!("disconnected {} <-> {}\n", r.source, r.destination)),
             }
         }
+        Command::Status {
+            wait,
+            wait_duration,
+            timeout,
+        } => kube_status(&cli, &target, *wait, *wait_duration, *timeout).await,
         _ => Err(CliError::KubeVerbUnavailable {
             verb: verb_name(&cli.command),
             context: target.context,
         }),
     }
+}
+
+/// `status` in Kubernetes mode: the report on stdout; not ready is an error line (after
+/// printing the report), like standalone mode.
+async fn kube_status(
+    cli: &Cli,
+    target: &crate::k8s::KubeTarget,
+    wait: bool,
+    wait_duration: Duration,
+    timeout: Duration,
+) -> Result<String, CliError> {
+    let (st, ready) = if wait {
+        crate::k8s::status::wait_ready(target, wait_duration, Duration::from_secs(1), timeout)
+            .await?
+    } else {
+        let st = crate::k8s::status::collect(target, timeout).await?;
+        let ready = st.ready;
+        (st, ready)
+    };
+    let text = match cli.output {
+        Output::Json => json(&st)?,
+        Output::Table => st.table(),
+    };
+    if ready {
+        return Ok(text);
+    }
+    print!("{text}");
+    let missing = crate::status::Readiness::missing(&st);
+    Err(if wait {
+        CliError::NotReady {
+            waited: humantime::format_duration(wait_duration).to_string(),
+            missing,
+        }
+    } else {
+        CliError::Degraded(missing)
+    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {
@@ -533,7 +603,13 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Disconnect {
             destination_state_dir,
+            destination_cluster,
         } => {
+            if destination_cluster.is_some() {
+                return Err(CliError::WrongMode(
+                    "--destination-cluster is for Kubernetes mode (--context); pass --destination-state-dir".into(),
+                ));
+            }
             let (a, b) = standalone::disconnect(
                 &state_dir(&cli)?,
                 &destination_dir(destination_state_dir.as_ref())?,

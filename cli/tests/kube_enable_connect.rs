@@ -680,6 +680,47 @@ async fn disable_force_removes_every_mesh_object() {
         line.starts_with("error: the mesh is not enabled in namespace kube-system of context east"),
         "{line}"
     );
+    // west still lists east until it forgets it on its side alone.
+    let east_ca = agent_config(&m.west).1["east-ca.crt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(agent_config(&m.west).0.cluster("east").is_some());
+    let line = one_error_line(
+        &m.cli(&[
+            "--context",
+            "west",
+            "disconnect",
+            "--destination-cluster",
+            "nope",
+        ])
+        .await,
+    )
+    .to_string();
+    assert_eq!(
+        line,
+        "error: clusters west and nope are not connected; nothing to disconnect"
+    );
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "disconnect",
+            "--destination-cluster",
+            "east",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        "cluster west no longer lists east (this side only)\n"
+    );
+    let (west_agent, west_data) = agent_config(&m.west);
+    assert_eq!(west_agent.clusters.len(), 1);
+    assert!(west_data.get("east-ca.crt").is_none());
+    let bundle = secret_text(&m.west, "clustermesh-ca-bundle", "ca-bundle.crt");
+    assert!(!bundle.contains(east_ca.trim()));
+    assert!(bundle.contains(secret_text(&m.west, "clustermesh-ca", "tls.crt").trim()));
     // enable afterwards starts over with a new CA.
     let r = m.enable("east", "east", "1", "LoadBalancer").await;
     assert!(

@@ -785,6 +785,8 @@ pub struct DisconnectReport {
     pub destination: String,
     /// Objects written.
     pub objects_written: usize,
+    /// Only the source side was changed ([`forget`]).
+    pub one_sided: bool,
 }
 
 /// Undoes [`connect`] on both sides: each cluster's agents drop the other, and each mesh
@@ -861,6 +863,58 @@ pub async fn disconnect(
         source: a.name().to_string(),
         destination: b.name().to_string(),
         objects_written: written,
+        one_sided: false,
+    })
+}
+
+/// Removes connected cluster `peer` from `src`'s side only: its agents stop watching it
+/// and its mesh API server stops trusting the CA pinned for it. For a peer that was
+/// disabled (`disable --force`) or can no longer be reached.
+pub async fn forget(src: &KubeTarget, peer: &str) -> Result<DisconnectReport, KubeModeError> {
+    let a = Side::load(src).await?;
+    let Some(pinned) = a.pinned_ca(peer).map(str::to_string) else {
+        return Err(KubeModeError::NotConnected(
+            a.name().to_string(),
+            peer.to_string(),
+        ));
+    };
+    let remotes: Vec<RemoteCluster> = a
+        .remotes
+        .iter()
+        .filter(|r| r.name != peer)
+        .cloned()
+        .collect();
+    let mut changes = vec![(
+        &a.objs,
+        Change::ConfigMap {
+            old: a.agent_cm.clone(),
+            new: a.agent_cm_with(&remotes)?,
+        },
+    )];
+    let pem = bundle_with(&bundle_without(&a.bundle_pem, &pinned), &a.ca_cert);
+    if pem != a.bundle_pem {
+        let mut new = a.bundle.clone();
+        set_secret_text(&mut new, CA_BUNDLE_KEY, &pem);
+        changes.push((
+            &a.objs,
+            Change::Secret {
+                old: a.bundle.clone(),
+                new,
+            },
+        ));
+    }
+    let written = commit(changes).await?;
+    tracing::info!(
+        source = a.name(),
+        peer,
+        written,
+        "peer forgotten on this side"
+    );
+    Ok(DisconnectReport {
+        source: a.name().to_string(),
+        destination: peer.to_string(),
+        objects_written: written,
+        one_sided: true,
     })
 }
 
