@@ -471,11 +471,52 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                 Output::Table => Ok(format!("disconnected {} <-> {}\n", r.source, r.destination)),
             }
         }
+        Command::Status {
+            wait,
+            wait_duration,
+            timeout,
+        } => kube_status(cli, &target, *wait, *wait_duration, *timeout).await,
         _ => Err(CliError::KubeVerbUnavailable {
             verb: verb_name(&cli.command),
             context: target.context,
         }),
     }
+}
+
+/// `status` in Kubernetes mode: the report on stdout; not ready is an error line (after
+/// printing the report), like standalone mode.
+async fn kube_status(
+    cli: &Cli,
+    target: &crate::k8s::KubeTarget,
+    wait: bool,
+    wait_duration: Duration,
+    timeout: Duration,
+) -> Result<String, CliError> {
+    let (st, ready) = if wait {
+        crate::k8s::status::wait_ready(target, wait_duration, Duration::from_secs(1), timeout)
+            .await?
+    } else {
+        let st = crate::k8s::status::collect(target, timeout).await?;
+        let ready = st.ready;
+        (st, ready)
+    };
+    let text = match cli.output {
+        Output::Json => json(&st)?,
+        Output::Table => st.table(),
+    };
+    if ready {
+        return Ok(text);
+    }
+    print!("{text}");
+    let missing = crate::status::Readiness::missing(&st);
+    Err(if wait {
+        CliError::NotReady {
+            waited: humantime::format_duration(wait_duration).to_string(),
+            missing,
+        }
+    } else {
+        CliError::Degraded(missing)
+    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, CliError> {

@@ -58,15 +58,7 @@ pub struct AgentReport {
 impl MeshStatus {
     /// Configured remote+local clusters that this agent reports connected and synced.
     fn connected_on(&self, agent: &AgentStatus) -> usize {
-        self.configured
-            .iter()
-            .filter(|name| {
-                agent
-                    .clusters
-                    .iter()
-                    .any(|c| &c.name == *name && c.connected && c.synced)
-            })
-            .count()
+        connected_count(&self.configured, agent)
     }
 
     /// Whether everything is up: apiserver reachable, every agent answering and
@@ -177,36 +169,59 @@ impl MeshStatus {
                         s.node,
                         self.connected_on(s)
                     ));
-                    for name in &self.configured {
-                        let line = match s.clusters.iter().find(|c| &c.name == name) {
-                            None => "not configured on this agent yet".to_string(),
-                            Some(c) => {
-                                let mut st = vec![if c.connected {
-                                    "connected"
-                                } else {
-                                    "disconnected"
-                                }];
-                                if c.synced {
-                                    st.push("synced");
-                                }
-                                if c.stale {
-                                    st.push("stale");
-                                }
-                                let err = c
-                                    .last_error
-                                    .clone()
-                                    .map(|e| format!(" last error: {e}"))
-                                    .unwrap_or_default();
-                                format!("{} rev {}{err}", st.join(", "), c.revision)
-                            }
-                        };
-                        out.push_str(&format!("    {name:<22} {line}\n"));
-                    }
+                    out.push_str(&cluster_lines(&self.configured, s));
                 }
             }
         }
         out
     }
+}
+
+/// How many of the `configured` clusters `agent` reports connected and synced.
+#[must_use]
+pub fn connected_count(configured: &[String], agent: &AgentStatus) -> usize {
+    configured
+        .iter()
+        .filter(|name| {
+            agent
+                .clusters
+                .iter()
+                .any(|c| &c.name == *name && c.connected && c.synced)
+        })
+        .count()
+}
+
+/// One indented line per configured cluster with the agent's view of it
+/// (`connected, synced rev 7`, `disconnected rev 3 last error: ...`).
+#[must_use]
+pub fn cluster_lines(configured: &[String], agent: &AgentStatus) -> String {
+    let mut out = String::new();
+    for name in configured {
+        let line = match agent.clusters.iter().find(|c| &c.name == name) {
+            None => "not configured on this agent yet".to_string(),
+            Some(c) => {
+                let mut st = vec![if c.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }];
+                if c.synced {
+                    st.push("synced");
+                }
+                if c.stale {
+                    st.push("stale");
+                }
+                let err = c
+                    .last_error
+                    .clone()
+                    .map(|e| format!(" last error: {e}"))
+                    .unwrap_or_default();
+                format!("{} rev {}{err}", st.join(", "), c.revision)
+            }
+        };
+        out.push_str(&format!("    {name:<22} {line}\n"));
+    }
+    out
 }
 
 /// `KIND_SERVICE` → `services`.
@@ -276,6 +291,23 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
     }
 }
 
+/// Something `status --wait` polls: whether it is all up, and what is missing if not.
+pub trait Readiness {
+    /// Everything is up.
+    fn ready(&self) -> bool;
+    /// One line on what is still missing.
+    fn missing(&self) -> String;
+}
+
+impl Readiness for MeshStatus {
+    fn ready(&self) -> bool {
+        MeshStatus::ready(self)
+    }
+    fn missing(&self) -> String {
+        MeshStatus::missing(self)
+    }
+}
+
 /// Polls until [`MeshStatus::ready`] or `wait` elapses, drawing a progress line on
 /// stderr. Returns the last status and whether it became ready.
 pub async fn wait_ready(
@@ -284,6 +316,31 @@ pub async fn wait_ready(
     wait: Duration,
     poll: Duration,
 ) -> (MeshStatus, bool) {
+    let timeout = poll.max(Duration::from_secs(1));
+    let result = poll_until_ready(wait, poll, || async {
+        Ok::<_, std::convert::Infallible>(collect(dir, state, timeout).await)
+    })
+    .await;
+    match result {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// Calls `collect` every `poll` until the result is ready or `wait` elapses, drawing a
+/// spinner line on stderr when it is a terminal (otherwise a line whenever what is missing
+/// changes). Returns the last result and whether it became ready; an error from `collect`
+/// ends the wait at once.
+pub async fn poll_until_ready<T, E, F, Fut>(
+    wait: Duration,
+    poll: Duration,
+    mut collect: F,
+) -> Result<(T, bool), E>
+where
+    T: Readiness,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     use std::io::IsTerminal;
     const SPINNER: [char; 4] = ['|', '/', '-', '\\'];
     let tty = std::io::stderr().is_terminal();
@@ -291,14 +348,22 @@ pub async fn wait_ready(
     let mut tick = 0usize;
     let mut last_report = String::new();
     loop {
-        let st = collect(dir, state, poll.max(Duration::from_secs(1))).await;
+        let st = match collect().await {
+            Ok(st) => st,
+            Err(e) => {
+                if tty {
+                    eprint!("\r\x1b[2K");
+                }
+                return Err(e);
+            }
+        };
         let done = st.ready() || start.elapsed() >= wait;
         if done {
             if tty {
                 eprint!("\r\x1b[2K");
             }
             let ready = st.ready();
-            return (st, ready);
+            return Ok((st, ready));
         }
         let missing = st.missing();
         if tty {

@@ -93,15 +93,16 @@ async fn verbs_without_a_kubernetes_mode_say_so_after_reaching_the_cluster() {
     let (port, mut requests) = fake_version_server().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_kubeconfig(dir.path(), &format!("http://127.0.0.1:{port}"));
-    let (ok, stdout, stderr) =
-        tokio::task::spawn_blocking(move || run_cli(&cfg, &["--context", "west", "status"]))
-            .await
-            .unwrap();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        run_cli(&cfg, &["--context", "west", "service", "list"])
+    })
+    .await
+    .unwrap();
     assert!(!ok);
     assert!(stdout.is_empty(), "{stdout}");
     assert_eq!(
         stderr.trim_end(),
-        "error: `status` is not available in Kubernetes mode yet (context west is reachable); use --state-dir (standalone mode)"
+        "error: `service list` is not available in Kubernetes mode yet (context west is reachable); use --state-dir (standalone mode)"
     );
     assert_eq!(requests.recv().await.unwrap(), "GET /version HTTP/1.1");
 }

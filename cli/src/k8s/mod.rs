@@ -6,6 +6,7 @@
 //! - [`objects`]: the Secrets and ConfigMaps the mesh is made of and typed API helpers.
 //! - [`enable`]: `enable` (install/upgrade: certificates, chart, settings) and `disable`.
 //! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
+//! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
 //! - [`embedded`]: the Helm chart compiled into the binary.
 //! - [`error`]: what can go wrong, one line each.
 
@@ -15,6 +16,7 @@ pub mod enable;
 pub mod error;
 pub mod mesh;
 pub mod objects;
+pub mod status;
 
 pub use context::{KubeError, KubeTarget};
 pub use error::KubeModeError;

@@ -1,0 +1,587 @@
+//! `clustermesh --context C status` in Kubernetes mode: the mesh API server workload, its
+//! Service and address, the agent DaemonSet and every agent's cluster connections.
+//!
+//! Each agent is asked for `GET /v1/status` on its HTTP endpoint (`--http-listen`, chart
+//! value `agent.httpPort`) through the API server's pod proxy
+//! (`/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy/v1/status`), so the CLI needs no
+//! network path to the nodes. Connections are summarized like cilium-cli does: per agent
+//! "N/N configured, N/N connected", and per cluster how many agents have it configured and
+//! connected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::config::KubeConfigOptions;
+use kube::Client;
+use serde::Serialize;
+
+use super::error::KubeModeError;
+use super::mesh::{mesh_endpoints, read_config};
+use super::objects::{reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISERVER_SERVICE};
+use super::KubeTarget;
+use crate::admin::AgentStatus;
+use crate::agent_config::AgentConfig;
+use crate::status::{cluster_lines, connected_count, Readiness};
+
+/// Name of the mesh API server Deployment or StatefulSet.
+pub const APISERVER_WORKLOAD: &str = "clustermesh-apiserver";
+/// Name of the agent DaemonSet.
+pub const AGENT_DAEMONSET: &str = "clustermesh-agent";
+/// Name of the agent container port serving `/v1/status` (chart: `agent.httpPort`).
+pub const AGENT_HTTP_PORT_NAME: &str = "http";
+/// Agent HTTP port when the DaemonSet does not name one (the chart's default).
+pub const DEFAULT_AGENT_HTTP_PORT: u16 = 9963;
+/// Agents asked at the same time.
+const PARALLEL_AGENT_QUERIES: usize = 16;
+
+/// Everything `status` reports about one cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeStatus {
+    /// The kubeconfig context.
+    pub context: String,
+    /// Namespace of the mesh components.
+    pub namespace: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Cluster ID.
+    pub cluster_id: u32,
+    /// Clusters in the agent configuration (this one first).
+    pub configured: Vec<String>,
+    /// Why the configured list is only this cluster, when the agent ConfigMap is unusable.
+    pub configured_error: Option<String>,
+    /// The mesh API server workload.
+    pub apiserver: Workload,
+    /// The mesh API Service.
+    pub service: MeshService,
+    /// The agent DaemonSet.
+    pub agents: Workload,
+    /// Port the agents were asked on.
+    pub agent_http_port: u16,
+    /// One entry per agent pod, by pod name.
+    pub agent_pods: Vec<AgentPod>,
+    /// Per configured cluster: how many agents have it configured and connected.
+    pub connections: Vec<ClusterConnections>,
+    /// Everything is up.
+    pub ready: bool,
+}
+
+/// A Deployment, StatefulSet or DaemonSet: ready versus desired pods.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Workload {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`; None when not found.
+    pub kind: Option<String>,
+    /// Its name.
+    pub name: String,
+    /// Desired replicas (DaemonSet: nodes it should run on).
+    pub desired: i32,
+    /// Ready pods.
+    pub ready: i32,
+    /// Why it could not be read.
+    pub error: Option<String>,
+}
+
+impl Workload {
+    fn is_ready(&self) -> bool {
+        self.kind.is_some()
+            && self.error.is_none()
+            && self.desired > 0
+            && self.ready >= self.desired
+    }
+
+    fn summary(&self) -> String {
+        match (&self.kind, &self.error) {
+            (_, Some(e)) => format!("{} unreadable: {e}", self.name),
+            (None, None) => format!("{} not found", self.name),
+            (Some(k), None) => format!("{k} {} {}/{} ready", self.name, self.ready, self.desired),
+        }
+    }
+}
+
+/// The mesh API Service.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshService {
+    /// `LoadBalancer`, `NodePort`, ...; None when not found.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// Where other clusters reach the mesh API (`host:port`).
+    pub endpoints: Vec<String>,
+    /// Why there is no address.
+    pub error: Option<String>,
+}
+
+/// One agent pod.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentPod {
+    /// Pod name.
+    pub pod: String,
+    /// Node it runs on.
+    pub node: Option<String>,
+    /// The agent's `/v1/status`, when it answered.
+    pub status: Option<AgentStatus>,
+    /// Why it did not.
+    pub error: Option<String>,
+}
+
+/// One configured cluster across the agents.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterConnections {
+    /// Cluster name.
+    pub cluster: String,
+    /// Agents reporting it in their configuration.
+    pub configured: usize,
+    /// Agents connected to it and synced.
+    pub connected: usize,
+    /// Agent pods.
+    pub agents: usize,
+}
+
+impl AgentPod {
+    fn label(&self) -> String {
+        match &self.node {
+            Some(n) => format!("{} (node {n})", self.pod),
+            None => self.pod.clone(),
+        }
+    }
+}
+
+fn configured_on(configured: &[String], agent: &AgentStatus) -> usize {
+    configured
+        .iter()
+        .filter(|n| agent.clusters.iter().any(|c| &c.name == *n))
+        .count()
+}
+
+impl KubeStatus {
+    fn compute_ready(&self) -> bool {
+        self.apiserver.is_ready()
+            && self.service.error.is_none()
+            && self.agents.is_ready()
+            && !self.agent_pods.is_empty()
+            && self.agent_pods.iter().all(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| connected_count(&self.configured, s) == self.configured.len())
+            })
+    }
+
+    /// Human-readable report.
+    #[must_use]
+    pub fn table(&self) -> String {
+        let n = self.configured.len();
+        let mut out = format!(
+            "Cluster:     {} (id {}), context {}, namespace {}\n",
+            self.cluster, self.cluster_id, self.context, self.namespace
+        );
+        let ok = |b: bool| if b { "OK  " } else { "DOWN" };
+        out.push_str(&format!(
+            "Mesh API:    {} {}\n",
+            ok(self.apiserver.is_ready()),
+            self.apiserver.summary()
+        ));
+        out.push_str(&format!(
+            "Service:     {} {} {}\n",
+            ok(self.service.error.is_none()),
+            self.service.type_.as_deref().unwrap_or("-"),
+            match &self.service.error {
+                Some(e) => e.clone(),
+                None => format!("address {}", self.service.endpoints.join(", ")),
+            }
+        ));
+        let answering = self
+            .agent_pods
+            .iter()
+            .filter(|p| p.status.is_some())
+            .count();
+        out.push_str(&format!(
+            "Agents:      {} {}, {answering}/{} answering on port {}\n",
+            ok(self.agents.is_ready() && answering == self.agent_pods.len()),
+            self.agents.summary(),
+            self.agent_pods.len(),
+            self.agent_http_port
+        ));
+        if let Some(e) = &self.configured_error {
+            out.push_str(&format!("Config:      {e}\n"));
+        }
+        out.push_str("Cluster connections:\n");
+        for c in &self.connections {
+            out.push_str(&format!(
+                "  - {}: {}/{} configured, {}/{} connected\n",
+                c.cluster, c.configured, c.agents, c.connected, c.agents
+            ));
+        }
+        let fully = self
+            .agent_pods
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| connected_count(&self.configured, s) == n)
+            })
+            .count();
+        out.push_str(&format!(
+            "Summary:     {fully}/{} agents connected to all {n} clusters\n",
+            self.agent_pods.len()
+        ));
+        out.push_str("Agent pods:\n");
+        for p in &self.agent_pods {
+            match &p.status {
+                None => out.push_str(&format!(
+                    "  {} unreachable: {}\n",
+                    p.label(),
+                    p.error.as_deref().unwrap_or("no answer")
+                )),
+                Some(s) => {
+                    out.push_str(&format!(
+                        "  {}: {}/{n} configured, {}/{n} connected\n",
+                        p.label(),
+                        configured_on(&self.configured, s),
+                        connected_count(&self.configured, s)
+                    ));
+                    out.push_str(&cluster_lines(&self.configured, s));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Readiness for KubeStatus {
+    fn ready(&self) -> bool {
+        self.ready
+    }
+
+    fn missing(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.apiserver.is_ready() {
+            parts.push(format!("mesh API server {}", self.apiserver.summary()));
+        }
+        if let Some(e) = &self.service.error {
+            parts.push(format!("mesh API Service: {e}"));
+        }
+        if !self.agents.is_ready() {
+            parts.push(format!("agents {}", self.agents.summary()));
+        }
+        if self.agent_pods.is_empty() {
+            parts.push("no agent pods found".into());
+        }
+        for p in &self.agent_pods {
+            match &p.status {
+                None => parts.push(format!(
+                    "agent {} unreachable: {}",
+                    p.label(),
+                    p.error.as_deref().unwrap_or("no answer")
+                )),
+                Some(s) => {
+                    let n = connected_count(&self.configured, s);
+                    if n < self.configured.len() {
+                        let down: Vec<String> = self
+                            .configured
+                            .iter()
+                            .map(|name| (name, s.clusters.iter().find(|c| &c.name == name)))
+                            .filter(|(_, c)| !c.is_some_and(|c| c.connected && c.synced))
+                            .map(|(name, c)| match c {
+                                None => format!("{name} not configured yet"),
+                                Some(c) if !c.connected => format!(
+                                    "{name} disconnected{}",
+                                    c.last_error
+                                        .as_ref()
+                                        .map(|e| format!(" ({e})"))
+                                        .unwrap_or_default()
+                                ),
+                                Some(_) => format!("{name} not synced yet"),
+                            })
+                            .collect();
+                        parts.push(format!(
+                            "agent {}: {n}/{} clusters connected ({})",
+                            p.label(),
+                            self.configured.len(),
+                            down.join("; ")
+                        ));
+                    }
+                }
+            }
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// A client for the pod proxy that does not retry: kube-rs retries 503 (what the API
+/// server answers for a pod that refuses the connection) with a long backoff by default,
+/// and status wants the first answer.
+async fn proxy_client(target: &KubeTarget) -> Result<Client, KubeModeError> {
+    let invalid = |reason: String| KubeModeError::Api {
+        context: target.context.clone(),
+        namespace: target.namespace.clone(),
+        action: "configure",
+        object: "a client for the pod proxy".into(),
+        reason,
+    };
+    let kubeconfig = super::context::read_kubeconfig().map_err(|e| invalid(e.to_string()))?;
+    let options = KubeConfigOptions {
+        context: Some(target.context.clone()),
+        ..KubeConfigOptions::default()
+    };
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| invalid(e.to_string()))?;
+    config.default_retry = false;
+    config.default_namespace = target.namespace.clone();
+    Client::try_from(config).map_err(|e| invalid(e.to_string()))
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// The apiserver Deployment, or its StatefulSet (raft with several replicas).
+async fn apiserver_workload(target: &KubeTarget) -> Workload {
+    let mut w = Workload {
+        name: APISERVER_WORKLOAD.into(),
+        ..Workload::default()
+    };
+    let deployments: Api<Deployment> = Api::namespaced(target.client.clone(), &target.namespace);
+    match deployments.get(APISERVER_WORKLOAD).await {
+        Ok(d) => {
+            w.kind = Some("Deployment".into());
+            w.desired = d.spec.replicas.unwrap_or(1);
+            w.ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            return w;
+        }
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => {
+            w.error = Some(format!("Deployment: {}", reason(&e)));
+            return w;
+        }
+    }
+    let sets: Api<StatefulSet> = Api::namespaced(target.client.clone(), &target.namespace);
+    match sets.get(APISERVER_WORKLOAD).await {
+        Ok(s) => {
+            w.kind = Some("StatefulSet".into());
+            w.desired = s.spec.replicas.unwrap_or(1);
+            w.ready = s.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+        }
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => w.error = Some(format!("StatefulSet: {}", reason(&e))),
+    }
+    w
+}
+
+/// The agent DaemonSet, its pod label selector and the agents' HTTP port.
+async fn agent_daemonset(target: &KubeTarget) -> (Workload, Option<String>, u16) {
+    let mut w = Workload {
+        name: AGENT_DAEMONSET.into(),
+        ..Workload::default()
+    };
+    let api: Api<DaemonSet> = Api::namespaced(target.client.clone(), &target.namespace);
+    let ds = match api.get(AGENT_DAEMONSET).await {
+        Ok(ds) => ds,
+        Err(e) => {
+            if !is_not_found(&e) {
+                w.error = Some(reason(&e));
+            }
+            return (w, None, DEFAULT_AGENT_HTTP_PORT);
+        }
+    };
+    w.kind = Some("DaemonSet".into());
+    if let Some(s) = &ds.status {
+        w.desired = s.desired_number_scheduled;
+        w.ready = s.number_ready;
+    }
+    let spec = ds.spec;
+    let selector = spec
+        .selector
+        .match_labels
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+    let port = spec
+        .template
+        .spec
+        .iter()
+        .flat_map(|p| p.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(AGENT_HTTP_PORT_NAME))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(DEFAULT_AGENT_HTTP_PORT);
+    (w, selector, port)
+}
+
+/// `GET /v1/status` of one agent pod through the API server's pod proxy.
+async fn ask_agent(
+    client: Client,
+    namespace: String,
+    pod: String,
+    port: u16,
+    timeout: Duration,
+) -> Result<AgentStatus, String> {
+    let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/v1/status");
+    let request = http::Request::get(&path)
+        .header("Accept", "application/json")
+        .body(Vec::new())
+        .map_err(|e| format!("cannot build the request {path}: {e}"))?;
+    let text = match tokio::time::timeout(timeout, client.request_text(request)).await {
+        Err(_) => {
+            return Err(format!(
+                "no answer within {} through the pod proxy",
+                humantime::format_duration(timeout)
+            ))
+        }
+        Ok(Err(e)) => return Err(reason(&e)),
+        Ok(Ok(text)) => text,
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        format!("invalid /v1/status answer ({e}); is the agent the same version as this CLI?")
+    })
+}
+
+/// Reads everything once.
+///
+/// # Errors
+/// [`KubeModeError::NotEnabled`] when the mesh is not enabled in the namespace, or an
+/// API error reading its settings.
+pub async fn collect(target: &KubeTarget, timeout: Duration) -> Result<KubeStatus, KubeModeError> {
+    let objs = Objects::new(target);
+    let config = read_config(&objs)
+        .await?
+        .ok_or_else(|| objs.not_enabled(format!("ConfigMap {}", super::objects::CONFIG_MAP)))?;
+
+    let (configured, configured_error) = match objs.config_map(AGENT_CONFIG_MAP).await {
+        Ok(Some(cm)) => match cm.data.unwrap_or_default().get(AGENT_CONFIG_KEY) {
+            Some(text) => match AgentConfig::parse(std::path::Path::new(AGENT_CONFIG_KEY), text) {
+                Ok(a) => (a.clusters.into_iter().map(|c| c.name).collect(), None),
+                Err(e) => (
+                    vec![config.name.clone()],
+                    Some(format!("ConfigMap {AGENT_CONFIG_MAP}: {e}")),
+                ),
+            },
+            None => (
+                vec![config.name.clone()],
+                Some(format!(
+                    "ConfigMap {AGENT_CONFIG_MAP} has no {AGENT_CONFIG_KEY}; run enable again"
+                )),
+            ),
+        },
+        Ok(None) => (
+            vec![config.name.clone()],
+            Some(format!(
+                "ConfigMap {AGENT_CONFIG_MAP} not found; run enable again"
+            )),
+        ),
+        Err(e) => (vec![config.name.clone()], Some(e.to_string())),
+    };
+
+    let apiserver = apiserver_workload(target).await;
+    let service = {
+        let type_ = match objs.service(APISERVER_SERVICE).await {
+            Ok(s) => s.and_then(|s| s.spec).and_then(|s| s.type_),
+            Err(_) => None,
+        };
+        match mesh_endpoints(&objs).await {
+            Ok(endpoints) => MeshService {
+                type_,
+                endpoints,
+                error: None,
+            },
+            Err(e) => MeshService {
+                type_,
+                endpoints: Vec::new(),
+                error: Some(e.to_string()),
+            },
+        }
+    };
+
+    let (agents, selector, port) = agent_daemonset(target).await;
+    let mut agent_pods = Vec::new();
+    if let Some(selector) = selector {
+        let pods: Api<Pod> = Api::namespaced(target.client.clone(), &target.namespace);
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| objs.api_error("list", format!("Pods {selector}"), &e))?;
+        let client = proxy_client(target).await?;
+        let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_AGENT_QUERIES));
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in list.items {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+            let (client, ns, limit) =
+                (client.clone(), target.namespace.clone(), Arc::clone(&limit));
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let r = ask_agent(client, ns, name.clone(), port, timeout).await;
+                AgentPod {
+                    pod: name,
+                    node,
+                    error: r.as_ref().err().cloned(),
+                    status: r.ok(),
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(p) => agent_pods.push(p),
+                Err(e) => tracing::warn!(error = %e, "agent query task failed"),
+            }
+        }
+        agent_pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+    }
+
+    let connections = configured
+        .iter()
+        .map(|name| {
+            let answering = agent_pods.iter().filter_map(|p| p.status.as_ref());
+            let on: Vec<_> = answering
+                .filter_map(|s| s.clusters.iter().find(|c| &c.name == name))
+                .collect();
+            ClusterConnections {
+                cluster: name.clone(),
+                configured: on.len(),
+                connected: on.iter().filter(|c| c.connected && c.synced).count(),
+                agents: agent_pods.len(),
+            }
+        })
+        .collect();
+
+    let mut st = KubeStatus {
+        context: target.context.clone(),
+        namespace: target.namespace.clone(),
+        cluster: config.name,
+        cluster_id: config.id,
+        configured,
+        configured_error,
+        apiserver,
+        service,
+        agents,
+        agent_http_port: port,
+        agent_pods,
+        connections,
+        ready: false,
+    };
+    st.ready = st.compute_ready();
+    Ok(st)
+}
+
+/// Collects until everything is up or `wait` passes, with the same progress line as the
+/// standalone `status --wait`. Returns the last status and whether it became ready.
+///
+/// # Errors
+/// As [`collect`].
+pub async fn wait_ready(
+    target: &KubeTarget,
+    wait: Duration,
+    poll: Duration,
+    timeout: Duration,
+) -> Result<(KubeStatus, bool), KubeModeError> {
+    crate::status::poll_until_ready(wait, poll, || collect(target, timeout)).await
+}
