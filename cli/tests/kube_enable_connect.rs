@@ -748,3 +748,59 @@ async fn a_destination_whose_api_is_down_is_reported_before_any_write() {
     assert!(m.east.writes().is_empty(), "{:?}", m.east.writes());
     assert_unchanged(&before, &content(&m.east));
 }
+
+#[tokio::test]
+async fn another_namespace_holds_everything_and_must_exist() {
+    let m = mesh().await;
+    let args = [
+        "--context",
+        "east",
+        "--namespace",
+        "mesh",
+        "enable",
+        "--cluster-name",
+        "east",
+        "--cluster-id",
+        "9",
+    ];
+    let before = content(&m.east);
+    let line = one_error_line(&m.cli(&args).await).to_string();
+    assert_eq!(
+        line,
+        "error: namespace mesh does not exist in context east; create it (`kubectl --context east create namespace mesh`) or pass another --namespace"
+    );
+    assert_unchanged(&before, &content(&m.east));
+
+    m.east
+        .insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh"}}));
+    let r = m.cli(&args).await;
+    assert!(r.ok, "{}", r.stderr);
+    let cm = m
+        .east
+        .object("/api/v1/namespaces/mesh/configmaps/clustermesh-agent-config")
+        .unwrap();
+    let agent =
+        AgentConfig::parse(Path::new("a"), cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        agent.cluster("east").unwrap().endpoints,
+        vec!["clustermesh-apiserver.mesh.svc:2379".to_string()]
+    );
+    assert!(m
+        .east
+        .object("/api/v1/namespaces/mesh/secrets/clustermesh-ca")
+        .is_some());
+    assert!(m
+        .east
+        .object("/apis/rbac.authorization.k8s.io/v1/clusterroles/clustermesh-apiserver-mesh")
+        .is_some());
+    // The default (LoadBalancer) service type was used, and nothing went to kube-system.
+    let svc = m
+        .east
+        .object("/api/v1/namespaces/mesh/services/clustermesh-apiserver")
+        .unwrap();
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert!(m
+        .east
+        .objects(&format!("/api/v1/namespaces/{NS}/secrets"))
+        .is_empty());
+}

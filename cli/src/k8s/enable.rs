@@ -130,6 +130,12 @@ pub async fn enable(
     let ns = target.namespace.as_str();
 
     // Read and check everything before the first write.
+    if !objs.namespace_exists().await? {
+        return Err(KubeModeError::Invalid(format!(
+            "namespace {ns} does not exist in context {ctx}; create it (`kubectl --context {ctx} create namespace {ns}`) or pass another --namespace",
+            ctx = target.context
+        )));
+    }
     let existing = read_config(&objs).await?;
     if let Some(cur) = &existing {
         let mut diffs = Vec::new();

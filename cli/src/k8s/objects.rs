@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{
@@ -292,6 +292,22 @@ impl<'a> Objects<'a> {
     /// Service `name`, if it exists.
     pub async fn service(&self, name: &str) -> Result<Option<Service>, KubeModeError> {
         self.get_opt("Service", name).await
+    }
+
+    /// Whether this namespace exists.
+    pub async fn namespace_exists(&self) -> Result<bool, KubeModeError> {
+        let api: Api<Namespace> = Api::all(self.target.client.clone());
+        match api.get(&self.target.namespace).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(KubeModeError::Api {
+                context: self.target.context.clone(),
+                namespace: "-".into(),
+                action: "read",
+                object: format!("Namespace {}", self.target.namespace),
+                reason: reason(&e),
+            }),
+        }
     }
 
     /// Every Node of the cluster.
