@@ -463,3 +463,55 @@ async fn a_namespace_without_the_mesh_is_one_clear_line() {
     );
     assert!(east.writes().is_empty());
 }
+
+#[tokio::test]
+async fn a_statefulset_apiserver_and_an_agent_answering_garbage_are_reported() {
+    let m = connected_mesh().await;
+    healthy(&m);
+    // Raft with three replicas runs as a StatefulSet.
+    m.east.remove(&format!(
+        "/apis/apps/v1/namespaces/{NS}/deployments/clustermesh-apiserver"
+    ));
+    m.east.insert(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "clustermesh-apiserver", "namespace": NS},
+        "spec": {"replicas": 3, "serviceName": "clustermesh-apiserver-peers",
+                 "selector": {"matchLabels": {"app": "x"}},
+                 "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "a", "image": "x"}]}}},
+        "status": {"replicas": 3, "readyReplicas": 2},
+    }));
+    // An agent answering something that is not its status (e.g. an older agent).
+    m.east
+        .set_pod_proxy(NS, "clustermesh-agent-aaaaa", Some(9963), |_| {
+            ProxyResponse::text(200, "hello")
+        });
+    let r = m.status(&["-o", "json"]).await;
+    assert!(!r.ok);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["apiserver"]["kind"], "StatefulSet");
+    assert_eq!(
+        (
+            v["apiserver"]["ready"].as_i64(),
+            v["apiserver"]["desired"].as_i64()
+        ),
+        (Some(2), Some(3))
+    );
+    let a = &v["agent_pods"][0];
+    assert_eq!(a["pod"], "clustermesh-agent-aaaaa");
+    assert!(a["status"].is_null());
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid /v1/status answer ("),
+        "{a}"
+    );
+    let err = r.stderr.trim_end();
+    assert!(
+        err.starts_with(
+            "error: the mesh is not fully up: mesh API server StatefulSet clustermesh-apiserver 2/3 ready, agent clustermesh-agent-aaaaa (node n1) unreachable: invalid /v1/status answer ("
+        ),
+        "{err}"
+    );
+}

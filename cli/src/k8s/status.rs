@@ -585,3 +585,101 @@ pub async fn wait_ready(
 ) -> Result<(KubeStatus, bool), KubeModeError> {
     crate::status::poll_until_ready(wait, poll, || collect(target, timeout)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::ClusterStatus;
+
+    fn pod(name: &str, clusters: &[(&str, bool, bool)]) -> AgentPod {
+        AgentPod {
+            pod: name.into(),
+            node: None,
+            status: Some(AgentStatus {
+                node: name.into(),
+                local_cluster: "east".into(),
+                clusters: clusters
+                    .iter()
+                    .map(|(n, connected, synced)| ClusterStatus {
+                        name: (*n).into(),
+                        connected: *connected,
+                        synced: *synced,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            error: None,
+        }
+    }
+
+    fn status(pods: Vec<AgentPod>) -> KubeStatus {
+        let ready = |kind: &str, name: &str| Workload {
+            kind: Some(kind.into()),
+            name: name.into(),
+            desired: 1,
+            ready: 1,
+            error: None,
+        };
+        let mut st = KubeStatus {
+            context: "east".into(),
+            namespace: "kube-system".into(),
+            cluster: "east".into(),
+            cluster_id: 1,
+            configured: vec!["east".into(), "west".into(), "north".into()],
+            configured_error: None,
+            apiserver: ready("Deployment", APISERVER_WORKLOAD),
+            service: MeshService {
+                type_: Some("NodePort".into()),
+                endpoints: vec!["10.0.0.1:32379".into()],
+                error: None,
+            },
+            agents: ready("DaemonSet", AGENT_DAEMONSET),
+            agent_http_port: DEFAULT_AGENT_HTTP_PORT,
+            agent_pods: pods,
+            connections: Vec::new(),
+            ready: false,
+        };
+        st.ready = st.compute_ready();
+        st
+    }
+
+    #[test]
+    fn missing_names_each_cluster_that_is_not_up_and_why() {
+        let st = status(vec![pod(
+            "a",
+            &[("east", true, true), ("west", true, false)],
+        )]);
+        assert!(!st.ready);
+        assert_eq!(
+            st.missing(),
+            "agent a: 1/3 clusters connected (west not synced yet; north not configured yet)"
+        );
+        let table = st.table();
+        assert!(
+            table.contains("  a: 2/3 configured, 1/3 connected\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("north                  not configured on this agent yet"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn ready_needs_agent_pods_and_every_one_fully_connected() {
+        assert!(!status(Vec::new()).ready);
+        assert_eq!(status(Vec::new()).missing(), "no agent pods found");
+        let all = [
+            ("east", true, true),
+            ("west", true, true),
+            ("north", true, true),
+        ];
+        let st = status(vec![pod("a", &all), pod("b", &all)]);
+        assert!(st.ready);
+        assert_eq!(st.missing(), "nothing");
+        let mut missing_ds = status(vec![pod("a", &all)]);
+        missing_ds.agents.kind = None;
+        assert!(!missing_ds.compute_ready());
+        assert_eq!(missing_ds.missing(), "agents clustermesh-agent not found");
+    }
+}
