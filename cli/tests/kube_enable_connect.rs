@@ -357,6 +357,24 @@ async fn enable_with_another_id_is_refused_and_changes_nothing() {
     assert_unchanged(&before, &m.east.snapshot());
     let r = m.enable("east", "other", "1", "LoadBalancer").await;
     assert!(one_error_line(&r).contains("already runs mesh cluster east (id 1)"));
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--trust-domain",
+            "other.test",
+        ])
+        .await;
+    assert!(
+        one_error_line(&r).starts_with("error: context east already runs mesh cluster east (id 1) in namespace kube-system with trust domain clustermesh.local; pass --cluster-name east --cluster-id 1 --trust-domain clustermesh.local to upgrade it"),
+        "{}",
+        r.stderr
+    );
     assert_unchanged(&before, &m.east.snapshot());
 }
 

@@ -139,12 +139,15 @@ pub async fn enable(
     let existing = read_config(&objs).await?;
     if let Some(cur) = &existing {
         let mut diffs = Vec::new();
+        let mut flags = String::new();
         if cur.trust_domain != opts.trust_domain {
             diffs.push(format!("trust domain {}", cur.trust_domain));
+            flags.push_str(&format!(" --trust-domain {}", cur.trust_domain));
         }
         if cur.max_connected_clusters != opts.max_connected_clusters {
-            diffs.push(format!(
-                "--max-connected-clusters {}",
+            diffs.push(format!("room for {} clusters", cur.max_connected_clusters));
+            flags.push_str(&format!(
+                " --max-connected-clusters {}",
                 cur.max_connected_clusters
             ));
         }
@@ -159,6 +162,7 @@ pub async fn enable(
                 } else {
                     format!(" with {}", diffs.join(" and "))
                 },
+                flags,
             });
         }
     }

@@ -11,7 +11,7 @@ pub enum KubeModeError {
     Invalid(String),
     /// `enable` with another name/ID/trust domain on an enabled cluster.
     #[error(
-        "context {context} already runs mesh cluster {name} (id {id}) in namespace {namespace}{detail}; pass --cluster-name {name} --cluster-id {id} to upgrade it, or run `clustermesh --context {context} --namespace {namespace} disable` first to replace it"
+        "context {context} already runs mesh cluster {name} (id {id}) in namespace {namespace}{detail}; pass --cluster-name {name} --cluster-id {id}{flags} to upgrade it, or run `clustermesh --context {context} --namespace {namespace} disable` first to replace it"
     )]
     AlreadyEnabled {
         /// The context.
@@ -24,6 +24,8 @@ pub enum KubeModeError {
         id: u32,
         /// What else differs (may be empty).
         detail: String,
+        /// The other flags an upgrade needs (may be empty).
+        flags: String,
     },
     /// The mesh is not (completely) enabled on a context.
     #[error(
