@@ -285,7 +285,7 @@ pub enum CliError {
     DestinationContextWithoutContext,
     /// A Kubernetes-mode verb failed.
     #[error(transparent)]
-    KubeMode(#[from] crate::k8s::KubeModeError),
+    KubeMode(Box<crate::k8s::KubeModeError>),
     /// An option of the other mode was given.
     #[error("{0}")]
     WrongMode(String),
@@ -295,6 +295,12 @@ pub enum CliError {
     /// JSON encoding failed.
     #[error("cannot encode output: {0}")]
     Encode(String),
+}
+
+impl From<crate::k8s::KubeModeError> for CliError {
+    fn from(e: crate::k8s::KubeModeError) -> Self {
+        Self::KubeMode(Box::new(e))
+    }
 }
 
 fn state_dir(cli: &Cli) -> Result<StateDir, CliError> {
