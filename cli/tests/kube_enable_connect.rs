@@ -822,3 +822,47 @@ async fn another_namespace_holds_everything_and_must_exist() {
         .objects(&format!("/api/v1/namespaces/{NS}/secrets"))
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_peer_re_enabled_with_a_new_ca_must_be_disconnected_before_reconnecting() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    m.enabled("west", "west", "2", "NodePort").await;
+    east_load_balancer(&m.east);
+    west_nodes(&m.west);
+    assert!(m.connect("east", "west").await.ok);
+    let old_west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+    // west is replaced: disabled with --force and enabled again, so it has a new CA.
+    assert!(m.cli(&["--context", "west", "disable", "--force"]).await.ok);
+    m.enabled("west", "west", "2", "NodePort").await;
+    let new_west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+    assert_ne!(old_west_ca, new_west_ca);
+
+    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let line = one_error_line(&m.connect("east", "west").await).to_string();
+    assert_eq!(
+        line,
+        "error: CA mismatch: east (context east) pinned a different CA for west than west (context west) has now; west was re-enabled since: run `clustermesh --context east --destination-context west disconnect`, then connect again"
+    );
+    assert_unchanged(&east_before, &content(&m.east));
+    assert_unchanged(&west_before, &content(&m.west));
+
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "disconnect",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let bundle = secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt");
+    assert!(!bundle.contains(old_west_ca.trim()));
+    assert!(m.connect("east", "west").await.ok);
+    let (_, data) = agent_config(&m.east);
+    assert_eq!(
+        data["west-ca.crt"].as_str().unwrap().trim(),
+        new_west_ca.trim()
+    );
+}
