@@ -30,7 +30,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness: fail loudly
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,17 +37,14 @@ use clustermesh_agent::datapath::{Datapath, DatapathError, DesiredChanges, LbSer
 use clustermesh_agent::runtime::{Agent, AgentOptions};
 use clustermesh_api::keys::{service_key, synced_key, Kind};
 use clustermesh_api::v1;
-use clustermesh_apiserver::cache::{Cache, CacheConfig};
-use clustermesh_apiserver::export::ExportConfig;
-use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
-use clustermesh_apiserver::metrics::Metrics;
-use clustermesh_apiserver::server::serve_grpc;
-use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
-use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::Store;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+
+#[path = "../tests/support/mesh.rs"]
+mod mesh;
+use mesh::{MeshServer, ServerSpec};
 
 const TD: &str = "bench.local";
 
@@ -184,69 +180,6 @@ async fn load(store: &Arc<dyn Store>, cluster: &str, services: usize, backends: 
     }
 }
 
-/// Starts a cache + mesh API server for `cluster` on `listener`.
-async fn serve(
-    store: Arc<dyn Store>,
-    ca: &MeshCa,
-    cluster: &str,
-    id: u32,
-    listener: tokio::net::TcpListener,
-    shutdown: &CancellationToken,
-) {
-    let metrics = Arc::new(Metrics::new());
-    let cache = Arc::new(Cache::new(
-        cluster.to_owned(),
-        CacheConfig::default(),
-        Arc::clone(&metrics),
-    ));
-    tokio::spawn(Arc::clone(&cache).run(store, shutdown.clone()));
-    cache.wait_loaded().await;
-    let service = MeshApiService::new(
-        cache,
-        ServiceConfig {
-            cluster_config: ExportConfig::new(cluster.to_owned(), id).cluster_config(),
-            policy: AccessPolicy::default(),
-            stream_buffer: 1024,
-        },
-        metrics,
-    )
-    .with_shutdown(shutdown.clone());
-    let names = ServerNames::new(
-        ["localhost".to_owned()],
-        [std::net::IpAddr::from([127, 0, 0, 1])],
-    );
-    let leaf = ca
-        .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
-        .unwrap();
-    let tls: Arc<dyn TlsSource> = Arc::new(
-        MeshTls::from_pem(
-            TrustDomain::new(TD).unwrap(),
-            ca.cert_pem().as_bytes(),
-            leaf.cert_pem.as_bytes(),
-            leaf.key_pem.as_bytes(),
-        )
-        .unwrap(),
-    );
-    tokio::spawn(serve_grpc(service, listener, tls, shutdown.clone()));
-}
-
-fn write_config(dir: &Path, east: u16, west: u16) -> std::path::PathBuf {
-    let d = dir.display();
-    let entry = |name: &str, id: u32, port: u16| {
-        format!(
-            "  - name: {name}\n    id: {id}\n    endpoints: [\"localhost:{port}\"]\n    ca_file: {d}/ca.crt\n"
-        )
-    };
-    let mut yaml = format!(
-        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n"
-    );
-    yaml.push_str(&entry("east", 1, east));
-    yaml.push_str(&entry("west", 2, west));
-    let path = dir.join("agent.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -263,13 +196,7 @@ async fn main() {
     let updates = env_usize("PROP_UPDATES", 200);
     // Cargo runs benches with `--bench`; ignore arguments.
     let dir = tempfile::tempdir().unwrap();
-    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
-    let client = ca
-        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
-        .unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("client.crt"), &client.cert_pem).unwrap();
-    std::fs::write(dir.path().join("client.key"), &client.key_pem).unwrap();
+    let ca = mesh::pki(dir.path(), TD, "east");
 
     let east_raft = LocalCluster::start(1, &dir.path().join("east"), None)
         .await
@@ -287,30 +214,38 @@ async fn main() {
         t.elapsed()
     );
 
-    let shutdown = CancellationToken::new();
     let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let east_port = east_listener.local_addr().unwrap().port();
     let west_port = west_listener.local_addr().unwrap().port();
-    serve(
+    let spec = |cluster, id| ServerSpec {
+        trust_domain: TD,
+        cluster,
+        id,
+        pod_cidrs: &[],
+        stream_buffer: 1024,
+    };
+    let east_server = MeshServer::start(
         Arc::clone(&east_store),
         &ca,
-        "east",
-        1,
+        &spec("east", 1),
         east_listener,
-        &shutdown,
     )
     .await;
-    serve(
+    let west_server = MeshServer::start(
         Arc::clone(&west_store),
         &ca,
-        "west",
-        2,
+        &spec("west", 2),
         west_listener,
-        &shutdown,
     )
     .await;
-    let config = write_config(dir.path(), east_port, west_port);
+    let config = mesh::write_agent_config(
+        &dir.path().join("agent.yaml"),
+        dir.path(),
+        TD,
+        "east",
+        &[("east", 1, east_port), ("west", 2, west_port)],
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 1. Initial sync.
@@ -476,7 +411,8 @@ async fn main() {
         child_rss / 1024,
         child_hwm / 1024
     );
-    shutdown.cancel();
+    east_server.stop().await;
+    west_server.stop().await;
     east_raft.shutdown().await;
     west_raft.shutdown().await;
 }

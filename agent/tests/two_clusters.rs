@@ -23,88 +23,35 @@ use clustermesh_agent::runtime::{Agent, AgentOptions, AgentView};
 use clustermesh_agent::watcher::Backoff;
 use clustermesh_api::keys::{service_key, synced_key, Kind};
 use clustermesh_api::v1;
-use clustermesh_apiserver::cache::{Cache, CacheConfig};
-use clustermesh_apiserver::export::ExportConfig;
-use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
-use clustermesh_apiserver::metrics::Metrics;
-use clustermesh_apiserver::server::serve_grpc;
-use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
-use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
+use clustermesh_certs::MeshCa;
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::Store;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/mesh.rs"]
+mod mesh;
+use mesh::{MeshServer, ServerSpec};
+
 const TD: &str = "mesh.test";
 
-struct Server {
-    shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Server {
-    async fn start(
-        store: Arc<dyn Store>,
-        ca: &MeshCa,
-        cluster: &str,
-        id: u32,
-        cidr: &str,
-        listener: tokio::net::TcpListener,
-    ) -> Server {
-        let td = TrustDomain::new(TD).unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(Cache::new(
-            cluster.to_owned(),
-            CacheConfig::default(),
-            Arc::clone(&metrics),
-        ));
-        let shutdown = CancellationToken::new();
-        let mut tasks = vec![tokio::spawn(
-            Arc::clone(&cache).run(store, shutdown.clone()),
-        )];
-        cache.wait_loaded().await;
-        let mut export = ExportConfig::new(cluster.to_owned(), id);
-        export.pod_cidrs = vec![cidr.parse().unwrap()];
-        let service = MeshApiService::new(
-            cache,
-            ServiceConfig {
-                cluster_config: export.cluster_config(),
-                policy: AccessPolicy::default(),
-                stream_buffer: 64,
-            },
-            metrics,
-        )
-        // Ends the watch streams on stop, so a stopped server really drops its agents.
-        .with_shutdown(shutdown.clone());
-        let names = ServerNames::new(
-            ["localhost".to_owned()],
-            [std::net::IpAddr::from([127, 0, 0, 1])],
-        );
-        let leaf = ca
-            .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
-            .unwrap();
-        let tls: Arc<dyn TlsSource> = Arc::new(
-            MeshTls::from_pem(
-                td,
-                ca.cert_pem().as_bytes(),
-                leaf.cert_pem.as_bytes(),
-                leaf.key_pem.as_bytes(),
-            )
-            .unwrap(),
-        );
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            serve_grpc(service, listener, tls, token).await.unwrap();
-        }));
-        Server { shutdown, tasks }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
+/// Starts an in-process mesh API server for `cluster` (see `support/mesh.rs`).
+async fn start_server(
+    store: Arc<dyn Store>,
+    ca: &MeshCa,
+    cluster: &str,
+    id: u32,
+    cidr: &str,
+    listener: tokio::net::TcpListener,
+) -> MeshServer {
+    let spec = ServerSpec {
+        trust_domain: TD,
+        cluster,
+        id,
+        pod_cidrs: &[cidr],
+        stream_buffer: 64,
+    };
+    MeshServer::start(store, ca, &spec, listener).await
 }
 
 fn service(cluster: &str, backends: &[(&str, bool)], affinity: v1::Affinity) -> v1::Service {
@@ -193,38 +140,18 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// The agent config for local cluster `east`, plus `west` when given.
 fn write_config(path: &Path, dir: &Path, east: SocketAddr, west: Option<SocketAddr>) {
-    let entry = |name: &str, id: u32, addr: SocketAddr| {
-        format!(
-            "  - name: {name}\n    id: {id}\n    endpoints: [\"localhost:{}\"]\n    ca_file: {}/ca.crt\n",
-            addr.port(),
-            dir.display()
-        )
-    };
-    let mut yaml = format!(
-        "local_cluster: east\ntrust_domain: {TD}\ncert_file: {d}/client.crt\nkey_file: {d}/client.key\nclusters:\n",
-        d = dir.display()
-    );
-    yaml.push_str(&entry("east", 1, east));
+    let mut clusters = vec![("east", 1, east.port())];
     if let Some(w) = west {
-        yaml.push_str(&entry("west", 2, w));
+        clusters.push(("west", 2, w.port()));
     }
-    // Write-then-rename so the agent never reads a half-written file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    mesh::write_agent_config(path, dir, TD, "east", &clusters);
 }
 
 /// PKI files (ca.crt, client.crt/key for cluster east) in `dir`; returns the CA.
 fn pki(dir: &Path) -> MeshCa {
-    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
-    let client = ca
-        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
-        .unwrap();
-    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();
-    std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
-    ca
+    mesh::pki(dir, TD, "east")
 }
 
 fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::ClusterStatus {
@@ -266,7 +193,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let east_addr = east_listener.local_addr().unwrap();
     let west_addr = west_listener.local_addr().unwrap();
-    let east = Server::start(
+    let east = start_server(
         Arc::clone(&east_store),
         &ca,
         "east",
@@ -275,7 +202,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         east_listener,
     )
     .await;
-    let west = Server::start(
+    let west = start_server(
         Arc::clone(&west_store),
         &ca,
         "west",
@@ -383,7 +310,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     // West comes back on the same address: it resumes or resyncs; nothing changed, so
     // nothing is sent to the datapath.
     let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
-    let west = Server::start(
+    let west = start_server(
         Arc::clone(&west_store),
         &ca,
         "west",
@@ -469,7 +396,7 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
         east_listener.local_addr().unwrap(),
         west_listener.local_addr().unwrap(),
     );
-    let east = Server::start(
+    let east = start_server(
         Arc::clone(&east_store),
         &ca,
         "east",
@@ -478,7 +405,7 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
         east_listener,
     )
     .await;
-    let west = Server::start(
+    let west = start_server(
         Arc::clone(&west_store),
         &ca,
         "west",
@@ -528,7 +455,7 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
 
     // West returns: resynced and merged again.
     let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
-    let west = Server::start(
+    let west = start_server(
         Arc::clone(&west_store),
         &ca,
         "west",

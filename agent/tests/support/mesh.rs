@@ -1,0 +1,157 @@
+//! Shared fixture for tests and benches that need real mesh API servers: an in-process
+//! cache + gRPC server per cluster (real mTLS on 127.0.0.1), the PKI files an agent needs,
+//! and its configuration file.
+//!
+//! Used by `tests/two_clusters.rs` and, through `#[path]`, by `benches/propagation.rs`.
+//! Setup failures panic: in a test or bench harness a failed setup step is a failure.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry};
+use clustermesh_apiserver::cache::{Cache, CacheConfig};
+use clustermesh_apiserver::export::ExportConfig;
+use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::server::serve_grpc;
+use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
+use clustermesh_store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// What one in-process mesh API server exports about its cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerSpec<'a> {
+    /// Trust domain of the mesh.
+    pub(crate) trust_domain: &'a str,
+    /// Cluster name.
+    pub(crate) cluster: &'a str,
+    /// Cluster ID.
+    pub(crate) id: u32,
+    /// Pod CIDRs the cluster reports.
+    pub(crate) pod_cidrs: &'a [&'a str],
+    /// Per-watch stream buffer of the server.
+    pub(crate) stream_buffer: usize,
+}
+
+/// A running mesh API server; `stop` ends its watch streams and tasks.
+#[derive(Debug)]
+pub(crate) struct MeshServer {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MeshServer {
+    /// Serves `store` as cluster `spec.cluster` on `listener`, with a server certificate
+    /// for `localhost`/127.0.0.1 issued by `ca`. Returns once the cache has loaded.
+    pub(crate) async fn start(
+        store: Arc<dyn Store>,
+        ca: &MeshCa,
+        spec: &ServerSpec<'_>,
+        listener: tokio::net::TcpListener,
+    ) -> MeshServer {
+        let td = TrustDomain::new(spec.trust_domain).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(Cache::new(
+            spec.cluster.to_owned(),
+            CacheConfig::default(),
+            Arc::clone(&metrics),
+        ));
+        let shutdown = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(
+            Arc::clone(&cache).run(store, shutdown.clone()),
+        )];
+        cache.wait_loaded().await;
+        let mut export = ExportConfig::new(spec.cluster.to_owned(), spec.id);
+        export.pod_cidrs = spec.pod_cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        let service = MeshApiService::new(
+            cache,
+            ServiceConfig {
+                cluster_config: export.cluster_config(),
+                policy: AccessPolicy::default(),
+                stream_buffer: spec.stream_buffer,
+            },
+            metrics,
+        )
+        // Ends the watch streams on stop, so a stopped server really drops its agents.
+        .with_shutdown(shutdown.clone());
+        let names = ServerNames::new(
+            ["localhost".to_owned()],
+            [std::net::IpAddr::from([127, 0, 0, 1])],
+        );
+        let leaf = ca
+            .issue_server(
+                spec.cluster,
+                &names,
+                Validity::from_now(DEFAULT_LEAF_VALIDITY),
+            )
+            .unwrap();
+        let tls: Arc<dyn TlsSource> = Arc::new(
+            MeshTls::from_pem(
+                td,
+                ca.cert_pem().as_bytes(),
+                leaf.cert_pem.as_bytes(),
+                leaf.key_pem.as_bytes(),
+            )
+            .unwrap(),
+        );
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            serve_grpc(service, listener, tls, token).await.unwrap();
+        }));
+        MeshServer { shutdown, tasks }
+    }
+
+    /// Stops the server and waits for its tasks.
+    pub(crate) async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Writes `ca.crt`, `client.crt` and `client.key` (a client certificate for cluster
+/// `local`) into `dir`; returns the CA.
+pub(crate) fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
+    let ca = MeshCa::generate(TrustDomain::new(trust_domain).unwrap()).unwrap();
+    let client = ca
+        .issue_client(local, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
+    ca
+}
+
+/// Writes the agent configuration for cluster `local` to `path`: every `(name, id, port)`
+/// in `clusters` is watched at `localhost:<port>` with the PKI files `pki` wrote in `dir`.
+/// Write-then-rename, so a running agent never reads a half-written file.
+pub(crate) fn write_agent_config(
+    path: &Path,
+    dir: &Path,
+    trust_domain: &str,
+    local: &str,
+    clusters: &[(&str, u32, u16)],
+) -> PathBuf {
+    let config = AgentConfig {
+        local_cluster: local.to_owned(),
+        trust_domain: trust_domain.to_owned(),
+        cert_file: dir.join("client.crt"),
+        key_file: dir.join("client.key"),
+        clusters: clusters
+            .iter()
+            .map(|&(name, id, port)| ClusterEntry {
+                name: name.to_owned(),
+                id,
+                endpoints: vec![format!("localhost:{port}")],
+                ca_file: dir.join("ca.crt"),
+            })
+            .collect(),
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    path.to_path_buf()
+}
