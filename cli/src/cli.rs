@@ -86,8 +86,15 @@ clustermesh-apiserver-admin, clustermesh-ca-bundle), the name and ID in ConfigMa
 clustermesh-config, and server-side applies the clustermesh chart (field manager \
 clustermesh). Running it again on an enabled cluster upgrades it: the CA is reused, leaf \
 certificates are renewed and connected clusters are kept; a different name, ID or trust \
-domain is refused. A failed enable can simply be run again.",
-        after_help = "Examples:\n  clustermesh --state-dir ./east enable --cluster-name east --cluster-id 1 --mesh-endpoint 127.0.0.1:2379\n  clustermesh --context east enable --cluster-name east --cluster-id 1 --service-type NodePort"
+domain is refused. A failed enable can simply be run again.\n\n\
+Chart values (Kubernetes only): --values FILE and --set KEY.PATH=VALUE override the \
+chart's defaults like helm does (--set wins over files). They are stored in ConfigMap \
+clustermesh-config, so a later enable, connect or disconnect keeps them and a later \
+--set merges over them; --set KEY=null restores a default. Unknown top-level keys, a map \
+replaced by a single value, and the values the CLI sets itself (cluster.name, cluster.id, \
+cluster.maxConnectedClusters, trustDomain, apiserver.service.type, agent.remoteClusters, \
+tls.*) are refused before anything is written.",
+        after_help = "Examples:\n  clustermesh --state-dir ./east enable --cluster-name east --cluster-id 1 --mesh-endpoint 127.0.0.1:2379\n  clustermesh --context east enable --cluster-name east --cluster-id 1 --service-type NodePort \\\n      --set image.tag=v0.3.0 --set apiserver.service.nodePort=32379\n  clustermesh --context east enable --cluster-name east --cluster-id 1 --values my-values.yaml"
     )]
     Enable(EnableArgs),
     /// Remove this cluster's mesh configuration and certificates (standalone: keeps
@@ -196,6 +203,16 @@ pub struct EnableArgs {
     /// Admin socket of one of this cluster's agents (repeatable), for status.
     #[arg(long = "agent-socket")]
     pub agent_sockets: Vec<PathBuf>,
+    /// Kubernetes mode: chart value override KEY.PATH=VALUE (repeatable; the value is a
+    /// YAML scalar, `null` restores the chart default, `\.` is a dot inside a key). Stored
+    /// in ConfigMap clustermesh-config and kept by later enable/connect/disconnect.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Kubernetes mode: YAML file of chart values merged over the chart defaults and the
+    /// stored overrides (repeatable, later files win; --set wins over files). Stored like
+    /// --set.
+    #[arg(long = "values", value_name = "FILE")]
+    pub values_files: Vec<PathBuf>,
 }
 
 /// `service` subcommands.
@@ -332,6 +349,12 @@ fn verb_name(command: &Command) -> &'static str {
 /// server is the one line the user sees.
 async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
     let timeout = Duration::from_secs(10);
+    if let Command::Enable(a) = &cli.command {
+        // Chart value mistakes need no cluster to be found: say so before dialing one.
+        let chart = crate::k8s::embedded::chart().map_err(crate::k8s::KubeModeError::from)?;
+        crate::k8s::values::user_overrides(&a.values_files, &a.sets, chart.default_values())
+            .map_err(crate::k8s::KubeModeError::from)?;
+    }
     let target = crate::k8s::context::connect(
         crate::k8s::context::read_kubeconfig()?,
         context,
@@ -372,13 +395,15 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                     max_connected_clusters: a.max_connected_clusters,
                     trust_domain: a.trust_domain.clone(),
                     service_type: a.service_type,
+                    values_files: a.values_files.clone(),
+                    sets: a.sets.clone(),
                 },
             )
             .await?;
             match cli.output {
                 Output::Json => json(&r),
                 Output::Table => Ok(format!(
-                    "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied, mesh API Service type {}{}\n  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
+                    "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied, mesh API Service type {}{}\n{}  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
                     if r.upgraded { "upgraded" } else { "enabled" },
                     r.cluster,
                     r.id,
@@ -391,6 +416,14 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                         String::new()
                     } else {
                         format!(", still connected to {}", r.connected.join(", "))
+                    },
+                    {
+                        let set = crate::k8s::values::flatten(&r.values);
+                        if set.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  chart values set: {}\n", set.join(" "))
+                        }
                     },
                     r.context,
                 )),
@@ -546,6 +579,11 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(String::from_utf8_lossy(&buf).into_owned())
         }
         Command::Enable(a) => {
+            if !a.sets.is_empty() || !a.values_files.is_empty() {
+                return Err(CliError::WrongMode(
+                    "--set and --values are chart values for Kubernetes mode (--context); a standalone cluster (--state-dir) has no chart, configure its processes with their own flags".into(),
+                ));
+            }
             if a.service_type.is_some() {
                 return Err(CliError::WrongMode(
                     "--service-type is for Kubernetes mode; pass --context CONTEXT, or --mesh-endpoint host:port for a standalone cluster".into(),

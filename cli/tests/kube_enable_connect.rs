@@ -866,3 +866,342 @@ async fn a_peer_re_enabled_with_a_new_ca_must_be_disconnected_before_reconnectin
         new_west_ca.trim()
     );
 }
+
+fn ds_path() -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/daemonsets/clustermesh-agent")
+}
+
+fn deployment_path() -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/deployments/clustermesh-apiserver")
+}
+
+/// Images of the agent DaemonSet and the apiserver Deployment.
+fn images(fake: &FakeKube) -> (String, String) {
+    let image = |path: &str| {
+        fake.object(path).unwrap_or_else(|| panic!("{path} exists"))["spec"]["template"]["spec"]
+            ["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    (image(&ds_path()), image(&deployment_path()))
+}
+
+fn node_port(fake: &FakeKube) -> Value {
+    fake.object(&service_path()).unwrap()["spec"]["ports"][0]["nodePort"].clone()
+}
+
+fn cgroup_host_path(fake: &FakeKube) -> Value {
+    let ds = fake.object(&ds_path()).unwrap();
+    ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "cgroup")
+        .expect("cgroup volume")["hostPath"]["path"]
+        .clone()
+}
+
+/// The overrides stored in clustermesh-config, parsed.
+fn stored_values(fake: &FakeKube) -> Value {
+    let cfg = fake.object(&cm_path("clustermesh-config")).unwrap();
+    serde_yaml::from_str(cfg["data"]["values.yaml"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn set_values_reach_the_workloads_and_survive_upgrades_connect_and_disconnect() {
+    let m = mesh().await;
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "enable",
+            "--cluster-name",
+            "west",
+            "--cluster-id",
+            "2",
+            "--service-type",
+            "NodePort",
+            "--set",
+            "image.tag=dev",
+            "--set",
+            "apiserver.service.nodePort=32379",
+            "--set",
+            "agent.cgroupRoot=/sys/fs/cgroup/unified",
+            "--set",
+            "apiserver.service.port=443",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("chart values set: agent.cgroupRoot=/sys/fs/cgroup/unified apiserver.service.nodePort=32379 apiserver.service.port=443 image.tag=dev\n"),
+        "{}",
+        r.stdout
+    );
+    let dev = (
+        "ghcr.io/clustermesh/clustermesh-agent:dev".to_string(),
+        "ghcr.io/clustermesh/clustermesh-apiserver:dev".to_string(),
+    );
+    assert_eq!(images(&m.west), dev);
+    assert_eq!(node_port(&m.west), json!(32379));
+    assert_eq!(cgroup_host_path(&m.west), "/sys/fs/cgroup/unified");
+    let own_endpoint = vec!["clustermesh-apiserver.kube-system.svc:443".to_string()];
+    assert_eq!(
+        agent_config(&m.west).0.cluster("west").unwrap().endpoints,
+        own_endpoint
+    );
+    assert_eq!(
+        stored_values(&m.west),
+        json!({
+            "image": {"tag": "dev"},
+            "apiserver": {"service": {"nodePort": 32379, "port": 443}},
+            "agent": {"cgroupRoot": "/sys/fs/cgroup/unified"},
+        })
+    );
+
+    // An upgrade without flags keeps every override.
+    m.enabled("west", "west", "2", "NodePort").await;
+    assert_eq!(images(&m.west), dev);
+    assert_eq!(node_port(&m.west), json!(32379));
+    assert_eq!(cgroup_host_path(&m.west), "/sys/fs/cgroup/unified");
+
+    // connect re-renders the agent configuration from the chart: still port 443.
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    east_load_balancer(&m.east);
+    west_nodes(&m.west);
+    let r = m.connect("east", "west").await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("198.51.100.7:32379"), "{}", r.stdout);
+    let (west_agent, _) = agent_config(&m.west);
+    assert_eq!(west_agent.cluster("west").unwrap().endpoints, own_endpoint);
+    assert!(west_agent.cluster("east").is_some());
+    // east's agents dial west's node port.
+    assert_eq!(
+        agent_config(&m.east).0.cluster("west").unwrap().endpoints[0],
+        "198.51.100.7:32379"
+    );
+    assert_eq!(images(&m.west), dev);
+
+    // A later --set merges over the stored overrides; null restores a default.
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "enable",
+            "--cluster-name",
+            "west",
+            "--cluster-id",
+            "2",
+            "--set",
+            "image.tag=v2",
+            "--set",
+            "agent.cgroupRoot=null",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("still connected to east"), "{}", r.stdout);
+    assert_eq!(
+        images(&m.west).0,
+        "ghcr.io/clustermesh/clustermesh-agent:v2"
+    );
+    assert_eq!(node_port(&m.west), json!(32379));
+    assert_eq!(cgroup_host_path(&m.west), "/sys/fs/cgroup");
+    assert_eq!(
+        stored_values(&m.west),
+        json!({
+            "image": {"tag": "v2"},
+            "apiserver": {"service": {"nodePort": 32379, "port": 443}},
+        })
+    );
+
+    // disconnect re-renders it too.
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "--destination-context",
+            "east",
+            "disconnect",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let (west_agent, _) = agent_config(&m.west);
+    assert_eq!(west_agent.clusters.len(), 1);
+    assert_eq!(west_agent.cluster("west").unwrap().endpoints, own_endpoint);
+    assert_eq!(stored_values(&m.west)["image"]["tag"], "v2");
+}
+
+#[tokio::test]
+async fn values_files_merge_over_defaults_and_set_wins() {
+    let m = mesh().await;
+    let file = m._dir.path().join("values.yaml");
+    std::fs::write(
+        &file,
+        "image:\n  prefix: registry.local:5000/mesh\n  tag: from-file\nagent:\n  tolerations: []\n  nodeSelector:\n    disk: ssd\n",
+    )
+    .unwrap();
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--values",
+            file.to_str().unwrap(),
+            "--set",
+            "image.tag=from-set",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        images(&m.east),
+        (
+            "registry.local:5000/mesh/clustermesh-agent:from-set".to_string(),
+            "registry.local:5000/mesh/clustermesh-apiserver:from-set".to_string()
+        )
+    );
+    let pod = m.east.object(&ds_path()).unwrap()["spec"]["template"]["spec"].clone();
+    assert_eq!(pod["nodeSelector"]["disk"], "ssd");
+    assert_eq!(pod["tolerations"], json!([]));
+    // Restoring the default tag: the chart's appVersion.
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--set",
+            "image.tag=null",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        images(&m.east).0,
+        "registry.local:5000/mesh/clustermesh-agent:0.1.0"
+    );
+}
+
+#[tokio::test]
+async fn bad_chart_values_are_one_line_and_write_nothing() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    let before = content(&m.east);
+    let missing = m._dir.path().join("nope.yaml");
+    let not_a_map = m._dir.path().join("list.yaml");
+    std::fs::write(&not_a_map, "- image\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--set".into(), "imgae.tag=dev".into()],
+            "error: --set imgae.tag=dev: unknown chart value imgae; the chart's top-level values are ",
+        ),
+        (
+            vec!["--set".into(), "apiserver.service=NodePort".into()],
+            "error: --set apiserver.service=NodePort: chart value apiserver.service is a map but the override is a single value; set its keys instead",
+        ),
+        (
+            vec!["--set".into(), "cluster.name=other".into()],
+            "error: --set cluster.name=other: chart value cluster.name cannot be overridden, it is set by --cluster-name",
+        ),
+        (
+            vec!["--set".into(), "cluster.id=7".into()],
+            "error: --set cluster.id=7: chart value cluster.id cannot be overridden, it is set by --cluster-id",
+        ),
+        (
+            vec!["--set".into(), "agent.remoteClusters=[]".into()],
+            "error: --set \"agent.remoteClusters=[]\": the value is a YAML list or map",
+        ),
+        (
+            vec!["--set".into(), "agent.remoteClusters=none".into()],
+            "error: --set agent.remoteClusters=none: chart value agent.remoteClusters cannot be overridden, it is set by `clustermesh connect` and `disconnect`",
+        ),
+        (
+            vec!["--set".into(), "image.tag".into()],
+            "error: --set \"image.tag\": no '='",
+        ),
+        (
+            vec!["--values".into(), missing.display().to_string()],
+            "error: cannot read --values file ",
+        ),
+        (
+            vec!["--values".into(), not_a_map.display().to_string()],
+            "is not a YAML map of chart values",
+        ),
+        (
+            // Valid as a key, refused by the chart's own validation when rendering.
+            vec!["--set".into(), "apiserver.store.type=zookeeper".into()],
+            "apiserver.store.type must be raft or etcd",
+        ),
+    ];
+    for (extra, want) in cases {
+        m.east.clear_requests();
+        let mut args: Vec<&str> = vec![
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let r = m.cli(&args).await;
+        let line = one_error_line(&r);
+        assert!(line.contains(want), "{extra:?}: {line}");
+        assert!(m.east.writes().is_empty(), "{extra:?} wrote something");
+        assert_unchanged(&before, &content(&m.east));
+    }
+    // A first enable with a bad key creates nothing at all.
+    let r = m
+        .cli(&[
+            "--context",
+            "west",
+            "enable",
+            "--cluster-name",
+            "west",
+            "--cluster-id",
+            "2",
+            "--set",
+            "trustDomain=x.test",
+        ])
+        .await;
+    assert!(
+        one_error_line(&r).contains("it is set by --trust-domain"),
+        "{}",
+        r.stderr
+    );
+    assert!(m.west.writes().is_empty());
+}
+
+#[tokio::test]
+async fn standalone_enable_refuses_chart_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("east");
+    let r = run_cli(
+        &dir.path().join("no-kubeconfig"),
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--mesh-endpoint",
+            "127.0.0.1:2379",
+            "--set",
+            "image.tag=dev",
+        ],
+    )
+    .await;
+    assert_eq!(
+        one_error_line(&r),
+        "error: --set and --values are chart values for Kubernetes mode (--context); a standalone cluster (--state-dir) has no chart, configure its processes with their own flags"
+    );
+    assert!(!state.exists());
+}

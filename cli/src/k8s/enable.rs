@@ -7,9 +7,13 @@
 //! upgrade also renews them). Then the Secrets, the rendered chart (server-side apply,
 //! field manager `clustermesh`) and last the `clustermesh-config` ConfigMap are written.
 //! Every step is idempotent, so a failed `enable` is fixed by running it again.
+//!
+//! Chart value overrides (`--values`, `--set`) are checked first, merged over the ones
+//! stored by earlier runs and stored with the settings (see [`super::values`]).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
@@ -30,7 +34,7 @@ use super::objects::{
     AGENT_CONFIG_MAP, APISERVER_SERVICE, CA_BUNDLE_KEY, CA_BUNDLE_SECRET, CA_SECRET, CLIENT_SECRET,
     CLUSTER_LABEL, CONFIG_MAP, KINDS, PART_OF_LABEL, SERVER_SECRET,
 };
-use super::KubeTarget;
+use super::{values, KubeTarget};
 use crate::standalone::ADMIN_NAME;
 
 const TLS_TYPE: &str = "kubernetes.io/tls";
@@ -48,6 +52,10 @@ pub struct EnableOptions {
     pub trust_domain: String,
     /// Mesh API Service type (`None`: keep the current one, LoadBalancer on first enable).
     pub service_type: Option<ServiceType>,
+    /// `--values` files, in order (merged over the stored overrides).
+    pub values_files: Vec<PathBuf>,
+    /// `--set key.path=value`, in order (merged over the files).
+    pub sets: Vec<String>,
 }
 
 /// What `enable` did.
@@ -71,6 +79,8 @@ pub struct EnableReport {
     pub connected: Vec<String>,
     /// Chart objects applied, as `Kind/name`.
     pub applied: Vec<String>,
+    /// The chart value overrides now stored (`--set`/`--values` of this and earlier runs).
+    pub values: serde_json::Value,
 }
 
 fn validate(opts: &EnableOptions) -> Result<TrustDomain, KubeModeError> {
@@ -126,6 +136,9 @@ pub async fn enable(
     opts: &EnableOptions,
 ) -> Result<EnableReport, KubeModeError> {
     let td = validate(opts)?;
+    let chart = super::embedded::chart()?;
+    // The user's new overrides are checked before the cluster is even read.
+    let layers = values::user_overrides(&opts.values_files, &opts.sets, chart.default_values())?;
     let objs = Objects::new(target);
     let ns = target.namespace.as_str();
 
@@ -166,6 +179,19 @@ pub async fn enable(
             });
         }
     }
+    let mut overrides = existing
+        .as_ref()
+        .map_or_else(|| serde_json::json!({}), |c| c.values.clone());
+    for layer in &layers {
+        values::merge_overrides(&mut overrides, layer);
+    }
+    // Anything wrong now comes from the stored overrides (the new ones were checked).
+    values::check(
+        &format!("ConfigMap {CONFIG_MAP} key {}", values::VALUES_KEY),
+        &overrides,
+        chart.default_values(),
+        " (stored by an earlier enable; remove it with --set KEY=null)",
+    )?;
     let config = MeshConfig {
         name: opts.name.clone(),
         id: opts.id,
@@ -175,6 +201,7 @@ pub async fn enable(
             .service_type
             .or(existing.as_ref().map(|c| c.service_type))
             .unwrap_or(ServiceType::LoadBalancer),
+        values: overrides,
     };
     let issue = |e: clustermesh_certs::IssueError| KubeModeError::Issue(e.to_string());
     let (ca, ca_created) = match objs.secret(CA_SECRET).await? {
@@ -233,7 +260,6 @@ pub async fn enable(
         ),
         None => ca.cert_pem().to_string(),
     };
-    let chart = super::embedded::chart()?;
     let docs = chart.render_documents(&release(ns), &chart_values(&config, &remotes))?;
     let mut objects = Vec::new();
     for (template, doc) in &docs {
@@ -337,6 +363,7 @@ pub async fn enable(
         ca_created,
         connected: remotes.into_iter().map(|r| r.name).collect(),
         applied,
+        values: config.values,
     })
 }
 
@@ -454,6 +481,7 @@ mod tests {
             max_connected_clusters: 255,
             trust_domain: "mesh.test".into(),
             service_type: ServiceType::NodePort,
+            values: serde_json::json!({"image": {"tag": "dev"}}),
         };
         let docs = chart
             .render_documents(&release("mesh"), &chart_values(&config, &[]))
@@ -473,6 +501,11 @@ mod tests {
                     && o.metadata.namespace.as_deref() == Some("mesh"))
         );
         assert!(objects.iter().any(|(k, _)| !k.namespaced));
+        let ds = objects.iter().find(|(k, _)| k.kind == "DaemonSet").unwrap();
+        assert_eq!(
+            ds.1.data["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/clustermesh/clustermesh-agent:dev"
+        );
     }
 
     #[test]
@@ -483,6 +516,8 @@ mod tests {
             max_connected_clusters: 255,
             trust_domain: "mesh.test".into(),
             service_type: None,
+            values_files: Vec::new(),
+            sets: Vec::new(),
         };
         assert!(validate(&opts).is_err());
         let opts = EnableOptions {

@@ -117,6 +117,9 @@ pub enum KubeModeError {
         /// What happened to the writes before it.
         rollback: String,
     },
+    /// A chart value override (`--set`, `--values`, or the stored ones) cannot be used.
+    #[error(transparent)]
+    Values(Box<super::values::ValuesError>),
     /// Certificate generation failed.
     #[error("cannot issue certificates: {0}")]
     Issue(String),
@@ -131,4 +134,10 @@ pub enum KubeModeError {
         /// Why.
         reason: String,
     },
+}
+
+impl From<super::values::ValuesError> for KubeModeError {
+    fn from(e: super::values::ValuesError) -> Self {
+        Self::Values(Box::new(e))
+    }
 }

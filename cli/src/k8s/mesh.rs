@@ -47,9 +47,19 @@ pub struct RemoteCluster {
     pub ca_cert: String,
 }
 
-/// Chart values for a cluster with `remotes` connected.
+/// Chart values for a cluster with `remotes` connected: the user's stored overrides
+/// (`config.values`), then what the CLI manages itself on top.
 #[must_use]
 pub fn chart_values(config: &MeshConfig, remotes: &[RemoteCluster]) -> Value {
+    let mut values = config.values.clone();
+    if !values.is_object() {
+        values = json!({});
+    }
+    crate::chart::merge_values(&mut values, &managed_values(config, remotes));
+    values
+}
+
+fn managed_values(config: &MeshConfig, remotes: &[RemoteCluster]) -> Value {
     json!({
         "cluster": {
             "name": config.name,
@@ -930,6 +940,7 @@ mod tests {
             max_connected_clusters: 255,
             trust_domain: "mesh.test".into(),
             service_type: ServiceType::LoadBalancer,
+            values: json!({"agent": {"staleTTL": "90s"}, "image": {"tag": "dev"}}),
         }
     }
 
@@ -959,6 +970,17 @@ mod tests {
             Path::new("/etc/clustermesh/agent/west-ca.crt")
         );
         assert_eq!(pem_blocks(&data["west-ca.crt"]), pem_blocks(ca.cert_pem()));
+    }
+
+    #[test]
+    fn stored_overrides_reach_the_values_but_never_the_managed_keys() {
+        let mut c = config("east", 1);
+        c.values = json!({"image": {"tag": "dev"}, "cluster": {"name": "other", "id": 9}});
+        let v = chart_values(&c, &[]);
+        assert_eq!(v["image"]["tag"], "dev");
+        assert_eq!(v["cluster"]["name"], "east");
+        assert_eq!(v["cluster"]["id"], 1);
+        assert_eq!(v["agent"]["staleTTL"], Value::Null);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`objects`]: the Secrets and ConfigMaps the mesh is made of and typed API helpers.
 //! - [`enable`]: `enable` (install/upgrade: certificates, chart, settings) and `disable`.
 //! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
+//! - [`values`]: chart value overrides (`enable --set/--values`), stored for later renders.
 //! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
 //! - [`embedded`]: the Helm chart compiled into the binary.
 //! - [`error`]: what can go wrong, one line each.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod mesh;
 pub mod objects;
 pub mod status;
+pub mod values;
 
 pub use context::{KubeError, KubeTarget};
 pub use error::KubeModeError;

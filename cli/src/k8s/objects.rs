@@ -10,7 +10,7 @@
 //! | Secret `clustermesh-apiserver-admin`  | admin client leaf for the CLI |
 //! | Secret `clustermesh-agent-client`     | agents' client leaf; `ca.crt` is this cluster's CA |
 //! | Secret `clustermesh-ca-bundle`        | `ca-bundle.crt`: CAs the mesh API server trusts (own + peers) |
-//! | ConfigMap `clustermesh-config`        | cluster name, ID, trust domain, service type |
+//! | ConfigMap `clustermesh-config`        | cluster name, ID, trust domain, service type, chart value overrides (`values.yaml`) |
 //!
 //! The leaf and bundle Secret names are the chart's `tls.*` value defaults (a unit test
 //! checks they agree).
@@ -110,6 +110,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     /// Type of the mesh API Service.
     pub service_type: ServiceType,
+    /// The user's chart value overrides (`enable --set/--values`), a map; `{}` for none.
+    pub values: serde_json::Value,
 }
 
 impl MeshConfig {
@@ -128,6 +130,10 @@ impl MeshConfig {
                 "service-type".to_string(),
                 self.service_type.as_str().to_string(),
             ),
+            (
+                super::values::VALUES_KEY.to_string(),
+                serde_yaml::to_string(&self.values).unwrap_or_else(|_| "{}\n".to_string()),
+            ),
         ])
     }
 
@@ -144,6 +150,15 @@ impl MeshConfig {
                 .map_err(|_| format!("key {k} is {v:?}, not a number"))
         };
         let service = get("service-type")?;
+        // Clusters enabled before overrides were stored have no such key.
+        let values = match data.get(super::values::VALUES_KEY) {
+            Some(text) => super::values::parse_values_text(
+                &format!("key {}", super::values::VALUES_KEY),
+                text,
+            )
+            .map_err(|e| e.to_string())?,
+            None => serde_json::Value::Object(serde_json::Map::new()),
+        };
         Ok(Self {
             name: get("cluster-name")?,
             id: number("cluster-id")?,
@@ -152,6 +167,7 @@ impl MeshConfig {
             service_type: ServiceType::parse(&service).ok_or_else(|| {
                 format!("key service-type is {service:?}, not LoadBalancer or NodePort")
             })?,
+            values,
         })
     }
 }
@@ -652,8 +668,15 @@ mod tests {
             max_connected_clusters: 255,
             trust_domain: "mesh.test".into(),
             service_type: ServiceType::NodePort,
+            values: serde_json::json!({"image": {"tag": "dev"}}),
         };
         assert_eq!(MeshConfig::from_data(&c.to_data()).unwrap(), c);
+        let mut old = c.to_data();
+        old.remove(super::super::values::VALUES_KEY);
+        assert_eq!(
+            MeshConfig::from_data(&old).unwrap().values,
+            serde_json::json!({})
+        );
         let mut bad = c.to_data();
         bad.insert("cluster-id".into(), "seven".into());
         assert_eq!(
