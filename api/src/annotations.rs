@@ -8,6 +8,9 @@
 //! An invalid value never rejects the whole service: the setting falls back to its
 //! default and an [`AnnotationWarning`] names the annotation, the value and the allowed
 //! values, for the caller to log and count. Other settings are unaffected.
+//!
+//! One annotation, [`WEIGHT`], is read from Pods as well: it sets the relative Maglev
+//! weight of the pod's backend addresses (see [`parse_weight`] and [`read_weight`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,8 +34,26 @@ pub const AFFINITY_LEGACY: &str = "io.cilium/service-affinity";
 /// preference tiers for the service.
 pub const TOPOLOGY_AWARE: &str = "service.clustermesh.io/topology-aware";
 
+/// `service.clustermesh.io/weight`: the relative Maglev weight of a backend, an integer
+/// in [`MIN_WEIGHT`]`..=`[`MAX_WEIGHT`]. On a Pod it applies to every backend address of
+/// that pod, in every service; on a Service it is the default for the service's backends
+/// whose pod has no (valid) weight of its own. Unset means [`DEFAULT_WEIGHT`].
+pub const WEIGHT: &str = "service.clustermesh.io/weight";
+/// The weight of a backend without a weight annotation.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// The smallest weight accepted. 0 is refused on purpose: a backend is drained by
+/// making its pod not ready or letting it terminate (terminating backends already get
+/// weight 0 and keep their existing flows), not by an annotation that would outlive the
+/// reason for it.
+pub const MIN_WEIGHT: u32 = 1;
+/// The largest weight accepted (HAProxy's server weights stop at the same value). With
+/// the default Maglev table size of at least 100 slots per backend, a weight ratio far
+/// above 100:1 would leave the light backends of a small service without any slot.
+pub const MAX_WEIGHT: u32 = 256;
+
 const BOOL_VALUES: &[&str] = &["true", "false"];
 const AFFINITY_VALUES: &[&str] = &["local", "remote", "none"];
+const WEIGHT_VALUES: &[&str] = &["an integer 1..=256"];
 
 /// The mesh settings of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +67,8 @@ pub struct GlobalServiceSettings {
     pub affinity: Affinity,
     /// Locality tiers (node, zone) apply.
     pub topology_aware: bool,
+    /// Weight of the service's backends whose pod sets none ([`WEIGHT`] on the service).
+    pub default_weight: u32,
 }
 
 impl Default for GlobalServiceSettings {
@@ -55,13 +78,17 @@ impl Default for GlobalServiceSettings {
             shared: false,
             affinity: Affinity::None,
             topology_aware: false,
+            default_weight: DEFAULT_WEIGHT,
         }
     }
 }
 
 /// An annotation whose value was not understood; the setting used its default.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("annotation {annotation}={value:?} is invalid (allowed: {allowed}); using the default {default:?} for this setting")]
+#[error(
+    "annotation {annotation}={value:?} is invalid{} (allowed: {allowed}); using the default {default:?} for this setting",
+    .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+)]
 pub struct AnnotationWarning {
     /// The annotation key as written on the object (new or legacy form).
     pub annotation: String,
@@ -71,6 +98,71 @@ pub struct AnnotationWarning {
     pub allowed: AllowedValues,
     /// The value used instead.
     pub default: &'static str,
+    /// Why the value was refused, when "not one of the allowed values" does not say
+    /// enough (e.g. a weight of 0).
+    pub reason: Option<WeightError>,
+}
+
+/// Why a [`WEIGHT`] value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    /// Empty, signed, fractional or otherwise not a plain decimal integer.
+    #[error("{0:?} is not a whole decimal number")]
+    NotANumber(String),
+    /// Zero.
+    #[error(
+        "a weight of 0 is not allowed; to drain a backend, make its pod not ready or delete it (terminating backends keep their existing flows)"
+    )]
+    Zero,
+    /// Above [`MAX_WEIGHT`].
+    #[error("weight {0} is above the maximum of {max}", max = MAX_WEIGHT)]
+    TooLarge(String),
+}
+
+/// Parses a [`WEIGHT`] value: a decimal integer in [`MIN_WEIGHT`]`..=`[`MAX_WEIGHT`],
+/// surrounding whitespace ignored.
+///
+/// # Errors
+/// [`WeightError`] saying what is wrong with `raw`.
+pub fn parse_weight(raw: &str) -> Result<u32, WeightError> {
+    let digits = raw.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(WeightError::NotANumber(raw.to_owned()));
+    }
+    // All digits: the only way `parse` fails is overflow.
+    let value: u32 = digits
+        .parse()
+        .map_err(|_| WeightError::TooLarge(digits.to_owned()))?;
+    match value {
+        0 => Err(WeightError::Zero),
+        MIN_WEIGHT..=MAX_WEIGHT => Ok(value),
+        _ => Err(WeightError::TooLarge(digits.to_owned())),
+    }
+}
+
+/// The [`WEIGHT`] set on an object (a Pod or a Service): `Ok(None)` when unset,
+/// `Err` naming the annotation and value when it is invalid; the caller then uses what
+/// applies without it, which `fallback` describes in the warning (`"1"` for a service,
+/// the service's weight for a pod).
+///
+/// # Errors
+/// An [`AnnotationWarning`] for an invalid value, for the caller to log and count.
+pub fn read_weight(
+    annotations: &BTreeMap<String, String>,
+    fallback: &'static str,
+) -> Result<Option<u32>, AnnotationWarning> {
+    let Some(raw) = annotations.get(WEIGHT) else {
+        return Ok(None);
+    };
+    parse_weight(raw)
+        .map(Some)
+        .map_err(|reason| AnnotationWarning {
+            annotation: WEIGHT.to_owned(),
+            value: raw.clone(),
+            allowed: AllowedValues(WEIGHT_VALUES),
+            default: fallback,
+            reason: Some(reason),
+        })
 }
 
 /// The allowed values of an annotation, displayed `a|b|c`.
@@ -111,6 +203,7 @@ pub fn parse_service_annotations(annotations: &BTreeMap<String, String>) -> Pars
                     value: raw.to_owned(),
                     allowed: AllowedValues(AFFINITY_VALUES),
                     default: "none",
+                    reason: None,
                 });
                 Affinity::None
             }
@@ -123,12 +216,19 @@ pub fn parse_service_annotations(annotations: &BTreeMap<String, String>) -> Pars
         false,
         &mut warnings,
     );
+    let default_weight = read_weight(annotations, "1")
+        .unwrap_or_else(|warning| {
+            warnings.push(warning);
+            None
+        })
+        .unwrap_or(DEFAULT_WEIGHT);
     ParsedAnnotations {
         settings: GlobalServiceSettings {
             global,
             shared: global && shared,
             affinity,
             topology_aware,
+            default_weight,
         },
         warnings,
     }
@@ -169,6 +269,7 @@ fn read_bool(
                 value: raw.to_owned(),
                 allowed: AllowedValues(BOOL_VALUES),
                 default: if default { "true" } else { "false" },
+                reason: None,
             });
             default
         }
@@ -278,7 +379,93 @@ mod tests {
         );
     }
 
+    #[test]
+    fn weights_in_range_are_accepted() {
+        assert_eq!(parse_weight("1"), Ok(1));
+        assert_eq!(parse_weight(" 42 "), Ok(42));
+        assert_eq!(parse_weight("007"), Ok(7));
+        assert_eq!(parse_weight("256"), Ok(MAX_WEIGHT));
+    }
+
+    #[test]
+    fn invalid_weights_say_why() {
+        assert_eq!(parse_weight("0"), Err(WeightError::Zero));
+        assert_eq!(parse_weight("000"), Err(WeightError::Zero));
+        assert_eq!(
+            parse_weight("257"),
+            Err(WeightError::TooLarge("257".to_owned()))
+        );
+        assert_eq!(
+            parse_weight("99999999999999999999"),
+            Err(WeightError::TooLarge("99999999999999999999".to_owned()))
+        );
+        for bad in ["", " ", "-1", "+3", "1.5", "1e3", "0x10", "ten", "٣"] {
+            assert_eq!(
+                parse_weight(bad),
+                Err(WeightError::NotANumber(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        let zero = WeightError::Zero.to_string();
+        assert!(zero.contains("drain"), "{zero}");
+        assert!(WeightError::TooLarge("300".into())
+            .to_string()
+            .contains("maximum of 256"));
+    }
+
+    #[test]
+    fn service_weight_is_the_default_for_its_backends() {
+        assert_eq!(parse(&[]).settings.default_weight, DEFAULT_WEIGHT);
+        let p = parse(&[(WEIGHT, "5")]);
+        assert_eq!(p.settings.default_weight, 5);
+        assert!(p.warnings.is_empty());
+
+        let p = parse(&[(WEIGHT, "0"), (GLOBAL, "true")]);
+        assert_eq!(p.settings.default_weight, 1);
+        assert!(p.settings.global, "other settings are unaffected");
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].reason, Some(WeightError::Zero));
+        let msg = p.warnings[0].to_string();
+        assert!(
+            msg.contains("service.clustermesh.io/weight=\"0\"") && msg.contains("1..=256"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn read_weight_distinguishes_unset_valid_and_invalid() {
+        let map = |v: &str| BTreeMap::from([(WEIGHT.to_owned(), v.to_owned())]);
+        assert_eq!(read_weight(&BTreeMap::new(), "1"), Ok(None));
+        assert_eq!(read_weight(&map("3"), "1"), Ok(Some(3)));
+        let w = read_weight(&map("heavy"), "the service's weight").unwrap_err();
+        assert_eq!(w.annotation, WEIGHT);
+        assert_eq!(w.value, "heavy");
+        assert_eq!(w.default, "the service's weight");
+        assert_eq!(w.reason, Some(WeightError::NotANumber("heavy".into())));
+    }
+
     proptest! {
+        /// Any string parses to a weight in range or to an error, never a panic, and
+        /// exactly the plain decimal integers 1..=256 are accepted.
+        #[test]
+        fn weight_parser_accepts_exactly_the_range(raw in prop_oneof![
+            ".{0,12}",
+            "[ ]{0,2}[0-9]{1,25}[ ]{0,2}",
+            (0u64..1000).prop_map(|n| n.to_string()),
+        ]) {
+            let expected = raw
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|_| raw.trim().bytes().all(|b| b.is_ascii_digit()))
+                .filter(|n| (1..=u64::from(MAX_WEIGHT)).contains(n));
+            match parse_weight(&raw) {
+                Ok(w) => prop_assert_eq!(Some(u64::from(w)), expected),
+                Err(WeightError::Zero) => prop_assert_eq!(raw.trim().trim_start_matches('0'), ""),
+                Err(_) => prop_assert_eq!(expected, None),
+            }
+        }
+
         #[test]
         fn arbitrary_annotations_never_panic(
             pairs in proptest::collection::vec(
@@ -286,14 +473,15 @@ mod tests {
                     Just(GLOBAL.to_owned()), Just(GLOBAL_LEGACY.to_owned()),
                     Just(SHARED.to_owned()), Just(SHARED_LEGACY.to_owned()),
                     Just(AFFINITY.to_owned()), Just(AFFINITY_LEGACY.to_owned()),
-                    Just(TOPOLOGY_AWARE.to_owned()), ".{0,20}"
+                    Just(TOPOLOGY_AWARE.to_owned()), Just(WEIGHT.to_owned()), ".{0,20}"
                 ], ".{0,12}"),
                 0..8)
         ) {
             let map: BTreeMap<String, String> = pairs.into_iter().collect();
             let p = parse_service_annotations(&map);
             prop_assert!(!p.settings.shared || p.settings.global);
-            prop_assert!(p.warnings.len() <= 4);
+            prop_assert!(p.warnings.len() <= 5);
+            prop_assert!((MIN_WEIGHT..=MAX_WEIGHT).contains(&p.settings.default_weight));
             for w in &p.warnings {
                 prop_assert_eq!(map.get(&w.annotation), Some(&w.value));
             }
