@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# Two real kind clusters joined by clustermesh, for machines with Docker and kind:
-# distinct pod and service CIDRs, images built and loaded, certificates from
-# `clustermesh enable` (standalone state directories), the Helm chart installed in both
-# clusters with each other as remote cluster, the global echo service in both, then:
+# Two real kind clusters joined by clustermesh, for machines with Docker and kind, set up
+# with the CLI's Kubernetes mode only (no state directories, no hand-made Secrets, no helm):
+# distinct pod and service CIDRs, images built and loaded, then
+#   clustermesh --context kind-clustermesh-N enable ... --service-type NodePort --set ...
+#   clustermesh --context kind-clustermesh-1 --destination-context kind-clustermesh-2 connect
+#   clustermesh --context kind-clustermesh-N status --wait
+# the global echo service in both clusters, then:
 #   - requests from cluster 1 land on cluster 1 (affinity local),
 #   - cluster 1's echo scaled to zero -> answered by cluster 2,
-#   - scaled back -> cluster 1 again.
+#   - scaled back -> cluster 1 again,
+#   - disconnect: cluster 1 no longer lists cluster 2, and with its own echo at zero
+#     nothing answers any more (cluster 2's backends are gone from cluster 1).
 # Usage: multi-kind-tests/kind/run.sh [up|test|down|all]   (default: all)
-# Needs: docker, kind, kubectl, helm, cargo. See README.md.
+# Needs: docker, kind, kubectl, cargo. See README.md.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-WORK=${CLUSTERMESH_KIND_WORK:-$HERE/.work}
 CLI=${CLUSTERMESH_CLI:-$ROOT/target-kind/release/clustermesh}
 NS=kube-system
 NODEPORT=32379
-TAG=dev
+TAG=${CLUSTERMESH_TAG:-dev}
+WAIT=5m
 
 say() { printf '\n== %s\n' "$*"; }
+indent() { sed 's/^/    /'; }
 die() { echo "error: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null || die "$1 is required (see multi-kind-tests/kind/README.md)"; }
 ctx() { echo "kind-clustermesh-$1"; }
 k() { local c=$1; shift; kubectl --context "$(ctx "$c")" "$@"; }
-
-node_ip() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "clustermesh-$1-control-plane"; }
+cm() { local c=$1; shift; "$CLI" --context "$(ctx "$c")" --namespace "$NS" "$@"; }
 
 build() {
   say "building images and the CLI"
@@ -34,10 +39,24 @@ build() {
   CARGO_TARGET_DIR="$ROOT/target-kind" cargo build --release -p clustermesh-cli
 }
 
+# The cgroup v2 mount of cluster $1's nodes (the agent attaches its socket-level programs
+# at its root). kind nodes on a cgroup v2 host mount the unified hierarchy at
+# /sys/fs/cgroup (private cgroup namespace); on a hybrid v1/v2 host it is at
+# /sys/fs/cgroup/unified. A pure cgroup v1 host cannot run the agent.
+cgroup_root() {
+  local node="clustermesh-$1-control-plane" dir
+  for dir in /sys/fs/cgroup /sys/fs/cgroup/unified; do
+    if [ "$(docker exec "$node" stat -fc %T "$dir" 2>/dev/null)" = cgroup2fs ]; then
+      echo "$dir"
+      return 0
+    fi
+  done
+  die "the nodes of kind cluster $1 have no cgroup v2 mount; the agent needs a host with cgroup v2 (unified or hybrid)"
+}
+
 up() {
-  need docker; need kind; need kubectl; need helm; need cargo
+  need docker; need kind; need kubectl; need cargo
   build
-  mkdir -p "$WORK"
   for c in 1 2; do
     say "creating kind cluster $c"
     kind get clusters | grep -qx "clustermesh-$c" || kind create cluster --config "$HERE/cluster$c.yaml"
@@ -47,24 +66,20 @@ up() {
     kind load docker-image --name "clustermesh-$c" "clustermesh-netns:$TAG"
   done
   for c in 1 2; do
-    say "clustermesh enable cluster$c (certificates in $WORK/cluster$c)"
-    local ip; ip=$(node_ip "$c")
-    [ -f "$WORK/cluster$c/cluster.yaml" ] || "$CLI" --state-dir "$WORK/cluster$c" enable \
-      --cluster-name "cluster$c" --cluster-id "$c" \
-      --mesh-endpoint "$ip:$NODEPORT" --mesh-endpoint "clustermesh-apiserver.$NS.svc:2379"
-    install "$c" "[]"
+    local root
+    root=$(cgroup_root "$c")
+    say "clustermesh enable cluster$c (mesh API on NodePort $NODEPORT, cgroup v2 at $root)"
+    # Running it again upgrades in place (same CA, overrides kept).
+    cm "$c" enable --cluster-name "cluster$c" --cluster-id "$c" --service-type NodePort \
+      --set image.tag="$TAG" --set apiserver.service.nodePort="$NODEPORT" \
+      --set agent.cgroupRoot="$root"
   done
   for c in 1 2; do
     k "$c" rollout status -n "$NS" deploy/clustermesh-apiserver --timeout 180s
-  done
-  say "clustermesh connect cluster1 <-> cluster2"
-  "$CLI" --state-dir "$WORK/cluster1" connect --destination-state-dir "$WORK/cluster2"
-  # Kubernetes mode of the CLI is not written yet: hand the exchanged CAs and endpoints
-  # to the chart (agents reload the ConfigMap, the apiserver reloads the CA bundle).
-  install 1 "$(remote 2)"
-  install 2 "$(remote 1)"
-  for c in 1 2; do
     k "$c" rollout status -n "$NS" ds/clustermesh-agent --timeout 180s
+  done
+  connect
+  for c in 1 2; do
     k "$c" create configmap echo-cluster --from-literal=name="cluster$c" --dry-run=client -o yaml | k "$c" apply -f -
     k "$c" apply -f "$HERE/echo.yaml"
     k "$c" rollout status deploy/echo --timeout 120s
@@ -74,31 +89,18 @@ up() {
   k 1 rollout status deploy/client --timeout 120s
 }
 
-# Helm values for cluster $1 as a remote cluster of the other one.
-remote() {
-  local c=$1 ca
-  ca=$(sed 's/^/      /' "$WORK/cluster$c/ca/ca.crt")
-  printf -- '- name: cluster%s\n  id: %s\n  endpoints: ["%s:%s"]\n  caCert: |\n%s\n' "$c" "$c" "$(node_ip "$c")" "$NODEPORT" "$ca"
+# Connects the clusters (a refresh if they already are) and waits until every agent of
+# both clusters is connected to both mesh API servers.
+connect() {
+  say "clustermesh connect cluster1 <-> cluster2"
+  "$CLI" --context "$(ctx 1)" --destination-context "$(ctx 2)" --namespace "$NS" connect
+  for c in 1 2; do
+    say "clustermesh status cluster$c --wait"
+    cm "$c" status --wait --wait-duration "$WAIT"
+  done
 }
 
-install() {
-  local c=$1 remotes=$2 d="$WORK/cluster$1"
-  k "$c" -n "$NS" create secret generic clustermesh-apiserver-server \
-    --from-file=tls.crt="$d/tls/server.crt" --from-file=tls.key="$d/tls/server.key" \
-    --dry-run=client -o yaml | k "$c" apply -f -
-  k "$c" -n "$NS" create secret generic clustermesh-agent-client \
-    --from-file=tls.crt="$d/tls/client.crt" --from-file=tls.key="$d/tls/client.key" \
-    --from-file=ca.crt="$d/ca/ca.crt" --dry-run=client -o yaml | k "$c" apply -f -
-  k "$c" -n "$NS" create secret generic clustermesh-ca-bundle \
-    --from-file=ca-bundle.crt="$d/tls/ca.crt" --dry-run=client -o yaml | k "$c" apply -f -
-  printf 'agent:\n  remoteClusters:\n%s\n' "$(echo "$remotes" | sed 's/^/    /')" > "$WORK/values-$c.yaml"
-  helm --kube-context "$(ctx "$c")" upgrade --install clustermesh "$ROOT/deploy/helm/clustermesh" \
-    -n "$NS" -f "$WORK/values-$c.yaml" \
-    --set cluster.name="cluster$c" --set cluster.id="$c" --set image.tag="$TAG" \
-    --set apiserver.service.type=NodePort --set apiserver.service.nodePort="$NODEPORT"
-}
-
-# Answers of $2 requests from cluster 1's client to the echo service.
+# Answers of $1 requests from cluster 1's client to the echo service.
 ask() {
   local vip; vip=$(k 1 get svc echo -o jsonpath='{.spec.clusterIP}')
   for _ in $(seq "$1"); do
@@ -109,39 +111,51 @@ ask() {
 expect_all() {
   local want=$1 n=$2 out
   out=$(ask "$n")
-  echo "$out" | sed 's/^/    /'
+  indent <<<"$out"
   if echo "$out" | grep -qv "^$want/"; then die "expected every answer from $want"; fi
 }
 
 wait_for() {
   local want=$1
   for _ in $(seq 60); do
-    ask 1 | grep -q "^$want/" && return 0
+    ask 1 | grep -q "^$want" && return 0
     sleep 1
   done
-  die "no answer from $want within 60s"
+  die "no answer matching $want within 60s"
 }
 
 test_() {
-  say "clustermesh status (mesh API servers through their NodePorts)"
-  for c in 1 2; do "$CLI" --state-dir "$WORK/cluster$c" status; done
+  need kubectl
+  [ -x "$CLI" ] || die "$CLI not found; run \`$0 up\` first (or set CLUSTERMESH_CLI)"
+  connect
   say "requests from cluster 1 land on cluster 1 (affinity local)"
   expect_all cluster1 10
   say "scaling cluster 1's echo to zero: cluster 2 answers"
   k 1 scale deploy/echo --replicas 0
-  wait_for cluster2
+  wait_for cluster2/
   expect_all cluster2 10
   say "scaling back: cluster 1 again"
   k 1 scale deploy/echo --replicas 2
   k 1 rollout status deploy/echo --timeout 120s
-  wait_for cluster1
+  wait_for cluster1/
   expect_all cluster1 10
-  say "all checks passed"
+
+  say "clustermesh disconnect cluster1 <-> cluster2"
+  "$CLI" --context "$(ctx 1)" --destination-context "$(ctx 2)" --namespace "$NS" disconnect
+  for c in 1 2; do cm "$c" status --wait --wait-duration "$WAIT"; done
+  say "after disconnect, cluster 1 with its echo at zero has no backend left"
+  k 1 scale deploy/echo --replicas 0
+  wait_for FAILED
+  local out; out=$(ask 5)
+  indent <<<"$out"
+  if echo "$out" | grep -q '^cluster2/'; then die "cluster 2 still answers after disconnect"; fi
+  k 1 scale deploy/echo --replicas 2
+  k 1 rollout status deploy/echo --timeout 120s
+  say "all checks passed (the clusters are disconnected; \`$0 test\` connects them again)"
 }
 
 down() {
   for c in 1 2; do kind delete cluster --name "clustermesh-$c" || true; done
-  rm -rf "$WORK"
 }
 
 case "${1:-all}" in
