@@ -40,6 +40,8 @@ pub struct StatusBody {
     pub clusters: Vec<ClusterStatus>,
     /// Number of load-balanced service ports.
     pub services: usize,
+    /// Reconcile rounds completed (desired-state computations); grows as updates arrive.
+    pub reconcile_rounds: u64,
 }
 
 /// `GET /v1/services` element.
@@ -110,6 +112,7 @@ pub fn status(view: &AgentView) -> StatusBody {
         local_cluster: view.local_cluster.clone(),
         clusters: view.clusters.snapshot(),
         services: view.services().len(),
+        reconcile_rounds: view.reconcile_rounds(),
     }
 }
 

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -103,9 +104,20 @@ pub struct AgentView {
     pub services: Arc<RwLock<Arc<BTreeMap<LbServiceId, ServiceState>>>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Reconcile rounds completed: incremented after each desired-state computation
+    /// (and the datapath flush and view publication that follow it).
+    pub rounds: Arc<AtomicU64>,
 }
 
 impl AgentView {
+    /// Reconcile rounds completed so far. Rounds only happen when updates arrive (or a
+    /// refused datapath batch is retried), so a test or an operator can tell that every
+    /// update queued before a given moment has been computed once this number moved.
+    #[must_use]
+    pub fn reconcile_rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Acquire)
+    }
+
     /// The current services.
     #[must_use]
     pub fn services(&self) -> Arc<BTreeMap<LbServiceId, ServiceState>> {
@@ -267,6 +279,7 @@ async fn reconcile(
             }
         }
         view.publish(desired.services().clone());
+        view.rounds.fetch_add(1, Ordering::AcqRel);
     }
 }
 

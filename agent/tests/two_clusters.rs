@@ -5,8 +5,12 @@
 //! `east`: local backends serve; every local backend goes unready → the remote ones take
 //! over in one datapath batch; local ones come back → back to local; the remote server is
 //! killed → its last-known backends stay in force and the cluster shows as stale; the
-//! remote server restarts → after resync nothing is re-sent; a record that does not decode
-//! is ignored and counted.
+//! remote server restarts from a fresh store with the same records → after a full resync
+//! nothing is re-sent; a record that does not decode is ignored and counted.
+//!
+//! "Nothing changed" is checked without sleeping: either a later change (a marker service)
+//! is seen programmed, so everything queued before it was computed, or the agent's
+//! reconcile-round counter moved past the one update in flight.
 
 // Helpers outside #[test] fns are test code too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -94,18 +98,53 @@ fn service(cluster: &str, backends: &[(&str, bool)], affinity: v1::Affinity) -> 
     }
 }
 
-async fn put_service(store: &dyn Store, svc: &v1::Service) {
+/// Writes `svc`; returns the store revision of the write.
+async fn put_service(store: &dyn Store, svc: &v1::Service) -> u64 {
     let key = service_key(&svc.cluster, &svc.namespace, &svc.name);
     store
         .put(key.as_bytes(), svc.encode_to_vec(), None)
         .await
-        .unwrap();
+        .unwrap()
 }
 
-async fn mark_synced(store: &dyn Store, cluster: &str) {
+/// Writes the services Synced marker; returns the store revision of the write.
+async fn mark_synced(store: &dyn Store, cluster: &str) -> u64 {
     let key = synced_key(cluster, Kind::Service);
     let marker = v1::SyncedMarker { revision: 1 }.encode_to_vec();
-    store.put(key.as_bytes(), marker, None).await.unwrap();
+    store.put(key.as_bytes(), marker, None).await.unwrap()
+}
+
+/// An east-only service `default/<name>` with one ready backend: a change the test makes
+/// to see, once it is programmed, that everything queued before it has been computed.
+fn marker_service(name: &str) -> v1::Service {
+    let mut svc = service("east", &[("10.1.9.9", true)], v1::Affinity::None);
+    svc.name = name.into();
+    svc.frontends = vec!["10.96.0.99".into()];
+    svc.global = false;
+    svc.shared = false;
+    svc
+}
+
+fn marker_id(name: &str) -> LbServiceId {
+    LbServiceId {
+        name: name.into(),
+        ..web()
+    }
+}
+
+/// Services named in the datapath batches after the first `from`.
+fn batched_services(dp: &RecordingDatapath, from: usize) -> BTreeSet<String> {
+    dp.batches()
+        .iter()
+        .skip(from)
+        .flat_map(|b| {
+            b.upserts
+                .iter()
+                .map(|s| s.id.name.clone())
+                .chain(b.removals.iter().map(|id| id.name.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn web() -> LbServiceId {
@@ -182,11 +221,15 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     )
     .await;
     mark_synced(east_store.as_ref(), "east").await;
-    put_service(
-        west_store.as_ref(),
-        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
-    )
-    .await;
+    // West's store has history (several writes of the same record), so its revision is
+    // well above that of a fresh store holding the same records.
+    for _ in 0..6 {
+        put_service(
+            west_store.as_ref(),
+            &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+        )
+        .await;
+    }
     mark_synced(west_store.as_ref(), "west").await;
 
     let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -295,23 +338,42 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         !s.connected && s.stale && s.last_error.is_some()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A change to east queued after west was seen stale: once it is programmed, anything
+    // west's disconnect queued before it has been computed too.
+    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
+    eventually("east marker programmed", || {
+        view.services().contains_key(&marker_id("marker-1"))
+    })
+    .await;
     assert_eq!(
         dp.service(&web()).unwrap(),
         programmed,
         "last-known state kept"
     );
     assert_eq!(
-        dp.batch_count(),
-        batches,
-        "no datapath change while west is down"
+        batched_services(&dp, batches),
+        BTreeSet::from(["marker-1".to_owned()]),
+        "no datapath change for web while west is down"
     );
 
-    // West comes back on the same address: it resumes or resyncs; nothing changed, so
-    // nothing is sent to the datapath.
+    // West comes back on the same address but from a fresh store holding the same records
+    // (at a lower revision than the agent has seen): the agent cannot resume, resyncs in
+    // full, and since nothing changed nothing is sent to the datapath.
+    let west2_raft = LocalCluster::start(1, &dir.path().join("west-store-2"), None)
+        .await
+        .unwrap();
+    let west2_store: Arc<dyn Store> = Arc::new(west2_raft.store(0).unwrap());
+    put_service(
+        west2_store.as_ref(),
+        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(west2_store.as_ref(), "west").await;
+    let batches = dp.batch_count();
+    let rounds = view.reconcile_rounds();
     let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
     let west = start_server(
-        Arc::clone(&west_store),
+        Arc::clone(&west2_store),
         &ca,
         "west",
         2,
@@ -319,20 +381,22 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         west_listener,
     )
     .await;
-    eventually("west reconnected", || {
+    eventually("west reconnected and resynced", || {
         let s = cluster_status(&view, "west");
         s.connected && s.synced && !s.stale
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The resync's Replace is the only update since `rounds` was read.
+    eventually("the resync computed", || view.reconcile_rounds() > rounds).await;
     assert_eq!(
         dp.batch_count(),
         batches,
         "resync of unchanged records changes nothing"
     );
+    assert_eq!(dp.service(&web()).unwrap(), programmed);
 
     // A record that does not decode is ignored and counted; the service is unaffected.
-    west_store
+    west2_store
         .put(
             service_key("west", "default", "broken").as_bytes(),
             vec![0xff, 0xff, 0xff, 0xff],
@@ -364,6 +428,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     east.stop().await;
     east_raft.shutdown().await;
     west_raft.shutdown().await;
+    west2_raft.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,10 +36,20 @@ pub(crate) struct ServerSpec<'a> {
 }
 
 /// A running mesh API server; `stop` ends its watch streams and tasks.
+///
+/// `stop_serving` / `serve_again` take only the gRPC side down and up again while the
+/// cache (and its resume history) keeps following the store, like a server whose agents
+/// lost their connections without the server losing its state.
 #[derive(Debug)]
 pub(crate) struct MeshServer {
-    shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    config: ServiceConfig,
+    tls: Arc<dyn TlsSource>,
+    cache_stop: CancellationToken,
+    cache_task: tokio::task::JoinHandle<()>,
+    grpc_stop: CancellationToken,
+    grpc_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl MeshServer {
@@ -58,24 +68,16 @@ impl MeshServer {
             CacheConfig::default(),
             Arc::clone(&metrics),
         ));
-        let shutdown = CancellationToken::new();
-        let mut tasks = vec![tokio::spawn(
-            Arc::clone(&cache).run(store, shutdown.clone()),
-        )];
+        let cache_stop = CancellationToken::new();
+        let cache_task = tokio::spawn(Arc::clone(&cache).run(store, cache_stop.clone()));
         cache.wait_loaded().await;
         let mut export = ExportConfig::new(spec.cluster.to_owned(), spec.id);
         export.pod_cidrs = spec.pod_cidrs.iter().map(|c| c.parse().unwrap()).collect();
-        let service = MeshApiService::new(
-            cache,
-            ServiceConfig {
-                cluster_config: export.cluster_config(),
-                policy: AccessPolicy::default(),
-                stream_buffer: spec.stream_buffer,
-            },
-            metrics,
-        )
-        // Ends the watch streams on stop, so a stopped server really drops its agents.
-        .with_shutdown(shutdown.clone());
+        let config = ServiceConfig {
+            cluster_config: export.cluster_config(),
+            policy: AccessPolicy::default(),
+            stream_buffer: spec.stream_buffer,
+        };
         let names = ServerNames::new(
             ["localhost".to_owned()],
             [std::net::IpAddr::from([127, 0, 0, 1])],
@@ -96,19 +98,51 @@ impl MeshServer {
             )
             .unwrap(),
         );
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        let mut server = MeshServer {
+            cache,
+            metrics,
+            config,
+            tls,
+            cache_stop,
+            cache_task,
+            grpc_stop: CancellationToken::new(),
+            grpc_task: None,
+        };
+        server.serve_again(listener);
+        server
+    }
+
+    /// Starts (again) serving gRPC on `listener` from the running cache.
+    pub(crate) fn serve_again(&mut self, listener: tokio::net::TcpListener) {
+        assert!(self.grpc_task.is_none(), "already serving");
+        self.grpc_stop = CancellationToken::new();
+        let service = MeshApiService::new(
+            Arc::clone(&self.cache),
+            self.config.clone(),
+            Arc::clone(&self.metrics),
+        )
+        // Ends the watch streams on stop, so a stopped server really drops its agents.
+        .with_shutdown(self.grpc_stop.clone());
+        let (tls, token) = (Arc::clone(&self.tls), self.grpc_stop.clone());
+        self.grpc_task = Some(tokio::spawn(async move {
             serve_grpc(service, listener, tls, token).await.unwrap();
         }));
-        MeshServer { shutdown, tasks }
+    }
+
+    /// Stops serving gRPC (ending every watch stream) but keeps the cache following the
+    /// store, with its history.
+    pub(crate) async fn stop_serving(&mut self) {
+        self.grpc_stop.cancel();
+        if let Some(t) = self.grpc_task.take() {
+            let _ = t.await;
+        }
     }
 
     /// Stops the server and waits for its tasks.
-    pub(crate) async fn stop(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
+    pub(crate) async fn stop(mut self) {
+        self.stop_serving().await;
+        self.cache_stop.cancel();
+        let _ = self.cache_task.await;
     }
 }
 
