@@ -1205,3 +1205,74 @@ async fn standalone_enable_refuses_chart_values() {
     );
     assert!(!state.exists());
 }
+
+/// Replaces the stored overrides text of east's clustermesh-config, as a hand edit would.
+fn edit_stored_values(fake: &FakeKube, text: &str) {
+    let mut cfg = fake.object(&cm_path("clustermesh-config")).unwrap();
+    cfg["data"]["values.yaml"] = json!(text);
+    fake.insert(cfg);
+}
+
+#[tokio::test]
+async fn stored_overrides_that_are_refused_now_say_how_to_remove_them() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "LoadBalancer").await;
+    edit_stored_values(&m.east, "imgae:\n  tag: dev\nimage:\n  tag: kept\n");
+    let before = content(&m.east);
+    let r = m.enable("east", "east", "1", "LoadBalancer").await;
+    assert_eq!(
+        one_error_line(&r),
+        "error: ConfigMap clustermesh-config key values.yaml: unknown chart value imgae; the chart's top-level values are agent, apiserver, cluster, image, tls, trustDomain (stored by an earlier enable; remove it with --set KEY=null)"
+    );
+    assert_unchanged(&before, &content(&m.east));
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--set",
+            "imgae=null",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(stored_values(&m.east), json!({"image": {"tag": "kept"}}));
+    assert!(images(&m.east).0.ends_with(":kept"));
+
+    // Stored text that is not YAML: every verb names the key and how to repair it.
+    edit_stored_values(&m.east, "image: [");
+    let before = content(&m.east);
+    for args in [
+        vec![
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+        ],
+        vec![
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "connect",
+        ],
+    ] {
+        let r = m.cli(&args).await;
+        let line = one_error_line(&r);
+        assert!(
+            line.starts_with("error: ConfigMap clustermesh-config in namespace kube-system of context east is malformed: key values.yaml is not a YAML map of chart values: "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("fix or remove that key (`kubectl edit configmap clustermesh-config`), then run `enable` again with the --set/--values you want"),
+            "{line}"
+        );
+        assert_unchanged(&before, &content(&m.east));
+    }
+}

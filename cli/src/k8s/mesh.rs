@@ -167,11 +167,12 @@ pub async fn read_config(objs: &Objects<'_>) -> Result<Option<MeshConfig>, KubeM
     };
     let data = cm.data.unwrap_or_default();
     MeshConfig::from_data(&data).map(Some).map_err(|reason| {
-        objs.malformed(
-            format!("ConfigMap {CONFIG_MAP}"),
-            reason,
-            "run `enable` again with this cluster's --cluster-name and --cluster-id",
-        )
+        let fix = if reason.starts_with(&format!("key {}", super::values::VALUES_KEY)) {
+            "fix or remove that key (`kubectl edit configmap clustermesh-config`), then run `enable` again with the --set/--values you want"
+        } else {
+            "run `enable` again with this cluster's --cluster-name and --cluster-id"
+        };
+        objs.malformed(format!("ConfigMap {CONFIG_MAP}"), reason, fix)
     })
 }
 

@@ -15,7 +15,8 @@
 //! be one of the chart's; a key that is a map in the chart cannot become a single value
 //! (and a single value or list cannot grow keys); the keys in [`MANAGED`] are refused with
 //! the flag to use instead. Below keys that are free-form maps in the chart (annotations,
-//! node selectors, resources) any key is accepted.
+//! node selectors, resources) any key is accepted. `null` is always accepted (it only
+//! removes a stored override), so a stored key that is refused now can be removed.
 
 use std::path::{Path, PathBuf};
 
@@ -244,6 +245,11 @@ fn check_map(
     hint: &str,
 ) -> Result<(), ValuesError> {
     for (k, v) in over {
+        // `null` only removes a stored override, whatever it is (even one that would be
+        // refused now), so any key may be nulled.
+        if v.is_null() {
+            continue;
+        }
         let key = if prefix.is_empty() {
             k.clone()
         } else {
@@ -279,7 +285,7 @@ fn check_map(
             // Below a free-form map of the chart: anything goes.
             continue;
         };
-        if v.is_null() || default.is_null() {
+        if default.is_null() {
             continue;
         }
         match (default, v) {
@@ -499,6 +505,8 @@ mod tests {
             "apiserver.service.annotations.a=b",
             "agent.nodeSelector.disk=ssd",
             "image.tag=null",
+            "imgae=null",
+            "cluster.name=null",
         ] {
             check("--set", &parse_set(ok).unwrap(), &d, "").unwrap();
         }
