@@ -3,7 +3,8 @@
 //!
 //! Source events land here; [`ClusterObjects::take_changes`] returns only the records
 //! whose inputs changed since the last call (a service is re-translated when the service
-//! or one of its EndpointSlices changes, an endpoint when its pod changes), so a large
+//! or one of its EndpointSlices changes, or when a pod behind one of its backends changes
+//! its `service.clustermesh.io/weight`; an endpoint when its pod changes), so a large
 //! cluster is not re-exported on every event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -63,6 +64,8 @@ pub struct ClusterObjects {
     pod_endpoints: HashMap<NsName, Vec<EndpointSpec>>,
     /// Which pod an endpoint IP belongs to.
     ip_owner: HashMap<IpAddr, NsName>,
+    /// Valid `service.clustermesh.io/weight` of each pod that sets one.
+    pod_weights: HashMap<NsName, u32>,
     synced: BTreeSet<ObjectKind>,
     dirty_services: BTreeSet<NsName>,
     dirty_nodes: BTreeSet<String>,
@@ -82,6 +85,7 @@ impl ClusterObjects {
             pods: BTreeMap::new(),
             pod_endpoints: HashMap::new(),
             ip_owner: HashMap::new(),
+            pod_weights: HashMap::new(),
             synced: BTreeSet::new(),
             dirty_services: BTreeSet::new(),
             dirty_nodes: BTreeSet::new(),
@@ -235,6 +239,8 @@ impl ClusterObjects {
     /// Re-translates everything whose inputs changed and returns the resulting record
     /// changes; translation warnings are appended to `warnings`.
     pub fn take_changes(&mut self, warnings: &mut Vec<InputWarning>) -> Vec<RecordChange> {
+        // Pods first: a changed weight makes the services of the pod's slices dirty.
+        let endpoint_changes = self.take_pod_changes(warnings);
         let mut out = Vec::new();
         for (namespace, name) in std::mem::take(&mut self.dirty_services) {
             let key = (namespace.clone(), name.clone());
@@ -246,7 +252,12 @@ impl ClusterObjects {
                     .flatten()
                     .filter_map(|slice| self.slices.get(&(namespace.clone(), slice.clone())))
                     .collect();
-                translate::service_record(&self.cluster, svc, &slices, warnings)
+                let pod_weight = |namespace: &str, pod: &str| {
+                    self.pod_weights
+                        .get(&(namespace.to_owned(), pod.to_owned()))
+                        .copied()
+                };
+                translate::service_record(&self.cluster, svc, &slices, pod_weight, warnings)
             });
             out.push(RecordChange::Service {
                 namespace,
@@ -261,7 +272,26 @@ impl ClusterObjects {
                 .and_then(|n| translate::node_record(&self.cluster, n, warnings));
             out.push(RecordChange::Node { name, record });
         }
+        out.extend(endpoint_changes);
+        out
+    }
+
+    /// Re-translates the dirty pods: returns their endpoint changes, and marks dirty the
+    /// services whose backends' weight changed with a pod's weight annotation.
+    fn take_pod_changes(&mut self, warnings: &mut Vec<InputWarning>) -> Vec<RecordChange> {
+        let mut out = Vec::new();
         for key in std::mem::take(&mut self.dirty_pods) {
+            let weight = self
+                .pods
+                .get(&key)
+                .and_then(|p| translate::pod_weight(p, warnings));
+            let old_weight = match weight {
+                Some(w) => self.pod_weights.insert(key.clone(), w),
+                None => self.pod_weights.remove(&key),
+            };
+            if old_weight != weight {
+                self.mark_services_of_pod(&key);
+            }
             let new = self
                 .pods
                 .get(&key)
@@ -293,6 +323,29 @@ impl ClusterObjects {
             }
         }
         out
+    }
+
+    /// Marks dirty every service with an EndpointSlice endpoint whose `targetRef` is pod
+    /// `key`. Only called when a pod's weight changes, which is rare, so the slices of the
+    /// pod's namespace are scanned rather than indexed.
+    fn mark_services_of_pod(&mut self, key: &NsName) {
+        let (namespace, pod) = key;
+        let from = (namespace.clone(), String::new());
+        for ((slice_ns, _), slice) in self.slices.range(from..) {
+            if slice_ns != namespace {
+                break;
+            }
+            let refers = slice.endpoints.iter().flatten().any(|e| {
+                e.target_ref.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("Pod")
+                        && r.name.as_deref() == Some(pod.as_str())
+                        && r.namespace.as_deref().unwrap_or(slice_ns) == namespace
+                })
+            });
+            if let Some(svc) = slice_service(slice).filter(|_| refers) {
+                self.dirty_services.insert((namespace.clone(), svc));
+            }
+        }
     }
 }
 

@@ -16,8 +16,8 @@ mod warning;
 
 pub use node::{node_record, LEGACY_ZONE_LABEL, ZONE_LABEL};
 pub use pod::{
-    identity_labels, pod_endpoints, EndpointSpec, Labels, CLUSTER_LABEL, NAMESPACE_LABEL,
-    SERVICE_ACCOUNT_LABEL,
+    identity_labels, pod_endpoints, pod_weight, EndpointSpec, Labels, CLUSTER_LABEL,
+    NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
 };
 pub use service::service_record;
 pub use warning::InputWarning;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use clustermesh_api::annotations::read_weight;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{object_name, InputWarning};
@@ -128,4 +129,70 @@ pub fn pod_endpoints(
         }
     }
     out
+}
+
+/// The backend weight a pod asks for with `service.clustermesh.io/weight`
+/// ([`clustermesh_api::annotations::WEIGHT`]), applied to every backend address of the
+/// pod. `None` when the pod sets no weight or an invalid one; an invalid value adds an
+/// [`InputWarning::Annotation`] naming the pod and the value, and the pod's backends
+/// then get the service's weight (1 unless the service sets one).
+#[must_use]
+pub fn pod_weight(pod: &Pod, warnings: &mut Vec<InputWarning>) -> Option<u32> {
+    let annotations = pod.metadata.annotations.as_ref()?;
+    match read_weight(annotations, "the service's weight") {
+        Ok(weight) => weight,
+        Err(warning) => {
+            warnings.push(InputWarning::Annotation {
+                object: object_name("Pod", &pod.metadata),
+                warning,
+            });
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clustermesh_api::annotations::WEIGHT;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn pod(annotations: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("web-0".into()),
+                namespace: Some("shop".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn weight_annotation_is_read() {
+        let mut warnings = Vec::new();
+        assert_eq!(pod_weight(&pod(&[(WEIGHT, "7")]), &mut warnings), Some(7));
+        assert_eq!(pod_weight(&pod(&[]), &mut warnings), None);
+        assert_eq!(pod_weight(&Pod::default(), &mut warnings), None);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn invalid_weight_is_ignored_with_a_warning_naming_the_pod() {
+        for bad in ["0", "-2", "1000", "heavy"] {
+            let mut warnings = Vec::new();
+            assert_eq!(pod_weight(&pod(&[(WEIGHT, bad)]), &mut warnings), None);
+            assert_eq!(warnings.len(), 1, "{bad}");
+            assert_eq!(warnings[0].reason(), "annotation");
+            let msg = warnings[0].to_string();
+            assert!(msg.starts_with("Pod shop/web-0: "), "{msg}");
+            assert!(msg.contains(&format!("{WEIGHT}={bad:?}")), "{msg}");
+        }
+    }
 }

@@ -24,11 +24,17 @@ use super::{object_name, InputWarning};
 /// address of an endpoint is used (addresses of one endpoint are fungible; kube-proxy
 /// does the same). Backends are sorted by IP and ports by name so that the same input
 /// always encodes to the same bytes (the exporter relies on that to skip unchanged writes).
+///
+/// A backend's Maglev weight is its pod's `service.clustermesh.io/weight`, looked up with
+/// `pod_weight(namespace, pod)` through the endpoint's `targetRef` (the caller parses pod
+/// annotations once per pod, see [`super::pod_weight`]); for an endpoint without a pod,
+/// or whose pod sets no valid weight, it is the service's own weight annotation, else 1.
 #[must_use]
 pub fn service_record(
     cluster: &str,
     svc: &Service,
     slices: &[&EndpointSlice],
+    pod_weight: impl Fn(&str, &str) -> Option<u32>,
     warnings: &mut Vec<InputWarning>,
 ) -> Option<v1::Service> {
     let object = object_name("Service", &svc.metadata);
@@ -121,7 +127,7 @@ pub fn service_record(
         cluster: cluster.to_owned(),
         frontends,
         ports,
-        backends: backends(slices, warnings),
+        backends: backends(slices, settings.default_weight, pod_weight, warnings),
         global: settings.global,
         shared: settings.shared,
         affinity: settings.affinity.into(),
@@ -129,7 +135,12 @@ pub fn service_record(
     })
 }
 
-fn backends(slices: &[&EndpointSlice], warnings: &mut Vec<InputWarning>) -> Vec<v1::Backend> {
+fn backends(
+    slices: &[&EndpointSlice],
+    default_weight: u32,
+    pod_weight: impl Fn(&str, &str) -> Option<u32>,
+    warnings: &mut Vec<InputWarning>,
+) -> Vec<v1::Backend> {
     let mut sorted: Vec<&EndpointSlice> = slices.to_vec();
     sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut by_ip: BTreeMap<IpAddr, v1::Backend> = BTreeMap::new();
@@ -185,6 +196,19 @@ fn backends(slices: &[&EndpointSlice], warnings: &mut Vec<InputWarning>) -> Vec<
             };
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             let ready = conditions.ready.unwrap_or(true);
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let name = r.name.clone()?;
+                    let namespace = r
+                        .namespace
+                        .clone()
+                        .or_else(|| slice.metadata.namespace.clone())
+                        .unwrap_or_else(|| "default".to_owned());
+                    Some((namespace, name))
+                });
             let backend = by_ip.entry(ip).or_insert_with(|| v1::Backend {
                 ip: ip.to_string(),
                 ports: Vec::new(),
@@ -193,13 +217,11 @@ fn backends(slices: &[&EndpointSlice], warnings: &mut Vec<InputWarning>) -> Vec<
                 terminating: conditions.terminating.unwrap_or(false),
                 node: endpoint.node_name.clone().unwrap_or_default(),
                 zone: endpoint.zone.clone().unwrap_or_default(),
-                weight: 1,
-                pod: endpoint
-                    .target_ref
+                weight: pod
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| r.name.clone())
-                    .unwrap_or_default(),
+                    .and_then(|(namespace, name)| pod_weight(namespace, name))
+                    .unwrap_or(default_weight),
+                pod: pod.map(|(_, name)| name).unwrap_or_default(),
             });
             for port in &slice_ports {
                 if !backend
@@ -238,7 +260,7 @@ fn valid_port(port: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::core::v1::{ObjectReference, ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use proptest::prelude::*;
@@ -250,6 +272,130 @@ mod tests {
             Just(Some("UDP".to_owned())),
             ".{0,5}".prop_map(Some)
         ]
+    }
+
+    fn weighted_service(annotations: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("10.96.0.10".into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Endpoints `(ip, pod)`; `pod` `None` means no targetRef.
+    fn slice_of(endpoints: &[(&str, Option<&str>)]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-1".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..Default::default()
+            }]),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(ip, pod)| Endpoint {
+                        addresses: vec![(*ip).to_owned()],
+                        target_ref: pod.map(|name| ObjectReference {
+                            kind: Some("Pod".into()),
+                            name: Some(name.to_owned()),
+                            namespace: Some("shop".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn weights(svc: &Service, slice: &EndpointSlice) -> Vec<(String, u32)> {
+        let mut warnings = Vec::new();
+        let pods = |namespace: &str, pod: &str| match (namespace, pod) {
+            ("shop", "heavy") => Some(5),
+            ("shop", "max") => Some(256),
+            _ => None,
+        };
+        let record = service_record("c", svc, &[slice], pods, &mut warnings).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        record
+            .backends
+            .into_iter()
+            .map(|b| (b.ip, b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn backend_weight_comes_from_its_pod_else_one() {
+        let slice = slice_of(&[
+            ("10.0.0.1", Some("heavy")),
+            ("10.0.0.2", Some("plain")),
+            ("10.0.0.3", None),
+            ("10.0.0.4", Some("max")),
+        ]);
+        assert_eq!(
+            weights(&weighted_service(&[]), &slice),
+            [
+                ("10.0.0.1".to_owned(), 5),
+                ("10.0.0.2".to_owned(), 1),
+                ("10.0.0.3".to_owned(), 1),
+                ("10.0.0.4".to_owned(), 256),
+            ]
+        );
+    }
+
+    #[test]
+    fn service_weight_is_the_default_and_pods_override_it() {
+        let slice = slice_of(&[
+            ("10.0.0.1", Some("heavy")),
+            ("10.0.0.2", Some("plain")),
+            ("10.0.0.3", None),
+        ]);
+        let svc = weighted_service(&[(clustermesh_api::annotations::WEIGHT, "3")]);
+        assert_eq!(
+            weights(&svc, &slice),
+            [
+                ("10.0.0.1".to_owned(), 5),
+                ("10.0.0.2".to_owned(), 3),
+                ("10.0.0.3".to_owned(), 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_service_weight_defaults_to_one_with_a_warning() {
+        let slice = slice_of(&[("10.0.0.2", Some("plain"))]);
+        let svc = weighted_service(&[(clustermesh_api::annotations::WEIGHT, "0")]);
+        let mut warnings = Vec::new();
+        let record = service_record("c", &svc, &[&slice], |_, _| None, &mut warnings).unwrap();
+        assert_eq!(record.backends[0].weight, 1);
+        assert_eq!(warnings.len(), 1);
+        let msg = warnings[0].to_string();
+        assert!(
+            msg.starts_with("Service shop/web: ") && msg.contains("weight=\"0\""),
+            "{msg}"
+        );
     }
 
     proptest! {
@@ -289,7 +435,7 @@ mod tests {
                 }).collect()),
             };
             let mut warnings = Vec::new();
-            if let Some(record) = service_record("c", &svc, &[&slice], &mut warnings) {
+            if let Some(record) = service_record("c", &svc, &[&slice], |_, _| None, &mut warnings) {
                 prop_assert!(!record.frontends.is_empty());
                 for f in &record.frontends {
                     prop_assert!(f.parse::<IpAddr>().is_ok());
