@@ -465,6 +465,10 @@ async fn session(
                 tracing::info!(cluster = %name, reason = %r.reason, "server reset the watch; resyncing (current state kept until synced)");
                 syncing = true;
                 buffer.clear();
+                // The server's history starts over: its revision may be lower than ours
+                // (a store restored or replaced). Count from the Reset's revision, or a
+                // later resume would skip everything between the two.
+                pending_revision = r.revision;
                 status.update(name, |s| s.phase = Phase::Syncing);
             }
             v1::watch_event::Event::Upsert(u) => {

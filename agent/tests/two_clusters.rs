@@ -332,6 +332,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     .await;
     let programmed = dp.service(&web()).unwrap();
     let batches = dp.batch_count();
+    let old_revision = cluster_status(&view, "west").revision;
     west.stop().await;
     eventually("west shown stale", || {
         let s = cluster_status(&view, "west");
@@ -368,11 +369,12 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
     )
     .await;
-    mark_synced(west2_store.as_ref(), "west").await;
+    let fresh_revision = mark_synced(west2_store.as_ref(), "west").await;
+    assert!(fresh_revision < old_revision, "the fresh store is behind");
     let batches = dp.batch_count();
     let rounds = view.reconcile_rounds();
     let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
-    let west = start_server(
+    let mut west = start_server(
         Arc::clone(&west2_store),
         &ca,
         "west",
@@ -394,6 +396,11 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         "resync of unchanged records changes nothing"
     );
     assert_eq!(dp.service(&web()).unwrap(), programmed);
+    // The agent now stands at the fresh store's revision, not at the old one.
+    eventually("west at the fresh store's revision", || {
+        cluster_status(&view, "west").revision == fresh_revision
+    })
+    .await;
 
     // A record that does not decode is ignored and counted; the service is unaffected.
     west2_store
@@ -409,6 +416,52 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     })
     .await;
     assert_eq!(dp.service(&web()).unwrap(), programmed);
+
+    // West's server drops its agents but keeps its history. While the agent is away, west
+    // gains a backend and then enough other writes to pass the revision the agent had seen
+    // on the old store: resuming from the right revision delivers the new backend.
+    west.stop_serving().await;
+    eventually("west disconnected", || {
+        !cluster_status(&view, "west").connected
+    })
+    .await;
+    put_service(
+        west2_store.as_ref(),
+        &service(
+            "west",
+            &[("10.2.0.5", true), ("10.2.0.6", true)],
+            v1::Affinity::None,
+        ),
+    )
+    .await;
+    let mut last = 0;
+    while last <= old_revision {
+        let mut pad = service("west", &[("10.2.0.7", true)], v1::Affinity::None);
+        pad.name = "pad".into();
+        last = put_service(west2_store.as_ref(), &pad).await;
+    }
+    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    eventually("west caught up", || {
+        let s = cluster_status(&view, "west");
+        s.connected && s.revision == last
+    })
+    .await;
+    put_service(east_store.as_ref(), &marker_service("marker-2")).await;
+    eventually("east marker 2 programmed", || {
+        view.services().contains_key(&marker_id("marker-2"))
+    })
+    .await;
+    let backends: BTreeSet<String> = dp
+        .service(&web())
+        .unwrap()
+        .backends
+        .iter()
+        .map(|b| b.ip.to_string())
+        .collect();
+    assert!(
+        backends.contains("10.2.0.6"),
+        "the backend west gained while the agent was away is programmed: {backends:?}"
+    );
 
     // The admin API renders what the CLI reads.
     let status = clustermesh_agent::admin::status(&view);
