@@ -13,7 +13,8 @@ use crate::status;
 const EXAMPLES: &str = "\
 Examples (Kubernetes, one kubeconfig context per cluster):
   clustermesh --context east enable --cluster-name east --cluster-id 1 --service-type LoadBalancer
-  clustermesh --context west enable --cluster-name west --cluster-id 2 --service-type NodePort
+  clustermesh --context west enable --cluster-name west --cluster-id 2 --service-type NodePort \\
+      --set image.tag=v0.1.0 --set apiserver.service.nodePort=32379
   clustermesh --context east --destination-context west connect
   clustermesh --context east --destination-context west disconnect
 
