@@ -127,7 +127,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::translate::{node_record, pod_endpoints};
+    use crate::translate::{node_record, pod_endpoints, pod_weight};
 
     fn managed() -> Option<Vec<ManagedFieldsEntry>> {
         Some(vec![ManagedFieldsEntry {
@@ -149,13 +149,18 @@ mod tests {
             pod_ip in proptest::option::of(prop::sample::select(vec!["10.1.0.1", "bad"])),
             has_spec in any::<bool>(),
             has_status in any::<bool>(),
+            weight in proptest::option::of(prop::sample::select(vec!["3", "0", "x"])),
         ) -> Pod {
+            let mut annotations = BTreeMap::from([(LAST_APPLIED_ANNOTATION.to_owned(), "{}".to_owned())]);
+            if let Some(w) = weight {
+                annotations.insert(clustermesh_api::annotations::WEIGHT.to_owned(), w.to_owned());
+            }
             Pod {
                 metadata: ObjectMeta {
                     name,
                     namespace,
                     labels: Some(labels.into_iter().collect()),
-                    annotations: Some(BTreeMap::from([(LAST_APPLIED_ANNOTATION.to_owned(), "{}".to_owned())])),
+                    annotations: Some(annotations),
                     managed_fields: managed(),
                     ..ObjectMeta::default()
                 },
@@ -185,6 +190,8 @@ mod tests {
             slim.slim();
             let (mut w1, mut w2) = (Vec::new(), Vec::new());
             prop_assert_eq!(pod_endpoints("c1", &pod, &mut w1), pod_endpoints("c1", &slim, &mut w2));
+            // The weight annotation survives slimming.
+            prop_assert_eq!(pod_weight(&pod, &mut w1), pod_weight(&slim, &mut w2));
             prop_assert_eq!(w1, w2);
             prop_assert!(slim.metadata.managed_fields.is_none());
         }
