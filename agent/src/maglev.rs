@@ -549,8 +549,9 @@ fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
 /// quantile `−ln(1 − k/M)`. As a backend's permutation puts a given slot at a uniformly
 /// random position, the time at which backend `i` first probes a slot is then (close to)
 /// exponential with rate `w_i`, and the first prober of a freed slot is backend `i` with
-/// probability `w_i / W`: freed slots are handed out in proportion to weight, which keeps
-/// quotas from cascading when a backend is removed. (Plain `k / w` favours heavy
+/// probability `w_i / W`: freed slots are handed out in proportion to weight, so the
+/// remaining backends' counts stay inside their bands and corrections rarely cascade when
+/// a backend is removed. (Plain `k / w` favours heavy
 /// backends, e.g. 3/4 instead of 2/3 for weights 2:1.) Only `+` and `/` on `f64` are used,
 /// which IEEE 754 makes bit-identical on every platform.
 #[derive(Debug, Clone, Copy)]
@@ -609,8 +610,11 @@ impl PartialOrd for GroupClock {
     }
 }
 
-/// Runs the turns until every slot has an owner. Backends of equal weight take their turns
-/// together (in key order), so the scheduler's heap holds one entry per distinct weight.
+/// Runs the turns until every slot has an owner; a backend stops taking turns once it holds
+/// its cap. The caps sum to at least `M` (each is at least the quota), so the table fills:
+/// a slot stays free only while every backend that has probed it is already full.
+/// Backends of equal weight take their turns together (in key order), so the scheduler's
+/// heap holds one entry per distinct weight.
 fn fill(
     cursors: &mut [Cursor],
     weights: &[u32],
