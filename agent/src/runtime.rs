@@ -299,8 +299,26 @@ struct Supervisor {
     updates: mpsc::Sender<Update>,
     view: AgentView,
     registry: Arc<ClusterRegistry>,
-    running: BTreeMap<String, (ClusterEntry, CancellationToken)>,
+    running: BTreeMap<String, RunningWatcher>,
     cancel: CancellationToken,
+}
+
+/// A spawned watcher: its settings, its stop token and its task.
+struct RunningWatcher {
+    entry: ClusterEntry,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningWatcher {
+    /// Cancels the watcher and waits until its task has ended, so nothing it does
+    /// (a last update, a status change) can come after what the caller does next.
+    async fn stop(self, name: &str) {
+        self.cancel.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(cluster = %name, error = %e, "cluster watcher task failed");
+        }
+    }
 }
 
 impl Supervisor {
@@ -328,8 +346,8 @@ impl Supervisor {
                 }
             }
         }
-        for (_, (_, token)) in std::mem::take(&mut self.running) {
-            token.cancel();
+        for (name, watcher) in std::mem::take(&mut self.running) {
+            watcher.stop(&name).await;
         }
     }
 
@@ -342,12 +360,14 @@ impl Supervisor {
         let stop: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, (entry, _))| wanted.get(name.as_str()) != Some(&entry))
+            .filter(|(name, w)| wanted.get(name.as_str()) != Some(&&w.entry))
             .map(|(name, _)| name.clone())
             .collect();
         for name in stop {
-            if let Some((_, token)) = self.running.remove(&name) {
-                token.cancel();
+            // Stopped and awaited before its records and status are dropped: a watcher
+            // still finishing an event could otherwise bring the cluster back afterwards.
+            if let Some(watcher) = self.running.remove(&name) {
+                watcher.stop(&name).await;
             }
             self.registry.release(&name);
             let still_configured = wanted.contains_key(name.as_str());
@@ -378,7 +398,7 @@ impl Supervisor {
                 connect_timeout: self.options.connect_timeout,
             };
             tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
-            tokio::spawn(watcher::run(
+            let task = tokio::spawn(watcher::run(
                 wc,
                 self.updates.clone(),
                 self.view.clusters.clone(),
@@ -386,7 +406,14 @@ impl Supervisor {
                 Arc::clone(&self.view.metrics),
                 token.clone(),
             ));
-            self.running.insert(name.to_owned(), (entry.clone(), token));
+            self.running.insert(
+                name.to_owned(),
+                RunningWatcher {
+                    entry: entry.clone(),
+                    cancel: token,
+                    task,
+                },
+            );
         }
     }
 }

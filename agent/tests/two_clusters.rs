@@ -598,3 +598,130 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     east_raft.shutdown().await;
     west_raft.shutdown().await;
 }
+
+/// A cluster removed from the configuration while its watcher is busy applying events must
+/// stay removed: no late update or status change of the stopped watcher may bring it back.
+/// A single-threaded runtime makes the watcher and the supervisor interleave only at await
+/// points, so a watcher that was cancelled with an event already buffered gets to handle
+/// it on about every other removal (before the fix, that revived the cluster).
+#[tokio::test(flavor = "current_thread")]
+async fn removing_a_busy_cluster_never_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
+        .await
+        .unwrap();
+    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
+        .await
+        .unwrap();
+    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
+    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+    put_service(
+        east_store.as_ref(),
+        &service("east", &[("10.1.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(east_store.as_ref(), "east").await;
+    put_service(
+        west_store.as_ref(),
+        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(west_store.as_ref(), "west").await;
+    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (east_addr, west_addr) = (
+        east_listener.local_addr().unwrap(),
+        west_listener.local_addr().unwrap(),
+    );
+    let east = start_server(
+        Arc::clone(&east_store),
+        &ca,
+        "east",
+        1,
+        "10.1.0.0/16",
+        east_listener,
+    )
+    .await;
+    let west = start_server(
+        Arc::clone(&west_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        west_listener,
+    )
+    .await;
+
+    // West keeps rewriting its record, so its watcher always has events to handle.
+    let writing = CancellationToken::new();
+    let writer = tokio::spawn({
+        let (store, writing) = (Arc::clone(&west_store), writing.clone());
+        async move {
+            let svc = service("west", &[("10.2.0.5", true)], v1::Affinity::None);
+            while !writing.is_cancelled() {
+                put_service(store.as_ref(), &svc).await;
+            }
+        }
+    });
+
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, None);
+    let dp = Arc::new(RecordingDatapath::new());
+    let mut options = AgentOptions::new(&config, "n1");
+    options.config_poll = Duration::from_millis(20);
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        options,
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let east_only = BTreeSet::from(["east".to_owned()]);
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east only", || table_clusters(&dp) == east_only).await;
+
+    for round in 0..10 {
+        write_config(&config, dir.path(), east_addr, Some(west_addr));
+        eventually(&format!("west added ({round})"), || {
+            table_clusters(&dp) == both
+                && view
+                    .clusters
+                    .get("west")
+                    .is_some_and(|s| s.synced && s.connected)
+        })
+        .await;
+        write_config(&config, dir.path(), east_addr, None);
+        eventually(&format!("west removed ({round})"), || {
+            table_clusters(&dp) == east_only && view.clusters.get("west").is_none()
+        })
+        .await;
+        // A change queued after the removal: once it is programmed, whatever the stopped
+        // watcher might still have queued has been computed too.
+        let marker = format!("marker-{round}");
+        put_service(east_store.as_ref(), &marker_service(&marker)).await;
+        eventually(&format!("{marker} programmed"), || {
+            view.services().contains_key(&marker_id(&marker))
+        })
+        .await;
+        assert_eq!(
+            table_clusters(&dp),
+            east_only,
+            "west stays removed ({round})"
+        );
+        assert!(
+            view.clusters.get("west").is_none(),
+            "west's status stays removed ({round})"
+        );
+    }
+
+    writing.cancel();
+    writer.await.unwrap();
+    cancel.cancel();
+    let _ = agent.task.await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
