@@ -13,7 +13,8 @@
 //! * **Shares**: backend `i` with weight `w_i` of total `W` owns `slots_i` with
 //!   `|slots_i/M − w_i/W| ≤ 0.01`, i.e. within one *percentage point* of its weight share
 //!   (an absolute tolerance, not 1 % of the share). Every slot has an owner; terminating
-//!   and weight-0 backends own none.
+//!   and weight-0 backends own none; a backend whose exact share rounds to at least one
+//!   slot (largest-remainder quota ≥ 1) owns at least one.
 //! * **Stability**: removing one backend rarely moves another backend's slots ("moved" =
 //!   slots a remaining backend owned before and another backend owns after, over all slots
 //!   the remaining backends owned before). Measured over random inputs with the automatic
@@ -491,9 +492,9 @@ struct Bounds {
 }
 
 impl Bounds {
-    /// `cap = ⌊M·(w/W + 1/100)⌋`, `floor = ⌈M·(w/W − 1/100)⌉` (at least 0), in exact integer
-    /// arithmetic, so every count within the bounds has a share within one percentage
-    /// point of `w/W`. For tables smaller than 100 slots the bounds could leave no valid
+    /// `cap = ⌊M·(w/W + 1/100)⌋`, `floor = ⌈M·(w/W − 1/100)⌉` (at least 0; at least 1 when
+    /// the largest-remainder quota is), in exact integer arithmetic, so every count within
+    /// the bounds has a share within one percentage point of `w/W`. For tables smaller than 100 slots the bounds could leave no valid
     /// count; they are then widened to include the largest-remainder quota.
     fn new(weights: &[u32], m: u32) -> Self {
         let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
@@ -511,7 +512,9 @@ impl Bounds {
                 0
             };
             cap.push(high.max(q));
-            floor.push(low.min(q));
+            // A backend whose quota is a slot or more keeps at least one slot, even when
+            // the band alone would allow zero (weight share below one percentage point).
+            floor.push(low.min(q).max(q.min(1)));
         }
         Self { cap, floor }
     }
@@ -872,9 +875,14 @@ mod tests {
             .iter()
             .map(|&w| (mf * (f64::from(w) / total + 0.01)).floor() as u32)
             .collect();
+        let quota = quotas(&weights, m);
         let floor: Vec<u32> = weights
             .iter()
-            .map(|&w| (mf * (f64::from(w) / total - 0.01)).ceil().max(0.0) as u32)
+            .zip(&quota)
+            .map(|(&w, &q)| {
+                let band = (mf * (f64::from(w) / total - 0.01)).ceil().max(0.0) as u32;
+                band.max(q.min(1))
+            })
             .collect();
         let e = power_exponent(m);
         let slot_of = |pos: usize, turn: u64| -> usize {
@@ -981,6 +989,38 @@ mod tests {
             first.iter().all(|&s| table[s as usize] == 1),
             "{first:?} {table:?}"
         );
+    }
+
+    #[test]
+    fn a_light_backend_with_a_quota_keeps_a_slot() {
+        // Weight 1 next to weight-256 backends: a share below one slot's worth of the band,
+        // so the band alone would allow zero slots.
+        let b = Bounds::new(&[256, 256, 1], 509);
+        assert_eq!(quotas(&[256, 256, 1], 509)[2], 1);
+        assert_eq!(b.floor[2], 1);
+        for seed in 0..40u64 {
+            for heavy in 1..=12u32 {
+                let mut keys: Vec<WeightedKey<'_>> = (0..heavy)
+                    .map(|i| WeightedKey {
+                        key: key(i * 11, "east"),
+                        weight: 256,
+                    })
+                    .collect();
+                keys.push(WeightedKey {
+                    key: key(999, "west"),
+                    weight: 1,
+                });
+                let table = Maglev::new(seed).build_keys(&keys).unwrap();
+                let weights: Vec<u32> = keys.iter().map(|k| k.weight).collect();
+                // The light backend also sorts last by key.
+                let quota = quotas(&weights, table.len() as u32)[heavy as usize];
+                let owned = table.iter().filter(|&&i| i == heavy).count();
+                assert!(
+                    owned >= quota.min(1) as usize,
+                    "seed={seed} heavy={heavy} quota={quota} owned={owned}"
+                );
+            }
+        }
     }
 
     #[test]
