@@ -307,7 +307,12 @@ pub async fn run(
             SessionEnd::Retry(r) => (Phase::Backoff, r),
             SessionEnd::Refused(r) => (Phase::Refused, r),
         };
-        registry.release(&name);
+        // The cluster's ID and pod CIDRs stay claimed as long as its records are in force
+        // (until the stale TTL drops them, or the watcher ends), so another cluster
+        // cannot take them over while this one is merely unreachable.
+        if !progress.have_state {
+            registry.release(&name);
+        }
         metrics.reconnect(&name);
         tracing::warn!(cluster = %name, reason = %reason, "cluster watch ended; keeping last-known state and retrying");
         if std::mem::take(&mut progress.established) {
@@ -340,6 +345,7 @@ pub async fn run(
                 if updates.send(Update::DropCluster { cluster: name.clone() }).await.is_err() {
                     break;
                 }
+                registry.release(&name);
             }
         }
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use clustermesh_agent::datapath::{Datapath, LbServiceId};
 use clustermesh_agent::recording::RecordingDatapath;
 use clustermesh_agent::runtime::{Agent, AgentOptions, AgentView};
-use clustermesh_agent::watcher::Backoff;
+use clustermesh_agent::watcher::{Backoff, Phase};
 use clustermesh_api::keys::{service_key, synced_key, Kind};
 use clustermesh_api::v1;
 use clustermesh_certs::MeshCa;
@@ -177,6 +177,112 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts servers for east (ID 1, 10.1.0.0/16) and west (ID 2, 10.2.0.0/16) on fresh
+/// stores, each exporting a global `default/web` with one ready backend and synced.
+struct TwoClusters {
+    east_raft: LocalCluster,
+    west_raft: LocalCluster,
+    east_store: Arc<dyn Store>,
+    west_store: Arc<dyn Store>,
+    east: MeshServer,
+    west: MeshServer,
+    east_addr: SocketAddr,
+    west_addr: SocketAddr,
+}
+
+impl TwoClusters {
+    async fn start(dir: &Path, ca: &MeshCa) -> TwoClusters {
+        let east_raft = LocalCluster::start(1, &dir.join("east-store"), None)
+            .await
+            .unwrap();
+        let west_raft = LocalCluster::start(1, &dir.join("west-store"), None)
+            .await
+            .unwrap();
+        let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
+        let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+        for (store, cluster, ip) in [
+            (&east_store, "east", "10.1.0.5"),
+            (&west_store, "west", "10.2.0.5"),
+        ] {
+            put_service(
+                store.as_ref(),
+                &service(cluster, &[(ip, true)], v1::Affinity::None),
+            )
+            .await;
+            mark_synced(store.as_ref(), cluster).await;
+        }
+        let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (east_addr, west_addr) = (
+            east_listener.local_addr().unwrap(),
+            west_listener.local_addr().unwrap(),
+        );
+        let east = start_server(
+            Arc::clone(&east_store),
+            ca,
+            "east",
+            1,
+            "10.1.0.0/16",
+            east_listener,
+        )
+        .await;
+        let west = start_server(
+            Arc::clone(&west_store),
+            ca,
+            "west",
+            2,
+            "10.2.0.0/16",
+            west_listener,
+        )
+        .await;
+        TwoClusters {
+            east_raft,
+            west_raft,
+            east_store,
+            west_store,
+            east,
+            west,
+            east_addr,
+            west_addr,
+        }
+    }
+}
+
+/// A third cluster `south`: a server on a fresh store exporting `default/web` with backend
+/// 10.3.0.5, reporting ID `id` and pod CIDR `cidr` (which a test may make collide).
+async fn start_south(
+    dir: &Path,
+    ca: &MeshCa,
+    id: u32,
+    cidr: &str,
+) -> (LocalCluster, MeshServer, SocketAddr) {
+    let raft = LocalCluster::start(1, &dir.join("south-store"), None)
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(raft.store(0).unwrap());
+    put_service(
+        store.as_ref(),
+        &service("south", &[("10.3.0.5", true)], v1::Affinity::None),
+    )
+    .await;
+    mark_synced(store.as_ref(), "south").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = start_server(store, ca, "south", id, cidr, listener).await;
+    (raft, server, addr)
+}
+
+/// Agent options for the tests: quick retries and config polling.
+fn quick_options(config: &Path) -> AgentOptions {
+    let mut options = AgentOptions::new(config, "n1");
+    options.backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+    };
+    options.config_poll = Duration::from_millis(50);
+    options
 }
 
 /// The agent config for local cluster `east`, plus `west` when given.
@@ -721,6 +827,97 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
     cancel.cancel();
     let _ = agent.task.await;
     west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
+
+/// A cluster that is only unreachable keeps its records in force, so it also keeps its
+/// cluster ID and pod CIDRs: a newly configured cluster claiming them is refused, until
+/// the stale cluster's records are really dropped (here: removed from the configuration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    // South reports west's ID and a pod CIDR inside west's.
+    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.2.128.0/17").await;
+    let config = dir.path().join("agent.yaml");
+    let clusters = |west: bool, south: bool| {
+        let mut c = vec![("east", 1, east_addr.port())];
+        if west {
+            c.push(("west", 2, west_addr.port()));
+        }
+        if south {
+            // ID 0: not pinned in the configuration, so only the registry can object.
+            c.push(("south", 0, south_addr.port()));
+        }
+        c
+    };
+    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(true, false));
+    let dp = Arc::new(RecordingDatapath::new());
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        quick_options(&config),
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let set = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<BTreeSet<_>>()
+    };
+    eventually("east and west merged", || {
+        table_clusters(&dp) == set(&["east", "west"])
+    })
+    .await;
+
+    // West becomes unreachable: stale, its records kept.
+    west.stop().await;
+    eventually("west stale", || cluster_status(&view, "west").stale).await;
+
+    // South is added while west is stale: refused, nothing of it merged.
+    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(true, true));
+    eventually("south refused", || {
+        view.clusters.get("south").is_some_and(|s| {
+            s.phase == Phase::Refused && s.last_error.as_deref().is_some_and(|e| e.contains("west"))
+        })
+    })
+    .await;
+    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
+    eventually("east marker programmed", || {
+        view.services().contains_key(&marker_id("marker-1"))
+    })
+    .await;
+    assert_eq!(
+        table_clusters(&dp),
+        set(&["east", "west"]),
+        "south not merged"
+    );
+
+    // West is removed from the configuration: its records go, and so do its claims.
+    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(false, true));
+    eventually("south accepted in west's place", || {
+        table_clusters(&dp) == set(&["east", "south"])
+    })
+    .await;
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    south.stop().await;
+    south_raft.shutdown().await;
     east.stop().await;
     east_raft.shutdown().await;
     west_raft.shutdown().await;
