@@ -19,10 +19,10 @@
 //!   slots a remaining backend owned before and another backend owns after, over all slots
 //!   the remaining backends owned before). Measured over random inputs with the automatic
 //!   size `M ≥ 100·N` (`BENCHMARKS.md`, "Maglev"): from 21 backends on (`M ≥ 4093`) no
-//!   measured removal moved any; with 11 to 20 backends (`M = 2039`) the mean is below
-//!   0.1 % and about one removal in a thousand moves more than 1 % (at most 1.4 %); with
-//!   3 to 10 backends (`M` = 509 or 1021) the share band is only ±5 or ±10 slots, the
-//!   mean is 0.3–1.2 % and single removals move up to about 6 %.
+//!   measured removal moved more than 0.1 %; with 11 to 20 backends (`M = 2039`) the mean
+//!   is below 0.1 % and about one removal in a thousand moves more than 1 % (at most
+//!   1.4 %); with 3 to 10 backends (`M` = 509 or 1021) the share band is only ±5 or ±10
+//!   slots, the mean is 0.3–1.2 % and single removals move up to about 6 %.
 //! * Input order does not matter (backends are sorted by key) and the table is a pure
 //!   function of keys, weights, seed and `M` (no process-random hashing), so every agent
 //!   computes the same table.
@@ -42,7 +42,8 @@
 //!   exact quota (largest-remainder rounding of `M·w_i/W`). Exactness forces movement:
 //!   the freed slots of a removed backend land on the runners-up at random, so keeping
 //!   every count exact means re-balancing all the others, about `1/√M` of their slots
-//!   (measured 2.7 % mean, 9.3 % worst at 10 backends, M = 1021). Now a backend stops at
+//!   (measured at 10 backends, M = 1021: 2.7 % mean for the worst input, 9.3 % for the
+//!   worst single removal). Now a backend stops at
 //!   its cap `⌊M·(w_i/W + 1/100)⌋`, and after the fill every backend below its floor
 //!   `⌈M·(w_i/W − 1/100)⌉` takes the earliest slots of its own permutation from backends
 //!   above their floors (`raise_to_floors`). Bounds are computed in exact integer
@@ -69,10 +70,14 @@
 //!   work at all.
 //!
 //! The trade-off: shares are exact to one percentage point instead of one slot, in
-//! exchange for stability. Large tables are nearly unaffected (with `M ≥ 100·N` the band
-//! is at least `N` slots wide on each side while rendezvous counts vary by about ten);
-//! small services get the band's full width.
-//!
+//! exchange for stability. With `M ≥ 100·N` the band is at least `N` slots wide on each
+//! side while uncapped (rendezvous) counts vary by about ten slots, so from a few dozen
+//! backends on nobody is corrected and removals move nothing else. Small services pay:
+//! with 3 to 10 backends the band is narrower than that noise, several backends per table
+//! are corrected, and a removal changes each correction by about the square root of the
+//! number of slots that backend inherits — a few slots, against a 1 % budget of only 3 to
+//! 9 slots. No stateless rule we measured does better there (see `BENCHMARKS.md`).
+
 //! `offset` and `skip` come from one 64-bit xxh3 hash (seeded, configurable) of a stable
 //! key of the backend: address, port and cluster. The low 32 bits give
 //! `offset = h mod M`, the high 32 bits give `skip = h' mod (M − 1) + 1`; as `M` is prime,
