@@ -76,7 +76,8 @@
 //! with 3 to 10 backends the band is narrower than that noise, several backends per table
 //! are corrected, and a removal changes each correction by about the square root of the
 //! number of slots that backend inherits — a few slots, against a 1 % budget of only 3 to
-//! 9 slots. No stateless rule we measured does better there (see `BENCHMARKS.md`).
+//! 9 slots. None of the stateless variants we measured keeps every removal under 1 %
+//! there (see `BENCHMARKS.md`).
 
 //! `offset` and `skip` come from one 64-bit xxh3 hash (seeded, configurable) of a stable
 //! key of the backend: address, port and cluster. The low 32 bits give
