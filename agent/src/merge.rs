@@ -10,8 +10,12 @@
 //! * A **global** local service also uses the backends of every remote cluster whose
 //!   same-named service is global and **shared**. A local service with `shared=false`
 //!   still uses its own backends (and remote ones); it just isn't offered to others.
-//! * **Affinity** (from the local service): `local` uses the local ready backends if there
-//!   is any, else the remote ones; `remote` is the mirror; `none` uses all ready backends.
+//! * **Affinity** (from the local service), as Cilium's `SelectBackends`
+//!   (`pkg/clustermesh/selectbackends.go`): `local` uses the local ready backends if there
+//!   is any, else the remote ones; `remote` uses the remote ready backends, and the local
+//!   ones only when the remote clusters have no backend at all that is ready or
+//!   terminating (remote backends that are all draining leave no new-connection backend
+//!   rather than pulling traffic back home); `none` uses all ready backends.
 //! * **Topology tiers** (opt-in, `service.clustermesh.io/topology-aware: "true"`): among the
 //!   backends affinity allows, only the closest non-empty tier takes new connections:
 //!   same node > same zone (in this cluster) > this cluster > remote clusters.
@@ -146,7 +150,8 @@ where
                 }
             }
         }
-        let mut active = select(local.affinity, local.topology_aware, ready);
+        let remote_draining = draining.iter().any(|b| b.tier == Tier::Remote);
+        let mut active = select(local.affinity, local.topology_aware, ready, remote_draining);
         let active_tier = active.iter().map(|b| b.tier).max();
         active.extend(draining);
         active.sort_by(|a, b| {
@@ -163,13 +168,20 @@ where
 }
 
 /// Applies affinity, then (if enabled) the closest-tier rule, to the ready backends.
-fn select(affinity: Affinity, topology_aware: bool, ready: Vec<Backend>) -> Vec<Backend> {
+/// `remote_draining`: some remote backend is terminating (it counts as a remote backend
+/// for `remote` affinity, as in Cilium).
+fn select(
+    affinity: Affinity,
+    topology_aware: bool,
+    ready: Vec<Backend>,
+    remote_draining: bool,
+) -> Vec<Backend> {
     let (local, remote): (Vec<Backend>, Vec<Backend>) =
         ready.into_iter().partition(|b| b.tier != Tier::Remote);
     let mut pool = match affinity {
         Affinity::Local if !local.is_empty() => local,
         Affinity::Local => remote,
-        Affinity::Remote if !remote.is_empty() => remote,
+        Affinity::Remote if !remote.is_empty() || remote_draining => remote,
         Affinity::Remote => local,
         Affinity::None => {
             let mut all = local;
@@ -364,13 +376,38 @@ mod tests {
                 Some(Remote),
             ),
             (
-                "affinity remote falls back to local when no remote backend is ready",
+                "affinity remote falls back to local when no remote backend is ready or terminating",
                 vec![
                     svc("east", "gsR", &["10.0.0.1 n2 z2 R"]),
                     svc("west", "gs", &["10.1.0.1 m1 z9 N"]),
                 ],
                 &["east/10.0.0.1:1"],
                 Some(Cluster),
+            ),
+            (
+                "affinity remote with no remote service at all uses local",
+                vec![svc("east", "gsR", &["10.0.0.1 n2 z2 R"])],
+                &["east/10.0.0.1:1"],
+                Some(Cluster),
+            ),
+            (
+                "affinity remote: terminating remote backends count, no fallback to local (Cilium)",
+                vec![
+                    svc("east", "gsR", &["10.0.0.1 n2 z2 R"]),
+                    svc("west", "gs", &["10.1.0.1 m1 z9 T", "10.1.0.2 m1 z9 N"]),
+                ],
+                &["west/10.1.0.1:drain"],
+                None,
+            ),
+            (
+                "affinity remote: one ready remote backend among terminating ones serves alone",
+                vec![
+                    svc("east", "gsR", &["10.0.0.1 n2 z2 R"]),
+                    svc("west", "gs", &["10.1.0.1 m1 z9 T", "10.1.0.2 m1 z9 R"]),
+                    svc("north", "gs", &["10.2.0.1 k1 z8 T"]),
+                ],
+                &["north/10.2.0.1:drain", "west/10.1.0.1:drain", "west/10.1.0.2:1"],
+                Some(Remote),
             ),
             (
                 "no ready backend anywhere gives an empty active set",

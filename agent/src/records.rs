@@ -34,7 +34,8 @@ pub enum Affinity {
     None,
     /// Local cluster first; remote backends only when no local backend is ready.
     Local,
-    /// Remote clusters first; local backends only when no remote backend is ready.
+    /// Remote clusters first; local backends only when no remote cluster has a backend
+    /// that is ready or terminating (Cilium counts terminating remote backends).
     Remote,
 }
 
