@@ -26,7 +26,7 @@ use clustermesh_api::keys::{parse_key, Kind, MeshKey};
 use clustermesh_api::records::Record;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
-use clustermesh_certs::transport::MeshEndpoint;
+use clustermesh_certs::transport::{ConnectError, MeshEndpoint};
 use clustermesh_certs::{MeshTls, PeerIdentity, TlsPaths, TlsSource, TrustDomain};
 use rand::Rng;
 use serde::Serialize;
@@ -401,7 +401,16 @@ async fn session(
     };
     let channel = match endpoint.connect().await {
         Ok(c) => c,
-        Err(e) => return SessionEnd::Retry(format!("connect {target}: {e}")),
+        Err(e) => {
+            // A verified mesh server that is another cluster: the address is wrong, not
+            // the network; retrying fast would not help.
+            if let Some(ConnectError::UnexpectedPeer { got, expected, .. }) = unexpected_peer(&e) {
+                return SessionEnd::Refused(format!(
+                    "server at {target} is {got}, but cluster {name} must be {expected}; the address belongs to another cluster, fix the endpoint in the agent config"
+                ));
+            }
+            return SessionEnd::Retry(format!("connect {target}: {e}"));
+        }
     };
     let mut client = MeshApiClient::new(channel);
     let info = match client.get_cluster_info(v1::GetClusterInfoRequest {}).await {
@@ -527,6 +536,19 @@ async fn session(
             });
         }
     }
+}
+
+/// The `UnexpectedPeer` error in `e` or its sources (tonic wraps what the connector
+/// returned).
+fn unexpected_peer(e: &ConnectError) -> Option<&ConnectError> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(found @ ConnectError::UnexpectedPeer { .. }) = err.downcast_ref() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
 }
 
 /// The service name in `key`, if it is a service key of cluster `name`.

@@ -920,3 +920,89 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
     east_raft.shutdown().await;
     west_raft.shutdown().await;
 }
+
+/// Clusters that are not who the configuration says are refused, with a status that says
+/// why, and none of their records are merged: an endpoint that answers with another
+/// cluster's certificate (refused at the TLS level), and a server that reports another
+/// connected cluster's ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostor_clusters_are_refused_with_a_clear_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    // South reports west's ID (its certificate and name are south's own).
+    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
+    let config = dir.path().join("agent.yaml");
+    let write = |south_port: Option<u16>| {
+        let mut c = vec![("east", 1, east_addr.port()), ("west", 2, west_addr.port())];
+        if let Some(port) = south_port {
+            c.push(("south", 0, port));
+        }
+        mesh::write_agent_config(&config, dir.path(), TD, "east", &c);
+    };
+    write(None);
+    let dp = Arc::new(RecordingDatapath::new());
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        quick_options(&config),
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let east_west = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east and west merged", || table_clusters(&dp) == east_west).await;
+
+    let refused_for = |needle: &'static str| {
+        let view = view.clone();
+        move || {
+            view.clusters.get("south").is_some_and(|s| {
+                s.phase == Phase::Refused
+                    && !s.connected
+                    && !s.synced
+                    && s.last_error.as_deref().is_some_and(|e| e.contains(needle))
+            })
+        }
+    };
+
+    // South's address actually serves west: the TLS identity is west's.
+    write(Some(west_addr.port()));
+    eventually(
+        "south refused: the endpoint is west",
+        refused_for("cluster/west"),
+    )
+    .await;
+    let error = cluster_status(&view, "south").last_error.unwrap();
+    assert!(error.contains("fix the endpoint"), "{error}");
+
+    // South's real server, reporting west's cluster ID.
+    write(Some(south_addr.port()));
+    eventually("south refused: west's ID", refused_for("cluster ID 2")).await;
+    let error = cluster_status(&view, "south").last_error.unwrap();
+    assert!(error.contains("west"), "{error}");
+
+    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
+    eventually("east marker programmed", || {
+        view.services().contains_key(&marker_id("marker-1"))
+    })
+    .await;
+    assert_eq!(table_clusters(&dp), east_west, "nothing of south merged");
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    south.stop().await;
+    south_raft.shutdown().await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
