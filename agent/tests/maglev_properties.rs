@@ -204,6 +204,50 @@ proptest! {
     }
 }
 
+/// The share band also holds for the large automatic sizes the proptests above do not reach
+/// (M = 16381 … 131071), with weights up to the annotation's maximum of 256.
+#[test]
+fn slot_shares_are_within_one_percentage_point_in_large_tables() {
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    for n in [100u32, 200, 400, 700, 1300] {
+        let keys: Vec<WeightedKey<'static>> = (0..n)
+            .map(|i| WeightedKey {
+                key: BackendKey {
+                    ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                    port: 8080,
+                    cluster: CLUSTERS[(i % 3) as usize],
+                },
+                weight: 1 + (next() % 256) as u32,
+            })
+            .collect();
+        let table = Maglev::new(next()).build_keys(&keys).unwrap();
+        assert_eq!(table.len() as u32, auto_table_size(n as usize));
+        let m = table.len() as f64;
+        let total: f64 = keys.iter().map(|k| f64::from(k.weight)).sum();
+        let mut counts = vec![0u32; keys.len()];
+        for &i in &table {
+            counts[i as usize] += 1;
+        }
+        for (k, &c) in keys.iter().zip(&counts) {
+            let (share, want) = (f64::from(c) / m, f64::from(k.weight) / total);
+            assert!(
+                (share - want).abs() <= 0.01,
+                "n={n}: share {share} want {want}"
+            );
+            // A share worth a whole slot or more always gets one.
+            if m * want >= 1.0 {
+                assert!(c > 0, "n={n}: weight {} got no slot", k.weight);
+            }
+        }
+    }
+}
+
 /// The table for a fixed input and seed is pinned: a different build, platform or process
 /// producing another table would make nodes disagree on backends. The golden value was
 /// computed by this implementation once; changing the key encoding, hash, or turn order
