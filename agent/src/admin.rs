@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::datapath::{BackendState, Frontend, Protocol, Tier};
+use crate::records::Affinity;
 use crate::runtime::AgentView;
 use crate::watcher::ClusterStatus;
 
@@ -55,6 +56,8 @@ pub struct ServiceBody {
     pub port_name: String,
     /// Frontends, e.g. `10.96.0.10:80/TCP`.
     pub frontends: Vec<String>,
+    /// Affinity of the service: `local`, `remote` or `none`.
+    pub affinity: String,
     /// Tier currently serving (`node`, `zone`, `cluster`, `remote`, or `none`).
     pub active_tier: String,
     /// Maglev table size (0: no usable backend).
@@ -86,6 +89,14 @@ fn tier_name(t: Tier) -> &'static str {
         Tier::Zone => "zone",
         Tier::Cluster => "cluster",
         Tier::Remote => "remote",
+    }
+}
+
+fn affinity_name(a: Affinity) -> &'static str {
+    match a {
+        Affinity::None => "none",
+        Affinity::Local => "local",
+        Affinity::Remote => "remote",
     }
 }
 
@@ -133,6 +144,7 @@ pub fn services(view: &AgentView) -> Vec<ServiceBody> {
                 name: s.lb.id.name.clone(),
                 port_name: s.lb.id.port_name.clone(),
                 frontends: s.lb.frontends.iter().map(frontend).collect(),
+                affinity: affinity_name(s.affinity).to_owned(),
                 active_tier: s.active_tier.map_or("none", tier_name).to_owned(),
                 table_size: s.lb.table.len(),
                 backends: s
@@ -284,6 +296,85 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
+    }
+
+    /// What `clustermesh service list` and `status` print comes from these fields: one
+    /// row per service port with its port name and the service's affinity, and each
+    /// cluster's phase (so a refused cluster shows as refused).
+    #[test]
+    fn bodies_carry_affinity_port_names_and_phase() {
+        use crate::datapath::Protocol;
+        use crate::desired::DesiredState;
+        use crate::maglev::Maglev;
+        use crate::merge::Locality;
+        use crate::records::{BackendRecord, PortSpec, ServiceName, ServiceRecord};
+        use crate::watcher::Phase;
+
+        let port = |name: &str, port: u16, protocol| PortSpec {
+            name: name.into(),
+            port,
+            protocol,
+        };
+        let record = ServiceRecord {
+            cluster: "east".into(),
+            name: ServiceName {
+                namespace: "default".into(),
+                name: "dns".into(),
+            },
+            frontends: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![
+                port("tcp", 53, Protocol::Tcp),
+                port("udp", 53, Protocol::Udp),
+            ],
+            backends: vec![BackendRecord {
+                ip: "10.1.0.5".parse().unwrap(),
+                ports: vec![
+                    port("tcp", 5353, Protocol::Tcp),
+                    port("udp", 5353, Protocol::Udp),
+                ],
+                ready: true,
+                terminating: false,
+                node: "n2".into(),
+                zone: String::new(),
+                weight: 1,
+            }],
+            global: true,
+            shared: true,
+            affinity: Affinity::Remote,
+            topology_aware: false,
+        };
+        let here = Locality {
+            cluster: "east".into(),
+            node: "n1".into(),
+            zone: String::new(),
+        };
+        let mut desired = DesiredState::new(here, Maglev::default());
+        desired.upsert(record);
+        desired.compute();
+        let view = AgentView::default();
+        *view.services.write().unwrap() = Arc::new(desired.services().clone());
+        view.clusters.update("south", |s| {
+            s.phase = Phase::Refused;
+            s.last_error = Some("reports cluster ID 2, which cluster west already uses".into());
+        });
+
+        let body = serde_json::to_value(services(&view)).unwrap();
+        let rows: Vec<(&str, &str, &str)> = body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap(),
+                    s["port_name"].as_str().unwrap(),
+                    s["affinity"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(rows, [("dns", "tcp", "remote"), ("dns", "udp", "remote")]);
+        let body = serde_json::to_value(status(&view)).unwrap();
+        assert_eq!(body["clusters"][0]["name"], "south");
+        assert_eq!(body["clusters"][0]["phase"], "refused");
     }
 
     #[tokio::test]

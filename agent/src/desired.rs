@@ -20,7 +20,7 @@ use crate::datapath::{
 };
 use crate::maglev::Maglev;
 use crate::merge::{merge_service, Locality, MergedService};
-use crate::records::{ServiceName, ServiceRecord};
+use crate::records::{Affinity, ServiceName, ServiceRecord};
 
 /// Below this many table builds in one compute, building on the calling thread is faster
 /// than spawning threads.
@@ -33,6 +33,8 @@ pub struct ServiceState {
     pub lb: LbService,
     /// The farthest tier taking new connections (`None`: no usable backend).
     pub active_tier: Option<Tier>,
+    /// The service's affinity (shown by the admin API; the datapath sees its effect).
+    pub affinity: Affinity,
 }
 
 /// Counters of what [`DesiredState::compute`] did (for metrics and tests).
@@ -171,11 +173,14 @@ impl DesiredState {
                 self.ports_of.insert(name.clone(), new_ids);
             }
             for m in merged {
-                match self.services.get(&m.id) {
+                match self.services.get_mut(&m.id) {
                     Some(cur) if same_backends(&cur.lb.backends, &m.backends) => {
                         if cur.lb.frontends != m.frontends || cur.active_tier != m.active_tier {
                             let table = Arc::clone(&cur.lb.table);
                             unchanged_tables.push((m, table));
+                        } else if cur.affinity != m.affinity {
+                            // Same backends and frontends: nothing for the datapath.
+                            cur.affinity = m.affinity;
                         }
                     }
                     _ => jobs.push(m),
@@ -212,6 +217,7 @@ impl DesiredState {
                 table,
             },
             active_tier: m.active_tier,
+            affinity: m.affinity,
         };
         self.unsynced.insert(m.id.clone());
         self.services.insert(m.id, state);
@@ -474,6 +480,20 @@ mod tests {
         assert!(st.has_pending());
         assert_eq!(st.flush(&dp).unwrap(), 1);
         assert!(dp.service(&id("a")).is_some());
+    }
+
+    #[test]
+    fn an_affinity_change_that_selects_the_same_backends_only_updates_the_view() {
+        let mut st = DesiredState::new(here(), Maglev::default());
+        let dp = RecordingDatapath::new();
+        st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::None));
+        st.compute();
+        st.flush(&dp).unwrap();
+        // Only local backends exist: `local` selects exactly what `none` did.
+        st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::Local));
+        st.compute();
+        assert_eq!(st.flush(&dp).unwrap(), 0, "nothing for the datapath");
+        assert_eq!(st.services()[&id("a")].affinity, Affinity::Local);
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct MergedService {
     pub backends: Vec<Backend>,
     /// The farthest tier that takes new connections; `None` when no backend is usable.
     pub active_tier: Option<Tier>,
+    /// The affinity that selected the backends (the local service's).
+    pub affinity: Affinity,
 }
 
 /// Merges the records of one service (any order, at most one per cluster; the local
@@ -162,6 +164,7 @@ where
             frontends,
             backends: active,
             active_tier,
+            affinity: local.affinity,
         });
     }
     out

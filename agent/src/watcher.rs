@@ -147,7 +147,7 @@ impl StatusBoard {
         self.lock().get(cluster).cloned()
     }
 
-    fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterStatus)) {
+    pub(crate) fn update(&self, cluster: &str, f: impl FnOnce(&mut ClusterStatus)) {
         let mut all = self.lock();
         f(all
             .entry(cluster.to_owned())

@@ -574,6 +574,10 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     let services = clustermesh_agent::admin::services(&view);
     let web_body = services.iter().find(|s| s.name == "web").unwrap();
     assert_eq!(web_body.active_tier, "remote");
+    assert_eq!(
+        (web_body.port_name.as_str(), web_body.affinity.as_str()),
+        ("http", "local")
+    );
     assert!(web_body
         .backends
         .iter()

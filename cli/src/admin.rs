@@ -70,6 +70,10 @@ pub struct AgentStatus {
 pub struct ClusterStatus {
     /// Cluster name.
     pub name: String,
+    /// The agent's watcher phase: `connecting`, `syncing`, `watching`, `backoff`, or
+    /// `refused` (the cluster is not who the configuration says, or is misconfigured;
+    /// `last_error` says why). Empty from agents that do not report it.
+    pub phase: String,
     /// The watch stream is established.
     pub connected: bool,
     /// Every kind's initial state has been received.
@@ -90,6 +94,8 @@ pub struct ServiceStatus {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// Service port name (one element per service port; "" for a single unnamed port).
+    pub port_name: String,
     /// Frontends, e.g. `10.96.0.10:80/TCP`.
     pub frontends: Vec<String>,
     /// `local`, `remote` or `none`.
@@ -296,6 +302,30 @@ mod tests {
         .unwrap();
         assert_eq!(s.clusters[0].name, "c2");
         assert!(!s.clusters[0].synced);
+        assert_eq!(s.clusters[0].phase, "");
+    }
+
+    /// The agent's bodies (shapes of `clustermesh-agent`'s admin `StatusBody` and
+    /// `ServiceBody`) decode with the fields `status` and `service list` print.
+    #[test]
+    fn agent_bodies_decode_phase_port_name_and_affinity() {
+        let s: AgentStatus = serde_json::from_str(
+            r#"{"node":"n1","local_cluster":"east","services":2,"reconcile_rounds":7,
+                "clusters":[{"name":"south","phase":"refused","connected":false,"synced":false,
+                "stale":false,"revision":0,"last_error":"reports cluster ID 2, which cluster west already uses",
+                "endpoint":"localhost:1","decode_errors":0,"refused_records":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.clusters[0].phase, "refused");
+        let v: Vec<ServiceStatus> = serde_json::from_str(
+            r#"[{"namespace":"default","name":"dns","port_name":"udp","frontends":["10.96.0.10:53/UDP"],
+                "affinity":"remote","active_tier":"remote","table_size":251,"backends":[]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (v[0].port_name.as_str(), v[0].affinity.as_str()),
+            ("udp", "remote")
+        );
     }
 
     proptest! {

@@ -744,11 +744,12 @@ async fn ask_agent<T: serde::de::DeserializeOwned>(
     Err(last.map_or(CliError::NoAgent, CliError::Admin))
 }
 
+/// One row per service port: a multi-port service shows one row per port name.
 fn services_table(source: &str, services: &[ServiceStatus]) -> String {
     let mut out = format!("# from agent {source}\n");
     out.push_str(&format!(
-        "{:<32} {:<24} {:<8} {:<8} BACKENDS\n",
-        "SERVICE", "FRONTENDS", "AFFINITY", "TIER"
+        "{:<32} {:<10} {:<24} {:<8} {:<8} BACKENDS\n",
+        "SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"
     ));
     for s in services {
         let backends: Vec<String> = s
@@ -762,8 +763,13 @@ fn services_table(source: &str, services: &[ServiceStatus]) -> String {
             })
             .collect();
         out.push_str(&format!(
-            "{:<32} {:<24} {:<8} {:<8} {}\n",
+            "{:<32} {:<10} {:<24} {:<8} {:<8} {}\n",
             format!("{}/{}", s.namespace, s.name),
+            if s.port_name.is_empty() {
+                "-"
+            } else {
+                &s.port_name
+            },
             s.frontends.join(","),
             s.affinity,
             s.active_tier,
@@ -800,4 +806,65 @@ fn bpf_table(source: &str, entries: &[BpfLbEntry]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::BackendStatus;
+
+    #[test]
+    fn service_list_shows_port_and_affinity_per_row() {
+        let row = |port: &str, frontend: &str| ServiceStatus {
+            namespace: "default".into(),
+            name: "dns".into(),
+            port_name: port.into(),
+            frontends: vec![frontend.into()],
+            affinity: "remote".into(),
+            active_tier: "remote".into(),
+            backends: vec![BackendStatus {
+                cluster: "west".into(),
+                address: "10.2.0.5:5353".into(),
+                state: "active".into(),
+                tier: "remote".into(),
+                weight: 1,
+            }],
+        };
+        let table = services_table(
+            "/run/agent.sock",
+            &[
+                row("tcp", "10.96.0.10:53/TCP"),
+                row("udp", "10.96.0.10:53/UDP"),
+            ],
+        );
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0][..5],
+            ["SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"]
+        );
+        assert_eq!(
+            lines[1][..5],
+            [
+                "default/dns",
+                "tcp",
+                "10.96.0.10:53/TCP",
+                "remote",
+                "remote"
+            ]
+        );
+        assert_eq!(
+            lines[2][..5],
+            [
+                "default/dns",
+                "udp",
+                "10.96.0.10:53/UDP",
+                "remote",
+                "remote"
+            ]
+        );
+    }
 }

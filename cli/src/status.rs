@@ -205,6 +205,9 @@ pub fn cluster_lines(configured: &[String], agent: &AgentStatus) -> String {
                 } else {
                     "disconnected"
                 }];
+                if c.phase == "refused" {
+                    st.push("refused");
+                }
                 if c.synced {
                     st.push("synced");
                 }
@@ -429,6 +432,25 @@ mod tests {
             },
             agents,
         }
+    }
+
+    #[test]
+    fn a_refused_cluster_shows_as_refused_with_the_reason() {
+        let agent = AgentStatus {
+            node: "n1".into(),
+            local_cluster: "c1".into(),
+            clusters: vec![ClusterStatus {
+                name: "c3".into(),
+                phase: "refused".into(),
+                last_error: Some("reports cluster ID 2, which cluster c2 already uses".into()),
+                ..Default::default()
+            }],
+        };
+        let lines = cluster_lines(&["c3".to_owned()], &agent);
+        assert!(
+            lines.contains("disconnected, refused rev 0 last error: reports cluster ID 2"),
+            "{lines}"
+        );
     }
 
     #[test]
