@@ -404,7 +404,7 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
             match cli.output {
                 Output::Json => json(&r),
                 Output::Table => Ok(format!(
-                    "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied, mesh API Service type {}{}\n{}  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
+                    "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied{}, mesh API Service type {}{}\n{}  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
                     if r.upgraded { "upgraded" } else { "enabled" },
                     r.cluster,
                     r.id,
@@ -412,6 +412,11 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                     r.context,
                     if r.ca_created { "new" } else { "existing" },
                     r.applied.len(),
+                    if r.pruned.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", removed {} no longer rendered", r.pruned.join(" "))
+                    },
                     r.service_type.as_str(),
                     if r.connected.is_empty() {
                         String::new()

@@ -1276,3 +1276,120 @@ async fn stored_overrides_that_are_refused_now_say_how_to_remove_them() {
         assert_unchanged(&before, &content(&m.east));
     }
 }
+
+fn statefulset_path() -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/statefulsets/clustermesh-apiserver")
+}
+
+fn peers_service_path() -> String {
+    format!("/api/v1/namespaces/{NS}/services/clustermesh-apiserver-peers")
+}
+
+/// Paths of every stored object.
+fn paths(fake: &FakeKube) -> std::collections::BTreeSet<String> {
+    fake.snapshot().into_keys().collect()
+}
+
+/// Paths of the DELETE requests received since the last `clear_requests`.
+fn deletes(fake: &FakeKube) -> Vec<String> {
+    fake.requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect()
+}
+
+#[tokio::test]
+async fn upgrades_between_one_and_three_apiserver_replicas_remove_the_other_workload() {
+    let m = mesh().await;
+    m.enabled("east", "east", "1", "NodePort").await;
+    // Objects that look like the mesh's but are not this release's: a user's ConfigMap
+    // with two of the chart's labels, and another namespace's install's ClusterRole.
+    m.east.insert(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "user-notes", "namespace": NS, "labels": {
+            "app.kubernetes.io/part-of": "clustermesh", "clustermesh.io/cluster": "east"}},
+        "data": {"k": "v"},
+    }));
+    m.east.insert(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "clustermesh-apiserver-other-ns", "labels": {
+            "app.kubernetes.io/part-of": "clustermesh", "app.kubernetes.io/instance": "clustermesh",
+            "clustermesh.io/cluster": "east"}},
+        "rules": [],
+    }));
+    let one = paths(&m.east);
+    assert!(one.contains(&deployment_path()), "{one:?}");
+    assert!(!one.contains(&statefulset_path()), "{one:?}");
+
+    m.east.clear_requests();
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--set",
+            "apiserver.replicas=3",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("removed Deployment/clustermesh-apiserver no longer rendered"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(deletes(&m.east), vec![deployment_path()]);
+    let three = paths(&m.east);
+    let mut expected = one.clone();
+    expected.remove(&deployment_path());
+    expected.insert(statefulset_path());
+    expected.insert(peers_service_path());
+    assert_eq!(three, expected);
+    let svc = m.east.object(&service_path()).unwrap();
+    let sts = m.east.object(&statefulset_path()).unwrap();
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/name"],
+        sts["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+    );
+
+    m.east.clear_requests();
+    let r = m
+        .cli(&[
+            "--context",
+            "east",
+            "-o",
+            "json",
+            "enable",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--set",
+            "apiserver.replicas=1",
+        ])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        report["pruned"],
+        json!([
+            "StatefulSet/clustermesh-apiserver",
+            "Service/clustermesh-apiserver-peers"
+        ])
+    );
+    let mut gone = deletes(&m.east);
+    gone.sort();
+    assert_eq!(gone, vec![peers_service_path(), statefulset_path()]);
+    assert_eq!(paths(&m.east), one);
+
+    // A plain re-run deletes nothing.
+    m.east.clear_requests();
+    m.enabled("east", "east", "1", "NodePort").await;
+    assert!(deletes(&m.east).is_empty(), "{:?}", deletes(&m.east));
+}

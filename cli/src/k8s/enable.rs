@@ -79,6 +79,8 @@ pub struct EnableReport {
     pub connected: Vec<String>,
     /// Chart objects applied, as `Kind/name`.
     pub applied: Vec<String>,
+    /// Objects of an earlier release the chart no longer renders, deleted, as `Kind/name`.
+    pub pruned: Vec<String>,
     /// The chart value overrides now stored (`--set`/`--values` of this and earlier runs).
     pub values: serde_json::Value,
 }
@@ -340,6 +342,7 @@ pub async fn enable(
             obj.metadata.name.clone().unwrap_or_default()
         ));
     }
+    let pruned = prune(&objs, &opts.name, &objects).await?;
     // Last: its presence means "enabled".
     let cm = ConfigMap {
         metadata: ObjectMeta {
@@ -363,8 +366,67 @@ pub async fn enable(
         ca_created,
         connected: remotes.into_iter().map(|r| r.name).collect(),
         applied,
+        pruned,
         values: config.values,
     })
+}
+
+/// Objects the CLI writes itself; never pruned, whatever labels they carry.
+const CLI_OWNED: &[&str] = &[
+    CA_SECRET,
+    SERVER_SECRET,
+    CLIENT_SECRET,
+    ADMIN_SECRET,
+    CA_BUNDLE_SECRET,
+    CONFIG_MAP,
+];
+
+/// Labels that select this cluster's chart objects: the chart's own labels (the CLI's
+/// objects carry no `app.kubernetes.io/instance`).
+fn chart_labels(cluster: &str) -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([
+        (PART_OF_LABEL.to_string(), "clustermesh".to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            super::objects::RELEASE_NAME.to_string(),
+        ),
+        (CLUSTER_LABEL.to_string(), cluster.to_string()),
+    ])
+}
+
+/// After an upgrade: deletes this release's objects that the chart no longer renders
+/// (e.g. the Deployment once `apiserver.replicas` > 1 renders a StatefulSet, or the
+/// StatefulSet and its peers Service when going back to one replica), so two workloads
+/// never sit behind one Service. Workloads go first (reverse apply order). Objects the
+/// CLI writes itself are kept. Returns what was deleted, as `Kind/name`.
+async fn prune(
+    objs: &Objects<'_>,
+    cluster: &str,
+    applied: &[(&'static super::objects::KindInfo, DynamicObject)],
+) -> Result<Vec<String>, KubeModeError> {
+    let labels = chart_labels(cluster);
+    // Cluster-scoped objects of the chart end in `-<namespace>`; one in another namespace's
+    // install (same cluster name) is not ours.
+    let ns_suffix = format!("-{}", objs.namespace());
+    let mut pruned = Vec::new();
+    for kind in KINDS.iter().rev() {
+        let mut keep: Vec<&str> = CLI_OWNED.to_vec();
+        keep.extend(
+            applied
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .filter_map(|(_, o)| o.metadata.name.as_deref()),
+        );
+        let ours = |name: &str| kind.namespaced || name.ends_with(&ns_suffix);
+        for name in objs
+            .delete_labelled_if(kind, &labels, |name| !keep.contains(&name) && ours(name))
+            .await?
+        {
+            tracing::info!(kind = kind.kind, %name, "pruned an object the chart no longer renders");
+            pruned.push(format!("{}/{name}", kind.kind));
+        }
+    }
+    Ok(pruned)
 }
 
 /// What `disable` did.

@@ -451,6 +451,18 @@ impl<'a> Objects<'a> {
         labels: &BTreeMap<String, String>,
         keep: &[&str],
     ) -> Result<Vec<String>, KubeModeError> {
+        self.delete_labelled_if(kind, labels, |name| !keep.contains(&name))
+            .await
+    }
+
+    /// Deletes every object of `kind` carrying all `labels` (namespaced kinds: in this
+    /// namespace) whose name `delete` accepts. Returns the names deleted.
+    pub async fn delete_labelled_if(
+        &self,
+        kind: &KindInfo,
+        labels: &BTreeMap<String, String>,
+        delete: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, KubeModeError> {
         let api = self.dynamic_api(kind);
         let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let err = |action: &'static str, object: String, e: &kube::Error| KubeModeError::Api {
@@ -469,7 +481,7 @@ impl<'a> Objects<'a> {
             let Some(name) = item.metadata.name else {
                 continue;
             };
-            if keep.contains(&name.as_str()) {
+            if !delete(&name) {
                 continue;
             }
             match api.delete(&name, &DeleteParams::default()).await {
