@@ -306,6 +306,8 @@ struct Supervisor {
 /// A spawned watcher: its settings, its stop token and its task.
 struct RunningWatcher {
     entry: ClusterEntry,
+    /// The client certificate and key paths it was started with.
+    client: (PathBuf, PathBuf),
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -352,6 +354,7 @@ impl Supervisor {
     }
 
     async fn sync_watchers(&mut self, config: &AgentConfig) {
+        let client = (config.cert_file.clone(), config.key_file.clone());
         let wanted: BTreeMap<&str, &ClusterEntry> = config
             .clusters
             .iter()
@@ -360,7 +363,10 @@ impl Supervisor {
         let stop: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, w)| wanted.get(name.as_str()) != Some(&&w.entry))
+            .filter(|(name, w)| {
+                // The client certificate is part of every watcher's settings.
+                wanted.get(name.as_str()) != Some(&&w.entry) || w.client != client
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stop {
@@ -410,6 +416,7 @@ impl Supervisor {
                 name.to_owned(),
                 RunningWatcher {
                     entry: entry.clone(),
+                    client: client.clone(),
                     cancel: token,
                     task,
                 },

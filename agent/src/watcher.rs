@@ -294,7 +294,11 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let name = config.entry.name.clone();
-    status.update(&name, |s| s.phase = Phase::Connecting);
+    status.update(&name, |s| {
+        // A restarted watcher inherits the status of the one before; it has no session.
+        s.phase = Phase::Connecting;
+        s.connected = false;
+    });
     let mut progress = Progress::default();
     let mut disconnected_since: Option<Instant> = None;
     loop {

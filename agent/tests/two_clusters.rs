@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clustermesh_agent::config::AgentConfig;
 use clustermesh_agent::datapath::{Datapath, LbServiceId};
 use clustermesh_agent::recording::RecordingDatapath;
 use clustermesh_agent::runtime::{Agent, AgentOptions, AgentView};
@@ -1005,6 +1006,73 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
     let _ = agent.task.await;
     south.stop().await;
     south_raft.shutdown().await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
+
+/// The client certificate moves to new paths (the old files are deleted) and the config
+/// file is updated: every watcher picks up the new paths, so a later reconnect works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_certificate_path_applies_to_every_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        mut east,
+        mut west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    let dp = Arc::new(RecordingDatapath::new());
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        quick_options(&config),
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east and west merged", || table_clusters(&dp) == both).await;
+
+    // Move the client certificate and key; point the config at the new files.
+    let moved = dir.path().join("rotated");
+    std::fs::create_dir(&moved).unwrap();
+    let mut cfg = AgentConfig::load(&config).unwrap();
+    for old in [&mut cfg.cert_file, &mut cfg.key_file] {
+        let new = moved.join(old.file_name().unwrap());
+        std::fs::copy(&*old, &new).unwrap();
+        std::fs::remove_file(&*old).unwrap();
+        *old = new;
+    }
+    let tmp = config.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    std::fs::rename(&tmp, &config).unwrap();
+
+    // Both servers drop their connections; the agent must reconnect with the new files.
+    east.stop_serving().await;
+    west.stop_serving().await;
+    eventually("both disconnected", || {
+        view.clusters.snapshot().iter().all(|s| !s.connected)
+    })
+    .await;
+    east.serve_again(tokio::net::TcpListener::bind(east_addr).await.unwrap());
+    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    eventually("both reconnected with the moved certificate", || {
+        let all = view.clusters.snapshot();
+        all.len() == 2 && all.iter().all(|s| s.connected && s.synced)
+    })
+    .await;
+    assert_eq!(table_clusters(&dp), both);
+
+    cancel.cancel();
+    let _ = agent.task.await;
     west.stop().await;
     east.stop().await;
     east_raft.shutdown().await;
