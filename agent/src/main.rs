@@ -145,7 +145,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(addr) = args.http_listen {
         let listener = http::bind(addr).await?;
-        tokio::spawn(http::serve(listener, agent.view.clone(), cancel.clone()));
+        tokio::spawn(http::serve(
+            listener,
+            agent.view.clone(),
+            bpf_hook.clone(),
+            cancel.clone(),
+        ));
     }
     let admin_cancel = cancel.clone();
     let admin_task = tokio::spawn({
