@@ -208,12 +208,16 @@ impl ClusterRegistry {
     }
 }
 
-/// Reconnect delays: exponential from `initial` to `max`, each with ±50 % jitter.
+/// Reconnect delays: exponential from `initial`, capped at `max`, then scaled by a random
+/// factor in [0.5, 1) ("equal jitter", M. Brooker, "Exponential Backoff And Jitter", AWS
+/// Architecture Blog, 2015). Jitter is applied after the cap, so agents that have all
+/// reached the cap still spread their retries over [max/2, max) instead of retrying in
+/// step at `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
-    /// First delay.
+    /// First delay (before jitter).
     pub initial: Duration,
-    /// Largest delay.
+    /// Largest delay (before jitter).
     pub max: Duration,
 }
 
@@ -230,13 +234,32 @@ impl Backoff {
     /// Delay before retry number `attempt` (1-based).
     #[must_use]
     pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_with(attempt, &mut rand::thread_rng())
+    }
+
+    /// Delay before retrying a refused cluster: the cap, jittered like any other delay.
+    #[must_use]
+    pub fn refused_delay(&self) -> Duration {
+        self.refused_delay_with(&mut rand::thread_rng())
+    }
+
+    /// [`Self::delay`] with the given random source.
+    pub fn delay_with(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
         let exp = self
             .initial
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let base = exp.min(self.max);
-        let jitter: f64 = rand::thread_rng().gen_range(0.5..1.5);
-        base.mul_f64(jitter).min(self.max)
+        jitter(exp.min(self.max), rng)
     }
+
+    /// [`Self::refused_delay`] with the given random source.
+    pub fn refused_delay_with(&self, rng: &mut impl Rng) -> Duration {
+        jitter(self.max, rng)
+    }
+}
+
+/// `base` scaled by a uniform factor in [0.5, 1).
+fn jitter(base: Duration, rng: &mut impl Rng) -> Duration {
+    base.mul_f64(rng.gen_range(0.5..1.0))
 }
 
 /// Everything a watcher needs.
@@ -331,7 +354,7 @@ pub async fn run(
         });
         progress.attempt += 1;
         let delay = match phase {
-            Phase::Refused => config.backoff.max,
+            Phase::Refused => config.backoff.refused_delay(),
             _ => config.backoff.delay(progress.attempt),
         };
         let ttl_deadline = config
@@ -625,6 +648,7 @@ fn decode_upsert(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
@@ -632,12 +656,44 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
         };
-        for _ in 0..50 {
-            let d1 = b.delay(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(150));
-            let d4 = b.delay(4);
-            assert!(d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(1200));
-            assert!(b.delay(40) <= Duration::from_secs(2));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let d1 = b.delay_with(1, &mut rng);
+            assert!(d1 >= Duration::from_millis(50) && d1 < Duration::from_millis(100));
+            let d4 = b.delay_with(4, &mut rng);
+            assert!(d4 >= Duration::from_millis(400) && d4 < Duration::from_millis(800));
+        }
+    }
+
+    /// At the cap (and for refused clusters) delays still spread over [max/2, max): agents
+    /// that lost the same server retry at different times, not in step at `max`.
+    #[test]
+    fn capped_and_refused_delays_stay_spread() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        for delays in [
+            (0..1000)
+                .map(|_| b.delay_with(40, &mut rng))
+                .collect::<Vec<_>>(),
+            (0..1000)
+                .map(|_| b.refused_delay_with(&mut rng))
+                .collect::<Vec<_>>(),
+        ] {
+            assert!(delays
+                .iter()
+                .all(|d| *d >= Duration::from_secs(1) && *d < Duration::from_secs(2)));
+            let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+            assert!(distinct.len() > 990, "{} distinct delays", distinct.len());
+            // Each quarter of [1 s, 2 s) gets roughly a quarter of the delays.
+            for q in 0..4u32 {
+                let lo = Duration::from_millis(1000 + 250 * u64::from(q));
+                let hi = lo + Duration::from_millis(250);
+                let n = delays.iter().filter(|d| **d >= lo && **d < hi).count();
+                assert!((200..300).contains(&n), "quarter {q}: {n} of 1000");
+            }
         }
     }
 
