@@ -3,8 +3,9 @@
 //! describing the topology's nodes, pods and the global echo service, and a real
 //! `clustermesh-apiserver` per cluster running in its first node's namespace.
 //!
-//! Agents join here once `clustermesh-agent` exists; until then the scenarios stop at the
-//! control plane (enable, connect, status, an apiserver going down and coming back).
+//! Each node also runs a real `clustermesh-agent` in its namespace, attached to the node's
+//! cgroup, which watches every connected cluster's mesh API and programs the node's
+//! socket load balancer.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ impl Binaries {
                 "clustermesh-cli",
                 "-p",
                 "clustermesh-apiserver",
+                "-p",
+                "clustermesh-agent",
             ]);
             if release {
                 cmd.arg("--release");
@@ -62,7 +65,9 @@ impl Binaries {
             })?;
             if !status.success() {
                 return Err(Error::Topology(
-                    "cargo build of clustermesh-cli/clustermesh-apiserver failed".into(),
+                    "cargo build of clustermesh-cli/clustermesh-apiserver/clustermesh-agent failed; \
+                     run `cargo build -p clustermesh-cli -p clustermesh-apiserver -p clustermesh-agent` to see why"
+                        .into(),
                 ));
             }
         }
