@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two real kind clusters joined by clustermesh, for machines with Docker and kind, set up
 # with the CLI's Kubernetes mode only (no state directories, no hand-made Secrets, no helm):
-# distinct pod and service CIDRs, images built and loaded, then
+# distinct pod and service CIDRs, images built and loaded, routes between the clusters'
+# pod CIDRs on every node, then
 #   clustermesh --context kind-clustermesh-N enable ... --service-type NodePort --set ...
 #   clustermesh --context kind-clustermesh-1 --destination-context kind-clustermesh-2 connect
 #   clustermesh --context kind-clustermesh-N status --wait
@@ -54,6 +55,38 @@ cgroup_root() {
   die "the nodes of kind cluster $1 have no cgroup v2 mount; the agent needs a host with cgroup v2 (unified or hybrid)"
 }
 
+# Pod-to-pod routes between the clusters. kindnet routes the pod CIDRs of its own
+# cluster's nodes only; the two clusters' node containers share the `kind` Docker network,
+# so every node of cluster $1 gets a route to each node of cluster $2's pod CIDR via
+# that node's InternalIP. `ip route replace` makes it idempotent (and restores the routes
+# after the node containers restart).
+route_pod_cidrs() {
+  local from=$1 to=$2 node name cidr ip routes
+  routes=$(k "$to" get nodes -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.podCIDR}{" "}{.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')
+  [ -n "$routes" ] || die "cluster $to has no nodes; is kind cluster clustermesh-$to up?"
+  while read -r name cidr ip; do
+    [ -n "$name" ] || continue
+    if [ -z "$cidr" ] || [ -z "$ip" ]; then
+      die "node $name of cluster $to has no podCIDR or InternalIP yet"
+    fi
+    for node in $(kind get nodes --name "clustermesh-$from"); do
+      docker exec "$node" ip route replace "$cidr" via "$ip"
+    done
+    echo "    cluster $from -> $cidr via $ip ($name)"
+  done <<<"$routes"
+}
+
+routes() {
+  say "routes between the clusters' pod CIDRs"
+  route_pod_cidrs 1 2
+  route_pod_cidrs 2 1
+}
+
+# echo.yaml with its image following $TAG.
+echo_manifest() {
+  sed -E "s|image: clustermesh-netns:[^[:space:]]+|image: clustermesh-netns:$TAG|" "$HERE/echo.yaml"
+}
+
 up() {
   need docker; need kind; need kubectl; need cargo
   build
@@ -65,6 +98,7 @@ up() {
     done
     kind load docker-image --name "clustermesh-$c" "clustermesh-netns:$TAG"
   done
+  routes
   for c in 1 2; do
     local root
     root=$(cgroup_root "$c")
@@ -81,7 +115,7 @@ up() {
   connect
   for c in 1 2; do
     k "$c" create configmap echo-cluster --from-literal=name="cluster$c" --dry-run=client -o yaml | k "$c" apply -f -
-    k "$c" apply -f "$HERE/echo.yaml"
+    echo_manifest | k "$c" apply -f -
     k "$c" rollout status deploy/echo --timeout 120s
   done
   k 1 create deployment client --image "clustermesh-netns:$TAG" --dry-run=client -o yaml \
@@ -127,6 +161,8 @@ wait_for() {
 test_() {
   need kubectl
   [ -x "$CLI" ] || die "$CLI not found; run \`$0 up\` first (or set CLUSTERMESH_CLI)"
+  need docker; need kind
+  routes
   connect
   say "requests from cluster 1 land on cluster 1 (affinity local)"
   expect_all cluster1 10
