@@ -1,8 +1,9 @@
 //! The two-cluster failover scenario (issue "CLI, deployment, ... demo", step 4), shared
 //! by the CI test and `clustermesh-netns demo`:
 //!
-//! 1. `enable` ×2, a mesh API server per cluster, `connect`, an agent per node attached to
-//!    the node's cgroup, `status --wait` until every node is connected to both clusters;
+//! 1. `enable` ×2, a mesh API server per cluster, an agent per node attached to the node's
+//!    cgroup, then `connect` (the running agents reload their configuration), and
+//!    `status --wait` until every node is connected to both clusters;
 //! 2. requests to the global service VIP from cluster1 land on cluster1 (affinity local);
 //! 3. cluster1's backends become not ready and are killed → new requests are answered by
 //!    cluster2 (time measured per repeat); restored → local again;
@@ -116,7 +117,19 @@ pub fn bring_up(h: &mut Harness, m: &mut Mesh, say: &dyn Fn(&str)) -> Result<()>
         m.state_dir(0).display().to_string(),
         m.state_dir(1).display().to_string(),
     );
-    say("clustermesh connect cluster1 <-> cluster2");
+    // The agents start before `connect`: each knows only its own cluster until `connect`
+    // rewrites its agent.yaml, so the `status --wait` below proves that running agents
+    // pick the new peer up without a restart.
+    for c in 0..n_clusters {
+        say(&format!(
+            "clustermesh-agent on every node of {} (knows only its own cluster)",
+            h.spec().clusters[c].name
+        ));
+        for n in 0..h.spec().clusters[c].nodes.len() {
+            m.start_agent(h, c, n)?;
+        }
+    }
+    say("clustermesh connect cluster1 <-> cluster2 (running agents reload their config)");
     let r = m.cli_on_node(
         h,
         0,
@@ -125,11 +138,6 @@ pub fn bring_up(h: &mut Harness, m: &mut Mesh, say: &dyn Fn(&str)) -> Result<()>
     )?;
     if !r.ok {
         return Err(step("connect", r.stderr.trim()));
-    }
-    for c in 0..n_clusters {
-        for n in 0..h.spec().clusters[c].nodes.len() {
-            m.start_agent(h, c, n)?;
-        }
     }
     say("clustermesh status --wait (every node connected to both clusters)");
     for (c, dir) in [(0, &a), (1, &b)] {
