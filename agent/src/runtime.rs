@@ -52,6 +52,10 @@ pub struct AgentOptions {
     pub config_poll: Duration,
     /// Connect + TLS handshake timeout.
     pub connect_timeout: Duration,
+    /// Time a connected server has to answer `GetClusterInfo` and to open the watch
+    /// stream; a server that accepts connections but does not answer is retried (and
+    /// its cluster's stale TTL keeps running).
+    pub request_timeout: Duration,
     /// After start, nothing is sent to the datapath until every configured cluster has
     /// synced once, or this long has passed (so a restart does not program services with
     /// only part of their backends, and a reconciling datapath does not prune what an
@@ -72,6 +76,7 @@ impl AgentOptions {
             backoff: Backoff::default(),
             config_poll: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
             initial_sync_timeout: Duration::from_secs(10),
         }
     }
@@ -402,6 +407,7 @@ impl Supervisor {
                 backoff: self.options.backoff,
                 stale_ttl: self.options.stale_ttl,
                 connect_timeout: self.options.connect_timeout,
+                request_timeout: self.options.request_timeout,
             };
             tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
             let task = tokio::spawn(watcher::run(

@@ -279,6 +279,8 @@ pub struct WatcherConfig {
     pub stale_ttl: Option<Duration>,
     /// Time allowed to connect and complete the TLS handshake.
     pub connect_timeout: Duration,
+    /// Time a connected server has to answer `GetClusterInfo` and to open the watch.
+    pub request_timeout: Duration,
 }
 
 /// Why a session ended.
@@ -440,9 +442,21 @@ async fn session(
         }
     };
     let mut client = MeshApiClient::new(channel);
-    let info = match client.get_cluster_info(v1::GetClusterInfoRequest {}).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => return SessionEnd::Retry(format!("GetClusterInfo: {}", e.message())),
+    let deadline = config.request_timeout;
+    let no_answer = |what: &str| {
+        SessionEnd::Retry(format!(
+            "{what}: server at {target} accepted the connection but did not answer within {deadline:?}"
+        ))
+    };
+    let info = match tokio::time::timeout(
+        deadline,
+        client.get_cluster_info(v1::GetClusterInfoRequest {}),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => return SessionEnd::Retry(format!("GetClusterInfo: {}", e.message())),
+        Err(_) => return no_answer("GetClusterInfo"),
     };
     let Some(cc) = info.config else {
         return SessionEnd::Retry("GetClusterInfo returned no cluster config".into());
@@ -471,9 +485,10 @@ async fn session(
         kinds: vec![v1::Kind::Service as i32],
         from_revision,
     };
-    let mut stream = match client.watch(request).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => return SessionEnd::Retry(format!("Watch: {}", e.message())),
+    let mut stream = match tokio::time::timeout(deadline, client.watch(request)).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => return SessionEnd::Retry(format!("Watch: {}", e.message())),
+        Err(_) => return no_answer("Watch"),
     };
     tracing::info!(cluster = %name, endpoint = %target, from_revision, "cluster watch established");
     progress.attempt = 0;

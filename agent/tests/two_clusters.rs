@@ -1078,3 +1078,67 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
     east_raft.shutdown().await;
     west_raft.shutdown().await;
 }
+
+/// A server that completes the TLS handshake and then never answers: the agent gives up on
+/// each attempt after the request timeout, says so in the cluster's status, and the stale
+/// TTL still drops the cluster's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east,
+        mut west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    let dp = Arc::new(RecordingDatapath::new());
+    let mut options = quick_options(&config);
+    options.request_timeout = Duration::from_millis(300);
+    options.stale_ttl = Some(Duration::from_secs(3));
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        options,
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east and west merged", || table_clusters(&dp) == both).await;
+
+    // West's address now answers the TLS handshake (as west) and nothing else.
+    west.stop_serving().await;
+    let mute = mesh::MuteServer::start(
+        &ca,
+        TD,
+        "west",
+        tokio::net::TcpListener::bind(west_addr).await.unwrap(),
+    );
+    eventually("west's status names the unanswered request", || {
+        let s = cluster_status(&view, "west");
+        !s.connected
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("GetClusterInfo") && e.contains("did not answer"))
+    })
+    .await;
+    eventually("west dropped after the stale TTL", || {
+        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+    })
+    .await;
+    assert!(!cluster_status(&view, "west").synced);
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    mute.stop().await;
+    west.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}

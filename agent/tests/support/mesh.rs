@@ -16,6 +16,7 @@ use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::server::serve_grpc;
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::transport::accept_mesh_tls;
 use clustermesh_certs::{MeshCa, MeshTls, ServerNames, TlsSource, TrustDomain, Validity};
 use clustermesh_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -143,6 +144,61 @@ impl MeshServer {
         self.stop_serving().await;
         self.cache_stop.cancel();
         let _ = self.cache_task.await;
+    }
+}
+
+/// A server that completes the mTLS handshake as cluster `cluster` and then never says a
+/// word (it holds every connection open, unread), like a hung mesh API server.
+#[derive(Debug)]
+pub(crate) struct MuteServer {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MuteServer {
+    /// Accepts on `listener` with a server certificate for `cluster` issued by `ca`.
+    pub(crate) fn start(
+        ca: &MeshCa,
+        trust_domain: &str,
+        cluster: &str,
+        listener: tokio::net::TcpListener,
+    ) -> MuteServer {
+        let td = TrustDomain::new(trust_domain).unwrap();
+        let names = ServerNames::new(
+            ["localhost".to_owned()],
+            [std::net::IpAddr::from([127, 0, 0, 1])],
+        );
+        let leaf = ca
+            .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .unwrap();
+        let tls = MeshTls::from_pem(
+            td.clone(),
+            ca.cert_pem().as_bytes(),
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let config = tls.server_config();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((tcp, addr)) = listener.accept().await else {
+                    return;
+                };
+                let timeout = std::time::Duration::from_secs(5);
+                if let Ok(stream) =
+                    accept_mesh_tls(tcp, addr, Arc::clone(&config), &td, timeout).await
+                {
+                    held.push(stream);
+                }
+            }
+        });
+        MuteServer { task }
+    }
+
+    /// Stops accepting and closes every held connection.
+    pub(crate) async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
