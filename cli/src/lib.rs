@@ -6,7 +6,9 @@
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
 //! - [`txn`]: all-or-nothing multi-file updates.
-//! - [`k8s`]: Kubernetes mode (`--context`): kubeconfig context resolution.
+//! - [`k8s`]: Kubernetes mode (`--context`): enable / disable / connect / disconnect /
+//!   status / service list / bpf lb list against clusters reached through kubeconfig
+//!   contexts (certificates as Secrets, the embedded chart applied server-side).
 //! - [`chart`]: renders `deploy/helm/clustermesh` (Kubernetes mode and chart validation).
 
 pub mod admin;
