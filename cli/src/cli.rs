@@ -224,6 +224,9 @@ pub enum ServiceCommand {
         /// Ask this agent (default: the first answering agent of cluster.yaml).
         #[arg(long)]
         agent_socket: Option<PathBuf>,
+        /// Kubernetes mode: ask only the agent pod on this node (default: every agent).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
     },
 }
 
@@ -246,6 +249,9 @@ pub enum BpfLbCommand {
         /// Ask this agent (default: the first answering agent of cluster.yaml).
         #[arg(long)]
         agent_socket: Option<PathBuf>,
+        /// Kubernetes mode: ask only the agent pod on this node (default: every agent).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
     },
 }
 
@@ -521,10 +527,77 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
             wait_duration,
             timeout,
         } => kube_status(cli, &target, *wait, *wait_duration, *timeout).await,
+        Command::Service {
+            command: ServiceCommand::List { agent_socket, node },
+        } => {
+            no_socket_in_kube_mode(agent_socket.as_ref())?;
+            let r = crate::k8s::agents::services(&target, node.as_deref(), timeout).await?;
+            kube_agents_output(cli, &r, "service list", |source, services| {
+                services_table(source, services)
+            })
+        }
+        Command::Bpf {
+            command:
+                BpfCommand::Lb {
+                    command: BpfLbCommand::List { agent_socket, node },
+                },
+        } => {
+            no_socket_in_kube_mode(agent_socket.as_ref())?;
+            let r = crate::k8s::agents::bpf_lb(&target, node.as_deref(), timeout).await?;
+            kube_agents_output(cli, &r, "datapath dump", |source, dump| {
+                bpf_table(source, &dump.entries())
+            })
+        }
         _ => Err(CliError::KubeVerbUnavailable {
             verb: verb_name(&cli.command),
             context: target.context,
         }),
+    }
+}
+
+fn no_socket_in_kube_mode(socket: Option<&PathBuf>) -> Result<(), CliError> {
+    match socket {
+        Some(_) => Err(CliError::WrongMode(
+            "--agent-socket is for standalone mode (--state-dir); with --context the agents are asked through the API server (pick one with --node NODE)".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Kubernetes-mode `service list` / `bpf lb list` output: one block per agent (an agent
+/// without an answer is listed with the reason); any such agent fails the command after
+/// the output is printed.
+fn kube_agents_output<T: serde::Serialize>(
+    cli: &Cli,
+    r: &crate::k8s::agents::AgentAnswers<T>,
+    what: &'static str,
+    table: impl Fn(&str, &T) -> String,
+) -> Result<String, CliError> {
+    let text = match cli.output {
+        Output::Json => json(&r.agents)?,
+        // Nobody answered: the error line says it all.
+        Output::Table if r.agents.iter().all(|a| a.answer.is_none()) => String::new(),
+        Output::Table => {
+            let mut out = String::new();
+            for a in &r.agents {
+                match (&a.answer, &a.error) {
+                    (Some(v), _) => out.push_str(&table(&format!("pod {}", a.label()), v)),
+                    (None, e) => out.push_str(&format!(
+                        "# agent pod {}: {}\n",
+                        a.label(),
+                        e.as_deref().unwrap_or("no answer")
+                    )),
+                }
+            }
+            out
+        }
+    };
+    match r.check(what) {
+        Ok(()) => Ok(text),
+        Err(e) => {
+            print!("{text}");
+            Err(e.into())
+        }
     }
 }
 
@@ -703,8 +776,9 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             }
         }
         Command::Service {
-            command: ServiceCommand::List { agent_socket },
+            command: ServiceCommand::List { agent_socket, node },
         } => {
+            no_node_in_standalone(node.as_ref())?;
             let (node, services): (String, Vec<ServiceStatus>) =
                 ask_agent(&cli, agent_socket.as_ref(), "/v1/services").await?;
             match cli.output {
@@ -715,16 +789,27 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Bpf {
             command:
                 BpfCommand::Lb {
-                    command: BpfLbCommand::List { agent_socket },
+                    command: BpfLbCommand::List { agent_socket, node },
                 },
         } => {
-            let (node, entries): (String, Vec<BpfLbEntry>) =
+            no_node_in_standalone(node.as_ref())?;
+            // The agent's datapath dump (its `bpf::BpfDump`), one row per frontend.
+            let (node, dump): (String, crate::k8s::agents::BpfDump) =
                 ask_agent(&cli, agent_socket.as_ref(), "/v1/bpf/lb").await?;
             match cli.output {
-                Output::Json => json(&entries),
-                Output::Table => Ok(bpf_table(&node, &entries)),
+                Output::Json => json(&dump),
+                Output::Table => Ok(bpf_table(&node, &dump.entries())),
             }
         }
+    }
+}
+
+fn no_node_in_standalone(node: Option<&String>) -> Result<(), CliError> {
+    match node {
+        Some(_) => Err(CliError::WrongMode(
+            "--node picks an agent pod in Kubernetes mode (--context); in standalone mode pass --agent-socket PATH".into(),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -121,6 +121,40 @@ pub enum KubeModeError {
     #[error(transparent)]
     Values(Box<super::values::ValuesError>),
     /// Certificate generation failed.
+    /// Some agents gave no answer (listed with the reason).
+    #[error("{failed} of {total} agents in context {context} gave no {what}: {detail}")]
+    AgentsFailed {
+        /// The context.
+        context: String,
+        /// Agents without an answer.
+        failed: usize,
+        /// Agents asked.
+        total: usize,
+        /// What was asked for.
+        what: &'static str,
+        /// `pod (node n): reason` for each.
+        detail: String,
+    },
+    /// The agent DaemonSet has no pods.
+    #[error("no agent pods in namespace {namespace} of context {context}; check the clustermesh-agent DaemonSet (`clustermesh --context {context} status`)")]
+    NoAgents {
+        /// The context.
+        context: String,
+        /// The namespace.
+        namespace: String,
+    },
+    /// `--node` names a node without an agent pod.
+    #[error("no agent pod runs on node {node} in namespace {namespace} of context {context} (agents run on: {nodes}); pass one of those to --node")]
+    NoAgentOnNode {
+        /// The node asked for.
+        node: String,
+        /// The context.
+        context: String,
+        /// The namespace.
+        namespace: String,
+        /// Nodes with an agent.
+        nodes: String,
+    },
     #[error("cannot issue certificates: {0}")]
     Issue(String),
     /// The embedded chart did not render with the values.

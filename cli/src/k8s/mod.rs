@@ -8,9 +8,11 @@
 //! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
 //! - [`values`]: chart value overrides (`enable --set/--values`), stored for later renders.
 //! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
+//! - [`agents`]: `service list` and `bpf lb list` (each agent, through the pod proxy).
 //! - [`embedded`]: the Helm chart compiled into the binary.
 //! - [`error`]: what can go wrong, one line each.
 
+pub mod agents;
 pub mod context;
 pub mod embedded;
 pub mod enable;

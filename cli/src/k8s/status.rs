@@ -417,32 +417,156 @@ async fn agent_daemonset(target: &KubeTarget) -> (Workload, Option<String>, u16)
     (w, selector, port)
 }
 
-/// `GET /v1/status` of one agent pod through the API server's pod proxy.
-async fn ask_agent(
+/// Why an agent pod gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AgentFailure {
+    /// The request did not reach the agent, or no answer came back.
+    Unreachable(String),
+    /// The agent answered with an error (its own words), or with something unreadable.
+    Refused(String),
+}
+
+impl AgentFailure {
+    /// The reason alone.
+    pub(crate) fn reason(&self) -> &str {
+        match self {
+            Self::Unreachable(r) | Self::Refused(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for AgentFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(r) => write!(f, "unreachable: {r}"),
+            Self::Refused(r) => f.write_str(r),
+        }
+    }
+}
+
+/// kube-rs' reason for an error body that is not a Kubernetes `Status`: through the pod
+/// proxy that is the pod's own (plain-text) answer.
+const NOT_A_STATUS: &str = "Failed to parse error data";
+
+/// `GET {path}` of one agent pod through the API server's pod proxy.
+async fn get_one<T: serde::de::DeserializeOwned>(
     client: Client,
     namespace: String,
     pod: String,
     port: u16,
+    path: &str,
     timeout: Duration,
-) -> Result<AgentStatus, String> {
-    let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/v1/status");
-    let request = http::Request::get(&path)
+) -> Result<T, AgentFailure> {
+    let url = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}");
+    let request = http::Request::get(&url)
         .header("Accept", "application/json")
         .body(Vec::new())
-        .map_err(|e| format!("cannot build the request {path}: {e}"))?;
+        .map_err(|e| AgentFailure::Unreachable(format!("cannot build the request {url}: {e}")))?;
     let text = match tokio::time::timeout(timeout, client.request_text(request)).await {
         Err(_) => {
-            return Err(format!(
+            return Err(AgentFailure::Unreachable(format!(
                 "no answer within {} through the pod proxy",
                 humantime::format_duration(timeout)
-            ))
+            )))
         }
-        Ok(Err(e)) => return Err(reason(&e)),
+        Ok(Err(kube::Error::Api(status))) if status.reason == NOT_A_STATUS => {
+            let msg = status.message.trim();
+            return Err(AgentFailure::Refused(format!(
+                "the agent answered HTTP {}: {}",
+                status.code,
+                if msg.is_empty() { "no message" } else { msg }
+            )));
+        }
+        Ok(Err(e)) => return Err(AgentFailure::Unreachable(reason(&e))),
         Ok(Ok(text)) => text,
     };
     serde_json::from_str(&text).map_err(|e| {
-        format!("invalid /v1/status answer ({e}); is the agent the same version as this CLI?")
+        AgentFailure::Refused(format!(
+            "invalid {path} answer ({e}); is the agent the same version as this CLI?"
+        ))
     })
+}
+
+/// An agent pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AgentRef {
+    /// Pod name.
+    pub(crate) pod: String,
+    /// Node it runs on.
+    pub(crate) node: Option<String>,
+}
+
+/// The agent DaemonSet, the agents' HTTP port and the agent pods by name (None: no
+/// DaemonSet, or one without a pod selector).
+pub(crate) async fn agent_pods(
+    target: &KubeTarget,
+) -> Result<(Workload, u16, Option<Vec<AgentRef>>), KubeModeError> {
+    let (workload, selector, port) = agent_daemonset(target).await;
+    let Some(selector) = selector else {
+        return Ok((workload, port, None));
+    };
+    let pods: Api<Pod> = Api::namespaced(target.client.clone(), &target.namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| Objects::new(target).api_error("list", format!("Pods {selector}"), &e))?;
+    let mut refs: Vec<AgentRef> = list
+        .items
+        .into_iter()
+        .map(|p| AgentRef {
+            pod: p.metadata.name.unwrap_or_default(),
+            node: p.spec.and_then(|s| s.node_name),
+        })
+        .collect();
+    refs.sort_by(|a, b| a.pod.cmp(&b.pod));
+    Ok((workload, port, Some(refs)))
+}
+
+/// `GET {path}` of each of `pods` (at most [`PARALLEL_AGENT_QUERIES`] at a time), in the
+/// order given.
+pub(crate) async fn proxy_get<T: serde::de::DeserializeOwned + Send + 'static>(
+    target: &KubeTarget,
+    pods: &[AgentRef],
+    port: u16,
+    path: &'static str,
+    timeout: Duration,
+) -> Result<Vec<(AgentRef, Result<T, AgentFailure>)>, KubeModeError> {
+    let client = proxy_client(target).await?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_AGENT_QUERIES));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, p) in pods.iter().enumerate() {
+        let (client, ns, limit, pod) = (
+            client.clone(),
+            target.namespace.clone(),
+            Arc::clone(&limit),
+            p.pod.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            (i, get_one::<T>(client, ns, pod, port, path, timeout).await)
+        });
+    }
+    let mut answers: Vec<Option<Result<T, AgentFailure>>> = pods.iter().map(|_| None).collect();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((i, answer)) => {
+                if let Some(slot) = answers.get_mut(i) {
+                    *slot = Some(answer);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "agent query task failed"),
+        }
+    }
+    Ok(pods
+        .iter()
+        .cloned()
+        .zip(answers)
+        .map(|(p, a)| {
+            let a =
+                a.unwrap_or_else(|| Err(AgentFailure::Unreachable("the query task failed".into())));
+            (p, a)
+        })
+        .collect())
 }
 
 /// Reads everything once.
@@ -501,40 +625,17 @@ pub async fn collect(target: &KubeTarget, timeout: Duration) -> Result<KubeStatu
         }
     };
 
-    let (agents, selector, port) = agent_daemonset(target).await;
+    let (agents, port, pods) = agent_pods(target).await?;
     let mut agent_pods = Vec::new();
-    if let Some(selector) = selector {
-        let pods: Api<Pod> = Api::namespaced(target.client.clone(), &target.namespace);
-        let list = pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(|e| objs.api_error("list", format!("Pods {selector}"), &e))?;
-        let client = proxy_client(target).await?;
-        let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_AGENT_QUERIES));
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in list.items {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-            let (client, ns, limit) =
-                (client.clone(), target.namespace.clone(), Arc::clone(&limit));
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let r = ask_agent(client, ns, name.clone(), port, timeout).await;
-                AgentPod {
-                    pod: name,
-                    node,
-                    error: r.as_ref().err().cloned(),
-                    status: r.ok(),
-                }
+    if let Some(pods) = pods {
+        for (p, r) in proxy_get::<AgentStatus>(target, &pods, port, "/v1/status", timeout).await? {
+            agent_pods.push(AgentPod {
+                pod: p.pod,
+                node: p.node,
+                error: r.as_ref().err().map(|e| e.reason().to_string()),
+                status: r.ok(),
             });
         }
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(p) => agent_pods.push(p),
-                Err(e) => tracing::warn!(error = %e, "agent query task failed"),
-            }
-        }
-        agent_pods.sort_by(|a, b| a.pod.cmp(&b.pod));
     }
 
     let connections = configured
