@@ -394,6 +394,12 @@ impl Supervisor {
                 tracing::info!(cluster = %name, "cluster settings changed; restarting its watcher (records kept until resynced)");
             }
         }
+        // Every configured cluster is on the board before any watcher runs, so the
+        // initial-sync gate ("every cluster synced") cannot open while a watcher that was
+        // spawned but not yet polled is missing from it.
+        for name in wanted.keys() {
+            self.view.clusters.register(name);
+        }
         for (name, entry) in wanted {
             if self.running.contains_key(name) {
                 continue;
@@ -427,6 +433,61 @@ impl Supervisor {
                     task,
                 },
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a single-threaded runtime the spawned watchers have not run when
+    /// `sync_watchers` returns; the status board must list every cluster already.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_configured_cluster_is_on_the_board_before_its_watcher_runs() {
+        let entry = |name: &str| ClusterEntry {
+            name: name.into(),
+            id: 0,
+            endpoints: vec!["127.0.0.1:1".into()],
+            ca_file: "/nonexistent/ca.crt".into(),
+        };
+        let config = AgentConfig {
+            local_cluster: "east".into(),
+            trust_domain: "mesh.test".into(),
+            cert_file: "/nonexistent/client.crt".into(),
+            key_file: "/nonexistent/client.key".into(),
+            clusters: vec![entry("east"), entry("west"), entry("north")],
+        };
+        let (tx, _rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let view = AgentView::default();
+        let mut supervisor = Supervisor {
+            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            updates: tx,
+            view: view.clone(),
+            registry: Arc::new(ClusterRegistry::default()),
+            running: BTreeMap::new(),
+            cancel: cancel.clone(),
+        };
+        supervisor.sync_watchers(&config).await;
+        let board: Vec<(String, bool)> = view
+            .clusters
+            .snapshot()
+            .into_iter()
+            .map(|s| (s.name, s.synced))
+            .collect();
+        assert_eq!(
+            board,
+            [
+                ("east".to_owned(), false),
+                ("north".to_owned(), false),
+                ("west".to_owned(), false)
+            ]
+        );
+        cancel.cancel();
+        for (name, w) in std::mem::take(&mut supervisor.running) {
+            w.stop(&name).await;
         }
     }
 }

@@ -154,6 +154,11 @@ impl StatusBoard {
             .or_insert_with(|| ClusterStatus::new(cluster)));
     }
 
+    /// Adds `cluster` (not connected, not synced) unless it is already listed.
+    pub(crate) fn register(&self, cluster: &str) {
+        self.update(cluster, |_| {});
+    }
+
     /// Forgets a cluster (removed from the configuration).
     pub fn remove(&self, cluster: &str) {
         self.lock().remove(cluster);
