@@ -141,6 +141,12 @@ impl AgentConfig {
                 )));
             }
         }
+        if !names.contains(self.local_cluster.as_str()) {
+            return Err(invalid(format!(
+                "local_cluster {} has no entry in clusters; add one with its own mesh API endpoint and CA (the agent watches its own cluster like the others)",
+                self.local_cluster
+            )));
+        }
         Ok(())
     }
 
@@ -211,6 +217,18 @@ clusters:
         let bad = GOOD.replace("name: west", "name: West_1");
         assert!(AgentConfig::parse(Path::new("a"), &bad).is_err());
         assert!(AgentConfig::parse(Path::new("a"), "clusters: 3").is_err());
+    }
+
+    #[test]
+    fn rejects_a_local_cluster_without_an_entry() {
+        let text = GOOD.replace("local_cluster: east", "local_cluster: north");
+        let e = AgentConfig::parse(Path::new("agent.yaml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("local_cluster north has no entry in clusters"),
+            "{e}"
+        );
     }
 
     fn entry(name: &str, id: u32) -> ClusterEntry {
