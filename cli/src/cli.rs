@@ -158,6 +158,10 @@ peer dials. All or nothing: if a write fails, the earlier ones are undone.",
         /// Timeout of each request.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Standalone mode: ask these agent admin sockets instead of the agent_sockets of
+        /// cluster.yaml (repeatable).
+        #[arg(long = "agent-socket", value_name = "PATH")]
+        agent_sockets: Vec<PathBuf>,
     },
     /// Services as the agents see them.
     Service {
@@ -526,7 +530,11 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
             wait,
             wait_duration,
             timeout,
-        } => kube_status(cli, &target, *wait, *wait_duration, *timeout).await,
+            agent_sockets,
+        } => {
+            no_socket_in_kube_mode(agent_sockets.first())?;
+            kube_status(cli, &target, *wait, *wait_duration, *timeout).await
+        }
         Command::Service {
             command: ServiceCommand::List { agent_socket, node },
         } => {
@@ -746,9 +754,15 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             wait,
             wait_duration,
             timeout,
+            agent_sockets,
         } => {
             let dir = state_dir(&cli)?;
-            let state = dir.load()?;
+            let mut state = dir.load()?;
+            if !agent_sockets.is_empty() {
+                state.agent_sockets.clone_from(agent_sockets);
+            }
+            // With no agent listed there is nothing to wait for: say so at once.
+            let wait = &(*wait && !state.agent_sockets.is_empty());
             let (st, ready) = if *wait {
                 status::wait_ready(&dir, &state, *wait_duration, Duration::from_millis(500)).await
             } else {

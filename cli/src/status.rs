@@ -53,7 +53,35 @@ pub struct AgentReport {
     pub status: Option<AgentStatus>,
     /// Error when it did not.
     pub error: Option<String>,
+    /// Clusters of `agent.yaml` this agent has configured (reports a watcher for); 0 when
+    /// it did not answer.
+    pub configured_clusters: usize,
+    /// Clusters of `agent.yaml` this agent is connected to and synced with.
+    pub connected_clusters: usize,
 }
+
+impl AgentReport {
+    /// The report of the agent at `socket`, counted against the `configured` clusters.
+    #[must_use]
+    pub fn new(socket: String, answer: Result<AgentStatus, String>, configured: &[String]) -> Self {
+        let (configured_clusters, connected_clusters) = answer.as_ref().map_or((0, 0), |st| {
+            (
+                configured_count(configured, st),
+                connected_count(configured, st),
+            )
+        });
+        Self {
+            socket,
+            configured_clusters,
+            connected_clusters,
+            error: answer.as_ref().err().cloned(),
+            status: answer.ok(),
+        }
+    }
+}
+
+/// Why a status with no agent is not ready.
+pub const NO_AGENTS: &str = "no agents listed; pass --agent-socket PATH (repeatable) or list their admin sockets under agent_sockets in cluster.yaml";
 
 impl MeshStatus {
     /// Configured remote+local clusters that this agent reports connected and synced.
@@ -61,11 +89,12 @@ impl MeshStatus {
         connected_count(&self.configured, agent)
     }
 
-    /// Whether everything is up: apiserver reachable, every agent answering and
-    /// connected to every configured cluster.
+    /// Whether everything is up: apiserver reachable, at least one agent, every agent
+    /// answering and connected to every configured cluster.
     #[must_use]
     pub fn ready(&self) -> bool {
         self.apiserver.reachable
+            && !self.agents.is_empty()
             && self.agents.iter().all(|a| {
                 a.status
                     .as_ref()
@@ -79,6 +108,9 @@ impl MeshStatus {
         let mut parts = Vec::new();
         if !self.apiserver.reachable {
             parts.push("mesh API server unreachable".to_string());
+        }
+        if self.agents.is_empty() {
+            parts.push(NO_AGENTS.to_string());
         }
         let answering = self.agents.iter().filter(|a| a.status.is_some()).count();
         if answering < self.agents.len() {
@@ -140,21 +172,20 @@ impl MeshStatus {
             "Agents:      {answering}/{} answering{}\n",
             self.agents.len(),
             if self.agents.is_empty() {
-                " (none listed in cluster.yaml; see enable --agent-socket)"
+                format!(" ({NO_AGENTS})")
             } else {
-                ""
+                String::new()
             }
         ));
         let n = self.configured.len();
-        let min_connected = self
-            .agents
-            .iter()
-            .filter_map(|a| a.status.as_ref())
-            .map(|s| self.connected_on(s))
-            .min()
-            .unwrap_or(0);
+        // Counted per agent from what it reports (an agent that has not reloaded
+        // agent.yaml yet shows fewer configured); an unreachable agent counts as 0.
+        let least =
+            |count: fn(&AgentReport) -> usize| self.agents.iter().map(count).min().unwrap_or(0);
         out.push_str(&format!(
-            "Clusters:    {n}/{n} configured, {min_connected}/{n} connected (least-connected agent)\n"
+            "Clusters:    {}/{n} configured, {}/{n} connected (least agent)\n",
+            least(|a| a.configured_clusters),
+            least(|a| a.connected_clusters)
         ));
         for a in &self.agents {
             match &a.status {
@@ -165,9 +196,8 @@ impl MeshStatus {
                 )),
                 Some(s) => {
                     out.push_str(&format!(
-                        "  node {:<19} {}/{n} connected\n",
-                        s.node,
-                        self.connected_on(s)
+                        "  node {:<19} {}/{n} configured, {}/{n} connected\n",
+                        s.node, a.configured_clusters, a.connected_clusters
                     ));
                     out.push_str(&cluster_lines(&self.configured, s));
                 }
@@ -175,6 +205,16 @@ impl MeshStatus {
         }
         out
     }
+}
+
+/// How many of the `configured` clusters `agent` reports having configured (a watcher
+/// for each, whatever its state): what "N/N configured" counts, in both modes.
+#[must_use]
+pub fn configured_count(configured: &[String], agent: &AgentStatus) -> usize {
+    configured
+        .iter()
+        .filter(|name| agent.clusters.iter().any(|c| &c.name == *name))
+        .count()
 }
 
 /// How many of the `configured` clusters `agent` reports connected and synced.
@@ -278,12 +318,14 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
     };
     let mut agents = Vec::new();
     for socket in &state.agent_sockets {
-        let r = admin::get::<AgentStatus>(socket, "/v1/status", timeout).await;
-        agents.push(AgentReport {
-            socket: socket.display().to_string(),
-            error: r.as_ref().err().map(ToString::to_string),
-            status: r.ok(),
-        });
+        let r = admin::get::<AgentStatus>(socket, "/v1/status", timeout)
+            .await
+            .map_err(|e| e.to_string());
+        agents.push(AgentReport::new(
+            socket.display().to_string(),
+            r,
+            &configured,
+        ));
     }
     MeshStatus {
         cluster: state.name.clone(),
@@ -398,9 +440,9 @@ mod tests {
     use crate::admin::ClusterStatus;
 
     fn agent(node: &str, clusters: &[(&str, bool, bool)]) -> AgentReport {
-        AgentReport {
-            socket: format!("/run/{node}.sock"),
-            status: Some(AgentStatus {
+        AgentReport::new(
+            format!("/run/{node}.sock"),
+            Ok(AgentStatus {
                 node: node.into(),
                 local_cluster: "c1".into(),
                 clusters: clusters
@@ -413,8 +455,8 @@ mod tests {
                     })
                     .collect(),
             }),
-            error: None,
-        }
+            &["c1".to_owned(), "c2".to_owned()],
+        )
     }
 
     fn status(agents: Vec<AgentReport>) -> MeshStatus {
@@ -470,16 +512,52 @@ mod tests {
         assert_eq!(unsynced.missing(), "n1: 1/2 clusters connected");
         assert!(unsynced.table().contains("2/2 configured, 1/2 connected"));
 
-        let mut down = status(vec![AgentReport {
-            socket: "/run/n3.sock".into(),
-            status: None,
-            error: Some("refused".into()),
-        }]);
+        let mut down = status(vec![AgentReport::new(
+            "/run/n3.sock".into(),
+            Err("refused".into()),
+            &[],
+        )]);
         down.apiserver.reachable = false;
         assert!(!down.ready());
         assert_eq!(
             down.missing(),
             "mesh API server unreachable, 0/1 agents answering"
+        );
+    }
+
+    #[test]
+    fn no_agents_is_not_ready_and_says_how_to_list_them() {
+        let none = status(Vec::new());
+        assert!(!none.ready());
+        assert_eq!(none.missing(), NO_AGENTS);
+        assert!(none
+            .table()
+            .contains("Agents:      0/0 answering (no agents listed; pass --agent-socket"));
+    }
+
+    #[test]
+    fn configured_counts_what_each_agent_reports_not_agent_yaml() {
+        // n2 has not picked up c2 yet: it reports only its own cluster.
+        let st = status(vec![
+            agent("n1", &[("c1", true, true), ("c2", false, false)]),
+            agent("n2", &[("c1", true, true)]),
+        ]);
+        let table = st.table();
+        assert!(
+            table.contains("Clusters:    1/2 configured, 1/2 connected (least agent)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("node n1                  2/2 configured, 1/2 connected"),
+            "{table}"
+        );
+        assert!(
+            table.contains("node n2                  1/2 configured, 1/2 connected"),
+            "{table}"
+        );
+        assert!(
+            table.contains("c2                     not configured on this agent yet"),
+            "{table}"
         );
     }
 }

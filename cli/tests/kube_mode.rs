@@ -89,7 +89,7 @@ async fn unknown_destination_context_is_reported_for_connect() {
 }
 
 #[tokio::test]
-async fn verbs_without_a_kubernetes_mode_say_so_after_reaching_the_cluster() {
+async fn service_list_without_the_mesh_says_to_enable_it_after_reaching_the_cluster() {
     let (port, mut requests) = fake_version_server().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_kubeconfig(dir.path(), &format!("http://127.0.0.1:{port}"));
@@ -100,11 +100,18 @@ async fn verbs_without_a_kubernetes_mode_say_so_after_reaching_the_cluster() {
     .unwrap();
     assert!(!ok);
     assert!(stdout.is_empty(), "{stdout}");
-    assert_eq!(
-        stderr.trim_end(),
-        "error: `service list` is not available in Kubernetes mode yet (context west is reachable); use --state-dir (standalone mode)"
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .starts_with("error: the mesh is not enabled in namespace kube-system of context west"),
+        "{stderr}"
     );
     assert_eq!(requests.recv().await.unwrap(), "GET /version HTTP/1.1");
+    assert!(requests
+        .recv()
+        .await
+        .unwrap()
+        .starts_with("GET /api/v1/namespaces/kube-system/configmaps/clustermesh-config"),);
 }
 
 #[test]

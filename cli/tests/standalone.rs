@@ -565,3 +565,177 @@ fn completion_and_help_are_available() {
     let r = cm(&["--help"]);
     assert!(r.ok && r.stdout.contains("Examples"), "{}", r.stdout);
 }
+
+/// A stand-in for `clustermesh-agent --admin-socket`: answers `GET /v1/status` on a unix
+/// socket with the agent's own `StatusBody` serialized (the body can be changed while it
+/// runs). Dropping it stops it.
+struct FakeAgent {
+    _rt: tokio::runtime::Runtime,
+    body: Arc<std::sync::Mutex<String>>,
+}
+
+/// The agent's `/v1/status` for node `node` of cluster `local`: `clusters` is
+/// `(name, connected)`; a connected cluster is synced.
+fn agent_status(node: &str, local: &str, clusters: &[(&str, bool)]) -> String {
+    use clustermesh_agent::admin::StatusBody;
+    use clustermesh_agent::watcher::{ClusterStatus, Phase};
+    let body = StatusBody {
+        node: node.into(),
+        local_cluster: local.into(),
+        clusters: clusters
+            .iter()
+            .map(|(name, up)| ClusterStatus {
+                name: (*name).into(),
+                phase: if *up { Phase::Watching } else { Phase::Backoff },
+                connected: *up,
+                synced: *up,
+                stale: false,
+                revision: 7,
+                last_error: (!up).then(|| "connection refused".to_string()),
+                endpoint: "127.0.0.1:1".into(),
+                decode_errors: 0,
+                refused_records: 0,
+            })
+            .collect(),
+        services: 0,
+        reconcile_rounds: 1,
+    };
+    serde_json::to_string(&body).unwrap()
+}
+
+fn fake_agent(socket: &Path, body: String) -> FakeAgent {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(async { tokio::net::UnixListener::bind(socket) })
+        .unwrap();
+    let body = Arc::new(std::sync::Mutex::new(body));
+    let served = Arc::clone(&body);
+    rt.spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let served = Arc::clone(&served);
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req);
+                let reply = if text.starts_with("GET /v1/status ") {
+                    let body = served.lock().unwrap().clone();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+                };
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    FakeAgent { _rt: rt, body }
+}
+
+#[test]
+fn status_with_no_agents_listed_is_not_ready_and_says_how_to_list_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("east");
+    let port = free_port();
+    enable(&dir, "east", 1, port, &[]);
+    let _server = serve(&dir, port, "east", 1);
+    let want = "no agents listed; pass --agent-socket PATH (repeatable) or list their admin sockets under agent_sockets in cluster.yaml";
+    let r = cm(&["--state-dir", s(&dir), "status"]);
+    assert_one_line_error(&r, want);
+    assert!(
+        r.stdout
+            .contains(&format!("Agents:      0/0 answering ({want})")),
+        "{}",
+        r.stdout
+    );
+    // --wait does not wait for agents nobody listed (and does not claim to have waited).
+    let r = cm(&[
+        "--state-dir",
+        s(&dir),
+        "status",
+        "--wait",
+        "--wait-duration",
+        "10m",
+    ]);
+    assert_one_line_error(&r, want);
+    assert!(!r.stderr.contains("not ready after"), "{}", r.stderr);
+}
+
+#[test]
+fn status_counts_configured_clusters_from_what_each_agent_reports() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let _sb = serve(&p.b, p.pb, "west", 2);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let sockets = tempfile::tempdir().unwrap();
+    let (s1, s2) = (
+        sockets.path().join("n1.sock"),
+        sockets.path().join("n2.sock"),
+    );
+    // n1 has reloaded agent.yaml and watches west (not connected yet); n2 has not.
+    let n1 = fake_agent(
+        &s1,
+        agent_status("n1", "east", &[("east", true), ("west", false)]),
+    );
+    let _n2 = fake_agent(&s2, agent_status("n2", "east", &[("east", true)]));
+    let status = || {
+        cm(&[
+            "--state-dir",
+            s(&p.a),
+            "status",
+            "--agent-socket",
+            s(&s1),
+            "--agent-socket",
+            s(&s2),
+        ])
+    };
+    let r = status();
+    assert!(!r.ok, "{}", r.stdout);
+    for line in [
+        "Agents:      2/2 answering",
+        "Clusters:    1/2 configured, 1/2 connected (least agent)",
+        "  node n1                  2/2 configured, 1/2 connected",
+        "  node n2                  1/2 configured, 1/2 connected",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l == line),
+            "no {line:?} in:\n{}",
+            r.stdout
+        );
+    }
+    assert_one_line_error(&r, "n1: 1/2 clusters connected, n2: 1/2 clusters connected");
+
+    *n1.body.lock().unwrap() = agent_status("n1", "east", &[("east", true), ("west", true)]);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "status",
+        "--agent-socket",
+        s(&s1),
+        "-o",
+        "json",
+    ]);
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["agents"][0]["configured_clusters"], 2);
+    assert_eq!(v["agents"][0]["connected_clusters"], 2);
+}

@@ -24,7 +24,7 @@ use super::objects::{reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISER
 use super::KubeTarget;
 use crate::admin::AgentStatus;
 use crate::agent_config::AgentConfig;
-use crate::status::{cluster_lines, connected_count, Readiness};
+use crate::status::{cluster_lines, configured_count, connected_count, Readiness};
 
 /// Name of the mesh API server Deployment or StatefulSet.
 pub const APISERVER_WORKLOAD: &str = "clustermesh-apiserver";
@@ -147,13 +147,6 @@ impl AgentPod {
     }
 }
 
-fn configured_on(configured: &[String], agent: &AgentStatus) -> usize {
-    configured
-        .iter()
-        .filter(|n| agent.clusters.iter().any(|c| &c.name == *n))
-        .count()
-}
-
 impl KubeStatus {
     fn compute_ready(&self) -> bool {
         self.apiserver.is_ready()
@@ -237,7 +230,7 @@ impl KubeStatus {
                     out.push_str(&format!(
                         "  {}: {}/{n} configured, {}/{n} connected\n",
                         p.label(),
-                        configured_on(&self.configured, s),
+                        configured_count(&self.configured, s),
                         connected_count(&self.configured, s)
                     ));
                     out.push_str(&cluster_lines(&self.configured, s));
