@@ -109,7 +109,19 @@ impl DesiredState {
     /// Replaces everything known about `cluster` with `records` (after a full resync).
     /// Only services whose record actually changed are marked dirty.
     pub fn replace_cluster(&mut self, cluster: &str, records: Vec<ServiceRecord>) {
-        let incoming: BTreeSet<ServiceName> = records.iter().map(|r| r.name.clone()).collect();
+        self.replace_cluster_keeping(cluster, records, &[]);
+    }
+
+    /// Like [`Self::replace_cluster`], but services named in `keep` (whose new value did
+    /// not decode) keep the cluster's previous record, if it had one.
+    pub fn replace_cluster_keeping(
+        &mut self,
+        cluster: &str,
+        records: Vec<ServiceRecord>,
+        keep: &[ServiceName],
+    ) {
+        let incoming: BTreeSet<&ServiceName> =
+            records.iter().map(|r| &r.name).chain(keep).collect();
         let gone: Vec<ServiceName> = self
             .records
             .iter()
@@ -494,6 +506,20 @@ mod tests {
         st.compute();
         assert_eq!(st.flush(&dp).unwrap(), 0, "nothing for the datapath");
         assert_eq!(st.services()[&id("a")].affinity, Affinity::Local);
+    }
+
+    #[test]
+    fn a_resync_keeps_the_previous_record_of_a_service_that_did_not_decode() {
+        let mut st = DesiredState::new(here(), Maglev::default());
+        st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::None));
+        st.upsert(rec("west", "a", &[("10.1.0.1", true)], Affinity::None));
+        st.upsert(rec("west", "b", &[("10.1.0.2", true)], Affinity::None));
+        st.compute();
+        // West resyncs: `a` did not decode (kept), `b` is gone.
+        st.replace_cluster_keeping("west", Vec::new(), &[name("a")]);
+        assert_eq!(st.clusters().get("west"), Some(&1));
+        assert_eq!(st.compute().changed, 0, "a kept; b was never programmed");
+        assert_eq!(st.services()[&id("a")].lb.backends.len(), 2);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! Records that do not decode, or that belong to another cluster, are ignored, logged with
 //! the cluster and key, and counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +47,9 @@ pub enum Update {
         cluster: String,
         /// All its services.
         records: Vec<ServiceRecord>,
+        /// Services whose current value did not decode: their previous record, if any,
+        /// stays in force (as an undecodable live update leaves the previous one).
+        keep: Vec<ServiceName>,
     },
     /// One service created or changed.
     Upsert(ServiceRecord),
@@ -510,6 +513,7 @@ async fn session(
         };
     });
     let mut buffer: BTreeMap<ServiceName, ServiceRecord> = BTreeMap::new();
+    let mut keep: BTreeSet<ServiceName> = BTreeSet::new();
     let mut pending_revision = progress.revision;
     loop {
         let event = match stream.message().await {
@@ -527,6 +531,7 @@ async fn session(
                 tracing::info!(cluster = %name, reason = %r.reason, "server reset the watch; resyncing (current state kept until synced)");
                 syncing = true;
                 buffer.clear();
+                keep.clear();
                 // The server's history starts over: its revision may be lower than ours
                 // (a store restored or replaced). Count from the Reset's revision, or a
                 // later resume would skip everything between the two.
@@ -535,12 +540,18 @@ async fn session(
             }
             v1::watch_event::Event::Upsert(u) => {
                 pending_revision = pending_revision.max(u.revision);
-                if let Some(rec) = decode_upsert(name, &u, status, metrics) {
-                    if syncing {
+                match decode_upsert(name, &u, status, metrics) {
+                    Ok(rec) if syncing => {
+                        keep.remove(&rec.name);
                         buffer.insert(rec.name.clone(), rec);
-                    } else {
-                        update = Some(Update::Upsert(rec));
                     }
+                    Ok(rec) => update = Some(Update::Upsert(rec)),
+                    // Like a bad live update, a bad value in a resync leaves the previous
+                    // record of that service (from this sync or from before) in force.
+                    Err(Some(svc)) if syncing && !buffer.contains_key(&svc) => {
+                        keep.insert(svc);
+                    }
+                    Err(_) => {}
                 }
             }
             v1::watch_event::Event::Delete(d) => {
@@ -548,6 +559,7 @@ async fn session(
                 if let Some(svc) = service_key(name, &d.key, status, metrics) {
                     if syncing {
                         buffer.remove(&svc);
+                        keep.remove(&svc);
                     } else {
                         update = Some(Update::Remove {
                             cluster: name.to_owned(),
@@ -563,6 +575,7 @@ async fn session(
                     update = Some(Update::Replace {
                         cluster: name.to_owned(),
                         records: std::mem::take(&mut buffer).into_values().collect(),
+                        keep: std::mem::take(&mut keep).into_iter().collect(),
                     });
                 }
             }
@@ -629,25 +642,27 @@ fn service_key(
     }
 }
 
+/// The record in `u`; on failure (counted and logged), the service it was for if the key
+/// is a service key of this cluster.
 fn decode_upsert(
     name: &str,
     u: &v1::Upsert,
     status: &StatusBoard,
     metrics: &Metrics,
-) -> Option<ServiceRecord> {
-    service_key(name, &u.key, status, metrics)?;
+) -> Result<ServiceRecord, Option<ServiceName>> {
+    let svc = service_key(name, &u.key, status, metrics).ok_or(None)?;
     let record = match Record::decode(Kind::Service, &u.key, &u.value) {
-        Ok(Record::Service(svc)) => svc,
-        Ok(_) => return None,
+        Ok(Record::Service(record)) => record,
+        Ok(_) => return Err(Some(svc)),
         Err(e) => {
             tracing::warn!(cluster = %name, key = %u.key, error = %e, "undecodable record; ignored");
             metrics.decode_error(name);
             status.update(name, |s| s.decode_errors += 1);
-            return None;
+            return Err(Some(svc));
         }
     };
     match ServiceRecord::from_wire(name, &record) {
-        Ok(r) => Some(r),
+        Ok(r) => Ok(r),
         Err(e) => {
             tracing::warn!(cluster = %name, key = %u.key, error = %e, "record refused");
             match e {
@@ -660,7 +675,7 @@ fn decode_upsert(
                     status.update(name, |s| s.decode_errors += 1);
                 }
             }
-            None
+            Err(Some(svc))
         }
     }
 }
@@ -759,7 +774,13 @@ mod tests {
             value: vec![0xff, 0xff, 0xff].into(),
             revision: 3,
         };
-        assert!(decode_upsert("east", &bad, &status, &metrics).is_none());
+        assert_eq!(
+            decode_upsert("east", &bad, &status, &metrics),
+            Err(Some(ServiceName {
+                namespace: "default".into(),
+                name: "web".into()
+            }))
+        );
         assert_eq!(metrics.decode_errors_of("east"), 2);
     }
 }

@@ -1142,3 +1142,89 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
     east_raft.shutdown().await;
     west_raft.shutdown().await;
 }
+
+/// A full resync in which a service's value does not decode keeps that service's previous
+/// record in force, as a bad live update does, instead of dropping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    let dp = Arc::new(RecordingDatapath::new());
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        quick_options(&config),
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east and west merged", || table_clusters(&dp) == both).await;
+    let programmed = dp.service(&web()).unwrap();
+
+    // West comes back from another store whose `web` does not decode. That store has more
+    // history than the agent's revision, so the agent cannot resume: it resyncs in full.
+    west.stop().await;
+    let west2_raft = LocalCluster::start(1, &dir.path().join("west-store-2"), None)
+        .await
+        .unwrap();
+    let west2_store: Arc<dyn Store> = Arc::new(west2_raft.store(0).unwrap());
+    west2_store
+        .put(
+            service_key("west", "default", "web").as_bytes(),
+            vec![0xff, 0xff, 0xff, 0xff],
+            None,
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut other = service("west", &[("10.2.0.9", true)], v1::Affinity::None);
+        other.name = "other".into();
+        put_service(west2_store.as_ref(), &other).await;
+    }
+    let synced_at = mark_synced(west2_store.as_ref(), "west").await;
+    let west2 = start_server(
+        Arc::clone(&west2_store),
+        &ca,
+        "west",
+        2,
+        "10.2.0.0/16",
+        tokio::net::TcpListener::bind(west_addr).await.unwrap(),
+    )
+    .await;
+    eventually("west resynced from the other store", || {
+        let s = cluster_status(&view, "west");
+        s.connected && s.revision == synced_at && s.decode_errors >= 1
+    })
+    .await;
+    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
+    eventually("east marker programmed", || {
+        view.services().contains_key(&marker_id("marker-1"))
+    })
+    .await;
+    assert_eq!(
+        dp.service(&web()).unwrap(),
+        programmed,
+        "west's last good web record stays in force"
+    );
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    west2.stop().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+    west2_raft.shutdown().await;
+}
