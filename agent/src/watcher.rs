@@ -1,21 +1,27 @@
 //! One watcher per cluster: a resumable mTLS watch of the cluster's service records.
 //!
 //! A watcher is an explicit state machine ([`Phase`]). It dials the cluster's mesh API
-//! server (mTLS, the server must present `spiffe://<trust-domain>/cluster/<name>`), checks
-//! the cluster's reported name, ID and pod CIDRs against the configuration and the other
-//! clusters ([`ClusterRegistry`]), then watches services:
+//! server (mTLS, the server must present `spiffe://<trust-domain>/cluster/<name>`; a server
+//! presenting another identity is refused), checks the cluster's reported name, ID and pod
+//! CIDRs against the configuration and the other clusters ([`ClusterRegistry`]), then
+//! watches services:
 //!
 //! * From scratch (or after a `Reset`), records are buffered and only handed to the merge,
 //!   as one replacement of everything this cluster had, when the `Synced` marker for
 //!   services arrives. Until then the previous state stays in force, so a fresh or resumed
-//!   connection never blackholes a service.
+//!   connection never blackholes a service. A `Reset` also restarts the revision count at
+//!   the server's revision, which may be lower than ours (a replaced store).
 //! * After that, each event is applied as it comes.
 //! * On disconnect the watcher reconnects with exponential backoff and jitter and resumes
 //!   from the last revision it fully applied. The cluster's last-known records stay in
-//!   force; after `stale_ttl` (if configured) they are dropped.
+//!   force, and so does its claim on its ID and pod CIDRs; after `stale_ttl` (if
+//!   configured) both are dropped. `GetClusterInfo` and opening the watch are bounded by
+//!   a request timeout, so a server that accepts connections and then hangs is retried
+//!   like an unreachable one.
 //!
 //! Records that do not decode, or that belong to another cluster, are ignored, logged with
-//! the cluster and key, and counted.
+//! the cluster and key, and counted; the service's previous record stays in force, in a
+//! full resync as well as live.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -8,6 +8,12 @@
 //! remote server restarts from a fresh store with the same records → after a full resync
 //! nothing is re-sent; a record that does not decode is ignored and counted.
 //!
+//! Further scenarios, one test each: a cluster removed while busy stays removed; a stale
+//! cluster keeps its ID and pod CIDRs; impostor clusters (wrong TLS identity, another
+//! cluster's ID) are refused; a moved client certificate applies to every watcher; a
+//! server that completes TLS and hangs times out and its stale TTL still applies; a
+//! resync keeps the last good record of a service whose value does not decode.
+//!
 //! "Nothing changed" is checked without sleeping: either a later change (a marker service)
 //! is seen programmed, so everything queued before it was computed, or the agent's
 //! reconcile-round counter moved past the one update in flight.
