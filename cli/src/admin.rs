@@ -8,7 +8,7 @@
 //! |--------------------|---------------|
 //! | `GET /v1/status`   | [`AgentStatus`] |
 //! | `GET /v1/services` | list of [`ServiceStatus`] |
-//! | `GET /v1/bpf/lb`   | list of [`BpfLbEntry`] |
+//! | `GET /v1/bpf/lb`   | the agent's datapath dump (`BpfDump`: services, backends, Maglev slabs), read into [`BpfLbEntry`] rows; 503 on an agent without the eBPF datapath |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
