@@ -1,14 +1,14 @@
 //! The admin API: HTTP/1.1 with JSON bodies on a local unix socket.
 //!
 //! `clustermesh status`, `service list` and `bpf lb list` read the agent through it. The
-//! shapes follow the CLI's client (`cli/src/admin.rs`); fields are only added, never
-//! renamed, and the CLI ignores unknown ones.
+//! bodies are the types of [`clustermesh_api::admin`], which the CLI decodes too: fields
+//! are only added, never renamed, and readers ignore unknown ones.
 //!
 //! | request            | response |
 //! |--------------------|----------|
-//! | `GET /v1/status`   | [`StatusBody`] |
-//! | `GET /v1/services` | list of [`ServiceBody`] (one per service port) |
-//! | `GET /v1/bpf/lb`   | what the datapath dump hook returns (503 without one) |
+//! | `GET /v1/status`   | [`AgentStatus`] |
+//! | `GET /v1/services` | list of [`ServiceStatus`] (one per service port) |
+//! | `GET /v1/bpf/lb`   | what the datapath dump hook returns, a [`BpfDump`](clustermesh_api::admin::BpfDump) (503 without one) |
 //! | `GET /metrics`     | Prometheus text |
 
 use std::path::Path;
@@ -22,66 +22,15 @@ use axum::Router;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+pub use clustermesh_api::admin::{AgentStatus, BackendStatus, ServiceStatus};
+
 use crate::datapath::{BackendState, Frontend, Protocol, Tier};
 use crate::records::Affinity;
 use crate::runtime::AgentView;
-use crate::watcher::ClusterStatus;
+use crate::watcher::{self, Phase};
 
 /// Produces the `GET /v1/bpf/lb` body (JSON) from the live datapath.
 pub type BpfDumpHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusBody {
-    /// Node name.
-    pub node: String,
-    /// The agent's own cluster.
-    pub local_cluster: String,
-    /// Every configured cluster.
-    pub clusters: Vec<ClusterStatus>,
-    /// Number of load-balanced service ports.
-    pub services: usize,
-    /// Reconcile rounds completed (desired-state computations); grows as updates arrive.
-    pub reconcile_rounds: u64,
-}
-
-/// `GET /v1/services` element.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceBody {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// Service port name.
-    pub port_name: String,
-    /// Frontends, e.g. `10.96.0.10:80/TCP`.
-    pub frontends: Vec<String>,
-    /// Affinity of the service: `local`, `remote` or `none`.
-    pub affinity: String,
-    /// Tier currently serving (`node`, `zone`, `cluster`, `remote`, or `none`).
-    pub active_tier: String,
-    /// Maglev table size (0: no usable backend).
-    pub table_size: usize,
-    /// Backends from every cluster.
-    pub backends: Vec<BackendBody>,
-}
-
-/// A backend of a service.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendBody {
-    /// Cluster.
-    pub cluster: String,
-    /// `ip:port`.
-    pub address: String,
-    /// `active` or `terminating`.
-    pub state: String,
-    /// Locality tier.
-    pub tier: String,
-    /// Maglev weight.
-    pub weight: u32,
-    /// Table slots it owns.
-    pub slots: u32,
-}
 
 fn tier_name(t: Tier) -> &'static str {
     match t {
@@ -107,6 +56,45 @@ fn proto_name(p: Protocol) -> &'static str {
     }
 }
 
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Connecting => "connecting",
+        Phase::Syncing => "syncing",
+        Phase::Watching => "watching",
+        Phase::Backoff => "backoff",
+        Phase::Refused => "refused",
+    }
+}
+
+/// The wire form of a watcher's status. Every field is named (no `..`), so a field added
+/// to the watcher's status does not compile until it is placed here too.
+fn cluster_status(s: watcher::ClusterStatus) -> clustermesh_api::admin::ClusterStatus {
+    let watcher::ClusterStatus {
+        name,
+        phase,
+        connected,
+        synced,
+        stale,
+        revision,
+        last_error,
+        endpoint,
+        decode_errors,
+        refused_records,
+    } = s;
+    clustermesh_api::admin::ClusterStatus {
+        name,
+        phase: phase_name(phase).to_owned(),
+        connected,
+        synced,
+        stale,
+        revision,
+        last_error,
+        endpoint,
+        decode_errors,
+        refused_records,
+    }
+}
+
 fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
@@ -117,11 +105,16 @@ fn frontend(f: &Frontend) -> String {
 
 /// The status body for `view`.
 #[must_use]
-pub fn status(view: &AgentView) -> StatusBody {
-    StatusBody {
+pub fn status(view: &AgentView) -> AgentStatus {
+    AgentStatus {
         node: view.node.clone(),
         local_cluster: view.local_cluster.clone(),
-        clusters: view.clusters.snapshot(),
+        clusters: view
+            .clusters
+            .snapshot()
+            .into_iter()
+            .map(cluster_status)
+            .collect(),
         services: view.services().len(),
         reconcile_rounds: view.reconcile_rounds(),
     }
@@ -129,7 +122,7 @@ pub fn status(view: &AgentView) -> StatusBody {
 
 /// The services body for `view`.
 #[must_use]
-pub fn services(view: &AgentView) -> Vec<ServiceBody> {
+pub fn services(view: &AgentView) -> Vec<ServiceStatus> {
     view.services()
         .values()
         .map(|s| {
@@ -139,7 +132,7 @@ pub fn services(view: &AgentView) -> Vec<ServiceBody> {
                     *c += 1;
                 }
             }
-            ServiceBody {
+            ServiceStatus {
                 namespace: s.lb.id.namespace.clone(),
                 name: s.lb.id.name.clone(),
                 port_name: s.lb.id.port_name.clone(),
@@ -152,7 +145,7 @@ pub fn services(view: &AgentView) -> Vec<ServiceBody> {
                     .backends
                     .iter()
                     .zip(slots)
-                    .map(|(b, slots)| BackendBody {
+                    .map(|(b, slots)| BackendStatus {
                         cluster: b.cluster.clone(),
                         address: socket_addr(b.ip, b.port),
                         state: match b.state {
@@ -308,7 +301,6 @@ mod tests {
         use crate::maglev::Maglev;
         use crate::merge::Locality;
         use crate::records::{BackendRecord, PortSpec, ServiceName, ServiceRecord};
-        use crate::watcher::Phase;
 
         let port = |name: &str, port: u16, protocol| PortSpec {
             name: name.into(),
@@ -375,6 +367,46 @@ mod tests {
         let body = serde_json::to_value(status(&view)).unwrap();
         assert_eq!(body["clusters"][0]["name"], "south");
         assert_eq!(body["clusters"][0]["phase"], "refused");
+    }
+
+    /// `/v1/status` carries each cluster exactly as the watcher's status serializes
+    /// (the JSON agents served before the body moved to `clustermesh_api`), in every phase.
+    #[test]
+    fn cluster_entries_are_the_watcher_status_json() {
+        let view = AgentView::default();
+        let phases = [
+            Phase::Connecting,
+            Phase::Syncing,
+            Phase::Watching,
+            Phase::Backoff,
+            Phase::Refused,
+        ];
+        for (i, phase) in phases.into_iter().enumerate() {
+            view.clusters.update(&format!("c{i}"), |s| {
+                s.phase = phase;
+                s.connected = i % 2 == 0;
+                s.synced = i > 1;
+                s.stale = i == 3;
+                s.revision = 10 + i as u64;
+                s.last_error = (i == 4).then(|| "refused: cluster ID taken".to_owned());
+                s.endpoint = format!("127.0.0.{i}:2379");
+                s.decode_errors = i as u64;
+                s.refused_records = 2 * i as u64;
+            });
+        }
+        let served = serde_json::to_value(status(&view)).unwrap();
+        let watcher = serde_json::to_value(view.clusters.snapshot()).unwrap();
+        assert_eq!(served["clusters"], watcher);
+        let phases: Vec<&str> = served["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["phase"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            phases,
+            ["connecting", "syncing", "watching", "backoff", "refused"]
+        );
     }
 
     #[tokio::test]

@@ -6,8 +6,8 @@
 //! |--------------------|----------|
 //! | `GET /metrics`     | Prometheus text (the same registry as the admin socket) |
 //! | `GET /healthz`     | `ok` while the agent runs |
-//! | `GET /v1/status`   | [`admin::StatusBody`], the same JSON as the admin socket |
-//! | `GET /v1/services` | list of [`admin::ServiceBody`], the same JSON as the admin socket |
+//! | `GET /v1/status`   | [`admin::AgentStatus`], the same JSON as the admin socket |
+//! | `GET /v1/services` | list of [`admin::ServiceStatus`], the same JSON as the admin socket |
 //! | `GET /v1/bpf/lb`   | the datapath dump, as on the admin socket (503 with `--datapath record`) |
 //!
 //! Read-only: every route is the admin socket's own handler (`clustermesh service list`

@@ -12,8 +12,10 @@
 //! - [`cidr`]: pod CIDR parsing and overlap detection between clusters.
 //! - [`identity`]: cluster-scoped numeric identities (cluster ID in the high bits).
 //! - [`annotations`]: global-service annotations, new and legacy forms.
+//! - [`admin`]: the JSON bodies of the agent's admin API, shared by the agent and the CLI.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent_config;
 pub mod annotations;
 pub mod cidr;

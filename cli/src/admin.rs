@@ -1,18 +1,24 @@
 //! Client of an agent's admin API (HTTP/1.1 with JSON bodies on a local unix socket).
 //!
 //! `status`, `service list` and `bpf lb list` read the agent through this. The endpoints
-//! and JSON shapes below are the contract with `clustermesh-agent --admin-socket`; unknown
-//! fields are ignored and missing optional ones default, so either side can grow.
+//! and JSON shapes are the contract with `clustermesh-agent --admin-socket`, defined once
+//! for both sides in [`clustermesh_api::admin`] (re-exported here); unknown fields are
+//! ignored and missing ones default, so either side can grow.
 //!
 //! | request            | response body |
 //! |--------------------|---------------|
 //! | `GET /v1/status`   | [`AgentStatus`] |
 //! | `GET /v1/services` | list of [`ServiceStatus`] |
-//! | `GET /v1/bpf/lb`   | the agent's datapath dump (`BpfDump`: services, backends, Maglev slabs), read into [`BpfLbEntry`] rows; 503 on an agent without the eBPF datapath |
+//! | `GET /v1/bpf/lb`   | the agent's datapath dump ([`BpfDump`]: services, backends, Maglev slab), shown as [`BpfLbEntry`] rows ([`bpf_lb_entries`]); 503 on an agent without the eBPF datapath |
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use clustermesh_api::admin::{
+    AgentStatus, BackendDump, BackendStatus, BpfDump, ClusterStatus, ServiceDump, ServiceStatus,
+    SlabDump,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,77 +58,8 @@ pub enum AdminError {
     },
 }
 
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AgentStatus {
-    /// Node name.
-    pub node: String,
-    /// The agent's own cluster.
-    pub local_cluster: String,
-    /// Every configured cluster, the local one included.
-    pub clusters: Vec<ClusterStatus>,
-}
-
-/// One watched cluster as an agent sees it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ClusterStatus {
-    /// Cluster name.
-    pub name: String,
-    /// The agent's watcher phase: `connecting`, `syncing`, `watching`, `backoff`, or
-    /// `refused` (the cluster is not who the configuration says, or is misconfigured;
-    /// `last_error` says why). Empty from agents that do not report it.
-    pub phase: String,
-    /// The watch stream is established.
-    pub connected: bool,
-    /// Every kind's initial state has been received.
-    pub synced: bool,
-    /// Disconnected, serving last-known state.
-    pub stale: bool,
-    /// Last revision received.
-    pub revision: u64,
-    /// Last connection error, if any.
-    pub last_error: Option<String>,
-}
-
-/// `GET /v1/services` element: a merged global or local service.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ServiceStatus {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// Service port name (one element per service port; "" for a single unnamed port).
-    pub port_name: String,
-    /// Frontends, e.g. `10.96.0.10:80/TCP`.
-    pub frontends: Vec<String>,
-    /// `local`, `remote` or `none`.
-    pub affinity: String,
-    /// Tier currently serving (`node`, `zone`, `cluster`, `remote`).
-    pub active_tier: String,
-    /// Backends from every cluster.
-    pub backends: Vec<BackendStatus>,
-}
-
-/// A backend of a merged service.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BackendStatus {
-    /// Cluster it belongs to.
-    pub cluster: String,
-    /// `ip:port`.
-    pub address: String,
-    /// `active`, `terminating`, `inactive`...
-    pub state: String,
-    /// Locality tier.
-    pub tier: String,
-    /// Maglev weight.
-    pub weight: u32,
-}
-
-/// `GET /v1/bpf/lb` element: one programmed frontend.
+/// A row of `bpf lb list`: one programmed frontend of a [`BpfDump`] (see
+/// [`bpf_lb_entries`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BpfLbEntry {
@@ -152,6 +89,41 @@ pub struct BpfBackend {
     pub state: String,
     /// Maglev slots it owns.
     pub slots: u32,
+}
+
+/// One row per programmed frontend of `dump`, with the service's backends and the table
+/// slots each owns. A backend id the dump does not list is shown as address `?`, state
+/// `unknown`, not dropped.
+#[must_use]
+pub fn bpf_lb_entries(dump: &BpfDump) -> Vec<BpfLbEntry> {
+    let by_id: BTreeMap<u32, &BackendDump> = dump.backends.iter().map(|b| (b.id, b)).collect();
+    let mut out = Vec::new();
+    for s in &dump.services {
+        let backends: Vec<BpfBackend> = s
+            .backends
+            .iter()
+            .map(|id| {
+                let b = by_id.get(id);
+                BpfBackend {
+                    id: *id,
+                    address: b.map_or_else(|| "?".into(), |b| b.address.clone()),
+                    cluster: b.map_or_else(String::new, |b| b.cluster.clone()),
+                    state: b.map_or_else(|| "unknown".into(), |b| b.state.clone()),
+                    slots: s.slots.get(id).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        for f in &s.frontends {
+            out.push(BpfLbEntry {
+                frontend: f.clone(),
+                service_id: s.id,
+                table_offset: s.table_offset,
+                table_size: s.table_size,
+                backends: backends.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Sends `GET <request>` to the agent at `socket` and decodes the JSON body.
@@ -326,6 +298,42 @@ mod tests {
             (v[0].port_name.as_str(), v[0].affinity.as_str()),
             ("udp", "remote")
         );
+    }
+
+    #[test]
+    fn a_dump_becomes_one_row_per_frontend_with_slots() {
+        let dump = BpfDump {
+            services: vec![ServiceDump {
+                id: 7,
+                name: "default/dns/tcp".into(),
+                frontends: vec!["10.96.0.10:53/TCP".into(), "[fd00::10]:53/TCP".into()],
+                table_offset: 4096,
+                table_size: 251,
+                backends: vec![1, 9],
+                slots: BTreeMap::from([(1, 126), (9, 125)]),
+                table: None,
+            }],
+            backends: vec![BackendDump {
+                id: 1,
+                address: "10.1.0.5:5353".into(),
+                protocol: "TCP".into(),
+                cluster: "east".into(),
+                state: "active".into(),
+                services: 1,
+            }],
+            ..BpfDump::default()
+        };
+        let rows = bpf_lb_entries(&dump);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].frontend, "[fd00::10]:53/TCP");
+        assert_eq!(rows[0].service_id, 7);
+        assert_eq!(rows[0].table_size, 251);
+        assert_eq!(rows[0].backends[0].address, "10.1.0.5:5353");
+        assert_eq!(rows[0].backends[0].slots, 126);
+        // A backend ID missing from the backends list is shown, not dropped.
+        assert_eq!(rows[0].backends[1].address, "?");
+        assert_eq!(rows[0].backends[1].state, "unknown");
+        assert_eq!(rows[0].backends[1].slots, 125);
     }
 
     proptest! {

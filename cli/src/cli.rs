@@ -553,7 +553,7 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
             no_socket_in_kube_mode(agent_socket.as_ref())?;
             let r = crate::k8s::agents::bpf_lb(&target, node.as_deref(), timeout).await?;
             kube_agents_output(cli, &r, "datapath dump", |source, dump| {
-                bpf_table(source, &dump.entries())
+                bpf_table(source, &admin::bpf_lb_entries(dump))
             })
         }
         _ => Err(CliError::KubeVerbUnavailable {
@@ -808,11 +808,11 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         } => {
             no_node_in_standalone(node.as_ref())?;
             // The agent's datapath dump (its `bpf::BpfDump`), one row per frontend.
-            let (node, dump): (String, crate::k8s::agents::BpfDump) =
+            let (node, dump): (String, admin::BpfDump) =
                 ask_agent(&cli, agent_socket.as_ref(), "/v1/bpf/lb").await?;
             match cli.output {
                 Output::Json => json(&dump),
-                Output::Table => Ok(bpf_table(&node, &dump.entries())),
+                Output::Table => Ok(bpf_table(&node, &admin::bpf_lb_entries(&dump))),
             }
         }
     }
@@ -932,7 +932,9 @@ mod tests {
                 state: "active".into(),
                 tier: "remote".into(),
                 weight: 1,
+                ..Default::default()
             }],
+            ..Default::default()
         };
         let table = services_table(
             "/run/agent.sock",

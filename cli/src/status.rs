@@ -84,22 +84,16 @@ impl AgentReport {
 pub const NO_AGENTS: &str = "no agents listed; pass --agent-socket PATH (repeatable) or list their admin sockets under agent_sockets in cluster.yaml";
 
 impl MeshStatus {
-    /// Configured remote+local clusters that this agent reports connected and synced.
-    fn connected_on(&self, agent: &AgentStatus) -> usize {
-        connected_count(&self.configured, agent)
-    }
-
     /// Whether everything is up: apiserver reachable, at least one agent, every agent
     /// answering and connected to every configured cluster.
     #[must_use]
     pub fn ready(&self) -> bool {
         self.apiserver.reachable
             && !self.agents.is_empty()
-            && self.agents.iter().all(|a| {
-                a.status
-                    .as_ref()
-                    .is_some_and(|s| self.connected_on(s) == self.configured.len())
-            })
+            && self
+                .agents
+                .iter()
+                .all(|a| fully_connected(&self.configured, a.status.as_ref()))
     }
 
     /// One line on what is still missing (for `--wait` progress and timeouts).
@@ -121,7 +115,7 @@ impl MeshStatus {
         }
         for a in &self.agents {
             if let Some(s) = &a.status {
-                let n = self.connected_on(s);
+                let n = connected_count(&self.configured, s);
                 if n < self.configured.len() {
                     parts.push(format!(
                         "{}: {n}/{} clusters connected",
@@ -229,6 +223,13 @@ pub fn connected_count(configured: &[String], agent: &AgentStatus) -> usize {
                 .any(|c| &c.name == *name && c.connected && c.synced)
         })
         .count()
+}
+
+/// Whether `agent` answered and reports every one of the `configured` clusters connected
+/// and synced: what a ready mesh needs of each agent, in both modes.
+#[must_use]
+pub fn fully_connected(configured: &[String], agent: Option<&AgentStatus>) -> bool {
+    agent.is_some_and(|a| connected_count(configured, a) == configured.len())
 }
 
 /// One indented line per configured cluster with the agent's view of it
@@ -434,6 +435,30 @@ where
     }
 }
 
+/// An agent's `/v1/status` for tests: node `node` of cluster `local`, reporting
+/// `clusters` as `(name, connected, synced)`.
+#[cfg(test)]
+pub(crate) fn test_agent_status(
+    node: &str,
+    local: &str,
+    clusters: &[(&str, bool, bool)],
+) -> AgentStatus {
+    AgentStatus {
+        node: node.into(),
+        local_cluster: local.into(),
+        clusters: clusters
+            .iter()
+            .map(|(n, connected, synced)| admin::ClusterStatus {
+                name: (*n).into(),
+                connected: *connected,
+                synced: *synced,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,19 +467,7 @@ mod tests {
     fn agent(node: &str, clusters: &[(&str, bool, bool)]) -> AgentReport {
         AgentReport::new(
             format!("/run/{node}.sock"),
-            Ok(AgentStatus {
-                node: node.into(),
-                local_cluster: "c1".into(),
-                clusters: clusters
-                    .iter()
-                    .map(|(n, connected, synced)| ClusterStatus {
-                        name: (*n).into(),
-                        connected: *connected,
-                        synced: *synced,
-                        ..Default::default()
-                    })
-                    .collect(),
-            }),
+            Ok(test_agent_status(node, "c1", clusters)),
             &["c1".to_owned(), "c2".to_owned()],
         )
     }
@@ -487,6 +500,7 @@ mod tests {
                 last_error: Some("reports cluster ID 2, which cluster c2 already uses".into()),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let lines = cluster_lines(&["c3".to_owned()], &agent);
         assert!(

@@ -1,8 +1,8 @@
 //! Kubernetes-mode `service list` and `bpf lb list`, through the real binary against a
 //! fake API server: every agent pod (or the one on `--node`) is asked through the pod
-//! proxy. The fake agents answer with the agent's own response types serialized
-//! (`clustermesh_agent::admin::ServiceBody`, `clustermesh_agent::bpf::BpfDump`), and an
-//! agent running `--datapath record` answers `/v1/bpf/lb` with the agent's real 503.
+//! proxy. The fake agents answer with the admin API's own types serialized, the ones the
+//! agent serves (`clustermesh_api::admin::ServiceStatus`, `clustermesh_api::admin::BpfDump`),
+//! and an agent running `--datapath record` answers `/v1/bpf/lb` with the agent's real 503.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,8 +11,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use clustermesh_agent::admin::{BackendBody, ServiceBody};
-use clustermesh_agent::bpf::{BackendDump, BpfDump, ServiceDump, SlabDump};
+use clustermesh_api::admin::{
+    BackendDump, BackendStatus, BpfDump, ServiceDump, ServiceStatus, SlabDump,
+};
 use serde_json::{json, Value};
 use support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use support::{run_cli, CliRun};
@@ -94,7 +95,7 @@ async fn mesh() -> Mesh {
 
 /// The echo service as an agent on `node` reports it: one local and one remote backend.
 fn services_body(node_backend: &str) -> Value {
-    serde_json::to_value(vec![ServiceBody {
+    serde_json::to_value(vec![ServiceStatus {
         namespace: "default".into(),
         name: "echo".into(),
         port_name: "http".into(),
@@ -103,7 +104,7 @@ fn services_body(node_backend: &str) -> Value {
         active_tier: "cluster".into(),
         table_size: 251,
         backends: vec![
-            BackendBody {
+            BackendStatus {
                 cluster: "east".into(),
                 address: format!("{node_backend}:8080"),
                 state: "active".into(),
@@ -111,7 +112,7 @@ fn services_body(node_backend: &str) -> Value {
                 weight: 1,
                 slots: 251,
             },
-            BackendBody {
+            BackendStatus {
                 cluster: "west".into(),
                 address: "10.2.0.9:8080".into(),
                 state: "active".into(),

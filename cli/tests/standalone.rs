@@ -567,7 +567,7 @@ fn completion_and_help_are_available() {
 }
 
 /// A stand-in for `clustermesh-agent --admin-socket`: answers `GET /v1/status` on a unix
-/// socket with the agent's own `StatusBody` serialized (the body can be changed while it
+/// socket with the admin API's `AgentStatus` (what the agent serves) serialized (the body can be changed while it
 /// runs). Dropping it stops it.
 struct FakeAgent {
     _rt: tokio::runtime::Runtime,
@@ -577,16 +577,15 @@ struct FakeAgent {
 /// The agent's `/v1/status` for node `node` of cluster `local`: `clusters` is
 /// `(name, connected)`; a connected cluster is synced.
 fn agent_status(node: &str, local: &str, clusters: &[(&str, bool)]) -> String {
-    use clustermesh_agent::admin::StatusBody;
-    use clustermesh_agent::watcher::{ClusterStatus, Phase};
-    let body = StatusBody {
+    use clustermesh_api::admin::{AgentStatus, ClusterStatus};
+    let body = AgentStatus {
         node: node.into(),
         local_cluster: local.into(),
         clusters: clusters
             .iter()
             .map(|(name, up)| ClusterStatus {
                 name: (*name).into(),
-                phase: if *up { Phase::Watching } else { Phase::Backoff },
+                phase: if *up { "watching" } else { "backoff" }.into(),
                 connected: *up,
                 synced: *up,
                 stale: false,

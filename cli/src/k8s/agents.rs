@@ -7,123 +7,17 @@
 //! that refuses (an agent running `--datapath record` has no eBPF maps to dump), is listed
 //! with the reason and makes the command fail after printing what the others answered.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::error::KubeModeError;
 use super::mesh::read_config;
 use super::objects::{Objects, CONFIG_MAP};
-use super::status::{agent_pods, proxy_get, AgentRef};
+use super::status::{agent_pods, pod_label, proxy_get, AgentRef};
 use super::KubeTarget;
-use crate::admin::{BpfBackend, BpfLbEntry, ServiceStatus};
-
-/// `GET /v1/bpf/lb` body of an agent with the eBPF datapath (the agent's
-/// `bpf::BpfDump`): what is programmed in the pinned maps.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BpfDump {
-    /// Pin directory of the maps.
-    pub pin_dir: String,
-    /// Cgroup the programs are attached to.
-    pub cgroup: String,
-    /// Programmed services.
-    pub services: Vec<BpfService>,
-    /// Programmed backends.
-    pub backends: Vec<BpfDumpBackend>,
-    /// Maglev slab usage.
-    pub slab: BpfSlab,
-    /// Kernel counters summed over CPUs.
-    pub counters: BTreeMap<String, u64>,
-}
-
-/// One programmed service.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BpfService {
-    /// Service ID in the maps.
-    pub id: u32,
-    /// `namespace/name/port-name`.
-    pub name: String,
-    /// Frontends, `ip:port/proto`.
-    pub frontends: Vec<String>,
-    /// Offset of its table in the slab.
-    pub table_offset: u32,
-    /// Table size M.
-    pub table_size: u32,
-    /// Backend IDs.
-    pub backends: Vec<u32>,
-    /// Table slots per backend ID.
-    pub slots: BTreeMap<u32, u32>,
-}
-
-/// One programmed backend.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BpfDumpBackend {
-    /// Backend ID.
-    pub id: u32,
-    /// `ip:port`.
-    pub address: String,
-    /// `TCP` or `UDP`.
-    pub protocol: String,
-    /// Cluster name.
-    pub cluster: String,
-    /// `active` or `terminating`.
-    pub state: String,
-    /// Services referencing it.
-    pub services: u32,
-}
-
-/// Maglev slab usage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BpfSlab {
-    /// Capacity in entries.
-    pub capacity: u32,
-    /// Entries in use.
-    pub used: u64,
-    /// Largest free block.
-    pub largest_free: u32,
-}
-
-impl BpfDump {
-    /// One row per programmed frontend, with the service's backends and their slots.
-    #[must_use]
-    pub fn entries(&self) -> Vec<BpfLbEntry> {
-        let by_id: BTreeMap<u32, &BpfDumpBackend> =
-            self.backends.iter().map(|b| (b.id, b)).collect();
-        let mut out = Vec::new();
-        for s in &self.services {
-            let backends: Vec<BpfBackend> = s
-                .backends
-                .iter()
-                .map(|id| {
-                    let b = by_id.get(id);
-                    BpfBackend {
-                        id: *id,
-                        address: b.map_or_else(|| "?".into(), |b| b.address.clone()),
-                        cluster: b.map_or_else(String::new, |b| b.cluster.clone()),
-                        state: b.map_or_else(|| "unknown".into(), |b| b.state.clone()),
-                        slots: s.slots.get(id).copied().unwrap_or(0),
-                    }
-                })
-                .collect();
-            for f in &s.frontends {
-                out.push(BpfLbEntry {
-                    frontend: f.clone(),
-                    service_id: s.id,
-                    table_offset: s.table_offset,
-                    table_size: s.table_size,
-                    backends: backends.clone(),
-                });
-            }
-        }
-        out
-    }
-}
+use crate::admin::{BpfDump, ServiceStatus};
 
 /// What one agent answered.
 #[derive(Debug, Clone, Serialize)]
@@ -144,10 +38,7 @@ impl<T> AgentAnswer<T> {
     /// `pod (node n)`.
     #[must_use]
     pub fn label(&self) -> String {
-        match &self.node {
-            Some(n) => format!("{} (node {n})", self.pod),
-            None => self.pod.clone(),
-        }
+        pod_label(&self.pod, self.node.as_deref())
     }
 }
 
@@ -274,43 +165,4 @@ pub async fn bpf_lb(
     timeout: Duration,
 ) -> Result<AgentAnswers<BpfDump>, KubeModeError> {
     ask(target, node, "/v1/bpf/lb", timeout).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dump_becomes_one_row_per_frontend_with_slots() {
-        let dump = BpfDump {
-            services: vec![BpfService {
-                id: 7,
-                name: "default/dns/tcp".into(),
-                frontends: vec!["10.96.0.10:53/TCP".into(), "[fd00::10]:53/TCP".into()],
-                table_offset: 4096,
-                table_size: 251,
-                backends: vec![1, 9],
-                slots: BTreeMap::from([(1, 126), (9, 125)]),
-            }],
-            backends: vec![BpfDumpBackend {
-                id: 1,
-                address: "10.1.0.5:5353".into(),
-                protocol: "TCP".into(),
-                cluster: "east".into(),
-                state: "active".into(),
-                services: 1,
-            }],
-            ..BpfDump::default()
-        };
-        let rows = dump.entries();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].frontend, "[fd00::10]:53/TCP");
-        assert_eq!(rows[0].service_id, 7);
-        assert_eq!(rows[0].table_size, 251);
-        assert_eq!(rows[0].backends[0].address, "10.1.0.5:5353");
-        assert_eq!(rows[0].backends[0].slots, 126);
-        // A backend ID missing from the backends list is shown, not dropped.
-        assert_eq!(rows[0].backends[1].address, "?");
-        assert_eq!(rows[0].backends[1].slots, 125);
-    }
 }

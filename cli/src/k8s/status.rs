@@ -24,7 +24,7 @@ use super::objects::{reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISER
 use super::KubeTarget;
 use crate::admin::AgentStatus;
 use crate::agent_config::AgentConfig;
-use crate::status::{cluster_lines, configured_count, connected_count, Readiness};
+use crate::status::{cluster_lines, configured_count, connected_count, fully_connected, Readiness};
 
 /// Name of the mesh API server Deployment or StatefulSet.
 pub const APISERVER_WORKLOAD: &str = "clustermesh-apiserver";
@@ -140,10 +140,16 @@ pub struct ClusterConnections {
 
 impl AgentPod {
     fn label(&self) -> String {
-        match &self.node {
-            Some(n) => format!("{} (node {n})", self.pod),
-            None => self.pod.clone(),
-        }
+        pod_label(&self.pod, self.node.as_deref())
+    }
+}
+
+/// How an agent pod is named in reports: `pod (node n)`, or the pod alone before it is
+/// scheduled.
+pub(crate) fn pod_label(pod: &str, node: Option<&str>) -> String {
+    match node {
+        Some(n) => format!("{pod} (node {n})"),
+        None => pod.to_owned(),
     }
 }
 
@@ -153,11 +159,10 @@ impl KubeStatus {
             && self.service.error.is_none()
             && self.agents.is_ready()
             && !self.agent_pods.is_empty()
-            && self.agent_pods.iter().all(|p| {
-                p.status
-                    .as_ref()
-                    .is_some_and(|s| connected_count(&self.configured, s) == self.configured.len())
-            })
+            && self
+                .agent_pods
+                .iter()
+                .all(|p| fully_connected(&self.configured, p.status.as_ref()))
     }
 
     /// Human-readable report.
@@ -208,11 +213,7 @@ impl KubeStatus {
         let fully = self
             .agent_pods
             .iter()
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .is_some_and(|s| connected_count(&self.configured, s) == n)
-            })
+            .filter(|p| fully_connected(&self.configured, p.status.as_ref()))
             .count();
         out.push_str(&format!(
             "Summary:     {fully}/{} agents connected to all {n} clusters\n",
@@ -683,25 +684,13 @@ pub async fn wait_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::ClusterStatus;
+    use crate::status::test_agent_status;
 
     fn pod(name: &str, clusters: &[(&str, bool, bool)]) -> AgentPod {
         AgentPod {
             pod: name.into(),
             node: None,
-            status: Some(AgentStatus {
-                node: name.into(),
-                local_cluster: "east".into(),
-                clusters: clusters
-                    .iter()
-                    .map(|(n, connected, synced)| ClusterStatus {
-                        name: (*n).into(),
-                        connected: *connected,
-                        synced: *synced,
-                        ..Default::default()
-                    })
-                    .collect(),
-            }),
+            status: Some(test_agent_status(name, "east", clusters)),
             error: None,
         }
     }
