@@ -28,7 +28,9 @@ use crate::desired::{DesiredState, ServiceState};
 use crate::maglev::Maglev;
 use crate::merge::Locality;
 use crate::metrics::Metrics;
-use crate::watcher::{self, Backoff, ClusterRegistry, StatusBoard, Update, WatcherConfig};
+use crate::watcher::{
+    self, Backoff, ClusterRegistry, RecordsInForce, StatusBoard, Update, WatcherConfig,
+};
 
 /// How long to wait before retrying a batch the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
@@ -318,16 +320,27 @@ struct RunningWatcher {
     /// The client certificate and key paths it was started with.
     client: (PathBuf, PathBuf),
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<RecordsInForce>>,
 }
 
 impl RunningWatcher {
     /// Cancels the watcher and waits until its task has ended, so nothing it does
     /// (a last update, a status change) can come after what the caller does next.
-    async fn stop(self, name: &str) {
+    /// Returns the records it left in force (their claim still held).
+    async fn stop(self, name: &str, board: &StatusBoard) -> Option<RecordsInForce> {
         self.cancel.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(cluster = %name, error = %e, "cluster watcher task failed");
+        match self.task.await {
+            Ok(left) => left,
+            Err(e) => {
+                tracing::error!(cluster = %name, error = %e, "cluster watcher task failed");
+                // Whatever it merged is still there: the board says whether it had synced.
+                board
+                    .get(name)
+                    .filter(|s| s.synced)
+                    .map(|_| RecordsInForce {
+                        stale_since: tokio::time::Instant::now(),
+                    })
+            }
         }
     }
 }
@@ -358,7 +371,7 @@ impl Supervisor {
             }
         }
         for (name, watcher) in std::mem::take(&mut self.running) {
-            watcher.stop(&name).await;
+            watcher.stop(&name, &self.view.clusters).await;
         }
     }
 
@@ -378,14 +391,23 @@ impl Supervisor {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        // Records left in force by restarted watchers, for their successors.
+        let mut inherited: BTreeMap<String, RecordsInForce> = BTreeMap::new();
         for name in stop {
             // Stopped and awaited before its records and status are dropped: a watcher
             // still finishing an event could otherwise bring the cluster back afterwards.
-            if let Some(watcher) = self.running.remove(&name) {
-                watcher.stop(&name).await;
-            }
-            self.registry.release(&name);
+            let left = match self.running.remove(&name) {
+                Some(watcher) => watcher.stop(&name, &self.view.clusters).await,
+                None => None,
+            };
             let still_configured = wanted.contains_key(name.as_str());
+            match left {
+                // The claim goes with the records: kept for the next watcher.
+                Some(left) if still_configured => {
+                    inherited.insert(name.clone(), left);
+                }
+                _ => self.registry.release(&name),
+            }
             if !still_configured {
                 tracing::info!(cluster = %name, "cluster removed from the configuration; dropping its records");
                 self.view.clusters.remove(&name);
@@ -395,7 +417,7 @@ impl Supervisor {
                     .send(Update::DropCluster { cluster: name })
                     .await;
             } else {
-                tracing::info!(cluster = %name, "cluster settings changed; restarting its watcher (records kept until resynced)");
+                tracing::info!(cluster = %name, "cluster settings changed; restarting its watcher (records and claims kept until resynced or dropped by the stale TTL)");
             }
         }
         // Every configured cluster is on the board before any watcher runs, so the
@@ -422,6 +444,7 @@ impl Supervisor {
             tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
             let task = tokio::spawn(watcher::run(
                 wc,
+                inherited.remove(name),
                 self.updates.clone(),
                 self.view.clusters.clone(),
                 Arc::clone(&self.registry),
@@ -491,7 +514,7 @@ mod tests {
         );
         cancel.cancel();
         for (name, w) in std::mem::take(&mut supervisor.running) {
-            w.stop(&name).await;
+            w.stop(&name, &view.clusters).await;
         }
     }
 }

@@ -18,6 +18,10 @@
 //!   configured) both are dropped. `GetClusterInfo` and opening the watch are bounded by
 //!   a request timeout, so a server that accepts connections and then hangs is retried
 //!   like an unreachable one.
+//! * A watcher that ends while its cluster's records are in force says so
+//!   ([`RecordsInForce`]); the watcher that replaces it (its settings changed) takes them
+//!   over: the claim stays held, the stale TTL keeps counting from when the cluster became
+//!   unreachable, and its first sync replaces them.
 //!
 //! Records that do not decode, or that belong to another cluster, are ignored, logged with
 //! the cluster and key, and counted; the service's previous record stays in force, in a
@@ -297,6 +301,15 @@ pub struct WatcherConfig {
     pub request_timeout: Duration,
 }
 
+/// A cluster's records left in force (and its ID and pod CIDRs left claimed) by a watcher
+/// that ended: what [`run`] returns, and what the watcher that replaces it takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordsInForce {
+    /// Since when they have not been kept up to date: the end of the cluster's last
+    /// session, or the end of the watcher if it was watching then.
+    pub stale_since: Instant,
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -324,22 +337,35 @@ struct Progress {
 }
 
 /// Runs the watcher of one cluster until `cancel`.
+///
+/// `inherited`: the records a previous watcher of this cluster left in force. They stay
+/// in force (stale since then, so the stale TTL applies) and the cluster's claim stays
+/// held until the first full sync replaces them or the TTL drops them.
+///
+/// Returns the records this watcher leaves in force, if any; their claim in `registry`
+/// is then left held, for the caller to hand over to the next watcher or release.
 pub async fn run(
     config: WatcherConfig,
+    inherited: Option<RecordsInForce>,
     updates: mpsc::Sender<Update>,
     status: StatusBoard,
     registry: Arc<ClusterRegistry>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
-) {
+) -> Option<RecordsInForce> {
     let name = config.entry.name.clone();
     status.update(&name, |s| {
         // A restarted watcher inherits the status of the one before; it has no session.
         s.phase = Phase::Connecting;
         s.connected = false;
     });
-    let mut progress = Progress::default();
-    let mut disconnected_since: Option<Instant> = None;
+    // Inherited records are in force at no known revision: the first session syncs in
+    // full, and its `Replace` takes their place.
+    let mut progress = Progress {
+        have_state: inherited.is_some(),
+        ..Progress::default()
+    };
+    let mut disconnected_since = inherited.map(|r| r.stale_since);
     loop {
         let end = tokio::select! {
             () = cancel.cancelled() => SessionEnd::Cancelled,
@@ -392,7 +418,16 @@ pub async fn run(
             }
         }
     }
-    registry.release(&name);
+    if !progress.have_state {
+        registry.release(&name);
+        return None;
+    }
+    // Cancelled during a session that got its watch established: up to date until now.
+    let stale_since = match disconnected_since {
+        Some(since) if !progress.established => since,
+        _ => Instant::now(),
+    };
+    Some(RecordsInForce { stale_since })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -9,7 +9,9 @@
 //! nothing is re-sent; a record that does not decode is ignored and counted.
 //!
 //! Further scenarios, one test each: a cluster removed while busy stays removed; a stale
-//! cluster keeps its ID and pod CIDRs; impostor clusters (wrong TLS identity, another
+//! cluster keeps its ID and pod CIDRs; a stale cluster whose watcher is restarted by a
+//! config change keeps its stale TTL and its claims, and the new watcher's first sync
+//! replaces the records it inherited; impostor clusters (wrong TLS identity, another
 //! cluster's ID) are refused; a moved client certificate applies to every watcher; a
 //! server that completes TLS and hangs times out and its stale TTL still applies; a
 //! resync keeps the last good record of a service whose value does not decode.
@@ -927,6 +929,233 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
     let _ = agent.task.await;
     south.stop().await;
     south_raft.shutdown().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
+
+/// A cluster whose watcher is restarted (its configuration entry changed) while it is
+/// unreachable keeps what it had: its records stay in force, stale, and so does its claim
+/// on its cluster ID, until the stale TTL (counted from when it became unreachable, not
+/// from the restart) drops them. Before that, a new cluster reporting its ID is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    // South reports west's ID (its pod CIDR is its own).
+    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    let dp = Arc::new(RecordingDatapath::new());
+    let mut options = quick_options(&config);
+    options.stale_ttl = Some(Duration::from_secs(3));
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        options,
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let set = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<BTreeSet<_>>()
+    };
+    eventually("east and west merged", || {
+        table_clusters(&dp) == set(&["east", "west"])
+    })
+    .await;
+
+    // West becomes unreachable.
+    west.stop().await;
+    eventually("west stale", || cluster_status(&view, "west").stale).await;
+
+    // West's entry gains a second endpoint, where nothing listens either (so its watcher
+    // is restarted), and south is configured (ID 0: only the registry can object).
+    let spare = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cfg = AgentConfig::load(&config).unwrap();
+    let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
+    west_entry.endpoints.push(format!("localhost:{spare}"));
+    let mut south_entry = west_entry.clone();
+    south_entry.name = "south".into();
+    south_entry.id = 0;
+    south_entry.endpoints = vec![format!("localhost:{}", south_addr.port())];
+    cfg.clusters.push(south_entry);
+    let tmp = config.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    std::fs::rename(&tmp, &config).unwrap();
+
+    // The restarted watcher (the only one that knows the new endpoint) still counts west
+    // as stale with records in force, and south is refused: west's ID is still claimed.
+    eventually("west stale after its restart", || {
+        let s = cluster_status(&view, "west");
+        s.stale
+            && s.synced
+            && !s.connected
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(&format!(":{spare}")))
+    })
+    .await;
+    eventually("south refused: west's ID", || {
+        view.clusters.get("south").is_some_and(|s| {
+            s.phase == Phase::Refused
+                && !s.synced
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("cluster ID 2") && e.contains("west"))
+        })
+    })
+    .await;
+    assert!(
+        table_clusters(&dp).contains("west"),
+        "west's records stay in force across the restart"
+    );
+
+    // The stale TTL drops west's records and releases its ID: south is accepted.
+    eventually("west dropped after the stale TTL", || {
+        let s = cluster_status(&view, "west");
+        !s.synced && !s.stale && !table_clusters(&dp).contains("west")
+    })
+    .await;
+    eventually("south accepted in west's place", || {
+        table_clusters(&dp) == set(&["east", "south"])
+    })
+    .await;
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    south.stop().await;
+    south_raft.shutdown().await;
+    east.stop().await;
+    east_raft.shutdown().await;
+    west_raft.shutdown().await;
+}
+
+/// A restarted watcher's first sync replaces the records it inherited: the backends of a
+/// service the cluster deleted while it was unreachable go, the others stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_watcher_replaces_the_records_it_inherited() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        east,
+        mut west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
+    // A second global service, `extra`, in both clusters.
+    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
+    for (store, cluster, ip, frontend) in [
+        (&east_store, "east", "10.1.0.8", "10.96.0.11"),
+        (&west_store, "west", "10.2.0.8", "10.97.0.11"),
+    ] {
+        let mut extra = service(cluster, &[(ip, true)], v1::Affinity::None);
+        extra.name = "extra".into();
+        extra.frontends = vec![frontend.into()];
+        put_service(store.as_ref(), &extra).await;
+    }
+    let extra_clusters = |dp: &RecordingDatapath| -> BTreeSet<String> {
+        dp.service(&marker_id("extra"))
+            .map(|s| {
+                s.table
+                    .iter()
+                    .map(|&i| s.backends[i as usize].cluster.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let config = dir.path().join("agent.yaml");
+    write_config(&config, dir.path(), east_addr, Some(west_addr));
+    let dp = Arc::new(RecordingDatapath::new());
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(
+        quick_options(&config),
+        Arc::clone(&dp) as Arc<dyn Datapath>,
+        cancel.clone(),
+    )
+    .unwrap();
+    let view = agent.view.clone();
+    let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
+    eventually("east and west merged, in both services", || {
+        table_clusters(&dp) == both && extra_clusters(&dp) == both
+    })
+    .await;
+    let programmed = dp.service(&web()).unwrap();
+
+    // West drops its agents and, while they are away, deletes `extra`.
+    west.stop_serving().await;
+    eventually("west stale", || cluster_status(&view, "west").stale).await;
+    west_store
+        .delete(service_key("west", "default", "extra").as_bytes())
+        .await
+        .unwrap();
+
+    // West's entry changes (its watcher restarts) while west is still unreachable.
+    let spare = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cfg = AgentConfig::load(&config).unwrap();
+    let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
+    west_entry.endpoints.push(format!("localhost:{spare}"));
+    let tmp = config.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    std::fs::rename(&tmp, &config).unwrap();
+    eventually("west stale after its restart", || {
+        let s = cluster_status(&view, "west");
+        s.stale
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(&format!(":{spare}")))
+    })
+    .await;
+    assert_eq!(
+        extra_clusters(&dp),
+        both,
+        "west's records kept while it is unreachable"
+    );
+
+    // West serves again: the new watcher's sync replaces what the old one left.
+    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    eventually("west resynced", || {
+        let s = cluster_status(&view, "west");
+        s.connected && s.synced && !s.stale
+    })
+    .await;
+    eventually("west's deleted service gone from extra", || {
+        extra_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+    })
+    .await;
+    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
+    eventually("east marker programmed", || {
+        view.services().contains_key(&marker_id("marker-1"))
+    })
+    .await;
+    assert_eq!(dp.service(&web()).unwrap(), programmed, "web unchanged");
+    assert_eq!(table_clusters(&dp), both);
+
+    cancel.cancel();
+    let _ = agent.task.await;
+    west.stop().await;
     east.stop().await;
     east_raft.shutdown().await;
     west_raft.shutdown().await;
