@@ -486,7 +486,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     assert!(fresh_revision < old_revision, "the fresh store is behind");
     let batches = dp.batch_count();
     let rounds = view.reconcile_rounds();
-    let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
+    let west_listener = mesh::rebind(west_addr).await;
     let mut west = start_server(
         Arc::clone(&west2_store),
         &ca,
@@ -553,7 +553,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         pad.name = "pad".into();
         last = put_service(west2_store.as_ref(), &pad).await;
     }
-    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    west.serve_again(mesh::rebind(west_addr).await);
     eventually("west caught up", || {
         let s = cluster_status(&view, "west");
         s.connected && s.revision == last
@@ -689,7 +689,7 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     .await;
 
     // West returns: resynced and merged again.
-    let west_listener = tokio::net::TcpListener::bind(west_addr).await.unwrap();
+    let west_listener = mesh::rebind(west_addr).await;
     let west = start_server(
         Arc::clone(&west_store),
         &ca,
@@ -1135,7 +1135,7 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     );
 
     // West serves again: the new watcher's sync replaces what the old one left.
-    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    west.serve_again(mesh::rebind(west_addr).await);
     eventually("west resynced", || {
         let s = cluster_status(&view, "west");
         s.connected && s.synced && !s.stale
@@ -1297,8 +1297,8 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
         view.clusters.snapshot().iter().all(|s| !s.connected)
     })
     .await;
-    east.serve_again(tokio::net::TcpListener::bind(east_addr).await.unwrap());
-    west.serve_again(tokio::net::TcpListener::bind(west_addr).await.unwrap());
+    east.serve_again(mesh::rebind(east_addr).await);
+    west.serve_again(mesh::rebind(west_addr).await);
     eventually("both reconnected with the moved certificate", || {
         let all = view.clusters.snapshot();
         all.len() == 2 && all.iter().all(|s| s.connected && s.synced)
@@ -1349,12 +1349,7 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
 
     // West's address now answers the TLS handshake (as west) and nothing else.
     west.stop_serving().await;
-    let mute = mesh::MuteServer::start(
-        &ca,
-        TD,
-        "west",
-        tokio::net::TcpListener::bind(west_addr).await.unwrap(),
-    );
+    let mute = mesh::MuteServer::start(&ca, TD, "west", mesh::rebind(west_addr).await);
     eventually("west's status names the unanswered request", || {
         let s = cluster_status(&view, "west");
         !s.connected
@@ -1436,7 +1431,7 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
         "west",
         2,
         "10.2.0.0/16",
-        tokio::net::TcpListener::bind(west_addr).await.unwrap(),
+        mesh::rebind(west_addr).await,
     )
     .await;
     eventually("west resynced from the other store", || {

@@ -245,3 +245,22 @@ pub(crate) fn write_agent_config(
     std::fs::rename(&tmp, path).unwrap();
     path.to_path_buf()
 }
+
+/// Binds `addr` again after a server on it was stopped. The stopped server's accept task
+/// is aborted, not joined, so its listening socket may close a moment after `stop`
+/// returns; retry `AddrInUse` for a while instead of failing on that race.
+pub(crate) async fn rebind(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {addr} again: {e}"),
+        }
+    }
+}
