@@ -25,7 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ use clustermesh_certs::MeshCa;
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::Store;
 use prost::Message;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[path = "support/mesh.rs"]
@@ -47,25 +48,6 @@ mod mesh;
 use mesh::{MeshServer, ServerSpec};
 
 const TD: &str = "mesh.test";
-
-/// Starts an in-process mesh API server for `cluster` (see `support/mesh.rs`).
-async fn start_server(
-    store: Arc<dyn Store>,
-    ca: &MeshCa,
-    cluster: &str,
-    id: u32,
-    cidr: &str,
-    listener: tokio::net::TcpListener,
-) -> MeshServer {
-    let spec = ServerSpec {
-        trust_domain: TD,
-        cluster,
-        id,
-        pod_cidrs: &[cidr],
-        stream_buffer: 64,
-    };
-    MeshServer::start(store, ca, &spec, listener).await
-}
 
 fn service(cluster: &str, backends: &[(&str, bool)], affinity: v1::Affinity) -> v1::Service {
     v1::Service {
@@ -188,12 +170,85 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// Starts servers for east (ID 1, 10.1.0.0/16) and west (ID 2, 10.2.0.0/16) on fresh
-/// stores, each exporting a global `default/web` with one ready backend and synced.
+/// The name, cluster ID and pod CIDR a cluster's server reports.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    name: &'static str,
+    id: u32,
+    pod_cidr: &'static str,
+}
+
+const EAST: Member = Member {
+    name: "east",
+    id: 1,
+    pod_cidr: "10.1.0.0/16",
+};
+
+const WEST: Member = Member {
+    name: "west",
+    id: 2,
+    pod_cidr: "10.2.0.0/16",
+};
+
+/// Starts an in-process mesh API server serving `store` as `member` (see `support/mesh.rs`).
+async fn start_server(
+    store: &Arc<dyn Store>,
+    ca: &MeshCa,
+    member: Member,
+    listener: TcpListener,
+) -> MeshServer {
+    let spec = ServerSpec {
+        trust_domain: TD,
+        cluster: member.name,
+        id: member.id,
+        pod_cidrs: &[member.pod_cidr],
+        stream_buffer: 64,
+    };
+    MeshServer::start(Arc::clone(store), ca, &spec, listener).await
+}
+
+/// A fresh single-node raft store in `dir/<name>`.
+async fn open_store(dir: &Path, name: &str) -> (LocalCluster, Arc<dyn Store>) {
+    let raft = LocalCluster::start(1, &dir.join(name), None).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(raft.store(0).unwrap());
+    (raft, store)
+}
+
+/// A cluster under test: its store and the mesh API server in front of it.
+struct Cluster {
+    raft: LocalCluster,
+    store: Arc<dyn Store>,
+    server: MeshServer,
+    addr: SocketAddr,
+}
+
+impl Cluster {
+    /// Opens the store `<name>-store` in `dir`, writes `services` (in order) and the
+    /// services Synced marker, and serves it as `member` on a free 127.0.0.1 port.
+    async fn start(dir: &Path, ca: &MeshCa, member: Member, services: &[v1::Service]) -> Cluster {
+        let (raft, store) = open_store(dir, &format!("{}-store", member.name)).await;
+        for svc in services {
+            put_service(store.as_ref(), svc).await;
+        }
+        mark_synced(store.as_ref(), member.name).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = start_server(&store, ca, member, listener).await;
+        Cluster {
+            raft,
+            store,
+            server,
+            addr,
+        }
+    }
+}
+
+/// Servers for east (ID 1, 10.1.0.0/16) and west (ID 2, 10.2.0.0/16) on fresh stores.
 struct TwoClusters {
     east_raft: LocalCluster,
     west_raft: LocalCluster,
     east_store: Arc<dyn Store>,
+    west_store: Arc<dyn Store>,
     east: MeshServer,
     west: MeshServer,
     east_addr: SocketAddr,
@@ -201,84 +256,88 @@ struct TwoClusters {
 }
 
 impl TwoClusters {
+    /// Each cluster exports a global `default/web` with one ready backend and is synced.
     async fn start(dir: &Path, ca: &MeshCa) -> TwoClusters {
-        let east_raft = LocalCluster::start(1, &dir.join("east-store"), None)
-            .await
-            .unwrap();
-        let west_raft = LocalCluster::start(1, &dir.join("west-store"), None)
-            .await
-            .unwrap();
-        let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
-        let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
-        for (store, cluster, ip) in [
-            (&east_store, "east", "10.1.0.5"),
-            (&west_store, "west", "10.2.0.5"),
-        ] {
-            put_service(
-                store.as_ref(),
-                &service(cluster, &[(ip, true)], v1::Affinity::None),
-            )
-            .await;
-            mark_synced(store.as_ref(), cluster).await;
-        }
-        let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (east_addr, west_addr) = (
-            east_listener.local_addr().unwrap(),
-            west_listener.local_addr().unwrap(),
-        );
-        let east = start_server(
-            Arc::clone(&east_store),
+        TwoClusters::start_with(
+            dir,
             ca,
-            "east",
-            1,
-            "10.1.0.0/16",
-            east_listener,
+            &[service("east", &[("10.1.0.5", true)], v1::Affinity::None)],
+            &[service("west", &[("10.2.0.5", true)], v1::Affinity::None)],
         )
-        .await;
-        let west = start_server(
-            Arc::clone(&west_store),
-            ca,
-            "west",
-            2,
-            "10.2.0.0/16",
-            west_listener,
-        )
-        .await;
+        .await
+    }
+
+    /// Each cluster's store gets its `services` written in order, then its Synced marker.
+    async fn start_with(
+        dir: &Path,
+        ca: &MeshCa,
+        east_services: &[v1::Service],
+        west_services: &[v1::Service],
+    ) -> TwoClusters {
+        let east = Cluster::start(dir, ca, EAST, east_services).await;
+        let west = Cluster::start(dir, ca, WEST, west_services).await;
         TwoClusters {
-            east_raft,
-            west_raft,
-            east_store,
-            east,
-            west,
-            east_addr,
-            west_addr,
+            east_raft: east.raft,
+            west_raft: west.raft,
+            east_store: east.store,
+            west_store: west.store,
+            east: east.server,
+            west: west.server,
+            east_addr: east.addr,
+            west_addr: west.addr,
         }
     }
 }
 
 /// A third cluster `south`: a server on a fresh store exporting `default/web` with backend
 /// 10.3.0.5, reporting ID `id` and pod CIDR `cidr` (which a test may make collide).
-async fn start_south(
-    dir: &Path,
-    ca: &MeshCa,
-    id: u32,
-    cidr: &str,
-) -> (LocalCluster, MeshServer, SocketAddr) {
-    let raft = LocalCluster::start(1, &dir.join("south-store"), None)
-        .await
-        .unwrap();
-    let store: Arc<dyn Store> = Arc::new(raft.store(0).unwrap());
-    put_service(
-        store.as_ref(),
-        &service("south", &[("10.3.0.5", true)], v1::Affinity::None),
-    )
-    .await;
-    mark_synced(store.as_ref(), "south").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = start_server(store, ca, "south", id, cidr, listener).await;
-    (raft, server, addr)
+async fn start_south(dir: &Path, ca: &MeshCa, id: u32, cidr: &'static str) -> Cluster {
+    let south = Member {
+        name: "south",
+        id,
+        pod_cidr: cidr,
+    };
+    let web = service("south", &[("10.3.0.5", true)], v1::Affinity::None);
+    Cluster::start(dir, ca, south, &[web]).await
+}
+
+/// Stops `servers`, then shuts `stores` down.
+async fn stop_all(servers: Vec<MeshServer>, stores: Vec<LocalCluster>) {
+    for server in servers {
+        server.stop().await;
+    }
+    for raft in stores {
+        raft.shutdown().await;
+    }
+}
+
+/// An agent running with the recording datapath.
+struct AgentUnderTest {
+    dp: Arc<RecordingDatapath>,
+    view: AgentView,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AgentUnderTest {
+    fn start(options: AgentOptions) -> AgentUnderTest {
+        let dp = Arc::new(RecordingDatapath::new());
+        let cancel = CancellationToken::new();
+        let datapath = Arc::clone(&dp) as Arc<dyn Datapath>;
+        let agent = Agent::start(options, datapath, cancel.clone()).unwrap();
+        AgentUnderTest {
+            dp,
+            view: agent.view,
+            cancel,
+            task: agent.task,
+        }
+    }
+
+    /// Cancels the agent and waits for it to end.
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
 }
 
 /// Agent options for the tests: quick retries and config polling.
@@ -292,13 +351,33 @@ fn quick_options(config: &Path) -> AgentOptions {
     options
 }
 
-/// The agent config for local cluster `east`, plus `west` when given.
-fn write_config(path: &Path, dir: &Path, east: SocketAddr, west: Option<SocketAddr>) {
+/// Writes the agent config `dir/agent.yaml` for local cluster `east`, plus `west` when
+/// given; returns its path.
+fn write_config(dir: &Path, east: SocketAddr, west: Option<SocketAddr>) -> PathBuf {
     let mut clusters = vec![("east", 1, east.port())];
     if let Some(w) = west {
         clusters.push(("west", 2, w.port()));
     }
-    mesh::write_agent_config(path, dir, TD, "east", &clusters);
+    write_clusters(dir, &clusters)
+}
+
+/// Writes the agent config `dir/agent.yaml` for local cluster `east` watching every
+/// `(name, id, port)` in `clusters`; returns its path.
+fn write_clusters(dir: &Path, clusters: &[(&str, u32, u16)]) -> PathBuf {
+    mesh::write_agent_config(&dir.join("agent.yaml"), dir, TD, "east", clusters)
+}
+
+/// Writes `config` to `path` (write-then-rename, so the agent never reads half a file).
+fn save_config(path: &Path, config: &AgentConfig) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(config).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A 127.0.0.1 port where nothing listens (bound once, then released).
+fn spare_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 /// PKI files (ca.crt, client.crt/key for cluster east) in `dir`; returns the CA.
@@ -310,77 +389,52 @@ fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::C
     view.clusters.get(name).unwrap()
 }
 
+fn cluster_set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+/// Writes marker service `name` to east's store and waits until the agent has programmed
+/// it: everything queued before it has been computed too.
+async fn settle_with_marker(east_store: &dyn Store, view: &AgentView, name: &str) {
+    put_service(east_store, &marker_service(name)).await;
+    eventually(&format!("east {name} programmed"), || {
+        view.services().contains_key(&marker_id(name))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
 
-    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
-        .await
-        .unwrap();
-    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
-        .await
-        .unwrap();
-    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
-    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
-
-    put_service(
-        east_store.as_ref(),
-        &service(
+    let east_web = |ready: bool| {
+        service(
             "east",
-            &[("10.1.0.5", true), ("10.1.0.6", true)],
+            &[("10.1.0.5", ready), ("10.1.0.6", ready)],
             v1::Affinity::Local,
-        ),
-    )
-    .await;
-    mark_synced(east_store.as_ref(), "east").await;
+        )
+    };
     // West's store has history (several writes of the same record), so its revision is
     // well above that of a fresh store holding the same records.
-    for _ in 0..6 {
-        put_service(
-            west_store.as_ref(),
-            &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
-        )
-        .await;
-    }
-    mark_synced(west_store.as_ref(), "west").await;
+    let west_history = vec![service("west", &[("10.2.0.5", true)], v1::Affinity::None); 6];
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start_with(dir.path(), &ca, &[east_web(true)], &west_history).await;
 
-    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let east_addr = east_listener.local_addr().unwrap();
-    let west_addr = west_listener.local_addr().unwrap();
-    let east = start_server(
-        Arc::clone(&east_store),
-        &ca,
-        "east",
-        1,
-        "10.1.0.0/16",
-        east_listener,
-    )
-    .await;
-    let west = start_server(
-        Arc::clone(&west_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        west_listener,
-    )
-    .await;
-
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
-    let mut options = AgentOptions::new(&config, "n1");
-    options.backoff = Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(300),
-    };
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let mut options = quick_options(&config);
+    options.backoff.max = Duration::from_millis(300);
     options.config_poll = Duration::from_millis(100);
-    let cancel = CancellationToken::new();
-    let datapath: Arc<dyn Datapath> = Arc::clone(&dp) as Arc<dyn Datapath>;
-    let agent = Agent::start(options, datapath, cancel.clone()).unwrap();
-    let view = agent.view.clone();
+    let agent = AgentUnderTest::start(options);
+    let AgentUnderTest { dp, view, .. } = &agent;
 
     // Both clusters synced; affinity local → only east's backends take connections.
     eventually("both clusters synced", || {
@@ -388,22 +442,14 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     })
     .await;
     eventually("local backends programmed", || {
-        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+        table_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
     .await;
     // Every local backend becomes unready: one datapath batch moves traffic to west.
     let before = dp.batch_count();
-    put_service(
-        east_store.as_ref(),
-        &service(
-            "east",
-            &[("10.1.0.5", false), ("10.1.0.6", false)],
-            v1::Affinity::Local,
-        ),
-    )
-    .await;
+    put_service(east_store.as_ref(), &east_web(false)).await;
     eventually("failover to west", || {
-        table_clusters(&dp) == BTreeSet::from(["west".to_owned()])
+        table_clusters(dp) == BTreeSet::from(["west".to_owned()])
     })
     .await;
     assert_eq!(
@@ -414,58 +460,38 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
 
     // Local backends come back.
     let before = dp.batch_count();
-    put_service(
-        east_store.as_ref(),
-        &service(
-            "east",
-            &[("10.1.0.5", true), ("10.1.0.6", true)],
-            v1::Affinity::Local,
-        ),
-    )
-    .await;
+    put_service(east_store.as_ref(), &east_web(true)).await;
     eventually("back to east", || {
-        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+        table_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
     .await;
     assert_eq!(dp.batch_count(), before + 1);
 
     // Fail over again, then lose west entirely: its last-known backends stay in force.
-    put_service(
-        east_store.as_ref(),
-        &service(
-            "east",
-            &[("10.1.0.5", false), ("10.1.0.6", false)],
-            v1::Affinity::Local,
-        ),
-    )
-    .await;
+    put_service(east_store.as_ref(), &east_web(false)).await;
     eventually("failover to west again", || {
-        table_clusters(&dp) == BTreeSet::from(["west".to_owned()])
+        table_clusters(dp) == BTreeSet::from(["west".to_owned()])
     })
     .await;
     let programmed = dp.service(&web()).unwrap();
     let batches = dp.batch_count();
-    let old_revision = cluster_status(&view, "west").revision;
+    let old_revision = cluster_status(view, "west").revision;
     west.stop().await;
     eventually("west shown stale", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         !s.connected && s.stale && s.last_error.is_some()
     })
     .await;
     // A change to east queued after west was seen stale: once it is programmed, anything
     // west's disconnect queued before it has been computed too.
-    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
-    eventually("east marker programmed", || {
-        view.services().contains_key(&marker_id("marker-1"))
-    })
-    .await;
+    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
     assert_eq!(
         dp.service(&web()).unwrap(),
         programmed,
         "last-known state kept"
     );
     assert_eq!(
-        batched_services(&dp, batches),
+        batched_services(dp, batches),
         BTreeSet::from(["marker-1".to_owned()]),
         "no datapath change for web while west is down"
     );
@@ -473,10 +499,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     // West comes back on the same address but from a fresh store holding the same records
     // (at a lower revision than the agent has seen): the agent cannot resume, resyncs in
     // full, and since nothing changed nothing is sent to the datapath.
-    let west2_raft = LocalCluster::start(1, &dir.path().join("west-store-2"), None)
-        .await
-        .unwrap();
-    let west2_store: Arc<dyn Store> = Arc::new(west2_raft.store(0).unwrap());
+    let (west2_raft, west2_store) = open_store(dir.path(), "west-store-2").await;
     put_service(
         west2_store.as_ref(),
         &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
@@ -486,18 +509,9 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     assert!(fresh_revision < old_revision, "the fresh store is behind");
     let batches = dp.batch_count();
     let rounds = view.reconcile_rounds();
-    let west_listener = mesh::rebind(west_addr).await;
-    let mut west = start_server(
-        Arc::clone(&west2_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        west_listener,
-    )
-    .await;
+    let mut west = start_server(&west2_store, &ca, WEST, mesh::rebind(west_addr).await).await;
     eventually("west reconnected and resynced", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.connected && s.synced && !s.stale
     })
     .await;
@@ -511,7 +525,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     assert_eq!(dp.service(&web()).unwrap(), programmed);
     // The agent now stands at the fresh store's revision, not at the old one.
     eventually("west at the fresh store's revision", || {
-        cluster_status(&view, "west").revision == fresh_revision
+        cluster_status(view, "west").revision == fresh_revision
     })
     .await;
 
@@ -525,7 +539,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         .await
         .unwrap();
     eventually("decode error counted", || {
-        cluster_status(&view, "west").decode_errors >= 1
+        cluster_status(view, "west").decode_errors >= 1
     })
     .await;
     assert_eq!(dp.service(&web()).unwrap(), programmed);
@@ -535,7 +549,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     // on the old store: resuming from the right revision delivers the new backend.
     west.stop_serving().await;
     eventually("west disconnected", || {
-        !cluster_status(&view, "west").connected
+        !cluster_status(view, "west").connected
     })
     .await;
     put_service(
@@ -555,15 +569,11 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     }
     west.serve_again(mesh::rebind(west_addr).await);
     eventually("west caught up", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.connected && s.revision == last
     })
     .await;
-    put_service(east_store.as_ref(), &marker_service("marker-2")).await;
-    eventually("east marker 2 programmed", || {
-        view.services().contains_key(&marker_id("marker-2"))
-    })
-    .await;
+    settle_with_marker(east_store.as_ref(), view, "marker-2").await;
     let backends: BTreeSet<String> = dp
         .service(&web())
         .unwrap()
@@ -577,10 +587,10 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     );
 
     // The admin API renders what the CLI reads.
-    let status = clustermesh_agent::admin::status(&view);
+    let status = clustermesh_agent::admin::status(view);
     assert_eq!(status.local_cluster, "east");
     assert_eq!(status.clusters.len(), 2);
-    let services = clustermesh_agent::admin::services(&view);
+    let services = clustermesh_agent::admin::services(view);
     let web_body = services.iter().find(|s| s.name == "web").unwrap();
     assert_eq!(web_body.active_tier, "remote");
     assert_eq!(
@@ -592,90 +602,39 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         .iter()
         .any(|b| b.cluster == "west" && b.slots > 0));
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
-    west2_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft, west2_raft]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
-        .await
-        .unwrap();
-    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
-        .await
-        .unwrap();
-    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
-    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
-    put_service(
-        east_store.as_ref(),
-        &service("east", &[("10.1.0.5", true)], v1::Affinity::None),
-    )
-    .await;
-    mark_synced(east_store.as_ref(), "east").await;
-    put_service(
-        west_store.as_ref(),
-        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
-    )
-    .await;
-    mark_synced(west_store.as_ref(), "west").await;
-    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (east_addr, west_addr) = (
-        east_listener.local_addr().unwrap(),
-        west_listener.local_addr().unwrap(),
-    );
-    let east = start_server(
-        Arc::clone(&east_store),
-        &ca,
-        "east",
-        1,
-        "10.1.0.0/16",
-        east_listener,
-    )
-    .await;
-    let west = start_server(
-        Arc::clone(&west_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        west_listener,
-    )
-    .await;
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        west_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+        ..
+    } = TwoClusters::start(dir.path(), &ca).await;
 
     // Start with only the local cluster configured.
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, None);
-    let dp = Arc::new(RecordingDatapath::new());
-    let mut options = AgentOptions::new(&config, "n1");
-    options.backoff = Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(200),
-    };
+    let config = write_config(dir.path(), east_addr, None);
+    let mut options = quick_options(&config);
     options.config_poll = Duration::from_millis(100);
     options.stale_ttl = Some(Duration::from_millis(700));
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        options,
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let agent = AgentUnderTest::start(options);
+    let AgentUnderTest { dp, view, .. } = &agent;
     let east_only = BTreeSet::from(["east".to_owned()]);
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east only", || table_clusters(&dp) == east_only).await;
+    eventually("east only", || table_clusters(dp) == east_only).await;
 
     // `clustermesh connect` adds west to the file: picked up without a restart.
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    eventually("west added at runtime", || table_clusters(&dp) == both).await;
+    write_config(dir.path(), east_addr, Some(west_addr));
+    eventually("west added at runtime", || table_clusters(dp) == both).await;
 
     // West goes away: kept while stale, dropped once the stale TTL has passed.
     west.stop().await;
@@ -684,36 +643,23 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     })
     .await;
     eventually("west dropped after the stale TTL", || {
-        table_clusters(&dp) == east_only
+        table_clusters(dp) == east_only
     })
     .await;
 
     // West returns: resynced and merged again.
-    let west_listener = mesh::rebind(west_addr).await;
-    let west = start_server(
-        Arc::clone(&west_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        west_listener,
-    )
-    .await;
-    eventually("west back", || table_clusters(&dp) == both).await;
+    let west = start_server(&west_store, &ca, WEST, mesh::rebind(west_addr).await).await;
+    eventually("west back", || table_clusters(dp) == both).await;
 
     // `clustermesh disconnect` removes west from the file: its records and status go.
-    write_config(&config, dir.path(), east_addr, None);
+    write_config(dir.path(), east_addr, None);
     eventually("west removed at runtime", || {
-        table_clusters(&dp) == east_only && view.clusters.get("west").is_none()
+        table_clusters(dp) == east_only && view.clusters.get("west").is_none()
     })
     .await;
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
 }
 
 /// A cluster removed from the configuration while its watcher is busy applying events must
@@ -725,50 +671,16 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
 async fn removing_a_busy_cluster_never_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let east_raft = LocalCluster::start(1, &dir.path().join("east-store"), None)
-        .await
-        .unwrap();
-    let west_raft = LocalCluster::start(1, &dir.path().join("west-store"), None)
-        .await
-        .unwrap();
-    let east_store: Arc<dyn Store> = Arc::new(east_raft.store(0).unwrap());
-    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
-    put_service(
-        east_store.as_ref(),
-        &service("east", &[("10.1.0.5", true)], v1::Affinity::None),
-    )
-    .await;
-    mark_synced(east_store.as_ref(), "east").await;
-    put_service(
-        west_store.as_ref(),
-        &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
-    )
-    .await;
-    mark_synced(west_store.as_ref(), "west").await;
-    let east_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let west_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (east_addr, west_addr) = (
-        east_listener.local_addr().unwrap(),
-        west_listener.local_addr().unwrap(),
-    );
-    let east = start_server(
-        Arc::clone(&east_store),
-        &ca,
-        "east",
-        1,
-        "10.1.0.0/16",
-        east_listener,
-    )
-    .await;
-    let west = start_server(
-        Arc::clone(&west_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        west_listener,
-    )
-    .await;
+    let TwoClusters {
+        east_raft,
+        west_raft,
+        east_store,
+        west_store,
+        east,
+        west,
+        east_addr,
+        west_addr,
+    } = TwoClusters::start(dir.path(), &ca).await;
 
     // West keeps rewriting its record, so its watcher always has events to handle.
     let writing = CancellationToken::new();
@@ -782,48 +694,35 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
         }
     });
 
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, None);
-    let dp = Arc::new(RecordingDatapath::new());
+    let config = write_config(dir.path(), east_addr, None);
     let mut options = AgentOptions::new(&config, "n1");
     options.config_poll = Duration::from_millis(20);
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        options,
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let agent = AgentUnderTest::start(options);
+    let AgentUnderTest { dp, view, .. } = &agent;
     let east_only = BTreeSet::from(["east".to_owned()]);
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east only", || table_clusters(&dp) == east_only).await;
+    eventually("east only", || table_clusters(dp) == east_only).await;
 
     for round in 0..10 {
-        write_config(&config, dir.path(), east_addr, Some(west_addr));
+        write_config(dir.path(), east_addr, Some(west_addr));
         eventually(&format!("west added ({round})"), || {
-            table_clusters(&dp) == both
+            table_clusters(dp) == both
                 && view
                     .clusters
                     .get("west")
                     .is_some_and(|s| s.synced && s.connected)
         })
         .await;
-        write_config(&config, dir.path(), east_addr, None);
+        write_config(dir.path(), east_addr, None);
         eventually(&format!("west removed ({round})"), || {
-            table_clusters(&dp) == east_only && view.clusters.get("west").is_none()
+            table_clusters(dp) == east_only && view.clusters.get("west").is_none()
         })
         .await;
         // A change queued after the removal: once it is programmed, whatever the stopped
         // watcher might still have queued has been computed too.
-        let marker = format!("marker-{round}");
-        put_service(east_store.as_ref(), &marker_service(&marker)).await;
-        eventually(&format!("{marker} programmed"), || {
-            view.services().contains_key(&marker_id(&marker))
-        })
-        .await;
+        settle_with_marker(east_store.as_ref(), view, &format!("marker-{round}")).await;
         assert_eq!(
-            table_clusters(&dp),
+            table_clusters(dp),
             east_only,
             "west stays removed ({round})"
         );
@@ -835,12 +734,8 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
 
     writing.cancel();
     writer.await.unwrap();
-    cancel.cancel();
-    let _ = agent.task.await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
 }
 
 /// A cluster that is only unreachable keeps its records in force, so it also keeps its
@@ -861,77 +756,58 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID and a pod CIDR inside west's.
-    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.2.128.0/17").await;
-    let config = dir.path().join("agent.yaml");
-    let clusters = |west: bool, south: bool| {
+    let south = start_south(dir.path(), &ca, 2, "10.2.128.0/17").await;
+    let clusters = |west: bool, south_too: bool| {
         let mut c = vec![("east", 1, east_addr.port())];
         if west {
             c.push(("west", 2, west_addr.port()));
         }
-        if south {
+        if south_too {
             // ID 0: not pinned in the configuration, so only the registry can object.
-            c.push(("south", 0, south_addr.port()));
+            c.push(("south", 0, south.addr.port()));
         }
         c
     };
-    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(true, false));
-    let dp = Arc::new(RecordingDatapath::new());
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        quick_options(&config),
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
-    let set = |names: &[&str]| {
-        names
-            .iter()
-            .map(|n| (*n).to_owned())
-            .collect::<BTreeSet<_>>()
-    };
+    let config = write_clusters(dir.path(), &clusters(true, false));
+    let agent = AgentUnderTest::start(quick_options(&config));
+    let AgentUnderTest { dp, view, .. } = &agent;
     eventually("east and west merged", || {
-        table_clusters(&dp) == set(&["east", "west"])
+        table_clusters(dp) == cluster_set(&["east", "west"])
     })
     .await;
 
     // West becomes unreachable: stale, its records kept.
     west.stop().await;
-    eventually("west stale", || cluster_status(&view, "west").stale).await;
+    eventually("west stale", || cluster_status(view, "west").stale).await;
 
     // South is added while west is stale: refused, nothing of it merged.
-    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(true, true));
+    write_clusters(dir.path(), &clusters(true, true));
     eventually("south refused", || {
         view.clusters.get("south").is_some_and(|s| {
             s.phase == Phase::Refused && s.last_error.as_deref().is_some_and(|e| e.contains("west"))
         })
     })
     .await;
-    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
-    eventually("east marker programmed", || {
-        view.services().contains_key(&marker_id("marker-1"))
-    })
-    .await;
+    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
     assert_eq!(
-        table_clusters(&dp),
-        set(&["east", "west"]),
+        table_clusters(dp),
+        cluster_set(&["east", "west"]),
         "south not merged"
     );
 
     // West is removed from the configuration: its records go, and so do its claims.
-    mesh::write_agent_config(&config, dir.path(), TD, "east", &clusters(false, true));
+    write_clusters(dir.path(), &clusters(false, true));
     eventually("south accepted in west's place", || {
-        table_clusters(&dp) == set(&["east", "south"])
+        table_clusters(dp) == cluster_set(&["east", "south"])
     })
     .await;
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    south.stop().await;
-    south_raft.shutdown().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(
+        vec![south.server, east],
+        vec![south.raft, east_raft, west_raft],
+    )
+    .await;
 }
 
 /// A cluster whose watcher is restarted (its configuration entry changed) while it is
@@ -952,57 +828,38 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID (its pod CIDR is its own).
-    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
+    let south = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
     let mut options = quick_options(&config);
     options.stale_ttl = Some(Duration::from_secs(3));
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        options,
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
-    let set = |names: &[&str]| {
-        names
-            .iter()
-            .map(|n| (*n).to_owned())
-            .collect::<BTreeSet<_>>()
-    };
+    let agent = AgentUnderTest::start(options);
+    let AgentUnderTest { dp, view, .. } = &agent;
     eventually("east and west merged", || {
-        table_clusters(&dp) == set(&["east", "west"])
+        table_clusters(dp) == cluster_set(&["east", "west"])
     })
     .await;
 
     // West becomes unreachable.
     west.stop().await;
-    eventually("west stale", || cluster_status(&view, "west").stale).await;
+    eventually("west stale", || cluster_status(view, "west").stale).await;
 
     // West's entry gains a second endpoint, where nothing listens either (so its watcher
     // is restarted), and south is configured (ID 0: only the registry can object).
-    let spare = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let spare = spare_port();
     let mut cfg = AgentConfig::load(&config).unwrap();
     let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
     west_entry.endpoints.push(format!("localhost:{spare}"));
     let mut south_entry = west_entry.clone();
     south_entry.name = "south".into();
     south_entry.id = 0;
-    south_entry.endpoints = vec![format!("localhost:{}", south_addr.port())];
+    south_entry.endpoints = vec![format!("localhost:{}", south.addr.port())];
     cfg.clusters.push(south_entry);
-    let tmp = config.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    std::fs::rename(&tmp, &config).unwrap();
+    save_config(&config, &cfg);
 
     // The restarted watcher (the only one that knows the new endpoint) still counts west
     // as stale with records in force, and south is refused: west's ID is still claimed.
     eventually("west stale after its restart", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.stale
             && s.synced
             && !s.connected
@@ -1022,28 +879,27 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
     })
     .await;
     assert!(
-        table_clusters(&dp).contains("west"),
+        table_clusters(dp).contains("west"),
         "west's records stay in force across the restart"
     );
 
     // The stale TTL drops west's records and releases its ID: south is accepted.
     eventually("west dropped after the stale TTL", || {
-        let s = cluster_status(&view, "west");
-        !s.synced && !s.stale && !table_clusters(&dp).contains("west")
+        let s = cluster_status(view, "west");
+        !s.synced && !s.stale && !table_clusters(dp).contains("west")
     })
     .await;
     eventually("south accepted in west's place", || {
-        table_clusters(&dp) == set(&["east", "south"])
+        table_clusters(dp) == cluster_set(&["east", "south"])
     })
     .await;
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    south.stop().await;
-    south_raft.shutdown().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(
+        vec![south.server, east],
+        vec![south.raft, east_raft, west_raft],
+    )
+    .await;
 }
 
 /// A restarted watcher's first sync replaces the records it inherited: the backends of a
@@ -1056,14 +912,13 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
         east_raft,
         west_raft,
         east_store,
+        west_store,
         east,
         mut west,
         east_addr,
         west_addr,
-        ..
     } = TwoClusters::start(dir.path(), &ca).await;
     // A second global service, `extra`, in both clusters.
-    let west_store: Arc<dyn Store> = Arc::new(west_raft.store(0).unwrap());
     for (store, cluster, ip, frontend) in [
         (&east_store, "east", "10.1.0.8", "10.96.0.11"),
         (&west_store, "west", "10.2.0.8", "10.97.0.11"),
@@ -1083,45 +938,32 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
             })
             .unwrap_or_default()
     };
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        quick_options(&config),
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let agent = AgentUnderTest::start(quick_options(&config));
+    let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
     eventually("east and west merged, in both services", || {
-        table_clusters(&dp) == both && extra_clusters(&dp) == both
+        table_clusters(dp) == both && extra_clusters(dp) == both
     })
     .await;
     let programmed = dp.service(&web()).unwrap();
 
     // West drops its agents and, while they are away, deletes `extra`.
     west.stop_serving().await;
-    eventually("west stale", || cluster_status(&view, "west").stale).await;
+    eventually("west stale", || cluster_status(view, "west").stale).await;
     west_store
         .delete(service_key("west", "default", "extra").as_bytes())
         .await
         .unwrap();
 
     // West's entry changes (its watcher restarts) while west is still unreachable.
-    let spare = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let spare = spare_port();
     let mut cfg = AgentConfig::load(&config).unwrap();
     let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
     west_entry.endpoints.push(format!("localhost:{spare}"));
-    let tmp = config.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    std::fs::rename(&tmp, &config).unwrap();
+    save_config(&config, &cfg);
     eventually("west stale after its restart", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.stale
             && s.last_error
                 .as_deref()
@@ -1129,7 +971,7 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     })
     .await;
     assert_eq!(
-        extra_clusters(&dp),
+        extra_clusters(dp),
         both,
         "west's records kept while it is unreachable"
     );
@@ -1137,28 +979,20 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     // West serves again: the new watcher's sync replaces what the old one left.
     west.serve_again(mesh::rebind(west_addr).await);
     eventually("west resynced", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.connected && s.synced && !s.stale
     })
     .await;
     eventually("west's deleted service gone from extra", || {
-        extra_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+        extra_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
     .await;
-    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
-    eventually("east marker programmed", || {
-        view.services().contains_key(&marker_id("marker-1"))
-    })
-    .await;
+    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
     assert_eq!(dp.service(&web()).unwrap(), programmed, "web unchanged");
-    assert_eq!(table_clusters(&dp), both);
+    assert_eq!(table_clusters(dp), both);
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
 }
 
 /// Clusters that are not who the configuration says are refused, with a status that says
@@ -1180,27 +1014,19 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID (its certificate and name are south's own).
-    let (south_raft, south, south_addr) = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
-    let config = dir.path().join("agent.yaml");
+    let south = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
     let write = |south_port: Option<u16>| {
         let mut c = vec![("east", 1, east_addr.port()), ("west", 2, west_addr.port())];
         if let Some(port) = south_port {
             c.push(("south", 0, port));
         }
-        mesh::write_agent_config(&config, dir.path(), TD, "east", &c);
+        write_clusters(dir.path(), &c)
     };
-    write(None);
-    let dp = Arc::new(RecordingDatapath::new());
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        quick_options(&config),
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let config = write(None);
+    let agent = AgentUnderTest::start(quick_options(&config));
+    let AgentUnderTest { dp, view, .. } = &agent;
     let east_west = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east and west merged", || table_clusters(&dp) == east_west).await;
+    eventually("east and west merged", || table_clusters(dp) == east_west).await;
 
     let refused_for = |needle: &'static str| {
         let view = view.clone();
@@ -1221,30 +1047,24 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
         refused_for("cluster/west"),
     )
     .await;
-    let error = cluster_status(&view, "south").last_error.unwrap();
+    let error = cluster_status(view, "south").last_error.unwrap();
     assert!(error.contains("fix the endpoint"), "{error}");
 
     // South's real server, reporting west's cluster ID.
-    write(Some(south_addr.port()));
+    write(Some(south.addr.port()));
     eventually("south refused: west's ID", refused_for("cluster ID 2")).await;
-    let error = cluster_status(&view, "south").last_error.unwrap();
+    let error = cluster_status(view, "south").last_error.unwrap();
     assert!(error.contains("west"), "{error}");
 
-    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
-    eventually("east marker programmed", || {
-        view.services().contains_key(&marker_id("marker-1"))
-    })
-    .await;
-    assert_eq!(table_clusters(&dp), east_west, "nothing of south merged");
+    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    assert_eq!(table_clusters(dp), east_west, "nothing of south merged");
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    south.stop().await;
-    south_raft.shutdown().await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(
+        vec![south.server, west, east],
+        vec![south.raft, east_raft, west_raft],
+    )
+    .await;
 }
 
 /// The client certificate moves to new paths (the old files are deleted) and the config
@@ -1262,19 +1082,11 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
         west_addr,
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        quick_options(&config),
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let agent = AgentUnderTest::start(quick_options(&config));
+    let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east and west merged", || table_clusters(&dp) == both).await;
+    eventually("east and west merged", || table_clusters(dp) == both).await;
 
     // Move the client certificate and key; point the config at the new files.
     let moved = dir.path().join("rotated");
@@ -1286,9 +1098,7 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
         std::fs::remove_file(&*old).unwrap();
         *old = new;
     }
-    let tmp = config.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    std::fs::rename(&tmp, &config).unwrap();
+    save_config(&config, &cfg);
 
     // Both servers drop their connections; the agent must reconnect with the new files.
     east.stop_serving().await;
@@ -1304,14 +1114,10 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
         all.len() == 2 && all.iter().all(|s| s.connected && s.synced)
     })
     .await;
-    assert_eq!(table_clusters(&dp), both);
+    assert_eq!(table_clusters(dp), both);
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
 }
 
 /// A server that completes the TLS handshake and then never answers: the agent gives up on
@@ -1330,28 +1136,20 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
         west_addr,
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
     let mut options = quick_options(&config);
     options.request_timeout = Duration::from_millis(300);
     options.stale_ttl = Some(Duration::from_secs(3));
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        options,
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let agent = AgentUnderTest::start(options);
+    let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east and west merged", || table_clusters(&dp) == both).await;
+    eventually("east and west merged", || table_clusters(dp) == both).await;
 
     // West's address now answers the TLS handshake (as west) and nothing else.
     west.stop_serving().await;
     let mute = mesh::MuteServer::start(&ca, TD, "west", mesh::rebind(west_addr).await);
     eventually("west's status names the unanswered request", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         !s.connected
             && s.last_error
                 .as_deref()
@@ -1359,18 +1157,14 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
     })
     .await;
     eventually("west dropped after the stale TTL", || {
-        table_clusters(&dp) == BTreeSet::from(["east".to_owned()])
+        table_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
     .await;
-    assert!(!cluster_status(&view, "west").synced);
+    assert!(!cluster_status(view, "west").synced);
 
-    cancel.cancel();
-    let _ = agent.task.await;
+    agent.stop().await;
     mute.stop().await;
-    west.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
+    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
 }
 
 /// A full resync in which a service's value does not decode keeps that service's previous
@@ -1389,28 +1183,17 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
         west_addr,
         ..
     } = TwoClusters::start(dir.path(), &ca).await;
-    let config = dir.path().join("agent.yaml");
-    write_config(&config, dir.path(), east_addr, Some(west_addr));
-    let dp = Arc::new(RecordingDatapath::new());
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(
-        quick_options(&config),
-        Arc::clone(&dp) as Arc<dyn Datapath>,
-        cancel.clone(),
-    )
-    .unwrap();
-    let view = agent.view.clone();
+    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let agent = AgentUnderTest::start(quick_options(&config));
+    let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
-    eventually("east and west merged", || table_clusters(&dp) == both).await;
+    eventually("east and west merged", || table_clusters(dp) == both).await;
     let programmed = dp.service(&web()).unwrap();
 
     // West comes back from another store whose `web` does not decode. That store has more
     // history than the agent's revision, so the agent cannot resume: it resyncs in full.
     west.stop().await;
-    let west2_raft = LocalCluster::start(1, &dir.path().join("west-store-2"), None)
-        .await
-        .unwrap();
-    let west2_store: Arc<dyn Store> = Arc::new(west2_raft.store(0).unwrap());
+    let (west2_raft, west2_store) = open_store(dir.path(), "west-store-2").await;
     west2_store
         .put(
             service_key("west", "default", "web").as_bytes(),
@@ -1425,36 +1208,19 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
         put_service(west2_store.as_ref(), &other).await;
     }
     let synced_at = mark_synced(west2_store.as_ref(), "west").await;
-    let west2 = start_server(
-        Arc::clone(&west2_store),
-        &ca,
-        "west",
-        2,
-        "10.2.0.0/16",
-        mesh::rebind(west_addr).await,
-    )
-    .await;
+    let west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west_addr).await).await;
     eventually("west resynced from the other store", || {
-        let s = cluster_status(&view, "west");
+        let s = cluster_status(view, "west");
         s.connected && s.revision == synced_at && s.decode_errors >= 1
     })
     .await;
-    put_service(east_store.as_ref(), &marker_service("marker-1")).await;
-    eventually("east marker programmed", || {
-        view.services().contains_key(&marker_id("marker-1"))
-    })
-    .await;
+    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
     assert_eq!(
         dp.service(&web()).unwrap(),
         programmed,
         "west's last good web record stays in force"
     );
 
-    cancel.cancel();
-    let _ = agent.task.await;
-    west2.stop().await;
-    east.stop().await;
-    east_raft.shutdown().await;
-    west_raft.shutdown().await;
-    west2_raft.shutdown().await;
+    agent.stop().await;
+    stop_all(vec![west2, east], vec![east_raft, west_raft, west2_raft]).await;
 }
