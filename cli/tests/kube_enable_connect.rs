@@ -72,6 +72,35 @@ fn secret_text(fake: &FakeKube, name: &str, key: &str) -> String {
     String::from_utf8(unbase64(b64)).unwrap()
 }
 
+/// The mesh CA certificate (PEM) of `fake`'s cluster.
+fn ca_pem(fake: &FakeKube) -> String {
+    secret_text(fake, "clustermesh-ca", "tls.crt")
+}
+
+/// The CA bundle (PEM) `fake`'s mesh API server trusts agents with.
+fn ca_bundle(fake: &FakeKube) -> String {
+    secret_text(fake, "clustermesh-ca-bundle", "ca-bundle.crt")
+}
+
+/// The mesh API server's certificate in `fake`'s cluster, parsed.
+fn server_cert(fake: &FakeKube) -> CertInfo {
+    cert_info(&secret_text(
+        fake,
+        "clustermesh-apiserver-server",
+        "tls.crt",
+    ))
+}
+
+/// The mesh settings ConfigMap clustermesh-config.
+fn settings(fake: &FakeKube) -> Value {
+    fake.object(&cm_path("clustermesh-config")).unwrap()
+}
+
+/// The mesh API server's Service.
+fn apiserver_service(fake: &FakeKube) -> Value {
+    fake.object(&service_path()).unwrap()
+}
+
 fn cert_info(pem: &str) -> CertInfo {
     let der = clustermesh_certs::pem::parse_certs(pem.as_bytes()).unwrap();
     CertInfo::from_der(der[0].as_ref()).unwrap()
@@ -142,18 +171,27 @@ impl Mesh {
     }
 
     async fn enable(&self, context: &str, name: &str, id: &str, service_type: &str) -> CliRun {
-        self.cli(&[
-            "--context",
-            context,
-            "enable",
-            "--cluster-name",
-            name,
-            "--cluster-id",
-            id,
-            "--service-type",
-            service_type,
-        ])
-        .await
+        self.enable_with(context, name, id, &["--service-type", service_type])
+            .await
+    }
+
+    /// `enable` in `context` for cluster `name`/`id`, with `extra` arguments after it.
+    async fn enable_with(&self, context: &str, name: &str, id: &str, extra: &[&str]) -> CliRun {
+        self.cli(&enable_args(context, &[], name, id, extra)).await
+    }
+
+    /// [`Mesh::enable_with`] with `-o json`.
+    async fn enable_json(&self, context: &str, name: &str, id: &str, extra: &[&str]) -> CliRun {
+        self.cli(&enable_args(context, &["-o", "json"], name, id, extra))
+            .await
+    }
+
+    /// Enables east (ID 1, LoadBalancer, with an ingress address) and west (ID 2,
+    /// `west_service_type`).
+    async fn enable_both(&self, west_service_type: &str) {
+        self.enabled("east", "east", "1", "LoadBalancer").await;
+        self.enabled("west", "west", "2", west_service_type).await;
+        east_load_balancer(&self.east);
     }
 
     async fn enabled(&self, context: &str, name: &str, id: &str, service_type: &str) {
@@ -165,6 +203,50 @@ impl Mesh {
         self.cli(&["--context", a, "--destination-context", b, "connect"])
             .await
     }
+
+    async fn disconnect(&self, a: &str, b: &str) -> CliRun {
+        self.cli(&["--context", a, "--destination-context", b, "disconnect"])
+            .await
+    }
+
+    /// `disconnect` on `context`'s side only, of the peer named `cluster`.
+    async fn disconnect_cluster(&self, context: &str, cluster: &str) -> CliRun {
+        self.cli(&[
+            "--context",
+            context,
+            "disconnect",
+            "--destination-cluster",
+            cluster,
+        ])
+        .await
+    }
+
+    /// What east and west store now (see [`content`]).
+    fn contents(&self) -> [BTreeMap<String, Value>; 2] {
+        [content(&self.east), content(&self.west)]
+    }
+
+    /// Asserts that neither east nor west changed since `before` ([`Mesh::contents`]).
+    #[track_caller]
+    fn assert_both_unchanged(&self, before: &[BTreeMap<String, Value>; 2]) {
+        assert_unchanged(&before[0], &content(&self.east));
+        assert_unchanged(&before[1], &content(&self.west));
+    }
+}
+
+/// `--context CONTEXT GLOBAL... enable --cluster-name NAME --cluster-id ID EXTRA...`
+fn enable_args<'a>(
+    context: &'a str,
+    global: &[&'a str],
+    name: &'a str,
+    id: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["--context", context];
+    args.extend_from_slice(global);
+    args.extend(["enable", "--cluster-name", name, "--cluster-id", id]);
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Gives east's LoadBalancer Service an ingress address.
@@ -201,19 +283,7 @@ fn one_error_line(r: &CliRun) -> &str {
 async fn enable_stores_certificates_settings_and_applies_the_chart() {
     let m = mesh().await;
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "-o",
-            "json",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--service-type",
-            "LoadBalancer",
-        ])
+        .enable_json("east", "east", "1", &["--service-type", "LoadBalancer"])
         .await;
     assert!(r.ok, "{}", r.stderr);
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -222,15 +292,11 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
     assert_eq!(report["upgraded"], false);
 
     // CA and leaves: parseable, chained, with the cluster's identity.
-    let ca = cert_info(&secret_text(&m.east, "clustermesh-ca", "tls.crt"));
+    let ca = cert_info(&ca_pem(&m.east));
     assert!(ca.is_ca);
     let ca_secret = m.east.object(&secret_path("clustermesh-ca")).unwrap();
     assert_eq!(ca_secret["type"], "kubernetes.io/tls");
-    let server = cert_info(&secret_text(
-        &m.east,
-        "clustermesh-apiserver-server",
-        "tls.crt",
-    ));
+    let server = server_cert(&m.east);
     assert_eq!(server.issuer, ca.subject);
     assert_eq!(
         server.identity.unwrap().to_string(),
@@ -252,21 +318,18 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
     );
     assert_eq!(
         secret_text(&m.east, "clustermesh-agent-client", "ca.crt"),
-        secret_text(&m.east, "clustermesh-ca", "tls.crt")
+        ca_pem(&m.east)
     );
-    assert_eq!(
-        secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt").trim(),
-        secret_text(&m.east, "clustermesh-ca", "tls.crt").trim()
-    );
+    assert_eq!(ca_bundle(&m.east).trim(), ca_pem(&m.east).trim());
 
     // Settings.
-    let cfg = m.east.object(&cm_path("clustermesh-config")).unwrap();
+    let cfg = settings(&m.east);
     assert_eq!(cfg["data"]["cluster-name"], "east");
     assert_eq!(cfg["data"]["cluster-id"], "1");
     assert_eq!(cfg["data"]["service-type"], "LoadBalancer");
 
     // The chart, server-side applied by field manager "clustermesh".
-    let ds_path = format!("/apis/apps/v1/namespaces/{NS}/daemonsets/clustermesh-agent");
+    let ds_path = ds_path();
     let ds = m
         .east
         .object(&ds_path)
@@ -286,9 +349,7 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
         .contains(&("clustermesh".to_string(), "Apply".to_string())));
     let dep = m
         .east
-        .object(&format!(
-            "/apis/apps/v1/namespaces/{NS}/deployments/clustermesh-apiserver"
-        ))
+        .object(&deployment_path())
         .expect("Deployment clustermesh-apiserver");
     let args = dep["spec"]["template"]["spec"]["containers"][0]["args"].clone();
     assert!(args
@@ -296,10 +357,7 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
         .unwrap()
         .contains(&json!("--cluster-name=east")));
     assert!(args.as_array().unwrap().contains(&json!("--cluster-id=1")));
-    assert_eq!(
-        m.east.object(&service_path()).unwrap()["spec"]["type"],
-        "LoadBalancer"
-    );
+    assert_eq!(apiserver_service(&m.east)["spec"]["type"], "LoadBalancer");
     assert!(m
         .east
         .object("/apis/rbac.authorization.k8s.io/v1/clusterroles/clustermesh-apiserver-kube-system")
@@ -315,7 +373,7 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
 async fn enable_again_keeps_the_ca_and_upgrades_in_place() {
     let m = mesh().await;
     m.enabled("east", "east", "1", "LoadBalancer").await;
-    let ca = secret_text(&m.east, "clustermesh-ca", "tls.crt");
+    let ca = ca_pem(&m.east);
     let key = secret_text(&m.east, "clustermesh-ca", "tls.key");
     let r = m.enable("east", "east", "1", "NodePort").await;
     assert!(r.ok, "{}", r.stderr);
@@ -325,20 +383,11 @@ async fn enable_again_keeps_the_ca_and_upgrades_in_place() {
         r.stdout
     );
     assert!(r.stdout.contains("existing CA"), "{}", r.stdout);
-    assert_eq!(secret_text(&m.east, "clustermesh-ca", "tls.crt"), ca);
+    assert_eq!(ca_pem(&m.east), ca);
     assert_eq!(secret_text(&m.east, "clustermesh-ca", "tls.key"), key);
-    let server = cert_info(&secret_text(
-        &m.east,
-        "clustermesh-apiserver-server",
-        "tls.crt",
-    ));
-    assert_eq!(server.issuer, cert_info(&ca).subject);
-    assert_eq!(
-        m.east.object(&service_path()).unwrap()["spec"]["type"],
-        "NodePort"
-    );
-    let cfg = m.east.object(&cm_path("clustermesh-config")).unwrap();
-    assert_eq!(cfg["data"]["service-type"], "NodePort");
+    assert_eq!(server_cert(&m.east).issuer, cert_info(&ca).subject);
+    assert_eq!(apiserver_service(&m.east)["spec"]["type"], "NodePort");
+    assert_eq!(settings(&m.east)["data"]["service-type"], "NodePort");
 }
 
 #[tokio::test]
@@ -358,17 +407,7 @@ async fn enable_with_another_id_is_refused_and_changes_nothing() {
     let r = m.enable("east", "other", "1", "LoadBalancer").await;
     assert!(one_error_line(&r).contains("already runs mesh cluster east (id 1)"));
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--trust-domain",
-            "other.test",
-        ])
+        .enable_with("east", "east", "1", &["--trust-domain", "other.test"])
         .await;
     assert!(
         one_error_line(&r).starts_with("error: context east already runs mesh cluster east (id 1) in namespace kube-system with trust domain clustermesh.local; pass --cluster-name east --cluster-id 1 --trust-domain clustermesh.local to upgrade it"),
@@ -381,15 +420,12 @@ async fn enable_with_another_id_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn connect_exchanges_endpoints_ids_and_cas_both_ways_then_disconnect_removes_them() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "NodePort").await;
-    east_load_balancer(&m.east);
+    m.enable_both("NodePort").await;
     west_nodes(&m.west);
-    let node_port = m.west.object(&service_path()).unwrap()["spec"]["ports"][0]["nodePort"]
+    let node_port = apiserver_service(&m.west)["spec"]["ports"][0]["nodePort"]
         .as_u64()
         .expect("west's Service got a node port");
-    let east_ca = secret_text(&m.east, "clustermesh-ca", "tls.crt");
-    let west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+    let (east_ca, west_ca) = (ca_pem(&m.east), ca_pem(&m.west));
 
     let r = m.connect("east", "west").await;
     assert!(r.ok, "{}", r.stderr);
@@ -429,20 +465,12 @@ async fn connect_exchanges_endpoints_ids_and_cas_both_ways_then_disconnect_remov
     // Each mesh API server trusts the other's agents, and serves a certificate valid for
     // the address the other side dials.
     for (fake, own, peer) in [(&m.east, &east_ca, &west_ca), (&m.west, &west_ca, &east_ca)] {
-        let bundle = secret_text(fake, "clustermesh-ca-bundle", "ca-bundle.crt");
+        let bundle = ca_bundle(fake);
         assert!(bundle.contains(own.trim()) && bundle.contains(peer.trim()));
     }
-    let east_server = cert_info(&secret_text(
-        &m.east,
-        "clustermesh-apiserver-server",
-        "tls.crt",
-    ));
+    let east_server = server_cert(&m.east);
     assert!(east_server.ips.contains(&"192.0.2.10".parse().unwrap()));
-    let west_server = cert_info(&secret_text(
-        &m.west,
-        "clustermesh-apiserver-server",
-        "tls.crt",
-    ));
+    let west_server = server_cert(&m.west);
     assert!(west_server.ips.contains(&"198.51.100.7".parse().unwrap()));
 
     // Re-enabling (upgrading) east keeps west connected and the server names.
@@ -453,15 +481,9 @@ async fn connect_exchanges_endpoints_ids_and_cas_both_ways_then_disconnect_remov
         agent_config(&m.east).0.cluster("west").unwrap().endpoints,
         west_endpoints
     );
-    let east_server = cert_info(&secret_text(
-        &m.east,
-        "clustermesh-apiserver-server",
-        "tls.crt",
-    ));
+    let east_server = server_cert(&m.east);
     assert!(east_server.ips.contains(&"192.0.2.10".parse().unwrap()));
-    assert!(
-        secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt").contains(west_ca.trim())
-    );
+    assert!(ca_bundle(&m.east).contains(west_ca.trim()));
 
     // Connecting again is a refresh, not an error.
     let r = m
@@ -488,35 +510,17 @@ async fn connect_exchanges_endpoints_ids_and_cas_both_ways_then_disconnect_remov
     );
     assert_unchanged(&before, &content(&m.east));
 
-    let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "--destination-context",
-            "west",
-            "disconnect",
-        ])
-        .await;
+    let r = m.disconnect("east", "west").await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.stdout, "disconnected east <-> west\n");
     for (fake, own, peer) in [(&m.east, &east_ca, &west_ca), (&m.west, &west_ca, &east_ca)] {
         let (agent, data) = agent_config(fake);
         assert_eq!(agent.clusters.len(), 1, "{agent:?}");
         assert_eq!(data.as_object().unwrap().len(), 1, "{data}");
-        let bundle = secret_text(fake, "clustermesh-ca-bundle", "ca-bundle.crt");
+        let bundle = ca_bundle(fake);
         assert!(bundle.contains(own.trim()) && !bundle.contains(peer.trim()));
     }
-    let line = one_error_line(
-        &m.cli(&[
-            "--context",
-            "east",
-            "--destination-context",
-            "west",
-            "disconnect",
-        ])
-        .await,
-    )
-    .to_string();
+    let line = one_error_line(&m.disconnect("east", "west").await).to_string();
     assert_eq!(
         line,
         "error: clusters east and west are not connected; nothing to disconnect"
@@ -549,14 +553,13 @@ async fn duplicate_ids_are_refused_directly_and_through_existing_peers() {
     m.enabled("east", "east", "1", "LoadBalancer").await;
     m.enabled("west", "west", "1", "LoadBalancer").await;
     east_load_balancer(&m.east);
-    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let before = m.contents();
     let line = one_error_line(&m.connect("east", "west").await).to_string();
     assert!(
         line.starts_with("error: clusters east (context east) and west (context west) both have ID 1; every cluster in a mesh needs a unique name and ID"),
         "{line}"
     );
-    assert_unchanged(&east_before, &content(&m.east));
-    assert_unchanged(&west_before, &content(&m.west));
+    m.assert_both_unchanged(&before);
 
     // A third cluster whose ID is already used by one of east's peers.
     let north = FakeKube::start().await;
@@ -621,27 +624,22 @@ async fn connect_to_a_cluster_without_the_mesh_says_to_enable_it_first() {
 #[tokio::test]
 async fn a_load_balancer_without_an_address_is_a_clear_error() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "LoadBalancer").await;
-    east_load_balancer(&m.east);
-    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    m.enable_both("LoadBalancer").await;
+    let before = m.contents();
     let line = one_error_line(&m.connect("east", "west").await).to_string();
     assert!(
         line.starts_with("error: Service clustermesh-apiserver in namespace kube-system of context west is a LoadBalancer with no external address yet; wait for the load balancer and retry, or run `clustermesh --context west enable --service-type NodePort`"),
         "{line}"
     );
-    assert_unchanged(&east_before, &content(&m.east));
-    assert_unchanged(&west_before, &content(&m.west));
+    m.assert_both_unchanged(&before);
 }
 
 #[tokio::test]
 async fn a_failed_write_on_the_destination_leaves_both_clusters_as_they_were() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "NodePort").await;
-    east_load_balancer(&m.east);
+    m.enable_both("NodePort").await;
     west_nodes(&m.west);
-    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let before = m.contents();
     m.west
         .fail_next("PUT", "/configmaps/clustermesh-agent-config", 500);
     let line = one_error_line(&m.connect("east", "west").await).to_string();
@@ -656,8 +654,7 @@ async fn a_failed_write_on_the_destination_leaves_both_clusters_as_they_were() {
     // east's server Secret, bundle and agent config and west's server Secret and bundle
     // were written, then restored.
     assert!(m.east.writes().iter().any(|w| w.method == "PUT"));
-    assert_unchanged(&east_before, &content(&m.east));
-    assert_unchanged(&west_before, &content(&m.west));
+    m.assert_both_unchanged(&before);
 
     // And the same connect works once the API server accepts the write.
     let r = m.connect("east", "west").await;
@@ -668,9 +665,7 @@ async fn a_failed_write_on_the_destination_leaves_both_clusters_as_they_were() {
 #[tokio::test]
 async fn disable_force_removes_every_mesh_object() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "LoadBalancer").await;
-    east_load_balancer(&m.east);
+    m.enable_both("LoadBalancer").await;
     m.west.set_status(
         &service_path(),
         json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}),
@@ -704,30 +699,12 @@ async fn disable_force_removes_every_mesh_object() {
         .unwrap()
         .to_string();
     assert!(agent_config(&m.west).0.cluster("east").is_some());
-    let line = one_error_line(
-        &m.cli(&[
-            "--context",
-            "west",
-            "disconnect",
-            "--destination-cluster",
-            "nope",
-        ])
-        .await,
-    )
-    .to_string();
+    let line = one_error_line(&m.disconnect_cluster("west", "nope").await).to_string();
     assert_eq!(
         line,
         "error: clusters west and nope are not connected; nothing to disconnect"
     );
-    let r = m
-        .cli(&[
-            "--context",
-            "west",
-            "disconnect",
-            "--destination-cluster",
-            "east",
-        ])
-        .await;
+    let r = m.disconnect_cluster("west", "east").await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(
         r.stdout,
@@ -736,9 +713,9 @@ async fn disable_force_removes_every_mesh_object() {
     let (west_agent, west_data) = agent_config(&m.west);
     assert_eq!(west_agent.clusters.len(), 1);
     assert!(west_data.get("east-ca.crt").is_none());
-    let bundle = secret_text(&m.west, "clustermesh-ca-bundle", "ca-bundle.crt");
+    let bundle = ca_bundle(&m.west);
     assert!(!bundle.contains(east_ca.trim()));
-    assert!(bundle.contains(secret_text(&m.west, "clustermesh-ca", "tls.crt").trim()));
+    assert!(bundle.contains(ca_pem(&m.west).trim()));
     // enable afterwards starts over with a new CA.
     let r = m.enable("east", "east", "1", "LoadBalancer").await;
     assert!(
@@ -752,9 +729,7 @@ async fn disable_force_removes_every_mesh_object() {
 #[tokio::test]
 async fn a_destination_whose_api_is_down_is_reported_before_any_write() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "LoadBalancer").await;
-    east_load_balancer(&m.east);
+    m.enable_both("LoadBalancer").await;
     let before = content(&m.east);
     m.east.clear_requests();
     m.west.stop().await;
@@ -770,17 +745,7 @@ async fn a_destination_whose_api_is_down_is_reported_before_any_write() {
 #[tokio::test]
 async fn another_namespace_holds_everything_and_must_exist() {
     let m = mesh().await;
-    let args = [
-        "--context",
-        "east",
-        "--namespace",
-        "mesh",
-        "enable",
-        "--cluster-name",
-        "east",
-        "--cluster-id",
-        "9",
-    ];
+    let args = enable_args("east", &["--namespace", "mesh"], "east", "9", &[]);
     let before = content(&m.east);
     let line = one_error_line(&m.cli(&args).await).to_string();
     assert_eq!(
@@ -826,38 +791,27 @@ async fn another_namespace_holds_everything_and_must_exist() {
 #[tokio::test]
 async fn a_peer_re_enabled_with_a_new_ca_must_be_disconnected_before_reconnecting() {
     let m = mesh().await;
-    m.enabled("east", "east", "1", "LoadBalancer").await;
-    m.enabled("west", "west", "2", "NodePort").await;
-    east_load_balancer(&m.east);
+    m.enable_both("NodePort").await;
     west_nodes(&m.west);
     assert!(m.connect("east", "west").await.ok);
-    let old_west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+    let old_west_ca = ca_pem(&m.west);
     // west is replaced: disabled with --force and enabled again, so it has a new CA.
     assert!(m.cli(&["--context", "west", "disable", "--force"]).await.ok);
     m.enabled("west", "west", "2", "NodePort").await;
-    let new_west_ca = secret_text(&m.west, "clustermesh-ca", "tls.crt");
+    let new_west_ca = ca_pem(&m.west);
     assert_ne!(old_west_ca, new_west_ca);
 
-    let (east_before, west_before) = (content(&m.east), content(&m.west));
+    let before = m.contents();
     let line = one_error_line(&m.connect("east", "west").await).to_string();
     assert_eq!(
         line,
         "error: CA mismatch: east (context east) pinned a different CA for west than west (context west) has now; west was re-enabled since: run `clustermesh --context east --destination-context west disconnect`, then connect again"
     );
-    assert_unchanged(&east_before, &content(&m.east));
-    assert_unchanged(&west_before, &content(&m.west));
+    m.assert_both_unchanged(&before);
 
-    let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "--destination-context",
-            "west",
-            "disconnect",
-        ])
-        .await;
+    let r = m.disconnect("east", "west").await;
     assert!(r.ok, "{}", r.stderr);
-    let bundle = secret_text(&m.east, "clustermesh-ca-bundle", "ca-bundle.crt");
+    let bundle = ca_bundle(&m.east);
     assert!(!bundle.contains(old_west_ca.trim()));
     assert!(m.connect("east", "west").await.ok);
     let (_, data) = agent_config(&m.east);
@@ -888,7 +842,7 @@ fn images(fake: &FakeKube) -> (String, String) {
 }
 
 fn node_port(fake: &FakeKube) -> Value {
-    fake.object(&service_path()).unwrap()["spec"]["ports"][0]["nodePort"].clone()
+    apiserver_service(fake)["spec"]["ports"][0]["nodePort"].clone()
 }
 
 fn cgroup_host_path(fake: &FakeKube) -> Value {
@@ -904,7 +858,7 @@ fn cgroup_host_path(fake: &FakeKube) -> Value {
 
 /// The overrides stored in clustermesh-config, parsed.
 fn stored_values(fake: &FakeKube) -> Value {
-    let cfg = fake.object(&cm_path("clustermesh-config")).unwrap();
+    let cfg = settings(fake);
     serde_yaml::from_str(cfg["data"]["values.yaml"].as_str().unwrap()).unwrap()
 }
 
@@ -912,25 +866,23 @@ fn stored_values(fake: &FakeKube) -> Value {
 async fn set_values_reach_the_workloads_and_survive_upgrades_connect_and_disconnect() {
     let m = mesh().await;
     let r = m
-        .cli(&[
-            "--context",
+        .enable_with(
             "west",
-            "enable",
-            "--cluster-name",
             "west",
-            "--cluster-id",
             "2",
-            "--service-type",
-            "NodePort",
-            "--set",
-            "image.tag=dev",
-            "--set",
-            "apiserver.service.nodePort=32379",
-            "--set",
-            "agent.cgroupRoot=/sys/fs/cgroup/unified",
-            "--set",
-            "apiserver.service.port=443",
-        ])
+            &[
+                "--service-type",
+                "NodePort",
+                "--set",
+                "image.tag=dev",
+                "--set",
+                "apiserver.service.nodePort=32379",
+                "--set",
+                "agent.cgroupRoot=/sys/fs/cgroup/unified",
+                "--set",
+                "apiserver.service.port=443",
+            ],
+        )
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert!(
@@ -984,19 +936,12 @@ async fn set_values_reach_the_workloads_and_survive_upgrades_connect_and_disconn
 
     // A later --set merges over the stored overrides; null restores a default.
     let r = m
-        .cli(&[
-            "--context",
+        .enable_with(
             "west",
-            "enable",
-            "--cluster-name",
             "west",
-            "--cluster-id",
             "2",
-            "--set",
-            "image.tag=v2",
-            "--set",
-            "agent.cgroupRoot=null",
-        ])
+            &["--set", "image.tag=v2", "--set", "agent.cgroupRoot=null"],
+        )
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("still connected to east"), "{}", r.stdout);
@@ -1015,15 +960,7 @@ async fn set_values_reach_the_workloads_and_survive_upgrades_connect_and_disconn
     );
 
     // disconnect re-renders it too.
-    let r = m
-        .cli(&[
-            "--context",
-            "west",
-            "--destination-context",
-            "east",
-            "disconnect",
-        ])
-        .await;
+    let r = m.disconnect("west", "east").await;
     assert!(r.ok, "{}", r.stderr);
     let (west_agent, _) = agent_config(&m.west);
     assert_eq!(west_agent.clusters.len(), 1);
@@ -1041,19 +978,17 @@ async fn values_files_merge_over_defaults_and_set_wins() {
     )
     .unwrap();
     let r = m
-        .cli(&[
-            "--context",
+        .enable_with(
             "east",
-            "enable",
-            "--cluster-name",
             "east",
-            "--cluster-id",
             "1",
-            "--values",
-            file.to_str().unwrap(),
-            "--set",
-            "image.tag=from-set",
-        ])
+            &[
+                "--values",
+                file.to_str().unwrap(),
+                "--set",
+                "image.tag=from-set",
+            ],
+        )
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(
@@ -1068,17 +1003,7 @@ async fn values_files_merge_over_defaults_and_set_wins() {
     assert_eq!(pod["tolerations"], json!([]));
     // Restoring the default tag: the chart's appVersion.
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--set",
-            "image.tag=null",
-        ])
+        .enable_with("east", "east", "1", &["--set", "image.tag=null"])
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(
@@ -1140,17 +1065,8 @@ async fn bad_chart_values_are_one_line_and_write_nothing() {
     ];
     for (extra, want) in cases {
         m.east.clear_requests();
-        let mut args: Vec<&str> = vec![
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-        ];
-        args.extend(extra.iter().map(String::as_str));
-        let r = m.cli(&args).await;
+        let extra_args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let r = m.enable_with("east", "east", "1", &extra_args).await;
         let line = one_error_line(&r);
         assert!(line.contains(want), "{extra:?}: {line}");
         assert!(m.east.writes().is_empty(), "{extra:?} wrote something");
@@ -1158,17 +1074,7 @@ async fn bad_chart_values_are_one_line_and_write_nothing() {
     }
     // A first enable with a bad key creates nothing at all.
     let r = m
-        .cli(&[
-            "--context",
-            "west",
-            "enable",
-            "--cluster-name",
-            "west",
-            "--cluster-id",
-            "2",
-            "--set",
-            "trustDomain=x.test",
-        ])
+        .enable_with("west", "west", "2", &["--set", "trustDomain=x.test"])
         .await;
     assert!(
         one_error_line(&r).contains("it is set by --trust-domain"),
@@ -1208,7 +1114,7 @@ async fn standalone_enable_refuses_chart_values() {
 
 /// Replaces the stored overrides text of east's clustermesh-config, as a hand edit would.
 fn edit_stored_values(fake: &FakeKube, text: &str) {
-    let mut cfg = fake.object(&cm_path("clustermesh-config")).unwrap();
+    let mut cfg = settings(fake);
     cfg["data"]["values.yaml"] = json!(text);
     fake.insert(cfg);
 }
@@ -1226,17 +1132,7 @@ async fn stored_overrides_that_are_refused_now_say_how_to_remove_them() {
     );
     assert_unchanged(&before, &content(&m.east));
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--set",
-            "imgae=null",
-        ])
+        .enable_with("east", "east", "1", &["--set", "imgae=null"])
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(stored_values(&m.east), json!({"image": {"tag": "kept"}}));
@@ -1246,15 +1142,7 @@ async fn stored_overrides_that_are_refused_now_say_how_to_remove_them() {
     edit_stored_values(&m.east, "image: [");
     let before = content(&m.east);
     for args in [
-        vec![
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-        ],
+        enable_args("east", &[], "east", "1", &[]),
         vec![
             "--context",
             "east",
@@ -1324,17 +1212,7 @@ async fn upgrades_between_one_and_three_apiserver_replicas_remove_the_other_work
 
     m.east.clear_requests();
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--set",
-            "apiserver.replicas=3",
-        ])
+        .enable_with("east", "east", "1", &["--set", "apiserver.replicas=3"])
         .await;
     assert!(r.ok, "{}", r.stderr);
     assert!(
@@ -1350,7 +1228,7 @@ async fn upgrades_between_one_and_three_apiserver_replicas_remove_the_other_work
     expected.insert(statefulset_path());
     expected.insert(peers_service_path());
     assert_eq!(three, expected);
-    let svc = m.east.object(&service_path()).unwrap();
+    let svc = apiserver_service(&m.east);
     let sts = m.east.object(&statefulset_path()).unwrap();
     assert_eq!(sts["spec"]["replicas"], 3);
     assert_eq!(
@@ -1360,19 +1238,7 @@ async fn upgrades_between_one_and_three_apiserver_replicas_remove_the_other_work
 
     m.east.clear_requests();
     let r = m
-        .cli(&[
-            "--context",
-            "east",
-            "-o",
-            "json",
-            "enable",
-            "--cluster-name",
-            "east",
-            "--cluster-id",
-            "1",
-            "--set",
-            "apiserver.replicas=1",
-        ])
+        .enable_json("east", "east", "1", &["--set", "apiserver.replicas=1"])
         .await;
     assert!(r.ok, "{}", r.stderr);
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
