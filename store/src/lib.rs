@@ -67,6 +67,17 @@ pub enum StoreError {
         /// What is wrong with it and what to do.
         detail: String,
     },
+    /// Another replica (in this or another process) holds the data directory's lock.
+    #[error(
+        "another clustermesh-apiserver{holder} is using {dir}; stop it or use another --raft-data-dir",
+        holder = pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    DataDirInUse {
+        /// The data directory.
+        dir: String,
+        /// Process id the holder wrote into the lock file, if readable.
+        pid: Option<u32>,
+    },
     /// An I/O error on the local data directory.
     #[error("store I/O error: {0}")]
     Io(#[from] std::io::Error),

@@ -2,6 +2,7 @@
 //! space, so a clustermesh API server needs no external database.
 //!
 //! Layout, bottom up:
+//! - `dir_lock`: the exclusive `LOCK` on a replica's data directory;
 //! - `record`: checksummed framing for every file this backend writes;
 //! - `log_store`: the durable raft log (segments + vote), fsynced before an append is
 //!   acknowledged, with torn-tail repair and corruption refusal on open;
@@ -18,6 +19,7 @@ use std::io::Cursor;
 mod cluster;
 mod command;
 mod config;
+mod dir_lock;
 mod keyspace;
 mod leases;
 mod log_store;

@@ -26,6 +26,7 @@ use tonic::Status;
 
 use super::command::{Command, CommandResponse};
 use super::config::{NodeId, RaftConfig};
+use super::dir_lock::DirLock;
 use super::keyspace::HistoryLimits;
 use super::leases::LeaseDeadlines;
 use super::log_store::LogStore;
@@ -92,6 +93,8 @@ pub struct Replica {
     batch_tx: mpsc::Sender<Pending>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     server_stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// Exclusive hold on `config.data_dir`, released once the raft core has stopped.
+    dir_lock: Mutex<Option<DirLock>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -110,20 +113,37 @@ fn unavailable(msg: impl Into<String>) -> StoreError {
 
 impl Replica {
     /// Starts a replica, binding `config.listen`.
+    ///
+    /// The replica holds an exclusive lock on `config.data_dir` until it is shut down (or
+    /// dropped); if another replica, in this process or another, holds it, this fails at
+    /// once with [`StoreError::DataDirInUse`].
     pub async fn start(config: RaftConfig) -> Result<Arc<Replica>, StoreError> {
+        // Lock first: a second apiserver on the same directory is told so, rather than
+        // about the (probably also taken) raft port.
+        let lock = DirLock::acquire(&config.data_dir)?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             unavailable(format!(
                 "cannot listen for raft peers on {}: {e}; pick a free address",
                 config.listen
             ))
         })?;
-        Self::start_with_listener(config, listener).await
+        Self::start_locked(config, listener, lock).await
     }
 
-    /// Starts a replica serving peers on an already bound listener.
+    /// Starts a replica serving peers on an already bound listener; the data directory is
+    /// locked as in [`Replica::start`].
     pub async fn start_with_listener(
         config: RaftConfig,
         listener: TcpListener,
+    ) -> Result<Arc<Replica>, StoreError> {
+        let lock = DirLock::acquire(&config.data_dir)?;
+        Self::start_locked(config, listener, lock).await
+    }
+
+    async fn start_locked(
+        config: RaftConfig,
+        listener: TcpListener,
+        lock: DirLock,
     ) -> Result<Arc<Replica>, StoreError> {
         let addr = listener.local_addr()?;
         let raft_config = config
@@ -174,6 +194,7 @@ impl Replica {
             batch_tx,
             tasks: Mutex::new(Vec::new()),
             server_stop: Mutex::new(None),
+            dir_lock: Mutex::new(Some(lock)),
         });
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -565,7 +586,8 @@ impl Replica {
     }
 
     /// Stops the replica without waiting (for `Drop`): the RPC server and lease timer are
-    /// told to stop and the raft core shuts down in the background.
+    /// told to stop and the raft core shuts down in the background; the data directory's
+    /// lock is released once it has.
     pub fn stop_now(&self) {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
@@ -587,12 +609,22 @@ impl Replica {
             t.abort();
         }
         self.shared.close();
+        let lock = self.take_dir_lock();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let raft = self.raft.clone();
             handle.spawn(async move {
                 let _ = raft.shutdown().await;
+                // Only now has the raft core stopped writing the data directory.
+                drop(lock);
             });
         }
+    }
+
+    fn take_dir_lock(&self) -> Option<DirLock> {
+        self.dir_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Stops the replica: raft, RPC server, lease timer; open watches end with
@@ -623,6 +655,7 @@ impl Replica {
             }
         }
         self.shared.close();
+        drop(self.take_dir_lock());
         tracing::info!(node = self.id, "raft replica stopped");
     }
 }
