@@ -245,14 +245,8 @@ impl Cluster {
 
 /// Servers for east (ID 1, 10.1.0.0/16) and west (ID 2, 10.2.0.0/16) on fresh stores.
 struct TwoClusters {
-    east_raft: LocalCluster,
-    west_raft: LocalCluster,
-    east_store: Arc<dyn Store>,
-    west_store: Arc<dyn Store>,
-    east: MeshServer,
-    west: MeshServer,
-    east_addr: SocketAddr,
-    west_addr: SocketAddr,
+    east: Cluster,
+    west: Cluster,
 }
 
 impl TwoClusters {
@@ -274,17 +268,9 @@ impl TwoClusters {
         east_services: &[v1::Service],
         west_services: &[v1::Service],
     ) -> TwoClusters {
-        let east = Cluster::start(dir, ca, EAST, east_services).await;
-        let west = Cluster::start(dir, ca, WEST, west_services).await;
         TwoClusters {
-            east_raft: east.raft,
-            west_raft: west.raft,
-            east_store: east.store,
-            west_store: west.store,
-            east: east.server,
-            west: west.server,
-            east_addr: east.addr,
-            west_addr: west.addr,
+            east: Cluster::start(dir, ca, EAST, east_services).await,
+            west: Cluster::start(dir, ca, WEST, west_services).await,
         }
     }
 }
@@ -418,18 +404,10 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     // West's store has history (several writes of the same record), so its revision is
     // well above that of a fresh store holding the same records.
     let west_history = vec![service("west", &[("10.2.0.5", true)], v1::Affinity::None); 6];
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start_with(dir.path(), &ca, &[east_web(true)], &west_history).await;
+    let TwoClusters { east, west } =
+        TwoClusters::start_with(dir.path(), &ca, &[east_web(true)], &west_history).await;
 
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let mut options = quick_options(&config);
     options.backoff.max = Duration::from_millis(300);
     options.config_poll = Duration::from_millis(100);
@@ -447,7 +425,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     .await;
     // Every local backend becomes unready: one datapath batch moves traffic to west.
     let before = dp.batch_count();
-    put_service(east_store.as_ref(), &east_web(false)).await;
+    put_service(east.store.as_ref(), &east_web(false)).await;
     eventually("failover to west", || {
         table_clusters(dp) == BTreeSet::from(["west".to_owned()])
     })
@@ -460,7 +438,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
 
     // Local backends come back.
     let before = dp.batch_count();
-    put_service(east_store.as_ref(), &east_web(true)).await;
+    put_service(east.store.as_ref(), &east_web(true)).await;
     eventually("back to east", || {
         table_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
@@ -468,7 +446,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     assert_eq!(dp.batch_count(), before + 1);
 
     // Fail over again, then lose west entirely: its last-known backends stay in force.
-    put_service(east_store.as_ref(), &east_web(false)).await;
+    put_service(east.store.as_ref(), &east_web(false)).await;
     eventually("failover to west again", || {
         table_clusters(dp) == BTreeSet::from(["west".to_owned()])
     })
@@ -476,7 +454,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     let programmed = dp.service(&web()).unwrap();
     let batches = dp.batch_count();
     let old_revision = cluster_status(view, "west").revision;
-    west.stop().await;
+    west.server.stop().await;
     eventually("west shown stale", || {
         let s = cluster_status(view, "west");
         !s.connected && s.stale && s.last_error.is_some()
@@ -484,7 +462,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     .await;
     // A change to east queued after west was seen stale: once it is programmed, anything
     // west's disconnect queued before it has been computed too.
-    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-1").await;
     assert_eq!(
         dp.service(&web()).unwrap(),
         programmed,
@@ -509,7 +487,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     assert!(fresh_revision < old_revision, "the fresh store is behind");
     let batches = dp.batch_count();
     let rounds = view.reconcile_rounds();
-    let mut west = start_server(&west2_store, &ca, WEST, mesh::rebind(west_addr).await).await;
+    let mut west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west.addr).await).await;
     eventually("west reconnected and resynced", || {
         let s = cluster_status(view, "west");
         s.connected && s.synced && !s.stale
@@ -547,7 +525,7 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     // West's server drops its agents but keeps its history. While the agent is away, west
     // gains a backend and then enough other writes to pass the revision the agent had seen
     // on the old store: resuming from the right revision delivers the new backend.
-    west.stop_serving().await;
+    west2.stop_serving().await;
     eventually("west disconnected", || {
         !cluster_status(view, "west").connected
     })
@@ -567,13 +545,13 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         pad.name = "pad".into();
         last = put_service(west2_store.as_ref(), &pad).await;
     }
-    west.serve_again(mesh::rebind(west_addr).await);
+    west2.serve_again(mesh::rebind(west.addr).await);
     eventually("west caught up", || {
         let s = cluster_status(view, "west");
         s.connected && s.revision == last
     })
     .await;
-    settle_with_marker(east_store.as_ref(), view, "marker-2").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-2").await;
     let backends: BTreeSet<String> = dp
         .service(&web())
         .unwrap()
@@ -603,26 +581,21 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
         .any(|b| b.cluster == "west" && b.slots > 0));
 
     agent.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft, west2_raft]).await;
+    stop_all(
+        vec![west2, east.server],
+        vec![east.raft, west.raft, west2_raft],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        west_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
 
     // Start with only the local cluster configured.
-    let config = write_config(dir.path(), east_addr, None);
+    let config = write_config(dir.path(), east.addr, None);
     let mut options = quick_options(&config);
     options.config_poll = Duration::from_millis(100);
     options.stale_ttl = Some(Duration::from_millis(700));
@@ -633,11 +606,11 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     eventually("east only", || table_clusters(dp) == east_only).await;
 
     // `clustermesh connect` adds west to the file: picked up without a restart.
-    write_config(dir.path(), east_addr, Some(west_addr));
+    write_config(dir.path(), east.addr, Some(west.addr));
     eventually("west added at runtime", || table_clusters(dp) == both).await;
 
     // West goes away: kept while stale, dropped once the stale TTL has passed.
-    west.stop().await;
+    west.server.stop().await;
     eventually("west stale", || {
         view.clusters.get("west").is_some_and(|s| s.stale)
     })
@@ -648,18 +621,18 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
     .await;
 
     // West returns: resynced and merged again.
-    let west = start_server(&west_store, &ca, WEST, mesh::rebind(west_addr).await).await;
+    let west_again = start_server(&west.store, &ca, WEST, mesh::rebind(west.addr).await).await;
     eventually("west back", || table_clusters(dp) == both).await;
 
     // `clustermesh disconnect` removes west from the file: its records and status go.
-    write_config(dir.path(), east_addr, None);
+    write_config(dir.path(), east.addr, None);
     eventually("west removed at runtime", || {
         table_clusters(dp) == east_only && view.clusters.get("west").is_none()
     })
     .await;
 
     agent.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
+    stop_all(vec![west_again, east.server], vec![east.raft, west.raft]).await;
 }
 
 /// A cluster removed from the configuration while its watcher is busy applying events must
@@ -671,21 +644,12 @@ async fn clusters_follow_the_config_file_and_stale_clusters_expire() {
 async fn removing_a_busy_cluster_never_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        west_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
 
     // West keeps rewriting its record, so its watcher always has events to handle.
     let writing = CancellationToken::new();
     let writer = tokio::spawn({
-        let (store, writing) = (Arc::clone(&west_store), writing.clone());
+        let (store, writing) = (Arc::clone(&west.store), writing.clone());
         async move {
             let svc = service("west", &[("10.2.0.5", true)], v1::Affinity::None);
             while !writing.is_cancelled() {
@@ -694,7 +658,7 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
         }
     });
 
-    let config = write_config(dir.path(), east_addr, None);
+    let config = write_config(dir.path(), east.addr, None);
     let mut options = AgentOptions::new(&config, "n1");
     options.config_poll = Duration::from_millis(20);
     let agent = AgentUnderTest::start(options);
@@ -704,7 +668,7 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
     eventually("east only", || table_clusters(dp) == east_only).await;
 
     for round in 0..10 {
-        write_config(dir.path(), east_addr, Some(west_addr));
+        write_config(dir.path(), east.addr, Some(west.addr));
         eventually(&format!("west added ({round})"), || {
             table_clusters(dp) == both
                 && view
@@ -713,14 +677,14 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
                     .is_some_and(|s| s.synced && s.connected)
         })
         .await;
-        write_config(dir.path(), east_addr, None);
+        write_config(dir.path(), east.addr, None);
         eventually(&format!("west removed ({round})"), || {
             table_clusters(dp) == east_only && view.clusters.get("west").is_none()
         })
         .await;
         // A change queued after the removal: once it is programmed, whatever the stopped
         // watcher might still have queued has been computed too.
-        settle_with_marker(east_store.as_ref(), view, &format!("marker-{round}")).await;
+        settle_with_marker(east.store.as_ref(), view, &format!("marker-{round}")).await;
         assert_eq!(
             table_clusters(dp),
             east_only,
@@ -735,7 +699,7 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
     writing.cancel();
     writer.await.unwrap();
     agent.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
+    stop_all(vec![west.server, east.server], vec![east.raft, west.raft]).await;
 }
 
 /// A cluster that is only unreachable keeps its records in force, so it also keeps its
@@ -745,24 +709,15 @@ async fn removing_a_busy_cluster_never_brings_it_back() {
 async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID and a pod CIDR inside west's.
     let south = start_south(dir.path(), &ca, 2, "10.2.128.0/17").await;
-    let clusters = |west: bool, south_too: bool| {
-        let mut c = vec![("east", 1, east_addr.port())];
-        if west {
-            c.push(("west", 2, west_addr.port()));
+    let clusters = |with_west: bool, with_south: bool| {
+        let mut c = vec![("east", 1, east.addr.port())];
+        if with_west {
+            c.push(("west", 2, west.addr.port()));
         }
-        if south_too {
+        if with_south {
             // ID 0: not pinned in the configuration, so only the registry can object.
             c.push(("south", 0, south.addr.port()));
         }
@@ -777,7 +732,7 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
     .await;
 
     // West becomes unreachable: stale, its records kept.
-    west.stop().await;
+    west.server.stop().await;
     eventually("west stale", || cluster_status(view, "west").stale).await;
 
     // South is added while west is stale: refused, nothing of it merged.
@@ -788,7 +743,7 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
         })
     })
     .await;
-    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-1").await;
     assert_eq!(
         table_clusters(dp),
         cluster_set(&["east", "west"]),
@@ -804,8 +759,8 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
 
     agent.stop().await;
     stop_all(
-        vec![south.server, east],
-        vec![south.raft, east_raft, west_raft],
+        vec![south.server, east.server],
+        vec![south.raft, east.raft, west.raft],
     )
     .await;
 }
@@ -818,18 +773,10 @@ async fn a_stale_cluster_keeps_its_id_and_pod_cidrs() {
 async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID (its pod CIDR is its own).
     let south = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let mut options = quick_options(&config);
     options.stale_ttl = Some(Duration::from_secs(3));
     let agent = AgentUnderTest::start(options);
@@ -840,7 +787,7 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
     .await;
 
     // West becomes unreachable.
-    west.stop().await;
+    west.server.stop().await;
     eventually("west stale", || cluster_status(view, "west").stale).await;
 
     // West's entry gains a second endpoint, where nothing listens either (so its watcher
@@ -896,8 +843,8 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
 
     agent.stop().await;
     stop_all(
-        vec![south.server, east],
-        vec![south.raft, east_raft, west_raft],
+        vec![south.server, east.server],
+        vec![south.raft, east.raft, west.raft],
     )
     .await;
 }
@@ -908,20 +855,11 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
 async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        west_store,
-        east,
-        mut west,
-        east_addr,
-        west_addr,
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, mut west } = TwoClusters::start(dir.path(), &ca).await;
     // A second global service, `extra`, in both clusters.
     for (store, cluster, ip, frontend) in [
-        (&east_store, "east", "10.1.0.8", "10.96.0.11"),
-        (&west_store, "west", "10.2.0.8", "10.97.0.11"),
+        (&east.store, "east", "10.1.0.8", "10.96.0.11"),
+        (&west.store, "west", "10.2.0.8", "10.97.0.11"),
     ] {
         let mut extra = service(cluster, &[(ip, true)], v1::Affinity::None);
         extra.name = "extra".into();
@@ -938,7 +876,7 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
             })
             .unwrap_or_default()
     };
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let agent = AgentUnderTest::start(quick_options(&config));
     let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
@@ -949,9 +887,9 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     let programmed = dp.service(&web()).unwrap();
 
     // West drops its agents and, while they are away, deletes `extra`.
-    west.stop_serving().await;
+    west.server.stop_serving().await;
     eventually("west stale", || cluster_status(view, "west").stale).await;
-    west_store
+    west.store
         .delete(service_key("west", "default", "extra").as_bytes())
         .await
         .unwrap();
@@ -977,7 +915,7 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
     );
 
     // West serves again: the new watcher's sync replaces what the old one left.
-    west.serve_again(mesh::rebind(west_addr).await);
+    west.server.serve_again(mesh::rebind(west.addr).await);
     eventually("west resynced", || {
         let s = cluster_status(view, "west");
         s.connected && s.synced && !s.stale
@@ -987,12 +925,12 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
         extra_clusters(dp) == BTreeSet::from(["east".to_owned()])
     })
     .await;
-    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-1").await;
     assert_eq!(dp.service(&web()).unwrap(), programmed, "web unchanged");
     assert_eq!(table_clusters(dp), both);
 
     agent.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
+    stop_all(vec![west.server, east.server], vec![east.raft, west.raft]).await;
 }
 
 /// Clusters that are not who the configuration says are refused, with a status that says
@@ -1003,20 +941,11 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
 async fn impostor_clusters_are_refused_with_a_clear_status() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
     // South reports west's ID (its certificate and name are south's own).
     let south = start_south(dir.path(), &ca, 2, "10.3.0.0/16").await;
     let write = |south_port: Option<u16>| {
-        let mut c = vec![("east", 1, east_addr.port()), ("west", 2, west_addr.port())];
+        let mut c = vec![("east", 1, east.addr.port()), ("west", 2, west.addr.port())];
         if let Some(port) = south_port {
             c.push(("south", 0, port));
         }
@@ -1041,7 +970,7 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
     };
 
     // South's address actually serves west: the TLS identity is west's.
-    write(Some(west_addr.port()));
+    write(Some(west.addr.port()));
     eventually(
         "south refused: the endpoint is west",
         refused_for("cluster/west"),
@@ -1056,13 +985,13 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
     let error = cluster_status(view, "south").last_error.unwrap();
     assert!(error.contains("west"), "{error}");
 
-    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-1").await;
     assert_eq!(table_clusters(dp), east_west, "nothing of south merged");
 
     agent.stop().await;
     stop_all(
-        vec![south.server, west, east],
-        vec![south.raft, east_raft, west_raft],
+        vec![south.server, west.server, east.server],
+        vec![south.raft, east.raft, west.raft],
     )
     .await;
 }
@@ -1073,16 +1002,8 @@ async fn impostor_clusters_are_refused_with_a_clear_status() {
 async fn a_new_client_certificate_path_applies_to_every_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        mut east,
-        mut west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let TwoClusters { mut east, mut west } = TwoClusters::start(dir.path(), &ca).await;
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let agent = AgentUnderTest::start(quick_options(&config));
     let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
@@ -1101,14 +1022,14 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
     save_config(&config, &cfg);
 
     // Both servers drop their connections; the agent must reconnect with the new files.
-    east.stop_serving().await;
-    west.stop_serving().await;
+    east.server.stop_serving().await;
+    west.server.stop_serving().await;
     eventually("both disconnected", || {
         view.clusters.snapshot().iter().all(|s| !s.connected)
     })
     .await;
-    east.serve_again(mesh::rebind(east_addr).await);
-    west.serve_again(mesh::rebind(west_addr).await);
+    east.server.serve_again(mesh::rebind(east.addr).await);
+    west.server.serve_again(mesh::rebind(west.addr).await);
     eventually("both reconnected with the moved certificate", || {
         let all = view.clusters.snapshot();
         all.len() == 2 && all.iter().all(|s| s.connected && s.synced)
@@ -1117,7 +1038,7 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
     assert_eq!(table_clusters(dp), both);
 
     agent.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
+    stop_all(vec![west.server, east.server], vec![east.raft, west.raft]).await;
 }
 
 /// A server that completes the TLS handshake and then never answers: the agent gives up on
@@ -1127,16 +1048,8 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
 async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east,
-        mut west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let TwoClusters { east, mut west } = TwoClusters::start(dir.path(), &ca).await;
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let mut options = quick_options(&config);
     options.request_timeout = Duration::from_millis(300);
     options.stale_ttl = Some(Duration::from_secs(3));
@@ -1146,8 +1059,8 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
     eventually("east and west merged", || table_clusters(dp) == both).await;
 
     // West's address now answers the TLS handshake (as west) and nothing else.
-    west.stop_serving().await;
-    let mute = mesh::MuteServer::start(&ca, TD, "west", mesh::rebind(west_addr).await);
+    west.server.stop_serving().await;
+    let mute = mesh::MuteServer::start(&ca, TD, "west", mesh::rebind(west.addr).await);
     eventually("west's status names the unanswered request", || {
         let s = cluster_status(view, "west");
         !s.connected
@@ -1164,7 +1077,7 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
 
     agent.stop().await;
     mute.stop().await;
-    stop_all(vec![west, east], vec![east_raft, west_raft]).await;
+    stop_all(vec![west.server, east.server], vec![east.raft, west.raft]).await;
 }
 
 /// A full resync in which a service's value does not decode keeps that service's previous
@@ -1173,17 +1086,8 @@ async fn a_server_that_never_answers_times_out_and_the_stale_ttl_still_applies()
 async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
-    let TwoClusters {
-        east_raft,
-        west_raft,
-        east_store,
-        east,
-        west,
-        east_addr,
-        west_addr,
-        ..
-    } = TwoClusters::start(dir.path(), &ca).await;
-    let config = write_config(dir.path(), east_addr, Some(west_addr));
+    let TwoClusters { east, west } = TwoClusters::start(dir.path(), &ca).await;
+    let config = write_config(dir.path(), east.addr, Some(west.addr));
     let agent = AgentUnderTest::start(quick_options(&config));
     let AgentUnderTest { dp, view, .. } = &agent;
     let both = BTreeSet::from(["east".to_owned(), "west".to_owned()]);
@@ -1192,7 +1096,7 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
 
     // West comes back from another store whose `web` does not decode. That store has more
     // history than the agent's revision, so the agent cannot resume: it resyncs in full.
-    west.stop().await;
+    west.server.stop().await;
     let (west2_raft, west2_store) = open_store(dir.path(), "west-store-2").await;
     west2_store
         .put(
@@ -1208,13 +1112,13 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
         put_service(west2_store.as_ref(), &other).await;
     }
     let synced_at = mark_synced(west2_store.as_ref(), "west").await;
-    let west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west_addr).await).await;
+    let west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west.addr).await).await;
     eventually("west resynced from the other store", || {
         let s = cluster_status(view, "west");
         s.connected && s.revision == synced_at && s.decode_errors >= 1
     })
     .await;
-    settle_with_marker(east_store.as_ref(), view, "marker-1").await;
+    settle_with_marker(east.store.as_ref(), view, "marker-1").await;
     assert_eq!(
         dp.service(&web()).unwrap(),
         programmed,
@@ -1222,5 +1126,9 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
     );
 
     agent.stop().await;
-    stop_all(vec![west2, east], vec![east_raft, west_raft, west2_raft]).await;
+    stop_all(
+        vec![west2, east.server],
+        vec![east.raft, west.raft, west2_raft],
+    )
+    .await;
 }
