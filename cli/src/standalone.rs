@@ -317,7 +317,9 @@ pub fn pem_blocks(text: &str) -> Vec<String> {
     out
 }
 
-fn bundle_with(bundle: &str, add: &str) -> String {
+/// Adds the certificates of `add` to `bundle` (no duplicates).
+#[must_use]
+pub(crate) fn bundle_with(bundle: &str, add: &str) -> String {
     let mut blocks = pem_blocks(bundle);
     for b in pem_blocks(add) {
         if !blocks.contains(&b) {
@@ -327,7 +329,9 @@ fn bundle_with(bundle: &str, add: &str) -> String {
     blocks.concat()
 }
 
-fn bundle_without(bundle: &str, remove: &str) -> String {
+/// Removes the certificates of `remove` from `bundle`.
+#[must_use]
+pub(crate) fn bundle_without(bundle: &str, remove: &str) -> String {
     let drop = pem_blocks(remove);
     pem_blocks(bundle)
         .into_iter()

@@ -26,8 +26,8 @@ use serde::Serialize;
 
 use super::error::KubeModeError;
 use super::mesh::{
-    bundle_with, ca_from_secret, chart_values, mesh_endpoints, read_config, release,
-    remote_clusters, server_names_of, RemoteCluster,
+    ca_from_secret, chart_values, mesh_endpoints, read_config, release, remote_clusters,
+    server_names_of, RemoteCluster,
 };
 use super::objects::{
     cli_labels, kind_info, new_secret, secret_text, MeshConfig, Objects, ServiceType, ADMIN_SECRET,
@@ -35,7 +35,7 @@ use super::objects::{
     CLUSTER_LABEL, CONFIG_MAP, KINDS, PART_OF_LABEL, SERVER_SECRET,
 };
 use super::{values, KubeTarget};
-use crate::standalone::ADMIN_NAME;
+use crate::standalone::{bundle_with, ADMIN_NAME};
 
 const TLS_TYPE: &str = "kubernetes.io/tls";
 

@@ -27,7 +27,7 @@ use super::objects::{
 use super::KubeTarget;
 use crate::agent_config::AgentConfig;
 use crate::chart::Release;
-use crate::standalone::pem_blocks;
+use crate::standalone::{bundle_with, bundle_without, pem_blocks};
 
 const RECREATE: &str =
     "run `clustermesh disable --force` and `enable` again on that context (peers must reconnect)";
@@ -121,29 +121,6 @@ pub fn rendered_agent_data(
         template: "agent-config.yaml".into(),
         reason: format!("the chart renders no ConfigMap {AGENT_CONFIG_MAP}"),
     })
-}
-
-/// Adds the certificates of `add` to `bundle` (no duplicates).
-#[must_use]
-pub fn bundle_with(bundle: &str, add: &str) -> String {
-    let mut blocks = pem_blocks(bundle);
-    for b in pem_blocks(add) {
-        if !blocks.contains(&b) {
-            blocks.push(b);
-        }
-    }
-    blocks.concat()
-}
-
-/// Removes the certificates of `remove` from `bundle`.
-#[must_use]
-pub fn bundle_without(bundle: &str, remove: &str) -> String {
-    let drop = pem_blocks(remove);
-    pem_blocks(bundle)
-        .into_iter()
-        .filter(|b| !drop.contains(b))
-        .collect::<Vec<_>>()
-        .concat()
 }
 
 /// Host part of a `host:port` endpoint (IPv6 brackets removed).
@@ -982,19 +959,6 @@ mod tests {
         assert_eq!(v["cluster"]["name"], "east");
         assert_eq!(v["cluster"]["id"], 1);
         assert_eq!(v["agent"]["staleTTL"], Value::Null);
-    }
-
-    #[test]
-    fn bundles_add_once_and_remove_exactly() {
-        let a = MeshCa::generate(TrustDomain::new("t.test").unwrap()).unwrap();
-        let b = MeshCa::generate(TrustDomain::new("t.test").unwrap()).unwrap();
-        let ab = bundle_with(a.cert_pem(), b.cert_pem());
-        assert_eq!(pem_blocks(&ab).len(), 2);
-        assert_eq!(bundle_with(&ab, b.cert_pem()), ab);
-        assert_eq!(
-            pem_blocks(&bundle_without(&ab, b.cert_pem())),
-            pem_blocks(a.cert_pem())
-        );
     }
 
     #[test]
