@@ -86,8 +86,9 @@
 //! SplitMix64 mix of the same hash, mod `M`.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::datapath::{Backend, BackendState};
 
@@ -474,20 +475,31 @@ fn compute_power_table(m: u32) -> Box<[u32]> {
         .collect()
 }
 
-/// Power tables of the sizes in [`TABLE_SIZES`], computed on first use (at most 512 KiB
-/// for the largest).
-static POWER_TABLES: [std::sync::OnceLock<Box<[u32]>>; TABLE_SIZES.len()] =
-    [const { std::sync::OnceLock::new() }; TABLE_SIZES.len()];
+/// Power tables computed so far, keyed by table size `M` (at most 512 KiB for the
+/// largest of [`TABLE_SIZES`]); a configured fixed prime is cached like the listed sizes.
+static POWER_TABLES: Mutex<BTreeMap<u32, Arc<[u32]>>> = Mutex::new(BTreeMap::new());
 
-/// The power permutation for table size `m`: cached for the listed sizes, computed per
-/// call for other (fixed) sizes.
-fn power_table(m: u32) -> std::borrow::Cow<'static, [u32]> {
-    match TABLE_SIZES.iter().position(|&t| t == m) {
-        Some(i) => {
-            std::borrow::Cow::Borrowed(&**POWER_TABLES[i].get_or_init(|| compute_power_table(m)))
-        }
-        None => std::borrow::Cow::Owned(compute_power_table(m).into_vec()),
+/// The power permutation for table size `m`, computed once per size.
+fn power_table(m: u32) -> Arc<[u32]> {
+    // A panic elsewhere while holding the lock cannot leave a half-written entry (insert is
+    // the only mutation), so a poisoned cache is still valid.
+    let cached = POWER_TABLES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&m)
+        .cloned();
+    if let Some(table) = cached {
+        return table;
     }
+    // Computed without the lock held, so builds of other sizes are not blocked; a
+    // concurrent first build of the same size keeps whichever insert came first.
+    let table: Arc<[u32]> = compute_power_table(m).into();
+    POWER_TABLES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(m)
+        .or_insert(table)
+        .clone()
 }
 
 /// Per-backend bounds on slot counts: `floor_i ≤ count_i ≤ cap_i`.
