@@ -204,7 +204,8 @@ pub fn reason(e: &kube::Error) -> String {
     }
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
+/// Whether the API server answered 404 Not Found.
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 

@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use super::error::KubeModeError;
 use super::mesh::{mesh_endpoints, read_config};
-use super::objects::{reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISERVER_SERVICE};
+use super::objects::{
+    is_not_found, reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISERVER_SERVICE,
+};
 use super::KubeTarget;
 use crate::admin::AgentStatus;
 use crate::agent_config::AgentConfig;
@@ -328,10 +330,6 @@ async fn proxy_client(target: &KubeTarget) -> Result<Client, KubeModeError> {
     config.default_retry = false;
     config.default_namespace = target.namespace.clone();
     Client::try_from(config).map_err(|e| invalid(e.to_string()))
-}
-
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
 /// The apiserver Deployment, or its StatefulSet (raft with several replicas).
