@@ -472,7 +472,9 @@ impl<'a> Side<'a> {
     }
 }
 
-fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), KubeModeError> {
+/// Refuses a pair that is one cluster seen twice: the same context and namespace, or the
+/// same CA (the error names which).
+fn self_connect(a: &Side<'_>, b: &Side<'_>) -> Result<(), KubeModeError> {
     let same_place = a.context() == b.context() && a.objs.namespace() == b.objs.namespace();
     let why = if same_place {
         Some("same context and namespace")
@@ -489,6 +491,11 @@ fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), KubeModeError> {
             why,
         });
     }
+    Ok(())
+}
+
+fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), KubeModeError> {
+    self_connect(a, b)?;
     if a.name() == b.name() {
         return Err(KubeModeError::Duplicate(format!(
             "the clusters of contexts {} and {} are both named {}",
@@ -786,16 +793,7 @@ pub async fn disconnect(
 ) -> Result<DisconnectReport, KubeModeError> {
     let a = Side::load(src).await?;
     let b = Side::load(dst).await?;
-    if (a.context() == b.context() && a.objs.namespace() == b.objs.namespace())
-        || a.ca_cert == b.ca_cert
-    {
-        return Err(KubeModeError::SelfConnect {
-            name: a.name().to_string(),
-            source_context: a.context().to_string(),
-            destination_context: b.context().to_string(),
-            why: "same CA",
-        });
-    }
+    self_connect(&a, &b)?;
     if a.pinned_ca(b.name()).is_none() && b.pinned_ca(a.name()).is_none() {
         return Err(KubeModeError::NotConnected(
             a.name().to_string(),
