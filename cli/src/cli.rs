@@ -366,23 +366,13 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
         crate::k8s::values::user_overrides(&a.values_files, &a.sets, chart.default_values())
             .map_err(crate::k8s::KubeModeError::from)?;
     }
-    let target = crate::k8s::context::connect(
-        crate::k8s::context::read_kubeconfig()?,
-        context,
-        &cli.namespace,
-        timeout,
-    )
-    .await?;
+    let kubeconfig = crate::k8s::context::read_kubeconfig()?;
+    let target =
+        crate::k8s::context::connect(kubeconfig.clone(), context, &cli.namespace, timeout).await?;
     let destination = match (&cli.command, cli.destination_context.as_deref()) {
-        (Command::Connect { .. } | Command::Disconnect { .. }, Some(dest)) => Some(
-            crate::k8s::context::connect(
-                crate::k8s::context::read_kubeconfig()?,
-                dest,
-                &cli.namespace,
-                timeout,
-            )
-            .await?,
-        ),
+        (Command::Connect { .. } | Command::Disconnect { .. }, Some(dest)) => {
+            Some(crate::k8s::context::connect(kubeconfig, dest, &cli.namespace, timeout).await?)
+        }
         _ => None,
     };
     match &cli.command {

@@ -52,6 +52,10 @@ pub enum KubeError {
 pub struct KubeTarget {
     /// Client for the context's API server.
     pub client: Client,
+    /// Client for the same API server that does not retry, for the pod proxy: kube-rs
+    /// retries 503 (what the API server answers for a pod that refuses the connection)
+    /// with a long backoff by default, and status wants the first answer.
+    pub proxy: Client,
     /// The kubeconfig context name.
     pub context: String,
     /// Namespace of the mesh components.
@@ -110,6 +114,9 @@ pub async fn connect(
         .await
         .map_err(|e| invalid(e.to_string()))?;
     config.default_namespace = namespace.to_owned();
+    let mut proxy_config = config.clone();
+    proxy_config.default_retry = false;
+    let proxy = Client::try_from(proxy_config).map_err(|e| invalid(e.to_string()))?;
     config.connect_timeout = Some(timeout);
     let url = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| invalid(e.to_string()))?;
@@ -131,6 +138,7 @@ pub async fn connect(
     }
     Ok(KubeTarget {
         client,
+        proxy,
         context: context.to_owned(),
         namespace: namespace.to_owned(),
     })

@@ -14,7 +14,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use kube::config::KubeConfigOptions;
 use kube::Client;
 use serde::Serialize;
 
@@ -308,30 +307,6 @@ impl Readiness for KubeStatus {
     }
 }
 
-/// A client for the pod proxy that does not retry: kube-rs retries 503 (what the API
-/// server answers for a pod that refuses the connection) with a long backoff by default,
-/// and status wants the first answer.
-async fn proxy_client(target: &KubeTarget) -> Result<Client, KubeModeError> {
-    let invalid = |reason: String| KubeModeError::Api {
-        context: target.context.clone(),
-        namespace: target.namespace.clone(),
-        action: "configure",
-        object: "a client for the pod proxy".into(),
-        reason,
-    };
-    let kubeconfig = super::context::read_kubeconfig().map_err(|e| invalid(e.to_string()))?;
-    let options = KubeConfigOptions {
-        context: Some(target.context.clone()),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
-        .await
-        .map_err(|e| invalid(e.to_string()))?;
-    config.default_retry = false;
-    config.default_namespace = target.namespace.clone();
-    Client::try_from(config).map_err(|e| invalid(e.to_string()))
-}
-
 /// The apiserver Deployment, or its StatefulSet (raft with several replicas).
 async fn apiserver_workload(target: &KubeTarget) -> Workload {
     let mut w = Workload {
@@ -523,7 +498,7 @@ pub(crate) async fn proxy_get<T: serde::de::DeserializeOwned + Send + 'static>(
     path: &'static str,
     timeout: Duration,
 ) -> Result<Vec<(AgentRef, Result<T, AgentFailure>)>, KubeModeError> {
-    let client = proxy_client(target).await?;
+    let client = target.proxy.clone();
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_AGENT_QUERIES));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in pods.iter().enumerate() {
