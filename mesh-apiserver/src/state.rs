@@ -281,10 +281,11 @@ impl ClusterObjects {
     fn take_pod_changes(&mut self, warnings: &mut Vec<InputWarning>) -> Vec<RecordChange> {
         let mut out = Vec::new();
         for key in std::mem::take(&mut self.dirty_pods) {
-            let weight = self
-                .pods
-                .get(&key)
-                .and_then(|p| translate::pod_weight(p, warnings));
+            let pod = self.pods.get(&key);
+            let weight = pod.and_then(|p| translate::pod_weight(p, warnings));
+            let new = pod
+                .map(|p| translate::pod_endpoints(&self.cluster, p, warnings))
+                .unwrap_or_default();
             let old_weight = match weight {
                 Some(w) => self.pod_weights.insert(key.clone(), w),
                 None => self.pod_weights.remove(&key),
@@ -292,11 +293,6 @@ impl ClusterObjects {
             if old_weight != weight {
                 self.mark_services_of_pod(&key);
             }
-            let new = self
-                .pods
-                .get(&key)
-                .map(|p| translate::pod_endpoints(&self.cluster, p, warnings))
-                .unwrap_or_default();
             let old = self.pod_endpoints.remove(&key).unwrap_or_default();
             for spec in &old {
                 if !new.iter().any(|n| n.ip == spec.ip) && self.ip_owner.get(&spec.ip) == Some(&key)
@@ -336,11 +332,7 @@ impl ClusterObjects {
                 break;
             }
             let refers = slice.endpoints.iter().flatten().any(|e| {
-                e.target_ref.as_ref().is_some_and(|r| {
-                    r.kind.as_deref() == Some("Pod")
-                        && r.name.as_deref() == Some(pod.as_str())
-                        && r.namespace.as_deref().unwrap_or(slice_ns) == namespace
-                })
+                translate::endpoint_pod(slice, e) == Some((namespace.as_str(), pod.as_str()))
             });
             if let Some(svc) = slice_service(slice).filter(|_| refers) {
                 self.dirty_services.insert((namespace.clone(), svc));

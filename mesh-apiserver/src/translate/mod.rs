@@ -19,6 +19,7 @@ pub use pod::{
     identity_labels, pod_endpoints, pod_weight, EndpointSpec, Labels, CLUSTER_LABEL,
     NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
 };
+pub(crate) use service::endpoint_pod;
 pub use service::service_record;
 pub use warning::InputWarning;
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use clustermesh_api::annotations::parse_service_annotations;
 use clustermesh_api::v1;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{object_name, InputWarning};
 
@@ -196,19 +196,7 @@ fn backends(
             };
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             let ready = conditions.ready.unwrap_or(true);
-            let pod = endpoint
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    let name = r.name.clone()?;
-                    let namespace = r
-                        .namespace
-                        .clone()
-                        .or_else(|| slice.metadata.namespace.clone())
-                        .unwrap_or_else(|| "default".to_owned());
-                    Some((namespace, name))
-                });
+            let pod = endpoint_pod(slice, endpoint);
             let backend = by_ip.entry(ip).or_insert_with(|| v1::Backend {
                 ip: ip.to_string(),
                 ports: Vec::new(),
@@ -221,7 +209,7 @@ fn backends(
                     .as_ref()
                     .and_then(|(namespace, name)| pod_weight(namespace, name))
                     .unwrap_or(default_weight),
-                pod: pod.map(|(_, name)| name).unwrap_or_default(),
+                pod: pod.map(|(_, name)| name.to_owned()).unwrap_or_default(),
             });
             for port in &slice_ports {
                 if !backend
@@ -255,6 +243,26 @@ fn parse_protocol(raw: Option<&str>) -> Result<v1::Protocol, String> {
 
 fn valid_port(port: i32) -> Option<u32> {
     u16::try_from(port).ok().filter(|p| *p != 0).map(u32::from)
+}
+
+/// `(namespace, name)` of the pod that `endpoint` of `slice` names in its `targetRef`, or
+/// `None` when the target is not a pod or has no name. An unset target namespace is the
+/// slice's own (`default` when that is unset too).
+pub(crate) fn endpoint_pod<'a>(
+    slice: &'a EndpointSlice,
+    endpoint: &'a Endpoint,
+) -> Option<(&'a str, &'a str)> {
+    let target = endpoint
+        .target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))?;
+    let name = target.name.as_deref()?;
+    let namespace = target
+        .namespace
+        .as_deref()
+        .or(slice.metadata.namespace.as_deref())
+        .unwrap_or("default");
+    Some((namespace, name))
 }
 
 #[cfg(test)]
