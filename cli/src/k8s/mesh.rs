@@ -14,7 +14,7 @@ use std::path::Path;
 use clustermesh_certs::inspect::CertInfo;
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -235,6 +235,12 @@ pub async fn mesh_endpoints(objs: &Objects<'_>) -> Result<Vec<String>, KubeModeE
         .service(APISERVER_SERVICE)
         .await?
         .ok_or_else(|| objs.not_enabled(format!("Service {APISERVER_SERVICE}")))?;
+    endpoints_of(objs, &svc).await
+}
+
+/// [`mesh_endpoints`] of an already fetched apiserver Service `svc` (nodes are still
+/// listed for a NodePort).
+pub async fn endpoints_of(objs: &Objects<'_>, svc: &Service) -> Result<Vec<String>, KubeModeError> {
     let where_ = format!(
         "Service {APISERVER_SERVICE} in namespace {} of context {}",
         objs.namespace(),

@@ -18,7 +18,7 @@ use kube::Client;
 use serde::Serialize;
 
 use super::error::KubeModeError;
-use super::mesh::{mesh_endpoints, read_config};
+use super::mesh::{endpoints_of, read_config};
 use super::objects::{
     is_not_found, reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISERVER_SERVICE,
 };
@@ -574,11 +574,20 @@ pub async fn collect(target: &KubeTarget, timeout: Duration) -> Result<KubeStatu
 
     let apiserver = apiserver_workload(target).await;
     let service = {
-        let type_ = match objs.service(APISERVER_SERVICE).await {
-            Ok(s) => s.and_then(|s| s.spec).and_then(|s| s.type_),
-            Err(_) => None,
+        // One GET of the Service gives both its type and (with the nodes for a NodePort)
+        // its endpoints.
+        let (type_, endpoints) = match objs.service(APISERVER_SERVICE).await {
+            Ok(Some(svc)) => (
+                svc.spec.as_ref().and_then(|s| s.type_.clone()),
+                endpoints_of(&objs, &svc).await,
+            ),
+            Ok(None) => (
+                None,
+                Err(objs.not_enabled(format!("Service {APISERVER_SERVICE}"))),
+            ),
+            Err(e) => (None, Err(e)),
         };
-        match mesh_endpoints(&objs).await {
+        match endpoints {
             Ok(endpoints) => MeshService {
                 type_,
                 endpoints,
