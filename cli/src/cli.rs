@@ -360,11 +360,13 @@ fn verb_name(command: &Command) -> &'static str {
 /// server is the one line the user sees.
 async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
     let timeout = Duration::from_secs(10);
+    let mut enable_overrides = Vec::new();
     if let Command::Enable(a) = &cli.command {
         // Chart value mistakes need no cluster to be found: say so before dialing one.
         let chart = crate::k8s::embedded::chart().map_err(crate::k8s::KubeModeError::from)?;
-        crate::k8s::values::user_overrides(&a.values_files, &a.sets, chart.default_values())
-            .map_err(crate::k8s::KubeModeError::from)?;
+        enable_overrides =
+            crate::k8s::values::user_overrides(&a.values_files, &a.sets, chart.default_values())
+                .map_err(crate::k8s::KubeModeError::from)?;
     }
     let kubeconfig = crate::k8s::context::read_kubeconfig()?;
     let target =
@@ -396,8 +398,7 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                     max_connected_clusters: a.max_connected_clusters,
                     trust_domain: a.trust_domain.clone(),
                     service_type: a.service_type,
-                    values_files: a.values_files.clone(),
-                    sets: a.sets.clone(),
+                    overrides: enable_overrides,
                 },
             )
             .await?;

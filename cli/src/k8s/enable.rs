@@ -13,7 +13,6 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
@@ -52,10 +51,10 @@ pub struct EnableOptions {
     pub trust_domain: String,
     /// Mesh API Service type (`None`: keep the current one, LoadBalancer on first enable).
     pub service_type: Option<ServiceType>,
-    /// `--values` files, in order (merged over the stored overrides).
-    pub values_files: Vec<PathBuf>,
-    /// `--set key.path=value`, in order (merged over the files).
-    pub sets: Vec<String>,
+    /// The new chart value overrides (`--values` files in order, then `--set`s in order),
+    /// as [`values::user_overrides`] returns them, already checked against the chart's
+    /// defaults; merged in that order over the stored overrides.
+    pub overrides: Vec<serde_json::Value>,
 }
 
 /// What `enable` did.
@@ -139,8 +138,6 @@ pub async fn enable(
 ) -> Result<EnableReport, KubeModeError> {
     let td = validate(opts)?;
     let chart = super::embedded::chart()?;
-    // The user's new overrides are checked before the cluster is even read.
-    let layers = values::user_overrides(&opts.values_files, &opts.sets, chart.default_values())?;
     let objs = Objects::new(target);
     let ns = target.namespace.as_str();
 
@@ -184,7 +181,7 @@ pub async fn enable(
     let mut overrides = existing
         .as_ref()
         .map_or_else(|| serde_json::json!({}), |c| c.values.clone());
-    for layer in &layers {
+    for layer in &opts.overrides {
         values::merge_overrides(&mut overrides, layer);
     }
     // Anything wrong now comes from the stored overrides (the new ones were checked).
@@ -578,8 +575,7 @@ mod tests {
             max_connected_clusters: 255,
             trust_domain: "mesh.test".into(),
             service_type: None,
-            values_files: Vec::new(),
-            sets: Vec::new(),
+            overrides: Vec::new(),
         };
         assert!(validate(&opts).is_err());
         let opts = EnableOptions {
