@@ -452,6 +452,37 @@ impl<'a> Side<'a> {
         Ok(cm)
     }
 
+    /// The agent ConfigMap change that makes `remotes` its remote clusters, if that
+    /// changes its data.
+    fn agent_change(&self, remotes: &[RemoteCluster]) -> Result<Option<Change>, KubeModeError> {
+        let new = self.agent_cm_with(remotes)?;
+        Ok((new.data != self.agent_cm.data).then(|| Change::ConfigMap {
+            old: self.agent_cm.clone(),
+            new,
+        }))
+    }
+
+    /// This side's remote clusters without `peer`.
+    fn remotes_without(&self, peer: &str) -> Vec<RemoteCluster> {
+        self.remotes
+            .iter()
+            .filter(|r| r.name != peer)
+            .cloned()
+            .collect()
+    }
+
+    /// The CA bundle Secret change that makes `pem` its bundle, if that differs.
+    fn bundle_change(&self, pem: &str) -> Option<Change> {
+        (pem != self.bundle_pem).then(|| {
+            let mut new = self.bundle.clone();
+            set_secret_text(&mut new, CA_BUNDLE_KEY, pem);
+            Change::Secret {
+                old: self.bundle.clone(),
+                new,
+            }
+        })
+    }
+
     /// The server Secret reissued so it also covers `endpoints`, if it does not yet.
     fn server_covering(&self, endpoints: &[String]) -> Result<Option<Secret>, KubeModeError> {
         let cert = secret_text(&self.server, "tls.crt").unwrap_or_default();
@@ -728,17 +759,7 @@ pub async fn connect(src: &KubeTarget, dst: &KubeTarget) -> Result<ConnectReport
             ));
         }
         let pem = bundle_with(&x.bundle_pem, &y.ca_cert);
-        if pem != x.bundle_pem {
-            let mut new = x.bundle.clone();
-            set_secret_text(&mut new, CA_BUNDLE_KEY, &pem);
-            bundles.push((
-                &x.objs,
-                Change::Secret {
-                    old: x.bundle.clone(),
-                    new,
-                },
-            ));
-        }
+        bundles.extend(x.bundle_change(&pem).map(|c| (&x.objs, c)));
         let remotes = upserted(
             &x.remotes,
             RemoteCluster {
@@ -748,16 +769,7 @@ pub async fn connect(src: &KubeTarget, dst: &KubeTarget) -> Result<ConnectReport
                 ca_cert: y.ca_cert.clone(),
             },
         );
-        let new = x.agent_cm_with(&remotes)?;
-        if new.data != x.agent_cm.data {
-            agents.push((
-                &x.objs,
-                Change::ConfigMap {
-                    old: x.agent_cm.clone(),
-                    new,
-                },
-            ));
-        }
+        agents.extend(x.agent_change(&remotes)?.map(|c| (&x.objs, c)));
     }
     let changes: Vec<_> = servers.into_iter().chain(bundles).chain(agents).collect();
     let written = commit(changes).await?;
@@ -809,39 +821,15 @@ pub async fn disconnect(
     let mut agents = Vec::new();
     let mut bundles = Vec::new();
     for (x, y) in [(&a, &b), (&b, &a)] {
-        let remotes: Vec<RemoteCluster> = x
-            .remotes
-            .iter()
-            .filter(|r| r.name != y.name())
-            .cloned()
-            .collect();
-        let new = x.agent_cm_with(&remotes)?;
-        if new.data != x.agent_cm.data {
-            agents.push((
-                &x.objs,
-                Change::ConfigMap {
-                    old: x.agent_cm.clone(),
-                    new,
-                },
-            ));
-        }
+        let remotes = x.remotes_without(y.name());
+        agents.extend(x.agent_change(&remotes)?.map(|c| (&x.objs, c)));
         let mut pem = bundle_without(&x.bundle_pem, &y.ca_cert);
         if let Some(pinned) = x.pinned_ca(y.name()) {
             pem = bundle_without(&pem, pinned);
         }
         // Never drop the cluster's own CA, whatever the peer pinned.
         pem = bundle_with(&pem, &x.ca_cert);
-        if pem != x.bundle_pem {
-            let mut new = x.bundle.clone();
-            set_secret_text(&mut new, CA_BUNDLE_KEY, &pem);
-            bundles.push((
-                &x.objs,
-                Change::Secret {
-                    old: x.bundle.clone(),
-                    new,
-                },
-            ));
-        }
+        bundles.extend(x.bundle_change(&pem).map(|c| (&x.objs, c)));
     }
     let changes: Vec<_> = agents.into_iter().chain(bundles).collect();
     let written = commit(changes).await?;
@@ -870,12 +858,8 @@ pub async fn forget(src: &KubeTarget, peer: &str) -> Result<DisconnectReport, Ku
             peer.to_string(),
         ));
     };
-    let remotes: Vec<RemoteCluster> = a
-        .remotes
-        .iter()
-        .filter(|r| r.name != peer)
-        .cloned()
-        .collect();
+    let remotes = a.remotes_without(peer);
+    // The ConfigMap is always written (and counted), even when its data is unchanged.
     let mut changes = vec![(
         &a.objs,
         Change::ConfigMap {
@@ -884,17 +868,7 @@ pub async fn forget(src: &KubeTarget, peer: &str) -> Result<DisconnectReport, Ku
         },
     )];
     let pem = bundle_with(&bundle_without(&a.bundle_pem, &pinned), &a.ca_cert);
-    if pem != a.bundle_pem {
-        let mut new = a.bundle.clone();
-        set_secret_text(&mut new, CA_BUNDLE_KEY, &pem);
-        changes.push((
-            &a.objs,
-            Change::Secret {
-                old: a.bundle.clone(),
-                new,
-            },
-        ));
-    }
+    changes.extend(a.bundle_change(&pem).map(|c| (&a.objs, c)));
     let written = commit(changes).await?;
     tracing::info!(
         source = a.name(),
