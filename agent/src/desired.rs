@@ -109,29 +109,31 @@ impl DesiredState {
     /// Replaces everything known about `cluster` with `records` (after a full resync).
     /// Only services whose record actually changed are marked dirty.
     pub fn replace_cluster(&mut self, cluster: &str, records: Vec<ServiceRecord>) {
-        self.replace_cluster_keeping(cluster, records, &[]);
+        let services = records
+            .into_iter()
+            .map(|r| (r.name.clone(), Some(r)))
+            .collect();
+        self.replace_cluster_keeping(cluster, services);
     }
 
-    /// Like [`Self::replace_cluster`], but services named in `keep` (whose new value did
-    /// not decode) keep the cluster's previous record, if it had one.
+    /// Like [`Self::replace_cluster`], with the services keyed by name: a `None` value (a
+    /// service whose new value did not decode) keeps the cluster's previous record of that
+    /// service, if it had one.
     pub fn replace_cluster_keeping(
         &mut self,
         cluster: &str,
-        records: Vec<ServiceRecord>,
-        keep: &[ServiceName],
+        services: BTreeMap<ServiceName, Option<ServiceRecord>>,
     ) {
-        let incoming: BTreeSet<&ServiceName> =
-            records.iter().map(|r| &r.name).chain(keep).collect();
         let gone: Vec<ServiceName> = self
             .records
             .iter()
-            .filter(|(name, per)| per.contains_key(cluster) && !incoming.contains(*name))
+            .filter(|(name, per)| per.contains_key(cluster) && !services.contains_key(*name))
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
             self.remove(cluster, &name);
         }
-        for r in records {
+        for r in services.into_values().flatten() {
             if r.cluster == cluster {
                 self.upsert(r);
             }
@@ -516,7 +518,7 @@ mod tests {
         st.upsert(rec("west", "b", &[("10.1.0.2", true)], Affinity::None));
         st.compute();
         // West resyncs: `a` did not decode (kept), `b` is gone.
-        st.replace_cluster_keeping("west", Vec::new(), &[name("a")]);
+        st.replace_cluster_keeping("west", BTreeMap::from([(name("a"), None)]));
         assert_eq!(st.clusters().get("west"), Some(&1));
         assert_eq!(st.compute().changed, 0, "a kept; b was never programmed");
         assert_eq!(st.services()[&id("a")].lb.backends.len(), 2);

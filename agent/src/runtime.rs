@@ -292,11 +292,9 @@ async fn reconcile(
 
 fn apply(desired: &mut DesiredState, u: Update) {
     match u {
-        Update::Replace {
-            cluster,
-            records,
-            keep,
-        } => desired.replace_cluster_keeping(&cluster, records, &keep),
+        Update::Replace { cluster, services } => {
+            desired.replace_cluster_keeping(&cluster, services)
+        }
         Update::Upsert(r) => desired.upsert(r),
         Update::Remove { cluster, name } => desired.remove(&cluster, &name),
         Update::DropCluster { cluster } => desired.remove_cluster(&cluster),

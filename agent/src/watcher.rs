@@ -27,7 +27,7 @@
 //! the cluster and key, and counted; the service's previous record stays in force, in a
 //! full resync as well as live.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -55,11 +55,10 @@ pub enum Update {
     Replace {
         /// Cluster.
         cluster: String,
-        /// All its services.
-        records: Vec<ServiceRecord>,
-        /// Services whose current value did not decode: their previous record, if any,
-        /// stays in force (as an undecodable live update leaves the previous one).
-        keep: Vec<ServiceName>,
+        /// All its services: `Some` with the new record, or `None` for a service whose
+        /// current value did not decode, whose previous record, if any, stays in force (as
+        /// an undecodable live update leaves the previous one).
+        services: BTreeMap<ServiceName, Option<ServiceRecord>>,
     },
     /// One service created or changed.
     Upsert(ServiceRecord),
@@ -553,8 +552,8 @@ async fn session(
             Phase::Watching
         };
     });
-    let mut buffer: BTreeMap<ServiceName, ServiceRecord> = BTreeMap::new();
-    let mut keep: BTreeSet<ServiceName> = BTreeSet::new();
+    // The services of a resync so far; `None`: the value did not decode, keep the previous.
+    let mut resync: BTreeMap<ServiceName, Option<ServiceRecord>> = BTreeMap::new();
     let mut pending_revision = progress.revision;
     loop {
         let event = match stream.message().await {
@@ -571,8 +570,7 @@ async fn session(
             v1::watch_event::Event::Reset(r) => {
                 tracing::info!(cluster = %name, reason = %r.reason, "server reset the watch; resyncing (current state kept until synced)");
                 syncing = true;
-                buffer.clear();
-                keep.clear();
+                resync.clear();
                 // The server's history starts over: its revision may be lower than ours
                 // (a store restored or replaced). Count from the Reset's revision, or a
                 // later resume would skip everything between the two.
@@ -583,14 +581,13 @@ async fn session(
                 pending_revision = pending_revision.max(u.revision);
                 match decode_upsert(name, &u, status, metrics) {
                     Ok(rec) if syncing => {
-                        keep.remove(&rec.name);
-                        buffer.insert(rec.name.clone(), rec);
+                        resync.insert(rec.name.clone(), Some(rec));
                     }
                     Ok(rec) => update = Some(Update::Upsert(rec)),
                     // Like a bad live update, a bad value in a resync leaves the previous
                     // record of that service (from this sync or from before) in force.
-                    Err(Some(svc)) if syncing && !buffer.contains_key(&svc) => {
-                        keep.insert(svc);
+                    Err(Some(svc)) if syncing => {
+                        resync.entry(svc).or_insert(None);
                     }
                     Err(_) => {}
                 }
@@ -599,8 +596,7 @@ async fn session(
                 pending_revision = pending_revision.max(d.revision);
                 if let Some(svc) = service_key(name, &d.key, status, metrics) {
                     if syncing {
-                        buffer.remove(&svc);
-                        keep.remove(&svc);
+                        resync.remove(&svc);
                     } else {
                         update = Some(Update::Remove {
                             cluster: name.to_owned(),
@@ -615,8 +611,7 @@ async fn session(
                     syncing = false;
                     update = Some(Update::Replace {
                         cluster: name.to_owned(),
-                        records: std::mem::take(&mut buffer).into_values().collect(),
-                        keep: std::mem::take(&mut keep).into_iter().collect(),
+                        services: std::mem::take(&mut resync),
                     });
                 }
             }
