@@ -91,9 +91,18 @@ fn serve(dir: &Path, port: u16, as_name: &str, as_id: u32) -> Server {
         name: as_name.into(),
         id: as_id,
     };
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-        .unwrap();
+    let listener = match reserved().remove(&port) {
+        // The port `free_port` held for us: start listening on that very socket.
+        Some(socket) => {
+            socket.listen(128).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(socket.into()).unwrap()
+        }
+        None => rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .unwrap(),
+    };
     rt.spawn(async move {
         let incoming = transport::incoming(listener, tls, IncomingConfig::default());
         tonic::transport::Server::builder()
@@ -104,12 +113,25 @@ fn serve(dir: &Path, port: u16, as_name: &str, as_id: u32) -> Server {
     Server { _rt: rt }
 }
 
+/// Ports handed out by [`free_port`], still bound (not listening) until [`serve`] takes
+/// them, so a parallel test cannot grab one in between; a connection to a reserved port
+/// is refused, like one to a closed port.
+fn reserved() -> std::sync::MutexGuard<'static, BTreeMap<u16, socket2::Socket>> {
+    static RESERVED: std::sync::Mutex<BTreeMap<u16, socket2::Socket>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    RESERVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    reserved().insert(port, socket);
+    port
 }
 
 struct Run {
