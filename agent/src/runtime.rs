@@ -191,6 +191,7 @@ impl Agent {
             view: view.clone(),
             registry: Arc::new(ClusterRegistry::default()),
             running: BTreeMap::new(),
+            client: None,
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(async move {
@@ -309,14 +310,15 @@ struct Supervisor {
     view: AgentView,
     registry: Arc<ClusterRegistry>,
     running: BTreeMap<String, RunningWatcher>,
+    /// The client certificate and key paths every running watcher was started with
+    /// (`None` before the first start).
+    client: Option<(PathBuf, PathBuf)>,
     cancel: CancellationToken,
 }
 
 /// A spawned watcher: its settings, its stop token and its task.
 struct RunningWatcher {
     entry: ClusterEntry,
-    /// The client certificate and key paths it was started with.
-    client: (PathBuf, PathBuf),
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Option<RecordsInForce>>,
 }
@@ -375,6 +377,8 @@ impl Supervisor {
 
     async fn sync_watchers(&mut self, config: &AgentConfig) {
         let client = (config.cert_file.clone(), config.key_file.clone());
+        // The client certificate is part of every watcher's settings: a new one restarts all.
+        let client_changed = self.client.as_ref() != Some(&client);
         let wanted: BTreeMap<&str, &ClusterEntry> = config
             .clusters
             .iter()
@@ -383,10 +387,7 @@ impl Supervisor {
         let stop: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, w)| {
-                // The client certificate is part of every watcher's settings.
-                wanted.get(name.as_str()) != Some(&&w.entry) || w.client != client
-            })
+            .filter(|(name, w)| client_changed || wanted.get(name.as_str()) != Some(&&w.entry))
             .map(|(name, _)| name.clone())
             .collect();
         // Records left in force by restarted watchers, for their successors.
@@ -424,6 +425,7 @@ impl Supervisor {
         for name in wanted.keys() {
             self.view.clusters.register(name);
         }
+        self.client = Some(client);
         for (name, entry) in wanted {
             if self.running.contains_key(name) {
                 continue;
@@ -453,7 +455,6 @@ impl Supervisor {
                 name.to_owned(),
                 RunningWatcher {
                     entry: entry.clone(),
-                    client: client.clone(),
                     cancel: token,
                     task,
                 },
@@ -493,6 +494,7 @@ mod tests {
             view: view.clone(),
             registry: Arc::new(ClusterRegistry::default()),
             running: BTreeMap::new(),
+            client: None,
             cancel: cancel.clone(),
         };
         supervisor.sync_watchers(&config).await;
