@@ -262,15 +262,28 @@ pub async fn serve(
         error,
     })?;
     tracing::info!(socket = %path.display(), "admin API listening");
-    let app = router(view, bpf);
+    serve_until_cancelled(listener, router(view, bpf), cancel, "admin API").await;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `cancel` (in-flight requests finish), logging why
+/// serving stopped if it failed; `what` names the server in that log.
+pub(crate) async fn serve_until_cancelled<L>(
+    listener: L,
+    app: Router,
+    cancel: CancellationToken,
+    what: &str,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
     if let Err(e) = result {
-        tracing::error!(error = %e, "admin API stopped");
+        tracing::error!(error = %e, "{what} stopped");
     }
-    let _ = std::fs::remove_file(path);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -65,12 +65,7 @@ pub async fn serve(
         addr = ?addr,
         "HTTP endpoint listening (/metrics, /healthz, /v1/status, /v1/services, /v1/bpf/lb)"
     );
-    let result = axum::serve(listener, router(view, bpf))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP endpoint stopped");
-    }
+    admin::serve_until_cancelled(listener, router(view, bpf), cancel, "HTTP endpoint").await;
 }
 
 #[cfg(test)]
