@@ -382,44 +382,47 @@ mod tests {
         assert_eq!(body["clusters"][0]["phase"], "refused");
     }
 
-    /// `/v1/status` carries each cluster exactly as the watcher's status serializes
-    /// (the JSON agents served before the body moved to `clustermesh_api`), in every phase.
+    /// `/v1/status` carries every field of each cluster's watcher status, under the wire
+    /// names agents served before the body moved to `clustermesh_api`, in every phase.
     #[test]
-    fn cluster_entries_are_the_watcher_status_json() {
+    fn cluster_entries_carry_every_watcher_status_field() {
         let view = AgentView::default();
         let phases = [
-            Phase::Connecting,
-            Phase::Syncing,
-            Phase::Watching,
-            Phase::Backoff,
-            Phase::Refused,
+            (Phase::Connecting, "connecting"),
+            (Phase::Syncing, "syncing"),
+            (Phase::Watching, "watching"),
+            (Phase::Backoff, "backoff"),
+            (Phase::Refused, "refused"),
         ];
-        for (i, phase) in phases.into_iter().enumerate() {
+        let mut expected = Vec::new();
+        for (i, (phase, wire)) in phases.into_iter().enumerate() {
+            let n = i as u64;
             view.clusters.update(&format!("c{i}"), |s| {
                 s.phase = phase;
                 s.connected = i % 2 == 0;
                 s.synced = i > 1;
                 s.stale = i == 3;
-                s.revision = 10 + i as u64;
+                s.revision = 10 + n;
                 s.last_error = (i == 4).then(|| "refused: cluster ID taken".to_owned());
                 s.endpoint = format!("127.0.0.{i}:2379");
-                s.decode_errors = i as u64;
-                s.refused_records = 2 * i as u64;
+                s.decode_errors = n;
+                s.refused_records = 2 * n;
             });
+            expected.push(serde_json::json!({
+                "name": format!("c{i}"),
+                "phase": wire,
+                "connected": i % 2 == 0,
+                "synced": i > 1,
+                "stale": i == 3,
+                "revision": 10 + n,
+                "last_error": (i == 4).then_some("refused: cluster ID taken"),
+                "endpoint": format!("127.0.0.{i}:2379"),
+                "decode_errors": n,
+                "refused_records": 2 * n,
+            }));
         }
         let served = serde_json::to_value(status(&view)).unwrap();
-        let watcher = serde_json::to_value(view.clusters.snapshot()).unwrap();
-        assert_eq!(served["clusters"], watcher);
-        let phases: Vec<&str> = served["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["phase"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            phases,
-            ["connecting", "syncing", "watching", "backoff", "refused"]
-        );
+        assert_eq!(served["clusters"], serde_json::Value::Array(expected));
     }
 
     #[tokio::test]

@@ -39,7 +39,6 @@ use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_certs::transport::{ConnectError, MeshEndpoint};
 use clustermesh_certs::{MeshTls, PeerIdentity, TlsPaths, TlsSource, TrustDomain};
 use rand::Rng;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -77,8 +76,7 @@ pub enum Update {
 }
 
 /// Where a watcher is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Dialling the server and checking the cluster's identity.
     Connecting,
@@ -93,7 +91,7 @@ pub enum Phase {
 }
 
 /// One cluster's watcher status, as the admin API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterStatus {
     /// Cluster name.
     pub name: String,
