@@ -53,6 +53,8 @@ pub const MAX_WEIGHT: u32 = 256;
 
 const BOOL_VALUES: &[&str] = &["true", "false"];
 const AFFINITY_VALUES: &[&str] = &["local", "remote", "none"];
+/// Spells out [`MIN_WEIGHT`]`..=`[`MAX_WEIGHT`] (a `const` cannot format numbers); the
+/// test `weight_values_name_the_weight_bounds` keeps the two in agreement.
 const WEIGHT_VALUES: &[&str] = &["an integer 1..=256"];
 
 /// The mesh settings of one service.
@@ -287,6 +289,14 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         parse_service_annotations(&map)
+    }
+
+    #[test]
+    fn weight_values_name_the_weight_bounds() {
+        assert_eq!(
+            WEIGHT_VALUES,
+            [format!("an integer {MIN_WEIGHT}..={MAX_WEIGHT}")]
+        );
     }
 
     #[test]
