@@ -252,12 +252,6 @@ impl Backoff {
         self.delay_with(attempt, &mut rand::thread_rng())
     }
 
-    /// Delay before retrying a refused cluster: the cap, jittered like any other delay.
-    #[must_use]
-    pub fn refused_delay(&self) -> Duration {
-        self.refused_delay_with(&mut rand::thread_rng())
-    }
-
     /// [`Self::delay`] with the given random source.
     pub fn delay_with(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
         let exp = self
@@ -266,8 +260,10 @@ impl Backoff {
         jitter(exp.min(self.max), rng)
     }
 
-    /// [`Self::refused_delay`] with the given random source.
-    pub fn refused_delay_with(&self, rng: &mut impl Rng) -> Duration {
+    /// Delay before retrying a refused cluster: the cap, jittered like any other delay,
+    /// with the given random source.
+    #[must_use]
+    pub fn refused_delay(&self, rng: &mut impl Rng) -> Duration {
         jitter(self.max, rng)
     }
 }
@@ -393,7 +389,7 @@ pub async fn run(
         });
         progress.attempt += 1;
         let delay = match phase {
-            Phase::Refused => config.backoff.refused_delay(),
+            Phase::Refused => config.backoff.refused_delay(&mut rand::thread_rng()),
             _ => config.backoff.delay(progress.attempt),
         };
         let ttl_deadline = config
@@ -748,7 +744,7 @@ mod tests {
                 .map(|_| b.delay_with(40, &mut rng))
                 .collect::<Vec<_>>(),
             (0..1000)
-                .map(|_| b.refused_delay_with(&mut rng))
+                .map(|_| b.refused_delay(&mut rng))
                 .collect::<Vec<_>>(),
         ] {
             assert!(delays
