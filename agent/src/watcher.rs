@@ -37,7 +37,7 @@ use clustermesh_api::records::Record;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_certs::transport::{ConnectError, MeshEndpoint};
-use clustermesh_certs::{MeshTls, PeerIdentity, TlsPaths, TlsSource, TrustDomain};
+use clustermesh_certs::{MeshTls, PeerIdentity, TlsMaterial, TlsPaths, TlsSource, TrustDomain};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -455,8 +455,17 @@ async fn session(
         cert: config.cert_file.clone(),
         key: config.key_file.clone(),
     };
-    // Loaded per session so rotated files are picked up on reconnect.
-    let tls: Arc<dyn TlsSource> = match MeshTls::load(config.trust_domain.clone(), &tls_paths) {
+    // Loaded per session so rotated files are picked up on reconnect. The CA file
+    // configured for cluster `name` may vouch for that cluster only (unlabelled CAs in it
+    // are scoped to it), so a CA file of one cluster can never authenticate another.
+    let tls: Arc<dyn TlsSource> = match TlsMaterial::load(config.trust_domain.clone(), &tls_paths)
+        .and_then(|m| {
+            let m = m.with_unlabelled_ca_cluster(name);
+            MeshTls::new(&m).map_err(|source| clustermesh_certs::TlsError::Material {
+                origin: format!("the TLS files of cluster {name}"),
+                source,
+            })
+        }) {
         Ok(t) => Arc::new(t),
         Err(e) => return SessionEnd::Refused(format!("TLS material: {e}")),
     };

@@ -31,7 +31,7 @@ fn issue(c: &mut Criterion) {
 fn identity(c: &mut Criterion) {
     let ca = MeshCa::generate(td()).unwrap();
     let leaf = ca
-        .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .issue_agent("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
         .unwrap();
     let der = clustermesh_certs::pem::parse_certs(leaf.cert_pem.as_bytes())
         .unwrap()
@@ -78,7 +78,7 @@ fn handshake(c: &mut Criterion) {
         )
     };
     let server = load(ca.issue_server("east", &names(), validity).unwrap());
-    let client = load(ca.issue_client("west", validity).unwrap());
+    let client = load(ca.issue_agent("west", validity).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

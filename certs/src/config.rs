@@ -28,6 +28,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::files::{self, FileError};
 use crate::identity::{IdentityError, PeerIdentity, TrustDomain};
 use crate::pem::{self, PemError};
+use crate::scope::{self, CaScope, ScopedCa};
+use crate::trust_bundle::{BundleError, TrustBundle};
 use crate::verify::{MeshClientVerifier, MeshServerVerifier};
 
 /// ALPN protocol id of HTTP/2, negotiated on every mesh connection.
@@ -45,6 +47,9 @@ pub enum MaterialError {
         #[source]
         source: PemError,
     },
+    /// The CA bundle (with its cluster labels) did not parse.
+    #[error("the CA bundle is unusable: {0}")]
+    Bundle(#[source] BundleError),
     /// A CA certificate could not be added to the trust store.
     #[error("CA certificate #{index} cannot be used as a trust anchor: {source}")]
     BadRoot {
@@ -64,6 +69,14 @@ pub enum MaterialError {
     /// Our own certificate does not carry a valid mesh identity.
     #[error("our own certificate has no usable mesh identity: {0}")]
     OwnIdentity(#[source] IdentityError),
+    /// Reloaded material names another identity than the process started with.
+    #[error("the new certificate names {now}, but this process runs as {was}")]
+    IdentityChanged {
+        /// The identity in use.
+        was: Box<PeerIdentity>,
+        /// The identity of the rejected certificate.
+        now: Box<PeerIdentity>,
+    },
     /// rustls refused to build a config or verifier.
     #[error("failed to build the rustls {what}: {reason}")]
     Build {
@@ -121,6 +134,15 @@ impl TlsPaths {
         }
     }
 
+    /// `ca.crt`, `replica.crt`, `replica.key` in a bundle directory.
+    pub fn replica(dir: &Path) -> Self {
+        Self {
+            ca: dir.join(files::CA_CERT_FILE),
+            cert: dir.join(files::REPLICA_CERT_FILE),
+            key: dir.join(files::REPLICA_KEY_FILE),
+        }
+    }
+
     /// `ca.crt`, `admin.crt`, `admin.key` in an admin bundle directory.
     pub fn admin(dir: &Path) -> Self {
         Self {
@@ -143,7 +165,9 @@ impl TlsPaths {
 /// A validated set of trusted CAs, our certificate chain and its private key.
 pub struct TlsMaterial {
     trust_domain: TrustDomain,
-    roots: Vec<CertificateDer<'static>>,
+    roots: TrustBundle,
+    /// Cluster that unlabelled CAs are scoped to, if set.
+    unlabelled_ca_cluster: Option<String>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     identity: PeerIdentity,
@@ -156,6 +180,7 @@ impl fmt::Debug for TlsMaterial {
             .field("trust_domain", &self.trust_domain)
             .field("identity", &self.identity)
             .field("roots", &self.roots.len())
+            .field("unlabelled_ca_cluster", &self.unlabelled_ca_cluster)
             .field("chain", &self.chain.len())
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
@@ -164,14 +189,30 @@ impl fmt::Debug for TlsMaterial {
 
 impl TlsMaterial {
     /// Validates DER material: at least one usable CA, a chain whose leaf carries a mesh
-    /// identity in `trust_domain`, and a key that belongs to the leaf.
+    /// identity in `trust_domain`, and a key that belongs to the leaf. The CAs carry no
+    /// cluster labels: only the one that issued our own leaf is trusted (see
+    /// [`crate::scope`]); use [`TlsMaterial::with_bundle`] for a labelled bundle.
     pub fn new(
         trust_domain: TrustDomain,
         roots: Vec<CertificateDer<'static>>,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, MaterialError> {
-        root_store(&roots)?;
+        let mut bundle = TrustBundle::new();
+        for root in roots {
+            bundle.insert(root);
+        }
+        Self::with_bundle(trust_domain, bundle, chain, key)
+    }
+
+    /// Validates material whose trusted CAs come from a (labelled) [`TrustBundle`].
+    pub fn with_bundle(
+        trust_domain: TrustDomain,
+        roots: TrustBundle,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, MaterialError> {
+        root_store(&roots.certificates())?;
         let identity = PeerIdentity::from_chain(Some(chain.as_slice()), &trust_domain)
             .map_err(MaterialError::OwnIdentity)?;
         CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
@@ -184,11 +225,40 @@ impl TlsMaterial {
         Ok(Self {
             trust_domain,
             roots,
+            unlabelled_ca_cluster: None,
             chain,
             key,
             identity,
             not_after,
         })
+    }
+
+    /// Scopes CAs that carry no `# clustermesh-ca:` label to `cluster` (an agent's CA file
+    /// for one remote cluster: whatever it holds may vouch for that cluster only).
+    #[must_use]
+    pub fn with_unlabelled_ca_cluster(mut self, cluster: &str) -> Self {
+        self.unlabelled_ca_cluster = Some(cluster.to_owned());
+        self
+    }
+
+    /// Every trusted CA with what it may issue (for logs and `status`).
+    pub fn ca_scopes(&self) -> Vec<(String, CaScope)> {
+        self.scoped_cas()
+            .into_iter()
+            .map(|ca| (ca.subject, ca.scope))
+            .collect()
+    }
+
+    fn scoped_cas(&self) -> Vec<ScopedCa> {
+        match self.chain.first() {
+            Some(leaf) => scope::resolve(
+                &self.roots,
+                &self.identity,
+                leaf,
+                self.unlabelled_ca_cluster.as_deref(),
+            ),
+            None => Vec::new(),
+        }
     }
 
     /// Decodes and validates PEM material.
@@ -200,10 +270,10 @@ impl TlsMaterial {
     ) -> Result<Self, TlsError> {
         let material = (|| {
             let pem_err = |what| move |source| MaterialError::Pem { what, source };
-            let roots = pem::parse_certs(ca_pem).map_err(pem_err("CA bundle"))?;
+            let roots = TrustBundle::from_pem(ca_pem).map_err(MaterialError::Bundle)?;
             let chain = pem::parse_certs(cert_pem).map_err(pem_err("certificate"))?;
             let key = pem::parse_private_key(key_pem).map_err(pem_err("private key"))?;
-            Self::new(trust_domain, roots, chain, key)
+            Self::with_bundle(trust_domain, roots, chain, key)
         })();
         material.map_err(|source| TlsError::Material {
             origin: "in-memory PEM".to_owned(),
@@ -213,10 +283,15 @@ impl TlsMaterial {
 
     /// Loads and validates material from files; errors name the file(s).
     pub fn load(trust_domain: TrustDomain, paths: &TlsPaths) -> Result<Self, TlsError> {
-        let roots = files::load_certs(&paths.ca)?;
+        let roots = TrustBundle::from_pem(&files::read_file(&paths.ca)?).map_err(|source| {
+            TlsError::Material {
+                origin: paths.ca.display().to_string(),
+                source: MaterialError::Bundle(source),
+            }
+        })?;
         let chain = files::load_certs(&paths.cert)?;
         let key = files::load_private_key(&paths.key)?;
-        Self::new(trust_domain, roots, chain, key).map_err(|source| TlsError::Material {
+        Self::with_bundle(trust_domain, roots, chain, key).map_err(|source| TlsError::Material {
             origin: paths.describe(),
             source,
         })
@@ -241,12 +316,20 @@ impl TlsMaterial {
     pub fn server_config(&self) -> Result<ServerConfig, MaterialError> {
         let provider = Arc::new(provider());
         let inner = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(root_store(&self.roots)?),
+            Arc::new(root_store(&self.roots.certificates())?),
             provider.clone(),
         )
         .build()
         .map_err(|e| build_err("client certificate verifier", e))?;
-        let verifier = Arc::new(MeshClientVerifier::new(inner, self.trust_domain.clone()));
+        let verifier = Arc::new(
+            MeshClientVerifier::new(
+                inner,
+                self.scoped_cas(),
+                &provider,
+                self.trust_domain.clone(),
+            )
+            .map_err(|e| build_err("client certificate verifier", e))?,
+        );
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| build_err("server config", e))?
@@ -263,12 +346,20 @@ impl TlsMaterial {
     pub fn client_config(&self) -> Result<ClientConfig, MaterialError> {
         let provider = Arc::new(provider());
         let inner = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(root_store(&self.roots)?),
+            Arc::new(root_store(&self.roots.certificates())?),
             provider.clone(),
         )
         .build()
         .map_err(|e| build_err("server certificate verifier", e))?;
-        let verifier = Arc::new(MeshServerVerifier::new(inner, self.trust_domain.clone()));
+        let verifier = Arc::new(
+            MeshServerVerifier::new(
+                inner,
+                self.scoped_cas(),
+                &provider,
+                self.trust_domain.clone(),
+            )
+            .map_err(|e| build_err("server certificate verifier", e))?,
+        );
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| build_err("client config", e))?
@@ -321,8 +412,14 @@ pub struct MeshTls {
 }
 
 impl MeshTls {
-    /// Builds both configs from validated material.
+    /// Builds both configs from validated material. CAs trusted for nothing (unlabelled,
+    /// not our own) are logged here, once per build.
     pub fn new(material: &TlsMaterial) -> Result<Self, MaterialError> {
+        for (ca, scope) in material.ca_scopes() {
+            if scope == CaScope::Nothing {
+                tracing::warn!(%ca, identity = %material.identity, "a CA in the trust bundle carries no `# clustermesh-ca: <cluster>` label and did not issue our certificate; it is trusted for no identity (run `clustermesh connect` again to label it)");
+            }
+        }
         Ok(Self {
             identity: material.identity.clone(),
             trust_domain: material.trust_domain.clone(),

@@ -7,8 +7,14 @@
 //! | `ca.crt`      | trusted CA certificates (one or more, PEM)           | 0644 |
 //! | `server.crt`  | the mesh API server / store replica leaf (PEM)       | 0644 |
 //! | `server.key`  | its private key (PKCS#8 PEM)                         | 0600 |
-//! | `client.crt`  | the leaf agents present to remote clusters (PEM)     | 0644 |
+//! | `client.crt`  | the agents' leaf (`cluster/<c>/agent`, PEM)          | 0644 |
 //! | `client.key`  | its private key (PKCS#8 PEM)                         | 0600 |
+//! | `replica.crt` | the store replica's leaf (`cluster/<c>/replica/1`)   | 0644 |
+//! | `replica.key` | its private key (PKCS#8 PEM)                         | 0600 |
+//!
+//! `ca.crt` is a labelled trust bundle ([`crate::trust_bundle`]); `server.crt` names the
+//! mesh API server (`cluster/<c>`). Each role has its own key, so the files handed to a
+//! node (`ca.crt`, `client.*`) can read the mesh API and nothing else.
 //!
 //! An admin bundle ([`write_admin_bundle`], for the CLI) holds `ca.crt`, `admin.crt` and
 //! `admin.key` with the same modes.
@@ -42,6 +48,14 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 pub const CLIENT_CERT_FILE: &str = "client.crt";
 /// File name of the client key in a bundle directory.
 pub const CLIENT_KEY_FILE: &str = "client.key";
+
+/// File name of the store replica certificate in a bundle directory.
+pub const REPLICA_CERT_FILE: &str = "replica.crt";
+/// File name of the store replica key in a bundle directory.
+pub const REPLICA_KEY_FILE: &str = "replica.key";
+/// Raft ID of the replica whose certificate a bundle directory holds (a standalone cluster
+/// runs one replica, ID 1).
+pub const BUNDLE_REPLICA_ID: u64 = 1;
 
 /// File name of an admin certificate (CLI bundle).
 pub const ADMIN_CERT_FILE: &str = "admin.crt";
@@ -190,12 +204,15 @@ pub struct ClusterBundle {
     pub ca_pem: String,
     /// The server leaf.
     pub server: IssuedCert,
-    /// The client leaf.
+    /// The agents' leaf.
     pub client: IssuedCert,
+    /// The store replica's leaf (replica [`BUNDLE_REPLICA_ID`]).
+    pub replica: IssuedCert,
 }
 
 impl ClusterBundle {
-    /// Issues a server and a client leaf for `cluster` from `ca`; the bundle trusts `ca`.
+    /// Issues the server, agent and replica leaves of `cluster` from `ca`; the bundle
+    /// trusts `ca`, labelled with `cluster`.
     pub fn issue(
         ca: &MeshCa,
         cluster: &str,
@@ -203,11 +220,21 @@ impl ClusterBundle {
         validity: Validity,
     ) -> Result<Self, IssueError> {
         Ok(Self {
-            ca_pem: ca.cert_pem().to_owned(),
+            ca_pem: labelled_ca_pem(ca, cluster),
             server: ca.issue_server(cluster, server_names, validity)?,
-            client: ca.issue_client(cluster, validity)?,
+            client: ca.issue_agent(cluster, validity)?,
+            replica: ca.issue_replica(cluster, BUNDLE_REPLICA_ID, server_names, validity)?,
         })
     }
+}
+
+/// `ca`'s certificate as a one-CA trust bundle labelled with `cluster`.
+pub fn labelled_ca_pem(ca: &MeshCa, cluster: &str) -> String {
+    format!(
+        "{} {cluster}\n{}",
+        crate::trust_bundle::LABEL_PREFIX,
+        ca.cert_pem()
+    )
 }
 
 /// Paths of the files of a bundle directory.
@@ -223,6 +250,10 @@ pub struct BundlePaths {
     pub client_cert: PathBuf,
     /// `client.key`.
     pub client_key: PathBuf,
+    /// `replica.crt`.
+    pub replica_cert: PathBuf,
+    /// `replica.key`.
+    pub replica_key: PathBuf,
 }
 
 impl BundlePaths {
@@ -234,6 +265,8 @@ impl BundlePaths {
             server_key: dir.join(SERVER_KEY_FILE),
             client_cert: dir.join(CLIENT_CERT_FILE),
             client_key: dir.join(CLIENT_KEY_FILE),
+            replica_cert: dir.join(REPLICA_CERT_FILE),
+            replica_key: dir.join(REPLICA_KEY_FILE),
         }
     }
 }
@@ -253,6 +286,8 @@ pub fn write_cluster_bundle(dir: &Path, bundle: &ClusterBundle) -> Result<Bundle
     write_cert(&paths.server_cert, &bundle.server.cert_pem)?;
     write_private_key(&paths.client_key, &bundle.client.key_pem)?;
     write_cert(&paths.client_cert, &bundle.client.cert_pem)?;
+    write_private_key(&paths.replica_key, &bundle.replica.key_pem)?;
+    write_cert(&paths.replica_cert, &bundle.replica.cert_pem)?;
     Ok(paths)
 }
 

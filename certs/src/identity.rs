@@ -1,9 +1,10 @@
 //! Mesh peer identities carried in certificates as SPIFFE URIs.
 //!
-//! Every clustermesh certificate names exactly one peer in a URI subject alternative
-//! name: `spiffe://<trust-domain>/cluster/<cluster-name>` for the mesh API servers,
-//! agents and store replicas of a cluster, and `spiffe://<trust-domain>/admin/<name>` for
-//! operators using the CLI. This module holds the typed form of those URIs, their
+//! Every clustermesh certificate names exactly one peer, in one role, in a URI subject
+//! alternative name: `spiffe://<td>/cluster/<cluster>` for a cluster's mesh API server,
+//! `spiffe://<td>/cluster/<cluster>/agent` for its agents,
+//! `spiffe://<td>/cluster/<cluster>/replica/<n>` for its store replicas and
+//! `spiffe://<td>/admin/<name>` for operators using the CLI. This module holds the typed form of those URIs, their
 //! validation, and the extraction of the identity from a DER certificate, so that the
 //! TLS verifiers and the gRPC services share one definition of "who is this peer".
 //!
@@ -56,7 +57,7 @@ pub enum IdentityError {
         reason: &'static str,
     },
     /// The URI is not a clustermesh SPIFFE identity.
-    #[error("invalid mesh identity URI {uri:?}: {reason}; expected spiffe://<trust-domain>/cluster/<name> or spiffe://<trust-domain>/admin/<name>")]
+    #[error("invalid mesh identity URI {uri:?}: {reason}; expected spiffe://<trust-domain>/cluster/<name>[/agent|/replica/<n>] or spiffe://<trust-domain>/admin/<name>")]
     InvalidUri {
         /// The rejected URI.
         uri: String,
@@ -84,6 +85,18 @@ pub enum IdentityError {
         got: String,
         /// The trust domain we accept.
         expected: String,
+    },
+    /// The CA that issued the certificate may not issue this identity.
+    #[error(
+        "peer identity {identity} was issued by CA \"{ca}\", which is trusted only for {scope}"
+    )]
+    OutOfScope {
+        /// The identity found.
+        identity: Box<PeerIdentity>,
+        /// The issuing CA's subject.
+        ca: String,
+        /// What the CA may issue, in words.
+        scope: String,
     },
     /// No certificate was presented at all.
     #[error("peer presented no certificate")]
@@ -135,20 +148,30 @@ impl FromStr for TrustDomain {
     }
 }
 
-/// What kind of principal an identity names.
+/// The role an identity names. Every port checks the role, not just the trust domain
+/// (see ARCHITECTURE.md, "Identity model").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdentityKind {
-    /// A cluster: its mesh API server, agents and store replicas.
+    /// A cluster's mesh API server: `spiffe://<td>/cluster/<name>`. Other clusters see it as
+    /// a (read-only) peer.
     Cluster,
-    /// An operator or tool (the CLI) with administrative rights.
+    /// The agents on the nodes of a cluster: `spiffe://<td>/cluster/<name>/agent`. Read-only
+    /// access to the cluster's own mesh API (and, in direct mode, to connected peers').
+    Agent,
+    /// A store replica of a cluster: `spiffe://<td>/cluster/<name>/replica/<n>`. The only
+    /// identity the raft port accepts.
+    Replica,
+    /// An operator or tool (the CLI): `spiffe://<td>/admin/<name>`.
     Admin,
 }
 
 impl IdentityKind {
-    /// The SPIFFE path segment naming this kind.
-    pub fn path_segment(self) -> &'static str {
+    /// A short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Cluster => "cluster",
+            Self::Agent => "agent",
+            Self::Replica => "replica",
             Self::Admin => "admin",
         }
     }
@@ -156,27 +179,55 @@ impl IdentityKind {
 
 impl fmt::Display for IdentityKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.path_segment())
+        f.write_str(self.as_str())
     }
 }
 
-/// A verified or to-be-issued mesh identity:
-/// `spiffe://<trust_domain>/<kind>/<name>`.
+/// A verified or to-be-issued mesh identity (see [`IdentityKind`] for the URI forms).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerIdentity {
     trust_domain: TrustDomain,
     kind: IdentityKind,
     name: String,
+    /// The replica number of a [`IdentityKind::Replica`] identity.
+    replica: Option<u64>,
 }
 
 impl PeerIdentity {
-    /// The identity of cluster `name` in `trust_domain`.
+    /// The identity of cluster `name`'s mesh API server in `trust_domain`.
     pub fn cluster(trust_domain: TrustDomain, name: &str) -> Result<Self, IdentityError> {
         validate_cluster_name(name)?;
         Ok(Self {
             trust_domain,
             kind: IdentityKind::Cluster,
             name: name.to_owned(),
+            replica: None,
+        })
+    }
+
+    /// The identity of the agents of cluster `cluster`.
+    pub fn agent(trust_domain: TrustDomain, cluster: &str) -> Result<Self, IdentityError> {
+        validate_cluster_name(cluster)?;
+        Ok(Self {
+            trust_domain,
+            kind: IdentityKind::Agent,
+            name: cluster.to_owned(),
+            replica: None,
+        })
+    }
+
+    /// The identity of store replica `replica` of cluster `cluster`.
+    pub fn replica(
+        trust_domain: TrustDomain,
+        cluster: &str,
+        replica: u64,
+    ) -> Result<Self, IdentityError> {
+        validate_cluster_name(cluster)?;
+        Ok(Self {
+            trust_domain,
+            kind: IdentityKind::Replica,
+            name: cluster.to_owned(),
+            replica: Some(replica),
         })
     }
 
@@ -187,19 +238,8 @@ impl PeerIdentity {
             trust_domain,
             kind: IdentityKind::Admin,
             name: name.to_owned(),
+            replica: None,
         })
-    }
-
-    /// Builds an identity of the given kind, validating the name for that kind.
-    pub fn new(
-        trust_domain: TrustDomain,
-        kind: IdentityKind,
-        name: &str,
-    ) -> Result<Self, IdentityError> {
-        match kind {
-            IdentityKind::Cluster => Self::cluster(trust_domain, name),
-            IdentityKind::Admin => Self::admin(trust_domain, name),
-        }
     }
 
     /// The trust domain.
@@ -207,19 +247,25 @@ impl PeerIdentity {
         &self.trust_domain
     }
 
-    /// Cluster or admin.
+    /// The role.
     pub fn kind(&self) -> IdentityKind {
         self.kind
     }
 
-    /// The cluster or admin name.
+    /// The cluster name (cluster, agent and replica identities) or the admin name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// The cluster name if this is a cluster identity.
+    /// The cluster this identity belongs to: `Some` for cluster, agent and replica
+    /// identities, `None` for admins.
     pub fn cluster_name(&self) -> Option<&str> {
-        (self.kind == IdentityKind::Cluster).then_some(self.name.as_str())
+        (self.kind != IdentityKind::Admin).then_some(self.name.as_str())
+    }
+
+    /// The replica number of a replica identity.
+    pub fn replica_number(&self) -> Option<u64> {
+        self.replica
     }
 
     /// True for admin identities.
@@ -227,13 +273,17 @@ impl PeerIdentity {
         self.kind == IdentityKind::Admin
     }
 
+    /// True if this is the mesh API server identity of cluster `cluster`.
+    pub fn is_cluster(&self, cluster: &str) -> bool {
+        self.kind == IdentityKind::Cluster && self.name == cluster
+    }
+
     /// The SPIFFE URI, e.g. `spiffe://clustermesh.local/cluster/east`.
     pub fn to_uri(&self) -> String {
         self.to_string()
     }
 
-    /// Parses a SPIFFE URI of the form `spiffe://<td>/cluster/<name>` or
-    /// `spiffe://<td>/admin/<name>`.
+    /// Parses a SPIFFE URI of one of the forms of [`IdentityKind`].
     pub fn parse(uri: &str) -> Result<Self, IdentityError> {
         let invalid = |reason| IdentityError::InvalidUri {
             uri: uri.to_owned(),
@@ -252,21 +302,30 @@ impl PeerIdentity {
             return Err(invalid("the trust domain has a port or user info"));
         }
         let trust_domain = TrustDomain::new(domain)?;
-        let mut segments = path.split('/');
-        let (Some(kind), Some(name), None) = (segments.next(), segments.next(), segments.next())
-        else {
-            return Err(invalid("the path must have exactly two segments"));
-        };
-        let kind = match kind {
-            "cluster" => IdentityKind::Cluster,
-            "admin" => IdentityKind::Admin,
-            _ => {
-                return Err(invalid(
-                    "the first path segment must be 'cluster' or 'admin'",
-                ))
+        let segments: Vec<&str> = path.split('/').collect();
+        match segments.as_slice() {
+            ["admin", name] => Self::admin(trust_domain, name),
+            ["cluster", name] => Self::cluster(trust_domain, name),
+            ["cluster", name, "agent"] => Self::agent(trust_domain, name),
+            ["cluster", name, "replica", n] => {
+                // Canonical decimal only, so one replica has exactly one URI.
+                let canonical = !n.is_empty()
+                    && n.bytes().all(|b| b.is_ascii_digit())
+                    && (*n == "0" || !n.starts_with('0'));
+                let number = n
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| canonical)
+                    .ok_or_else(|| invalid("the replica number must be a decimal integer without leading zeros"))?;
+                Self::replica(trust_domain, name, number)
             }
-        };
-        Self::new(trust_domain, kind, name)
+            ["admin" | "cluster", ..] => Err(invalid(
+                "the path must be admin/<name>, cluster/<name>, cluster/<name>/agent or cluster/<name>/replica/<n>",
+            )),
+            _ => Err(invalid(
+                "the first path segment must be 'cluster' or 'admin'",
+            )),
+        }
     }
 
     /// Checks that this identity belongs to `expected`.
@@ -335,11 +394,28 @@ impl PeerIdentity {
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/{}/{}",
-            self.trust_domain, self.kind, self.name
-        )
+        match (self.kind, self.replica) {
+            (IdentityKind::Admin, _) => {
+                write!(f, "{SCHEME}{}/admin/{}", self.trust_domain, self.name)
+            }
+            (IdentityKind::Cluster, _) => {
+                write!(f, "{SCHEME}{}/cluster/{}", self.trust_domain, self.name)
+            }
+            (IdentityKind::Agent, _) => {
+                write!(
+                    f,
+                    "{SCHEME}{}/cluster/{}/agent",
+                    self.trust_domain, self.name
+                )
+            }
+            (IdentityKind::Replica, n) => write!(
+                f,
+                "{SCHEME}{}/cluster/{}/replica/{}",
+                self.trust_domain,
+                self.name,
+                n.unwrap_or_default()
+            ),
+        }
     }
 }
 
@@ -402,6 +478,37 @@ mod tests {
         assert_eq!(PeerIdentity::parse(&id.to_uri()).unwrap(), id);
         assert_eq!(id.cluster_name(), Some("east-1"));
         assert!(!id.is_admin());
+    }
+
+    #[test]
+    fn agent_and_replica_identities_round_trip_through_uri() {
+        let agent = PeerIdentity::agent(td(), "east").unwrap();
+        assert_eq!(
+            agent.to_string(),
+            "spiffe://clustermesh.local/cluster/east/agent"
+        );
+        assert_eq!(PeerIdentity::parse(&agent.to_uri()).unwrap(), agent);
+        assert_eq!(agent.cluster_name(), Some("east"));
+        assert!(!agent.is_cluster("east"));
+        let replica = PeerIdentity::replica(td(), "east", 3).unwrap();
+        assert_eq!(
+            replica.to_string(),
+            "spiffe://clustermesh.local/cluster/east/replica/3"
+        );
+        assert_eq!(PeerIdentity::parse(&replica.to_uri()).unwrap(), replica);
+        assert_eq!(replica.replica_number(), Some(3));
+        assert_eq!(replica.kind(), IdentityKind::Replica);
+        for bad in [
+            "spiffe://clustermesh.local/cluster/east/replica/",
+            "spiffe://clustermesh.local/cluster/east/replica/01",
+            "spiffe://clustermesh.local/cluster/east/replica/-1",
+            "spiffe://clustermesh.local/cluster/east/replica/1/x",
+            "spiffe://clustermesh.local/cluster/east/agent/x",
+            "spiffe://clustermesh.local/cluster/east/admin",
+            "spiffe://clustermesh.local/admin/ops/agent",
+        ] {
+            assert!(PeerIdentity::parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Certificate issuance: the mesh CA and the leaf certificates it signs.
 //!
-//! One self-signed CA per cluster (or one shared by the whole mesh) signs short-lived
-//! leaves. Each leaf names exactly one [`PeerIdentity`] in a `spiffe://` URI SAN; server
-//! leaves also carry the DNS names and IP addresses peers dial. Keys are ECDSA P-256
+//! One self-signed CA per cluster signs its leaves: the mesh API server's, the agents',
+//! each store replica's and the admins'. Each leaf names exactly one [`PeerIdentity`] (one
+//! role) in a `spiffe://` URI SAN; server and replica leaves also carry the DNS names and
+//! IP addresses peers dial. Keys are ECDSA P-256
 //! (rcgen's default), which every rustls provider verifies and which keeps handshakes
 //! cheap.
 
@@ -267,8 +268,9 @@ impl MeshCa {
         self.key.serialize_pem()
     }
 
-    /// Issues a server leaf for cluster `cluster` (valid for server and client auth, so a
-    /// store replica can use one certificate both ways).
+    /// Issues the mesh API server leaf of cluster `cluster` (`spiffe://<td>/cluster/<c>`),
+    /// valid for server auth and for client auth (a cluster's server is the client when it
+    /// reads a connected peer).
     pub fn issue_server(
         &self,
         cluster: &str,
@@ -287,17 +289,35 @@ impl MeshCa {
         )
     }
 
-    /// Issues a client leaf for cluster `cluster` (what remote agents present).
-    pub fn issue_client(
-        &self,
-        cluster: &str,
-        validity: Validity,
-    ) -> Result<IssuedCert, IssueError> {
-        let identity = PeerIdentity::cluster(self.trust_domain.clone(), cluster)?;
+    /// Issues the agents' client leaf of cluster `cluster`
+    /// (`spiffe://<td>/cluster/<c>/agent`, client auth only): read-only mesh API access.
+    pub fn issue_agent(&self, cluster: &str, validity: Validity) -> Result<IssuedCert, IssueError> {
+        let identity = PeerIdentity::agent(self.trust_domain.clone(), cluster)?;
         self.issue(
             &identity,
             &ServerNames::default(),
             &[ExtendedKeyUsagePurpose::ClientAuth],
+            validity,
+        )
+    }
+
+    /// Issues the leaf of store replica `replica` of cluster `cluster`
+    /// (`spiffe://<td>/cluster/<c>/replica/<n>`), valid both ways: replicas dial each other.
+    pub fn issue_replica(
+        &self,
+        cluster: &str,
+        replica: u64,
+        names: &ServerNames,
+        validity: Validity,
+    ) -> Result<IssuedCert, IssueError> {
+        let identity = PeerIdentity::replica(self.trust_domain.clone(), cluster, replica)?;
+        self.issue(
+            &identity,
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             validity,
         )
     }
@@ -401,7 +421,7 @@ mod tests {
     fn invalid_cluster_name_is_refused_before_signing() {
         let ca = MeshCa::generate(td()).unwrap();
         let err = ca
-            .issue_client("Not_Valid", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .issue_agent("Not_Valid", Validity::from_now(DEFAULT_LEAF_VALIDITY))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -451,7 +471,7 @@ mod tests {
     fn leaf_is_not_accepted_as_ca() {
         let ca = MeshCa::generate(td()).unwrap();
         let leaf = ca
-            .issue_client("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .issue_agent("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
             .unwrap();
         assert!(MeshCa::from_pem(td(), &leaf.cert_pem, &leaf.key_pem).is_err());
     }
@@ -461,7 +481,7 @@ mod tests {
         let now = SystemTime::now();
         let ca = MeshCa::generate(td()).unwrap();
         let err = ca
-            .issue_client("east", Validity::between(now, now))
+            .issue_agent("east", Validity::between(now, now))
             .unwrap_err();
         assert!(matches!(err, IssueError::InvalidValidity(_)));
     }

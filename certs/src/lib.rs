@@ -2,16 +2,19 @@
 //!
 //! Every connection between clustermesh components (store replicas, mesh API servers,
 //! agents, the CLI) is mutually authenticated TLS with certificates from a mesh CA. A
-//! certificate names its holder in a SPIFFE URI SAN — `spiffe://<trust-domain>/cluster/<name>`
-//! or `spiffe://<trust-domain>/admin/<name>` — and servers learn *who* is calling from
-//! that, not just that the caller is trusted.
+//! certificate names its holder and role in a SPIFFE URI SAN —
+//! `spiffe://<td>/cluster/<name>` (mesh API server), `.../cluster/<name>/agent`,
+//! `.../cluster/<name>/replica/<n>` or `spiffe://<td>/admin/<name>` — and servers learn
+//! *who* is calling from that, not just that the caller is trusted. Each trusted CA is
+//! bound to the identities it may issue (a connected peer's CA only to that peer's).
 //!
 //! * [`identity`]: [`PeerIdentity`], [`TrustDomain`], cluster-name validation.
 //! * [`issue`]: the mesh CA ([`MeshCa`]) and leaf issuance with rcgen.
 //! * [`pem`] and [`files`]: PEM decoding, atomic file writes (keys created 0600), the
 //!   cluster and admin bundle directory layouts.
-//! * [`trust_bundle`]: the set of trusted CAs, merged by `connect`, pruned by
-//!   `disconnect`; [`inspect`]: identity, SANs and expiry of a certificate.
+//! * [`trust_bundle`]: the set of trusted CAs, each labelled with the cluster it may issue
+//!   identities of, merged by `connect`, pruned by `disconnect`; [`scope`]: what each CA
+//!   may issue; [`inspect`]: identity, SANs and expiry of a certificate.
 //! * [`config`]: validated [`TlsMaterial`] and the rustls server/client configs
 //!   ([`MeshTls`]) with our verifiers.
 //! * [`reload`]: [`ReloadingTls`], configs that follow file rotations without dropping
@@ -73,6 +76,7 @@ pub mod inspect;
 pub mod issue;
 pub mod pem;
 pub mod reload;
+pub mod scope;
 pub mod transport;
 pub mod trust_bundle;
 mod verify;
@@ -81,4 +85,5 @@ pub use config::{MeshTls, TlsError, TlsMaterial, TlsPaths, TlsSource};
 pub use identity::{IdentityError, IdentityKind, PeerIdentity, TrustDomain};
 pub use issue::{IssueError, IssuedCert, MeshCa, ServerNames, Validity};
 pub use reload::ReloadingTls;
+pub use scope::CaScope;
 pub use trust_bundle::TrustBundle;

@@ -8,7 +8,8 @@
 //! nothing is dropped. Bad new material (corrupt PEM, a key that does not match its
 //! certificate, a foreign trust domain) is logged once per distinct content and the last
 //! good material stays in use; the next change is tried again. Polling by content, not
-//! mtime, catches same-second rewrites and symlink swaps (Kubernetes `..data`).
+//! mtime, catches same-second rewrites and symlink swaps (Kubernetes `..data`). New
+//! material must name the same identity as the material loaded at start.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -17,7 +18,7 @@ use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{MeshTls, TlsError, TlsPaths, TlsSource};
+use crate::config::{MaterialError, MeshTls, TlsError, TlsPaths, TlsSource};
 use crate::files;
 use crate::identity::TrustDomain;
 
@@ -132,7 +133,23 @@ impl ReloadingTls {
         if unchanged {
             return Ok(ReloadOutcome::Unchanged);
         }
-        match build(&self.trust_domain, &self.paths, &contents) {
+        let current_identity = self.read_state(|s| s.current.identity().clone());
+        let built = build(&self.trust_domain, &self.paths, &contents).and_then(|tls| {
+            // A process is one principal for its whole life: a rotated certificate that
+            // names another identity (another cluster's files copied over ours) is refused.
+            if tls.identity() == &current_identity {
+                Ok(tls)
+            } else {
+                Err(TlsError::Material {
+                    origin: self.paths.describe(),
+                    source: MaterialError::IdentityChanged {
+                        was: Box::new(current_identity),
+                        now: Box::new(tls.identity().clone()),
+                    },
+                })
+            }
+        });
+        match built {
             Ok(tls) => {
                 let identity = tls.identity().to_string();
                 self.write_state(|s| {

@@ -1,40 +1,122 @@
-//! Certificate verifiers that add the mesh identity check to WebPKI path validation.
+//! Certificate verifiers that add the mesh identity and CA-scope checks to WebPKI path
+//! validation.
 //!
-//! rustls' WebPKI verifiers check the chain to our CA, validity dates, key usage and (for
+//! rustls' WebPKI verifiers check the chain to a CA, validity dates, key usage and (for
 //! servers) the DNS/IP name. On top of that every mesh peer must carry exactly one
-//! `spiffe://` identity in our trust domain. Doing that check inside the verifier (not
-//! after the handshake) means a certificate from a foreign trust domain fails the
-//! handshake itself, with a TLS alert, exactly like a certificate from an unknown CA.
+//! `spiffe://` identity in our trust domain, and the CA that vouches for the chain must be
+//! allowed to issue that identity ([`crate::scope`]). The chain is validated against each
+//! candidate CA *alone* (candidates: the CAs whose subject is the leaf's issuer), so we
+//! know which CA vouched for it. Doing these checks inside the verifier (not after the
+//! handshake) means a refused certificate fails the handshake itself, with a TLS alert,
+//! exactly like a certificate from an unknown CA.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::identity::{IdentityError, PeerIdentity, TrustDomain};
+use crate::scope::ScopedCa;
 
-fn identity_failure(err: IdentityError) -> rustls::Error {
+pub(crate) fn identity_failure(err: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }
 
-/// Server-side verifier of client certificates: WebPKI against the mesh CAs, then the
-/// mesh identity. Client certificates are mandatory.
+fn single_root(cert: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, rustls::Error> {
+    let mut store = RootCertStore::empty();
+    store.add(cert.clone())?;
+    Ok(Arc::new(store))
+}
+
+/// The DER of the leaf's issuer name, if the leaf parses.
+fn issuer_of(end_entity: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(end_entity.as_ref())
+        .ok()
+        .map(|(_, c)| c.issuer().as_raw().to_vec())
+}
+
+/// Indices of the CAs to try for `end_entity`: those named as its issuer, or all.
+fn candidates(cas: &[ScopedCa], end_entity: &CertificateDer<'_>) -> Vec<usize> {
+    let by_issuer: Vec<usize> = issuer_of(end_entity)
+        .map(|issuer| {
+            cas.iter()
+                .enumerate()
+                .filter(|(_, ca)| ca.subject_der == issuer)
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default();
+    if by_issuer.is_empty() {
+        (0..cas.len()).collect()
+    } else {
+        by_issuer
+    }
+}
+
+/// After a chain validated against `validated` CAs: the identity, if one of them may
+/// issue it.
+fn scoped_identity(
+    cas: &[ScopedCa],
+    validated: &[usize],
+    end_entity: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+) -> Result<PeerIdentity, rustls::Error> {
+    let identity = PeerIdentity::from_certificate(end_entity.as_ref(), trust_domain)
+        .map_err(identity_failure)?;
+    if validated.iter().any(|&i| cas[i].scope.allows(&identity)) {
+        return Ok(identity);
+    }
+    let ca = &cas[validated[0]];
+    Err(identity_failure(IdentityError::OutOfScope {
+        identity: Box::new(identity),
+        ca: ca.subject.clone(),
+        scope: ca.scope.to_string(),
+    }))
+}
+
+/// Server-side verifier of client certificates: WebPKI against each scoped CA, then the
+/// mesh identity and the CA's scope. Client certificates are mandatory.
 #[derive(Debug)]
 pub(crate) struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    /// All CAs together: root hints and signature checks.
+    all: Arc<dyn ClientCertVerifier>,
+    cas: Vec<ScopedCa>,
+    per_ca: Vec<Arc<dyn ClientCertVerifier>>,
     trust_domain: TrustDomain,
 }
 
 impl MeshClientVerifier {
-    pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>, trust_domain: TrustDomain) -> Self {
-        Self {
-            inner,
+    pub(crate) fn new(
+        all: Arc<dyn ClientCertVerifier>,
+        cas: Vec<ScopedCa>,
+        provider: &Arc<CryptoProvider>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, rustls::Error> {
+        let per_ca = cas
+            .iter()
+            .map(|ca| {
+                WebPkiClientVerifier::builder_with_provider(
+                    single_root(&ca.cert)?,
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            all,
+            cas,
+            per_ca,
             trust_domain,
-        }
+        })
     }
 }
 
@@ -48,7 +130,7 @@ impl ClientCertVerifier for MeshClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        self.all.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -57,12 +139,27 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        PeerIdentity::from_certificate(end_entity.as_ref(), &self.trust_domain)
-            .map_err(identity_failure)?;
-        Ok(verified)
+        let mut validated = Vec::new();
+        let mut last_err = None;
+        for i in candidates(&self.cas, end_entity) {
+            match self.per_ca[i].verify_client_cert(end_entity, intermediates, now) {
+                Ok(_) => validated.push(i),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if validated.is_empty() {
+            // Report what validation against the whole bundle says (e.g. UnknownIssuer).
+            return Err(
+                match self.all.verify_client_cert(end_entity, intermediates, now) {
+                    Err(e) => e,
+                    Ok(_) => last_err.unwrap_or(rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer,
+                    )),
+                },
+            );
+        }
+        scoped_identity(&self.cas, &validated, end_entity, &self.trust_domain)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -71,7 +168,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.all.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -80,28 +177,48 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.all.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.all.supported_verify_schemes()
     }
 }
 
-/// Client-side verifier of server certificates: WebPKI against the mesh CAs (including
-/// the DNS/IP server name), then the mesh identity.
+/// Client-side verifier of server certificates: WebPKI against each scoped CA (including
+/// the DNS/IP server name), then the mesh identity and the CA's scope.
 #[derive(Debug)]
 pub(crate) struct MeshServerVerifier {
-    inner: Arc<dyn ServerCertVerifier>,
+    all: Arc<dyn ServerCertVerifier>,
+    cas: Vec<ScopedCa>,
+    per_ca: Vec<Arc<WebPkiServerVerifier>>,
     trust_domain: TrustDomain,
 }
 
 impl MeshServerVerifier {
-    pub(crate) fn new(inner: Arc<dyn ServerCertVerifier>, trust_domain: TrustDomain) -> Self {
-        Self {
-            inner,
+    pub(crate) fn new(
+        all: Arc<dyn ServerCertVerifier>,
+        cas: Vec<ScopedCa>,
+        provider: &Arc<CryptoProvider>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, rustls::Error> {
+        let per_ca = cas
+            .iter()
+            .map(|ca| {
+                WebPkiServerVerifier::builder_with_provider(
+                    single_root(&ca.cert)?,
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            all,
+            cas,
+            per_ca,
             trust_domain,
-        }
+        })
     }
 }
 
@@ -114,16 +231,38 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        PeerIdentity::from_certificate(end_entity.as_ref(), &self.trust_domain)
-            .map_err(identity_failure)?;
-        Ok(verified)
+        let mut validated = Vec::new();
+        let mut last_err = None;
+        for i in candidates(&self.cas, end_entity) {
+            match self.per_ca[i].verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Ok(_) => validated.push(i),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if validated.is_empty() {
+            return Err(
+                match self.all.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                ) {
+                    Err(e) => e,
+                    Ok(_) => last_err.unwrap_or(rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer,
+                    )),
+                },
+            );
+        }
+        scoped_identity(&self.cas, &validated, end_entity, &self.trust_domain)?;
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -132,7 +271,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.all.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -141,10 +280,10 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.all.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.all.supported_verify_schemes()
     }
 }

@@ -89,7 +89,7 @@ fn identity_error(err: &rustls::Error) -> &IdentityError {
 #[tokio::test]
 async fn valid_client_is_accepted_and_server_sees_its_identity() {
     let ca = ca();
-    let leaf = ca.issue_client("west", valid()).unwrap();
+    let leaf = ca.issue_agent("west", valid()).unwrap();
     let (server, client) = handshake_with(
         server_tls(&ca, "east"),
         raw_client_config(ca.cert_pem(), Some(&leaf)),
@@ -123,7 +123,7 @@ async fn client_without_certificate_is_refused() {
 async fn client_from_another_ca_is_refused() {
     let ours = ca();
     let theirs = ca();
-    let leaf = theirs.issue_client("west", valid()).unwrap();
+    let leaf = theirs.issue_agent("west", valid()).unwrap();
     // The client trusts our CA (so it accepts the server) but its own cert is foreign.
     let (server, client) = handshake_with(
         server_tls(&ours, "east"),
@@ -140,7 +140,7 @@ async fn client_from_another_ca_is_refused() {
 #[tokio::test]
 async fn expired_client_certificate_is_refused() {
     let ca = ca();
-    let leaf = ca.issue_client("west", expired()).unwrap();
+    let leaf = ca.issue_agent("west", expired()).unwrap();
     let (server, client) = handshake_with(
         server_tls(&ca, "east"),
         raw_client_config(ca.cert_pem(), Some(&leaf)),

@@ -74,7 +74,7 @@ async fn refused_handshake_is_logged_with_remote_address_and_reason() {
     );
 
     // Client presents a certificate of another CA but trusts ours.
-    let leaf = theirs.issue_client("west", valid()).unwrap();
+    let leaf = theirs.issue_agent("west", valid()).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let local = tcp.local_addr().unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

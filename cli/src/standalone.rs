@@ -12,6 +12,7 @@ use std::time::Duration;
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::files::{self, ClusterBundle};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
 use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
 
 use crate::agent_config::{AgentConfig, ClusterEntry};
@@ -230,6 +231,14 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
         tls.join(files::CLIENT_CERT_FILE),
         bundle.client.cert_pem.clone(),
     );
+    t.write_secret(
+        tls.join(files::REPLICA_KEY_FILE),
+        bundle.replica.key_pem.clone(),
+    );
+    t.write(
+        tls.join(files::REPLICA_CERT_FILE),
+        bundle.replica.cert_pem.clone(),
+    );
     let adm = dir.admin_dir();
     t.write(adm.join(files::CA_CERT_FILE), ca.cert_pem());
     t.write_secret(adm.join(files::CLIENT_KEY_FILE), admin.key_pem.clone());
@@ -278,6 +287,8 @@ pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
             files::SERVER_KEY_FILE,
             files::CLIENT_CERT_FILE,
             files::CLIENT_KEY_FILE,
+            files::REPLICA_CERT_FILE,
+            files::REPLICA_KEY_FILE,
         ] {
             t.remove(d.join(f));
         }
@@ -317,27 +328,28 @@ pub fn pem_blocks(text: &str) -> Vec<String> {
     out
 }
 
-/// Adds the certificates of `add` to `bundle` (no duplicates).
-#[must_use]
-pub(crate) fn bundle_with(bundle: &str, add: &str) -> String {
-    let mut blocks = pem_blocks(bundle);
-    for b in pem_blocks(add) {
-        if !blocks.contains(&b) {
-            blocks.push(b);
-        }
+/// Parses a labelled trust bundle; an empty text is an empty bundle.
+fn parse_bundle(text: &str) -> Result<TrustBundle, BundleError> {
+    if pem_blocks(text).is_empty() && text.trim().is_empty() {
+        return Ok(TrustBundle::new());
     }
-    blocks.concat()
+    TrustBundle::from_pem(text.as_bytes())
 }
 
-/// Removes the certificates of `remove` from `bundle`.
-#[must_use]
-pub(crate) fn bundle_without(bundle: &str, remove: &str) -> String {
-    let drop = pem_blocks(remove);
-    pem_blocks(bundle)
-        .into_iter()
-        .filter(|b| !drop.contains(b))
-        .collect::<Vec<_>>()
-        .concat()
+/// Adds the CAs of `add` to `bundle`, labelled with `cluster` (the only cluster they may
+/// issue identities of; see `clustermesh_certs::scope`). A CA already present keeps its
+/// place and gains the label.
+pub(crate) fn bundle_with(bundle: &str, add: &str, cluster: &str) -> Result<String, BundleError> {
+    let mut out = parse_bundle(bundle)?;
+    out.merge_as(&parse_bundle(add)?, cluster);
+    Ok(out.to_pem())
+}
+
+/// Removes the CAs of `remove` from `bundle`.
+pub(crate) fn bundle_without(bundle: &str, remove: &str) -> Result<String, BundleError> {
+    let mut out = parse_bundle(bundle)?;
+    out.remove_all(&parse_bundle(remove)?);
+    Ok(out.to_pem())
 }
 
 /// One side of a connection, fully loaded.
@@ -380,6 +392,14 @@ impl Side {
             own_ca: own_blocks[0].clone(),
             bundle,
         })
+    }
+
+    fn bad_bundle(&self, e: &BundleError) -> StandaloneError {
+        StandaloneError::CaMismatch(format!(
+            "{}'s trust bundle {} is unreadable: {e}; the directory was modified by hand — fix the file or disable --force and enable again",
+            self.state.name,
+            self.dir.tls_dir().join(files::CA_CERT_FILE).display()
+        ))
     }
 
     /// Names and IDs of every cluster this side knows (itself and its peers).
@@ -491,7 +511,7 @@ pub async fn connect(src: &StateDir, dst: &StateDir, timeout: Duration) -> Resul
         t.write(x.dir.remote_ca(&y.state.name), y.own_ca.clone());
         t.write(
             x.dir.tls_dir().join(files::CA_CERT_FILE),
-            bundle_with(&x.bundle, &y.own_ca),
+            bundle_with(&x.bundle, &y.own_ca, &y.state.name).map_err(|e| x.bad_bundle(&e))?,
         );
         t.write(x.dir.agent_config(), yaml(&agent)?);
     }
@@ -519,10 +539,10 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
         let mut agent = x.agent.clone();
         agent.remove(&y.state.name);
         t.remove(x.dir.remote_ca(&y.state.name));
-        t.write(
-            x.dir.tls_dir().join(files::CA_CERT_FILE),
-            bundle_without(&x.bundle, &y.own_ca),
-        );
+        let pem = bundle_without(&x.bundle, &y.own_ca)
+            .and_then(|pem| bundle_with(&pem, &x.own_ca, &x.state.name))
+            .map_err(|e| x.bad_bundle(&e))?;
+        t.write(x.dir.tls_dir().join(files::CA_CERT_FILE), pem);
         t.write(x.dir.agent_config(), yaml(&agent)?);
     }
     t.commit()?;
@@ -534,16 +554,29 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
 mod tests {
     use super::*;
 
-    const A: &str = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n";
-    const B: &str = "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+    fn ca_pem() -> String {
+        MeshCa::generate(TrustDomain::new("clustermesh.local").unwrap())
+            .unwrap()
+            .cert_pem()
+            .to_owned()
+    }
 
     #[test]
-    fn bundles_add_without_duplicates_and_remove_exactly() {
-        let ab = bundle_with(A, B);
+    fn bundles_add_labelled_without_duplicates_and_remove_exactly() {
+        let (a, b) = (ca_pem(), ca_pem());
+        let own = bundle_with("", &a, "east").unwrap();
+        let ab = bundle_with(&own, &b, "west").unwrap();
         assert_eq!(pem_blocks(&ab).len(), 2);
-        assert_eq!(bundle_with(&ab, B), ab);
-        assert_eq!(bundle_without(&ab, B), A);
-        assert_eq!(bundle_without(A, B), A);
+        assert!(ab.contains("# clustermesh-ca: east\n-----BEGIN"), "{ab}");
+        assert!(ab.contains("# clustermesh-ca: west\n-----BEGIN"), "{ab}");
+        assert_eq!(bundle_with(&ab, &b, "west").unwrap(), ab);
+        assert_eq!(bundle_without(&ab, &b).unwrap(), own);
+        assert_eq!(bundle_without(&own, &b).unwrap(), own);
+        let parsed = TrustBundle::from_pem(ab.as_bytes()).unwrap();
+        assert_eq!(
+            parsed.clusters(),
+            BTreeSet::from(["east".to_owned(), "west".to_owned()])
+        );
     }
 
     #[test]

@@ -180,7 +180,7 @@ async fn main() {
         .issue_server("east", &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
         .unwrap());
     let client_tls = tls(ca
-        .issue_client("west", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .issue_agent("west", Validity::from_now(DEFAULT_LEAF_VALIDITY))
         .unwrap());
 
     let metrics = Arc::new(Metrics::new());
@@ -198,7 +198,7 @@ async fn main() {
         Arc::clone(&cache),
         ServiceConfig {
             cluster_config: ExportConfig::new("east", 1).cluster_config(),
-            policy: AccessPolicy::default(),
+            policy: AccessPolicy::new("east"),
             stream_buffer: 1024,
         },
         Arc::clone(&metrics),

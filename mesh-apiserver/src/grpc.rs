@@ -4,10 +4,10 @@
 //! Every connection arrives through `clustermesh_certs::transport::incoming`, so by the
 //! time a request is handled its client certificate has been verified against the mesh
 //! CA and its SPIFFE identity is attached to the request. Authorization is then:
-//! - `GetClusterInfo` and `Watch`: any cluster identity (optionally restricted to an
-//!   allow-list) or any admin identity; the API has no write calls at all, so remote
-//!   clusters are read-only by construction;
-//! - `Status`: admin identities only.
+//! - `GetClusterInfo` and `Watch`: our agents, connected peers (their mesh API server or,
+//!   in direct mode, their agents) and admins; the API has no write calls at all, so
+//!   every non-admin caller is read-only by construction;
+//! - `Status`: admin identities only. See [`AccessPolicy`].
 //!
 //! Each Watch is served by its own task reading the shared [`Cache`]; see that module for
 //! resume and Reset semantics.
@@ -20,8 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clustermesh_api::keys::Kind;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_server::MeshApi;
-use clustermesh_certs::transport::peer_identity;
-use clustermesh_certs::PeerIdentity;
+use clustermesh_certs::transport::{peer_identity, peer_info};
+use clustermesh_certs::{IdentityKind, PeerIdentity};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -30,16 +30,40 @@ use tonic::{Request, Response, Status};
 use crate::cache::{Cache, CacheEvent, Subscription};
 use crate::metrics::Metrics;
 
-/// Who may call what.
-#[derive(Debug, Clone, Default)]
+/// Who may call what, by the caller's role (ARCHITECTURE.md, "Identity model").
+///
+/// The TLS layer has already checked that the CA that issued the caller's certificate
+/// may issue its identity: a peer's CA only `cluster/<peer>` and `cluster/<peer>/agent`,
+/// and only while the peer is connected (its CA labelled in the trust bundle), our own CA
+/// every role of our cluster and admins. This policy then maps roles to RPCs:
+///
+/// | caller                                   | GetClusterInfo, Watch | Status |
+/// |------------------------------------------|-----------------------|--------|
+/// | `admin/<who>`                            | yes                   | yes    |
+/// | `cluster/<own>/agent`                    | yes                   | no     |
+/// | `cluster/<peer>`, `cluster/<peer>/agent` | yes (read-only)       | no     |
+/// | `cluster/<own>` (our server's own cert)  | no                    | no     |
+/// | `cluster/<any>/replica/<n>`              | no                    | no     |
+#[derive(Debug, Clone)]
 pub struct AccessPolicy {
-    /// Cluster identities allowed to Watch and GetClusterInfo; `None` allows every
-    /// cluster of the trust domain (the CA already limits who that is).
+    /// This cluster's name.
+    pub cluster: String,
+    /// Peer clusters allowed to Watch and GetClusterInfo; `None` allows every connected
+    /// peer (the trust bundle's CA scopes already limit peers to the connected clusters).
     pub allowed_clusters: Option<BTreeSet<String>>,
 }
 
 impl AccessPolicy {
-    /// Checks `peer` for `rpc`. `admin_only` RPCs refuse cluster identities.
+    /// The policy of cluster `cluster`, allowing every connected peer.
+    #[must_use]
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Self {
+            cluster: cluster.into(),
+            allowed_clusters: None,
+        }
+    }
+
+    /// Checks `peer` for `rpc`. `admin_only` RPCs refuse every role but admins.
     ///
     /// # Errors
     /// `UNAUTHENTICATED` without a verified identity, `PERMISSION_DENIED` otherwise.
@@ -64,19 +88,38 @@ impl AccessPolicy {
             return Err(Refusal {
                 reason: "not-admin",
                 status: Status::permission_denied(format!(
-                    "{rpc} is restricted to admin identities and {peer} is a cluster identity; use an admin certificate (spiffe://<trust-domain>/admin/<name>)"
+                    "{rpc} is restricted to admin identities and {peer} is a {} identity; use an admin certificate (spiffe://<trust-domain>/admin/<name>)",
+                    peer.kind()
                 )),
             });
         }
-        match (&self.allowed_clusters, peer.cluster_name()) {
-            (None, Some(_)) => Ok(()),
-            (Some(allowed), Some(cluster)) if allowed.contains(cluster) => Ok(()),
-            _ => Err(Refusal {
-                reason: "cluster-not-allowed",
+        let own = peer.cluster_name() == Some(self.cluster.as_str());
+        match peer.kind() {
+            IdentityKind::Replica => Err(Refusal {
+                reason: "replica-identity",
                 status: Status::permission_denied(format!(
-                    "{rpc}: {peer} is not among the clusters allowed to connect; add it with `clustermesh connect`"
+                    "{rpc}: {peer} is a store replica identity, which may only call the raft port of its cluster"
                 )),
             }),
+            IdentityKind::Cluster if own => Err(Refusal {
+                reason: "own-server-identity",
+                status: Status::permission_denied(format!(
+                    "{rpc}: {peer} is this cluster's own mesh API server identity; agents must present the agent certificate (spiffe://<trust-domain>/cluster/{}/agent; re-run `clustermesh enable` to issue it)",
+                    self.cluster
+                )),
+            }),
+            IdentityKind::Agent if own => Ok(()),
+            IdentityKind::Cluster | IdentityKind::Agent => match (&self.allowed_clusters, peer.cluster_name()) {
+                (None, Some(_)) => Ok(()),
+                (Some(allowed), Some(cluster)) if allowed.contains(cluster) => Ok(()),
+                _ => Err(Refusal {
+                    reason: "cluster-not-allowed",
+                    status: Status::permission_denied(format!(
+                        "{rpc}: {peer} is not among the clusters allowed to connect (--allowed-cluster); add it with `clustermesh connect`"
+                    )),
+                }),
+            },
+            IdentityKind::Admin => Ok(()),
         }
     }
 }
@@ -187,11 +230,12 @@ impl MeshApiService {
         match self.config.policy.check(rpc, peer, admin_only) {
             Ok(()) => Ok(peer.map(ToString::to_string).unwrap_or_default()),
             Err(refusal) => {
-                let remote = request
-                    .remote_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                tracing::warn!(rpc, peer = ?peer.map(ToString::to_string), %remote, reason = refusal.reason, "request refused");
+                let remote = peer_info(request)
+                    .map(|info| info.remote_addr)
+                    .or_else(|| request.remote_addr())
+                    .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+                let peer = peer.map_or_else(|| "none".to_owned(), ToString::to_string);
+                tracing::warn!(rpc, %peer, %remote, reason = refusal.reason, "request refused");
                 self.metrics.refused(rpc, refusal.reason);
                 Err(refusal.status)
             }

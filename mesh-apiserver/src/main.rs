@@ -18,7 +18,7 @@ use clustermesh_apiserver::grpc::AccessPolicy;
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
-use clustermesh_certs::{ReloadingTls, TlsPaths, TlsSource, TrustDomain};
+use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
 use clustermesh_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
 use serde::Deserialize;
@@ -98,13 +98,23 @@ struct Cli {
     /// gRPC listen address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Directory with ca.crt, server.crt, server.key (mesh PKI layout).
+    /// Directory with ca.crt (the labelled trust bundle), server.crt, server.key (the
+    /// mesh API server's `cluster/<name>` certificate) and, for the raft store,
+    /// replica.crt/replica.key.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
+    /// raft: this replica's certificate (`spiffe://<td>/cluster/<name>/replica/<raft-id>`);
+    /// default `<tls-dir>/replica.crt`.
+    #[arg(long)]
+    replica_cert: Option<PathBuf>,
+    /// raft: the replica certificate's key; default `<tls-dir>/replica.key`.
+    #[arg(long)]
+    replica_key: Option<PathBuf>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Cluster allowed to connect (repeat); default: every cluster of the trust domain.
+    /// Connected cluster allowed to read this mesh API (repeat); default: every connected
+    /// cluster (those whose CA `clustermesh connect` added to the trust bundle).
     #[arg(long = "allowed-cluster")]
     allowed_clusters: Vec<String>,
     /// Health and metrics listen address.
@@ -144,6 +154,8 @@ struct FileConfig {
     kube_context: Option<String>,
     listen: Option<SocketAddr>,
     tls_dir: Option<PathBuf>,
+    replica_cert: Option<PathBuf>,
+    replica_key: Option<PathBuf>,
     trust_domain: Option<String>,
     #[serde(default)]
     allowed_clusters: Vec<String>,
@@ -197,6 +209,8 @@ impl Cli {
             kube_context,
             listen,
             tls_dir,
+            replica_cert,
+            replica_key,
             trust_domain,
             metrics_addr,
             identity_gc_grace,
@@ -266,14 +280,28 @@ async fn run(cli: Cli) -> Result<()> {
         .tls_dir
         .clone()
         .context("--tls-dir is required (the mesh API only serves mTLS)")?;
-    let tls = ReloadingTls::load(trust_domain, TlsPaths::server(&tls_dir))
+    let tls = ReloadingTls::load(trust_domain.clone(), TlsPaths::server(&tls_dir))
         .with_context(|| format!("cannot load TLS material from {}", tls_dir.display()))?;
+    let server_identity = tls.current().identity().clone();
+    if !server_identity.is_cluster(&cluster) {
+        bail!(
+            "the server certificate {} names {server_identity}, but this is cluster {cluster:?} (--cluster-name); use the certificates issued for {cluster} (server.crt must name spiffe://{trust_domain}/cluster/{cluster})",
+            tls_dir.join(clustermesh_certs::files::SERVER_CERT_FILE).display()
+        );
+    }
     let _tls_watcher = tls.spawn_watcher(clustermesh_certs::reload::DEFAULT_POLL_INTERVAL);
     let tls: Arc<dyn TlsSource> = tls;
 
     let metrics = Arc::new(Metrics::new());
     let source = build_source(&cli, &metrics).await?;
-    let (store, replica) = build_store(&cli, &cluster, &tls).await?;
+    let replica_tls = match cli.store.unwrap_or(StoreKind::Raft) {
+        StoreKind::Raft => Some(load_replica_tls(&cli, &cluster, &trust_domain, &tls_dir)?),
+        StoreKind::Etcd => None,
+    };
+    let _replica_tls_watcher = replica_tls
+        .as_ref()
+        .map(|t| t.spawn_watcher(clustermesh_certs::reload::DEFAULT_POLL_INTERVAL));
+    let (store, replica) = build_store(&cli, &cluster, replica_tls).await?;
 
     let mut export = ExportConfig::new(cluster.clone(), cluster_id);
     export.mode = mode;
@@ -294,6 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (--metrics-addr)"))?;
     let policy = AccessPolicy {
+        cluster: cluster.clone(),
         allowed_clusters: if cli.allowed_clusters.is_empty() {
             None
         } else {
@@ -344,10 +373,39 @@ async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Sourc
     bail!("invalid --source {spec:?}: use kubernetes or dir:PATH")
 }
 
+/// Loads the raft replica's own certificate (its own role: the mesh API server's
+/// certificate may not call the raft port) and checks that it names this replica.
+fn load_replica_tls(
+    cli: &Cli,
+    cluster: &str,
+    trust_domain: &TrustDomain,
+    tls_dir: &std::path::Path,
+) -> Result<Arc<ReloadingTls>> {
+    let defaults = TlsPaths::replica(tls_dir);
+    let paths = TlsPaths {
+        ca: defaults.ca,
+        cert: cli.replica_cert.clone().unwrap_or(defaults.cert),
+        key: cli.replica_key.clone().unwrap_or(defaults.key),
+    };
+    let cert = paths.cert.display().to_string();
+    let tls = ReloadingTls::load(trust_domain.clone(), paths).with_context(|| {
+        format!("cannot load the raft replica certificate {cert} (--replica-cert; `clustermesh enable` issues it as replica.crt)")
+    })?;
+    let id = cli.raft_id.unwrap_or(1);
+    let identity = tls.current().identity().clone();
+    let expected = PeerIdentity::replica(trust_domain.clone(), cluster, id)?;
+    if identity != expected {
+        bail!(
+            "the replica certificate {cert} names {identity}, but this is replica {id} of cluster {cluster:?}; it must name {expected} (re-run `clustermesh enable` to issue replica certificates)"
+        );
+    }
+    Ok(tls)
+}
+
 async fn build_store(
     cli: &Cli,
     cluster: &str,
-    tls: &Arc<dyn TlsSource>,
+    replica_tls: Option<Arc<ReloadingTls>>,
 ) -> Result<(Arc<dyn Store>, Option<Arc<Replica>>)> {
     match cli.store.unwrap_or(StoreKind::Raft) {
         StoreKind::Etcd => {
@@ -376,9 +434,11 @@ async fn build_store(
             let listen = cli
                 .raft_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 32380)));
+            let replica_tls: Arc<dyn TlsSource> =
+                replica_tls.context("the raft store needs the replica certificate")?;
             let mut builder = RaftConfig::builder(id, data_dir)
                 .listen(listen)
-                .tls(ReplicaTls::new(Arc::clone(tls), cluster));
+                .tls(ReplicaTls::new(replica_tls, cluster));
             if cli.raft_peers.is_empty() {
                 builder = builder.member(id, listen.to_string());
             }

@@ -542,6 +542,7 @@ async fn clusters_outside_the_allow_list_are_refused() {
     let pki = Pki::new();
     let mut setup = ServerSetup::new("east");
     setup.policy = AccessPolicy {
+        cluster: "east".to_owned(),
         allowed_clusters: Some(["west".to_owned()].into_iter().collect()),
     };
     let server = TestServer::start(Arc::clone(&ts.store), &pki, setup).await;
@@ -620,12 +621,12 @@ async fn clients_without_a_valid_mesh_certificate_are_refused() {
     let ts = TestStore::start(Backend::Raft).await.unwrap();
     let pki = Pki::new();
     let server = TestServer::start(Arc::clone(&ts.store), &pki, ServerSetup::new("east")).await;
-    let ca_pem = pki.ca.cert_pem().to_owned();
+    let ca_pem = pki.bundle_pem();
 
-    // Control: a valid cluster certificate completes the round trip.
+    // Control: a valid agent certificate completes the round trip.
     let good = pki
         .ca
-        .issue_client("west", Validity::from_now(Duration::from_secs(3600)))
+        .issue_agent("east", Validity::from_now(Duration::from_secs(3600)))
         .unwrap();
     assert!(
         raw_round_trip(server.addr, &ca_pem, Some(&good)).await,
@@ -639,7 +640,7 @@ async fn clients_without_a_valid_mesh_certificate_are_refused() {
 
     let other_ca = MeshCa::generate(td()).unwrap();
     let foreign = other_ca
-        .issue_client("west", Validity::from_now(Duration::from_secs(3600)))
+        .issue_agent("west", Validity::from_now(Duration::from_secs(3600)))
         .unwrap();
     assert!(
         !raw_round_trip(server.addr, &ca_pem, Some(&foreign)).await,
@@ -649,8 +650,8 @@ async fn clients_without_a_valid_mesh_certificate_are_refused() {
     let now = SystemTime::now();
     let expired = pki
         .ca
-        .issue_client(
-            "west",
+        .issue_agent(
+            "east",
             Validity::between(
                 now - Duration::from_secs(7200),
                 now - Duration::from_secs(3600),

@@ -223,7 +223,7 @@ async fn tls_with_client_certificates_round_trips() {
             validity(),
         )
         .unwrap();
-    let client_cert = ca.issue_client("east", validity()).unwrap();
+    let client_cert = ca.issue_agent("east", validity()).unwrap();
     let write = |name: &str, pem: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, pem).unwrap();

@@ -76,7 +76,7 @@ impl MeshServer {
         export.pod_cidrs = spec.pod_cidrs.iter().map(|c| c.parse().unwrap()).collect();
         let config = ServiceConfig {
             cluster_config: export.cluster_config(),
-            policy: AccessPolicy::default(),
+            policy: AccessPolicy::new(spec.cluster),
             stream_buffer: spec.stream_buffer,
         };
         let names = ServerNames::new(
@@ -93,7 +93,7 @@ impl MeshServer {
         let tls: Arc<dyn TlsSource> = Arc::new(
             MeshTls::from_pem(
                 td,
-                ca.cert_pem().as_bytes(),
+                shared_ca_bundle(ca).as_bytes(),
                 leaf.cert_pem.as_bytes(),
                 leaf.key_pem.as_bytes(),
             )
@@ -172,7 +172,7 @@ impl MuteServer {
             .unwrap();
         let tls = MeshTls::from_pem(
             td.clone(),
-            ca.cert_pem().as_bytes(),
+            shared_ca_bundle(ca).as_bytes(),
             leaf.cert_pem.as_bytes(),
             leaf.key_pem.as_bytes(),
         )
@@ -204,10 +204,24 @@ impl MuteServer {
 
 /// Writes `ca.crt`, `client.crt` and `client.key` (a client certificate for cluster
 /// `local`) into `dir`; returns the CA.
+/// Clusters the test meshes use; the one test CA is shared by all of them.
+pub(crate) const TEST_CLUSTERS: [&str; 4] = ["east", "west", "south", "north"];
+
+/// The shared test CA as a trust bundle labelled with every test cluster (a mesh with one
+/// CA for all clusters: the CA may issue every test cluster's identities).
+pub(crate) fn shared_ca_bundle(ca: &MeshCa) -> String {
+    let mut bundle = clustermesh_certs::TrustBundle::new();
+    let one = clustermesh_certs::TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap();
+    for cluster in TEST_CLUSTERS {
+        bundle.merge_as(&one, cluster);
+    }
+    bundle.to_pem()
+}
+
 pub(crate) fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
     let ca = MeshCa::generate(TrustDomain::new(trust_domain).unwrap()).unwrap();
     let client = ca
-        .issue_client(local, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .issue_agent(local, Validity::from_now(DEFAULT_LEAF_VALIDITY))
         .unwrap();
     std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
     std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();

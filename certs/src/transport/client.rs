@@ -93,7 +93,7 @@ pub enum ConnectError {
         /// Where.
         target: String,
         /// Who we wanted.
-        expected: Box<PeerIdentity>,
+        expected: Box<ExpectedPeer>,
         /// Who answered.
         got: Box<PeerIdentity>,
     },
@@ -119,6 +119,39 @@ pub enum ConnectError {
     },
 }
 
+/// Who a dialled server must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedPeer {
+    /// Exactly this identity (e.g. the mesh API server of the cluster an address is
+    /// configured for).
+    Exact(PeerIdentity),
+    /// Any store replica of this cluster (its identity, as `cluster/<c>`).
+    ReplicaOf(PeerIdentity),
+}
+
+impl ExpectedPeer {
+    /// True if `peer` is who we want.
+    pub fn matches(&self, peer: &PeerIdentity) -> bool {
+        match self {
+            Self::Exact(expected) => expected == peer,
+            Self::ReplicaOf(cluster) => {
+                peer.kind() == crate::IdentityKind::Replica
+                    && peer.trust_domain() == cluster.trust_domain()
+                    && peer.cluster_name() == cluster.cluster_name()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::ReplicaOf(cluster) => write!(f, "{cluster}/replica/<n>"),
+        }
+    }
+}
+
 /// Where and how to dial a mesh server.
 #[derive(Debug, Clone)]
 pub struct MeshEndpoint {
@@ -126,7 +159,7 @@ pub struct MeshEndpoint {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    expected_peer: Option<PeerIdentity>,
+    expected_peer: Option<ExpectedPeer>,
     connect_timeout: Duration,
     tls: Arc<dyn TlsSource>,
 }
@@ -159,7 +192,14 @@ impl MeshEndpoint {
     /// address is configured for).
     #[must_use]
     pub fn expect_peer(mut self, peer: PeerIdentity) -> Self {
-        self.expected_peer = Some(peer);
+        self.expected_peer = Some(ExpectedPeer::Exact(peer));
+        self
+    }
+
+    /// Requires the server to be a store replica of the cluster `cluster` names.
+    #[must_use]
+    pub fn expect_replica_of(mut self, cluster: PeerIdentity) -> Self {
+        self.expected_peer = Some(ExpectedPeer::ReplicaOf(cluster));
         self
     }
 
@@ -263,7 +303,7 @@ impl MeshEndpoint {
                 source,
             })?;
         if let Some(expected) = &self.expected_peer {
-            if expected != &peer {
+            if !expected.matches(&peer) {
                 return Err(ConnectError::UnexpectedPeer {
                     target: self.target.clone(),
                     expected: Box::new(expected.clone()),

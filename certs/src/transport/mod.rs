@@ -18,7 +18,7 @@ mod request;
 mod server;
 
 pub use client::{
-    ConnectError, MeshConnector, MeshEndpoint, TargetError, DEFAULT_CONNECT_TIMEOUT,
+    ConnectError, ExpectedPeer, MeshConnector, MeshEndpoint, TargetError, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
 };
 pub use request::{peer_identity, peer_info, require_admin, require_peer};

@@ -58,7 +58,7 @@ pub fn server_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
 }
 
 pub fn client_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
-    tls(ca.cert_pem(), &ca.issue_client(cluster, valid()).unwrap())
+    tls(ca.cert_pem(), &ca.issue_agent(cluster, valid()).unwrap())
 }
 
 pub fn roots(ca_pem: &str) -> rustls::RootCertStore {

@@ -29,9 +29,10 @@ use super::mesh::{
     server_names_of, RemoteCluster,
 };
 use super::objects::{
-    cli_labels, kind_info, new_secret, secret_text, MeshConfig, Objects, ServiceType, ADMIN_SECRET,
-    AGENT_CONFIG_MAP, APISERVER_SERVICE, CA_BUNDLE_KEY, CA_BUNDLE_SECRET, CA_SECRET, CLIENT_SECRET,
-    CLUSTER_LABEL, CONFIG_MAP, KINDS, PART_OF_LABEL, SERVER_SECRET,
+    cli_labels, kind_info, new_secret, replica_cert_key, replica_key_key, secret_text, MeshConfig,
+    Objects, ServiceType, ADMIN_SECRET, AGENT_CONFIG_MAP, APISERVER_SERVICE, CA_BUNDLE_KEY,
+    CA_BUNDLE_SECRET, CA_SECRET, CLIENT_SECRET, CLUSTER_LABEL, CONFIG_MAP, KINDS, PART_OF_LABEL,
+    REPLICA_IDS, REPLICA_SECRET, SERVER_SECRET,
 };
 use super::{values, KubeTarget};
 use crate::standalone::{bundle_with, ADMIN_NAME};
@@ -252,13 +253,23 @@ pub async fn enable(
         Some(cm) => remote_clusters(&objs, &cm)?.1,
         None => Vec::new(),
     };
-    let bundle = match objs.secret(CA_BUNDLE_SECRET).await? {
-        Some(s) => bundle_with(
-            &secret_text(&s, CA_BUNDLE_KEY).unwrap_or_default(),
-            ca.cert_pem(),
-        ),
-        None => ca.cert_pem().to_string(),
+    // The trust bundle: our own CA labelled with our name, every connected peer's CA
+    // labelled with the peer's (bundles written before labels existed get them here, so
+    // re-running `enable` upgrades a connected cluster in place).
+    let existing_bundle = match objs.secret(CA_BUNDLE_SECRET).await? {
+        Some(s) => secret_text(&s, CA_BUNDLE_KEY).unwrap_or_default(),
+        None => String::new(),
     };
+    let bad_bundle = |e: clustermesh_certs::trust_bundle::BundleError| {
+        KubeModeError::CaMismatch(format!(
+            "the trust bundle (Secret {CA_BUNDLE_SECRET}, key {CA_BUNDLE_KEY}) is unreadable: {e}; delete that Secret and run `clustermesh connect` again for each peer"
+        ))
+    };
+    let mut bundle =
+        bundle_with(&existing_bundle, ca.cert_pem(), &opts.name).map_err(bad_bundle)?;
+    for remote in &remotes {
+        bundle = bundle_with(&bundle, &remote.ca_cert, &remote.name).map_err(bad_bundle)?;
+    }
     let docs = chart.render_documents(&release(ns), &chart_values(&config, &remotes))?;
     let mut objects = Vec::new();
     for (template, doc) in &docs {
@@ -272,8 +283,32 @@ pub async fn enable(
     let server = ca
         .issue_server(&opts.name, &names, validity)
         .map_err(issue)?;
-    let client = ca.issue_client(&opts.name, validity).map_err(issue)?;
+    let client = ca.issue_agent(&opts.name, validity).map_err(issue)?;
     let admin = ca.issue_admin(ADMIN_NAME, validity).map_err(issue)?;
+    // One replica certificate per raft ID, each for the name its peers dial
+    // (`clustermesh-apiserver-<n>.clustermesh-apiserver-peers.<ns>.svc`). All replicas
+    // mount the one Secret; they are one trust boundary (the cluster's store).
+    let mut replica_files: Vec<(String, String)> = Vec::new();
+    for n in REPLICA_IDS {
+        let peer = format!("clustermesh-apiserver-{n}.clustermesh-apiserver-peers.{ns}.svc");
+        let replica_names = ServerNames::new(
+            [
+                format!("{peer}.cluster.local"),
+                peer,
+                "localhost".to_owned(),
+            ],
+            [IpAddr::from([127, 0, 0, 1])],
+        );
+        let leaf = ca
+            .issue_replica(&opts.name, n, &replica_names, validity)
+            .map_err(issue)?;
+        replica_files.push((replica_cert_key(n), leaf.cert_pem));
+        replica_files.push((replica_key_key(n), leaf.key_pem));
+    }
+    let replica_data: Vec<(&str, &str)> = replica_files
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
 
     // Writes: the CA first (a re-run after any later failure reuses it).
     let ca_key = ca.key_pem();
@@ -319,6 +354,7 @@ pub async fn enable(
                 ("ca.crt", cert),
             ],
         ),
+        new_secret(REPLICA_SECRET, ns, &opts.name, "Opaque", &replica_data),
         new_secret(
             CA_BUNDLE_SECRET,
             ns,
@@ -374,6 +410,7 @@ const CLI_OWNED: &[&str] = &[
     SERVER_SECRET,
     CLIENT_SECRET,
     ADMIN_SECRET,
+    REPLICA_SECRET,
     CA_BUNDLE_SECRET,
     CONFIG_MAP,
 ];
@@ -508,6 +545,7 @@ pub async fn disable(target: &KubeTarget, force: bool) -> Result<DisableReport, 
         SERVER_SECRET,
         CLIENT_SECRET,
         ADMIN_SECRET,
+        REPLICA_SECRET,
         CA_BUNDLE_SECRET,
         CA_SECRET,
     ] {

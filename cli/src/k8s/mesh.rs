@@ -471,6 +471,13 @@ impl<'a> Side<'a> {
             .collect()
     }
 
+    fn bad_bundle(&self, e: &clustermesh_certs::trust_bundle::BundleError) -> KubeModeError {
+        KubeModeError::CaMismatch(format!(
+            "the trust bundle of cluster {} (Secret {CA_BUNDLE_SECRET}, key {CA_BUNDLE_KEY}) is unreadable: {e}; fix it or run `clustermesh enable` again",
+            self.name()
+        ))
+    }
+
     /// The CA bundle Secret change that makes `pem` its bundle, if that differs.
     fn bundle_change(&self, pem: &str) -> Option<Change> {
         (pem != self.bundle_pem).then(|| {
@@ -758,7 +765,7 @@ pub async fn connect(src: &KubeTarget, dst: &KubeTarget) -> Result<ConnectReport
                 },
             ));
         }
-        let pem = bundle_with(&x.bundle_pem, &y.ca_cert);
+        let pem = bundle_with(&x.bundle_pem, &y.ca_cert, y.name()).map_err(|e| x.bad_bundle(&e))?;
         bundles.extend(x.bundle_change(&pem).map(|c| (&x.objs, c)));
         let remotes = upserted(
             &x.remotes,
@@ -823,12 +830,12 @@ pub async fn disconnect(
     for (x, y) in [(&a, &b), (&b, &a)] {
         let remotes = x.remotes_without(y.name());
         agents.extend(x.agent_change(&remotes)?.map(|c| (&x.objs, c)));
-        let mut pem = bundle_without(&x.bundle_pem, &y.ca_cert);
+        let mut pem = bundle_without(&x.bundle_pem, &y.ca_cert).map_err(|e| x.bad_bundle(&e))?;
         if let Some(pinned) = x.pinned_ca(y.name()) {
-            pem = bundle_without(&pem, pinned);
+            pem = bundle_without(&pem, pinned).map_err(|e| x.bad_bundle(&e))?;
         }
         // Never drop the cluster's own CA, whatever the peer pinned.
-        pem = bundle_with(&pem, &x.ca_cert);
+        pem = bundle_with(&pem, &x.ca_cert, x.name()).map_err(|e| x.bad_bundle(&e))?;
         bundles.extend(x.bundle_change(&pem).map(|c| (&x.objs, c)));
     }
     let changes: Vec<_> = agents.into_iter().chain(bundles).collect();
@@ -867,7 +874,9 @@ pub async fn forget(src: &KubeTarget, peer: &str) -> Result<DisconnectReport, Ku
             new: a.agent_cm_with(&remotes)?,
         },
     )];
-    let pem = bundle_with(&bundle_without(&a.bundle_pem, &pinned), &a.ca_cert);
+    let pem = bundle_without(&a.bundle_pem, &pinned)
+        .and_then(|pem| bundle_with(&pem, &a.ca_cert, a.name()))
+        .map_err(|e| a.bad_bundle(&e))?;
     changes.extend(a.bundle_change(&pem).map(|c| (&a.objs, c)));
     let written = commit(changes).await?;
     tracing::info!(

@@ -8,8 +8,9 @@
 //! | Secret `clustermesh-ca`               | the cluster's CA: `tls.crt`, `tls.key`, `ca.crt` |
 //! | Secret `clustermesh-apiserver-server` | mesh API server leaf (`kubernetes.io/tls` + `ca.crt`) |
 //! | Secret `clustermesh-apiserver-admin`  | admin client leaf for the CLI |
-//! | Secret `clustermesh-agent-client`     | agents' client leaf; `ca.crt` is this cluster's CA |
-//! | Secret `clustermesh-ca-bundle`        | `ca-bundle.crt`: CAs the mesh API server trusts (own + peers) |
+//! | Secret `clustermesh-agent-client`     | agents' leaf (`cluster/<c>/agent`); `ca.crt` is this cluster's CA |
+//! | Secret `clustermesh-apiserver-replicas` | store replica leaves `replica-<n>.crt`/`.key` (`cluster/<c>/replica/<n>`) |
+//! | Secret `clustermesh-ca-bundle`        | `ca-bundle.crt`: CAs the mesh API server trusts, each labelled with its cluster |
 //! | ConfigMap `clustermesh-config`        | cluster name, ID, trust domain, service type, chart value overrides (`values.yaml`) |
 //!
 //! The leaf and bundle Secret names are the chart's `tls.*` value defaults (a unit test
@@ -43,6 +44,22 @@ pub const SERVER_SECRET: &str = "clustermesh-apiserver-server";
 pub const ADMIN_SECRET: &str = "clustermesh-apiserver-admin";
 /// Secret with the agents' client leaf (chart value `tls.clientSecret`).
 pub const CLIENT_SECRET: &str = "clustermesh-agent-client";
+/// Secret with the store replicas' leaves `replica-<n>.crt`/`.key` (chart value
+/// `tls.replicaSecret`).
+pub const REPLICA_SECRET: &str = "clustermesh-apiserver-replicas";
+/// Raft IDs a replica certificate is issued for: 0..=4 for the StatefulSet's pod indexes
+/// (up to 5 replicas), and 1, the single replica's default ID.
+pub const REPLICA_IDS: std::ops::RangeInclusive<u64> = 0..=4;
+/// Key of replica `n`'s certificate in [`REPLICA_SECRET`].
+#[must_use]
+pub fn replica_cert_key(n: u64) -> String {
+    format!("replica-{n}.crt")
+}
+/// Key of replica `n`'s private key in [`REPLICA_SECRET`].
+#[must_use]
+pub fn replica_key_key(n: u64) -> String {
+    format!("replica-{n}.key")
+}
 /// Secret with the trusted CA bundle (chart value `tls.caBundleSecret`).
 pub const CA_BUNDLE_SECRET: &str = "clustermesh-ca-bundle";
 /// Key of the bundle in [`CA_BUNDLE_SECRET`].
@@ -649,6 +666,7 @@ mod tests {
         assert_eq!(tls["adminSecret"], ADMIN_SECRET);
         assert_eq!(tls["clientSecret"], CLIENT_SECRET);
         assert_eq!(tls["caBundleSecret"], CA_BUNDLE_SECRET);
+        assert_eq!(tls["replicaSecret"], REPLICA_SECRET);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::server::serve_grpc;
 use clustermesh_certs::issue::{MeshCa, ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
 use clustermesh_certs::transport::MeshEndpoint;
+use clustermesh_certs::trust_bundle::TrustBundle;
 use clustermesh_certs::{IssuedCert, MeshTls, TlsSource, TrustDomain};
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::{EtcdConfig, EtcdStore, Store};
@@ -141,23 +142,60 @@ impl Drop for EtcdProcess {
     }
 }
 
-/// A throwaway mesh PKI.
+/// Peer clusters the test PKI has CAs for (as if connected to the server's cluster).
+pub const PEERS: [&str; 3] = ["west", "north", "south"];
+
+/// A throwaway mesh PKI shaped like a real mesh: the server's own CA (`ca`, for its own
+/// cluster's roles and admins) and one CA per connected peer ([`PEERS`]); every party
+/// trusts the labelled bundle of all of them.
 pub struct Pki {
     pub ca: MeshCa,
+    pub peers: std::collections::BTreeMap<String, MeshCa>,
+    home: std::sync::Mutex<Option<String>>,
 }
 
 impl Pki {
     pub fn new() -> Pki {
         Pki {
             ca: MeshCa::generate(td()).unwrap(),
+            peers: PEERS
+                .iter()
+                .map(|p| ((*p).to_owned(), MeshCa::generate(td()).unwrap()))
+                .collect(),
+            home: std::sync::Mutex::new(None),
         }
     }
 
-    fn tls(&self, leaf: &IssuedCert) -> Arc<dyn TlsSource> {
+    fn home(&self) -> String {
+        self.home
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| "east".to_owned())
+    }
+
+    /// The labelled trust bundle: `ca` for the server's cluster, each peer's for itself.
+    pub fn bundle_pem(&self) -> String {
+        let mut bundle = TrustBundle::from_pem(self.ca.cert_pem().as_bytes()).unwrap();
+        let own = bundle.clone();
+        bundle = TrustBundle::new();
+        bundle.merge_as(&own, &self.home());
+        for (name, ca) in &self.peers {
+            if *name != self.home() {
+                bundle.merge_as(
+                    &TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap(),
+                    name,
+                );
+            }
+        }
+        bundle.to_pem()
+    }
+
+    pub fn tls(&self, leaf: &IssuedCert) -> Arc<dyn TlsSource> {
         Arc::new(
             MeshTls::from_pem(
                 td(),
-                self.ca.cert_pem().as_bytes(),
+                self.bundle_pem().as_bytes(),
                 leaf.cert_pem.as_bytes(),
                 leaf.key_pem.as_bytes(),
             )
@@ -165,8 +203,10 @@ impl Pki {
         )
     }
 
-    /// The API server's certificate for cluster `cluster`, valid for localhost/127.0.0.1.
+    /// The API server's certificate for cluster `cluster`, valid for localhost/127.0.0.1,
+    /// issued by the home CA (the PKI's clusters other than [`PEERS`] are its own).
     pub fn server(&self, cluster: &str) -> Arc<dyn TlsSource> {
+        *self.home.lock().unwrap() = Some(cluster.to_owned());
         let names = ServerNames::new(
             ["localhost".to_owned()],
             [std::net::IpAddr::from([127, 0, 0, 1])],
@@ -179,17 +219,40 @@ impl Pki {
         )
     }
 
-    /// A remote cluster's client certificate.
+    /// The CA that issues cluster `cluster`'s certificates.
+    pub fn ca_of(&self, cluster: &str) -> &MeshCa {
+        match self.peers.get(cluster) {
+            Some(ca) if cluster != self.home() => ca,
+            _ => &self.ca,
+        }
+    }
+
+    /// The agent certificate of cluster `cluster` (the server's own agents, or a
+    /// connected peer's agents in direct mode), issued by that cluster's CA.
     pub fn cluster_client(&self, cluster: &str) -> Arc<dyn TlsSource> {
         self.tls(
             &self
-                .ca
-                .issue_client(cluster, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+                .ca_of(cluster)
+                .issue_agent(cluster, Validity::from_now(DEFAULT_LEAF_VALIDITY))
                 .unwrap(),
         )
     }
 
-    /// An admin certificate.
+    /// The mesh API server certificate of peer `cluster` (what a mirroring peer presents).
+    pub fn peer_server(&self, cluster: &str) -> Arc<dyn TlsSource> {
+        self.tls(
+            &self
+                .ca_of(cluster)
+                .issue_server(
+                    cluster,
+                    &ServerNames::default(),
+                    Validity::from_now(DEFAULT_LEAF_VALIDITY),
+                )
+                .unwrap(),
+        )
+    }
+
+    /// An admin certificate (issued by the server cluster's own CA).
     pub fn admin(&self, name: &str) -> Arc<dyn TlsSource> {
         self.tls(
             &self
@@ -225,7 +288,7 @@ impl ServerSetup {
         ServerSetup {
             cluster: cluster.to_owned(),
             cache: CacheConfig::default(),
-            policy: AccessPolicy::default(),
+            policy: AccessPolicy::new(cluster),
             stream_buffer: 64,
         }
     }

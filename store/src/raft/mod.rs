@@ -38,7 +38,7 @@ pub use cluster::LocalCluster;
 pub use command::{CasPut, Command, CommandResponse, StoredKv};
 pub use config::{ConfigError, NodeId, RaftConfig, RaftConfigBuilder};
 pub use network::NetworkFaults;
-pub use node::{peer_status, PeerStatus, Replica};
+pub use node::{peer_status, peer_write, PeerStatus, Replica};
 pub use store::RaftStore;
 pub use tls::ReplicaTls;
 

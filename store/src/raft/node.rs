@@ -80,6 +80,26 @@ pub async fn peer_status(
         .map_err(|e| unavailable(e.to_string()))
 }
 
+/// Sends `cmd` as a forwarded client write (the raft port's `Write` RPC) to the replica
+/// at `addr`, presenting `tls`: what a follower does for its clients, and what an
+/// attacker holding some certificate would try. Used by the security tests.
+///
+/// # Errors
+/// [`StoreError::Unavailable`] when the call is refused or fails, naming why.
+pub async fn peer_write(
+    addr: &str,
+    tls: Option<ReplicaTls>,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<CommandResponse, StoreError> {
+    let peers = Peers::new(0, tls, Arc::new(NetworkFaults::new()), timeout);
+    let answer: Result<CommandResponse, ForwardError> = peers
+        .call(u64::MAX, addr, Method::Write, &cmd, Some(timeout))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    answer.map_err(|e| unavailable(format!("write not applied: {e:?}")))
+}
+
 /// A running replica.
 pub struct Replica {
     id: NodeId,

@@ -1,11 +1,13 @@
 //! mTLS for replica traffic, on the `certs` crate's tonic transport.
 //!
-//! Every replica of one store belongs to one mesh cluster and presents that cluster's
-//! certificate (`spiffe://<trust-domain>/cluster/<name>`, valid for server and client
-//! auth). The TLS handshake already rejects other trust domains and CAs (the verifiers of
-//! the `certs` crate); on top of that a replica accepts RPCs only from, and dials only,
-//! peers whose identity names **its own cluster**: a replica of another cluster or an
-//! admin certificate signed by the same CA is refused.
+//! Every replica of one store belongs to one mesh cluster and presents a *replica*
+//! certificate of that cluster (`spiffe://<trust-domain>/cluster/<name>/replica/<n>`,
+//! valid for server and client auth). The TLS handshake already rejects other trust
+//! domains and CAs, and CAs that may not issue replica identities of our cluster (a
+//! connected peer's CA: see `clustermesh_certs::scope`); on top of that a replica accepts
+//! RPCs only from, and dials only, **replicas of its own cluster**. The cluster's mesh API
+//! server certificate, its agents' certificate, an admin certificate or a replica of
+//! another cluster are all refused: raft RPCs write the store, and only replicas may.
 
 use std::sync::Arc;
 
@@ -37,8 +39,8 @@ impl ReplicaTls {
     }
 
     /// A throwaway PKI for replicas on 127.0.0.1 (tests, benchmarks, the demo): a fresh
-    /// CA for `trust_domain` and one leaf for cluster `cluster` with `localhost` and
-    /// `127.0.0.1` SANs. Returns the CA too, so callers can mint other identities.
+    /// CA for `trust_domain` and one replica leaf (replica 1, shared by every replica) for
+    /// cluster `cluster` with `localhost` and `127.0.0.1` SANs. Returns the CA too, so callers can mint other identities.
     pub fn ephemeral_loopback(
         trust_domain: &str,
         cluster: &str,
@@ -53,7 +55,12 @@ impl ReplicaTls {
             [std::net::IpAddr::from([127, 0, 0, 1])],
         );
         let leaf = ca
-            .issue_server(cluster, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .issue_replica(
+                cluster,
+                1,
+                &names,
+                Validity::from_now(DEFAULT_LEAF_VALIDITY),
+            )
             .map_err(|e| tls_err(&e))?;
         let tls = MeshTls::from_pem(
             td,
@@ -77,29 +84,29 @@ impl ReplicaTls {
         &self.cluster
     }
 
-    /// A lazily connecting channel to the replica at `addr` that must present our
-    /// cluster's identity.
+    /// A lazily connecting channel to the replica at `addr`, which must present a replica
+    /// identity of our cluster.
     pub(crate) fn channel(&self, addr: &str, endpoint: Endpoint) -> Result<Channel, String> {
-        let expected = PeerIdentity::cluster(self.source.trust_domain(), &self.cluster)
-            .map_err(|e| format!("invalid replica identity: {e}"))?;
+        let cluster = PeerIdentity::cluster(self.source.trust_domain(), &self.cluster)
+            .map_err(|e| format!("invalid replica cluster: {e}"))?;
         let mesh = MeshEndpoint::new(addr, self.source.clone())
             .map_err(|e| format!("invalid replica address {addr:?}: {e}"))?
-            .expect_peer(expected);
+            .expect_replica_of(cluster);
         Ok(mesh.connect_lazy_with(endpoint))
     }
 
-    /// Accepts a request only from a peer with our cluster's identity.
+    /// Accepts a request only from a replica of our own cluster.
     pub(crate) fn authorize(&self, peer: Option<&PeerIdentity>) -> Result<(), Status> {
         let Some(peer) = peer else {
             return Err(Status::unauthenticated(
                 "raft RPC without a verified mesh identity; replicas must connect over mTLS",
             ));
         };
-        if peer.kind() != IdentityKind::Cluster || peer.name() != self.cluster {
-            tracing::warn!(%peer, cluster = %self.cluster, "refused raft RPC from a peer of another cluster");
+        if peer.kind() != IdentityKind::Replica || peer.cluster_name() != Some(&self.cluster) {
+            tracing::warn!(%peer, cluster = %self.cluster, role = %peer.kind(), "refused raft RPC: only replicas of this cluster may call the raft port");
             return Err(Status::permission_denied(format!(
-                "{peer} is not a replica of cluster {}; raft peers must present the cluster's own certificate",
-                self.cluster
+                "{peer} is not a replica of cluster {}; the raft port accepts only replica certificates (spiffe://<trust-domain>/cluster/{}/replica/<n>)",
+                self.cluster, self.cluster
             )));
         }
         Ok(())

@@ -45,13 +45,19 @@ spec:
         - --raft-data-dir=/var/lib/clustermesh
         - --raft-listen=0.0.0.0:{{ .Values.apiserver.raftPort }}
         {{- if gt (int .Values.apiserver.replicas) 1 }}
-        {{- /* Raft IDs are the StatefulSet pod indexes. */}}
+        {{- /* Raft IDs are the StatefulSet pod indexes; each replica presents its own
+               replica certificate (spiffe://<td>/cluster/<name>/replica/<id>). */}}
         - --raft-id=$(POD_INDEX)
+        - --replica-cert=/etc/clustermesh/replica/replica-$(POD_INDEX).crt
+        - --replica-key=/etc/clustermesh/replica/replica-$(POD_INDEX).key
         {{- $ns := .Release.Namespace }}
         {{- $port := .Values.apiserver.raftPort }}
         {{- range $i := until (int .Values.apiserver.replicas) }}
         - --raft-peer={{ $i }}=clustermesh-apiserver-{{ $i }}.clustermesh-apiserver-peers.{{ $ns }}.svc:{{ $port }}
         {{- end }}
+        {{- else }}
+        - --replica-cert=/etc/clustermesh/replica/replica-1.crt
+        - --replica-key=/etc/clustermesh/replica/replica-1.key
         {{- end }}
         {{- else }}
         - --etcd-endpoints={{ .Values.apiserver.store.etcd.endpoints }}
@@ -106,6 +112,11 @@ spec:
           readOnly: true
         - name: data
           mountPath: /var/lib/clustermesh
+        {{- if eq .Values.apiserver.store.type "raft" }}
+        - name: replica
+          mountPath: /etc/clustermesh/replica
+          readOnly: true
+        {{- end }}
         {{- if .Values.apiserver.store.etcd.tlsSecret }}
         - name: etcd-tls
           mountPath: /etc/clustermesh/etcd-tls
@@ -126,12 +137,19 @@ spec:
                   path: server.crt
                 - key: tls.key
                   path: server.key
-          # Trusted CAs: this cluster's plus every connected cluster's (clustermesh connect).
+          # Trusted CAs: this cluster's plus every connected cluster's (clustermesh connect),
+          # each labelled with the one cluster whose identities it may issue.
           - secret:
               name: {{ .Values.tls.caBundleSecret }}
               items:
                 - key: ca-bundle.crt
                   path: ca.crt
+    {{- if eq .Values.apiserver.store.type "raft" }}
+    # Store replica certificates (replica-<id>.crt/.key): only the raft port accepts them.
+    - name: replica
+      secret:
+        secretName: {{ .Values.tls.replicaSecret }}
+    {{- end }}
     {{- if not (and (eq .Values.apiserver.store.type "raft") (gt (int .Values.apiserver.replicas) 1) .Values.apiserver.store.raft.persistence.enabled) }}
     - name: data
       emptyDir: {}
