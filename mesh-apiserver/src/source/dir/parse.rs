@@ -240,6 +240,22 @@ mod tests {
     }
 
     #[test]
+    fn nesting_over_the_limit_is_refused_naming_file_line_and_limit() {
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: a}}\n---\nk: {}\n",
+            "[".repeat(100_000)
+        );
+        let err = parse_manifests("deep.yaml", &text).unwrap_err();
+        assert_eq!(err.metric_reason(), "manifest_limit");
+        assert_eq!(err.line(), 5);
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("deep.yaml:5:") && shown.contains("100 levels"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn missing_kind_is_an_error() {
         let err = parse_manifests("f.yaml", "metadata: {name: a}\n").unwrap_err();
         assert!(err.to_string().contains("kind"));
