@@ -10,7 +10,9 @@ pub mod kubernetes;
 mod object;
 
 pub use dir::{
-    parse_manifests, DirSource, DirSourceError, ManifestError, DEFAULT_POLL_INTERVAL, MAX_FILE_SIZE,
+    parse_manifests, DirSource, DirSourceError, LimitExceeded, ManifestError,
+    DEFAULT_POLL_INTERVAL, DEFAULT_SETTLE_TIME, MAX_DOCUMENT_SIZE, MAX_FILE_SIZE,
+    MAX_NESTING_DEPTH,
 };
 pub use kubernetes::{KubernetesSource, KubernetesSourceError};
 pub use object::{K8sObject, ObjectKind, ObjectRef};
