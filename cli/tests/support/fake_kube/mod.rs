@@ -39,17 +39,28 @@
 //! [`FakeKube::requests`] is the request log, and [`FakeKube::insert`] /
 //! [`FakeKube::object`] / [`FakeKube::set_status`] read and write the store directly.
 
+mod discovery;
+mod immutable;
+mod store;
+mod tls;
+mod validate;
+mod watch;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
+
+pub use store::base64;
+pub use tls::TlsMaterial;
 
 /// Bearer token the kubeconfigs written by [`kubeconfig`] carry and the server demands.
 pub const TOKEN: &str = "fake-kube-token";
@@ -340,7 +351,18 @@ enum Operation {
 }
 
 /// A field manager's record: operation, apiVersion, fields it last applied.
-type ManagerEntry = (Operation, String, BTreeSet<String>);
+type ManagerEntry = (Operation, String, BTreeSet<store::FieldPath>);
+
+/// One change of the store, as a watch reports it.
+#[derive(Debug, Clone)]
+struct Event {
+    /// The store's revision after the change.
+    revision: u64,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    kind: &'static str,
+    key: Key,
+    object: Value,
+}
 
 struct State {
     objects: BTreeMap<Key, Value>,
@@ -352,6 +374,25 @@ struct State {
     failures: Vec<Failure>,
     proxies: HashMap<(String, String, Option<u16>), ProxyHandler>,
     requests: Vec<Recorded>,
+    /// Every `Warning` the server sent (unknown fields dropped under `Warn`).
+    warnings: Vec<String>,
+    /// Every change since start, oldest first, for watches.
+    events: Vec<Event>,
+    /// The revision of the newest event; watches wait on it.
+    revision_tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl State {
+    fn record_event(&mut self, kind: &'static str, key: &Key, object: &Value) {
+        let revision = self.revision;
+        self.events.push(Event {
+            revision,
+            kind,
+            key: key.clone(),
+            object: object.clone(),
+        });
+        self.revision_tx.send_replace(revision);
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -370,6 +411,8 @@ pub struct FakeKube {
     pub url: String,
     /// Listening address.
     pub addr: SocketAddr,
+    /// Certificates when the server speaks HTTPS ([`FakeKube::start_tls`]).
+    pub tls: Option<TlsMaterial>,
     state: Arc<Mutex<State>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -387,6 +430,16 @@ impl FakeKube {
     /// Starts a server on a free loopback port with the namespaces `default`,
     /// `kube-system` and `kube-public`.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Like [`Self::start`], speaking HTTPS with a fresh CA ([`Self::tls`]); requests
+    /// authenticate with the bearer token or the client certificate.
+    pub async fn start_tls() -> Self {
+        Self::start_with(Some(tls::issue())).await
+    }
+
+    async fn start_with(tls: Option<TlsMaterial>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake API server");
@@ -400,12 +453,20 @@ impl FakeKube {
             failures: Vec::new(),
             proxies: HashMap::new(),
             requests: Vec::new(),
+            warnings: Vec::new(),
+            events: Vec::new(),
+            revision_tx: tokio::sync::watch::channel(0).0,
         }));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(serve(listener, Arc::clone(&state), stop_rx));
+        let acceptor = tls
+            .as_ref()
+            .map(|m| tokio_rustls::TlsAcceptor::from(tls::server_config(m)));
+        let task = tokio::spawn(serve(listener, Arc::clone(&state), stop_rx, acceptor));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let fake = Self {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             addr,
+            tls,
             state,
             stop,
             task: Mutex::new(Some(task)),
@@ -441,7 +502,7 @@ impl FakeKube {
             .or_insert_with(|| json!(format!("fake-uid-{rv}")));
         meta.entry("creationTimestamp")
             .or_insert_with(|| json!("2026-01-01T00:00:00Z"));
-        st.objects.insert(key, obj.clone());
+        st.put_object(&key, obj.clone());
         obj
     }
 
@@ -489,9 +550,7 @@ impl FakeKube {
         let Target::Object(key) = parse_path(path) else {
             panic!("not an object path: {path}");
         };
-        let mut st = self.state.lock().unwrap();
-        st.managers.remove(&key);
-        st.objects.remove(&key)
+        self.state.lock().unwrap().remove_object(&key)
     }
 
     /// Replaces the `status` of the object at `path` (bumping its resourceVersion).
@@ -508,6 +567,15 @@ impl FakeKube {
             .unwrap_or_else(|| panic!("no object at {path}"));
         obj["status"] = status;
         metadata_mut(obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        let obj = obj.clone();
+        st.record_event("MODIFIED", &key, &obj);
+    }
+
+    /// Every `Warning` header value the server sent so far (e.g. `unknown field
+    /// "spec.foo"` for a field a write carried that the schema does not declare; the
+    /// real server drops such fields under the default `fieldValidation=Warn`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.state.lock().unwrap().warnings.clone()
     }
 
     /// Field managers recorded for the object at `path`, with their operation
@@ -599,8 +667,52 @@ impl FakeKube {
 /// Writes a kubeconfig at `dir/kubeconfig` with one context (and cluster) per
 /// `(name, server)`, all using bearer token [`TOKEN`]; the first is the current context.
 pub fn kubeconfig(dir: &Path, contexts: &[(&str, &FakeKube)]) -> PathBuf {
-    let urls: Vec<(&str, &str)> = contexts.iter().map(|(n, f)| (*n, f.url.as_str())).collect();
-    kubeconfig_urls(dir, &urls)
+    write_kubeconfig(dir, contexts, false)
+}
+
+/// [`kubeconfig`] whose users authenticate with each server's client certificate
+/// instead of the token (the servers must speak TLS, [`FakeKube::start_tls`]).
+pub fn kubeconfig_client_cert(dir: &Path, contexts: &[(&str, &FakeKube)]) -> PathBuf {
+    write_kubeconfig(dir, contexts, true)
+}
+
+fn write_kubeconfig(dir: &Path, contexts: &[(&str, &FakeKube)], client_cert: bool) -> PathBuf {
+    let mut clusters = String::new();
+    let mut ctxs = String::new();
+    let mut users = String::new();
+    for (name, fake) in contexts {
+        let url = &fake.url;
+        let ca = fake.tls.as_ref().map_or(String::new(), |m| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64(m.ca_pem.as_bytes())
+            )
+        });
+        clusters.push_str(&format!(
+            "- name: {name}-cluster\n  cluster:\n    server: {url}\n{ca}"
+        ));
+        let user = match (&fake.tls, client_cert) {
+            (Some(m), true) => {
+                users.push_str(&format!(
+                    "- name: {name}-admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+                    base64(m.client_cert_pem.as_bytes()),
+                    base64(m.client_key_pem.as_bytes())
+                ));
+                format!("{name}-admin")
+            }
+            _ => "fake-user".to_owned(),
+        };
+        ctxs.push_str(&format!(
+            "- name: {name}\n  context:\n    cluster: {name}-cluster\n    user: {user}\n"
+        ));
+    }
+    let current = contexts.first().map(|(n, _)| *n).unwrap_or_default();
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n- name: fake-user\n  user:\n    token: {TOKEN}\n{users}current-context: {current}\n"
+    );
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// [`kubeconfig`] with explicit server URLs (e.g. a closed port).
@@ -628,6 +740,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<Mutex<State>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -636,14 +749,18 @@ async fn serve(
             accepted = listener.accept() => {
                 let Ok((sock, _)) = accepted else { continue };
                 let state = Arc::clone(&state);
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(sock), service)
-                        .await;
+                    match tls {
+                        None => serve_connection(TokioIo::new(sock), state, false).await,
+                        Some(acceptor) => {
+                            // A failed handshake (e.g. a client that does not trust
+                            // the CA) just closes the connection.
+                            let Ok(stream) = acceptor.accept(sock).await else { return };
+                            let has_cert = stream.get_ref().1.peer_certificates().is_some();
+                            serve_connection(TokioIo::new(stream), state, has_cert).await;
+                        }
+                    }
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -654,12 +771,29 @@ async fn serve(
     connections.shutdown().await;
 }
 
+/// Serves HTTP/1.1 on one connection; `client_cert`: the TLS peer presented a
+/// certificate the CA signed (it authenticates every request on the connection).
+async fn serve_connection<I>(io: TokioIo<I>, state: Arc<Mutex<State>>, client_cert: bool)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, std::convert::Infallible>(handle(&state, req, client_cert).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
+}
+
 /// A response before it becomes an HTTP one.
 #[derive(Debug)]
 struct Reply {
     status: u16,
     content_type: String,
     body: Vec<u8>,
+    /// `Warning` headers (RFC 7234 form `299 - "text"`, as the real server sends).
+    warnings: Vec<String>,
 }
 
 impl Reply {
@@ -668,7 +802,13 @@ impl Reply {
             status,
             content_type: "application/json".into(),
             body: value.to_string().into_bytes(),
+            warnings: Vec::new(),
         }
+    }
+
+    fn with_warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings = warnings;
+        self
     }
 }
 
@@ -733,7 +873,9 @@ fn stale_conflict(key: &Key) -> Reply {
     )
 }
 
-async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -746,40 +888,74 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
     };
     let content_type = header("content-type");
     let authorization = header("authorization");
+    let accept = header("accept");
+    let host = header("host");
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => return to_response(status_error(400, format!("cannot read body: {e}"), None)),
     };
-    let reply = route(
-        state,
-        &Recorded {
-            method,
-            path,
-            query,
-            content_type,
-        },
-        &authorization,
-        body,
-    );
+    let recorded = Recorded {
+        method,
+        path,
+        query,
+        content_type,
+    };
+    let authenticated = client_cert || authorization == format!("Bearer {TOKEN}");
+    let params = parse_query(&recorded.query);
+    let table = discovery::wants_table(&accept);
+    if authenticated
+        && recorded.method == "GET"
+        && params.get("watch").is_some_and(|w| w == "true" || w == "1")
+    {
+        state.lock().unwrap().requests.push(recorded.clone());
+        return match watch::start(state, &parse_path(&recorded.path), &params, table) {
+            Ok(frames) => Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames)).boxed())
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())),
+            Err(reply) => to_response(reply),
+        };
+    }
+    let reply = route(state, &recorded, authenticated, &host, body);
+    let is_get = recorded.method == "GET"
+        && matches!(
+            parse_path(&recorded.path),
+            Target::Collection(_) | Target::Object(_)
+        );
+    if table && is_get {
+        let include = params.get("includeObject").map_or("Metadata", String::as_str);
+        return to_response(discovery::to_table(reply, include));
+    }
     to_response(reply)
 }
 
-fn to_response(reply: Reply) -> Response<Full<Bytes>> {
-    Response::builder()
+fn to_response(reply: Reply) -> Response<Body> {
+    let mut builder = Response::builder()
         .status(reply.status)
-        .header("content-type", reply.content_type)
-        .body(Full::new(Bytes::from(reply.body)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .header("content-type", reply.content_type);
+    for w in &reply.warnings {
+        builder = builder.header("warning", format!("299 - {w:?}"));
+    }
+    builder
+        .body(Full::new(Bytes::from(reply.body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-fn route(state: &Mutex<State>, req: &Recorded, authorization: &str, body: Vec<u8>) -> Reply {
+fn route(
+    state: &Mutex<State>,
+    req: &Recorded,
+    authenticated: bool,
+    host: &str,
+    body: Vec<u8>,
+) -> Reply {
     let target = parse_path(&req.path);
     let params = parse_query(&req.query);
     let proxy_handler;
     {
         let mut st = state.lock().unwrap();
         st.requests.push(req.clone());
-        if authorization != format!("Bearer {TOKEN}") {
+        if !authenticated {
             return status_error(401, "Unauthorized", None);
         }
         let path_and_query = if req.query.is_empty() {
@@ -800,8 +976,10 @@ fn route(state: &Mutex<State>, req: &Recorded, authorization: &str, body: Vec<u8
                 None,
             );
         }
-        if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            return status_error(400, "watch is not supported by the fake API server", None);
+        if req.method == "GET" && matches!(target, Target::Unknown) {
+            if let Some(reply) = discovery::serve(&req.path, host) {
+                return reply;
+            }
         }
         match &target {
             Target::PodProxy { key, port, .. } => {
@@ -848,6 +1026,7 @@ fn route(state: &Mutex<State>, req: &Recorded, authorization: &str, body: Vec<u8
         status: r.status,
         content_type: r.content_type,
         body: r.body,
+        warnings: Vec::new(),
     }
 }
 
@@ -901,758 +1080,5 @@ fn metadata_mut(obj: &mut Value) -> &mut Map<String, Value> {
     match obj.get_mut("metadata").and_then(Value::as_object_mut) {
         Some(m) => m,
         None => unreachable!("metadata was just made an object"),
-    }
-}
-
-/// One label selector requirement.
-enum Requirement {
-    Eq(String, String),
-    Ne(String, String),
-    Exists(String),
-    Absent(String),
-}
-
-fn parse_label_selector(sel: &str) -> Result<Vec<Requirement>, String> {
-    let mut out = Vec::new();
-    for part in sel.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if part.contains(" in ") || part.contains(" notin ") || part.contains('(') {
-            return Err(format!(
-                "set-based label selector {part:?} is not supported by the fake API server"
-            ));
-        }
-        let r = if let Some((k, v)) = part.split_once("!=") {
-            Requirement::Ne(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = part.split_once("==") {
-            Requirement::Eq(k.trim().into(), v.trim().into())
-        } else if let Some((k, v)) = part.split_once('=') {
-            Requirement::Eq(k.trim().into(), v.trim().into())
-        } else if let Some(k) = part.strip_prefix('!') {
-            Requirement::Absent(k.trim().into())
-        } else {
-            Requirement::Exists(part.into())
-        };
-        out.push(r);
-    }
-    Ok(out)
-}
-
-fn labels_match(obj: &Value, reqs: &[Requirement]) -> bool {
-    let labels = &obj["metadata"]["labels"];
-    reqs.iter().all(|r| match r {
-        Requirement::Eq(k, v) => labels[k].as_str() == Some(v),
-        Requirement::Ne(k, v) => labels[k].as_str() != Some(v),
-        Requirement::Exists(k) => labels.get(k).is_some(),
-        Requirement::Absent(k) => labels.get(k).is_none(),
-    })
-}
-
-fn fields_match(obj: &Value, sel: &str) -> Result<bool, String> {
-    for part in sel.split(',').filter(|p| !p.is_empty()) {
-        let (field, want, negate) = if let Some((f, v)) = part.split_once("!=") {
-            (f, v, true)
-        } else if let Some((f, v)) = part.split_once("==") {
-            (f, v, false)
-        } else if let Some((f, v)) = part.split_once('=') {
-            (f, v, false)
-        } else {
-            return Err(format!("invalid field selector {part:?}"));
-        };
-        let have = match field {
-            "metadata.name" => obj["metadata"]["name"].as_str(),
-            "metadata.namespace" => obj["metadata"]["namespace"].as_str(),
-            other => {
-                return Err(format!(
-                    "field selector {other:?} is not supported by the fake API server"
-                ))
-            }
-        };
-        if (have == Some(want)) == negate {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Some(patch) = patch.as_object() else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let Some(t) = target.as_object_mut() else {
-        return;
-    };
-    for (k, v) in patch {
-        if v.is_null() {
-            t.remove(k);
-        } else {
-            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-        }
-    }
-}
-
-/// Dotted paths of the leaves of `v` (lists and empty objects are leaves).
-fn leaves(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
-    match v.as_object() {
-        Some(m) if !m.is_empty() => {
-            for (k, child) in m {
-                leaves(child, &format!("{prefix}.{k}"), out);
-            }
-        }
-        _ => {
-            out.insert(prefix.to_owned());
-        }
-    }
-}
-
-fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.trim_start_matches('.')
-        .split('.')
-        .try_fold(v, |cur, seg| cur.get(seg))
-}
-
-/// The fields an apply request manages (identity and server-set metadata excluded).
-fn applied_fields(obj: &Value) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    leaves(obj, "", &mut out);
-    const SERVER_SET: [&str; 9] = [
-        ".apiVersion",
-        ".kind",
-        ".metadata.name",
-        ".metadata.namespace",
-        ".metadata.resourceVersion",
-        ".metadata.uid",
-        ".metadata.creationTimestamp",
-        ".metadata.generation",
-        ".metadata.managedFields",
-    ];
-    out.retain(|p| {
-        !SERVER_SET
-            .iter()
-            .any(|s| p == s || p.starts_with(&format!("{s}.")))
-    });
-    out
-}
-
-/// Minimal base64 (RFC 4648, with padding) for `stringData`.
-pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-impl State {
-    fn bump(&mut self) -> String {
-        self.revision += 1;
-        self.revision.to_string()
-    }
-
-    fn namespace_exists(&self, ns: &str) -> bool {
-        self.objects.contains_key(&Key {
-            group_version: "api/v1".into(),
-            namespace: None,
-            plural: "namespaces".into(),
-            name: ns.into(),
-        })
-    }
-
-    fn list(&self, c: &Collection, params: &HashMap<String, String>) -> Result<Vec<Key>, Reply> {
-        let labels = parse_label_selector(params.get("labelSelector").map_or("", String::as_str))
-            .map_err(|e| status_error(400, e, None))?;
-        let mut keys = Vec::new();
-        for (k, obj) in &self.objects {
-            if !c.contains(k) || !labels_match(obj, &labels) {
-                continue;
-            }
-            let fields = params.get("fieldSelector").map_or("", String::as_str);
-            if fields_match(obj, fields).map_err(|e| status_error(400, e, None))? {
-                keys.push(k.clone());
-            }
-        }
-        Ok(keys)
-    }
-
-    fn list_body(&self, c: &Collection, items: Vec<Value>) -> Value {
-        json!({
-            "apiVersion": api_version_of(&c.group_version),
-            "kind": format!("{}List", kind_of(&c.plural)),
-            "metadata": {"resourceVersion": self.revision.to_string()},
-            "items": items,
-        })
-    }
-
-    fn dispatch(
-        &mut self,
-        method: &str,
-        target: &Target,
-        params: &HashMap<String, String>,
-        content_type: &str,
-        body: &[u8],
-    ) -> Reply {
-        match (method, target) {
-            ("GET", Target::Version) => Reply::json(
-                200,
-                &json!({
-                    "major": "1", "minor": "34", "gitVersion": "v1.34.0",
-                    "gitCommit": "fake", "gitTreeState": "clean",
-                    "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24",
-                    "compiler": "gc", "platform": "linux/amd64"
-                }),
-            ),
-            ("GET", Target::Collection(c)) => match self.list(c, params) {
-                Ok(keys) => {
-                    let items = keys.iter().map(|k| self.objects[k].clone()).collect();
-                    Reply::json(200, &self.list_body(c, items))
-                }
-                Err(r) => r,
-            },
-            ("GET", Target::Object(key) | Target::Status(key)) => match self.objects.get(key) {
-                Some(obj) => Reply::json(200, obj),
-                None => not_found(key),
-            },
-            ("POST", Target::Collection(c)) => self.create(c, params, body),
-            ("PUT", Target::Object(key)) => self.replace(key, params, body, false),
-            ("PUT", Target::Status(key)) => self.replace(key, params, body, true),
-            ("PATCH", Target::Object(key)) => self.patch(key, params, content_type, body, false),
-            ("PATCH", Target::Status(key)) => self.patch(key, params, content_type, body, true),
-            ("DELETE", Target::Object(key)) => self.delete(key, body),
-            ("DELETE", Target::Collection(c)) => match self.list(c, params) {
-                Ok(keys) => {
-                    let items = keys
-                        .iter()
-                        .filter_map(|k| {
-                            self.managers.remove(k);
-                            self.objects.remove(k)
-                        })
-                        .collect();
-                    self.bump();
-                    Reply::json(200, &self.list_body(c, items))
-                }
-                Err(r) => r,
-            },
-            (_, Target::Unknown) => status_error(
-                404,
-                "the server could not find the requested resource (the fake API server serves /version and resource paths only)",
-                None,
-            ),
-            (m, _) => status_error(405, format!("method {m} is not allowed on this path"), None),
-        }
-    }
-
-    fn parse_body(body: &[u8]) -> Result<Value, Reply> {
-        let v: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            // Apply bodies may be YAML (kubectl); kube-rs sends JSON.
-            Err(_) => serde_yaml::from_slice(body).map_err(|e| {
-                status_error(
-                    400,
-                    format!("the request body is neither JSON nor YAML: {e}"),
-                    None,
-                )
-            })?,
-        };
-        if !v.is_object() {
-            return Err(status_error(400, "the request body is not an object", None));
-        }
-        Ok(v)
-    }
-
-    /// Checks apiVersion/kind/name/namespace of a body against where it is sent.
-    fn check_identity(key: &Key, obj: &Value) -> Result<(), Reply> {
-        let api_version = obj["apiVersion"].as_str().unwrap_or_default();
-        let kind = obj["kind"].as_str().unwrap_or_default();
-        if api_version != key.api_version() || kind != kind_of(&key.plural) {
-            return Err(status_error(
-                400,
-                format!(
-                    "the body is apiVersion {api_version:?} kind {kind:?} but the request is for {} (apiVersion {} kind {})",
-                    key.resource(),
-                    key.api_version(),
-                    kind_of(&key.plural)
-                ),
-                None,
-            ));
-        }
-        if obj["metadata"]["name"].as_str() != Some(key.name.as_str()) {
-            return Err(status_error(
-                400,
-                format!(
-                    "the name of the object ({}) does not match the name on the URL ({})",
-                    obj["metadata"]["name"].as_str().unwrap_or_default(),
-                    key.name
-                ),
-                None,
-            ));
-        }
-        if let Some(ns) = obj["metadata"]["namespace"].as_str() {
-            if Some(ns) != key.namespace.as_deref() {
-                return Err(status_error(
-                    400,
-                    "the namespace of the provided object does not match the namespace sent on the request",
-                    None,
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Fills server-set fields of an object about to be stored; `previous` is the stored
-    /// version for updates.
-    fn finish_write(&mut self, key: &Key, obj: &mut Value, previous: Option<&Value>) {
-        if key.plural == "secrets" {
-            if let Some(string_data) = obj
-                .as_object_mut()
-                .and_then(|o| o.remove("stringData"))
-                .and_then(|v| v.as_object().cloned())
-            {
-                for (k, v) in string_data {
-                    let text = v.as_str().unwrap_or_default().as_bytes().to_vec();
-                    obj["data"][k] = json!(base64(&text));
-                }
-            }
-        }
-        if key.plural == "services" && previous.is_none() {
-            self.allocate_service(obj);
-        }
-        let rv = self.bump();
-        let generation = match previous {
-            None => 1,
-            Some(p) => {
-                let g = p["metadata"]["generation"].as_i64().unwrap_or(1);
-                if p.get("spec") != obj.get("spec") {
-                    g + 1
-                } else {
-                    g
-                }
-            }
-        };
-        let uid = previous
-            .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("fake-uid-{rv}"));
-        let created = previous
-            .and_then(|p| {
-                p["metadata"]["creationTimestamp"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "2026-01-01T00:00:00Z".to_owned());
-        let managed = self.managed_fields(key);
-        let meta = metadata_mut(obj);
-        meta.insert("resourceVersion".into(), json!(rv));
-        meta.insert("uid".into(), json!(uid));
-        meta.insert("creationTimestamp".into(), json!(created));
-        meta.insert("generation".into(), json!(generation));
-        if let Some(ns) = &key.namespace {
-            meta.insert("namespace".into(), json!(ns));
-        }
-        if !managed.is_empty() {
-            meta.insert("managedFields".into(), Value::Array(managed));
-        }
-    }
-
-    fn managed_fields(&self, key: &Key) -> Vec<Value> {
-        self.managers
-            .get(key)
-            .map(|m| {
-                m.iter()
-                    .map(|(name, (op, api_version, _))| {
-                        json!({
-                            "manager": name,
-                            "operation": format!("{op:?}"),
-                            "apiVersion": api_version,
-                            "time": "2026-01-01T00:00:00Z",
-                            "fieldsType": "FieldsV1",
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn allocate_service(&mut self, obj: &mut Value) {
-        if obj["spec"]["clusterIP"]
-            .as_str()
-            .unwrap_or_default()
-            .is_empty()
-        {
-            let n = self.next_cluster_ip;
-            self.next_cluster_ip += 1;
-            obj["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", n / 250, n % 250 + 1));
-        }
-        let typ = obj["spec"]["type"]
-            .as_str()
-            .unwrap_or("ClusterIP")
-            .to_owned();
-        if typ == "NodePort" || typ == "LoadBalancer" {
-            if let Some(ports) = obj["spec"]["ports"].as_array_mut() {
-                for p in ports {
-                    if p["nodePort"].as_u64().unwrap_or(0) == 0 {
-                        p["nodePort"] = json!(self.next_node_port);
-                        self.next_node_port += 1;
-                    }
-                }
-            }
-        }
-    }
-
-    fn record_manager(&mut self, key: &Key, manager: Option<&String>, op: Operation) {
-        if let Some(m) = manager {
-            let api_version = key.api_version();
-            let entry = self.managers.entry(key.clone()).or_default();
-            match entry.get_mut(m) {
-                // An update by an apply manager keeps its applied field set.
-                Some(e) if op == Operation::Update => e.1 = api_version,
-                _ => {
-                    entry.insert(m.clone(), (op, api_version, BTreeSet::new()));
-                }
-            }
-        }
-    }
-
-    fn create(&mut self, c: &Collection, params: &HashMap<String, String>, body: &[u8]) -> Reply {
-        let mut obj = match Self::parse_body(body) {
-            Ok(v) => v,
-            Err(r) => return r,
-        };
-        if obj["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .is_empty()
-        {
-            match obj["metadata"]["generateName"].as_str() {
-                Some(prefix) => {
-                    let name = format!("{prefix}{:05x}", self.revision + 1);
-                    obj["metadata"]["name"] = json!(name);
-                }
-                None => {
-                    return status_error(
-                        422,
-                        format!(
-                            "{} is invalid: metadata.name: Required value: name or generateName is required",
-                            kind_of(&c.plural)
-                        ),
-                        None,
-                    )
-                }
-            }
-        }
-        let key = c.key(obj["metadata"]["name"].as_str().unwrap_or_default());
-        if let Err(r) = Self::check_identity(&key, &obj) {
-            return r;
-        }
-        if let Some(ns) = &key.namespace {
-            if !self.namespace_exists(ns) {
-                return status_error(404, format!("namespaces \"{ns}\" not found"), None);
-            }
-        }
-        if self.objects.contains_key(&key) {
-            return status_with_reason(
-                409,
-                "AlreadyExists",
-                format!("{} \"{}\" already exists", key.resource(), key.name),
-                Some((&key, "")),
-            );
-        }
-        if STATUS_SUBRESOURCE.contains(&key.plural.as_str()) {
-            if let Some(o) = obj.as_object_mut() {
-                o.remove("status");
-            }
-        }
-        self.record_manager(&key, params.get("fieldManager"), Operation::Update);
-        self.finish_write(&key, &mut obj, None);
-        self.objects.insert(key, obj.clone());
-        Reply::json(201, &obj)
-    }
-
-    /// Keeps the stored status (main resource) or everything but the status (`/status`).
-    fn scope_write(key: &Key, stored: &Value, mut new: Value, status_only: bool) -> Value {
-        if status_only {
-            let mut out = stored.clone();
-            out["status"] = new.get("status").cloned().unwrap_or(Value::Null);
-            out
-        } else {
-            if STATUS_SUBRESOURCE.contains(&key.plural.as_str()) {
-                match stored.get("status") {
-                    Some(s) => new["status"] = s.clone(),
-                    None => {
-                        if let Some(o) = new.as_object_mut() {
-                            o.remove("status");
-                        }
-                    }
-                }
-            }
-            new
-        }
-    }
-
-    fn replace(
-        &mut self,
-        key: &Key,
-        params: &HashMap<String, String>,
-        body: &[u8],
-        status_only: bool,
-    ) -> Reply {
-        let obj = match Self::parse_body(body) {
-            Ok(v) => v,
-            Err(r) => return r,
-        };
-        if let Err(r) = Self::check_identity(key, &obj) {
-            return r;
-        }
-        let Some(stored) = self.objects.get(key).cloned() else {
-            return not_found(key);
-        };
-        if let Some(rv) = obj["metadata"]["resourceVersion"].as_str() {
-            if rv
-                != stored["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-            {
-                return stale_conflict(key);
-            }
-        }
-        let mut new = Self::scope_write(key, &stored, obj, status_only);
-        self.record_manager(key, params.get("fieldManager"), Operation::Update);
-        self.finish_write(key, &mut new, Some(&stored));
-        self.objects.insert(key.clone(), new.clone());
-        Reply::json(200, &new)
-    }
-
-    fn patch(
-        &mut self,
-        key: &Key,
-        params: &HashMap<String, String>,
-        content_type: &str,
-        body: &[u8],
-        status_only: bool,
-    ) -> Reply {
-        let ct = content_type.split(';').next().unwrap_or_default().trim();
-        match ct {
-            "application/apply-patch+yaml" => self.apply(key, params, body, status_only),
-            "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-                let patch = match Self::parse_body(body) {
-                    Ok(v) => v,
-                    Err(r) => return r,
-                };
-                let Some(stored) = self.objects.get(key).cloned() else {
-                    return not_found(key);
-                };
-                if let Some(rv) = patch["metadata"]["resourceVersion"].as_str() {
-                    if rv
-                        != stored["metadata"]["resourceVersion"]
-                            .as_str()
-                            .unwrap_or_default()
-                    {
-                        return stale_conflict(key);
-                    }
-                }
-                let mut merged = stored.clone();
-                merge_patch(&mut merged, &patch);
-                if let Err(r) = Self::check_identity(key, &merged) {
-                    return r;
-                }
-                let mut new = Self::scope_write(key, &stored, merged, status_only);
-                self.record_manager(key, params.get("fieldManager"), Operation::Update);
-                self.finish_write(key, &mut new, Some(&stored));
-                self.objects.insert(key.clone(), new.clone());
-                Reply::json(200, &new)
-            }
-            other => status_error(
-                415,
-                format!("the fake API server does not support patch content type {other:?}"),
-                None,
-            ),
-        }
-    }
-
-    fn apply(
-        &mut self,
-        key: &Key,
-        params: &HashMap<String, String>,
-        body: &[u8],
-        status_only: bool,
-    ) -> Reply {
-        let Some(manager) = params
-            .get("fieldManager")
-            .filter(|m| !m.is_empty())
-            .cloned()
-        else {
-            return status_error(
-                400,
-                "PATCH with application/apply-patch+yaml requires the fieldManager query parameter",
-                None,
-            );
-        };
-        let force = params.get("force").is_some_and(|f| f == "true");
-        let applied = match Self::parse_body(body) {
-            Ok(v) => v,
-            Err(r) => return r,
-        };
-        if let Err(r) = Self::check_identity(key, &applied) {
-            return r;
-        }
-        let fields = applied_fields(&applied);
-        let stored = self.objects.get(key).cloned();
-        let Some(stored) = stored else {
-            if let Some(ns) = &key.namespace {
-                if !self.namespace_exists(ns) {
-                    return status_error(404, format!("namespaces \"{ns}\" not found"), None);
-                }
-            }
-            let mut obj = applied;
-            if status_only {
-                return not_found(key);
-            }
-            if STATUS_SUBRESOURCE.contains(&key.plural.as_str()) {
-                if let Some(o) = obj.as_object_mut() {
-                    o.remove("status");
-                }
-            }
-            self.managers
-                .entry(key.clone())
-                .or_default()
-                .insert(manager, (Operation::Apply, key.api_version(), fields));
-            self.finish_write(key, &mut obj, None);
-            self.objects.insert(key.clone(), obj.clone());
-            return Reply::json(201, &obj);
-        };
-        if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
-            if rv
-                != stored["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-            {
-                return stale_conflict(key);
-            }
-        }
-        // Conflicts: fields another apply manager owns whose value this apply changes.
-        let mut conflicts = Vec::new();
-        if let Some(owners) = self.managers.get(key) {
-            for (other, (op, _, owned)) in owners {
-                if other == &manager || *op != Operation::Apply {
-                    continue;
-                }
-                for f in fields.intersection(owned) {
-                    if lookup(&stored, f) != lookup(&applied, f) {
-                        conflicts.push((other.clone(), f.clone()));
-                    }
-                }
-            }
-        }
-        if !conflicts.is_empty() && !force {
-            let list: Vec<String> = conflicts
-                .iter()
-                .map(|(m, f)| format!("conflict with \"{m}\": {f}"))
-                .collect();
-            return status_error(
-                409,
-                format!(
-                    "Apply failed with {} conflict{}: {}",
-                    conflicts.len(),
-                    if conflicts.len() == 1 { "" } else { "s" },
-                    list.join("\n")
-                ),
-                Some((key, "")),
-            );
-        }
-        let mut merged = stored.clone();
-        let mut patch = applied;
-        if let Some(meta) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
-            for f in [
-                "resourceVersion",
-                "uid",
-                "creationTimestamp",
-                "generation",
-                "managedFields",
-            ] {
-                meta.remove(f);
-            }
-        }
-        merge_patch(&mut merged, &patch);
-        let mut new = Self::scope_write(key, &stored, merged, status_only);
-        let owners = self.managers.entry(key.clone()).or_default();
-        for (m, (_, _, owned)) in owners.iter_mut() {
-            if m != &manager {
-                owned.retain(|f| !fields.contains(f));
-            }
-        }
-        owners.insert(manager, (Operation::Apply, key.api_version(), fields));
-        let unchanged = {
-            let strip = |v: &Value| {
-                let mut v = v.clone();
-                if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-                    meta.remove("managedFields");
-                }
-                v
-            };
-            strip(&new) == strip(&stored)
-        };
-        if unchanged {
-            // A no-op apply does not write (resourceVersion unchanged), like the real server.
-            let managed = self.managed_fields(key);
-            metadata_mut(&mut new).insert("managedFields".into(), Value::Array(managed));
-            self.objects.insert(key.clone(), new.clone());
-            return Reply::json(200, &new);
-        }
-        self.finish_write(key, &mut new, Some(&stored));
-        self.objects.insert(key.clone(), new.clone());
-        Reply::json(200, &new)
-    }
-
-    fn delete(&mut self, key: &Key, body: &[u8]) -> Reply {
-        let Some(stored) = self.objects.get(key) else {
-            return not_found(key);
-        };
-        if !body.is_empty() {
-            if let Ok(opts) = serde_json::from_slice::<Value>(body) {
-                let pre = &opts["preconditions"];
-                for (field, what) in [("resourceVersion", "ResourceVersion"), ("uid", "UID")] {
-                    if let Some(want) = pre[field].as_str() {
-                        let have = stored["metadata"][field].as_str().unwrap_or_default();
-                        if want != have {
-                            return status_error(
-                                409,
-                                format!(
-                                    "Precondition failed: {what} in precondition: {want}, {what} in object meta: {have}"
-                                ),
-                                Some((key, "")),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        let uid = stored["metadata"]["uid"].clone();
-        self.objects.remove(key);
-        self.managers.remove(key);
-        self.bump();
-        Reply::json(
-            200,
-            &json!({
-                "kind": "Status",
-                "apiVersion": "v1",
-                "metadata": {},
-                "status": "Success",
-                "details": {"name": key.name, "kind": key.plural, "uid": uid},
-            }),
-        )
     }
 }
