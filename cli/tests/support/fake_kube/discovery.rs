@@ -12,7 +12,13 @@ use serde_json::{json, Value};
 use super::{Reply, STATUS_SUBRESOURCE};
 
 /// One served resource: group version path, plural, kind, namespaced, short names.
-type Resource = (&'static str, &'static str, &'static str, bool, &'static [&'static str]);
+type Resource = (
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    &'static [&'static str],
+);
 
 /// Every resource discovery lists (the kinds the CLI and the tests use).
 const RESOURCES: [Resource; 18] = [
@@ -24,16 +30,58 @@ const RESOURCES: [Resource; 18] = [
     ("api/v1", "serviceaccounts", "ServiceAccount", true, &["sa"]),
     ("api/v1", "pods", "Pod", true, &["po"]),
     ("api/v1", "endpoints", "Endpoints", true, &["ep"]),
-    ("api/v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, &["pvc"]),
-    ("apis/apps/v1", "deployments", "Deployment", true, &["deploy"]),
-    ("apis/apps/v1", "statefulsets", "StatefulSet", true, &["sts"]),
+    (
+        "api/v1",
+        "persistentvolumeclaims",
+        "PersistentVolumeClaim",
+        true,
+        &["pvc"],
+    ),
+    (
+        "apis/apps/v1",
+        "deployments",
+        "Deployment",
+        true,
+        &["deploy"],
+    ),
+    (
+        "apis/apps/v1",
+        "statefulsets",
+        "StatefulSet",
+        true,
+        &["sts"],
+    ),
     ("apis/apps/v1", "daemonsets", "DaemonSet", true, &["ds"]),
     ("apis/apps/v1", "replicasets", "ReplicaSet", true, &["rs"]),
     ("apis/batch/v1", "jobs", "Job", true, &[]),
-    ("apis/rbac.authorization.k8s.io/v1", "roles", "Role", true, &[]),
-    ("apis/rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding", true, &[]),
-    ("apis/rbac.authorization.k8s.io/v1", "clusterroles", "ClusterRole", false, &[]),
-    ("apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", "ClusterRoleBinding", false, &[]),
+    (
+        "apis/rbac.authorization.k8s.io/v1",
+        "roles",
+        "Role",
+        true,
+        &[],
+    ),
+    (
+        "apis/rbac.authorization.k8s.io/v1",
+        "rolebindings",
+        "RoleBinding",
+        true,
+        &[],
+    ),
+    (
+        "apis/rbac.authorization.k8s.io/v1",
+        "clusterroles",
+        "ClusterRole",
+        false,
+        &[],
+    ),
+    (
+        "apis/rbac.authorization.k8s.io/v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        false,
+        &[],
+    ),
 ];
 
 const GROUP_VERSIONS: [&str; 4] = [
@@ -161,7 +209,8 @@ pub(super) fn serve(path: &str, host: &str) -> Option<Reply> {
                 .filter(|gv| gv.starts_with("apis/"))
                 .map(|gv| {
                     let (group, version) = split_gv(gv);
-                    let v = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+                    let v =
+                        json!({"groupVersion": format!("{group}/{version}"), "version": version});
                     json!({"name": group, "versions": [v.clone()], "preferredVersion": v})
                 })
                 .collect();

@@ -53,7 +53,11 @@ pub(super) fn keep_allocated(key: &Key, old: &Value, new: &mut Value) {
     if key.plural != "services" || !new["spec"].is_object() {
         return;
     }
-    if new["spec"]["clusterIP"].as_str().unwrap_or_default().is_empty() {
+    if new["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty()
+    {
         if let Some(ip) = old["spec"].get("clusterIP") {
             new["spec"]["clusterIP"] = ip.clone();
         }
@@ -114,7 +118,8 @@ fn without(v: &Value, fields: &[&str]) -> Value {
 /// Rules that compare an update with the stored object: 422 naming the field.
 pub(super) fn check_update(key: &Key, old: &Value, new: &Value) -> Result<(), Reply> {
     let mut causes = Vec::new();
-    let frozen = |field: &str| format!("{field}: Forbidden: field is immutable when `immutable` is set");
+    let frozen =
+        |field: &str| format!("{field}: Forbidden: field is immutable when `immutable` is set");
     match key.plural.as_str() {
         "secrets" | "configmaps" => {
             if key.plural == "secrets" && old["type"] != new["type"] {
@@ -148,7 +153,9 @@ pub(super) fn check_update(key: &Key, old: &Value, new: &Value) -> Result<(), Re
             }
         }
         "statefulsets" => {
-            if without(&old["spec"], &STATEFULSET_MUTABLE) != without(&new["spec"], &STATEFULSET_MUTABLE) {
+            if without(&old["spec"], &STATEFULSET_MUTABLE)
+                != without(&new["spec"], &STATEFULSET_MUTABLE)
+            {
                 causes.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".to_owned());
             }
         }

@@ -875,7 +875,11 @@ fn stale_conflict(key: &Key) -> Reply {
 
 type Body = BoxBody<Bytes, std::convert::Infallible>;
 
-async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
+async fn handle(
+    state: &Arc<Mutex<State>>,
+    req: Request<Incoming>,
+    client_cert: bool,
+) -> Response<Body> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -924,7 +928,9 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>, client_cert: 
             Target::Collection(_) | Target::Object(_)
         );
     if table && is_get {
-        let include = params.get("includeObject").map_or("Metadata", String::as_str);
+        let include = params
+            .get("includeObject")
+            .map_or("Metadata", String::as_str);
         return to_response(discovery::to_table(reply, include));
     }
     to_response(reply)

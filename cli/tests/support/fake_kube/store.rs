@@ -168,7 +168,11 @@ fn applied_fields(obj: &Value) -> BTreeSet<FieldPath> {
         &["metadata", "generation"],
         &["metadata", "managedFields"],
     ];
-    out.retain(|p| !SERVER_SET.iter().any(|s| p.len() >= s.len() && p[..s.len()] == **s));
+    out.retain(|p| {
+        !SERVER_SET
+            .iter()
+            .any(|s| p.len() >= s.len() && p[..s.len()] == **s)
+    });
     out
 }
 
@@ -580,7 +584,12 @@ impl State {
 
     fn check_resource_version(key: &Key, body: &Value, stored: &Value) -> Result<(), Reply> {
         match body["metadata"]["resourceVersion"].as_str() {
-            Some(rv) if rv != stored["metadata"]["resourceVersion"].as_str().unwrap_or_default() => {
+            Some(rv)
+                if rv
+                    != stored["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default() =>
+            {
                 Err(stale_conflict(key))
             }
             _ => Ok(()),

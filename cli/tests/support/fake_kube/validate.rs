@@ -79,11 +79,38 @@ pub(super) fn qualified(key: &Key) -> String {
 
 /// A 422 `Invalid` naming the object and the field, like the real server.
 pub(super) fn invalid(key: &Key, causes: &[String]) -> Reply {
-    status_error(
+    let mut reply = status_error(
         422,
         format!("{} is invalid: {}", qualified(key), causes.join(", ")),
         Some((key, "")),
-    )
+    );
+    // The real server's details name the kind and list each cause with its field (kubectl
+    // prints them as "The Deployment "web" is invalid: spec.selector: …").
+    let details: Vec<Value> = causes
+        .iter()
+        .map(|c| {
+            let (field, message) = c.split_once(": ").unwrap_or(("", c));
+            let reason = match message.split(':').next().unwrap_or_default() {
+                "Required value" => "FieldValueRequired",
+                "Forbidden" => "FieldValueForbidden",
+                "Not found" => "FieldValueNotFound",
+                _ => "FieldValueInvalid",
+            };
+            serde_json::json!({"reason": reason, "message": message, "field": field})
+        })
+        .collect();
+    if let Ok(mut body) = serde_json::from_slice::<Value>(&reply.body) {
+        let group = key
+            .group_version
+            .strip_prefix("apis/")
+            .and_then(|gv| gv.split('/').next())
+            .unwrap_or_default();
+        body["details"] = serde_json::json!({
+            "name": key.name, "group": group, "kind": kind_of(&key.plural), "causes": details,
+        });
+        reply.body = body.to_string().into_bytes();
+    }
+    reply
 }
 
 /// Decodes `obj` as the typed resource `key` addresses: Err(path, message) on a type
@@ -104,31 +131,29 @@ fn typed_roundtrip(key: &Key, obj: &Value) -> Option<Result<Value, (String, Stri
         })?;
         serde_json::to_value(&typed).map_err(|e| (String::new(), e.to_string()))
     }
-    Some(
-        match (key.group_version.as_str(), key.plural.as_str()) {
-            ("api/v1", "secrets") => decode::<core::Secret>,
-            ("api/v1", "configmaps") => decode::<core::ConfigMap>,
-            ("api/v1", "services") => decode::<core::Service>,
-            ("api/v1", "serviceaccounts") => decode::<core::ServiceAccount>,
-            ("api/v1", "namespaces") => decode::<core::Namespace>,
-            ("api/v1", "pods") => decode::<core::Pod>,
-            ("api/v1", "nodes") => decode::<core::Node>,
-            ("api/v1", "endpoints") => decode::<core::Endpoints>,
-            ("api/v1", "persistentvolumeclaims") => decode::<core::PersistentVolumeClaim>,
-            ("apis/apps/v1", "deployments") => decode::<apps::Deployment>,
-            ("apis/apps/v1", "statefulsets") => decode::<apps::StatefulSet>,
-            ("apis/apps/v1", "daemonsets") => decode::<apps::DaemonSet>,
-            ("apis/apps/v1", "replicasets") => decode::<apps::ReplicaSet>,
-            ("apis/batch/v1", "jobs") => decode::<batch::Job>,
-            ("apis/rbac.authorization.k8s.io/v1", "roles") => decode::<rbac::Role>,
-            ("apis/rbac.authorization.k8s.io/v1", "rolebindings") => decode::<rbac::RoleBinding>,
-            ("apis/rbac.authorization.k8s.io/v1", "clusterroles") => decode::<rbac::ClusterRole>,
-            ("apis/rbac.authorization.k8s.io/v1", "clusterrolebindings") => {
-                decode::<rbac::ClusterRoleBinding>
-            }
-            _ => return None,
-        }(obj),
-    )
+    Some(match (key.group_version.as_str(), key.plural.as_str()) {
+        ("api/v1", "secrets") => decode::<core::Secret>,
+        ("api/v1", "configmaps") => decode::<core::ConfigMap>,
+        ("api/v1", "services") => decode::<core::Service>,
+        ("api/v1", "serviceaccounts") => decode::<core::ServiceAccount>,
+        ("api/v1", "namespaces") => decode::<core::Namespace>,
+        ("api/v1", "pods") => decode::<core::Pod>,
+        ("api/v1", "nodes") => decode::<core::Node>,
+        ("api/v1", "endpoints") => decode::<core::Endpoints>,
+        ("api/v1", "persistentvolumeclaims") => decode::<core::PersistentVolumeClaim>,
+        ("apis/apps/v1", "deployments") => decode::<apps::Deployment>,
+        ("apis/apps/v1", "statefulsets") => decode::<apps::StatefulSet>,
+        ("apis/apps/v1", "daemonsets") => decode::<apps::DaemonSet>,
+        ("apis/apps/v1", "replicasets") => decode::<apps::ReplicaSet>,
+        ("apis/batch/v1", "jobs") => decode::<batch::Job>,
+        ("apis/rbac.authorization.k8s.io/v1", "roles") => decode::<rbac::Role>,
+        ("apis/rbac.authorization.k8s.io/v1", "rolebindings") => decode::<rbac::RoleBinding>,
+        ("apis/rbac.authorization.k8s.io/v1", "clusterroles") => decode::<rbac::ClusterRole>,
+        ("apis/rbac.authorization.k8s.io/v1", "clusterrolebindings") => {
+            decode::<rbac::ClusterRoleBinding>
+        }
+        _ => return None,
+    }(obj))
 }
 
 /// Paths (`spec.template.spec.containers[0].foo`) present in `input` but not in the
@@ -341,8 +366,9 @@ fn check_labels(labels: &Value, path: &str, causes: &mut Vec<String>) {
     }
 }
 
-fn check_pod_spec(spec: &Value, path: &str, causes: &mut Vec<String>) {
-    let volumes: Vec<&str> = spec["volumes"]
+/// `claims`: a StatefulSet's volumeClaimTemplates names, which mounts may name too.
+fn check_pod_spec(spec: &Value, claims: &[&str], path: &str, causes: &mut Vec<String>) {
+    let mut volumes: Vec<&str> = spec["volumes"]
         .as_array()
         .map(|v| v.iter().filter_map(|x| x["name"].as_str()).collect())
         .unwrap_or_default();
@@ -353,6 +379,7 @@ fn check_pod_spec(spec: &Value, path: &str, causes: &mut Vec<String>) {
             ));
         }
     }
+    volumes.extend_from_slice(claims);
     for list in ["initContainers", "containers"] {
         let Some(containers) = spec[list].as_array() else {
             continue;
@@ -360,7 +387,9 @@ fn check_pod_spec(spec: &Value, path: &str, causes: &mut Vec<String>) {
         for (i, c) in containers.iter().enumerate() {
             let cpath = format!("{path}.{list}[{i}]");
             let name = c["name"].as_str().unwrap_or_default();
-            if !is_dns_label(name) {
+            if name.is_empty() {
+                causes.push(format!("{cpath}.name: Required value"));
+            } else if !is_dns_label(name) {
                 causes.push(format!(
                     "{cpath}.name: Invalid value: \"{name}\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
                 ));
@@ -374,7 +403,12 @@ fn check_pod_spec(spec: &Value, path: &str, causes: &mut Vec<String>) {
                     }
                 }
             }
-            for (j, m) in c["volumeMounts"].as_array().into_iter().flatten().enumerate() {
+            for (j, m) in c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 let mname = m["name"].as_str().unwrap_or_default();
                 if !volumes.contains(&mname) {
                     causes.push(format!(
@@ -421,7 +455,11 @@ pub(super) fn check_semantics(key: &Key, obj: &Value) -> Result<(), Reply> {
     let name_ok = match key.plural.as_str() {
         "services" | "namespaces" => is_dns_label(name),
         "roles" | "rolebindings" | "clusterroles" | "clusterrolebindings" => {
-            !name.is_empty() && !name.contains('/') && !name.contains('%') && name != "." && name != ".."
+            !name.is_empty()
+                && !name.contains('/')
+                && !name.contains('%')
+                && name != "."
+                && name != ".."
         }
         _ => is_dns_subdomain(name),
     };
@@ -441,8 +479,12 @@ pub(super) fn check_semantics(key: &Key, obj: &Value) -> Result<(), Reply> {
                 &mut causes,
             );
             let selector = &obj["spec"]["selector"];
-            let empty = selector["matchLabels"].as_object().is_none_or(|m| m.is_empty())
-                && selector["matchExpressions"].as_array().is_none_or(|m| m.is_empty());
+            let empty = selector["matchLabels"]
+                .as_object()
+                .is_none_or(|m| m.is_empty())
+                && selector["matchExpressions"]
+                    .as_array()
+                    .is_none_or(|m| m.is_empty());
             if empty {
                 causes.push("spec.selector: Invalid value: \"null\": empty selector is invalid for deployment".to_owned());
             } else if !selector_matches(selector, &template["metadata"]["labels"]) {
@@ -451,11 +493,29 @@ pub(super) fn check_semantics(key: &Key, obj: &Value) -> Result<(), Reply> {
                     template["metadata"]["labels"]
                 ));
             }
-            check_pod_spec(&template["spec"], "spec.template.spec", &mut causes);
+            let claims: Vec<&str> = obj["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|c| c["metadata"]["name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            check_pod_spec(
+                &template["spec"],
+                &claims,
+                "spec.template.spec",
+                &mut causes,
+            );
         }
-        "pods" => check_pod_spec(&obj["spec"], "spec", &mut causes),
+        "pods" => check_pod_spec(&obj["spec"], &[], "spec", &mut causes),
         "services" => {
-            for (j, p) in obj["spec"]["ports"].as_array().into_iter().flatten().enumerate() {
+            for (j, p) in obj["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 if let Some(pn) = p["name"].as_str() {
                     if !is_dns_label(pn) {
                         causes.push(format!(

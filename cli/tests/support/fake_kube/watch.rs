@@ -33,7 +33,13 @@ pub(super) fn start(
     let (collection, name) = match target {
         Target::Collection(c) => (c.clone(), None),
         Target::Object(k) => (k.collection(), Some(k.name.clone())),
-        _ => return Err(status_error(405, "watch is served on resource collections", None)),
+        _ => {
+            return Err(status_error(
+                405,
+                "watch is served on resource collections",
+                None,
+            ))
+        }
     };
     let labels = params.get("labelSelector").cloned().unwrap_or_default();
     let mut fields = params.get("fieldSelector").cloned().unwrap_or_default();
@@ -47,9 +53,10 @@ pub(super) fn start(
     fields_match(&json!({}), &fields).map_err(|e| status_error(400, e, None))?;
     let since = match params.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
-        Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
-            status_error(400, format!("invalid resourceVersion {rv:?}"), None)
-        })?),
+        Some(rv) => Some(
+            rv.parse::<u64>()
+                .map_err(|_| status_error(400, format!("invalid resourceVersion {rv:?}"), None))?,
+        ),
     };
     let timeout = params
         .get("timeoutSeconds")
@@ -69,7 +76,9 @@ pub(super) fn start(
 
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let (initial, mut last, mut revisions) = {
-        let st = state.lock().map_err(|_| status_error(500, "state poisoned", None))?;
+        let st = state
+            .lock()
+            .map_err(|_| status_error(500, "state poisoned", None))?;
         let initial: Vec<String> = match since {
             Some(_) => Vec::new(),
             None => st
