@@ -1,6 +1,11 @@
-//! A fake Kubernetes API server for tests: JSON over plain HTTP/1.1 on 127.0.0.1, backed by
-//! an in-memory object store, speaking enough of the REST API for kube-rs typed `Api<K>` and
-//! `Api<DynamicObject>` (with an explicit `ApiResource`; no discovery is served).
+//! A fake Kubernetes API server for tests, as strict as a real one where the CLI can go
+//! wrong: HTTP/1.1 (or HTTPS with a client certificate, [`FakeKube::start_tls`]) on
+//! 127.0.0.1, an in-memory object store, the REST API for kube-rs and real `kubectl`.
+//!
+//! Modules: `store` (handlers, selectors, server-side apply), `validate` (typed schema
+//! decoding with k8s-openapi and semantic rules), `immutable` (defaults and immutable
+//! fields), `discovery` (`/api`, `/apis`, resource lists, OpenAPI, Tables), `watch`,
+//! `tls`.
 //!
 //! What it implements (paths as the real API server lays them out, see
 //! <https://kubernetes.io/docs/reference/using-api/api-concepts/>):
@@ -8,27 +13,36 @@
 //! | request | behaviour |
 //! |---|---|
 //! | `GET /version` | a fixed v1.34.0 version |
-//! | `GET …/{plural}/{name}` | the object, or 404 `NotFound` |
+//! | `GET /api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/openapi/v2`, `/openapi/v3[/…]` | discovery and OpenAPI documents (see `discovery`) |
+//! | `GET …/{plural}/{name}` | the object, or 404 `NotFound`; a Table when asked for |
 //! | `GET …/{plural}?labelSelector=&fieldSelector=` | a `{Kind}List`; label selectors `k=v`, `k==v`, `k!=v`, `k`, `!k` joined by `,`; field selectors `metadata.name`, `metadata.namespace` |
+//! | `GET …?watch=true` | a stream of watch events (see `watch`) |
 //! | `POST …/{plural}` | create (201), 409 `AlreadyExists`, 404 when the namespace does not exist |
 //! | `PUT …/{plural}/{name}` | replace; a stale `metadata.resourceVersion` is 409 `Conflict` |
-//! | `PATCH` `application/apply-patch+yaml` | server-side apply: `?fieldManager=` required and recorded in `managedFields`; creates the object when missing, else merges the applied fields into it; fields last applied by *another* apply manager with a different value are a 409 `Conflict` unless `force=true` (which moves their ownership) |
+//! | `PATCH` `application/apply-patch+yaml` | server-side apply: `?fieldManager=` required and recorded in `managedFields`; creates the object when missing, else merges the applied fields into it and removes fields the manager applied before and no longer applies (unless another manager owns them); fields last applied by *another* apply manager with a different value are a 409 `Conflict` unless `force=true` (which moves their ownership) |
 //! | `PATCH` `application/merge-patch+json` / `strategic-merge-patch+json` | RFC 7386 merge (the strategic form is treated as a plain merge: lists are replaced, not merged by key) |
 //! | `DELETE …/{plural}/{name}` | removes it (a `Success` Status), 404 when missing, 409 on a failed `preconditions` |
 //! | `DELETE …/{plural}?labelSelector=` | delete-collection, returns the deleted list |
 //! | `…/{name}/status` | GET, PUT, merge PATCH and apply of the `status` only; writes to the main resource of kinds with a status subresource keep the stored status, as the real server does |
 //! | `…/pods/{name}[:{port}]/proxy/{path}` | answered by a handler the test registered with [`FakeKube::set_pod_proxy`]; 404 when the pod object does not exist, 503 "connection refused" when no handler is registered |
 //!
+//! Every write is admitted like on a real server: typed schema decoding (400 for wrong
+//! types, 422 for missing required fields, unknown fields refused under
+//! `fieldValidation=Strict` and dropped with a `Warning` otherwise — see
+//! [`FakeKube::warnings`]), defaults (Secret `type`, Deployment `strategy`), semantic
+//! checks (names, labels, selector vs template, volume mounts) and immutable fields
+//! (see `immutable`), each refusal a `Status` with the real server's reason and message.
+//! [`FakeKube::insert`] bypasses all of it to seed state.
+//!
 //! Writes keep `metadata.resourceVersion` increasing (one counter per server, like etcd's
 //! revision), set `uid`/`creationTimestamp` on create and bump `generation` when `spec`
 //! changes. A Service of type NodePort or LoadBalancer gets a `clusterIP` and node ports
 //! allocated on create. A `Secret`'s `stringData` is folded into `data` (base64).
-//! Every request must carry the kubeconfig's bearer token ([`TOKEN`]), else 401.
-//! Errors are `Status` objects with the reason and message shapes of the real server.
+//! Every request must carry the kubeconfig's bearer token ([`TOKEN`]) or, over HTTPS, the
+//! client certificate, else 401.
 //!
-//! Not implemented: watch (400), JSON patch (415), discovery (`/api`, `/apis`: 404),
-//! set-based label selectors (`in`, `notin`: 400), removal of fields a manager stops
-//! applying.
+//! Not implemented: JSON patch (415), aggregated discovery, watch bookmarks,
+//! set-based label selectors (`in`, `notin`: 400), strategic merge by list keys.
 //!
 //! Note: kube-rs clients retry 429, 503 and 504 answers with backoff (up to 15 times,
 //! `kube::Config::default_retry`), so an injected or proxied 503 makes a default client
