@@ -20,10 +20,8 @@ use super::{Key, Reply};
 /// Sets the defaults the real server sets on write, before validation (`SetDefaults_*`).
 pub(super) fn apply_defaults(key: &Key, obj: &mut Value) {
     match key.plural.as_str() {
-        "secrets" => {
-            if obj["type"].as_str().unwrap_or_default().is_empty() {
-                obj["type"] = json!("Opaque");
-            }
+        "secrets" if obj["type"].as_str().unwrap_or_default().is_empty() => {
+            obj["type"] = json!("Opaque");
         }
         "deployments" => {
             if !obj["spec"].is_object() {
@@ -152,20 +150,19 @@ pub(super) fn check_update(key: &Key, old: &Value, new: &Value) -> Result<(), Re
                 ));
             }
         }
-        "statefulsets" => {
+        "statefulsets"
             if without(&old["spec"], &STATEFULSET_MUTABLE)
-                != without(&new["spec"], &STATEFULSET_MUTABLE)
-            {
-                causes.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".to_owned());
-            }
+                != without(&new["spec"], &STATEFULSET_MUTABLE) =>
+        {
+            causes.push("spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".to_owned());
         }
-        "deployments" | "daemonsets" | "replicasets" => {
-            if old["spec"]["selector"] != new["spec"]["selector"] {
-                causes.push(format!(
-                    "spec.selector: Invalid value: {}: field is immutable",
-                    new["spec"]["selector"]
-                ));
-            }
+        "deployments" | "daemonsets" | "replicasets"
+            if old["spec"]["selector"] != new["spec"]["selector"] =>
+        {
+            causes.push(format!(
+                "spec.selector: Invalid value: {}: field is immutable",
+                new["spec"]["selector"]
+            ));
         }
         _ => {}
     }
