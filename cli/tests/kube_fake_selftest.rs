@@ -541,3 +541,360 @@ async fn cli_binary_reaches_the_fake_through_the_written_kubeconfig() {
     assert!(west.requests().iter().any(|r| r.path == "/version"));
     assert!(east.requests().is_empty());
 }
+
+// --- Strictness: the fake refuses what a real API server refuses -----------------------
+
+async fn dynamic(
+    fake: &FakeKube,
+    gv: (&str, &str),
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(gv.0, gv.1, kind), plural);
+    Api::namespaced_with(client(fake, "east").await, NS, &ar)
+}
+
+fn dyn_obj(v: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(v).unwrap()
+}
+
+fn deployment(strategy: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "strategy": strategy,
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "web", "image": "nginx"}]}}
+        }
+    })
+}
+
+#[tokio::test]
+async fn unknown_fields_are_refused_under_strict_and_dropped_with_a_warning_otherwise() {
+    let fake = FakeKube::start().await;
+    let api = dynamic(&fake, ("", "v1"), "ConfigMap", "configmaps").await;
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "a", "namespace": NS}, "data": {"k": "v"}, "dta": {"x": "y"}});
+    // kube-rs's PostParams has no fieldValidation; send the request by hand.
+    let strict =
+        http::Request::post("/api/v1/namespaces/kube-system/configmaps?fieldValidation=Strict")
+            .header("content-type", "application/json")
+            .body(body.to_string().into_bytes())
+            .unwrap();
+    let (code, reason, message) = api_err(
+        client(&fake, "east")
+            .await
+            .request::<ConfigMap>(strict)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (400, "BadRequest"));
+    assert_eq!(message, "strict decoding error: unknown field \"dta\"");
+    let pp = PatchParams::apply("t").validation_strict();
+    let (code, _, message) = api_err(api.patch("a", &pp, &Patch::Apply(&body)).await.unwrap_err());
+    assert_eq!(code, 400);
+    assert!(
+        message.ends_with(".dta: field not declared in schema"),
+        "{message}"
+    );
+    assert!(fake
+        .object("/api/v1/namespaces/kube-system/configmaps/a")
+        .is_none());
+
+    // The server's default (Warn): stored without the field, with a warning.
+    api.create(&PostParams::default(), &dyn_obj(body))
+        .await
+        .unwrap();
+    let stored = fake
+        .object("/api/v1/namespaces/kube-system/configmaps/a")
+        .unwrap();
+    assert!(stored.get("dta").is_none());
+    assert_eq!(stored["data"]["k"], "v");
+    assert_eq!(fake.warnings(), vec!["unknown field \"dta\"".to_owned()]);
+}
+
+#[tokio::test]
+async fn wrong_types_and_missing_required_fields_are_refused() {
+    let fake = FakeKube::start().await;
+    let api = dynamic(&fake, ("apps", "v1"), "DaemonSet", "daemonsets").await;
+    let mut ds = json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "agent", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "a"}},
+                 "template": {"metadata": {"labels": {"app": "a"}},
+                              "spec": {"nodeSelector": {"x": true},
+                                       "containers": [{"name": "a", "image": "i"}]}}}
+    });
+    let (code, _, message) = api_err(
+        api.create(&PostParams::default(), &dyn_obj(ds.clone()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 400);
+    assert!(message.starts_with("DaemonSet in version \"v1\" cannot be handled as a DaemonSet: spec.template.spec.nodeSelector.x: invalid type: boolean `true`, expected a string"), "{message}");
+    // Server-side apply refuses type errors whatever fieldValidation says.
+    let (code, _, message) = api_err(
+        api.patch("agent", &PatchParams::apply("t"), &Patch::Apply(&ds))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 400);
+    assert!(message.starts_with("failed to create typed patch object (apps/v1, Kind=DaemonSet): .spec.template.spec.nodeSelector.x"), "{message}");
+
+    ds["spec"]["template"]["spec"]["nodeSelector"]["x"] = json!("true");
+    ds["spec"]["template"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("name");
+    let (code, reason, message) = api_err(
+        api.create(&PostParams::default(), &dyn_obj(ds.clone()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert_eq!(message, "DaemonSet.apps \"agent\" is invalid: spec.template.spec.containers[0].name: Required value");
+
+    ds["spec"]["template"]["spec"]["containers"][0]["name"] = json!("a");
+    ds["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
+    let (code, _, message) = api_err(
+        api.create(&PostParams::default(), &dyn_obj(ds))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        message.contains("spec.template.metadata.labels: Invalid value")
+            && message.contains("`selector` does not match template `labels`"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn immutable_fields_are_refused_with_the_field_path() {
+    let fake = FakeKube::start().await;
+    let pp = PatchParams::apply("cli").force();
+
+    // A Secret's type (defaulted to Opaque).
+    let secrets = dynamic(&fake, ("", "v1"), "Secret", "secrets").await;
+    let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tls", "namespace": NS},
+                   "stringData": {"tls.crt": "x"}});
+    secrets.patch("tls", &pp, &Patch::Apply(&s)).await.unwrap();
+    let mut tls = s.clone();
+    tls["type"] = json!("kubernetes.io/tls");
+    let (code, _, message) = api_err(
+        secrets
+            .patch("tls", &pp, &Patch::Apply(&tls))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert_eq!(
+        message,
+        "Secret \"tls\" is invalid: type: Invalid value: \"kubernetes.io/tls\": field is immutable"
+    );
+
+    // An immutable ConfigMap.
+    let cms = dynamic(&fake, ("", "v1"), "ConfigMap", "configmaps").await;
+    let mut c = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": NS},
+                       "immutable": true, "data": {"a": "1"}});
+    cms.patch("c", &pp, &Patch::Apply(&c)).await.unwrap();
+    c["data"]["a"] = json!("2");
+    let (code, _, message) = api_err(cms.patch("c", &pp, &Patch::Apply(&c)).await.unwrap_err());
+    assert_eq!(code, 422);
+    assert_eq!(
+        message,
+        "ConfigMap \"c\" is invalid: data: Forbidden: field is immutable when `immutable` is set"
+    );
+
+    // A StatefulSet's volumeClaimTemplates.
+    let sts = dynamic(&fake, ("apps", "v1"), "StatefulSet", "statefulsets").await;
+    let mut st = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": NS},
+        "spec": {"serviceName": "db", "replicas": 3, "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}},
+                              "spec": {"containers": [{"name": "db", "image": "i"}]}},
+                 "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}
+    });
+    sts.patch("db", &pp, &Patch::Apply(&st)).await.unwrap();
+    st["spec"]["replicas"] = json!(5);
+    sts.patch("db", &pp, &Patch::Apply(&st)).await.unwrap();
+    st["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+        json!("2Gi");
+    let (code, _, message) = api_err(sts.patch("db", &pp, &Patch::Apply(&st)).await.unwrap_err());
+    assert_eq!(code, 422);
+    assert!(message.starts_with("StatefulSet.apps \"db\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas'"), "{message}");
+
+    // A Deployment switched to Recreate keeps the defaulted rollingUpdate: refused.
+    let deploys = dynamic(&fake, ("apps", "v1"), "Deployment", "deployments").await;
+    let mut d = deployment(json!({}));
+    d["spec"].as_object_mut().unwrap().remove("strategy");
+    deploys.patch("web", &pp, &Patch::Apply(&d)).await.unwrap();
+    let stored = fake
+        .object("/apis/apps/v1/namespaces/kube-system/deployments/web")
+        .unwrap();
+    assert_eq!(
+        stored["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}})
+    );
+    let (code, _, message) = api_err(
+        deploys
+            .patch(
+                "web",
+                &pp,
+                &Patch::Apply(&deployment(json!({"type": "Recreate"}))),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert_eq!(message, "Deployment.apps \"web\" is invalid: spec.strategy.rollingUpdate: Forbidden: may not be specified when strategy `type` is 'Recreate'");
+    // Removing it in the same write works.
+    deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"strategy": {"type": "Recreate", "rollingUpdate": null}}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn apply_removes_fields_its_manager_stopped_applying() {
+    let fake = FakeKube::start().await;
+    let cms = dynamic(&fake, ("", "v1"), "ConfigMap", "configmaps").await;
+    let path = "/api/v1/namespaces/kube-system/configmaps/c";
+    let applied = |labels: serde_json::Value, data: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "c", "namespace": NS, "labels": labels}, "data": data})
+    };
+    let cli = PatchParams::apply("cli");
+    cms.patch(
+        "c",
+        &cli,
+        &Patch::Apply(&applied(
+            json!({"a": "1", "b": "2"}),
+            json!({"x": "1", "y": "2"}),
+        )),
+    )
+    .await
+    .unwrap();
+    // Another manager's field survives the first manager dropping it.
+    cms.patch("c", &PatchParams::apply("other"), &Patch::Apply(&json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": NS}, "data": {"z": "3"}})))
+        .await
+        .unwrap();
+    cms.patch(
+        "c",
+        &cli,
+        &Patch::Apply(&applied(json!({"a": "1"}), json!({"x": "1"}))),
+    )
+    .await
+    .unwrap();
+    let stored = fake.object(path).unwrap();
+    assert_eq!(stored["metadata"]["labels"], json!({"a": "1"}));
+    assert_eq!(stored["data"], json!({"x": "1", "z": "3"}));
+}
+
+#[tokio::test]
+async fn services_keep_their_cluster_ip_and_refuse_changing_it() {
+    let fake = FakeKube::start().await;
+    let api: Api<Service> = Api::namespaced(client(&fake, "east").await, NS);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &svc).await.unwrap();
+    let ip = created.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+    let pp = PatchParams::apply("cli").force();
+    let mut applied = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                             "spec": {"ports": [{"port": 81}]}});
+    let kept = api.patch("s", &pp, &Patch::Apply(&applied)).await.unwrap();
+    assert_eq!(kept.spec.unwrap().cluster_ip.unwrap(), ip);
+    applied["spec"]["clusterIP"] = json!("10.96.99.99");
+    let (code, _, message) = api_err(
+        api.patch("s", &pp, &Patch::Apply(&applied))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        message.starts_with("Service \"s\" is invalid: spec.clusterIPs[0]: Invalid value"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn watches_stream_changes_after_the_listed_version() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+    let fake = FakeKube::start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client(&fake, "east").await, NS);
+    api.create(&PostParams::default(), &cm("before", &[]))
+        .await
+        .unwrap();
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(30), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    api.create(&PostParams::default(), &cm("after", &[("k", "1")]))
+        .await
+        .unwrap();
+    api.delete("before", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match stream.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(o) => seen.push(format!("ADDED {}", o.metadata.name.unwrap())),
+            WatchEvent::Deleted(o) => seen.push(format!("DELETED {}", o.metadata.name.unwrap())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["ADDED after", "DELETED before"]);
+}
+
+#[tokio::test]
+async fn https_with_a_client_certificate_or_the_token() {
+    let fake = FakeKube::start_tls().await;
+    assert!(fake.url.starts_with("https://127.0.0.1:"));
+    for cert in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = if cert {
+            support::fake_kube::kubeconfig_client_cert(dir.path(), &[("east", &fake)])
+        } else {
+            kubeconfig(dir.path(), &[("east", &fake)])
+        };
+        let cfg = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&path).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let api: Api<ConfigMap> = Api::namespaced(Client::try_from(cfg).unwrap(), NS);
+        api.create(
+            &PostParams::default(),
+            &cm(if cert { "c" } else { "t" }, &[]),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        fake.objects("/api/v1/namespaces/kube-system/configmaps")
+            .len(),
+        2
+    );
+}
