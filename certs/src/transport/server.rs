@@ -460,7 +460,7 @@ impl Outcomes {
 }
 
 /// The stream of verified connections produced by [`incoming`]. It never yields an
-/// error: failed handshakes and accept errors are logged and skipped. Dropping it stops
+/// error: failed handshakes and accept errors are counted, logged and skipped. Dropping it stops
 /// the accept loop and closes the listener.
 #[derive(Debug)]
 pub struct MeshIncoming {
@@ -499,6 +499,12 @@ impl Stream for MeshIncoming {
 /// Accepts TCP connections on `listener`, runs mTLS handshakes concurrently (each with
 /// the server config current at accept time and a timeout), and yields the verified
 /// connections. Use it with `Server::serve_with_incoming[_shutdown]`.
+///
+/// Connections beyond the caps of [`IncomingConfig`] (per source address and in total)
+/// are closed at once, so accepting never waits for a handshake. Every outcome is
+/// counted in [`MeshIncoming::stats`] and reported to the config's observer; failures
+/// are logged with the remote address, the first of each [`HandshakeFailure`] kind per
+/// interval at WARN and the rest in one summary line.
 ///
 /// Must be called inside a tokio runtime.
 pub fn incoming<S>(listener: TcpListener, tls: Arc<S>, config: IncomingConfig) -> MeshIncoming
@@ -596,4 +602,19 @@ async fn accept_loop<S>(
     }
     outcomes.log.end_interval(log_interval);
     tracing::debug!("mesh accept loop stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_kind_has_its_own_index_and_name() {
+        for (i, reason) in HandshakeFailure::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason}");
+        }
+        let names: std::collections::HashSet<_> =
+            HandshakeFailure::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), HandshakeFailure::ALL.len());
+    }
 }
