@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_certs::transport::{
-    accept_mesh_tls, incoming, ConnectError, HandshakeError, IncomingConfig, MeshEndpoint,
-    MeshTlsStream,
+    accept_mesh_tls, incoming, ConnectError, HandshakeError, HandshakeFailure, HandshakeObserver,
+    IncomingConfig, MeshEndpoint, MeshTlsStream,
 };
 use clustermesh_certs::{IdentityError, MeshCa, MeshTls, PeerIdentity, TlsSource, TrustDomain};
 use common::*;
@@ -349,17 +351,119 @@ async fn stalled_handshake_times_out_without_blocking_others() {
 }
 
 #[tokio::test]
-async fn handshake_limit_queues_connections_until_a_slot_frees() {
+async fn full_handshake_slots_refuse_new_connections_at_once_and_established_streams_keep_working()
+{
     let ca = ca();
     let (listener, addr) = loopback_listener().await;
+    // One slot, and a timeout longer than the test: nothing frees the slot by itself.
     let config = IncomingConfig::default()
         .max_concurrent_handshakes(1)
-        .handshake_timeout(Duration::from_millis(300));
+        .handshake_timeout(Duration::from_secs(600));
     let mut conns = incoming(listener, server_tls(&ca, "east"), config);
     let stats = conns.stats();
 
-    // The silent client takes the only handshake slot until it times out.
+    let good = MeshEndpoint::new(&addr.to_string(), client_tls(&ca, "west")).unwrap();
+    let (mut client, _) = good.dial().await.unwrap();
+    let mut established = tokio::time::timeout(DEADLINE, conns.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // The silent client takes the only handshake slot.
     let _silent = TcpStream::connect(addr).await.unwrap();
+    eventually("the slot to be taken", || stats.handshakes_in_flight() == 1).await;
+    // A new client is refused at once: the server closes it instead of parking it in
+    // the listen backlog until the dial times out.
+    let err = good.dial().await.unwrap_err();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
+    assert_eq!(stats.refused(), 1);
+
+    // The established connection is served all along.
+    client.write_all(b"ping").await.unwrap();
+    client.flush().await.unwrap();
+    let mut buf = [0u8; 4];
+    established.read_exact(&mut buf).await.unwrap();
+    established.write_all(b"pong").await.unwrap();
+    established.flush().await.unwrap();
+    client.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    assert_eq!(stats.accepted(), 1);
+    assert_eq!(stats.handshake_timeouts(), 0);
+}
+
+/// Counts what the accept loop reports, per outcome.
+#[derive(Debug, Default)]
+struct Recorder {
+    accepted: AtomicU64,
+    failed: Mutex<HashMap<HandshakeFailure, u64>>,
+}
+
+impl HandshakeObserver for Recorder {
+    fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self, reason: HandshakeFailure) {
+        *self.failed.lock().unwrap().entry(reason).or_default() += 1;
+    }
+}
+
+impl Recorder {
+    fn failed(&self, reason: HandshakeFailure) -> u64 {
+        self.failed
+            .lock()
+            .unwrap()
+            .get(&reason)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn observer_counts_every_outcome_by_reason() {
+    let ca = ca();
+    let (listener, addr) = loopback_listener().await;
+    let recorder = Arc::new(Recorder::default());
+    let config = IncomingConfig::default()
+        .max_handshakes_per_source(1)
+        // Long enough for the refused connection to arrive while the slot is held.
+        .handshake_timeout(Duration::from_secs(2))
+        .observer(recorder.clone());
+    let mut conns = incoming(listener, server_tls(&ca, "east"), config);
+    let stats = conns.stats();
+
+    // No client certificate.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(raw_client_config(ca.cert_pem(), None))
+        .connect(name, tcp)
+        .await
+    {
+        let mut buf = [0u8; 1];
+        let _ = tls.read(&mut buf).await;
+    }
+    eventually("a no-certificate failure", || {
+        recorder.failed(HandshakeFailure::NoCertificate) == 1
+    })
+    .await;
+    // A probe that closes at once.
+    drop(TcpStream::connect(addr).await.unwrap());
+    eventually("an early close", || {
+        recorder.failed(HandshakeFailure::EarlyClose) == 1
+    })
+    .await;
+    // A silent client holds the address's only slot; the next one is refused; then the
+    // silent one times out.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    eventually("the slot to be taken", || stats.handshakes_in_flight() == 1).await;
+    let _refused = TcpStream::connect(addr).await.unwrap();
+    eventually("a refusal and a timeout", || {
+        recorder.failed(HandshakeFailure::SourceLimit) == 1
+            && recorder.failed(HandshakeFailure::Timeout) == 1
+    })
+    .await;
+    // And a good client.
     let good = MeshEndpoint::new(&addr.to_string(), client_tls(&ca, "west")).unwrap();
     good.dial().await.unwrap();
     tokio::time::timeout(DEADLINE, conns.next())
@@ -367,9 +471,9 @@ async fn handshake_limit_queues_connections_until_a_slot_frees() {
         .unwrap()
         .unwrap()
         .unwrap();
-    // The good handshake could only start after the slot was released.
-    assert_eq!(stats.handshake_timeouts(), 1);
-    assert_eq!(stats.accepted(), 1);
+    assert_eq!(recorder.accepted.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.refused(), 1);
+    assert_eq!(stats.handshake_failures(), 1);
 }
 
 #[tokio::test]

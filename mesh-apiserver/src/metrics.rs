@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use clustermesh_certs::transport::{HandshakeFailure, HandshakeObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +38,12 @@ struct RefusalLabel {
     reason: String,
 }
 
+/// `reason` label of handshake failures: always a [`HandshakeFailure::as_str`] value.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabel {
+    reason: &'static str,
+}
+
 type HistogramFamily = Family<OpLabel, Histogram, fn() -> Histogram>;
 
 /// All metrics of the API server.
@@ -52,6 +59,8 @@ pub struct Metrics {
     store_writes: Family<OpLabel, Counter>,
     store_latency: HistogramFamily,
     identities: Gauge,
+    handshakes_accepted: Counter,
+    handshake_failures: Family<HandshakeLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -120,6 +129,24 @@ impl Metrics {
             "Numeric identities allocated by this cluster",
             identities.clone(),
         );
+        let handshakes_accepted = Counter::default();
+        registry.register(
+            "tls_handshakes_accepted",
+            "Mesh API connections that completed the mTLS handshake with a verified identity",
+            handshakes_accepted.clone(),
+        );
+        let handshake_failures = Family::<HandshakeLabel, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Mesh API connections dropped before or during the mTLS handshake, by reason",
+            handshake_failures.clone(),
+        );
+        // Every reason is exported from the start (at 0), so alerts on rates see it.
+        for reason in HandshakeFailure::ALL {
+            drop(handshake_failures.get_or_create(&HandshakeLabel {
+                reason: reason.as_str(),
+            }));
+        }
         Metrics {
             registry,
             records,
@@ -131,6 +158,8 @@ impl Metrics {
             store_writes,
             store_latency,
             identities,
+            handshakes_accepted,
+            handshake_failures,
         }
     }
 
@@ -206,5 +235,20 @@ impl Metrics {
     pub fn set_identities(&self, count: usize) {
         self.identities
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+/// The mesh API's accept loop reports every connection's outcome here.
+impl HandshakeObserver for Metrics {
+    fn accepted(&self) {
+        self.handshakes_accepted.inc();
+    }
+
+    fn failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 }

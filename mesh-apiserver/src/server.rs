@@ -113,10 +113,11 @@ pub async fn run(
         Arc::clone(&metrics),
     )
     .with_shutdown(shutdown.clone());
-    let result = serve_grpc(
+    let result = serve_grpc_with(
         service,
         options.grpc_listener,
         options.tls,
+        IncomingConfig::default().observer(metrics),
         shutdown.clone(),
     )
     .await;
@@ -126,7 +127,8 @@ pub async fn run(
     result.map_err(ServerError::from)
 }
 
-/// Serves `service` over mTLS on `listener` until `shutdown` is cancelled.
+/// Serves `service` over mTLS on `listener` until `shutdown` is cancelled, with the
+/// default accept loop tuning and no handshake metrics.
 ///
 /// # Errors
 /// The transport error that stopped the server.
@@ -136,8 +138,25 @@ pub async fn serve_grpc(
     tls: Arc<dyn TlsSource>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    serve_grpc_with(service, listener, tls, IncomingConfig::default(), shutdown).await
+}
+
+/// Serves `service` over mTLS on `listener` until `shutdown` is cancelled, accepting
+/// connections as `incoming_config` says: handshake timeout, caps of handshakes in
+/// flight (per source address and in total), and the observer that counts handshake
+/// outcomes ([`Metrics`] in [`run`]).
+///
+/// # Errors
+/// The transport error that stopped the server.
+pub async fn serve_grpc_with(
+    service: MeshApiService,
+    listener: TcpListener,
+    tls: Arc<dyn TlsSource>,
+    incoming_config: IncomingConfig,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let local = listener.local_addr().ok();
-    let incoming = incoming(listener, tls, IncomingConfig::default());
+    let incoming = incoming(listener, tls, incoming_config);
     tracing::info!(listen = ?local, "mesh API serving");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -70,7 +70,7 @@ pub enum ConnectError {
     },
     /// The TLS handshake failed (unknown CA, wrong server name, foreign trust domain,
     /// expired certificate, ...).
-    #[error("TLS handshake with {target} failed: {source}")]
+    #[error("TLS handshake with {target} failed: {}", super::TlsErrorText(source))]
     Tls {
         /// Where.
         target: String,

@@ -13,9 +13,9 @@ use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_apiserver::cache::{Cache, CacheConfig};
 use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
 use clustermesh_apiserver::metrics::Metrics;
-use clustermesh_apiserver::server::serve_grpc;
+use clustermesh_apiserver::server::serve_grpc_with;
 use clustermesh_certs::issue::{MeshCa, ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
-use clustermesh_certs::transport::MeshEndpoint;
+use clustermesh_certs::transport::{IncomingConfig, MeshEndpoint};
 use clustermesh_certs::trust_bundle::TrustBundle;
 use clustermesh_certs::{IssuedCert, MeshTls, TlsSource, TrustDomain};
 use clustermesh_store::raft::LocalCluster;
@@ -281,6 +281,8 @@ pub struct ServerSetup {
     pub cache: CacheConfig,
     pub policy: AccessPolicy,
     pub stream_buffer: usize,
+    /// Accept loop tuning; the server's metrics are added as its observer.
+    pub incoming: IncomingConfig,
 }
 
 impl ServerSetup {
@@ -290,6 +292,7 @@ impl ServerSetup {
             cache: CacheConfig::default(),
             policy: AccessPolicy::new(cluster),
             stream_buffer: 64,
+            incoming: IncomingConfig::default(),
         }
     }
 }
@@ -324,8 +327,11 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let tls = pki.server(&setup.cluster);
         let token = shutdown.clone();
+        let incoming = setup.incoming.observer(metrics.clone());
         tasks.push(tokio::spawn(async move {
-            serve_grpc(service, listener, tls, token).await.unwrap();
+            serve_grpc_with(service, listener, tls, incoming, token)
+                .await
+                .unwrap();
         }));
         TestServer {
             addr,
