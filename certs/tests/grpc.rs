@@ -85,7 +85,7 @@ async fn grpc_round_trip_shows_client_identity_to_server() {
     assert_eq!(check(channel).await.unwrap(), ServingStatus::Serving);
     assert_eq!(
         *seen.lock().unwrap(),
-        vec![PeerIdentity::cluster(td(), "west").unwrap(); 2]
+        vec![PeerIdentity::agent(td(), "west").unwrap(); 2]
     );
     stop.send(()).unwrap();
 }
@@ -118,7 +118,7 @@ async fn admin_only_service_tells_cluster_and_admin_apart() {
     let status = check(cluster).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
 
-    let admin_tls = tls(ca.cert_pem(), &ca.issue_admin("alice", valid()).unwrap());
+    let admin_tls = tls(&shared(&ca), &ca.issue_admin("alice", valid()).unwrap());
     let admin = MeshEndpoint::new(&addr.to_string(), admin_tls)
         .unwrap()
         .connect()
@@ -129,7 +129,7 @@ async fn admin_only_service_tells_cluster_and_admin_apart() {
     assert_eq!(
         names,
         [
-            "spiffe://clustermesh.local/cluster/west",
+            "spiffe://clustermesh.local/cluster/west/agent",
             "spiffe://clustermesh.local/admin/alice"
         ]
     );
@@ -163,13 +163,26 @@ async fn established_channel_survives_client_rotation_and_new_channels_use_new_c
     let dir = tempfile::tempdir().unwrap();
     let issue = |cluster| ClusterBundle::issue(&ca, cluster, &loopback_names(), valid()).unwrap();
     write_cluster_bundle(dir.path(), &issue("west")).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), shared(&ca)).unwrap();
     let client = ReloadingTls::load(td(), TlsPaths::client(dir.path())).unwrap();
     let endpoint = MeshEndpoint::new(&addr.to_string(), client.clone()).unwrap();
     let established = endpoint.connect().await.unwrap();
     check(established.clone()).await.unwrap();
 
+    // Rotation re-issues the same identity with a new key; a certificate naming another
+    // identity is refused (a process keeps the identity it started with).
+    let first = std::fs::read(dir.path().join("client.crt")).unwrap();
     write_cluster_bundle(dir.path(), &issue("west-2")).unwrap();
-    client.reload().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), shared(&ca)).unwrap();
+    let err = client.reload().unwrap_err();
+    assert!(err.to_string().contains("this process runs as"), "{err}");
+    write_cluster_bundle(dir.path(), &issue("west")).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), shared(&ca)).unwrap();
+    assert_ne!(std::fs::read(dir.path().join("client.crt")).unwrap(), first);
+    assert_eq!(
+        client.reload().unwrap(),
+        clustermesh_certs::reload::ReloadOutcome::Reloaded
+    );
     // Same HTTP/2 connection: still the identity it was made with.
     check(established).await.unwrap();
     // A new channel makes a new connection with the rotated certificate.
@@ -180,5 +193,6 @@ async fn established_channel_survives_client_rotation_and_new_channels_use_new_c
         .iter()
         .map(|p| p.name().to_owned())
         .collect();
-    assert_eq!(names, ["west", "west", "west-2"]);
+    assert_eq!(names, ["west", "west", "west"]);
+    assert_eq!(client.generation(), 1);
 }

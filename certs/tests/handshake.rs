@@ -99,7 +99,7 @@ async fn valid_client_is_accepted_and_server_sees_its_identity() {
     .await;
     client.unwrap();
     let stream = server.unwrap();
-    assert_eq!(stream.peer(), &PeerIdentity::cluster(td(), "west").unwrap());
+    assert_eq!(stream.peer(), &PeerIdentity::agent(td(), "west").unwrap());
     assert!(stream.info().remote_addr.ip().is_loopback());
 }
 
@@ -263,7 +263,7 @@ async fn incoming_yields_verified_connections_and_client_sees_server_identity() 
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(server.peer(), &PeerIdentity::cluster(td(), "west").unwrap());
+    assert_eq!(server.peer(), &PeerIdentity::agent(td(), "west").unwrap());
     assert_eq!(
         Some(server.info().remote_addr),
         client.get_ref().0.local_addr().ok()

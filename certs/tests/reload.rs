@@ -26,8 +26,11 @@ use tokio_stream::StreamExt;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// A bundle directory's content whose `ca.crt` is the tests' shared, labelled CA.
 fn bundle(ca: &MeshCa, cluster: &str) -> ClusterBundle {
-    ClusterBundle::issue(ca, cluster, &loopback_names(), valid()).unwrap()
+    let mut b = ClusterBundle::issue(ca, cluster, &loopback_names(), valid()).unwrap();
+    b.ca_pem = shared(ca);
+    b
 }
 
 fn server_cert_der(b: &ClusterBundle) -> CertificateDer<'static> {
@@ -246,7 +249,7 @@ async fn watcher_picks_up_rotation_and_notifies_subscribers() {
 }
 
 #[tokio::test]
-async fn client_side_reload_changes_the_identity_presented_on_new_connections() {
+async fn client_side_reload_keeps_the_identity_and_refuses_a_certificate_naming_another() {
     let server_dir = tempfile::tempdir().unwrap();
     let client_dir = tempfile::tempdir().unwrap();
     let ca = ca();
@@ -259,10 +262,18 @@ async fn client_side_reload_changes_the_identity_presented_on_new_connections() 
     endpoint.dial().await.unwrap();
     assert_eq!(server.next_conn().await.peer().name(), "west");
 
+    // Another cluster's files copied over ours: refused, the last good material stays.
     write_cluster_bundle(client_dir.path(), &bundle(&ca, "west-2")).unwrap();
+    let err = client.reload().unwrap_err();
+    assert!(err.to_string().contains("this process runs as"), "{err}");
+    endpoint.dial().await.unwrap();
+    assert_eq!(server.next_conn().await.peer().name(), "west");
+
+    // A rotation of our own identity is picked up.
+    write_cluster_bundle(client_dir.path(), &bundle(&ca, "west")).unwrap();
     assert_eq!(client.reload().unwrap(), ReloadOutcome::Reloaded);
     endpoint.dial().await.unwrap();
-    assert_eq!(server.next_conn().await.peer().name(), "west-2");
+    assert_eq!(server.next_conn().await.peer().name(), "west");
 }
 
 #[tokio::test]

@@ -49,16 +49,30 @@ pub fn tls(ca_pem: &str, leaf: &IssuedCert) -> Arc<MeshTls> {
     )
 }
 
+/// Clusters of the tests' shared CA.
+pub const TEST_CLUSTERS: [&str; 4] = ["east", "west", "north", "south"];
+
+/// The one test CA as a trust bundle labelled with every test cluster (a mesh whose
+/// clusters share one CA).
+pub fn shared(ca: &MeshCa) -> String {
+    let one = clustermesh_certs::TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap();
+    let mut bundle = clustermesh_certs::TrustBundle::new();
+    for cluster in TEST_CLUSTERS {
+        bundle.merge_as(&one, cluster);
+    }
+    bundle.to_pem()
+}
+
 pub fn server_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
     tls(
-        ca.cert_pem(),
+        &shared(ca),
         &ca.issue_server(cluster, &loopback_names(), valid())
             .unwrap(),
     )
 }
 
 pub fn client_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
-    tls(ca.cert_pem(), &ca.issue_agent(cluster, valid()).unwrap())
+    tls(&shared(ca), &ca.issue_agent(cluster, valid()).unwrap())
 }
 
 pub fn roots(ca_pem: &str) -> rustls::RootCertStore {
