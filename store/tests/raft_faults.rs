@@ -573,32 +573,27 @@ async fn peers_with_another_trust_domain_or_cluster_are_refused() {
     eprintln!("foreign trust domain refused: {err}");
     assert!(matches!(err, StoreError::Unavailable(_)));
 
-    // Same CA, another cluster's certificate: the TLS handshake succeeds, the replica
-    // refuses the RPC.
+    // Same CA, a node's agent certificate: the TLS handshake succeeds, the replica
+    // refuses the RPC (only replicas may call the raft port; see raft_security.rs for
+    // every other certificate an attacker could hold).
     let leaf = ca
-        .issue_server(
-            "west",
-            &clustermesh_certs::ServerNames::new(
-                ["localhost".to_owned()],
-                ["127.0.0.1".parse().unwrap()],
-            ),
+        .issue_agent(
+            "east",
             clustermesh_certs::Validity::from_now(clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY),
         )
         .unwrap();
-    let west = clustermesh_certs::MeshTls::from_pem(
+    let agent = clustermesh_certs::MeshTls::from_pem(
         clustermesh_certs::TrustDomain::new("clustermesh.test").unwrap(),
         ca.cert_pem().as_bytes(),
         leaf.cert_pem.as_bytes(),
         leaf.key_pem.as_bytes(),
     )
     .unwrap();
-    // Dialling "west" expects a west server; ask as west but accept east's answer by
-    // checking the refusal message.
-    let west_tls = ReplicaTls::new(Arc::new(west), "east");
-    let err = peer_status(&addr, Some(west_tls), Duration::from_secs(5))
+    let agent_tls = ReplicaTls::new(Arc::new(agent), "east");
+    let err = peer_status(&addr, Some(agent_tls), Duration::from_secs(5))
         .await
         .unwrap_err();
-    eprintln!("other cluster refused: {err}");
+    eprintln!("agent certificate refused: {err}");
     let msg = err.to_string();
     assert!(msg.contains("not a replica of cluster east"), "{msg}");
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::{
-    IssuedCert, MeshCa, MeshTls, ServerNames, TrustBundle, TrustDomain, Validity,
+    IssuedCert, MeshCa, MeshTls, ServerNames, TlsSource, TrustBundle, TrustDomain, Validity,
 };
 use clustermesh_store::raft::{peer_status, peer_write, Command, LocalCluster, ReplicaTls};
 use clustermesh_store::{Store, StoreError};
@@ -55,6 +55,36 @@ impl Mesh {
         }
     }
 
+    /// What an attacker dials with: presents `leaf` and accepts whatever server answers
+    /// (so the refusal measured is the server's, never the attacker's own verifier).
+    fn attacker(&self, leaf: &IssuedCert) -> ReplicaTls {
+        let honest = MeshTls::from_pem(
+            td(),
+            self.bundle.as_bytes(),
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = clustermesh_certs::pem::parse_certs(leaf.cert_pem.as_bytes()).unwrap();
+        let key = clustermesh_certs::pem::parse_private_key(leaf.key_pem.as_bytes()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        ReplicaTls::new(
+            Arc::new(AttackerTls {
+                server: honest.server_config(),
+                client: Arc::new(client),
+            }),
+            "east",
+        )
+    }
+
     /// Replica TLS presenting `leaf`, trusting east's bundle, for cluster east.
     fn tls(&self, leaf: &IssuedCert) -> ReplicaTls {
         let tls = MeshTls::from_pem(
@@ -65,6 +95,63 @@ impl Mesh {
         )
         .unwrap();
         ReplicaTls::new(Arc::new(tls), "east")
+    }
+}
+
+/// A client-side verifier that accepts any server certificate (signatures still checked).
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct AttackerTls {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl TlsSource for AttackerTls {
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
+    }
+    fn trust_domain(&self) -> TrustDomain {
+        td()
     }
 }
 
@@ -150,7 +237,7 @@ async fn only_replica_certificates_of_our_own_cluster_can_write_the_store() {
         ),
     ];
     for (who, leaf, how) in attackers {
-        let tls = mesh.tls(&leaf);
+        let tls = mesh.attacker(&leaf);
         let err = peer_write(&addr, Some(tls.clone()), put("evil/key"), timeout)
             .await
             .expect_err(who);
