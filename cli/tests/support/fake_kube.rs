@@ -267,8 +267,22 @@ pub struct ProxyRequest {
     pub path: String,
     /// Query string without `?` (may be empty).
     pub query: String,
+    /// Request headers as the pod receives them (lowercase names): like a real API server,
+    /// without `Authorization`, which it consumes.
+    pub headers: Vec<(String, String)>,
     /// Body.
     pub body: Vec<u8>,
+}
+
+impl ProxyRequest {
+    /// The value of header `name` (any case), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// What the pod answers through the proxy.
@@ -746,6 +760,12 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
     };
     let content_type = header("content-type");
     let authorization = header("authorization");
+    let forwarded_headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(n, _)| *n != hyper::header::AUTHORIZATION)
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => return to_response(status_error(400, format!("cannot read body: {e}"), None)),
@@ -759,6 +779,7 @@ async fn handle(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
             content_type,
         },
         &authorization,
+        forwarded_headers,
         body,
     );
     to_response(reply)
@@ -772,7 +793,13 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-fn route(state: &Mutex<State>, req: &Recorded, authorization: &str, body: Vec<u8>) -> Reply {
+fn route(
+    state: &Mutex<State>,
+    req: &Recorded,
+    authorization: &str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> Reply {
     let target = parse_path(&req.path);
     let params = parse_query(&req.query);
     let proxy_handler;
@@ -842,6 +869,7 @@ fn route(state: &Mutex<State>, req: &Recorded, authorization: &str, body: Vec<u8
         method: req.method.clone(),
         path,
         query: forwarded.join("&"),
+        headers,
         body,
     });
     Reply {
