@@ -529,6 +529,35 @@ fn the_agents_admin_token_secret_is_mounted_and_passed_to_the_agent() {
     }
 }
 
+/// Values printed with `toYaml` keep their type for a YAML 1.1 reader (Kubernetes reads
+/// manifests through go-yaml): a node selector value `yes`, `on` or `2024-01-01` stays a
+/// quoted string, as Helm prints it, instead of turning into a boolean or a date that the
+/// API server would refuse for a map of strings.
+#[test]
+fn to_yaml_quotes_yaml_1_1_booleans_and_dates_like_helm() {
+    let values = with(json!({"agent": {"nodeSelector": {
+        "a": "yes", "b": "on", "c": "2024-01-01", "d": "n", "e": "~", "f": "0755", "g": "linux"}}}));
+    let docs = chart().render_documents(&release(), &values).unwrap();
+    let (_, text) = docs
+        .iter()
+        .find(|(_, t)| t.contains("kind: DaemonSet"))
+        .unwrap();
+    for line in [
+        "        a: \"yes\"",
+        "        b: \"on\"",
+        "        c: \"2024-01-01\"",
+        "        d: \"n\"",
+        "        e: \"~\"",
+        "        f: \"0755\"",
+        "        g: linux",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
