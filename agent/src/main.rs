@@ -3,6 +3,10 @@
 //! Parses flags, sets up logging, opens the datapath (eBPF, or a recorder for dry runs),
 //! starts the control plane, the admin API and the optional HTTP endpoint, and exits
 //! non-zero with one clear line when it cannot start.
+//!
+//! `clustermesh-agent mount-bpffs` is the one-shot exception: it mounts bpffs and exits.
+//! The Helm chart runs it in a privileged init container (the image has no shell), so the
+//! long-running agent keeps its minimal capabilities.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use clustermesh_agent::admin::{self, BpfDumpHook};
-use clustermesh_agent::bpf::{BpfConfig, BpfDatapath};
+use clustermesh_agent::bpf::{BpfConfig, BpfDatapath, BpfError, BpffsMount};
 use clustermesh_agent::datapath::Datapath;
 use clustermesh_agent::http;
 use clustermesh_agent::maglev::{Maglev, TableSize, DEFAULT_SEED};
@@ -37,24 +41,59 @@ enum DatapathKind {
 /// clustermesh node agent: watches every cluster, merges global services, builds
 /// weighted Maglev tables and programs the eBPF datapath.
 #[derive(Debug, Parser)]
-#[command(name = "clustermesh-agent", version)]
+#[command(
+    name = "clustermesh-agent",
+    version,
+    propagate_version = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Mount bpffs (unless it is mounted already) and exit. Needs CAP_SYS_ADMIN; the Helm
+    /// chart runs it in a privileged init container whose volume has Bidirectional mount
+    /// propagation, so the mount reaches the host and the agent container.
+    MountBpffs {
+        /// Where to mount bpffs.
+        #[arg(long, default_value = clustermesh_agent::bpf::DEFAULT_BPFFS)]
+        path: PathBuf,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+}
+
+/// Flags of the long-running agent.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Agent configuration file (written by `clustermesh enable/connect`), reloaded on change.
-    #[arg(long, env = "CLUSTERMESH_AGENT_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "CLUSTERMESH_AGENT_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// This node's name.
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required = true)]
+    node_name: Option<String>,
     /// This node's zone (`topology.kubernetes.io/zone`).
     #[arg(long, env = "NODE_ZONE", default_value = "")]
     zone: String,
     /// Admin API unix socket.
     #[arg(long, default_value = "/var/run/clustermesh/agent.sock")]
     admin_socket: PathBuf,
-    /// Also serve /metrics, /healthz and /v1/status over TCP on this address (e.g.
-    /// 0.0.0.0:9963), for Prometheus and `clustermesh status` in Kubernetes mode; default: off.
+    /// Also serve /healthz and /metrics over TCP on this address (e.g. 0.0.0.0:9963), for
+    /// the kubelet and Prometheus; default: off.
     #[arg(long, value_name = "ADDR:PORT")]
     http_listen: Option<std::net::SocketAddr>,
+    /// Serve the admin routes (/v1/status, /v1/services, /v1/bpf/lb) on --http-listen too,
+    /// to requests whose X-Clustermesh-Token header holds the token in this file (read at
+    /// each request). `clustermesh status` in Kubernetes mode reads them this way.
+    #[arg(long, value_name = "FILE", requires = "http_listen")]
+    http_token_file: Option<PathBuf>,
     /// Drop an unreachable cluster's records after this long (e.g. `10m`); default: keep.
     #[arg(long, value_parser = humantime::parse_duration)]
     stale_ttl: Option<Duration>,
@@ -95,11 +134,54 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() {
-    let args = Args::parse();
-    init_logging(args.log_format);
-    if let Err(e) = run(args) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::MountBpffs { path, log_format }) => {
+            init_logging(log_format);
+            mount_bpffs(&path)
+        }
+        None => {
+            init_logging(cli.args.log_format);
+            run(cli.args)
+        }
+    };
+    if let Err(e) = result {
         eprintln!("clustermesh-agent: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `clustermesh-agent mount-bpffs`.
+fn mount_bpffs(path: &std::path::Path) -> anyhow::Result<()> {
+    match clustermesh_agent::bpf::mount_bpffs(path) {
+        Ok(BpffsMount::AlreadyMounted) => {
+            tracing::info!(path = %path.display(), "bpffs is mounted already");
+            Ok(())
+        }
+        Ok(BpffsMount::Mounted) => {
+            tracing::info!(path = %path.display(), "mounted bpffs");
+            Ok(())
+        }
+        Err(e @ BpfError::BpffsMount { .. }) => Err(anyhow::anyhow!(
+            "{:#}; mount-bpffs needs CAP_SYS_ADMIN (the Helm chart runs it in a privileged \
+             init container), and in a container the mount reaches the host only through a \
+             volume with Bidirectional mount propagation",
+            anyhow::Error::new(e)
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A datapath that cannot open, with the advice for the user running this binary.
+fn datapath_error(e: BpfError) -> anyhow::Error {
+    match e {
+        BpfError::BpffsNotMounted { .. } => anyhow::anyhow!(
+            "cannot open the eBPF datapath: {e}; mount it before the agent starts (the Helm \
+             chart's mount-bpffs init container does; on a host run `clustermesh-agent \
+             mount-bpffs` as root or enable systemd's sys-fs-bpf.mount), or use --datapath record"
+        ),
+        e => anyhow::Error::new(e)
+            .context("cannot open the eBPF datapath (or run with --datapath record)"),
     }
 }
 
@@ -116,9 +198,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(cg) = &args.cgroup {
                 cfg = cfg.with_cgroup(cg);
             }
-            let bpf = Arc::new(BpfDatapath::open(cfg).context(
-                "cannot open the eBPF datapath (run as root with bpffs and cgroup v2, or use --datapath record)",
-            )?);
+            let bpf = match BpfDatapath::open(cfg) {
+                Ok(bpf) => Arc::new(bpf),
+                Err(e) => return Err(datapath_error(e)),
+            };
             let for_dump = Arc::clone(&bpf);
             let hook: BpfDumpHook = Arc::new(move || {
                 let dump = for_dump.dump(false).map_err(|e| e.to_string())?;
@@ -127,7 +210,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (bpf, Some(hook))
         }
     };
-    let mut options = AgentOptions::new(&args.config, &args.node_name);
+    let (Some(config), Some(node_name)) = (&args.config, &args.node_name) else {
+        anyhow::bail!("--config and --node-name are required");
+    };
+    let mut options = AgentOptions::new(config, node_name);
     options.zone = args.zone;
     options.stale_ttl = args.stale_ttl;
     options.maglev = maglev;
@@ -138,17 +224,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let cancel = CancellationToken::new();
     let agent = Agent::start(options, datapath, cancel.clone())
-        .with_context(|| format!("cannot start with config {}", args.config.display()))?;
+        .with_context(|| format!("cannot start with config {}", config.display()))?;
     if let Some(dir) = args.admin_socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create admin socket directory {}", dir.display()))?;
     }
     if let Some(addr) = args.http_listen {
         let listener = http::bind(addr).await?;
+        let access = args
+            .http_token_file
+            .clone()
+            .map_or(http::AdminAccess::Off, http::AdminAccess::TokenFile);
         tokio::spawn(http::serve(
             listener,
             agent.view.clone(),
             bpf_hook.clone(),
+            access,
             cancel.clone(),
         ));
     }

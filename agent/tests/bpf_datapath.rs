@@ -103,7 +103,7 @@ impl Sandbox {
     fn open(&self, config: BpfConfig) -> Option<BpfDatapath> {
         match BpfDatapath::open(config) {
             Ok(dp) => Some(dp),
-            Err(e @ (BpfError::MissingPrivileges { .. } | BpfError::BpffsUnavailable { .. })) => {
+            Err(e @ (BpfError::MissingPrivileges { .. } | BpfError::BpffsNotMounted { .. })) => {
                 unavailable(&self.name, &e.to_string());
                 None
             }
@@ -892,7 +892,7 @@ fn dump_serializes_services_backends_and_tables() {
 }
 
 #[test]
-fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
+fn pin_dir_off_bpffs_and_missing_bpffs_are_clear_errors() {
     let Some(sb) = Sandbox::new("bpffs") else {
         return;
     };
@@ -901,7 +901,7 @@ fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
     let err = BpfDatapath::open(sb.config().with_pin_dir(tmp.join("pins"))).unwrap_err();
     assert!(matches!(err, BpfError::PinDirNotBpffs { .. }), "{err}");
     assert!(err.to_string().contains("bpffs"), "{err}");
-    // bpffs expected at a mount point that does not exist: it cannot be mounted.
+    // bpffs expected at a mount point where it is not mounted: the agent does not mount it.
     let mount = tmp.join("no-such-mount");
     let err = BpfDatapath::open(
         sb.config()
@@ -909,8 +909,8 @@ fn pin_dir_off_bpffs_and_unmountable_bpffs_are_clear_errors() {
             .with_pin_dir(mount.join("clustermesh")),
     )
     .unwrap_err();
-    assert!(matches!(err, BpfError::BpffsUnavailable { .. }), "{err}");
-    assert!(err.to_string().contains("mount -t bpf"), "{err}");
+    assert!(matches!(err, BpfError::BpffsNotMounted { .. }), "{err}");
+    assert!(err.to_string().contains("bpffs is not mounted"), "{err}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -1,5 +1,6 @@
-//! `clustermesh-agent --http-listen`: the binary serves /healthz, /v1/status and /metrics
-//! over TCP, and a taken port stops it at startup with one clear line.
+//! `clustermesh-agent --http-listen`: the binary serves /healthz and /metrics over TCP to
+//! anyone and /v1/status only with the token of `--http-token-file`, and a taken port
+//! stops it at startup with one clear line.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -51,17 +52,28 @@ fn agent_command(dir: &Path, config: &Path, http: SocketAddr) -> Command {
         ])
         .arg(dir.join("agent.sock"))
         .arg(format!("--http-listen={http}"))
+        .arg("--http-token-file")
+        .arg(dir.join("token"))
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cmd
 }
 
+/// The token the tests write to `--http-token-file`.
+const TOKEN: &str = "binary-test-token";
+
 async fn get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
+    get_with(addr, path, &format!("X-Clustermesh-Token: {TOKEN}\r\n")).await
+}
+
+async fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Option<(String, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.ok()?;
     let (head, body) = raw.split_once("\r\n\r\n")?;
@@ -72,6 +84,7 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
 async fn the_binary_serves_status_health_and_metrics_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
     drop(free);
@@ -91,6 +104,11 @@ async fn the_binary_serves_status_health_and_metrics_over_tcp() {
         Some(("HTTP/1.1 200 OK".to_owned(), "ok\n".to_owned())),
         "the agent's HTTP endpoint never answered on {addr}"
     );
+
+    // Without the token, the node's port gives nothing away.
+    let (line, body) = get_with(addr, "/v1/status", "").await.unwrap();
+    assert_eq!(line, "HTTP/1.1 401 Unauthorized");
+    assert!(!body.contains("node-a"), "{body}");
 
     let (line, body) = get(addr, "/v1/status").await.unwrap();
     assert_eq!(line, "HTTP/1.1 200 OK");

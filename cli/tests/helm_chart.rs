@@ -206,7 +206,11 @@ fn check_pod_with(pod: &PodSpec, claims: &[String], origin: &str) {
         .map(|v| v.name)
         .collect();
     volumes.extend(claims.iter().cloned());
-    for c in &pod.containers {
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
         for m in c.volume_mounts.clone().unwrap_or_default() {
             assert!(
                 volumes.contains(&m.name),
@@ -409,6 +413,149 @@ fn agent_daemonset_mounts_bpffs_and_cgroup_with_only_needed_capabilities() {
     let a = args(ds);
     assert!(a.contains(&"--config=/etc/clustermesh/agent/agent.yaml".to_string()));
     assert!(a.contains(&"--cgroup=/run/clustermesh/cgroupv2".to_string()));
+}
+
+/// bpffs on nodes where nothing mounted it (kind): a privileged init container of the same
+/// image mounts it with Bidirectional propagation (as Cilium does), so the long-running
+/// agent needs no CAP_SYS_ADMIN and no Bidirectional mount.
+#[test]
+fn bpffs_is_mounted_by_a_privileged_init_container_and_the_agent_stays_unprivileged() {
+    let r = render(base()).unwrap();
+    let ds = r.get("DaemonSet", "clustermesh-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    let inits = pod["initContainers"].as_array().expect("init containers");
+    assert_eq!(inits.len(), 1, "{inits:?}");
+    let init = &inits[0];
+    assert_eq!(init["name"], "mount-bpffs");
+    assert_eq!(
+        init["image"], agent["image"],
+        "the agent image runs the init step"
+    );
+    assert_eq!(init["args"][0], "mount-bpffs", "the agent's subcommand");
+    assert!(
+        init["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--path=/sys/fs/bpf")),
+        "{init}"
+    );
+    assert_eq!(init["securityContext"]["privileged"], true);
+    let mount_of = |c: &Value, name: &str| -> Value {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} mount in {c}"))
+    };
+    let init_bpffs = mount_of(init, "bpffs");
+    assert_eq!(init_bpffs["mountPath"], "/sys/fs/bpf");
+    assert_eq!(init_bpffs["mountPropagation"], "Bidirectional");
+    // Nothing else of the node is handed to the privileged step.
+    assert_eq!(init["volumeMounts"].as_array().unwrap().len(), 1);
+
+    // The long-running agent: the minimal capabilities, sees the host's mount.
+    let sc = &agent["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    let added: Vec<&str> = sc["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        !added.iter().any(|c| c.contains("SYS_ADMIN")),
+        "the agent container must not need CAP_SYS_ADMIN: {added:?}"
+    );
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    for m in agent["volumeMounts"].as_array().unwrap() {
+        assert_ne!(m["mountPropagation"], "Bidirectional", "{m}");
+    }
+    assert_eq!(
+        mount_of(agent, "bpffs")["mountPropagation"],
+        "HostToContainer"
+    );
+}
+
+/// The agents serve their admin routes over TCP only with the token Secret `enable`
+/// creates; the chart mounts it (optional: without it they serve /healthz and /metrics).
+#[test]
+fn the_agents_admin_token_secret_is_mounted_and_passed_to_the_agent() {
+    for (overrides, secret) in [
+        (base(), "clustermesh-agent-admin-token"),
+        (
+            with(json!({"tls": {"agentAdminTokenSecret": "my-token"}})),
+            "my-token",
+        ),
+    ] {
+        let r = render(overrides).unwrap();
+        let ds = r.get("DaemonSet", "clustermesh-agent");
+        let pod = &ds["spec"]["template"]["spec"];
+        let a = args(ds);
+        assert!(
+            a.contains(&"--http-token-file=/etc/clustermesh/admin-token/token".to_string()),
+            "{a:?}"
+        );
+        assert!(
+            a.contains(&"--http-listen=0.0.0.0:9963".to_string()),
+            "{a:?}"
+        );
+        let vol = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "admin-token")
+            .unwrap()
+            .clone();
+        assert_eq!(vol["secret"]["secretName"], secret);
+        assert_eq!(vol["secret"]["optional"], true);
+        assert_eq!(vol["secret"]["defaultMode"], 0o400);
+        assert_eq!(
+            vol["secret"]["items"],
+            json!([{"key": "token", "path": "token"}])
+        );
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "admin-token")
+            .unwrap()
+            .clone();
+        assert_eq!(mount["mountPath"], "/etc/clustermesh/admin-token");
+        assert_eq!(mount["readOnly"], true);
+    }
+}
+
+/// Values printed with `toYaml` keep their type for a YAML 1.1 reader (Kubernetes reads
+/// manifests through go-yaml): a node selector value `yes`, `on` or `2024-01-01` stays a
+/// quoted string, as Helm prints it, instead of turning into a boolean or a date that the
+/// API server would refuse for a map of strings.
+#[test]
+fn to_yaml_quotes_yaml_1_1_booleans_and_dates_like_helm() {
+    let values = with(json!({"agent": {"nodeSelector": {
+        "a": "yes", "b": "on", "c": "2024-01-01", "d": "n", "e": "~", "f": "0755", "g": "linux"}}}));
+    let docs = chart().render_documents(&release(), &values).unwrap();
+    let (_, text) = docs
+        .iter()
+        .find(|(_, t)| t.contains("kind: DaemonSet"))
+        .unwrap();
+    for line in [
+        "        a: \"yes\"",
+        "        b: \"on\"",
+        "        c: \"2024-01-01\"",
+        "        d: \"n\"",
+        "        e: \"~\"",
+        "        f: \"0755\"",
+        "        g: linux",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
 }
 
 #[test]

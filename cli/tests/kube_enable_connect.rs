@@ -390,6 +390,19 @@ async fn enable_again_keeps_the_ca_and_upgrades_in_place() {
     assert_eq!(settings(&m.east)["data"]["service-type"], "NodePort");
 }
 
+/// `enable` without --set/--values has no chart values to report, neither the first time
+/// nor when it reads back the empty overrides it stored (it printed `chart values set: ={}`).
+#[tokio::test]
+async fn enable_without_overrides_lists_no_chart_values() {
+    let m = mesh().await;
+    for _ in 0..2 {
+        let r = m.enable("east", "east", "1", "LoadBalancer").await;
+        assert!(r.ok, "{}", r.stderr);
+        assert!(!r.stdout.contains("chart values set"), "{}", r.stdout);
+        assert!(!r.stdout.contains("={}"), "{}", r.stdout);
+    }
+}
+
 #[tokio::test]
 async fn enable_with_another_id_is_refused_and_changes_nothing() {
     let m = mesh().await;

@@ -126,7 +126,35 @@ fn unreachable_context_names_context_and_what_to_check() {
         stderr.starts_with("error: cannot reach the Kubernetes API of context west: "),
         "{stderr}"
     );
-    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("connection refused by 127.0.0.1:{port}")),
+        "the refused address is named: {stderr}"
+    );
+    assert!(!stderr.contains("ServiceError"), "{stderr}");
+}
+
+/// A kubeconfig user whose exec credential plugin is not installed: the plugin is named.
+#[test]
+fn a_missing_exec_credential_plugin_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    let yaml = kubeconfig_yaml(&format!("http://127.0.0.1:{}", closed_loopback_port()))
+        .replace(
+            "  user:\n    token: t\n",
+            "  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: /nonexistent-plugin\n      interactiveMode: Never\n",
+        );
+    assert!(yaml.contains("/nonexistent-plugin"), "{yaml}");
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, stdout, stderr) = run_cli(&path, &["--context", "east", "status"]);
+    assert!(!ok);
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: context \"east\": the kubeconfig's credential plugin \"/nonexistent-plugin\" (user u) cannot be started: "
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

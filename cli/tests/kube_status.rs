@@ -143,9 +143,30 @@ async fn connected_mesh() -> Mesh {
     m
 }
 
-/// Registers agent `pod` on port 9963 (the chart's `agent.httpPort`) answering `body`.
+/// The agents' admin token `enable` stored in Secret `clustermesh-agent-admin-token`, as
+/// stored (base64).
+fn agent_token(fake: &FakeKube) -> String {
+    let secret = fake
+        .object(&format!(
+            "/api/v1/namespaces/{NS}/secrets/clustermesh-agent-admin-token"
+        ))
+        .expect("enable creates the agents' token Secret");
+    secret["data"]["token"].as_str().unwrap().to_owned()
+}
+
+/// Registers agent `pod` on port 9963 (the chart's `agent.httpPort`) answering `body` to a
+/// request with the token of Secret `clustermesh-agent-admin-token` in header
+/// `X-Clustermesh-Token`, and 401 otherwise, like `clustermesh-agent --http-token-file`.
 fn agent(fake: &FakeKube, pod: &str, body: Value) {
+    let token = agent_token(fake);
     fake.set_pod_proxy(NS, pod, Some(9963), move |req| {
+        match req.header("x-clustermesh-token") {
+            None => return ProxyResponse::text(401, "missing X-Clustermesh-Token header"),
+            Some(t) if support::fake_kube::base64(t.as_bytes()) != token => {
+                return ProxyResponse::text(401, "wrong X-Clustermesh-Token")
+            }
+            Some(_) => {}
+        }
         if req.method == "GET" && req.path == "/v1/status" {
             ProxyResponse::json(&body)
         } else {
@@ -212,6 +233,52 @@ async fn two_agents_connected_to_two_clusters_report_2_of_2() {
         m.west.requests().is_empty(),
         "status reads only its own context"
     );
+}
+
+/// Agents answer only with the token `enable` stored; without that Secret the refusal says
+/// which Secret is missing and how to get it back.
+#[tokio::test]
+async fn agents_are_asked_with_the_token_and_a_missing_token_secret_is_named() {
+    let m = connected_mesh().await;
+    healthy(&m);
+    let token = agent_token(&m.east);
+    // 32 random bytes, hex: 64 characters, 88 in base64.
+    assert_eq!(token.len(), 88, "{token}");
+    assert!(m.status(&[]).await.ok);
+
+    m.east
+        .remove(&format!(
+            "/api/v1/namespaces/{NS}/secrets/clustermesh-agent-admin-token"
+        ))
+        .unwrap();
+    let r = m.status(&[]).await;
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        r.stdout.lines().any(|l| l
+            == "  clustermesh-agent-aaaaa (node n1) unreachable: the agent answered HTTP 401: missing \
+                X-Clustermesh-Token header (Secret clustermesh-agent-admin-token does not \
+                exist; run `clustermesh enable` again to create it)"),
+        "{}",
+        r.stdout
+    );
+
+    // enable creates a new one; a later enable keeps it.
+    let enable = [
+        "--context",
+        "east",
+        "enable",
+        "--cluster-name",
+        "east",
+        "--cluster-id",
+        "1",
+    ];
+    assert!(m.cli(&enable).await.ok);
+    let renewed = agent_token(&m.east);
+    assert_ne!(renewed, token);
+    assert!(m.cli(&enable).await.ok);
+    assert_eq!(agent_token(&m.east), renewed);
+    healthy(&m);
+    assert!(m.status(&[]).await.ok);
 }
 
 #[tokio::test]

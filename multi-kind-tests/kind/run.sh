@@ -13,7 +13,8 @@
 #   - disconnect: cluster 1 no longer lists cluster 2, and with its own echo at zero
 #     nothing answers any more (cluster 2's backends are gone from cluster 1).
 # Usage: multi-kind-tests/kind/run.sh [up|test|down|all]   (default: all)
-# Needs: docker, kind, kubectl, cargo. See README.md.
+# Needs: docker (with a running daemon), kind, kubectl, and to build the CLI cargo and
+# protoc; checked up front, one line per missing tool. See README.md.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -26,7 +27,26 @@ WAIT=5m
 say() { printf '\n== %s\n' "$*"; }
 indent() { sed 's/^/    /'; }
 die() { echo "error: $*" >&2; exit 1; }
-need() { command -v "$1" >/dev/null || die "$1 is required (see multi-kind-tests/kind/README.md)"; }
+# Checks every prerequisite of the step $1 (up or test) before doing anything, printing
+# one line per missing one, and stops if any is missing.
+preflight() {
+  local missing=0
+  miss() { echo "missing prerequisite: $*" >&2; missing=1; }
+  command -v docker >/dev/null || miss "docker (https://docs.docker.com/engine/install/)"
+  if command -v docker >/dev/null && ! docker info >/dev/null 2>&1; then
+    miss "a running Docker daemon (\`docker info\` fails; start Docker or check your access to its socket)"
+  fi
+  command -v kind >/dev/null || miss "kind (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)"
+  command -v kubectl >/dev/null || miss "kubectl (https://kubernetes.io/docs/tasks/tools/)"
+  if [ "$1" = up ] && [ -z "${CLUSTERMESH_CLI:-}" ]; then
+    # The CLI is built on this machine; its protobuf definitions are compiled with protoc.
+    command -v cargo >/dev/null || miss "cargo, to build the clustermesh CLI (https://rustup.rs; or set CLUSTERMESH_CLI to a built binary)"
+    if [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null; then
+      miss "protoc, to build the clustermesh CLI (Debian/Ubuntu: apt-get install protobuf-compiler; or set PROTOC, or CLUSTERMESH_CLI to a built binary)"
+    fi
+  fi
+  [ "$missing" = 0 ] || die "install the missing prerequisites above (see multi-kind-tests/kind/README.md)"
+}
 ctx() { echo "kind-clustermesh-$1"; }
 k() { local c=$1; shift; kubectl --context "$(ctx "$c")" "$@"; }
 cm() { local c=$1; shift; "$CLI" --context "$(ctx "$c")" --namespace "$NS" "$@"; }
@@ -37,7 +57,9 @@ build() {
     docker build -f "$ROOT/deploy/docker/Dockerfile" --target "$target" -t "ghcr.io/clustermesh/clustermesh-$target:$TAG" "$ROOT"
   done
   docker build -f "$ROOT/deploy/docker/Dockerfile" --target netns -t "clustermesh-netns:$TAG" "$ROOT"
-  CARGO_TARGET_DIR="$ROOT/target-kind" cargo build --release -p clustermesh-cli
+  if [ -z "${CLUSTERMESH_CLI:-}" ]; then
+    CARGO_TARGET_DIR="$ROOT/target-kind" cargo build --release -p clustermesh-cli
+  fi
 }
 
 # The cgroup v2 mount of cluster $1's nodes (the agent attaches its socket-level programs
@@ -88,7 +110,7 @@ echo_manifest() {
 }
 
 up() {
-  need docker; need kind; need kubectl; need cargo
+  preflight up
   build
   for c in 1 2; do
     say "creating kind cluster $c"
@@ -159,9 +181,8 @@ wait_for() {
 }
 
 test_() {
-  need kubectl
+  preflight test
   [ -x "$CLI" ] || die "$CLI not found; run \`$0 up\` first (or set CLUSTERMESH_CLI)"
-  need docker; need kind
   routes
   connect
   say "requests from cluster 1 land on cluster 1 (affinity local)"
@@ -197,7 +218,7 @@ down() {
 case "${1:-all}" in
   up) up ;;
   test) test_ ;;
-  down) down ;;
-  all) trap down EXIT; up; test_ ;;
+  down) command -v kind >/dev/null || die "kind is required (see multi-kind-tests/kind/README.md)"; down ;;
+  all) preflight up; trap down EXIT; up; test_ ;;
   *) die "usage: $0 [up|test|down|all]" ;;
 esac

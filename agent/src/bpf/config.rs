@@ -9,7 +9,7 @@ use clustermesh_ebpf_common::capacity;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/clustermesh";
-/// Default bpffs mount point (mounted if missing).
+/// Default bpffs mount point (`clustermesh-agent mount-bpffs` mounts it; the agent only checks).
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Configuration of the eBPF datapath.
@@ -56,7 +56,8 @@ impl BpfConfig {
         self
     }
 
-    /// Where bpffs is mounted if the pin directory is not on bpffs yet.
+    /// Where bpffs is expected (a pin directory below it that is not on bpffs means bpffs
+    /// was not mounted there).
     #[must_use]
     pub fn with_bpffs_mount(mut self, mount: impl Into<PathBuf>) -> Self {
         self.bpffs_mount = mount.into();

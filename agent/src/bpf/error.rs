@@ -32,16 +32,21 @@ pub enum BpfError {
          or configure the cgroup path explicitly"
     )]
     NoCgroup2Mount,
-    /// The pin directory is not on bpffs and bpffs could not be mounted.
-    #[error(
-        "bpffs is not mounted at {mount} and mounting it failed ({reason}): run \
-         `mount -t bpf bpf {mount}` as root, or configure a pin directory on a mounted bpffs"
-    )]
-    BpffsUnavailable {
+    /// The pin directory lies below the bpffs mount point, but bpffs is not mounted there.
+    /// The agent does not mount it (see `system`).
+    #[error("bpffs is not mounted at {mount}")]
+    BpffsNotMounted {
         /// Where bpffs was expected.
         mount: PathBuf,
-        /// Why mounting failed.
-        reason: String,
+    },
+    /// `mount-bpffs` could not mount bpffs.
+    #[error("cannot mount bpffs at {mount}")]
+    BpffsMount {
+        /// The mount point.
+        mount: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
     },
     /// The pin directory is not on a bpffs mount.
     #[error(
@@ -54,8 +59,8 @@ pub enum BpfError {
     },
     /// The kernel refused an operation for lack of privileges.
     #[error(
-        "missing privileges to {step}: run the agent as root or with CAP_BPF, CAP_NET_ADMIN, \
-         CAP_PERFMON and CAP_SYS_ADMIN ({source})"
+        "missing privileges to {step} (the agent needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN \
+         and CAP_SYS_RESOURCE)"
     )]
     MissingPrivileges {
         /// What was attempted.

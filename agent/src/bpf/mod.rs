@@ -46,7 +46,7 @@ pub use error::{BpfError, Result};
 pub use ids::IdAllocator;
 pub use links::{links_present, PROGRAMS};
 pub use slab::{Region, SlabAllocator};
-pub use system::{cgroup2_mount, ensure_pin_dir, resolve_cgroup};
+pub use system::{cgroup2_mount, ensure_pin_dir, mount_bpffs, resolve_cgroup, BpffsMount};
 
 use crate::datapath::{Datapath, DatapathError, DesiredChanges, LbService};
 use state::{Maps, State};

@@ -1,5 +1,11 @@
-//! Host prerequisites: finding the cgroup2 mount, checking the configured cgroup, and making
-//! sure the pin directory is on bpffs (mounting it when needed).
+//! Host prerequisites: finding the cgroup2 mount, checking the configured cgroup, and
+//! checking that the pin directory is on bpffs.
+//!
+//! The long-running agent never mounts anything: mounting bpffs needs CAP_SYS_ADMIN and,
+//! in a container, `Bidirectional` mount propagation, which the agent container does not
+//! get. [`mount_bpffs`] does it once per boot instead, run by `clustermesh-agent
+//! mount-bpffs` in the Helm chart's privileged init container (as Cilium's `mount-bpf-fs`
+//! init container does) or by systemd's `sys-fs-bpf.mount` on hosts.
 
 use std::path::{Path, PathBuf};
 
@@ -84,43 +90,67 @@ fn on_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
 }
 
-/// Makes sure `pin_dir` exists on bpffs, mounting bpffs at `mount` when the pin directory
-/// lies below it and it is not mounted yet.
+/// What [`mount_bpffs`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BpffsMount {
+    /// bpffs was mounted there already; nothing was done.
+    AlreadyMounted,
+    /// bpffs was mounted now.
+    Mounted,
+}
+
+/// Mounts bpffs at `mount` unless it is on bpffs already (creating the directory first).
+/// Needs CAP_SYS_ADMIN; in a container the mount reaches the host only through a volume
+/// with `Bidirectional` propagation.
 ///
 /// # Errors
-/// [`BpfError::BpffsUnavailable`] when mounting fails, [`BpfError::PinDirNotBpffs`] when
-/// the pin directory is elsewhere, [`BpfError::Io`] when it cannot be created.
+/// [`BpfError::Io`] when the directory cannot be created, [`BpfError::BpffsMount`] when
+/// the kernel refuses the mount.
+pub fn mount_bpffs(mount: &Path) -> Result<BpffsMount> {
+    std::fs::create_dir_all(mount).map_err(|source| BpfError::Io {
+        step: "create the bpffs mount point",
+        path: mount.to_path_buf(),
+        source,
+    })?;
+    if on_bpffs(mount) {
+        return Ok(BpffsMount::AlreadyMounted);
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        mount,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|errno| BpfError::BpffsMount {
+        mount: mount.to_path_buf(),
+        source: errno.into(),
+    })?;
+    Ok(BpffsMount::Mounted)
+}
+
+/// Checks that `pin_dir` can live on bpffs and creates it. Nothing is mounted here (see
+/// the module header): when bpffs is missing at `mount`, the answer is an error that says
+/// so.
+///
+/// # Errors
+/// [`BpfError::BpffsNotMounted`] when the pin directory lies below `mount` and bpffs is
+/// not mounted there, [`BpfError::PinDirNotBpffs`] when the pin directory is elsewhere,
+/// [`BpfError::Io`] when it cannot be created.
 pub fn ensure_pin_dir(pin_dir: &Path, mount: &Path) -> Result<()> {
     let existing = pin_dir
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or_else(|| Path::new("/"));
     if !on_bpffs(existing) {
-        if !pin_dir.starts_with(mount) {
-            return Err(BpfError::PinDirNotBpffs {
-                path: pin_dir.to_path_buf(),
+        if pin_dir.starts_with(mount) {
+            return Err(BpfError::BpffsNotMounted {
+                mount: mount.to_path_buf(),
             });
         }
-        if !mount.is_dir() {
-            return Err(BpfError::BpffsUnavailable {
-                mount: mount.to_path_buf(),
-                reason: "the mount point does not exist".into(),
-            });
-        }
-        if !on_bpffs(mount) {
-            tracing::info!(mount = %mount.display(), "mounting bpffs");
-            nix::mount::mount(
-                Some("bpf"),
-                mount,
-                Some("bpf"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            )
-            .map_err(|e| BpfError::BpffsUnavailable {
-                mount: mount.to_path_buf(),
-                reason: e.desc().to_owned(),
-            })?;
-        }
+        return Err(BpfError::PinDirNotBpffs {
+            path: pin_dir.to_path_buf(),
+        });
     }
     std::fs::create_dir_all(pin_dir).map_err(|source| BpfError::Io {
         step: "create pin directory",
@@ -180,6 +210,49 @@ mod tests {
         let err = resolve_cgroup(Some(Path::new("/nonexistent/cgroup/for-test"))).unwrap_err();
         assert!(matches!(err, BpfError::CgroupMissing { .. }));
         assert!(err.to_string().contains("/nonexistent/cgroup/for-test"));
+    }
+
+    /// On a node where nothing mounted bpffs (a kind node), the agent does not try to mount
+    /// it (its container lacks CAP_SYS_ADMIN) but says that bpffs is missing, in words that
+    /// match the chart: no advice to grant CAP_SYS_ADMIN.
+    #[test]
+    fn a_missing_bpffs_is_reported_not_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("bpf");
+        std::fs::create_dir(&mount).unwrap();
+        let err = ensure_pin_dir(&mount.join("clustermesh"), &mount).unwrap_err();
+        assert!(
+            !on_bpffs(&mount),
+            "the agent mounted bpffs itself at {}",
+            mount.display()
+        );
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            format!("bpffs is not mounted at {}", mount.display()),
+            "{err:?}"
+        );
+        assert!(matches!(err, BpfError::BpffsNotMounted { .. }), "{err:?}");
+        assert!(!mount.join("clustermesh").exists());
+    }
+
+    /// The privileges the agent asks for are the ones the chart's agent container has.
+    #[test]
+    fn missing_privileges_name_the_capabilities_the_chart_grants() {
+        let err = BpfError::MissingPrivileges {
+            step: "attach program connect4".into(),
+            source: std::io::Error::from_raw_os_error(nix::errno::Errno::EPERM as i32),
+        };
+        let text = err.to_string();
+        for cap in [
+            "CAP_BPF",
+            "CAP_PERFMON",
+            "CAP_NET_ADMIN",
+            "CAP_SYS_RESOURCE",
+        ] {
+            assert!(text.contains(cap), "{text}");
+        }
+        assert!(!text.contains("SYS_ADMIN"), "{text}");
     }
 
     #[test]

@@ -378,9 +378,9 @@ impl<'a> Evaluator<'a> {
             }
             "toYaml" => {
                 arity(1)?;
-                let text = serde_yaml::to_string(&args[0])
+                let text = super::to_yaml::to_yaml(&args[0])
                     .map_err(|e| self.err(line, format!("toYaml: {e}")))?;
-                Ok(Value::String(text.trim_end_matches('\n').to_string()))
+                Ok(Value::String(text))
             }
             "indent" | "nindent" => {
                 arity(2)?;
@@ -460,7 +460,7 @@ fn values_equal(a: &Value, b: &Value) -> bool {
 }
 
 /// Go's `%q` for the characters a YAML value can hold.
-fn go_quote(s: &str) -> String {
+pub(super) fn go_quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

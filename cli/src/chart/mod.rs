@@ -10,6 +10,7 @@
 mod eval;
 mod lex;
 mod parse;
+mod to_yaml;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

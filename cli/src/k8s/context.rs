@@ -37,6 +37,20 @@ pub enum KubeError {
         /// What kube-rs reported.
         reason: String,
     },
+    /// The kubeconfig user's exec credential plugin cannot be started.
+    #[error(
+        "context \"{context}\": the kubeconfig's credential plugin \"{command}\" (user {user}) cannot be started: {reason}; install it or fix users[].user.exec.command in the kubeconfig"
+    )]
+    ExecPlugin {
+        /// The context.
+        context: String,
+        /// The kubeconfig user entry.
+        user: String,
+        /// The plugin command as the kubeconfig names it.
+        command: String,
+        /// Why it cannot start.
+        reason: String,
+    },
     /// The API server of the context did not answer.
     #[error("cannot reach the Kubernetes API of context {context}: {reason}; check the context and network")]
     Unreachable {
@@ -69,6 +83,74 @@ impl std::fmt::Debug for KubeTarget {
             .field("namespace", &self.namespace)
             .finish_non_exhaustive()
     }
+}
+
+/// Every distinct message along `e`'s source chain, joined by ": " (a message already
+/// contained in the one before it is not repeated). kube-rs' own `Display` of a transport
+/// error stops at "ServiceError: client error (Connect)", without the cause.
+#[must_use]
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether an I/O error of kind `kind` is in `e`'s source chain.
+fn has_io_error(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == kind)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The cause, when `e` failed because the exec credential plugin could not be started.
+fn exec_start_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(kube::client::AuthError::AuthExecStart(io)) =
+            err.downcast_ref::<kube::client::AuthError>()
+        {
+            return Some(io.to_string());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Why the API server at `url` did not answer: "connection refused by HOST:PORT" when it
+/// refused, else the whole cause chain.
+fn unreachable_reason(url: &http::Uri, e: &(dyn std::error::Error + 'static)) -> String {
+    if has_io_error(e, std::io::ErrorKind::ConnectionRefused) {
+        let host = url.host().unwrap_or("?");
+        let port = url
+            .port_u16()
+            .unwrap_or(if url.scheme_str() == Some("http") {
+                80
+            } else {
+                443
+            });
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        return format!("connection refused by {host}:{port} (server {url})");
+    }
+    format!("{url}: {}", error_chain(e))
 }
 
 /// Reads the kubeconfig from `KUBECONFIG` or `~/.kube/config`.
@@ -106,20 +188,49 @@ pub async fn connect(
         context: Some(context.to_owned()),
         ..KubeConfigOptions::default()
     };
-    let invalid = |reason: String| KubeError::InvalidContext {
+    // The user entry's exec plugin, named when it cannot be started.
+    let user = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| c.user.clone())
+        .unwrap_or_default();
+    let exec_command = kubeconfig
+        .auth_infos
+        .iter()
+        .find(|a| a.name == user)
+        .and_then(|a| a.auth_info.as_ref())
+        .and_then(|a| a.exec.as_ref())
+        .and_then(|x| x.command.clone());
+    let failed =
+        |e: &(dyn std::error::Error + 'static),
+         otherwise: &dyn Fn(&(dyn std::error::Error + 'static)) -> KubeError| {
+            match (exec_start_failure(e), &exec_command) {
+                (Some(reason), Some(command)) => KubeError::ExecPlugin {
+                    context: context.to_owned(),
+                    user: user.clone(),
+                    command: command.clone(),
+                    reason,
+                },
+                _ => otherwise(e),
+            }
+        };
+    let invalid = |e: &(dyn std::error::Error + 'static)| KubeError::InvalidContext {
         context: context.to_owned(),
-        reason,
+        reason: error_chain(e),
     };
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| failed(&e, &invalid))?;
     config.default_namespace = namespace.to_owned();
     let mut proxy_config = config.clone();
     proxy_config.default_retry = false;
-    let proxy = Client::try_from(proxy_config).map_err(|e| invalid(e.to_string()))?;
+    let proxy = Client::try_from(proxy_config).map_err(|e| failed(&e, &invalid))?;
     config.connect_timeout = Some(timeout);
-    let url = config.cluster_url.to_string();
-    let client = Client::try_from(config).map_err(|e| invalid(e.to_string()))?;
+    let uri = config.cluster_url.clone();
+    let url = uri.to_string();
+    let client = Client::try_from(config).map_err(|e| failed(&e, &invalid))?;
     let unreachable = |reason: String| KubeError::Unreachable {
         context: context.to_owned(),
         reason,
@@ -128,7 +239,9 @@ pub async fn connect(
         Ok(Ok(info)) => {
             tracing::debug!(context, %url, version = %info.git_version, "Kubernetes API reachable");
         }
-        Ok(Err(e)) => return Err(unreachable(format!("{url}: {e}"))),
+        Ok(Err(e)) => {
+            return Err(failed(&e, &|e| unreachable(unreachable_reason(&uri, e))));
+        }
         Err(_) => {
             return Err(unreachable(format!(
                 "{url}: no answer within {}",

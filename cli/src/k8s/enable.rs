@@ -366,6 +366,7 @@ pub async fn enable(
     for s in &secrets {
         objs.apply::<Secret>("Secret", s).await?;
     }
+    super::agent_token::ensure(&objs, &opts.name).await?;
     let mut applied = Vec::new();
     for (kind, obj) in &objects {
         objs.apply_dynamic(kind, obj).await?;
@@ -412,6 +413,7 @@ const CLI_OWNED: &[&str] = &[
     ADMIN_SECRET,
     REPLICA_SECRET,
     CA_BUNDLE_SECRET,
+    super::agent_token::AGENT_TOKEN_SECRET,
     CONFIG_MAP,
 ];
 
@@ -547,6 +549,7 @@ pub async fn disable(target: &KubeTarget, force: bool) -> Result<DisableReport, 
         ADMIN_SECRET,
         REPLICA_SECRET,
         CA_BUNDLE_SECRET,
+        super::agent_token::AGENT_TOKEN_SECRET,
         CA_SECRET,
     ] {
         if objs.delete::<Secret>("Secret", name).await? {

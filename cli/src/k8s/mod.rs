@@ -8,10 +8,12 @@
 //! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
 //! - [`values`]: chart value overrides (`enable --set/--values`), stored for later renders.
 //! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
+//! - [`agent_token`]: the token that opens the agents' admin routes through the pod proxy.
 //! - [`agents`]: `service list` and `bpf lb list` (each agent, through the pod proxy).
 //! - [`embedded`]: the Helm chart compiled into the binary.
 //! - [`error`]: what can go wrong, one line each.
 
+pub mod agent_token;
 pub mod agents;
 pub mod context;
 pub mod embedded;

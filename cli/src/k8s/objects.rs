@@ -217,7 +217,7 @@ pub fn reason(e: &kube::Error) -> String {
                 format!("{msg} ({}, HTTP {})", status.reason, status.code)
             }
         }
-        other => other.to_string(),
+        other => super::context::error_chain(other),
     }
 }
 

@@ -4,7 +4,9 @@
 //! Each agent is asked for `GET /v1/status` on its HTTP endpoint (`--http-listen`, chart
 //! value `agent.httpPort`) through the API server's pod proxy
 //! (`/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy/v1/status`), so the CLI needs no
-//! network path to the nodes. Connections are summarized like cilium-cli does: per agent
+//! network path to the nodes. The agents answer only with the token of Secret
+//! `clustermesh-agent-admin-token` in the `X-Clustermesh-Token` header (see
+//! [`super::agent_token`]). Connections are summarized like cilium-cli does: per agent
 //! "N/N configured, N/N connected", and per cluster how many agents have it configured and
 //! connected.
 
@@ -415,18 +417,23 @@ impl std::fmt::Display for AgentFailure {
 /// proxy that is the pod's own (plain-text) answer.
 const NOT_A_STATUS: &str = "Failed to parse error data";
 
-/// `GET {path}` of one agent pod through the API server's pod proxy.
+/// `GET {path}` of one agent pod through the API server's pod proxy, with the agents'
+/// admin token (or, when there is none, why: said next to the agent's refusal).
 async fn get_one<T: serde::de::DeserializeOwned>(
     client: Client,
     namespace: String,
     pod: String,
     port: u16,
     path: &str,
+    token: Arc<Result<String, String>>,
     timeout: Duration,
 ) -> Result<T, AgentFailure> {
     let url = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}");
-    let request = http::Request::get(&url)
-        .header("Accept", "application/json")
+    let mut request = http::Request::get(&url).header("Accept", "application/json");
+    if let Ok(token) = token.as_ref() {
+        request = request.header(super::agent_token::TOKEN_HEADER, token.as_str());
+    }
+    let request = request
         .body(Vec::new())
         .map_err(|e| AgentFailure::Unreachable(format!("cannot build the request {url}: {e}")))?;
     let text = match tokio::time::timeout(timeout, client.request_text(request)).await {
@@ -438,8 +445,12 @@ async fn get_one<T: serde::de::DeserializeOwned>(
         }
         Ok(Err(kube::Error::Api(status))) if status.reason == NOT_A_STATUS => {
             let msg = status.message.trim();
+            let hint = match token.as_ref() {
+                Err(why) if matches!(status.code, 401 | 403) => format!(" ({why})"),
+                _ => String::new(),
+            };
             return Err(AgentFailure::Refused(format!(
-                "the agent answered HTTP {}: {}",
+                "the agent answered HTTP {}: {}{hint}",
                 status.code,
                 if msg.is_empty() { "no message" } else { msg }
             )));
@@ -499,18 +510,27 @@ pub(crate) async fn proxy_get<T: serde::de::DeserializeOwned + Send + 'static>(
     timeout: Duration,
 ) -> Result<Vec<(AgentRef, Result<T, AgentFailure>)>, KubeModeError> {
     let client = target.proxy.clone();
+    let token = Arc::new(if pods.is_empty() {
+        Err(String::new())
+    } else {
+        super::agent_token::read(&Objects::new(target)).await
+    });
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_AGENT_QUERIES));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in pods.iter().enumerate() {
-        let (client, ns, limit, pod) = (
+        let (client, ns, limit, pod, token) = (
             client.clone(),
             target.namespace.clone(),
             Arc::clone(&limit),
             p.pod.clone(),
+            Arc::clone(&token),
         );
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            (i, get_one::<T>(client, ns, pod, port, path, timeout).await)
+            (
+                i,
+                get_one::<T>(client, ns, pod, port, path, token, timeout).await,
+            )
         });
     }
     let mut answers: Vec<Option<Result<T, AgentFailure>>> = pods.iter().map(|_| None).collect();

@@ -373,7 +373,10 @@ pub fn merge_overrides(base: &mut Value, over: &Value) {
 pub fn flatten(values: &Value) -> Vec<String> {
     fn walk(v: &Value, prefix: &str, out: &mut Vec<String>) {
         match v {
-            Value::Object(m) if !m.is_empty() => {
+            // Merging an empty map changes nothing: not an override worth listing (and the
+            // stored overrides of an `enable` without --set are `{}`).
+            Value::Object(m) if m.is_empty() => {}
+            Value::Object(m) => {
                 for (k, sub) in m {
                     let k = k.replace('.', "\\.");
                     let key = if prefix.is_empty() {

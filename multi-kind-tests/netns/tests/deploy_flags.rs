@@ -42,7 +42,7 @@ fn accepts(bin: &Path, args: &[String], origin: &str) {
     );
 }
 
-/// (container name, args) of every container in the rendered workloads.
+/// (container name, args) of every container and init container in the rendered workloads.
 fn container_args(values: Value) -> Vec<(String, Vec<String>)> {
     let chart = Chart::load(&root().join("deploy/helm/clustermesh")).unwrap();
     let release = Release {
@@ -52,8 +52,12 @@ fn container_args(values: Value) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for (_, text) in chart.render_documents(&release, &values).unwrap() {
         let doc: Value = serde_yaml::from_str(&text).unwrap();
-        if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array() {
-            for c in containers {
+        for kind in ["initContainers", "containers"] {
+            for c in doc["spec"]["template"]["spec"][kind]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 let args = c["args"]
                     .as_array()
                     .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
@@ -79,7 +83,7 @@ fn chart_arguments_are_accepted_by_the_binaries() {
         clustermesh_cli::chart::merge_values(&mut v, &extra);
         sets.push(v);
     }
-    let mut seen = (0, 0);
+    let mut seen = (0, 0, 0);
     for values in sets {
         for (name, args) in container_args(values.clone()) {
             // $(VAR) is expanded by the kubelet; any value of the right type will do.
@@ -96,14 +100,19 @@ fn chart_arguments_are_accepted_by_the_binaries() {
                     accepts(&b.agent, &args, &format!("chart {values}"));
                     seen.1 += 1;
                 }
+                // The agent image's one-shot bpffs mount (`clustermesh-agent mount-bpffs`).
+                "mount-bpffs" => {
+                    accepts(&b.agent, &args, &format!("chart {values}"));
+                    seen.2 += 1;
+                }
                 other => panic!("unexpected container {other}"),
             }
         }
     }
     assert_eq!(
         seen,
-        (4, 4),
-        "every value set renders one apiserver and one agent"
+        (4, 4, 4),
+        "every value set renders one apiserver, one agent and its mount-bpffs init container"
     );
 }
 

@@ -292,8 +292,22 @@ pub struct ProxyRequest {
     pub path: String,
     /// Query string without `?` (may be empty).
     pub query: String,
+    /// Request headers as the pod receives them (lowercase names): like a real API server,
+    /// without `Authorization`, which it consumes.
+    pub headers: Vec<(String, String)>,
     /// Body.
     pub body: Vec<u8>,
+}
+
+impl ProxyRequest {
+    /// The value of header `name` (any case), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// What the pod answers through the proxy.
@@ -908,6 +922,12 @@ async fn handle(
     let authorization = header("authorization");
     let accept = header("accept");
     let host = header("host");
+    let forwarded_headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(n, _)| *n != hyper::header::AUTHORIZATION)
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => return to_response(status_error(400, format!("cannot read body: {e}"), None)),
@@ -935,7 +955,7 @@ async fn handle(
             Err(reply) => to_response(reply),
         };
     }
-    let reply = route(state, &recorded, authenticated, &host, body);
+    let reply = route(state, &recorded, authenticated, &host, forwarded_headers, body);
     let is_get = recorded.method == "GET"
         && matches!(
             parse_path(&recorded.path),
@@ -967,6 +987,7 @@ fn route(
     req: &Recorded,
     authenticated: bool,
     host: &str,
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 ) -> Reply {
     let target = parse_path(&req.path);
@@ -1040,6 +1061,7 @@ fn route(
         method: req.method.clone(),
         path,
         query: forwarded.join("&"),
+        headers,
         body,
     });
     Reply {
