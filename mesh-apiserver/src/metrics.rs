@@ -52,6 +52,7 @@ pub struct Metrics {
     store_writes: Family<OpLabel, Counter>,
     store_latency: HistogramFamily,
     identities: Gauge,
+    oversized: Family<KindLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -120,7 +121,14 @@ impl Metrics {
             "Numeric identities allocated by this cluster",
             identities.clone(),
         );
+        let oversized = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "oversized_records",
+            "Records not written because they exceed the store's value limit, per kind",
+            oversized.clone(),
+        );
         Metrics {
+            oversized,
             registry,
             records,
             watchers,
@@ -200,6 +208,15 @@ impl Metrics {
         if op != "list" && op != "get" {
             self.store_writes.get_or_create(&label).inc();
         }
+    }
+
+    /// Sets the number of records of `kind` that are too large for the store.
+    pub fn set_oversized(&self, kind: &str, count: usize) {
+        self.oversized
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Sets the number of identities held.
