@@ -11,7 +11,7 @@ use clustermesh_api::keys;
 use clustermesh_apiserver::export::{ExportConfig, Exporter};
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::source::{K8sObject, ObjectKind, SourceEvent};
-use clustermesh_store::{Store, MAX_VALUE_SIZE};
+use clustermesh_store::MAX_VALUE_SIZE;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
