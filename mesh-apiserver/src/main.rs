@@ -20,7 +20,7 @@ use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
-use clustermesh_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
+use clustermesh_store::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls, Store};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -358,9 +358,16 @@ async fn build_store(
             if let Some(etcd_tls) = etcd_tls(cli)? {
                 config = config.with_tls(etcd_tls);
             }
-            let store = EtcdStore::connect(config)
-                .await
-                .context("cannot connect to etcd")?;
+            let store = EtcdStore::connect(config).await.map_err(|e| {
+                let advice = match e {
+                    EtcdConnectError::TlsRefused { .. } => {
+                        " (check that etcd's --trusted-ca-file signed --etcd-cert, and --etcd-ca \
+                         signed etcd's certificate)"
+                    }
+                    _ => "",
+                };
+                anyhow::Error::new(e).context(format!("cannot connect to etcd{advice}"))
+            })?;
             Ok((Arc::new(store), None))
         }
         StoreKind::Raft => {
