@@ -256,14 +256,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = term.recv() => Ok(()),
         }
     };
+    let mut control = agent.task;
     tokio::select! {
         r = shutdown => { r.context("cannot listen for shutdown signals")?; }
         r = &mut Box::pin(admin_task) => {
             r.context("admin API task failed")??;
         }
+        // It only ends when cancelled, which has not happened yet: a panic or a bug.
+        r = &mut control => {
+            cancel.cancel();
+            r.context("the control loop failed")?;
+            anyhow::bail!("the control loop stopped unexpectedly");
+        }
     }
     tracing::info!("shutting down (pinned eBPF state stays in force)");
     cancel.cancel();
-    let _ = agent.task.await;
+    let _ = control.await;
     Ok(())
 }

@@ -11,20 +11,28 @@
 //! difference, then the kind's synced marker `mesh/v1/synced/<cluster>/<kind>` (once: an
 //! existing marker is left alone). The API server is ready when every kind is synced.
 //!
+//! A record larger than the store's value limit ([`MAX_VALUE_SIZE`], e.g. a service with
+//! tens of thousands of endpoints) is not sent and not retried: it is reported once per
+//! change (an ERROR line naming the record and its size, the
+//! `clustermesh_apiserver_oversized_records` gauge and an [`ExportProblems`] entry shown on
+//! `/statusz`), and the store keeps the record's previous version until a version that
+//! fits replaces it. Splitting one service's backends over several keys would change the
+//! record layout every agent reads (one key per service), so it is not done here.
+//!
 //! The exporter assumes it is the only writer of its cluster's record keys (one active
 //! API server per cluster); identities are the exception and are allocated by
 //! compare-and-swap (see [`crate::identity`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_api::cidr::Cidr;
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::keys::{self, Kind};
 use clustermesh_api::v1;
-use clustermesh_store::{Revision, Store, StoreError};
+use clustermesh_store::{Revision, Store, StoreError, MAX_VALUE_SIZE};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -54,6 +62,8 @@ pub struct ExportConfig {
     pub maintenance_interval: Duration,
     /// Store writes in flight at once during a bulk sync.
     pub write_concurrency: usize,
+    /// Where the exporter reports records it cannot write (shared with `/statusz`).
+    pub problems: ExportProblems,
 }
 
 impl ExportConfig {
@@ -69,6 +79,7 @@ impl ExportConfig {
             identity_gc_grace: Duration::from_secs(300),
             maintenance_interval: Duration::from_secs(5),
             write_concurrency: 32,
+            problems: ExportProblems::default(),
         }
     }
 
@@ -87,6 +98,70 @@ impl ExportConfig {
     }
 }
 
+/// A record the store refused (or would refuse) as too large.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OversizedRecord {
+    /// Its kind.
+    pub kind: Kind,
+    /// Encoded size in bytes.
+    pub size: usize,
+    /// The store's value limit in bytes.
+    pub limit: usize,
+}
+
+/// Records the exporter cannot write right now, by store key: a cheap handle shared by
+/// the exporter (which fills it) and the operations endpoint (which shows it).
+#[derive(Debug, Clone, Default)]
+pub struct ExportProblems(Arc<Mutex<BTreeMap<String, OversizedRecord>>>);
+
+impl ExportProblems {
+    /// The records over the store's value limit, by key.
+    #[must_use]
+    pub fn oversized(&self) -> BTreeMap<String, OversizedRecord> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// One human-readable line per problem, sorted by key.
+    #[must_use]
+    pub fn lines(&self) -> Vec<String> {
+        self.oversized()
+            .iter()
+            .map(|(key, r)| {
+                format!(
+                    "oversized {} record {key}: {} bytes, over the store's {}-byte value limit; \
+                     not written (the store keeps its previous version)",
+                    r.kind, r.size, r.limit
+                )
+            })
+            .collect()
+    }
+
+    /// Records `key` as oversized; true when this is news (a new key or another size).
+    fn set_oversized(&self, key: &str, record: OversizedRecord) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(key.to_owned(), record.clone()) != Some(record)
+    }
+
+    /// Forgets `key` (written, deleted, or back under the limit); true if it was listed.
+    fn clear(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .is_some()
+    }
+
+    /// Number of oversized records of `kind`.
+    fn count(&self, kind: Kind) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|r| r.kind == kind)
+            .count()
+    }
+}
+
 /// Errors that stop the exporter.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -96,6 +171,19 @@ pub enum ExportError {
     /// Loading identities failed.
     #[error("exporter start-up: {0}")]
     Identities(#[source] AllocError),
+}
+
+impl ExportError {
+    /// The store error behind this one when the store could not answer (no raft quorum,
+    /// etcd unreachable): waiting may help, unlike with the other errors.
+    #[must_use]
+    pub fn store_unavailable(&self) -> Option<&StoreError> {
+        let cause = match self {
+            ExportError::Load(e) | ExportError::Identities(AllocError::Store(e)) => e,
+            ExportError::Identities(_) => return None,
+        };
+        matches!(cause, StoreError::Unavailable(_)).then_some(cause)
+    }
 }
 
 /// A write and its outcome.
@@ -364,11 +452,17 @@ impl Exporter {
             };
             touched.push((kind, key));
         }
-        let writes = touched
-            .into_iter()
-            .filter(|(kind, _)| self.exported.contains(kind))
-            .filter_map(|(kind, key)| self.write_for(kind, &key).map(|w| (kind, w)))
-            .collect();
+        let mut writes = Vec::new();
+        for (kind, key) in touched {
+            if !self.exported.contains(&kind) {
+                continue;
+            }
+            match self.write_for(kind, &key) {
+                Some(write) => writes.push((kind, write)),
+                // Back to what the store holds: nothing left to report for this key.
+                None => self.clear_problem(kind, &key),
+            }
+        }
         self.execute(writes).await;
 
         for kind in [Kind::Node, Kind::Service, Kind::Endpoint, Kind::Identity] {
@@ -442,6 +536,14 @@ impl Exporter {
         let results: Vec<WriteResult> = futures::stream::iter(writes)
             .map(|(kind, write)| async move {
                 let result = match &write {
+                    // Not sent: the store would refuse it, and a retry cannot help.
+                    Write::Put(key, value) if value.len() > MAX_VALUE_SIZE => {
+                        Err(StoreError::ValueTooLarge {
+                            key: key.clone(),
+                            size: value.len(),
+                            max: MAX_VALUE_SIZE,
+                        })
+                    }
                     Write::Put(key, value) => timed(
                         metrics,
                         "put",
@@ -461,6 +563,7 @@ impl Exporter {
         for ((kind, write), result) in results {
             match result {
                 Ok(_) => {
+                    self.clear_problem(kind, write.key());
                     let map = self.written.entry(kind).or_default();
                     match write {
                         Write::Put(key, value) => {
@@ -470,6 +573,9 @@ impl Exporter {
                             map.remove(&key);
                         }
                     }
+                }
+                Err(StoreError::ValueTooLarge { size, max, .. }) => {
+                    self.report_oversized(kind, write.key(), size, max);
                 }
                 Err(error) => {
                     tracing::warn!(key = write.key(), %error, "store write failed; will retry");
@@ -499,6 +605,34 @@ impl Exporter {
             }
         }
         self.update_ready();
+    }
+
+    /// Reports a record the store cannot take: once per new version (a changed record is
+    /// tried, and reported, again), never retried by maintenance.
+    fn report_oversized(&self, kind: Kind, key: &str, size: usize, limit: usize) {
+        let record = OversizedRecord { kind, size, limit };
+        if self.config.problems.set_oversized(key, record) {
+            tracing::error!(
+                %kind,
+                key,
+                size,
+                limit,
+                "record is larger than the store's value limit and is not written; the store \
+                 keeps its previous version. Make it smaller: split the service into several \
+                 Services with fewer endpoints each (or fewer ports)"
+            );
+            self.metrics.rejected_input("oversized");
+        }
+        self.metrics
+            .set_oversized(kind.segment(), self.config.problems.count(kind));
+    }
+
+    fn clear_problem(&self, kind: Kind, key: &str) {
+        if self.config.problems.clear(key) {
+            tracing::info!(%kind, key, "record fits the store again and is written");
+            self.metrics
+                .set_oversized(kind.segment(), self.config.problems.count(kind));
+        }
     }
 
     fn report(&self, warnings: &[InputWarning]) {

@@ -20,7 +20,7 @@ use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
-use clustermesh_store::{EtcdConfig, EtcdStore, EtcdTls, Store};
+use clustermesh_store::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls, Store};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -413,16 +413,19 @@ async fn build_store(
                 bail!("--store etcd needs --etcd-endpoints");
             }
             let mut config = EtcdConfig::new(cli.etcd_endpoints.iter().cloned());
-            if let Some(ca) = &cli.etcd_ca {
-                let mut etcd_tls = EtcdTls::new(ca);
-                if let (Some(cert), Some(key)) = (&cli.etcd_cert, &cli.etcd_key) {
-                    etcd_tls = etcd_tls.with_client_identity(cert, key);
-                }
+            if let Some(etcd_tls) = etcd_tls(cli)? {
                 config = config.with_tls(etcd_tls);
             }
-            let store = EtcdStore::connect(config)
-                .await
-                .context("cannot connect to etcd")?;
+            let store = EtcdStore::connect(config).await.map_err(|e| {
+                let advice = match e {
+                    EtcdConnectError::TlsRefused { .. } => {
+                        " (check that etcd's --trusted-ca-file signed --etcd-cert, and --etcd-ca \
+                         signed etcd's certificate)"
+                    }
+                    _ => "",
+                };
+                anyhow::Error::new(e).context(format!("cannot connect to etcd{advice}"))
+            })?;
             Ok((Arc::new(store), None))
         }
         StoreKind::Raft => {
@@ -456,6 +459,33 @@ async fn build_store(
             let store = RaftStore::new(Arc::clone(&replica));
             Ok((Arc::new(store), Some(replica)))
         }
+    }
+}
+
+/// The etcd TLS flags, refusing combinations that would silently drop the client
+/// certificate.
+fn etcd_tls(cli: &Cli) -> Result<Option<EtcdTls>> {
+    let identity = match (&cli.etcd_cert, &cli.etcd_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            bail!("--etcd-cert needs --etcd-key (the client certificate's private key)")
+        }
+        (None, Some(_)) => bail!("--etcd-key needs --etcd-cert (the client certificate)"),
+    };
+    match (&cli.etcd_ca, identity) {
+        (Some(ca), identity) => {
+            let mut tls = EtcdTls::new(ca);
+            if let Some((cert, key)) = identity {
+                tls = tls.with_client_identity(cert, key);
+            }
+            Ok(Some(tls))
+        }
+        (None, Some(_)) => bail!(
+            "--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's server \
+             certificate): a client certificate is only presented over TLS"
+        ),
+        (None, None) => Ok(None),
     }
 }
 

@@ -61,6 +61,7 @@ pub struct Metrics {
     identities: Gauge,
     handshakes_accepted: Counter,
     handshake_failures: Family<HandshakeLabel, Counter>,
+    oversized: Family<KindLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -147,7 +148,14 @@ impl Metrics {
                 reason: reason.as_str(),
             }));
         }
+        let oversized = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "oversized_records",
+            "Records not written because they exceed the store's value limit, per kind",
+            oversized.clone(),
+        );
         Metrics {
+            oversized,
             registry,
             records,
             watchers,
@@ -229,6 +237,15 @@ impl Metrics {
         if op != "list" && op != "get" {
             self.store_writes.get_or_create(&label).inc();
         }
+    }
+
+    /// Sets the number of records of `kind` that are too large for the store.
+    pub fn set_oversized(&self, kind: &str, count: usize) {
+        self.oversized
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Sets the number of identities held.

@@ -4,20 +4,21 @@
 //! is cancelled (SIGTERM in the binary), waiting for in-flight gRPC streams to close.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clustermesh_certs::transport::{incoming, IncomingConfig};
 use clustermesh_certs::TlsSource;
 use clustermesh_store::Store;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, CacheConfig};
 use crate::export::{ExportConfig, ExportError, Exporter};
 use crate::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
-use crate::http::{self, OpsState};
+use crate::http::{self, OpsState, Readiness};
 use crate::metrics::Metrics;
-use crate::source::Source;
+use crate::source::{Source, SourceError};
 
 /// Everything [`run`] needs besides the store and the source.
 #[derive(Debug)]
@@ -49,12 +50,23 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The source stopped with an error (the server stops with it, so that the process
+    /// exits non-zero and its supervisor restarts it).
+    #[error("the source stopped")]
+    Source(#[source] SourceError),
 }
+
+/// First and largest pause between attempts to reach the store at start-up.
+const STORE_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 
 /// Runs the API server until `shutdown` is cancelled.
 ///
+/// The operations endpoint starts first; then the exporter loads the store, and while the
+/// store cannot answer (a raft replica without quorum, an unreachable etcd) the server waits
+/// with backoff, reporting the reason on `/readyz`, instead of giving up.
+///
 /// # Errors
-/// [`ServerError`] when start-up fails or the gRPC server dies.
+/// [`ServerError`] when start-up fails, the source fails or the gRPC server dies.
 pub async fn run(
     store: Arc<dyn Store>,
     source: Box<dyn Source>,
@@ -63,37 +75,14 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let metrics = options.metrics;
     let cluster_config = options.export.cluster_config();
-    let exporter = Exporter::start(
-        Arc::clone(&store),
-        options.export.clone(),
-        Arc::clone(&metrics),
-    )
-    .await?;
-    let synced = exporter.ready();
-
-    let cache = Arc::new(Cache::new(
-        options.export.cluster.clone(),
-        options.cache,
-        Arc::clone(&metrics),
-    ));
+    let (readiness, readiness_rx) = watch::channel(Readiness::WaitingForStore(None));
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(Arc::clone(&cache).run(Arc::clone(&store), shutdown.clone()));
-
-    let (tx, rx) = mpsc::channel(1024);
-    let source_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(error) = source.run(tx, source_shutdown.clone()).await {
-            tracing::error!(%error, "source failed; the API server stops");
-            source_shutdown.cancel();
-        }
-    });
-    tasks.spawn(exporter.run(rx, shutdown.clone()));
-
     if let Some(listener) = options.ops_listener {
         let state = OpsState {
             metrics: Arc::clone(&metrics),
             store: Arc::clone(&store),
-            synced,
+            readiness: readiness_rx,
+            problems: options.export.problems.clone(),
         };
         let ops_shutdown = shutdown.clone();
         tasks.spawn(async move {
@@ -102,6 +91,56 @@ pub async fn run(
             }
         });
     }
+
+    let started = start_exporter(&store, &options.export, &metrics, &readiness, &shutdown).await;
+    let exporter = match started {
+        Ok(Some(exporter)) => exporter,
+        Ok(None) => {
+            while tasks.join_next().await.is_some() {}
+            return Ok(());
+        }
+        Err(error) => {
+            shutdown.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(error.into());
+        }
+    };
+    let mut synced = exporter.ready();
+    readiness.send_replace(Readiness::Syncing);
+    let readiness_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            let state = if *synced.borrow_and_update() {
+                Readiness::Synced
+            } else {
+                Readiness::Syncing
+            };
+            readiness.send_replace(state);
+            tokio::select! {
+                () = readiness_shutdown.cancelled() => return,
+                changed = synced.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+
+    let cache = Arc::new(Cache::new(
+        options.export.cluster.clone(),
+        options.cache,
+        Arc::clone(&metrics),
+    ));
+    tasks.spawn(Arc::clone(&cache).run(Arc::clone(&store), shutdown.clone()));
+
+    let (tx, rx) = mpsc::channel(1024);
+    let source_shutdown = shutdown.clone();
+    let (source_error_tx, source_error) = oneshot::channel();
+    tasks.spawn(async move {
+        if let Err(error) = source.run(tx, source_shutdown.clone()).await {
+            tracing::error!(%error, "source failed; the API server stops");
+            let _ = source_error_tx.send(error);
+            source_shutdown.cancel();
+        }
+    });
+    tasks.spawn(exporter.run(rx, shutdown.clone()));
 
     let service = MeshApiService::new(
         Arc::clone(&cache),
@@ -124,7 +163,52 @@ pub async fn run(
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     tracing::info!("API server stopped");
-    result.map_err(ServerError::from)
+    result.map_err(ServerError::from)?;
+    match source_error.await {
+        Ok(error) => Err(ServerError::Source(error)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Starts the exporter, retrying with doubling pauses while the store is unavailable;
+/// `None` when `shutdown` came first.
+async fn start_exporter(
+    store: &Arc<dyn Store>,
+    config: &ExportConfig,
+    metrics: &Arc<Metrics>,
+    readiness: &watch::Sender<Readiness>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Exporter>, ExportError> {
+    let mut pause = STORE_BACKOFF.0;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let attempt = Exporter::start(Arc::clone(store), config.clone(), Arc::clone(metrics));
+        let error = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            started = attempt => match started {
+                Ok(exporter) => {
+                    if attempts > 1 {
+                        tracing::info!(attempts, "the store answers; starting to serve");
+                    }
+                    return Ok(Some(exporter));
+                }
+                Err(error) => match error.store_unavailable() {
+                    Some(cause) => cause.to_string(),
+                    None => return Err(error),
+                },
+            },
+        };
+        // One line per attempt; attempts are at least as far apart as the store's own
+        // timeout, so a replica waiting for its peers logs every few seconds at most.
+        tracing::warn!(attempts, %error, retry_in = ?pause, "waiting for the store");
+        readiness.send_replace(Readiness::WaitingForStore(Some(error)));
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(STORE_BACKOFF.1);
+    }
 }
 
 /// Serves `service` over mTLS on `listener` until `shutdown` is cancelled, with the

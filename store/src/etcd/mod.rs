@@ -16,10 +16,12 @@
 
 mod config;
 mod convert;
+mod tls_probe;
 mod watch;
 
 pub use config::{EtcdConfig, EtcdTls};
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::proto::PbTxnOpResponse;
@@ -67,6 +69,16 @@ pub enum EtcdConnectError {
         /// What the client library reported.
         detail: String,
     },
+    /// etcd refused the TLS handshake (its alert, e.g. `BadCertificate` for a client
+    /// certificate it does not trust), or its certificate failed our verification.
+    /// Retrying cannot help, so connecting stops at the first such answer.
+    #[error("TLS with etcd at {endpoint} failed: {reason}")]
+    TlsRefused {
+        /// The endpoint that refused.
+        endpoint: String,
+        /// etcd's alert or our verification error, as rustls reports it.
+        reason: String,
+    },
     /// etcd did not answer before the connect deadline.
     #[error("etcd at {endpoints} not reachable after {attempts} attempts over {waited:?} (last error: {last_error}); check that etcd runs and the endpoints and TLS settings are right")]
     Unreachable {
@@ -107,6 +119,13 @@ impl EtcdStore {
             return Err(EtcdConnectError::NoEndpoints);
         }
         let options = connect_options(&config)?;
+        let probe = match &config.tls {
+            Some(tls) => Some(TlsProbe {
+                client: Arc::new(tls_probe::client_config(tls)?),
+                server_name: tls.server_name.clone(),
+            }),
+            None => None,
+        };
         let endpoints = config.endpoints_display();
         let started = Instant::now();
         let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
@@ -123,6 +142,12 @@ impl EtcdStore {
                 }
                 Err(TryConnect::Retry(last_error)) => last_error,
             };
+            if let Some(probe) = &probe {
+                if let Some((endpoint, reason)) = probe.refusal(&config).await {
+                    tracing::error!(%endpoint, %reason, "etcd refused the TLS handshake");
+                    return Err(EtcdConnectError::TlsRefused { endpoint, reason });
+                }
+            }
             let waited = started.elapsed();
             let delay = backoff.next_delay();
             if waited + delay > config.connect_deadline {
@@ -167,6 +192,38 @@ impl EtcdStore {
             .with_limit(limit)
             .with_revision(revision);
         self.kv.clone().get(start, Some(options)).await
+    }
+}
+
+/// What [`tls_probe`] needs, built once per [`EtcdStore::connect`].
+struct TlsProbe {
+    client: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
+}
+
+impl TlsProbe {
+    /// The first endpoint that refuses TLS and why, unless some endpoint accepts it (then
+    /// the failure was not TLS) or none gives a verdict.
+    async fn refusal(&self, config: &EtcdConfig) -> Option<(String, String)> {
+        let timeout = config.request_timeout.min(Duration::from_secs(5));
+        let mut refused = None;
+        for endpoint in &config.endpoints {
+            let verdict = tls_probe::probe(
+                endpoint,
+                Arc::clone(&self.client),
+                self.server_name.as_deref(),
+                timeout,
+            )
+            .await;
+            match verdict {
+                tls_probe::Probe::Accepted => return None,
+                tls_probe::Probe::Refused(reason) => {
+                    refused.get_or_insert((endpoint.clone(), reason));
+                }
+                tls_probe::Probe::Inconclusive => {}
+            }
+        }
+        refused
     }
 }
 

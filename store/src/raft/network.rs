@@ -1,9 +1,17 @@
 //! Outgoing replica traffic: the openraft network factory, the per-peer gRPC channels,
 //! and the fault switch tests use to partition a replica.
+//!
+//! A vote request to a peer that cannot be reached is answered here as a vote the peer did
+//! not grant. For the election that is the same outcome (only granted votes count, and the
+//! answer carries the candidate's own vote, so nothing else changes), but openraft logs
+//! every failed vote request at ERROR: a replica whose peers are down would log two ERROR
+//! lines per election round for as long as it waits. Instead [`Peers`] reports an
+//! unreachable peer itself: one WARN when it becomes unreachable, then at most one per
+//! [`UNREACHABLE_REPORT_INTERVAL`], and one INFO when it answers again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -23,6 +31,9 @@ use super::tls::ReplicaTls;
 use super::TypeConfig;
 
 type NodeId = u64;
+
+/// Least time between two reports of the same unreachable peer.
+pub(crate) const UNREACHABLE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A switch that drops replica RPCs, for fault tests.
 ///
@@ -73,6 +84,8 @@ pub(crate) struct Peers {
     faults: Arc<NetworkFaults>,
     channels: Mutex<HashMap<String, Channel>>,
     rpc_timeout: Duration,
+    /// Peers whose last vote request did not reach them, with when that was last reported.
+    unreachable: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// Why a request to a peer failed.
@@ -117,6 +130,40 @@ impl Peers {
             faults,
             channels: Mutex::new(HashMap::new()),
             rpc_timeout,
+            unreachable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reports that `target` could not be reached (rate-limited, see the module docs).
+    fn note_unreachable(&self, target: NodeId, addr: &str, error: &impl std::fmt::Display) {
+        let now = Instant::now();
+        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        let due = map
+            .get(&target)
+            .is_none_or(|last| now.duration_since(*last) >= UNREACHABLE_REPORT_INTERVAL);
+        if due {
+            map.insert(target, now);
+            tracing::warn!(
+                node = self.me,
+                peer = target,
+                %addr,
+                %error,
+                "raft peer unreachable; no quorum without it (next report in {}s if still down)",
+                UNREACHABLE_REPORT_INTERVAL.as_secs()
+            );
+        }
+    }
+
+    /// Notes that `target` answered; reports it if it was unreachable before.
+    fn note_reachable(&self, target: NodeId, addr: &str) {
+        let was = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&target)
+            .is_some();
+        if was {
+            tracing::info!(node = self.me, peer = target, %addr, "raft peer reachable again");
         }
     }
 
@@ -263,6 +310,16 @@ impl PeerClient {
     }
 }
 
+/// The answer of a peer that did not grant `request`'s vote and knows no newer one: what
+/// an unreachable peer amounts to for the election (see the module docs).
+fn not_granted(request: VoteRequest<NodeId>) -> VoteResponse<NodeId> {
+    VoteResponse {
+        vote: request.vote,
+        vote_granted: false,
+        last_log_id: None,
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
@@ -288,7 +345,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(Method::Vote, &rpc, &option).await
+        match self.send(Method::Vote, &rpc, &option).await {
+            Err(RPCError::Unreachable(error)) => {
+                self.peers.note_unreachable(self.target, &self.addr, &error);
+                Ok(not_granted(rpc))
+            }
+            answer => {
+                if answer.is_ok() {
+                    self.peers.note_reachable(self.target, &self.addr);
+                }
+                answer
+            }
+        }
     }
 
     fn backoff(&self) -> openraft::network::Backoff {
