@@ -172,6 +172,19 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     }
     if dir.is_enabled() {
         let existing = dir.load()?;
+        if existing.name == opts.name
+            && existing.id == opts.id
+            && existing.trust_domain == opts.trust_domain
+        {
+            for e in &existing.mesh_endpoints {
+                let host = endpoint_host(e)?;
+                match host.parse::<IpAddr>() {
+                    Ok(ip) => ips.insert(ip),
+                    Err(_) => dns.insert(host),
+                };
+            }
+            return upgrade(dir, existing, &td, &ServerNames::new(dns, ips));
+        }
         return Err(StandaloneError::AlreadyEnabled {
             dir: dir.root().display().to_string(),
             name: existing.name,
@@ -252,6 +265,55 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
         reason: e.to_string(),
     })?;
     tracing::info!(cluster = %state.name, id = state.id, dir = %dir.root().display(), "cluster enabled");
+    Ok(state)
+}
+
+/// `enable` again on an enabled directory with the same name, ID and trust domain:
+/// re-issues every leaf from the existing CA with the current identity model (server
+/// `cluster/<c>`, agent `cluster/<c>/agent`, replica `cluster/<c>/replica/1`, admin) and
+/// labels the trust bundle (own CA, and each connected peer's pinned CA with its name).
+/// Connections and `cluster.yaml` are kept; running processes pick the files up by hot
+/// reload.
+fn upgrade(
+    dir: &StateDir,
+    state: ClusterState,
+    td: &TrustDomain,
+    names: &ServerNames,
+) -> Result<ClusterState> {
+    let issue = |e: clustermesh_certs::IssueError| StandaloneError::Issue(e.to_string());
+    let ca = files::load_ca(&dir.ca_dir(), td.clone()).map_err(|e| StandaloneError::File {
+        path: dir.ca_dir(),
+        reason: e.to_string(),
+    })?;
+    let validity = Validity::from_now(DEFAULT_LEAF_VALIDITY);
+    let bundle = ClusterBundle::issue(&ca, &state.name, names, validity).map_err(issue)?;
+    let admin = ca.issue_admin(ADMIN_NAME, validity).map_err(issue)?;
+    let side = Side::load(dir)?;
+    let mut trust =
+        bundle_with(&side.bundle, ca.cert_pem(), &state.name).map_err(|e| side.bad_bundle(&e))?;
+    for peer in side.agent.remotes() {
+        let pinned = dir.remote_ca(&peer.name);
+        if pinned.exists() {
+            trust = bundle_with(&trust, &read_text(&pinned)?, &peer.name)
+                .map_err(|e| side.bad_bundle(&e))?;
+        }
+    }
+    let tls = dir.tls_dir();
+    let mut t = FileTxn::new();
+    t.write(tls.join(files::CA_CERT_FILE), trust);
+    for (key, cert, leaf) in [
+        (files::SERVER_KEY_FILE, files::SERVER_CERT_FILE, &bundle.server),
+        (files::CLIENT_KEY_FILE, files::CLIENT_CERT_FILE, &bundle.client),
+        (files::REPLICA_KEY_FILE, files::REPLICA_CERT_FILE, &bundle.replica),
+    ] {
+        t.write_secret(tls.join(key), leaf.key_pem.clone());
+        t.write(tls.join(cert), leaf.cert_pem.clone());
+    }
+    let adm = dir.admin_dir();
+    t.write_secret(adm.join(files::CLIENT_KEY_FILE), admin.key_pem.clone());
+    t.write(adm.join(files::CLIENT_CERT_FILE), admin.cert_pem.clone());
+    t.commit()?;
+    tracing::info!(cluster = %state.name, dir = %dir.root().display(), "certificates re-issued and trust bundle labelled");
     Ok(state)
 }
 

@@ -307,6 +307,10 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
         .contains(&"clustermesh-apiserver.kube-system.svc".to_string()));
     let client = cert_info(&secret_text(&m.east, "clustermesh-agent-client", "tls.crt"));
     assert_eq!(client.issuer, ca.subject);
+    assert_eq!(
+        client.identity.clone().unwrap().to_string(),
+        "spiffe://clustermesh.local/cluster/east/agent"
+    );
     let admin = cert_info(&secret_text(
         &m.east,
         "clustermesh-apiserver-admin",
@@ -320,7 +324,19 @@ async fn enable_stores_certificates_settings_and_applies_the_chart() {
         secret_text(&m.east, "clustermesh-agent-client", "ca.crt"),
         ca_pem(&m.east)
     );
-    assert_eq!(ca_bundle(&m.east).trim(), ca_pem(&m.east).trim());
+    // The bundle trusts east's own CA, labelled as east's (it may issue east's roles).
+    assert_eq!(
+        ca_bundle(&m.east).trim(),
+        format!("# clustermesh-ca: east\n{}", ca_pem(&m.east).trim())
+    );
+    let replicas = secret_text(&m.east, "clustermesh-apiserver-replicas", "replica-0.crt");
+    let der = clustermesh_certs::pem::parse_certs(replicas.as_bytes()).unwrap();
+    assert_eq!(
+        clustermesh_certs::PeerIdentity::from_certificate_any_domain(&der[0])
+            .unwrap()
+            .to_string(),
+        "spiffe://clustermesh.local/cluster/east/replica/0"
+    );
 
     // Settings.
     let cfg = settings(&m.east);

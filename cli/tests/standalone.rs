@@ -760,3 +760,72 @@ fn status_counts_configured_clusters_from_what_each_agent_reports() {
     assert_eq!(v["agents"][0]["configured_clusters"], 2);
     assert_eq!(v["agents"][0]["connected_clusters"], 2);
 }
+
+/// The identity a PEM certificate file names.
+fn identity_of(path: &Path) -> String {
+    let pem = std::fs::read(path).unwrap();
+    let der = clustermesh_certs::pem::parse_certs(&pem).unwrap();
+    clustermesh_certs::PeerIdentity::from_certificate_any_domain(&der[0])
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn enable_again_upgrades_a_connected_cluster_to_per_role_certificates_and_labels_its_bundle() {
+    let p = pair();
+    let _sa = serve(&p.a, p.pa, "east", 1);
+    let _sb = serve(&p.b, p.pb, "west", 2);
+    let r = cm(&["--state-dir", s(&p.a), "connect", "--destination-state-dir", s(&p.b)]);
+    assert!(r.ok, "{}", r.stderr);
+    let tls = p.a.join("tls");
+    assert_eq!(identity_of(&tls.join("server.crt")), "spiffe://clustermesh.local/cluster/east");
+    assert_eq!(identity_of(&tls.join("client.crt")), "spiffe://clustermesh.local/cluster/east/agent");
+    assert_eq!(
+        identity_of(&tls.join("replica.crt")),
+        "spiffe://clustermesh.local/cluster/east/replica/1"
+    );
+    let bundle = std::fs::read_to_string(tls.join("ca.crt")).unwrap();
+    assert!(bundle.contains("# clustermesh-ca: east\n") && bundle.contains("# clustermesh-ca: west\n"), "{bundle}");
+
+    // A directory written before roles and labels existed: the agents' certificate named
+    // the cluster itself (and could write the store), the bundle had no labels.
+    let ca = clustermesh_certs::files::load_ca(
+        &p.a.join("ca"),
+        TrustDomain::new("clustermesh.local").unwrap(),
+    )
+    .unwrap();
+    let old_agent = ca
+        .issue_server(
+            "east",
+            &clustermesh_certs::ServerNames::default(),
+            clustermesh_certs::Validity::from_now(std::time::Duration::from_secs(3600)),
+        )
+        .unwrap();
+    std::fs::write(tls.join("client.crt"), &old_agent.cert_pem).unwrap();
+    std::fs::write(tls.join("client.key"), &old_agent.key_pem).unwrap();
+    std::fs::remove_file(tls.join("replica.crt")).unwrap();
+    std::fs::remove_file(tls.join("replica.key")).unwrap();
+    let unlabelled: String = bundle.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    std::fs::write(tls.join("ca.crt"), &unlabelled).unwrap();
+    let agent_before = std::fs::read(p.a.join("agent.yaml")).unwrap();
+
+    // `enable` with the same name and ID upgrades in place.
+    enable(&p.a, "east", 1, p.pa, &[]);
+    assert_eq!(identity_of(&tls.join("client.crt")), "spiffe://clustermesh.local/cluster/east/agent");
+    assert_eq!(
+        identity_of(&tls.join("replica.crt")),
+        "spiffe://clustermesh.local/cluster/east/replica/1"
+    );
+    let relabelled = clustermesh_certs::TrustBundle::from_pem(&std::fs::read(tls.join("ca.crt")).unwrap()).unwrap();
+    assert_eq!(
+        relabelled.clusters().into_iter().collect::<Vec<_>>(),
+        ["east", "west"],
+        "bundle not relabelled"
+    );
+    assert_eq!(relabelled.len(), 2);
+    assert_eq!(std::fs::read(p.a.join("agent.yaml")).unwrap(), agent_before, "connections lost");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(tls.join("replica.key")).unwrap().permissions(),
+    ) & 0o777;
+    assert_eq!(key_mode, 0o600);
+}

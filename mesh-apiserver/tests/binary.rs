@@ -59,13 +59,14 @@ async fn binary_serves_exports_and_stops_on_sigterm() {
         ["localhost".to_owned()],
         [std::net::IpAddr::from([127, 0, 0, 1])],
     );
-    let bundle = ClusterBundle::issue(
+    let mut bundle = ClusterBundle::issue(
         &pki.ca,
         "east",
         &names,
         Validity::from_now(DEFAULT_LEAF_VALIDITY),
     )
     .unwrap();
+    bundle.ca_pem = pki.bundle_pem();
     let tls_dir = dir.path().join("tls");
     write_cluster_bundle(&tls_dir, &bundle).unwrap();
     let manifests = dir.path().join("manifests");

@@ -112,13 +112,14 @@ async fn second_apiserver_on_the_same_raft_data_dir_exits_with_a_clear_error() {
         ["localhost".to_owned()],
         [std::net::IpAddr::from([127, 0, 0, 1])],
     );
-    let bundle = ClusterBundle::issue(
+    let mut bundle = ClusterBundle::issue(
         &pki.ca,
         "east",
         &names,
         Validity::from_now(DEFAULT_LEAF_VALIDITY),
     )
     .unwrap();
+    bundle.ca_pem = pki.bundle_pem();
     let launch = Launch {
         tls_dir: dir.path().join("tls"),
         manifests: dir.path().join("manifests"),

@@ -41,22 +41,33 @@ async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// A TLS directory for cluster `east` under `dir`.
+/// A TLS directory for cluster `east` under `dir`, with `replica-<n>.crt`/`.key` for
+/// replicas 1..=3 next to the bundle's own `replica.crt` (replica 1).
 fn tls_dir(dir: &Path) -> PathBuf {
     let pki = Pki::new();
     let names = ServerNames::new(
         ["localhost".to_owned()],
         [std::net::IpAddr::from([127, 0, 0, 1])],
     );
-    let bundle = ClusterBundle::issue(
+    let mut bundle = ClusterBundle::issue(
         &pki.ca,
         "east",
         &names,
         Validity::from_now(DEFAULT_LEAF_VALIDITY),
     )
     .unwrap();
+    bundle.ca_pem = pki.bundle_pem();
     let tls = dir.join("tls");
     write_cluster_bundle(&tls, &bundle).unwrap();
+    for n in 1..=3 {
+        let leaf = pki
+            .ca
+            .issue_replica("east", n, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .unwrap();
+        std::fs::write(tls.join(format!("replica-{n}.crt")), leaf.cert_pem).unwrap();
+        clustermesh_certs::files::write_private_key(&tls.join(format!("replica-{n}.key")), &leaf.key_pem)
+            .unwrap();
+    }
     tls
 }
 
@@ -181,6 +192,10 @@ fn replica(dir: &Path, tls: &Path, id: u64, raft: &[u16; 3], ops: u16) -> Comman
     let mut command = apiserver(tls, &log);
     command
         .args(["--store", "raft", "--raft-id", &id.to_string()])
+        .arg("--replica-cert")
+        .arg(tls.join(format!("replica-{id}.crt")))
+        .arg("--replica-key")
+        .arg(tls.join(format!("replica-{id}.key")))
         .arg("--raft-data-dir")
         .arg(dir.join(format!("raft-{id}")))
         .args([

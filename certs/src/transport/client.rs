@@ -119,6 +119,21 @@ pub enum ConnectError {
     },
 }
 
+/// The identity a TLS handshake error refused as out of its CA's scope, if that is what
+/// `error` is.
+fn out_of_scope_identity(error: &std::io::Error) -> Option<PeerIdentity> {
+    let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) =
+        error.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    let inner: &(dyn std::error::Error + 'static) = &*other.0;
+    match inner.downcast_ref::<IdentityError>()? {
+        IdentityError::OutOfScope { identity, .. } => Some((**identity).clone()),
+        _ => None,
+    }
+}
+
 /// Who a dialled server must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpectedPeer {
@@ -292,9 +307,23 @@ impl MeshEndpoint {
         let stream = connector
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|source| ConnectError::Tls {
-                target: self.target.clone(),
-                source,
+            .map_err(|source| {
+                // The server's certificate is valid but its CA may not vouch for it
+                // (e.g. our CA file for cluster `south` and a server of `west`): when we
+                // expected someone else, that is the clearer report.
+                match (&self.expected_peer, out_of_scope_identity(&source)) {
+                    (Some(expected), Some(got)) if !expected.matches(&got) => {
+                        ConnectError::UnexpectedPeer {
+                            target: self.target.clone(),
+                            expected: Box::new(expected.clone()),
+                            got: Box::new(got),
+                        }
+                    }
+                    _ => ConnectError::Tls {
+                        target: self.target.clone(),
+                        source,
+                    },
+                }
             })?;
         let trust_domain = self.tls.trust_domain();
         let peer = PeerIdentity::from_chain(stream.get_ref().1.peer_certificates(), &trust_domain)

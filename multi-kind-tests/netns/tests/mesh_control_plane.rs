@@ -80,8 +80,16 @@ fn enable_connect_status_and_peer_outage_with_real_apiservers() {
         mesh.state_dir(1).display().to_string(),
     );
 
-    // The apiservers export the manifests: 1 global service, 2 endpoints, 2 nodes each.
-    let (_, st, err) = status_json(&mesh, &h, 0);
+    // The apiservers export the manifests: 1 global service, 2 endpoints, 2 nodes each
+    // (once the directory source has seen the just-written files settle).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (st, err) = loop {
+        let (_, st, err) = status_json(&mesh, &h, 0);
+        if st["apiserver"]["records"]["services"] == 1 || std::time::Instant::now() > deadline {
+            break (st, err);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(st["apiserver"]["reachable"], true, "{st} {err}");
     assert!(err.contains("0/2 agents answering"), "{err}");
     let records = &st["apiserver"]["records"];
