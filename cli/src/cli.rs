@@ -201,6 +201,11 @@ pub struct EnableArgs {
     /// standalone mode, required there).
     #[arg(long = "mesh-endpoint")]
     pub mesh_endpoints: Vec<String>,
+    /// Standalone mode: also issue the server certificate for the in-cluster names of the
+    /// plain Helm chart in this namespace (`clustermesh-apiserver.<NS>.svc`, …, and the
+    /// replica's peer name), for Secrets made from the state directory.
+    #[arg(long = "kubernetes-namespace", value_name = "NS")]
+    pub kubernetes_namespace: Option<String>,
     /// Kubernetes mode: how other clusters reach the mesh API (default: the current
     /// type on an enabled cluster, else LoadBalancer).
     #[arg(long, value_enum)]
@@ -390,6 +395,11 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                     "--mesh-endpoint and --agent-socket are for standalone mode (--state-dir); with --context the address comes from the clustermesh-apiserver Service (see --service-type)".into(),
                 ));
             }
+            if a.kubernetes_namespace.is_some() {
+                return Err(CliError::WrongMode(
+                    "--kubernetes-namespace is for standalone mode (--state-dir, certificates for the plain Helm chart); with --context pass --namespace".into(),
+                ));
+            }
             let r = crate::k8s::enable::enable(
                 &target,
                 &crate::k8s::enable::EnableOptions {
@@ -425,11 +435,16 @@ async fn run_kube(cli: &Cli, context: &str) -> Result<String, CliError> {
                         format!(", still connected to {}", r.connected.join(", "))
                     },
                     {
+                        let recreated: String = r
+                            .recreated
+                            .iter()
+                            .map(|step| format!("  recreated: {step}\n"))
+                            .collect();
                         let set = crate::k8s::values::flatten(&r.values);
                         if set.is_empty() {
-                            String::new()
+                            recreated
                         } else {
-                            format!("  chart values set: {}\n", set.join(" "))
+                            format!("{recreated}  chart values set: {}\n", set.join(" "))
                         }
                     },
                     r.context,
@@ -677,6 +692,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
                     trust_domain: a.trust_domain.clone(),
                     mesh_endpoints: a.mesh_endpoints.clone(),
                     agent_sockets: a.agent_sockets.clone(),
+                    kubernetes_namespace: a.kubernetes_namespace.clone(),
                 },
             )?;
             match cli.output {

@@ -98,6 +98,20 @@ pub struct EnableOptions {
     pub mesh_endpoints: Vec<String>,
     /// Agent admin sockets.
     pub agent_sockets: Vec<PathBuf>,
+    /// Kubernetes namespace the certificates will be used in with the plain Helm chart:
+    /// adds the in-cluster Service names agents dial and the single replica's peer name.
+    pub kubernetes_namespace: Option<String>,
+}
+
+/// Whether `ns` is a valid Kubernetes namespace name (an RFC 1123 label).
+fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-')
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -163,6 +177,23 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
                 dns.insert(host);
             }
         }
+    }
+    if let Some(ns) = &opts.kubernetes_namespace {
+        if !valid_namespace(ns) {
+            return Err(StandaloneError::Invalid(format!(
+                "--kubernetes-namespace {ns:?} is not a Kubernetes namespace name (lowercase letters, digits and '-', at most 63)"
+            )));
+        }
+        // What the chart's agents dial (`clustermesh-apiserver.<ns>.svc`), the same names
+        // Kubernetes-mode `enable` issues, and the peer name of replica 1 (the chart's
+        // single replica; the server certificate's names also go into the replica's).
+        dns.extend(crate::k8s::enable::service_dns_names(ns));
+        let peer = format!(
+            "clustermesh-apiserver-{}.clustermesh-apiserver-peers.{ns}.svc",
+            files::BUNDLE_REPLICA_ID
+        );
+        dns.insert(format!("{peer}.cluster.local"));
+        dns.insert(peer);
     }
     if dir.root().exists() && !dir.root().is_dir() {
         return Err(StandaloneError::Invalid(format!(

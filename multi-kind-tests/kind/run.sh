@@ -3,7 +3,8 @@
 # with the CLI's Kubernetes mode only (no state directories, no hand-made Secrets, no helm):
 # distinct pod and service CIDRs, images built and loaded, routes between the clusters'
 # pod CIDRs on every node, then
-#   clustermesh --context kind-clustermesh-N enable ... --service-type NodePort --set ...
+#   clustermesh --context kind-clustermesh-N enable ... --service-type NodePort \
+#       --values values-clusterN.yaml (cluster 1: 3 raft replicas, cluster 2: one) --set ...
 #   clustermesh --context kind-clustermesh-1 --destination-context kind-clustermesh-2 connect
 #   clustermesh --context kind-clustermesh-N status --wait
 # the global echo service in both clusters, then:
@@ -20,7 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CLI=${CLUSTERMESH_CLI:-$ROOT/target-kind/release/clustermesh}
 NS=kube-system
-NODEPORT=32379
+NODEPORT=32379 # apiserver.service.nodePort in values-cluster*.yaml
 TAG=${CLUSTERMESH_TAG:-dev}
 WAIT=5m
 
@@ -126,12 +127,17 @@ up() {
     root=$(cgroup_root "$c")
     say "clustermesh enable cluster$c (mesh API on NodePort $NODEPORT, cgroup v2 at $root)"
     # Running it again upgrades in place (same CA, overrides kept).
+    # values-cluster$c.yaml: cluster 1 runs 3 raft replicas, cluster 2 a single one
+    # (cli/tests/kind_values.rs renders exactly these through the strict test API server
+    # and real Helm).
     cm "$c" enable --cluster-name "cluster$c" --cluster-id "$c" --service-type NodePort \
-      --set image.tag="$TAG" --set apiserver.service.nodePort="$NODEPORT" \
-      --set agent.cgroupRoot="$root"
+      --values "$HERE/values-cluster$c.yaml" \
+      --set image.tag="$TAG" --set agent.cgroupRoot="$root"
   done
+  # Cluster 1's mesh API server is a StatefulSet (3 raft replicas), cluster 2's a Deployment.
+  k 1 rollout status -n "$NS" statefulset/clustermesh-apiserver --timeout 300s
+  k 2 rollout status -n "$NS" deploy/clustermesh-apiserver --timeout 180s
   for c in 1 2; do
-    k "$c" rollout status -n "$NS" deploy/clustermesh-apiserver --timeout 180s
     k "$c" rollout status -n "$NS" ds/clustermesh-agent --timeout 180s
   done
   connect

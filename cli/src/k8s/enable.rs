@@ -8,6 +8,11 @@
 //! field manager `clustermesh`) and last the `clustermesh-config` ConfigMap are written.
 //! Every step is idempotent, so a failed `enable` is fixed by running it again.
 //!
+//! Every rendered object is decoded into its Kubernetes type first ([`super::validate`]),
+//! and what a real API server would refuse to change in place (a Secret's type, a
+//! StatefulSet's volume claim templates, …) is planned before the first write
+//! ([`super::plan`]): recreated where that is safe, refused with the way out otherwise.
+//!
 //! Chart value overrides (`--values`, `--set`) are checked first, merged over the ones
 //! stored by earlier runs and stored with the settings (see [`super::values`]).
 
@@ -83,6 +88,9 @@ pub struct EnableReport {
     pub pruned: Vec<String>,
     /// The chart value overrides now stored (`--set`/`--values` of this and earlier runs).
     pub values: serde_json::Value,
+    /// Objects recreated because a field the API server will not change in place changed,
+    /// as `Kind/name: what`.
+    pub recreated: Vec<String>,
 }
 
 fn validate(opts: &EnableOptions) -> Result<TrustDomain, KubeModeError> {
@@ -95,8 +103,9 @@ fn validate(opts: &EnableOptions) -> Result<TrustDomain, KubeModeError> {
         .map_err(|e| KubeModeError::Invalid(format!("{e}; pass a valid --trust-domain")))
 }
 
-/// DNS names of the mesh API Service inside the cluster.
-fn service_dns_names(namespace: &str) -> Vec<String> {
+/// DNS names of the mesh API Service inside the cluster (also what standalone
+/// `enable --kubernetes-namespace` adds for the plain-Helm path).
+pub(crate) fn service_dns_names(namespace: &str) -> Vec<String> {
     vec![
         "localhost".to_string(),
         APISERVER_SERVICE.to_string(),
@@ -273,7 +282,10 @@ pub async fn enable(
     let docs = chart.render_documents(&release(ns), &chart_values(&config, &remotes))?;
     let mut objects = Vec::new();
     for (template, doc) in &docs {
-        objects.push(to_object(template, doc)?);
+        let (kind, obj) = to_object(template, doc)?;
+        // A wrongly typed value is refused here, before anything is written.
+        super::validate::check(template, kind, &obj)?;
+        objects.push((kind, obj));
     }
     // Apply in dependency order (KINDS order), keeping the chart's order within a kind.
     objects.sort_by_key(|(kind, _)| KINDS.iter().position(|k| k == *kind));
@@ -363,12 +375,26 @@ pub async fn enable(
             &[(CA_BUNDLE_KEY, &bundle)],
         ),
     ];
+    // Fields a real API server will not change in place: recreate or refuse, before the
+    // first write (see [`super::plan`]).
+    let plan = super::plan::make(&objs, target, &secrets, &objects).await?;
     for s in &secrets {
+        let name = s.metadata.name.as_deref().unwrap_or_default();
+        if plan.recreate_secrets.iter().any(|r| r == name) {
+            super::plan::delete_secret(&objs, name).await?;
+        }
         objs.apply::<Secret>("Secret", s).await?;
     }
     super::agent_token::ensure(&objs, &opts.name).await?;
     let mut applied = Vec::new();
     for (kind, obj) in &objects {
+        let name = obj.metadata.name.as_deref().unwrap_or_default();
+        if kind.kind == "StatefulSet" && plan.orphan_statefulsets.iter().any(|r| r == name) {
+            super::plan::orphan_statefulset(&objs, target, name).await?;
+        }
+        if kind.kind == "Deployment" && plan.strategy_resets.iter().any(|r| r == name) {
+            super::plan::reset_strategy(&objs, target, name).await?;
+        }
         objs.apply_dynamic(kind, obj).await?;
         applied.push(format!(
             "{}/{}",
@@ -402,6 +428,7 @@ pub async fn enable(
         applied,
         pruned,
         values: config.values,
+        recreated: plan.steps(),
     })
 }
 

@@ -10,6 +10,8 @@
 //! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
 //! - [`agent_token`]: the token that opens the agents' admin routes through the pod proxy.
 //! - [`agents`]: `service list` and `bpf lb list` (each agent, through the pod proxy).
+//! - [`plan`]: what `enable` does around fields the API server will not change in place.
+//! - [`validate`]: typed schema check of the rendered objects before any write.
 //! - [`embedded`]: the Helm chart compiled into the binary.
 //! - [`error`]: what can go wrong, one line each.
 
@@ -21,7 +23,9 @@ pub mod enable;
 pub mod error;
 pub mod mesh;
 pub mod objects;
+pub mod plan;
 pub mod status;
+pub mod validate;
 pub mod values;
 
 pub use context::{KubeError, KubeTarget};

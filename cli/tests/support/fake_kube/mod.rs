@@ -955,7 +955,14 @@ async fn handle(
             Err(reply) => to_response(reply),
         };
     }
-    let reply = route(state, &recorded, authenticated, &host, forwarded_headers, body);
+    let reply = route(
+        state,
+        &recorded,
+        authenticated,
+        &host,
+        forwarded_headers,
+        body,
+    );
     let is_get = recorded.method == "GET"
         && matches!(
             parse_path(&recorded.path),
