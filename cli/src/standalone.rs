@@ -333,9 +333,21 @@ fn upgrade(
     let mut t = FileTxn::new();
     t.write(tls.join(files::CA_CERT_FILE), trust);
     for (key, cert, leaf) in [
-        (files::SERVER_KEY_FILE, files::SERVER_CERT_FILE, &bundle.server),
-        (files::CLIENT_KEY_FILE, files::CLIENT_CERT_FILE, &bundle.client),
-        (files::REPLICA_KEY_FILE, files::REPLICA_CERT_FILE, &bundle.replica),
+        (
+            files::SERVER_KEY_FILE,
+            files::SERVER_CERT_FILE,
+            &bundle.server,
+        ),
+        (
+            files::CLIENT_KEY_FILE,
+            files::CLIENT_CERT_FILE,
+            &bundle.client,
+        ),
+        (
+            files::REPLICA_KEY_FILE,
+            files::REPLICA_CERT_FILE,
+            &bundle.replica,
+        ),
     ] {
         t.write_secret(tls.join(key), leaf.key_pem.clone());
         t.write(tls.join(cert), leaf.cert_pem.clone());

@@ -775,17 +775,32 @@ fn enable_again_upgrades_a_connected_cluster_to_per_role_certificates_and_labels
     let p = pair();
     let _sa = serve(&p.a, p.pa, "east", 1);
     let _sb = serve(&p.b, p.pb, "west", 2);
-    let r = cm(&["--state-dir", s(&p.a), "connect", "--destination-state-dir", s(&p.b)]);
+    let r = cm(&[
+        "--state-dir",
+        s(&p.a),
+        "connect",
+        "--destination-state-dir",
+        s(&p.b),
+    ]);
     assert!(r.ok, "{}", r.stderr);
     let tls = p.a.join("tls");
-    assert_eq!(identity_of(&tls.join("server.crt")), "spiffe://clustermesh.local/cluster/east");
-    assert_eq!(identity_of(&tls.join("client.crt")), "spiffe://clustermesh.local/cluster/east/agent");
+    assert_eq!(
+        identity_of(&tls.join("server.crt")),
+        "spiffe://clustermesh.local/cluster/east"
+    );
+    assert_eq!(
+        identity_of(&tls.join("client.crt")),
+        "spiffe://clustermesh.local/cluster/east/agent"
+    );
     assert_eq!(
         identity_of(&tls.join("replica.crt")),
         "spiffe://clustermesh.local/cluster/east/replica/1"
     );
     let bundle = std::fs::read_to_string(tls.join("ca.crt")).unwrap();
-    assert!(bundle.contains("# clustermesh-ca: east\n") && bundle.contains("# clustermesh-ca: west\n"), "{bundle}");
+    assert!(
+        bundle.contains("# clustermesh-ca: east\n") && bundle.contains("# clustermesh-ca: west\n"),
+        "{bundle}"
+    );
 
     // A directory written before roles and labels existed: the agents' certificate named
     // the cluster itself (and could write the store), the bundle had no labels.
@@ -805,27 +820,42 @@ fn enable_again_upgrades_a_connected_cluster_to_per_role_certificates_and_labels
     std::fs::write(tls.join("client.key"), &old_agent.key_pem).unwrap();
     std::fs::remove_file(tls.join("replica.crt")).unwrap();
     std::fs::remove_file(tls.join("replica.key")).unwrap();
-    let unlabelled: String = bundle.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    let unlabelled: String = bundle
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(tls.join("ca.crt"), &unlabelled).unwrap();
     let agent_before = std::fs::read(p.a.join("agent.yaml")).unwrap();
 
     // `enable` with the same name and ID upgrades in place.
     enable(&p.a, "east", 1, p.pa, &[]);
-    assert_eq!(identity_of(&tls.join("client.crt")), "spiffe://clustermesh.local/cluster/east/agent");
+    assert_eq!(
+        identity_of(&tls.join("client.crt")),
+        "spiffe://clustermesh.local/cluster/east/agent"
+    );
     assert_eq!(
         identity_of(&tls.join("replica.crt")),
         "spiffe://clustermesh.local/cluster/east/replica/1"
     );
-    let relabelled = clustermesh_certs::TrustBundle::from_pem(&std::fs::read(tls.join("ca.crt")).unwrap()).unwrap();
+    let relabelled =
+        clustermesh_certs::TrustBundle::from_pem(&std::fs::read(tls.join("ca.crt")).unwrap())
+            .unwrap();
     assert_eq!(
         relabelled.clusters().into_iter().collect::<Vec<_>>(),
         ["east", "west"],
         "bundle not relabelled"
     );
     assert_eq!(relabelled.len(), 2);
-    assert_eq!(std::fs::read(p.a.join("agent.yaml")).unwrap(), agent_before, "connections lost");
+    assert_eq!(
+        std::fs::read(p.a.join("agent.yaml")).unwrap(),
+        agent_before,
+        "connections lost"
+    );
     let key_mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(tls.join("replica.key")).unwrap().permissions(),
+        &std::fs::metadata(tls.join("replica.key"))
+            .unwrap()
+            .permissions(),
     ) & 0o777;
     assert_eq!(key_mode, 0o600);
 }

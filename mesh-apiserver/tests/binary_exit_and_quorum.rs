@@ -65,8 +65,11 @@ fn tls_dir(dir: &Path) -> PathBuf {
             .issue_replica("east", n, &names, Validity::from_now(DEFAULT_LEAF_VALIDITY))
             .unwrap();
         std::fs::write(tls.join(format!("replica-{n}.crt")), leaf.cert_pem).unwrap();
-        clustermesh_certs::files::write_private_key(&tls.join(format!("replica-{n}.key")), &leaf.key_pem)
-            .unwrap();
+        clustermesh_certs::files::write_private_key(
+            &tls.join(format!("replica-{n}.key")),
+            &leaf.key_pem,
+        )
+        .unwrap();
     }
     tls
 }

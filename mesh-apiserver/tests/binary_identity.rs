@@ -83,7 +83,10 @@ fn another_clusters_server_certificate_is_refused_at_start() {
 fn a_replica_certificate_of_another_replica_is_refused_at_start() {
     // The bundle's replica certificate is replica 1's; run as replica 2.
     let (ok, stderr) = run("east", 2, "east");
-    assert!(!ok, "started as replica 2 with replica 1's certificate: {stderr}");
+    assert!(
+        !ok,
+        "started as replica 2 with replica 1's certificate: {stderr}"
+    );
     assert!(
         stderr.contains("names spiffe://mesh.test/cluster/east/replica/1")
             && stderr.contains("spiffe://mesh.test/cluster/east/replica/2"),

@@ -520,7 +520,10 @@ async fn status_is_admin_only_and_reports_watchers() {
         .unwrap();
     assert_eq!((services.count, services.synced), (1, true));
     assert_eq!(status.watchers.len(), 1);
-    assert_eq!(status.watchers[0].peer, "spiffe://mesh.test/cluster/west/agent");
+    assert_eq!(
+        status.watchers[0].peer,
+        "spiffe://mesh.test/cluster/west/agent"
+    );
     assert_eq!(status.watchers[0].events_sent, 2);
     // Admins may watch too.
     let mut stream = admin.watch(all_kinds()).await.unwrap().into_inner();

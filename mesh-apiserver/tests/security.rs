@@ -141,7 +141,10 @@ impl Server {
             Err(s) if s.code() == Code::PermissionDenied => Outcome::Denied,
             Err(s) => {
                 assert!(
-                    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+                    matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                    ),
                     "unexpected refusal {s:?}"
                 );
                 Outcome::Refused
