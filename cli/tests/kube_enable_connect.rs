@@ -1288,3 +1288,83 @@ async fn upgrades_between_one_and_three_apiserver_replicas_remove_the_other_work
     m.enabled("east", "east", "1", "NodePort").await;
     assert!(deletes(&m.east).is_empty(), "{:?}", deletes(&m.east));
 }
+
+#[tokio::test]
+async fn raft_replicas_accept_each_other_by_their_statefulset_peer_names() {
+    use clustermesh_certs::transport::{incoming, IncomingConfig, MeshEndpoint};
+    use clustermesh_certs::{MeshTls, PeerIdentity, TrustDomain};
+    use tokio_stream::StreamExt;
+
+    let m = mesh().await;
+    let r = m
+        .enable_json("east", "east", "1", &["--set", "apiserver.replicas=3"])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let td = TrustDomain::new("clustermesh.local").unwrap();
+    let bundle = ca_bundle(&m.east);
+    let replica = |n: u64| {
+        std::sync::Arc::new(
+            MeshTls::from_pem(
+                td.clone(),
+                bundle.as_bytes(),
+                secret_text(
+                    &m.east,
+                    "clustermesh-apiserver-replicas",
+                    &format!("replica-{n}.crt"),
+                )
+                .as_bytes(),
+                secret_text(
+                    &m.east,
+                    "clustermesh-apiserver-replicas",
+                    &format!("replica-{n}.key"),
+                )
+                .as_bytes(),
+            )
+            .unwrap(),
+        )
+    };
+    // Replica 1 serves; replica 0 dials it by the name the chart's --raft-peer flags use.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut conns = incoming(listener, replica(1), IncomingConfig::default());
+    let east = PeerIdentity::cluster(td.clone(), "east").unwrap();
+    let (_stream, server) = MeshEndpoint::new(&addr.to_string(), replica(0))
+        .unwrap()
+        .with_server_name("clustermesh-apiserver-1.clustermesh-apiserver-peers.kube-system.svc")
+        .unwrap()
+        .expect_replica_of(east)
+        .dial()
+        .await
+        .unwrap();
+    assert_eq!(
+        server.to_string(),
+        "spiffe://clustermesh.local/cluster/east/replica/1"
+    );
+    let conn = conns.next().await.unwrap().unwrap();
+    assert_eq!(
+        conn.peer().to_string(),
+        "spiffe://clustermesh.local/cluster/east/replica/0"
+    );
+    // The mesh API server certificate does not carry the peer names (the bug this fixes:
+    // replicas used it and never formed a quorum).
+    let server_tls = std::sync::Arc::new(
+        MeshTls::from_pem(
+            td.clone(),
+            bundle.as_bytes(),
+            secret_text(&m.east, "clustermesh-apiserver-server", "tls.crt").as_bytes(),
+            secret_text(&m.east, "clustermesh-apiserver-server", "tls.key").as_bytes(),
+        )
+        .unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _conns = incoming(listener, server_tls, IncomingConfig::default());
+    let err = MeshEndpoint::new(&addr.to_string(), replica(0))
+        .unwrap()
+        .with_server_name("clustermesh-apiserver-1.clustermesh-apiserver-peers.kube-system.svc")
+        .unwrap()
+        .dial()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+}
