@@ -298,6 +298,32 @@ pub fn disconnect(h: &mut Harness, m: &mut Mesh, say: &dyn Fn(&str)) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The service list shows only the backends in use (cluster1's, with affinity local),
+    // so it cannot tell whether the agent has dropped cluster2 yet: wait until the agent
+    // itself no longer reports cluster2 before taking the local backends away (else a
+    // slow config reload lets the next request fail over to cluster2 legitimately).
+    let start = Instant::now();
+    loop {
+        let r = m.cli(&[
+            "--state-dir",
+            &a,
+            "-o",
+            "json",
+            "status",
+            "--agent-socket",
+            &socket,
+        ])?;
+        if r.stdout.contains("\"cluster1\"") && !r.stdout.contains("\"cluster2\"") {
+            break;
+        }
+        if start.elapsed() > CONVERGE_TIMEOUT {
+            return Err(step(
+                "the agent still watches cluster2 after disconnect",
+                r.stdout,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     m.set_ready(h, 0, false)?;
     let start = Instant::now();
     loop {
