@@ -82,6 +82,36 @@ fn scoped_identity(
     }))
 }
 
+/// The scoped check both verifiers share: validate the chain against each candidate CA
+/// alone (`per_ca(i)`), then require that a CA which validated it may issue the leaf's
+/// identity. When no candidate validates it, `whole_bundle()` reports why (e.g.
+/// `UnknownIssuer`), as validation against the whole bundle would.
+fn verify_scoped(
+    cas: &[ScopedCa],
+    end_entity: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+    per_ca: impl Fn(usize) -> Result<(), rustls::Error>,
+    whole_bundle: impl FnOnce() -> Result<(), rustls::Error>,
+) -> Result<(), rustls::Error> {
+    let mut validated = Vec::new();
+    let mut last_err = None;
+    for i in candidates(cas, end_entity) {
+        match per_ca(i) {
+            Ok(()) => validated.push(i),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    if validated.is_empty() {
+        return Err(match whole_bundle() {
+            Err(e) => e,
+            Ok(()) => last_err.unwrap_or(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        });
+    }
+    scoped_identity(cas, &validated, end_entity, trust_domain).map(|_| ())
+}
+
 /// Server-side verifier of client certificates: WebPKI against each scoped CA, then the
 /// mesh identity and the CA's scope. Client certificates are mandatory.
 #[derive(Debug)]
@@ -139,26 +169,21 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let mut validated = Vec::new();
-        let mut last_err = None;
-        for i in candidates(&self.cas, end_entity) {
-            match self.per_ca[i].verify_client_cert(end_entity, intermediates, now) {
-                Ok(_) => validated.push(i),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        if validated.is_empty() {
-            // Report what validation against the whole bundle says (e.g. UnknownIssuer).
-            return Err(
-                match self.all.verify_client_cert(end_entity, intermediates, now) {
-                    Err(e) => e,
-                    Ok(_) => last_err.unwrap_or(rustls::Error::InvalidCertificate(
-                        CertificateError::UnknownIssuer,
-                    )),
-                },
-            );
-        }
-        scoped_identity(&self.cas, &validated, end_entity, &self.trust_domain)?;
+        verify_scoped(
+            &self.cas,
+            end_entity,
+            &self.trust_domain,
+            |i| {
+                self.per_ca[i]
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ())
+            },
+            || {
+                self.all
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ())
+            },
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -231,37 +256,21 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut validated = Vec::new();
-        let mut last_err = None;
-        for i in candidates(&self.cas, end_entity) {
-            match self.per_ca[i].verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            ) {
-                Ok(_) => validated.push(i),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        if validated.is_empty() {
-            return Err(
-                match self.all.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp_response,
-                    now,
-                ) {
-                    Err(e) => e,
-                    Ok(_) => last_err.unwrap_or(rustls::Error::InvalidCertificate(
-                        CertificateError::UnknownIssuer,
-                    )),
-                },
-            );
-        }
-        scoped_identity(&self.cas, &validated, end_entity, &self.trust_domain)?;
+        verify_scoped(
+            &self.cas,
+            end_entity,
+            &self.trust_domain,
+            |i| {
+                self.per_ca[i]
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                    .map(|_| ())
+            },
+            || {
+                self.all
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                    .map(|_| ())
+            },
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 

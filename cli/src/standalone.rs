@@ -13,7 +13,7 @@ use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, Clust
 use clustermesh_certs::files::{self, ClusterBundle};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
-use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
+use clustermesh_certs::{IssuedCert, MeshCa, ServerNames, TrustDomain, Validity};
 
 use crate::agent_config::{AgentConfig, ClusterEntry};
 use crate::meshapi::{self, MeshApiError};
@@ -167,17 +167,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     }
     let mut dns = BTreeSet::from(["localhost".to_string()]);
     let mut ips = BTreeSet::from([IpAddr::from([127, 0, 0, 1])]);
-    for e in &opts.mesh_endpoints {
-        let host = endpoint_host(e)?;
-        match host.parse::<IpAddr>() {
-            Ok(ip) => {
-                ips.insert(ip);
-            }
-            Err(_) => {
-                dns.insert(host);
-            }
-        }
-    }
+    add_endpoint_names(&opts.mesh_endpoints, &mut dns, &mut ips)?;
     if let Some(ns) = &opts.kubernetes_namespace {
         if !valid_namespace(ns) {
             return Err(StandaloneError::Invalid(format!(
@@ -207,13 +197,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
             && existing.id == opts.id
             && existing.trust_domain == opts.trust_domain
         {
-            for e in &existing.mesh_endpoints {
-                let host = endpoint_host(e)?;
-                match host.parse::<IpAddr>() {
-                    Ok(ip) => ips.insert(ip),
-                    Err(_) => dns.insert(host),
-                };
-            }
+            add_endpoint_names(&existing.mesh_endpoints, &mut dns, &mut ips)?;
             return upgrade(dir, existing, &td, &ServerNames::new(dns, ips));
         }
         return Err(StandaloneError::AlreadyEnabled {
@@ -259,34 +243,8 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     t.write_secret(dir.ca_dir().join(files::CA_KEY_FILE), ca.key_pem());
     let tls = dir.tls_dir();
     t.write(tls.join(files::CA_CERT_FILE), bundle.ca_pem.clone());
-    t.write_secret(
-        tls.join(files::SERVER_KEY_FILE),
-        bundle.server.key_pem.clone(),
-    );
-    t.write(
-        tls.join(files::SERVER_CERT_FILE),
-        bundle.server.cert_pem.clone(),
-    );
-    t.write_secret(
-        tls.join(files::CLIENT_KEY_FILE),
-        bundle.client.key_pem.clone(),
-    );
-    t.write(
-        tls.join(files::CLIENT_CERT_FILE),
-        bundle.client.cert_pem.clone(),
-    );
-    t.write_secret(
-        tls.join(files::REPLICA_KEY_FILE),
-        bundle.replica.key_pem.clone(),
-    );
-    t.write(
-        tls.join(files::REPLICA_CERT_FILE),
-        bundle.replica.cert_pem.clone(),
-    );
-    let adm = dir.admin_dir();
-    t.write(adm.join(files::CA_CERT_FILE), ca.cert_pem());
-    t.write_secret(adm.join(files::CLIENT_KEY_FILE), admin.key_pem.clone());
-    t.write(adm.join(files::CLIENT_CERT_FILE), admin.cert_pem.clone());
+    write_leaves(&mut t, dir, &bundle, &admin);
+    t.write(dir.admin_dir().join(files::CA_CERT_FILE), ca.cert_pem());
     t.write(dir.agent_config(), yaml(&agent)?);
     // cluster.yaml last: its presence means "enabled".
     t.write(dir.cluster_file(), yaml(&state)?);
@@ -329,9 +287,35 @@ fn upgrade(
                 .map_err(|e| side.bad_bundle(&e))?;
         }
     }
-    let tls = dir.tls_dir();
     let mut t = FileTxn::new();
-    t.write(tls.join(files::CA_CERT_FILE), trust);
+    t.write(dir.tls_dir().join(files::CA_CERT_FILE), trust);
+    write_leaves(&mut t, dir, &bundle, &admin);
+    t.commit()?;
+    tracing::info!(cluster = %state.name, dir = %dir.root().display(), "certificates re-issued and trust bundle labelled");
+    Ok(state)
+}
+
+/// Adds the host of every `host:port` endpoint to the server certificate's DNS names or
+/// IP addresses.
+fn add_endpoint_names(
+    endpoints: &[String],
+    dns: &mut BTreeSet<String>,
+    ips: &mut BTreeSet<IpAddr>,
+) -> Result<()> {
+    for e in endpoints {
+        let host = endpoint_host(e)?;
+        match host.parse::<IpAddr>() {
+            Ok(ip) => ips.insert(ip),
+            Err(_) => dns.insert(host),
+        };
+    }
+    Ok(())
+}
+
+/// Writes the server, agent and replica leaves into `tls/` and the admin leaf into
+/// `admin/` (keys mode 0600), as `enable` and its upgrade both do.
+fn write_leaves(t: &mut FileTxn, dir: &StateDir, bundle: &ClusterBundle, admin: &IssuedCert) {
+    let tls = dir.tls_dir();
     for (key, cert, leaf) in [
         (
             files::SERVER_KEY_FILE,
@@ -355,9 +339,6 @@ fn upgrade(
     let adm = dir.admin_dir();
     t.write_secret(adm.join(files::CLIENT_KEY_FILE), admin.key_pem.clone());
     t.write(adm.join(files::CLIENT_CERT_FILE), admin.cert_pem.clone());
-    t.commit()?;
-    tracing::info!(cluster = %state.name, dir = %dir.root().display(), "certificates re-issued and trust bundle labelled");
-    Ok(state)
 }
 
 fn absolute(p: &Path) -> PathBuf {
