@@ -37,6 +37,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::durable_file::{corrupt, read_single_record, sync_dir, write_atomic};
 use super::record::{self, ScanEnd};
 use super::TypeConfig;
 use crate::StoreError;
@@ -124,62 +125,6 @@ impl Debug for FlushJob {
 
 fn segment_name(first: u64) -> String {
     format!("{first:020}{SEGMENT_SUFFIX}")
-}
-
-fn corrupt(path: &Path, detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        path: path.display().to_string(),
-        detail: detail.into(),
-    }
-}
-
-/// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, dir fsync).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
-}
-
-/// Fsyncs a directory so a created, renamed or removed entry in it is durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Reads a file holding exactly one framed record; `Ok(None)` if the file is absent.
-pub(crate) fn read_single_record<T: serde::de::DeserializeOwned>(
-    path: &Path,
-) -> Result<Option<T>, StoreError> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let (recs, end) = record::scan(&bytes);
-    match (recs.as_slice(), end) {
-        ([(_, payload)], ScanEnd::Clean) => record::decode(payload).map(Some).map_err(|e| {
-            corrupt(
-                path,
-                format!("cannot decode contents: {e}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
-            )
-        }),
-        _ => {
-            let what = match end {
-                ScanEnd::Corrupt { offset, reason } => format!("{reason} at offset {offset}"),
-                ScanEnd::Torn { offset } => format!("file is cut short at offset {offset}"),
-                ScanEnd::Clean => format!("{} records where one was expected", recs.len()),
-            };
-            Err(corrupt(
-                path,
-                format!("{what}; restore the file from a backup or remove this replica's data directory and re-add it to the cluster"),
-            ))
-        }
-    }
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {

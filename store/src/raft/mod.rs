@@ -4,6 +4,7 @@
 //! Layout, bottom up:
 //! - `dir_lock`: the exclusive `LOCK` on a replica's data directory;
 //! - `record`: checksummed framing for every file this backend writes;
+//! - `durable_file`: whole-file atomic replacement and directory fsync;
 //! - `log_store`: the durable raft log (segments + vote), fsynced before an append is
 //!   acknowledged, with torn-tail repair and corruption refusal on open;
 //! - `keyspace`: the deterministic key space (revisions, leases, watch history);
@@ -20,6 +21,7 @@ mod cluster;
 mod command;
 mod config;
 mod dir_lock;
+mod durable_file;
 mod keyspace;
 mod leases;
 mod log_store;

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::command::CommandResponse;
+use super::durable_file::{read_single_record, write_atomic};
 use super::keyspace::{HistoryLimits, KeySpace};
-use super::log_store::{read_single_record, write_atomic};
 use super::record;
 use super::TypeConfig;
 use crate::{Revision, StoreError};
