@@ -114,7 +114,7 @@ impl Replica {
         });
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let service = RaftService::new(Arc::new(RpcHandler(Arc::downgrade(&replica))));
+        let service = RaftService::serving(Arc::new(RpcHandler(Arc::downgrade(&replica))));
         let id = replica.id;
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
