@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 /// Client certificate material for an etcd cluster that serves TLS (`--cert-file`,
 /// `--client-cert-auth`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,27 +142,15 @@ impl EtcdConfig {
     }
 }
 
-/// Doubling backoff capped at a maximum, shared by connect and watch resume.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            next: initial.max(Duration::from_millis(1)),
-            max,
-        }
-    }
-
-    /// The delay to wait now; the following one is twice as long (up to the cap).
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let delay = self.next.min(self.max);
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
+/// The delays between retries of connect and watch resume: `initial` (at least 1 ms),
+/// doubled after every attempt, capped at `max`, without end.
+pub(crate) fn retry_delays(initial: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(initial.max(Duration::from_millis(1)).min(max))
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -169,8 +159,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
-        let delays: Vec<_> = (0..5).map(|_| backoff.next_delay().as_millis()).collect();
+        let delays: Vec<_> = retry_delays(Duration::from_millis(100), Duration::from_millis(500))
+            .take(5)
+            .map(|delay| delay.as_millis())
+            .collect();
         assert_eq!(delays, vec![100, 200, 400, 500, 500]);
     }
 

@@ -34,7 +34,7 @@ use crate::{
     CasOutcome, CasWrite, KeyValue, LeaseId, ListResult, Result, Revision, Store, StoreError,
     WatchStream, MAX_VALUE_SIZE,
 };
-use config::Backoff;
+use config::retry_delays;
 use convert::{condition, etcd_lease, etcd_revision, key_value, prefix_range, revision, Condition};
 
 /// Largest gRPC message the client decodes (list pages, watch responses). etcd's own send
@@ -128,7 +128,7 @@ impl EtcdStore {
         };
         let endpoints = config.endpoints_display();
         let started = Instant::now();
-        let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+        let mut delays = retry_delays(config.initial_backoff, config.max_backoff);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -149,7 +149,7 @@ impl EtcdStore {
                 }
             }
             let waited = started.elapsed();
-            let delay = backoff.next_delay();
+            let delay = delays.next().unwrap_or(config.max_backoff);
             if waited + delay > config.connect_deadline {
                 tracing::error!(%endpoints, attempts, ?waited, error = %last_error,
                     "etcd not reachable, giving up");

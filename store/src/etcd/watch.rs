@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use etcd_client::proto::PbWatchResponse;
 use etcd_client::{WatchClient, WatchOptions};
 
-use super::config::Backoff;
+use super::config::retry_delays;
 use super::convert::{condition, etcd_revision, key_value, prefix_range, revision, Condition};
 use super::{EtcdConfig, EtcdStore};
 use crate::{Event, EventKind, Result, Revision, StoreError, WatchStream};
@@ -218,7 +218,7 @@ impl Resumer {
     /// [`EtcdConfig::watch_resume_deadline`].
     async fn resume(&mut self) -> Result<etcd_client::WatchStream> {
         let started = Instant::now();
-        let mut backoff = Backoff::new(self.config.initial_backoff, self.config.max_backoff);
+        let mut delays = retry_delays(self.config.initial_backoff, self.config.max_backoff);
         loop {
             let err = match self.establish().await {
                 Ok((stream, _)) => {
@@ -228,7 +228,7 @@ impl Resumer {
                 }
                 Err(err) => err,
             };
-            let delay = backoff.next_delay();
+            let delay = delays.next().unwrap_or(self.config.max_backoff);
             if started.elapsed() + delay > self.config.watch_resume_deadline {
                 return Err(StoreError::Unavailable(format!(
                     "etcd watch on {:?} could not be resumed from revision {} within {:?}: {err}; \
