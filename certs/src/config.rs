@@ -14,7 +14,6 @@
 //! is current when it is made.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +26,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::files::{self, FileError};
 use crate::identity::{IdentityError, PeerIdentity, TrustDomain};
+use crate::layout::TlsPaths;
 use crate::pem::{self, PemError};
 use crate::scope::{self, CaScope, ScopedCa};
 use crate::trust_bundle::{BundleError, TrustBundle};
@@ -102,64 +102,6 @@ pub enum TlsError {
         #[source]
         source: MaterialError,
     },
-}
-
-/// The three files a TLS endpoint is configured from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsPaths {
-    /// Trusted CA bundle (PEM, one or more certificates).
-    pub ca: PathBuf,
-    /// Our certificate chain (PEM, leaf first).
-    pub cert: PathBuf,
-    /// Our private key (PEM).
-    pub key: PathBuf,
-}
-
-impl TlsPaths {
-    /// `ca.crt`, `server.crt`, `server.key` in a bundle directory.
-    pub fn server(dir: &Path) -> Self {
-        Self {
-            ca: dir.join(files::CA_CERT_FILE),
-            cert: dir.join(files::SERVER_CERT_FILE),
-            key: dir.join(files::SERVER_KEY_FILE),
-        }
-    }
-
-    /// `ca.crt`, `client.crt`, `client.key` in a bundle directory.
-    pub fn client(dir: &Path) -> Self {
-        Self {
-            ca: dir.join(files::CA_CERT_FILE),
-            cert: dir.join(files::CLIENT_CERT_FILE),
-            key: dir.join(files::CLIENT_KEY_FILE),
-        }
-    }
-
-    /// `ca.crt`, `replica.crt`, `replica.key` in a bundle directory.
-    pub fn replica(dir: &Path) -> Self {
-        Self {
-            ca: dir.join(files::CA_CERT_FILE),
-            cert: dir.join(files::REPLICA_CERT_FILE),
-            key: dir.join(files::REPLICA_KEY_FILE),
-        }
-    }
-
-    /// `ca.crt`, `admin.crt`, `admin.key` in an admin bundle directory.
-    pub fn admin(dir: &Path) -> Self {
-        Self {
-            ca: dir.join(files::CA_CERT_FILE),
-            cert: dir.join(files::ADMIN_CERT_FILE),
-            key: dir.join(files::ADMIN_KEY_FILE),
-        }
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        format!(
-            "CA {}, certificate {}, key {}",
-            self.ca.display(),
-            self.cert.display(),
-            self.key.display()
-        )
-    }
 }
 
 /// A validated set of trusted CAs, our certificate chain and its private key.

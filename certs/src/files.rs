@@ -1,23 +1,8 @@
-//! Certificate and key files on disk, and the layout of a cluster's bundle directory.
+//! Certificate and key files on disk: reading and decoding them, writing them atomically
+//! with the right mode, and writing whole bundle directories.
 //!
-//! A cluster bundle directory holds everything one cluster's components need for mTLS:
-//!
-//! | file          | content                                              | mode |
-//! |---------------|------------------------------------------------------|------|
-//! | `ca.crt`      | trusted CA certificates (one or more, PEM)           | 0644 |
-//! | `server.crt`  | the mesh API server / store replica leaf (PEM)       | 0644 |
-//! | `server.key`  | its private key (PKCS#8 PEM)                         | 0600 |
-//! | `client.crt`  | the agents' leaf (`cluster/<c>/agent`, PEM)          | 0644 |
-//! | `client.key`  | its private key (PKCS#8 PEM)                         | 0600 |
-//! | `replica.crt` | the store replica's leaf (`cluster/<c>/replica/1`)   | 0644 |
-//! | `replica.key` | its private key (PKCS#8 PEM)                         | 0600 |
-//!
-//! `ca.crt` is a labelled trust bundle ([`crate::trust_bundle`]); `server.crt` names the
-//! mesh API server (`cluster/<c>`). Each role has its own key, so the files handed to a
-//! node (`ca.crt`, `client.*`) can read the mesh API and nothing else.
-//!
-//! An admin bundle ([`write_admin_bundle`], for the CLI) holds `ca.crt`, `admin.crt` and
-//! `admin.key` with the same modes.
+//! The directory layout is [`crate::layout`]; an admin bundle ([`write_admin_bundle`], for
+//! the CLI) holds `ca.crt`, `admin.crt` and `admin.key`.
 //!
 //! The CA's own key is written separately ([`write_ca`], `ca.key`) and should not be
 //! shipped to nodes. Every file is written atomically (temporary file in the same
@@ -27,40 +12,15 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::issue::{IssueError, IssuedCert, MeshCa, ServerNames, Validity};
+use crate::layout::{BundlePaths, TlsPaths, BUNDLE_REPLICA_ID, CA_CERT_FILE, CA_KEY_FILE};
 use crate::pem::{self, PemError};
-
-/// File name of the trusted CA bundle in a bundle directory.
-pub const CA_CERT_FILE: &str = "ca.crt";
-/// File name of the CA private key (only where certificates are issued).
-pub const CA_KEY_FILE: &str = "ca.key";
-/// File name of the server certificate in a bundle directory.
-pub const SERVER_CERT_FILE: &str = "server.crt";
-/// File name of the server key in a bundle directory.
-pub const SERVER_KEY_FILE: &str = "server.key";
-/// File name of the client certificate in a bundle directory.
-pub const CLIENT_CERT_FILE: &str = "client.crt";
-/// File name of the client key in a bundle directory.
-pub const CLIENT_KEY_FILE: &str = "client.key";
-
-/// File name of the store replica certificate in a bundle directory.
-pub const REPLICA_CERT_FILE: &str = "replica.crt";
-/// File name of the store replica key in a bundle directory.
-pub const REPLICA_KEY_FILE: &str = "replica.key";
-/// Raft ID of the replica whose certificate a bundle directory holds (a standalone cluster
-/// runs one replica, ID 1).
-pub const BUNDLE_REPLICA_ID: u64 = 1;
-
-/// File name of an admin certificate (CLI bundle).
-pub const ADMIN_CERT_FILE: &str = "admin.crt";
-/// File name of an admin key (CLI bundle).
-pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// Mode of private key files.
 pub const KEY_FILE_MODE: u32 = 0o600;
@@ -131,7 +91,6 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError
 }
 
 pub(crate) fn warn_if_exposed(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -237,40 +196,6 @@ pub fn labelled_ca_pem(ca: &MeshCa, cluster: &str) -> String {
     )
 }
 
-/// Paths of the files of a bundle directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BundlePaths {
-    /// `ca.crt`.
-    pub ca: PathBuf,
-    /// `server.crt`.
-    pub server_cert: PathBuf,
-    /// `server.key`.
-    pub server_key: PathBuf,
-    /// `client.crt`.
-    pub client_cert: PathBuf,
-    /// `client.key`.
-    pub client_key: PathBuf,
-    /// `replica.crt`.
-    pub replica_cert: PathBuf,
-    /// `replica.key`.
-    pub replica_key: PathBuf,
-}
-
-impl BundlePaths {
-    /// The paths inside `dir`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            ca: dir.join(CA_CERT_FILE),
-            server_cert: dir.join(SERVER_CERT_FILE),
-            server_key: dir.join(SERVER_KEY_FILE),
-            client_cert: dir.join(CLIENT_CERT_FILE),
-            client_key: dir.join(CLIENT_KEY_FILE),
-            replica_cert: dir.join(REPLICA_CERT_FILE),
-            replica_key: dir.join(REPLICA_KEY_FILE),
-        }
-    }
-}
-
 /// Writes `bundle` into `dir` (created if missing) with the layout of the module docs.
 /// Each key is written just before its certificate; a hot-reloading reader that looks
 /// in between sees a mismatched pair, keeps its last good material and retries on its
@@ -297,12 +222,12 @@ pub fn write_admin_bundle(
     dir: &Path,
     ca_pem: &str,
     admin: &IssuedCert,
-) -> Result<crate::config::TlsPaths, FileError> {
+) -> Result<TlsPaths, FileError> {
     fs::create_dir_all(dir).map_err(|source| FileError::Write {
         path: dir.to_owned(),
         source,
     })?;
-    let paths = crate::config::TlsPaths::admin(dir);
+    let paths = TlsPaths::admin(dir);
     write_cert(&paths.ca, ca_pem)?;
     write_private_key(&paths.key, &admin.key_pem)?;
     write_cert(&paths.cert, &admin.cert_pem)?;

@@ -10,8 +10,9 @@
 //!
 //! * [`identity`]: [`PeerIdentity`], [`TrustDomain`], cluster-name validation.
 //! * [`issue`]: the mesh CA ([`MeshCa`]) and leaf issuance with rcgen.
-//! * [`pem`] and [`files`]: PEM decoding, atomic file writes (keys created 0600), the
-//!   cluster and admin bundle directory layouts.
+//! * [`layout`]: the bundle directory layout (file names, [`TlsPaths`]); [`pem`] and
+//!   [`files`]: PEM decoding, atomic file writes (keys created 0600), writing cluster and
+//!   admin bundles.
 //! * [`trust_bundle`]: the set of trusted CAs, each labelled with the cluster it may issue
 //!   identities of, merged by `connect`, pruned by `disconnect`; [`scope`]: what each CA
 //!   may issue; [`inspect`]: identity, SANs and expiry of a certificate.
@@ -74,6 +75,7 @@ pub mod files;
 pub mod identity;
 pub mod inspect;
 pub mod issue;
+pub mod layout;
 pub mod pem;
 pub mod reload;
 pub mod scope;
@@ -81,9 +83,10 @@ pub mod transport;
 pub mod trust_bundle;
 mod verify;
 
-pub use config::{MeshTls, TlsError, TlsMaterial, TlsPaths, TlsSource};
+pub use config::{MeshTls, TlsError, TlsMaterial, TlsSource};
 pub use identity::{IdentityError, IdentityKind, PeerIdentity, TrustDomain};
 pub use issue::{IssueError, IssuedCert, MeshCa, ServerNames, Validity};
+pub use layout::TlsPaths;
 pub use reload::ReloadingTls;
 pub use scope::CaScope;
 pub use trust_bundle::TrustBundle;

@@ -18,9 +18,10 @@ use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{MaterialError, MeshTls, TlsError, TlsPaths, TlsSource};
+use crate::config::{MaterialError, MeshTls, TlsError, TlsSource};
 use crate::files;
 use crate::identity::TrustDomain;
+use crate::layout::TlsPaths;
 
 /// Default interval between polls of the files.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::files::{self, ClusterBundle};
+use clustermesh_certs::layout;
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
 use clustermesh_certs::{IssuedCert, MeshCa, ServerNames, TrustDomain, Validity};
@@ -180,7 +181,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
         dns.extend(crate::k8s::enable::service_dns_names(ns));
         let peer = format!(
             "clustermesh-apiserver-{}.clustermesh-apiserver-peers.{ns}.svc",
-            files::BUNDLE_REPLICA_ID
+            layout::BUNDLE_REPLICA_ID
         );
         dns.insert(format!("{peer}.cluster.local"));
         dns.insert(peer);
@@ -228,23 +229,23 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     let agent = AgentConfig {
         local_cluster: opts.name.clone(),
         trust_domain: opts.trust_domain.clone(),
-        cert_file: abs.tls_dir().join(files::CLIENT_CERT_FILE),
-        key_file: abs.tls_dir().join(files::CLIENT_KEY_FILE),
+        cert_file: abs.tls_dir().join(layout::CLIENT_CERT_FILE),
+        key_file: abs.tls_dir().join(layout::CLIENT_KEY_FILE),
         clusters: vec![ClusterEntry {
             name: opts.name.clone(),
             id: opts.id,
             endpoints: opts.mesh_endpoints.clone(),
-            ca_file: abs.ca_dir().join(files::CA_CERT_FILE),
+            ca_file: abs.ca_dir().join(layout::CA_CERT_FILE),
         }],
     };
 
     let mut t = FileTxn::new();
-    t.write(dir.ca_dir().join(files::CA_CERT_FILE), ca.cert_pem());
-    t.write_secret(dir.ca_dir().join(files::CA_KEY_FILE), ca.key_pem());
+    t.write(dir.ca_dir().join(layout::CA_CERT_FILE), ca.cert_pem());
+    t.write_secret(dir.ca_dir().join(layout::CA_KEY_FILE), ca.key_pem());
     let tls = dir.tls_dir();
-    t.write(tls.join(files::CA_CERT_FILE), bundle.ca_pem.clone());
+    t.write(tls.join(layout::CA_CERT_FILE), bundle.ca_pem.clone());
     write_leaves(&mut t, dir, &bundle, &admin);
-    t.write(dir.admin_dir().join(files::CA_CERT_FILE), ca.cert_pem());
+    t.write(dir.admin_dir().join(layout::CA_CERT_FILE), ca.cert_pem());
     t.write(dir.agent_config(), yaml(&agent)?);
     // cluster.yaml last: its presence means "enabled".
     t.write(dir.cluster_file(), yaml(&state)?);
@@ -288,7 +289,7 @@ fn upgrade(
         }
     }
     let mut t = FileTxn::new();
-    t.write(dir.tls_dir().join(files::CA_CERT_FILE), trust);
+    t.write(dir.tls_dir().join(layout::CA_CERT_FILE), trust);
     write_leaves(&mut t, dir, &bundle, &admin);
     t.commit()?;
     tracing::info!(cluster = %state.name, dir = %dir.root().display(), "certificates re-issued and trust bundle labelled");
@@ -318,18 +319,18 @@ fn write_leaves(t: &mut FileTxn, dir: &StateDir, bundle: &ClusterBundle, admin: 
     let tls = dir.tls_dir();
     for (key, cert, leaf) in [
         (
-            files::SERVER_KEY_FILE,
-            files::SERVER_CERT_FILE,
+            layout::SERVER_KEY_FILE,
+            layout::SERVER_CERT_FILE,
             &bundle.server,
         ),
         (
-            files::CLIENT_KEY_FILE,
-            files::CLIENT_CERT_FILE,
+            layout::CLIENT_KEY_FILE,
+            layout::CLIENT_CERT_FILE,
             &bundle.client,
         ),
         (
-            files::REPLICA_KEY_FILE,
-            files::REPLICA_CERT_FILE,
+            layout::REPLICA_KEY_FILE,
+            layout::REPLICA_CERT_FILE,
             &bundle.replica,
         ),
     ] {
@@ -337,8 +338,8 @@ fn write_leaves(t: &mut FileTxn, dir: &StateDir, bundle: &ClusterBundle, admin: 
         t.write(tls.join(cert), leaf.cert_pem.clone());
     }
     let adm = dir.admin_dir();
-    t.write_secret(adm.join(files::CLIENT_KEY_FILE), admin.key_pem.clone());
-    t.write(adm.join(files::CLIENT_CERT_FILE), admin.cert_pem.clone());
+    t.write_secret(adm.join(layout::CLIENT_KEY_FILE), admin.key_pem.clone());
+    t.write(adm.join(layout::CLIENT_CERT_FILE), admin.cert_pem.clone());
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -367,14 +368,14 @@ pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
     t.remove(dir.agent_config());
     for d in [dir.tls_dir(), dir.admin_dir(), dir.ca_dir()] {
         for f in [
-            files::CA_CERT_FILE,
-            files::CA_KEY_FILE,
-            files::SERVER_CERT_FILE,
-            files::SERVER_KEY_FILE,
-            files::CLIENT_CERT_FILE,
-            files::CLIENT_KEY_FILE,
-            files::REPLICA_CERT_FILE,
-            files::REPLICA_KEY_FILE,
+            layout::CA_CERT_FILE,
+            layout::CA_KEY_FILE,
+            layout::SERVER_CERT_FILE,
+            layout::SERVER_KEY_FILE,
+            layout::CLIENT_CERT_FILE,
+            layout::CLIENT_KEY_FILE,
+            layout::REPLICA_CERT_FILE,
+            layout::REPLICA_KEY_FILE,
         ] {
             t.remove(d.join(f));
         }
@@ -452,13 +453,13 @@ impl Side {
     fn load(dir: &StateDir) -> Result<Self> {
         let state = dir.load()?;
         let agent = load_agent_config(dir)?;
-        let own_ca = read_text(&dir.ca_dir().join(files::CA_CERT_FILE))?;
-        let bundle = read_text(&dir.tls_dir().join(files::CA_CERT_FILE))?;
+        let own_ca = read_text(&dir.ca_dir().join(layout::CA_CERT_FILE))?;
+        let bundle = read_text(&dir.tls_dir().join(layout::CA_CERT_FILE))?;
         let own_blocks = pem_blocks(&own_ca);
         if own_blocks.len() != 1 {
             return Err(StandaloneError::CaMismatch(format!(
                 "{} holds {} certificates, expected exactly this cluster's CA",
-                dir.ca_dir().join(files::CA_CERT_FILE).display(),
+                dir.ca_dir().join(layout::CA_CERT_FILE).display(),
                 own_blocks.len()
             )));
         }
@@ -466,8 +467,8 @@ impl Side {
             return Err(StandaloneError::CaMismatch(format!(
                 "{}'s trust bundle {} does not contain its own CA {}; the directory was modified by hand — disable --force and enable again",
                 state.name,
-                dir.tls_dir().join(files::CA_CERT_FILE).display(),
-                dir.ca_dir().join(files::CA_CERT_FILE).display()
+                dir.tls_dir().join(layout::CA_CERT_FILE).display(),
+                dir.ca_dir().join(layout::CA_CERT_FILE).display()
             )));
         }
         Ok(Self {
@@ -484,7 +485,7 @@ impl Side {
         StandaloneError::CaMismatch(format!(
             "{}'s trust bundle {} is unreadable: {e}; the directory was modified by hand — fix the file or disable --force and enable again",
             self.state.name,
-            self.dir.tls_dir().join(files::CA_CERT_FILE).display()
+            self.dir.tls_dir().join(layout::CA_CERT_FILE).display()
         ))
     }
 
@@ -596,7 +597,7 @@ pub async fn connect(src: &StateDir, dst: &StateDir, timeout: Duration) -> Resul
         });
         t.write(x.dir.remote_ca(&y.state.name), y.own_ca.clone());
         t.write(
-            x.dir.tls_dir().join(files::CA_CERT_FILE),
+            x.dir.tls_dir().join(layout::CA_CERT_FILE),
             bundle_with(&x.bundle, &y.own_ca, &y.state.name).map_err(|e| x.bad_bundle(&e))?,
         );
         t.write(x.dir.agent_config(), yaml(&agent)?);
@@ -628,7 +629,7 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
         let pem = bundle_without(&x.bundle, &y.own_ca)
             .and_then(|pem| bundle_with(&pem, &x.own_ca, &x.state.name))
             .map_err(|e| x.bad_bundle(&e))?;
-        t.write(x.dir.tls_dir().join(files::CA_CERT_FILE), pem);
+        t.write(x.dir.tls_dir().join(layout::CA_CERT_FILE), pem);
         t.write(x.dir.agent_config(), yaml(&agent)?);
     }
     t.commit()?;

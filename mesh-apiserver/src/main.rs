@@ -286,7 +286,7 @@ async fn run(cli: Cli) -> Result<()> {
     if !server_identity.is_cluster(&cluster) {
         bail!(
             "the server certificate {} names {server_identity}, but this is cluster {cluster:?} (--cluster-name); use the certificates issued for {cluster} (server.crt must name spiffe://{trust_domain}/cluster/{cluster})",
-            tls_dir.join(clustermesh_certs::files::SERVER_CERT_FILE).display()
+            tls_dir.join(clustermesh_certs::layout::SERVER_CERT_FILE).display()
         );
     }
     let _tls_watcher = tls.spawn_watcher(clustermesh_certs::reload::DEFAULT_POLL_INTERVAL);
