@@ -10,11 +10,10 @@
 //! files are created with mode 0600 rather than chmod-ed afterwards, so no other user can
 //! open them even briefly.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -114,9 +113,9 @@ pub fn write_private_key(path: &Path, pem: &str) -> Result<(), FileError> {
 }
 
 /// Writes `bytes` to `path` through a temporary file created with `mode` in the same
-/// directory, fsyncs it and renames it over `path`.
+/// directory, fsyncs it, renames it over `path` and fsyncs the directory. The temporary
+/// file is removed if any step fails.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let write_err = |source| FileError::Write {
         path: path.to_owned(),
         source,
@@ -127,31 +126,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
             "path has no file name",
         ))
     })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(
-        ".tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = path.with_file_name(tmp_name);
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(file_name);
+    prefix.push(".tmp.");
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Created with `mode` (less the umask), never chmod-ed: a key is never readable
+        // by others, not even briefly.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .permissions(fs::Permissions::from_mode(mode))
+            .tempfile_in(parent.unwrap_or(Path::new(".")))?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        if let Some(dir) = parent {
             fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
     result.map_err(write_err)
 }
 
