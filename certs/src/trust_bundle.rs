@@ -228,42 +228,11 @@ impl TrustBundle {
     }
 }
 
-/// Encodes DER as a PEM block with 64-column base64 lines (RFC 7468 §2).
+/// Encodes DER as a PEM block with 64-column base64 lines and `\n` line ends (RFC 7468
+/// §2), the form rcgen writes, so a bundle we rewrite keeps the bytes it had.
 pub fn encode_pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64_encode(der);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
-    out.push_str("-----BEGIN ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    out
-}
-
-/// Standard base64 with padding (RFC 4648 §4).
-fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextet = |shift: u32| char::from(ALPHABET[((n >> shift) & 0x3f) as usize]);
-        out.push(sextet(18));
-        out.push(sextet(12));
-        out.push(if chunk.len() > 1 { sextet(6) } else { '=' });
-        out.push(if chunk.len() > 2 { sextet(0) } else { '=' });
-    }
-    out
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
 }
 
 #[cfg(test)]
@@ -291,7 +260,15 @@ mod tests {
             ("fooba", "Zm9vYmE="),
             ("foobar", "Zm9vYmFy"),
         ] {
-            assert_eq!(base64_encode(input.as_bytes()), expected);
+            let body = if expected.is_empty() {
+                String::new()
+            } else {
+                format!("{expected}\n")
+            };
+            assert_eq!(
+                encode_pem("X", input.as_bytes()),
+                format!("-----BEGIN X-----\n{body}-----END X-----\n")
+            );
         }
     }
 
