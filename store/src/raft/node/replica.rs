@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::proposer::{proposer_loop, Pending, BATCH_QUEUE};
 use super::service::RpcHandler;
-use super::ticker::lease_loop;
+use super::ticker::ticker_loop;
 use super::{unavailable, Replica};
 use crate::raft::config::{NodeId, RaftConfig};
 use crate::raft::dir_lock::DirLock;
@@ -146,12 +146,12 @@ impl Replica {
                 })
             }
         };
-        let lease_task = tokio::spawn(lease_loop(Arc::downgrade(&replica)));
+        let ticker_task = tokio::spawn(ticker_loop(Arc::downgrade(&replica)));
         let batch_rx = Arc::new(tokio::sync::Mutex::new(batch_rx));
         {
             let mut tasks = replica.tasks.lock().unwrap_or_else(|e| e.into_inner());
             tasks.push(server_task);
-            tasks.push(lease_task);
+            tasks.push(ticker_task);
             for _ in 0..config.proposers.max(1) {
                 tasks.push(tokio::spawn(proposer_loop(
                     Arc::downgrade(&replica),
@@ -225,7 +225,7 @@ impl Replica {
             .map(|n| n.addr.clone())
     }
 
-    /// Stops the replica without waiting (for `Drop`): the RPC server and lease timer are
+    /// Stops the replica without waiting (for `Drop`): the RPC server and ticker are
     /// told to stop and the raft core shuts down in the background; the data directory's
     /// lock is released once it has.
     pub fn stop_now(&self) {
@@ -267,7 +267,7 @@ impl Replica {
             .take()
     }
 
-    /// Stops the replica: raft, RPC server, lease timer; open watches end with
+    /// Stops the replica: raft, RPC server, ticker; open watches end with
     /// [`StoreError::Unavailable`]. Its data directory can be opened again afterwards.
     pub async fn shutdown(&self) {
         if self.stopped.swap(true, Ordering::SeqCst) {

@@ -12,8 +12,8 @@ use super::Replica;
 use crate::raft::command::Command;
 use crate::LeaseId;
 
-/// Proposes `ExpireLease` for leases whose deadline passed, while this replica leads.
-pub(super) async fn lease_loop(replica: std::sync::Weak<Replica>) {
+/// Runs the periodic duties of the module docs until the replica is dropped or stopped.
+pub(super) async fn ticker_loop(replica: std::sync::Weak<Replica>) {
     let interval = match replica.upgrade() {
         Some(r) => r.config.lease_check_interval,
         None => return,
