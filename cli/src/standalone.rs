@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::files::{self, ClusterBundle};
-use clustermesh_certs::layout;
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::layout;
 use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
 use clustermesh_certs::{IssuedCert, MeshCa, ServerNames, TrustDomain, Validity};
 
