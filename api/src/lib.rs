@@ -13,6 +13,7 @@
 //! - [`identity`]: cluster-scoped numeric identities (cluster ID in the high bits).
 //! - [`annotations`]: global-service annotations, new and legacy forms.
 //! - [`admin`]: the JSON bodies of the agent's admin API, shared by the agent and the CLI.
+//! - [`yaml`]: the one YAML dialect every component reads and writes.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod identity;
 pub mod keys;
 pub mod records;
+pub mod yaml;
 
 /// Generated protobuf messages and gRPC service for package `clustermesh.v1`.
 ///
