@@ -388,4 +388,42 @@ mod tests {
         assert!(!d.join("created").exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
+
+    #[test]
+    fn the_rollback_report_of_an_object_change_says_what_was_undone() {
+        let failed = || Failure::Object(Box::new(KubeModeError::Invalid("write refused".into())));
+        let err = |applied, not_undone: &[&str]| TxnError {
+            failure: failed(),
+            applied,
+            not_undone: not_undone.iter().map(|s| (*s).to_string()).collect(),
+        };
+        assert_eq!(
+            err(0, &[]).to_string(),
+            "write refused; nothing was changed on either cluster"
+        );
+        assert_eq!(
+            err(2, &[]).to_string(),
+            "write refused; the 2 earlier write(s) were undone, both clusters are as they were"
+        );
+        assert_eq!(
+            err(2, &["Secret a in context east", "ConfigMap b in context west"]).to_string(),
+            "write refused; undoing the earlier writes failed for Secret a in context east, ConfigMap b in context west: run the same command again once the API servers answer, or `disconnect`"
+        );
+    }
+
+    #[test]
+    fn the_rollback_report_of_a_file_change_names_what_to_restore() {
+        let err = TxnError {
+            failure: Failure::File {
+                path: PathBuf::from("/s/tls/ca.crt"),
+                reason: "disk full".into(),
+            },
+            applied: 1,
+            not_undone: vec!["/s/agent.yaml: denied".into()],
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot write /s/tls/ca.crt: disk full; undoing the earlier changes failed too (/s/agent.yaml: denied); restore the files by hand"
+        );
+    }
 }

@@ -129,3 +129,81 @@ async fn dispatch<T: MeshTarget>(cli: &Cli, target: &T) -> Result<String, CliErr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("clustermesh").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn context_picks_kubernetes_mode_and_anything_else_standalone() {
+        let cli = parse(&["--context", "east", "status"]);
+        assert_eq!(
+            Mode::of(&cli).unwrap(),
+            Mode::Kubernetes { context: "east" }
+        );
+        let cli = parse(&["--state-dir", "/x", "status"]);
+        assert_eq!(Mode::of(&cli).unwrap(), Mode::StateDir);
+        let cli = parse(&["--destination-context", "west", "connect"]);
+        assert_eq!(
+            Mode::of(&cli).unwrap_err().to_string(),
+            "--destination-context needs --context (the source cluster's kubeconfig context)"
+        );
+    }
+
+    #[test]
+    fn context_and_state_dir_conflict_in_clap() {
+        let err = Cli::try_parse_from([
+            "clustermesh",
+            "--context",
+            "east",
+            "--state-dir",
+            "/x",
+            "status",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[tokio::test]
+    async fn flags_of_the_other_mode_are_refused_before_the_state_directory_is_read() {
+        let cases: [(&[&str], &str); 3] = [
+            (
+                &[
+                    "enable",
+                    "--cluster-name",
+                    "a",
+                    "--cluster-id",
+                    "1",
+                    "--set",
+                    "x=1",
+                ],
+                "--set and --values are chart values",
+            ),
+            (
+                &["disconnect", "--destination-cluster", "west"],
+                "--destination-cluster is for Kubernetes mode",
+            ),
+            (
+                &["service", "list", "--node", "n1"],
+                "--node picks an agent pod in Kubernetes mode",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = run(parse(args)).await.unwrap_err().to_string();
+            assert!(err.starts_with(want), "{args:?}: {err}");
+        }
+        let err = run(parse(&["status"])).await.unwrap_err();
+        assert!(matches!(err, CliError::NoStateDir), "{err}");
+    }
+}
