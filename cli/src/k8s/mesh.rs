@@ -23,7 +23,7 @@ use crate::chart::Release;
 use crate::trust::certificate_blocks;
 
 /// What to do about a damaged CA Secret.
-pub(crate) const RECREATE: &str =
+const RECREATE: &str =
     "run `clustermesh disable --force` and `enable` again on that context (peers must reconnect)";
 
 /// A cluster this one's agents watch besides their own, as the chart's
