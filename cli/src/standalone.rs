@@ -125,14 +125,14 @@ fn read_text(path: &Path) -> Result<String> {
 /// Reads `agent.yaml`.
 pub fn load_agent_config(dir: &StateDir) -> Result<AgentConfig> {
     let path = dir.agent_config();
-    serde_yaml::from_str(&read_text(&path)?).map_err(|e| StandaloneError::File {
+    clustermesh_api::yaml::from_str(&read_text(&path)?).map_err(|e| StandaloneError::File {
         path,
         reason: e.to_string(),
     })
 }
 
 fn yaml<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_yaml::to_string(v)
+    clustermesh_api::yaml::to_string(v)
         .map_err(|e| StandaloneError::Invalid(format!("cannot encode YAML: {e}")))
 }
 

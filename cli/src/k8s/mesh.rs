@@ -85,10 +85,11 @@ pub fn rendered_agent_data(
     let chart = super::embedded::chart()?;
     let docs = chart.render_documents(&release(namespace), &chart_values(config, remotes))?;
     for (template, doc) in docs {
-        let v: Value = serde_yaml::from_str(&doc).map_err(|e| KubeModeError::BadManifest {
-            template: template.clone(),
-            reason: e.to_string(),
-        })?;
+        let v: Value =
+            clustermesh_api::yaml::from_str(&doc).map_err(|e| KubeModeError::BadManifest {
+                template: template.clone(),
+                reason: e.to_string(),
+            })?;
         if v["kind"] != "ConfigMap" || v["metadata"]["name"] != AGENT_CONFIG_MAP {
             continue;
         }
