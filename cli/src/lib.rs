@@ -1,12 +1,13 @@
 //! The `clustermesh` command-line tool as a library, so behaviour tests can drive it.
 //!
-//! - [`cli`]: the command line (clap), the one dispatcher and the two targets (state
-//!   directory, Kubernetes) behind one trait; [`render`]: tables and JSON of every verb.
+//! - [`cli`]: the command line (clap) and dispatch.
 //! - [`state`]: the standalone state-directory layout; [`agent_config`]: the agent
 //!   configuration file format; [`standalone`]: enable / disable / connect / disconnect.
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
 //! - [`txn`]: all-or-nothing updates (files or Kubernetes objects) with a rollback report.
+//! - [`cli`] dispatches every verb to one of two targets (state directory, Kubernetes)
+//!   behind one trait; [`render`] shows every verb's result as a table or JSON.
 //! - [`trust`]: trust-bundle edits both modes share.
 //! - [`k8s`]: Kubernetes mode (`--context`): enable / disable / connect / disconnect /
 //!   status / service list / bpf lb list against clusters reached through kubeconfig
