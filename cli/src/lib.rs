@@ -6,8 +6,8 @@
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
 //! - [`txn`]: all-or-nothing updates (files or Kubernetes objects) with a rollback report.
-//! - [`cli`] dispatches every verb to one of two targets (state directory, Kubernetes)
-//!   behind one trait; [`render`] shows every verb's result as a table or JSON.
+//! - [`render`]: every verb's result as a table or JSON, for both targets [`cli`]
+//!   dispatches to (state directory, Kubernetes; one trait).
 //! - [`trust`]: trust-bundle edits both modes share.
 //! - [`k8s`]: Kubernetes mode (`--context`): enable / disable / connect / disconnect /
 //!   status / service list / bpf lb list against clusters reached through kubeconfig
