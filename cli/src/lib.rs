@@ -5,7 +5,10 @@
 //!   configuration file format; [`standalone`]: enable / disable / connect / disconnect.
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
-//! - [`txn`]: all-or-nothing multi-file updates.
+//! - [`txn`]: all-or-nothing updates (files or Kubernetes objects) with a rollback report.
+//! - [`render`]: every verb's result as a table or JSON, for both targets [`cli`]
+//!   dispatches to (state directory, Kubernetes; one trait).
+//! - [`trust`]: trust-bundle edits both modes share.
 //! - [`k8s`]: Kubernetes mode (`--context`): enable / disable / connect / disconnect /
 //!   status / service list / bpf lb list against clusters reached through kubeconfig
 //!   contexts (certificates as Secrets, the embedded chart applied server-side).
@@ -17,7 +20,9 @@ pub mod chart;
 pub mod cli;
 pub mod k8s;
 pub mod meshapi;
+pub mod render;
 pub mod standalone;
 pub mod state;
 pub mod status;
+pub mod trust;
 pub mod txn;

@@ -6,7 +6,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use clustermesh_cli::cli::{self, Cli, LogFormat};
+use clustermesh_cli::cli::flags::{Cli, LogFormat};
+use clustermesh_cli::cli::{self};
 
 fn main() -> ExitCode {
     let args = Cli::parse();

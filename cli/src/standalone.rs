@@ -1,7 +1,7 @@
 //! `enable`, `disable`, `connect` and `disconnect` on standalone state directories.
 //!
 //! Each operation validates everything first (names, IDs, trust, reachability), then
-//! writes all files of both sides in one [`FileTxn`], so an error leaves both state
+//! writes all files of both sides in one [`Txn`], so an error leaves both state
 //! directories exactly as they were.
 
 use std::collections::BTreeSet;
@@ -9,17 +9,18 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry};
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::files::{self, ClusterBundle};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::layout;
-use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
+use clustermesh_certs::trust_bundle::BundleError;
 use clustermesh_certs::{IssuedCert, MeshCa, ServerNames, TrustDomain, Validity};
 
-use crate::agent_config::{AgentConfig, ClusterEntry};
 use crate::meshapi::{self, MeshApiError};
 use crate::state::{ClusterState, StateDir, StateError, STATE_VERSION};
-use crate::txn::{FileTxn, TxnError};
+use crate::trust::{bundle_with, bundle_without, certificate_blocks};
+use crate::txn::{Txn, TxnError};
 
 /// Identity name of the CLI's admin certificate.
 pub const ADMIN_NAME: &str = "clustermesh-cli";
@@ -125,14 +126,14 @@ fn read_text(path: &Path) -> Result<String> {
 /// Reads `agent.yaml`.
 pub fn load_agent_config(dir: &StateDir) -> Result<AgentConfig> {
     let path = dir.agent_config();
-    serde_yaml::from_str(&read_text(&path)?).map_err(|e| StandaloneError::File {
+    clustermesh_api::yaml::from_str(&read_text(&path)?).map_err(|e| StandaloneError::File {
         path,
         reason: e.to_string(),
     })
 }
 
 fn yaml<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_yaml::to_string(v)
+    clustermesh_api::yaml::to_string(v)
         .map_err(|e| StandaloneError::Invalid(format!("cannot encode YAML: {e}")))
 }
 
@@ -153,7 +154,7 @@ fn endpoint_host(endpoint: &str) -> Result<String> {
 }
 
 /// Creates the cluster's CA, certificates, agent config and `cluster.yaml`.
-pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
+pub async fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     validate_cluster_name(&opts.name).map_err(|e| StandaloneError::Invalid(e.to_string()))?;
     let mode = ClusterIdMode::from_max_clusters(opts.max_connected_clusters).map_err(|e| {
         StandaloneError::Invalid(format!("{e}; use --max-connected-clusters 255 or 511"))
@@ -199,7 +200,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
             && existing.trust_domain == opts.trust_domain
         {
             add_endpoint_names(&existing.mesh_endpoints, &mut dns, &mut ips)?;
-            return upgrade(dir, existing, &td, &ServerNames::new(dns, ips));
+            return upgrade(dir, existing, &td, &ServerNames::new(dns, ips)).await;
         }
         return Err(StandaloneError::AlreadyEnabled {
             dir: dir.root().display().to_string(),
@@ -239,7 +240,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
         }],
     };
 
-    let mut t = FileTxn::new();
+    let mut t = Txn::new();
     t.write(dir.ca_dir().join(layout::CA_CERT_FILE), ca.cert_pem());
     t.write_secret(dir.ca_dir().join(layout::CA_KEY_FILE), ca.key_pem());
     let tls = dir.tls_dir();
@@ -249,7 +250,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
     t.write(dir.agent_config(), yaml(&agent)?);
     // cluster.yaml last: its presence means "enabled".
     t.write(dir.cluster_file(), yaml(&state)?);
-    t.commit()?;
+    t.commit().await?;
     std::fs::create_dir_all(dir.manifests_dir()).map_err(|e| StandaloneError::File {
         path: dir.manifests_dir(),
         reason: e.to_string(),
@@ -264,7 +265,7 @@ pub fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState> {
 /// labels the trust bundle (own CA, and each connected peer's pinned CA with its name).
 /// Connections and `cluster.yaml` are kept; running processes pick the files up by hot
 /// reload.
-fn upgrade(
+async fn upgrade(
     dir: &StateDir,
     state: ClusterState,
     td: &TrustDomain,
@@ -288,10 +289,10 @@ fn upgrade(
                 .map_err(|e| side.bad_bundle(&e))?;
         }
     }
-    let mut t = FileTxn::new();
+    let mut t = Txn::new();
     t.write(dir.tls_dir().join(layout::CA_CERT_FILE), trust);
     write_leaves(&mut t, dir, &bundle, &admin);
-    t.commit()?;
+    t.commit().await?;
     tracing::info!(cluster = %state.name, dir = %dir.root().display(), "certificates re-issued and trust bundle labelled");
     Ok(state)
 }
@@ -315,7 +316,7 @@ fn add_endpoint_names(
 
 /// Writes the server, agent and replica leaves into `tls/` and the admin leaf into
 /// `admin/` (keys mode 0600), as `enable` and its upgrade both do.
-fn write_leaves(t: &mut FileTxn, dir: &StateDir, bundle: &ClusterBundle, admin: &IssuedCert) {
+fn write_leaves(t: &mut Txn<'_>, dir: &StateDir, bundle: &ClusterBundle, admin: &IssuedCert) {
     let tls = dir.tls_dir();
     for (key, cert, leaf) in [
         (
@@ -349,7 +350,7 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Removes the cluster's mesh state (keeps `manifests/`).
-pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
+pub async fn disable(dir: &StateDir, force: bool) -> Result<String> {
     let state = dir.load()?;
     if !force {
         if let Ok(agent) = load_agent_config(dir) {
@@ -363,7 +364,7 @@ pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
         }
     }
     // cluster.yaml first: once it is gone the directory no longer counts as enabled.
-    let mut t = FileTxn::new();
+    let mut t = Txn::new();
     t.remove(dir.cluster_file());
     t.remove(dir.agent_config());
     for d in [dir.tls_dir(), dir.admin_dir(), dir.ca_dir()] {
@@ -385,7 +386,7 @@ pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
             t.remove(e.path());
         }
     }
-    t.commit()?;
+    t.commit().await?;
     for d in [
         dir.tls_dir(),
         dir.admin_dir(),
@@ -396,47 +397,6 @@ pub fn disable(dir: &StateDir, force: bool) -> Result<String> {
     }
     tracing::info!(cluster = %state.name, "cluster disabled");
     Ok(state.name)
-}
-
-/// Splits a PEM bundle into its certificate blocks (normalized, one trailing newline).
-#[must_use]
-pub fn pem_blocks(text: &str) -> Vec<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let Some(end) = rest[start..].find(END) else {
-            break;
-        };
-        let stop = start + end + END.len();
-        out.push(format!("{}\n", rest[start..stop].trim()));
-        rest = &rest[stop..];
-    }
-    out
-}
-
-/// Parses a labelled trust bundle; an empty text is an empty bundle.
-fn parse_bundle(text: &str) -> Result<TrustBundle, BundleError> {
-    if pem_blocks(text).is_empty() && text.trim().is_empty() {
-        return Ok(TrustBundle::new());
-    }
-    TrustBundle::from_pem(text.as_bytes())
-}
-
-/// Adds the CAs of `add` to `bundle`, labelled with `cluster` (the only cluster they may
-/// issue identities of; see `clustermesh_certs::scope`). A CA already present keeps its
-/// place and gains the label.
-pub(crate) fn bundle_with(bundle: &str, add: &str, cluster: &str) -> Result<String, BundleError> {
-    let mut out = parse_bundle(bundle)?;
-    out.merge_as(&parse_bundle(add)?, cluster);
-    Ok(out.to_pem())
-}
-
-/// Removes the CAs of `remove` from `bundle`.
-pub(crate) fn bundle_without(bundle: &str, remove: &str) -> Result<String, BundleError> {
-    let mut out = parse_bundle(bundle)?;
-    out.remove_all(&parse_bundle(remove)?);
-    Ok(out.to_pem())
 }
 
 /// One side of a connection, fully loaded.
@@ -455,7 +415,7 @@ impl Side {
         let agent = load_agent_config(dir)?;
         let own_ca = read_text(&dir.ca_dir().join(layout::CA_CERT_FILE))?;
         let bundle = read_text(&dir.tls_dir().join(layout::CA_CERT_FILE))?;
-        let own_blocks = pem_blocks(&own_ca);
+        let own_blocks = certificate_blocks(&own_ca);
         if own_blocks.len() != 1 {
             return Err(StandaloneError::CaMismatch(format!(
                 "{} holds {} certificates, expected exactly this cluster's CA",
@@ -463,7 +423,7 @@ impl Side {
                 own_blocks.len()
             )));
         }
-        if !pem_blocks(&bundle).contains(&own_blocks[0]) {
+        if !certificate_blocks(&bundle).contains(&own_blocks[0]) {
             return Err(StandaloneError::CaMismatch(format!(
                 "{}'s trust bundle {} does not contain its own CA {}; the directory was modified by hand — disable --force and enable again",
                 state.name,
@@ -549,7 +509,7 @@ fn check_pair(a: &Side, b: &Side) -> Result<()> {
         let pinned = x.dir.remote_ca(&y.state.name);
         if pinned.exists() {
             let old = read_text(&pinned)?;
-            if !pem_blocks(&old).contains(&y.own_ca) {
+            if !certificate_blocks(&old).contains(&y.own_ca) {
                 return Err(StandaloneError::CaMismatch(format!(
                     "{} pinned a different CA for {} ({}) than {} has now; it was re-enabled since — run `clustermesh disconnect` first, then connect again",
                     x.state.name,
@@ -586,7 +546,7 @@ pub async fn connect(src: &StateDir, dst: &StateDir, timeout: Duration) -> Resul
     }
     let already =
         a.agent.cluster(&b.state.name).is_some() && b.agent.cluster(&a.state.name).is_some();
-    let mut t = FileTxn::new();
+    let mut t = Txn::new();
     for (x, y) in [(&a, &b), (&b, &a)] {
         let mut agent = x.agent.clone();
         agent.upsert(ClusterEntry {
@@ -602,7 +562,7 @@ pub async fn connect(src: &StateDir, dst: &StateDir, timeout: Duration) -> Resul
         );
         t.write(x.dir.agent_config(), yaml(&agent)?);
     }
-    t.commit()?;
+    t.commit().await?;
     tracing::info!(source = %a.state.name, destination = %b.state.name, "clusters connected");
     Ok(ConnectReport {
         source: a.state.name,
@@ -612,7 +572,7 @@ pub async fn connect(src: &StateDir, dst: &StateDir, timeout: Duration) -> Resul
 }
 
 /// Undoes [`connect`] on both sides. The peer does not need to be up.
-pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
+pub async fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
     let a = Side::load(src)?;
     let b = Side::load(dst)?;
     if a.abs.root() == b.abs.root() {
@@ -621,7 +581,7 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
     if a.agent.cluster(&b.state.name).is_none() && b.agent.cluster(&a.state.name).is_none() {
         return Err(StandaloneError::NotConnected(a.state.name, b.state.name));
     }
-    let mut t = FileTxn::new();
+    let mut t = Txn::new();
     for (x, y) in [(&a, &b), (&b, &a)] {
         let mut agent = x.agent.clone();
         agent.remove(&y.state.name);
@@ -632,7 +592,7 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
         t.write(x.dir.tls_dir().join(layout::CA_CERT_FILE), pem);
         t.write(x.dir.agent_config(), yaml(&agent)?);
     }
-    t.commit()?;
+    t.commit().await?;
     tracing::info!(source = %a.state.name, destination = %b.state.name, "clusters disconnected");
     Ok((a.state.name, b.state.name))
 }
@@ -640,31 +600,6 @@ pub fn disconnect(src: &StateDir, dst: &StateDir) -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ca_pem() -> String {
-        MeshCa::generate(TrustDomain::new("clustermesh.local").unwrap())
-            .unwrap()
-            .cert_pem()
-            .to_owned()
-    }
-
-    #[test]
-    fn bundles_add_labelled_without_duplicates_and_remove_exactly() {
-        let (a, b) = (ca_pem(), ca_pem());
-        let own = bundle_with("", &a, "east").unwrap();
-        let ab = bundle_with(&own, &b, "west").unwrap();
-        assert_eq!(pem_blocks(&ab).len(), 2);
-        assert!(ab.contains("# clustermesh-ca: east\n-----BEGIN"), "{ab}");
-        assert!(ab.contains("# clustermesh-ca: west\n-----BEGIN"), "{ab}");
-        assert_eq!(bundle_with(&ab, &b, "west").unwrap(), ab);
-        assert_eq!(bundle_without(&ab, &b).unwrap(), own);
-        assert_eq!(bundle_without(&own, &b).unwrap(), own);
-        let parsed = TrustBundle::from_pem(ab.as_bytes()).unwrap();
-        assert_eq!(
-            parsed.clusters(),
-            BTreeSet::from(["east".to_owned(), "west".to_owned()])
-        );
-    }
 
     #[test]
     fn endpoint_hosts_are_parsed_or_refused() {

@@ -164,7 +164,7 @@ impl StateDir {
             source,
         })?;
         let state: ClusterState =
-            serde_yaml::from_str(&text).map_err(|e| StateError::Malformed {
+            clustermesh_api::yaml::from_str(&text).map_err(|e| StateError::Malformed {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
@@ -196,9 +196,14 @@ mod tests {
             mesh_endpoints: vec!["127.0.0.1:2379".into()],
             agent_sockets: vec!["/run/a.sock".into()],
         };
-        let text = serde_yaml::to_string(&s).unwrap();
-        assert_eq!(serde_yaml::from_str::<ClusterState>(&text).unwrap(), s);
-        assert!(serde_yaml::from_str::<ClusterState>(&format!("{text}bogus: 1\n")).is_err());
+        let text = clustermesh_api::yaml::to_string(&s).unwrap();
+        assert_eq!(
+            clustermesh_api::yaml::from_str::<ClusterState>(&text).unwrap(),
+            s
+        );
+        assert!(
+            clustermesh_api::yaml::from_str::<ClusterState>(&format!("{text}bogus: 1\n")).is_err()
+        );
     }
 
     #[test]

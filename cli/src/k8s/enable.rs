@@ -28,10 +28,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use serde::Serialize;
 
+use super::endpoints::{mesh_endpoints, server_names_of};
 use super::error::KubeModeError;
 use super::mesh::{
-    ca_from_secret, chart_values, mesh_endpoints, read_config, release, remote_clusters,
-    server_names_of, RemoteCluster,
+    ca_from_secret, chart_values, read_config, release, remote_clusters, RemoteCluster,
 };
 use super::objects::{
     cli_labels, kind_info, new_secret, replica_cert_key, replica_key_key, secret_text, MeshConfig,
@@ -40,7 +40,8 @@ use super::objects::{
     REPLICA_IDS, REPLICA_SECRET, SERVER_SECRET,
 };
 use super::{values, KubeTarget};
-use crate::standalone::{bundle_with, ADMIN_NAME};
+use crate::standalone::ADMIN_NAME;
+use crate::trust::bundle_with;
 
 const TLS_TYPE: &str = "kubernetes.io/tls";
 
@@ -246,7 +247,7 @@ pub async fn enable(
     if existing.is_some() {
         if let Ok(endpoints) = mesh_endpoints(&objs).await {
             for e in endpoints {
-                let host = super::mesh::endpoint_host(&e).to_string();
+                let host = super::endpoints::endpoint_host(&e).to_string();
                 match host.parse::<IpAddr>() {
                     Ok(ip) => {
                         ips.insert(ip);

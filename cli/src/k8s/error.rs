@@ -110,13 +110,8 @@ pub enum KubeModeError {
         reason: String,
     },
     /// A multi-object update failed part-way; earlier writes were undone (or not).
-    #[error("{failure}; {rollback}")]
-    Partial {
-        /// The failed write.
-        failure: Box<KubeModeError>,
-        /// What happened to the writes before it.
-        rollback: String,
-    },
+    #[error(transparent)]
+    Txn(Box<crate::txn::TxnError>),
     /// A chart value override (`--set`, `--values`, or the stored ones) cannot be used.
     #[error(transparent)]
     Values(Box<super::values::ValuesError>),
@@ -173,5 +168,11 @@ pub enum KubeModeError {
 impl From<super::values::ValuesError> for KubeModeError {
     fn from(e: super::values::ValuesError) -> Self {
         Self::Values(Box::new(e))
+    }
+}
+
+impl From<crate::txn::TxnError> for KubeModeError {
+    fn from(e: crate::txn::TxnError) -> Self {
+        Self::Txn(Box::new(e))
     }
 }

@@ -5,7 +5,10 @@
 //!   server answers, so every verb fails early with one clear line.
 //! - [`objects`]: the Secrets and ConfigMaps the mesh is made of and typed API helpers.
 //! - [`enable`]: `enable` (install/upgrade: certificates, chart, settings) and `disable`.
-//! - [`mesh`]: `connect` and `disconnect` (both sides, all or nothing).
+//! - [`mesh`]: what one cluster's mesh looks like (settings, CA, connected clusters, the
+//!   agent configuration the chart renders for them).
+//! - [`endpoints`]: where other clusters reach the mesh API, and server names covering it.
+//! - [`connect`]: `connect`, `disconnect` and `forget` (both sides, all or nothing).
 //! - [`values`]: chart value overrides (`enable --set/--values`), stored for later renders.
 //! - [`status`]: `status` (apiserver, Service, agents and their cluster connections).
 //! - [`agent_token`]: the token that opens the agents' admin routes through the pod proxy.
@@ -17,9 +20,11 @@
 
 pub mod agent_token;
 pub mod agents;
+pub mod connect;
 pub mod context;
 pub mod embedded;
 pub mod enable;
+pub mod endpoints;
 pub mod error;
 pub mod mesh;
 pub mod objects;

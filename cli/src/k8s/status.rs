@@ -19,8 +19,9 @@ use kube::api::{Api, ListParams};
 use kube::Client;
 use serde::Serialize;
 
+use super::endpoints::endpoints_of;
 use super::error::KubeModeError;
-use super::mesh::{endpoints_of, read_config};
+use super::mesh::read_config;
 use super::objects::{
     is_not_found, reason, Objects, AGENT_CONFIG_KEY, AGENT_CONFIG_MAP, APISERVER_SERVICE,
 };

@@ -1,0 +1,467 @@
+//! How every verb's result is shown: a table for people (`-o table`) or JSON for scripts
+//! (`-o json`), the same for both targets.
+//!
+//! Each result type says once how it looks ([`Report`]); [`emit`] picks the format. A
+//! result can carry a failure that is reported after its output was printed
+//! ([`Checked`]): `status` that is not ready, or agents that gave no answer, still show
+//! what was found before the error line.
+
+use serde::Serialize;
+
+use crate::admin::{self, BpfDump, BpfLbEntry, ServiceStatus};
+use crate::cli::error::CliError;
+use crate::cli::flags::Output;
+use crate::k8s::agents::AgentAnswers;
+use crate::k8s::connect::{ConnectReport as KubeConnected, DisconnectReport as KubeDisconnected};
+use crate::k8s::enable::{DisableReport as KubeDisabled, EnableReport as KubeEnabled};
+use crate::k8s::status::KubeStatus;
+use crate::standalone::ConnectReport as StandaloneConnected;
+use crate::state::{ClusterState, StateDir};
+use crate::status::MeshStatus;
+
+/// A verb's result as a table and as JSON.
+pub trait Report {
+    /// The text shown with `-o table` (empty for nothing to show).
+    fn table(&self) -> String;
+    /// The text shown with `-o json`.
+    fn json(&self) -> Result<String, CliError>;
+}
+
+/// A result and the failure to report once it is printed (`None`: the verb succeeded).
+#[derive(Debug)]
+pub struct Checked<R> {
+    /// What was found.
+    pub report: R,
+    /// Why the command fails anyway.
+    pub failure: Option<CliError>,
+}
+
+impl<R> Checked<R> {
+    /// A result without failure.
+    pub fn ok(report: R) -> Self {
+        Self {
+            report,
+            failure: None,
+        }
+    }
+}
+
+/// `report` in the `output` format: the text for stdout.
+pub fn emit<R: Report>(output: Output, report: &R) -> Result<String, CliError> {
+    match output {
+        Output::Json => report.json(),
+        Output::Table => Ok(report.table()),
+    }
+}
+
+/// Like [`emit`]; if the result carries a failure, the text is printed here and the
+/// failure returned, so the error line follows the output.
+pub fn emit_checked<R: Report>(output: Output, checked: Checked<R>) -> Result<String, CliError> {
+    let text = emit(output, &checked.report)?;
+    match checked.failure {
+        None => Ok(text),
+        Some(failure) => {
+            print!("{text}");
+            Err(failure)
+        }
+    }
+}
+
+/// JSON text of `v`, pretty-printed.
+pub fn json<T: Serialize>(v: &T) -> Result<String, CliError> {
+    serde_json::to_string_pretty(v).map_err(|e| CliError::Encode(e.to_string()))
+}
+
+/// Standalone `enable`: the cluster and how to start its processes.
+#[derive(Debug)]
+pub struct StandaloneEnabled {
+    /// The cluster as written to `cluster.yaml`.
+    pub state: ClusterState,
+    /// Its state directory.
+    pub dir: StateDir,
+}
+
+impl Report for StandaloneEnabled {
+    fn table(&self) -> String {
+        let (state, dir) = (&self.state, &self.dir);
+        format!(
+            "enabled cluster {} (id {}) in {}\n  mesh API server: clustermesh-apiserver --cluster-name {} --cluster-id {} --tls-dir {} --source dir:{}\n  agents:          clustermesh-agent --config {}\n",
+            state.name,
+            state.id,
+            dir.root().display(),
+            state.name,
+            state.id,
+            dir.tls_dir().display(),
+            dir.manifests_dir().display(),
+            dir.agent_config().display()
+        )
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&self.state)
+    }
+}
+
+/// Standalone `disable`: the cluster that was removed.
+#[derive(Debug)]
+pub struct StandaloneDisabled {
+    /// Its name.
+    pub name: String,
+}
+
+impl Report for StandaloneDisabled {
+    fn table(&self) -> String {
+        format!("disabled cluster {}\n", self.name)
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&serde_json::json!({ "disabled": self.name }))
+    }
+}
+
+impl Report for StandaloneConnected {
+    fn table(&self) -> String {
+        format!(
+            "connected {} <-> {}{}; agents pick up the change without a restart (check with `clustermesh status --wait`)\n",
+            self.source,
+            self.destination,
+            if self.already_connected {
+                " (were already connected; configuration refreshed)"
+            } else {
+                ""
+            }
+        )
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&serde_json::json!({
+            "source": self.source, "destination": self.destination, "already_connected": self.already_connected,
+        }))
+    }
+}
+
+/// Standalone `disconnect`: the two clusters.
+#[derive(Debug)]
+pub struct StandaloneDisconnected {
+    /// Source cluster.
+    pub source: String,
+    /// Destination cluster.
+    pub destination: String,
+}
+
+impl Report for StandaloneDisconnected {
+    fn table(&self) -> String {
+        format!("disconnected {} <-> {}\n", self.source, self.destination)
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&serde_json::json!({ "source": self.source, "destination": self.destination }))
+    }
+}
+
+impl Report for KubeEnabled {
+    fn table(&self) -> String {
+        let r = self;
+        let recreated: String = r
+            .recreated
+            .iter()
+            .map(|step| format!("  recreated: {step}\n"))
+            .collect();
+        let set = crate::k8s::values::flatten(&r.values);
+        let details = if set.is_empty() {
+            recreated
+        } else {
+            format!("{recreated}  chart values set: {}\n", set.join(" "))
+        };
+        format!(
+            "{} cluster {} (id {}) in namespace {} of context {}: {} CA, {} chart objects applied{}, mesh API Service type {}{}\n{}  next: `clustermesh --context {} --destination-context <other> connect` once the Service has an address\n",
+            if r.upgraded { "upgraded" } else { "enabled" },
+            r.cluster,
+            r.id,
+            r.namespace,
+            r.context,
+            if r.ca_created { "new" } else { "existing" },
+            r.applied.len(),
+            if r.pruned.is_empty() {
+                String::new()
+            } else {
+                format!(", removed {} no longer rendered", r.pruned.join(" "))
+            },
+            r.service_type.as_str(),
+            if r.connected.is_empty() {
+                String::new()
+            } else {
+                format!(", still connected to {}", r.connected.join(", "))
+            },
+            details,
+            r.context,
+        )
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+impl Report for KubeDisabled {
+    fn table(&self) -> String {
+        let r = self;
+        format!(
+            "disabled cluster {} in context {} ({} objects deleted){}\n",
+            r.cluster,
+            r.context,
+            r.deleted.len(),
+            if r.peers_left.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} still list it: run `clustermesh --context <peer> disconnect --destination-cluster {}` on each",
+                    r.peers_left.join(", "),
+                    r.cluster
+                )
+            }
+        )
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+impl Report for KubeConnected {
+    fn table(&self) -> String {
+        let r = self;
+        format!(
+            "connected {} ({}) <-> {} ({}){}; agents pick up the change without a restart\n",
+            r.source,
+            r.source_endpoints.join(","),
+            r.destination,
+            r.destination_endpoints.join(","),
+            if r.already_connected {
+                " (were already connected; configuration refreshed)"
+            } else {
+                ""
+            }
+        )
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+impl Report for KubeDisconnected {
+    fn table(&self) -> String {
+        if self.one_sided {
+            format!(
+                "cluster {} no longer lists {} (this side only)\n",
+                self.source, self.destination
+            )
+        } else {
+            format!("disconnected {} <-> {}\n", self.source, self.destination)
+        }
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+impl Report for MeshStatus {
+    fn table(&self) -> String {
+        MeshStatus::table(self)
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+impl Report for KubeStatus {
+    fn table(&self) -> String {
+        KubeStatus::table(self)
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(self)
+    }
+}
+
+/// What one agent answered, shown as a table headed by where it came from.
+pub trait AgentTable: Serialize {
+    /// The table, headed `# from agent <source>`.
+    fn agent_table(&self, source: &str) -> String;
+}
+
+impl AgentTable for Vec<ServiceStatus> {
+    fn agent_table(&self, source: &str) -> String {
+        services_table(source, self)
+    }
+}
+
+impl AgentTable for BpfDump {
+    fn agent_table(&self, source: &str) -> String {
+        bpf_table(source, &admin::bpf_lb_entries(self))
+    }
+}
+
+/// Standalone `service list` / `bpf lb list`: the answer of one agent.
+#[derive(Debug)]
+pub struct FromAgent<T> {
+    /// The agent's admin socket.
+    pub source: String,
+    /// Its answer.
+    pub answer: T,
+}
+
+impl<T: AgentTable> Report for FromAgent<T> {
+    fn table(&self) -> String {
+        self.answer.agent_table(&self.source)
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&self.answer)
+    }
+}
+
+/// Kubernetes `service list` / `bpf lb list`: one block per agent pod; an agent without
+/// an answer is listed with the reason.
+impl<T: AgentTable> Report for AgentAnswers<T> {
+    fn table(&self) -> String {
+        // Nobody answered: the error line says it all.
+        if self.agents.iter().all(|a| a.answer.is_none()) {
+            return String::new();
+        }
+        let mut out = String::new();
+        for a in &self.agents {
+            match (&a.answer, &a.error) {
+                (Some(v), _) => out.push_str(&v.agent_table(&format!("pod {}", a.label()))),
+                (None, e) => out.push_str(&format!(
+                    "# agent pod {}: {}\n",
+                    a.label(),
+                    e.as_deref().unwrap_or("no answer")
+                )),
+            }
+        }
+        out
+    }
+    fn json(&self) -> Result<String, CliError> {
+        json(&self.agents)
+    }
+}
+
+/// One row per service port: a multi-port service shows one row per port name.
+fn services_table(source: &str, services: &[ServiceStatus]) -> String {
+    let mut out = format!("# from agent {source}\n");
+    out.push_str(&format!(
+        "{:<32} {:<10} {:<24} {:<8} {:<8} BACKENDS\n",
+        "SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"
+    ));
+    for s in services {
+        let backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}/{}({},{},w{})",
+                    b.cluster, b.address, b.state, b.tier, b.weight
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<32} {:<10} {:<24} {:<8} {:<8} {}\n",
+            format!("{}/{}", s.namespace, s.name),
+            if s.port_name.is_empty() {
+                "-"
+            } else {
+                &s.port_name
+            },
+            s.frontends.join(","),
+            s.affinity,
+            s.active_tier,
+            backends.join(" ")
+        ));
+    }
+    out
+}
+
+fn bpf_table(source: &str, entries: &[BpfLbEntry]) -> String {
+    let mut out = format!("# from agent {source}\n");
+    out.push_str(&format!(
+        "{:<26} {:>6} {:>8} {:>7} BACKENDS (id address cluster state slots)\n",
+        "FRONTEND", "SVC", "OFFSET", "M"
+    ));
+    for e in entries {
+        let backends: Vec<String> = e
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "#{} {} {} {} {}",
+                    b.id, b.address, b.cluster, b.state, b.slots
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<26} {:>6} {:>8} {:>7} {}\n",
+            e.frontend,
+            e.service_id,
+            e.table_offset,
+            e.table_size,
+            backends.join("; ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{BackendStatus, ServiceStatus};
+
+    #[test]
+    fn service_list_shows_port_and_affinity_per_row() {
+        let row = |port: &str, frontend: &str| ServiceStatus {
+            namespace: "default".into(),
+            name: "dns".into(),
+            port_name: port.into(),
+            frontends: vec![frontend.into()],
+            affinity: "remote".into(),
+            active_tier: "remote".into(),
+            backends: vec![BackendStatus {
+                cluster: "west".into(),
+                address: "10.2.0.5:5353".into(),
+                state: "active".into(),
+                tier: "remote".into(),
+                weight: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let table = services_table(
+            "/run/agent.sock",
+            &[
+                row("tcp", "10.96.0.10:53/TCP"),
+                row("udp", "10.96.0.10:53/UDP"),
+            ],
+        );
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0][..5],
+            ["SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"]
+        );
+        assert_eq!(
+            lines[1][..5],
+            [
+                "default/dns",
+                "tcp",
+                "10.96.0.10:53/TCP",
+                "remote",
+                "remote"
+            ]
+        );
+        assert_eq!(
+            lines[2][..5],
+            [
+                "default/dns",
+                "udp",
+                "10.96.0.10:53/UDP",
+                "remote",
+                "remote"
+            ]
+        );
+    }
+}
