@@ -96,8 +96,7 @@ impl Analysis {
                 {
                     block_indicators = true;
                 }
-            } else if (c == ':' && followed_by_whitespace) || (c == '#' && preceded_by_whitespace)
-            {
+            } else if (c == ':' && followed_by_whitespace) || (c == '#' && preceded_by_whitespace) {
                 block_indicators = true;
             }
             if !is_printable(c) {
@@ -258,7 +257,16 @@ fn literal(s: &str, out: &mut String) {
 fn reads_as_non_string(s: &str) -> bool {
     matches!(
         s,
-        "" | "~" | "null" | "Null" | "NULL" | "true" | "True" | "TRUE" | "false" | "False" | "FALSE"
+        "" | "~"
+            | "null"
+            | "Null"
+            | "NULL"
+            | "true"
+            | "True"
+            | "TRUE"
+            | "false"
+            | "False"
+            | "FALSE"
     ) || is_int(s)
         || leading_zero_digits(s)
         || is_float(s)

@@ -425,10 +425,7 @@ mod tests {
             ("#x", "'#x'"),
             ("Exists", "Exists"),
         ] {
-            assert_eq!(
-                to_yaml(&json!({ "k": s })),
-                format!("k: {printed}")
-            );
+            assert_eq!(to_yaml(&json!({ "k": s })), format!("k: {printed}"));
         }
     }
 
@@ -454,10 +451,7 @@ mod tests {
     #[test]
     fn keys_sort_like_go_yaml_and_look_alike_keys_are_quoted() {
         let v = json!({"a10": 1, "a9": 2, "a_": 3, "b": 4, "yes": 5});
-        assert_eq!(
-            to_yaml(&v),
-            "a_: 3\na9: 2\na10: 1\nb: 4\n\"yes\": 5"
-        );
+        assert_eq!(to_yaml(&v), "a_: 3\na9: 2\na10: 1\nb: 4\n\"yes\": 5");
     }
 
     proptest::proptest! {

@@ -149,7 +149,8 @@ impl MeshConfig {
             ),
             (
                 super::values::VALUES_KEY.to_string(),
-                clustermesh_api::yaml::to_string(&self.values).unwrap_or_else(|_| "{}\n".to_string()),
+                clustermesh_api::yaml::to_string(&self.values)
+                    .unwrap_or_else(|_| "{}\n".to_string()),
             ),
         ])
     }

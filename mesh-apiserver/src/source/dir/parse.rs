@@ -160,12 +160,7 @@ fn convert(
         line,
         message,
     };
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
+    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
     let (Some(api_version), Some(kind)) = (field("apiVersion"), field("kind")) else {
         return Err(err("document has no apiVersion or kind".to_owned()));
     };
