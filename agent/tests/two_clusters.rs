@@ -356,7 +356,7 @@ fn write_clusters(dir: &Path, clusters: &[(&str, u32, u16)]) -> PathBuf {
 /// Writes `config` to `path` (write-then-rename, so the agent never reads half a file).
 fn save_config(path: &Path, config: &AgentConfig) {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(config).unwrap()).unwrap();
+    std::fs::write(&tmp, clustermesh_api::yaml::to_string(config).unwrap()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 

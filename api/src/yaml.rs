@@ -12,7 +12,8 @@
 //! - untyped, `0755` and `1_000` stay strings, `.inf`/`.nan` reach the target as floats;
 //! - repeated keys reach the target type (a struct refuses a repeated field, a map keeps
 //!   the last entry), and `<<` is an ordinary key, not a merge;
-//! - collections may nest 128 levels;
+//! - collections may nest 128 levels; documents of any number of nodes are read (the
+//!   caller bounds the size), alias expansion stays bounded against alias bombs;
 //! - an error is one line, `<what> at line L, column C`, for messages and logs.
 //!
 //! The parser (`serde-saphyr`) has no YAML value type: untyped YAML is read into
@@ -42,6 +43,10 @@ pub const MAX_DEPTH: usize = 128;
 pub fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_DEPTH;
+    // Large inputs are bounded by size where they come from (e.g. the dir source's
+    // document limit); a node count limit would refuse big documents that are valid.
+    budget.max_nodes = usize::MAX;
+    budget.max_events = usize::MAX;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
     options.strict_booleans = true;
@@ -181,6 +186,14 @@ mod tests {
         assert!(parse(MAX_DEPTH - 1));
         assert!(!parse(MAX_DEPTH + 1));
         assert!(!parse(100_000));
+    }
+
+    #[test]
+    fn documents_are_not_limited_by_their_number_of_nodes() {
+        let items = 300_000;
+        let text = format!("[{}1]", "1,".repeat(items - 1));
+        let v: Value = from_str(&text).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(items));
     }
 
     #[test]

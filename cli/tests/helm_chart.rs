@@ -103,7 +103,7 @@ fn render(overrides: Value) -> Result<Rendered, TemplateError> {
     let docs = chart().render_documents(&release(), &overrides)?;
     let mut out = Vec::new();
     for (template, text) in docs {
-        let doc: Value = serde_yaml::from_str(&text)
+        let doc: Value = clustermesh_api::yaml::from_str(&text)
             .unwrap_or_else(|e| panic!("{template}: rendered YAML does not parse: {e}\n{text}"));
         let kind = doc["kind"]
             .as_str()
@@ -569,12 +569,13 @@ fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     let cm = r.get("ConfigMap", "clustermesh-agent-config");
     let text = cm["data"]["agent.yaml"].as_str().unwrap();
     // The chart renders exactly the format the CLI writes and agents read.
-    let typed: clustermesh_cli::agent_config::AgentConfig = serde_yaml::from_str(text).unwrap();
+    let typed: clustermesh_cli::agent_config::AgentConfig =
+        clustermesh_api::yaml::from_str(text).unwrap();
     assert_eq!(
         typed.clusters.iter().map(|c| c.id).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    let config: Value = serde_yaml::from_str(text).unwrap();
+    let config: Value = clustermesh_api::yaml::from_str(text).unwrap();
     assert_eq!(config["local_cluster"], "cluster1");
     let clusters = config["clusters"].as_array().unwrap();
     let names: Vec<&str> = clusters

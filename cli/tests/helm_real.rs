@@ -129,7 +129,7 @@ fn cli_render(values: &Value) -> Objects {
         .unwrap_or_else(|e| panic!("the CLI's chart engine failed for {values}: {e}"))
         .into_iter()
         .filter_map(|(template, text)| {
-            let doc: Value = serde_yaml::from_str(&text)
+            let doc: Value = clustermesh_api::yaml::from_str(&text)
                 .unwrap_or_else(|e| panic!("{template}: does not parse: {e}"));
             (!doc.is_null()).then(|| (key(&doc), doc))
         })

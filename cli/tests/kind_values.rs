@@ -153,7 +153,7 @@ async fn the_kind_script_installs_three_replicas_and_one_and_connects_them() {
         ))
         .unwrap();
     let agent: AgentConfig =
-        serde_yaml::from_str(agent_cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+        clustermesh_api::yaml::from_str(agent_cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
     let peer = agent
         .clusters
         .iter()
@@ -250,7 +250,7 @@ async fn real_helm_renders_the_kind_values_like_the_cli_and_the_schemas_accept_t
             .unwrap()
             .into_iter()
             .filter_map(|(_, text)| {
-                let doc: Value = serde_yaml::from_str(&text).unwrap();
+                let doc: Value = clustermesh_api::yaml::from_str(&text).unwrap();
                 (!doc.is_null()).then(|| (key(&doc), doc))
             })
             .collect();

@@ -888,7 +888,7 @@ fn cgroup_host_path(fake: &FakeKube) -> Value {
 /// The overrides stored in clustermesh-config, parsed.
 fn stored_values(fake: &FakeKube) -> Value {
     let cfg = settings(fake);
-    serde_yaml::from_str(cfg["data"]["values.yaml"].as_str().unwrap()).unwrap()
+    clustermesh_api::yaml::from_str(cfg["data"]["values.yaml"].as_str().unwrap()).unwrap()
 }
 
 #[tokio::test]

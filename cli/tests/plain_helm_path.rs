@@ -348,7 +348,7 @@ async fn the_readme_plain_helm_path_gives_agents_a_server_certificate_they_accep
                     namespace: NS.into(),
                 };
                 for (_, text) in chart.render_documents(&release, &values).unwrap() {
-                    let doc: Value = serde_yaml::from_str(&text).unwrap();
+                    let doc: Value = clustermesh_api::yaml::from_str(&text).unwrap();
                     if !doc.is_null() {
                         apply(&client, &doc).await;
                         rendered.push(doc);
@@ -406,9 +406,10 @@ async fn the_readme_plain_helm_path_gives_agents_a_server_certificate_they_accep
     let pod = &ds["spec"]["template"]["spec"];
     let agent_mounts = Mounts::of(&fake, pod, "agent", cwd);
     let config_path = arg(pod["containers"][0]["args"].as_array().unwrap(), "--config");
-    let config: AgentConfig =
-        serde_yaml::from_str(&std::fs::read_to_string(agent_mounts.local(config_path)).unwrap())
-            .unwrap();
+    let config: AgentConfig = clustermesh_api::yaml::from_str(
+        &std::fs::read_to_string(agent_mounts.local(config_path)).unwrap(),
+    )
+    .unwrap();
     let own = &config.clusters[0];
     assert_eq!(own.name, "east");
     let dialed = own.endpoints[0].rsplit_once(':').unwrap().0.to_owned();

@@ -235,7 +235,8 @@ fn pair() -> Pair {
 }
 
 fn agent_yaml(dir: &Path) -> serde_json::Value {
-    serde_yaml::from_str(&std::fs::read_to_string(dir.join("agent.yaml")).unwrap()).unwrap()
+    clustermesh_api::yaml::from_str(&std::fs::read_to_string(dir.join("agent.yaml")).unwrap())
+        .unwrap()
 }
 
 #[test]

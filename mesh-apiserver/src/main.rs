@@ -149,7 +149,7 @@ struct FileConfig {
     etcd_cert: Option<PathBuf>,
     etcd_key: Option<PathBuf>,
     source: Option<String>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde::option")]
     dir_poll_interval: Option<Duration>,
     kube_context: Option<String>,
     listen: Option<SocketAddr>,
@@ -160,24 +160,9 @@ struct FileConfig {
     #[serde(default)]
     allowed_clusters: Vec<String>,
     metrics_addr: Option<SocketAddr>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde::option")]
     identity_gc_grace: Option<Duration>,
     log_format: Option<LogFormat>,
-}
-
-/// `"5m"`-style durations in the config file.
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let raw: Option<String> = Option::deserialize(d)?;
-        raw.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 impl Cli {
@@ -501,4 +486,25 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
         shutdown.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_durations_use_humantime_syntax() {
+        let file: FileConfig =
+            toml::from_str("dir_poll_interval = \"250ms\"\nidentity_gc_grace = \"1h 30m\"\n")
+                .unwrap();
+        assert_eq!(file.dir_poll_interval, Some(Duration::from_millis(250)));
+        assert_eq!(file.identity_gc_grace, Some(Duration::from_secs(5400)));
+        let file: FileConfig = toml::from_str("").unwrap();
+        assert_eq!(file.dir_poll_interval, None);
+        let err = toml::from_str::<FileConfig>("dir_poll_interval = \"5 fortnights\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5 fortnights"), "{err}");
+        assert!(toml::from_str::<FileConfig>("dir_poll_interval = 5\n").is_err());
+    }
 }

@@ -255,7 +255,7 @@ pub(crate) fn write_agent_config(
             .collect(),
     };
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::write(&tmp, clustermesh_api::yaml::to_string(&config).unwrap()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
     path.to_path_buf()
 }

@@ -9,6 +9,7 @@
 
 mod eval;
 mod lex;
+mod libyaml;
 mod parse;
 mod to_yaml;
 
@@ -95,21 +96,10 @@ fn read(path: &Path) -> Result<String, TemplateError> {
     })
 }
 
-/// Deep-merges `over` into `base`: maps merge key by key, anything else replaces.
+/// Deep-merges `over` into `base` the way Helm coalesces values: an RFC 7386 merge patch
+/// (maps merge key by key, `null` removes a key, anything else replaces).
 pub fn merge_values(base: &mut Value, over: &Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(k) {
-                    Some(existing) => merge_values(existing, v),
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (b, o) => *b = o.clone(),
-    }
+    json_patch::merge(base, over);
 }
 
 /// Sets one dotted key (`a.b.c`) in a values tree, like `helm --set a.b.c=value`.
@@ -169,7 +159,7 @@ impl Chart {
         templates: &[(&str, &str)],
     ) -> Result<Self, TemplateError> {
         let parse_yaml = |file: &str, text: &str| {
-            serde_yaml::from_str::<Value>(text).map_err(|e| TemplateError::Yaml {
+            clustermesh_api::yaml::from_str::<Value>(text).map_err(|e| TemplateError::Yaml {
                 path: dir.join(file),
                 message: e.to_string(),
             })
@@ -280,6 +270,13 @@ mod tests {
         let mut base = json!({"a": {"b": 1, "c": 2}, "l": [1]});
         merge_values(&mut base, &json!({"a": {"b": 5}, "l": [2, 3]}));
         assert_eq!(base, json!({"a": {"b": 5, "c": 2}, "l": [2, 3]}));
+    }
+
+    #[test]
+    fn null_removes_a_default_like_helm() {
+        let mut base = json!({"a": {"b": 1, "c": 2}});
+        merge_values(&mut base, &json!({"a": {"b": null}}));
+        assert_eq!(base, json!({"a": {"c": 2}}));
     }
 
     #[test]

@@ -4,30 +4,28 @@
 //! go-yaml v2, which reads plain scalars by YAML 1.1 rules. A string that YAML 1.1 would
 //! read as something else (`yes`, `no`, `on`, `off`, `y`, `n`, `~`, `null`, `2024-01-01`,
 //! `0755`, `1e3`, `1:20`) is therefore double-quoted, so it comes back as the same string
-//! from any reader, Kubernetes' included; serde_yaml alone follows YAML 1.2 and would print
-//! `yes` and `2024-01-01` bare. Map keys are sorted like go-yaml v2 sorts them (digit runs
-//! by value). The resolution rules below restate go-yaml v2's `resolve.go`
-//! (resolveMap, `parseTimestamp`, `strconv.ParseInt(s, 0, 64)`, the float pattern and
-//! `isBase60Float`); strings that need no quoting for that reason are printed by
-//! serde_yaml's libyaml emitter, which is the emitter go-yaml v2 is a port of (plain, or
-//! single-quoted when an indicator character requires it, literal block when multi-line).
+//! from any reader, Kubernetes' included; a YAML 1.2 emitter would print `yes` and
+//! `2024-01-01` bare. Map keys are sorted like go-yaml v2 sorts them (digit runs by
+//! value). The resolution rules below restate go-yaml v2's `resolve.go` (resolveMap,
+//! `parseTimestamp`, `strconv.ParseInt(s, 0, 64)`, the float pattern and
+//! `isBase60Float`); strings that need no quoting for that reason are printed the way
+//! libyaml's emitter prints them ([`super::libyaml`]), the emitter go-yaml v2 is a port
+//! of (plain, or single-quoted when an indicator character requires it, literal block
+//! when multi-line).
 
 use std::cmp::Ordering;
 
 use serde_json::Value;
 
 /// `toYaml` of `v`, without the final newline (Helm trims one).
-///
-/// # Errors
-/// A string serde_yaml cannot print.
-pub(crate) fn to_yaml(v: &Value) -> Result<String, serde_yaml::Error> {
+pub(crate) fn to_yaml(v: &Value) -> String {
     let mut out = String::new();
-    block(v, 0, &mut out)?;
-    Ok(out.strip_suffix('\n').unwrap_or(&out).to_string())
+    block(v, 0, &mut out);
+    out.strip_suffix('\n').unwrap_or(&out).to_string()
 }
 
 /// `v` as a block at column `indent`, each line ending in a newline.
-fn block(v: &Value, indent: usize, out: &mut String) -> Result<(), serde_yaml::Error> {
+fn block(v: &Value, indent: usize, out: &mut String) {
     let pad = " ".repeat(indent);
     match v {
         Value::Object(m) if !m.is_empty() => {
@@ -40,16 +38,16 @@ fn block(v: &Value, indent: usize, out: &mut String) -> Result<(), serde_yaml::E
                 match val {
                     Value::Object(o) if !o.is_empty() => {
                         out.push('\n');
-                        block(val, indent + 2, out)?;
+                        block(val, indent + 2, out);
                     }
                     // go-yaml v2 (like libyaml) does not indent a sequence under its key.
                     Value::Array(a) if !a.is_empty() => {
                         out.push('\n');
-                        block(val, indent, out)?;
+                        block(val, indent, out);
                     }
                     _ => {
                         out.push(' ');
-                        out.push_str(&scalar(val, indent)?);
+                        out.push_str(&scalar(val, indent));
                         out.push('\n');
                     }
                 }
@@ -60,11 +58,11 @@ fn block(v: &Value, indent: usize, out: &mut String) -> Result<(), serde_yaml::E
                 out.push_str(&pad);
                 out.push('-');
                 match item {
-                    Value::Object(o) if !o.is_empty() => nested_in_item(item, indent, out)?,
-                    Value::Array(a) if !a.is_empty() => nested_in_item(item, indent, out)?,
+                    Value::Object(o) if !o.is_empty() => nested_in_item(item, indent, out),
+                    Value::Array(a) if !a.is_empty() => nested_in_item(item, indent, out),
                     _ => {
                         out.push(' ');
-                        out.push_str(&scalar(item, indent)?);
+                        out.push_str(&scalar(item, indent));
                         out.push('\n');
                     }
                 }
@@ -72,20 +70,18 @@ fn block(v: &Value, indent: usize, out: &mut String) -> Result<(), serde_yaml::E
         }
         _ => {
             out.push_str(&pad);
-            out.push_str(&scalar(v, indent)?);
+            out.push_str(&scalar(v, indent));
             out.push('\n');
         }
     }
-    Ok(())
 }
 
 /// A non-empty map or list as a sequence item: its first line follows the `- `.
-fn nested_in_item(item: &Value, indent: usize, out: &mut String) -> Result<(), serde_yaml::Error> {
+fn nested_in_item(item: &Value, indent: usize, out: &mut String) {
     let mut inner = String::new();
-    block(item, indent + 2, &mut inner)?;
+    block(item, indent + 2, &mut inner);
     out.push(' ');
     out.push_str(&inner[indent + 2..]);
-    Ok(())
 }
 
 /// A map key.
@@ -98,8 +94,8 @@ fn key(k: &str) -> String {
 }
 
 /// A scalar (or empty collection) at a line indented by `indent`.
-fn scalar(v: &Value, indent: usize) -> Result<String, serde_yaml::Error> {
-    Ok(match v {
+fn scalar(v: &Value, indent: usize) -> String {
+    match v {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
@@ -107,7 +103,7 @@ fn scalar(v: &Value, indent: usize) -> Result<String, serde_yaml::Error> {
         Value::Array(_) => "[]".to_string(),
         Value::String(s) if s.contains('\n') => {
             // A literal block: continuation lines go below the current indentation.
-            let text = serde_yaml::to_string(s)?;
+            let text = super::libyaml::document(s);
             let pad = " ".repeat(indent);
             text.strip_suffix('\n')
                 .unwrap_or(&text)
@@ -128,12 +124,12 @@ fn scalar(v: &Value, indent: usize) -> Result<String, serde_yaml::Error> {
             Some(text) => text,
             None => super::eval::go_quote(s),
         },
-    })
+    }
 }
 
-/// serde_yaml's (libyaml's) one-line form of `s`: plain or single-quoted.
+/// libyaml's one-line form of `s`: plain, single- or double-quoted.
 fn single_line(s: &str) -> Option<String> {
-    let text = serde_yaml::to_string(s).ok()?;
+    let text = super::libyaml::document(s);
     let text = text.strip_suffix('\n').unwrap_or(&text);
     (!text.contains('\n')).then(|| text.to_string())
 }
@@ -405,12 +401,12 @@ mod tests {
         ] {
             let v = json!({ "k": s });
             assert_eq!(
-                to_yaml(&v).unwrap(),
+                to_yaml(&v),
                 format!("k: {}", super::super::eval::go_quote(s)),
                 "{s:?}"
             );
             // And it reads back as the same string.
-            let back: Value = serde_yaml::from_str(&to_yaml(&v).unwrap()).unwrap();
+            let back: Value = clustermesh_api::yaml::from_str(&to_yaml(&v)).unwrap();
             assert_eq!(back, v, "{s:?}");
         }
     }
@@ -429,10 +425,7 @@ mod tests {
             ("#x", "'#x'"),
             ("Exists", "Exists"),
         ] {
-            assert_eq!(
-                to_yaml(&json!({ "k": s })).unwrap(),
-                format!("k: {printed}")
-            );
+            assert_eq!(to_yaml(&json!({ "k": s })), format!("k: {printed}"));
         }
     }
 
@@ -446,22 +439,19 @@ mod tests {
             "text": "a\nb",
         });
         assert_eq!(
-            to_yaml(&v).unwrap(),
+            to_yaml(&v),
             "b: true\nempty: {}\nlists:\n- - 1\n  - 2\n- x\n\"n\": 3\nnone: []\n\
              requests:\n  cpu: 100m\n  memory: 128Mi\ntext: |-\n  a\n  b\n\
              tolerations:\n- operator: Exists\n- effect: NoSchedule\n  key: \"on\"\nz: null"
         );
-        let back: Value = serde_yaml::from_str(&to_yaml(&v).unwrap()).unwrap();
+        let back: Value = clustermesh_api::yaml::from_str(&to_yaml(&v)).unwrap();
         assert_eq!(back, v);
     }
 
     #[test]
     fn keys_sort_like_go_yaml_and_look_alike_keys_are_quoted() {
         let v = json!({"a10": 1, "a9": 2, "a_": 3, "b": 4, "yes": 5});
-        assert_eq!(
-            to_yaml(&v).unwrap(),
-            "a_: 3\na9: 2\na10: 1\nb: 4\n\"yes\": 5"
-        );
+        assert_eq!(to_yaml(&v), "a_: 3\na9: 2\na10: 1\nb: 4\n\"yes\": 5");
     }
 
     proptest::proptest! {
@@ -471,8 +461,8 @@ mod tests {
         #[test]
         fn any_string_round_trips(s in "[ -~\\n]{0,24}") {
             let v = json!({"k": s, "l": [s.clone()]});
-            let text = to_yaml(&v).unwrap();
-            let back: Value = serde_yaml::from_str(&format!("{text}\n")).unwrap();
+            let text = to_yaml(&v);
+            let back: Value = clustermesh_api::yaml::from_str(&format!("{text}\n")).unwrap();
             proptest::prop_assert_eq!(back, v, "{}", text);
         }
     }

@@ -125,7 +125,8 @@ fn to_object(
         template: template.to_string(),
         reason,
     };
-    let obj: DynamicObject = serde_yaml::from_str(doc).map_err(|e| bad(e.to_string()))?;
+    let obj: DynamicObject =
+        clustermesh_api::yaml::from_str(doc).map_err(|e| bad(e.to_string()))?;
     let types = obj
         .types
         .clone()

@@ -149,7 +149,8 @@ impl MeshConfig {
             ),
             (
                 super::values::VALUES_KEY.to_string(),
-                serde_yaml::to_string(&self.values).unwrap_or_else(|_| "{}\n".to_string()),
+                clustermesh_api::yaml::to_string(&self.values)
+                    .unwrap_or_else(|_| "{}\n".to_string()),
             ),
         ])
     }
@@ -681,7 +682,7 @@ mod tests {
             serde_json::json!({"cluster": {"name": "a", "id": 1}, "apiserver": {"replicas": 3}}),
         ] {
             for (template, doc) in chart.render_documents(&release, &values).unwrap() {
-                let v: serde_json::Value = serde_yaml::from_str(&doc).unwrap();
+                let v: serde_json::Value = clustermesh_api::yaml::from_str(&doc).unwrap();
                 let (av, kind) = (
                     v["apiVersion"].as_str().unwrap(),
                     v["kind"].as_str().unwrap(),

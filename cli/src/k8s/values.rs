@@ -144,7 +144,7 @@ fn parse_scalar(arg: &str, raw: &str) -> Result<Value, ValuesError> {
     if raw.is_empty() {
         return Ok(Value::String(String::new()));
     }
-    match serde_yaml::from_str::<Value>(raw) {
+    match clustermesh_api::yaml::from_str::<Value>(raw) {
         Ok(Value::Array(_) | Value::Object(_)) => Err(ValuesError::NotScalar {
             arg: arg.to_string(),
         }),
@@ -184,7 +184,7 @@ pub fn parse_values_text(origin: &str, text: &str) -> Result<Value, ValuesError>
     if text.trim().is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    match serde_yaml::from_str::<Value>(text) {
+    match clustermesh_api::yaml::from_str::<Value>(text) {
         Ok(v @ Value::Object(_)) => Ok(v),
         Ok(Value::Null) => Ok(Value::Object(Map::new())),
         Ok(_) => Err(not_map("the document is not a map".into())),
@@ -337,32 +337,25 @@ fn check_map(
     Ok(())
 }
 
-/// Merges `over` into the overrides `base`: maps merge key by key, `null` removes the key
-/// (back to the chart default), anything else replaces. Maps left empty are dropped.
+/// Merges `over` into the overrides `base`: an RFC 7386 merge patch (maps merge key by
+/// key, `null` removes the key so the chart default applies again, anything else
+/// replaces), after which a map the patch left empty is dropped (an override map with
+/// nothing in it overrides nothing).
 pub fn merge_overrides(base: &mut Value, over: &Value) {
-    let (Value::Object(b), Value::Object(o)) = (&mut *base, over) else {
-        *base = over.clone();
+    json_patch::merge(base, over);
+    drop_emptied_maps(base, over);
+}
+
+/// Removes from `base` the maps below the keys `over` patched that are now empty.
+fn drop_emptied_maps(base: &mut Value, over: &Value) {
+    let (Value::Object(b), Value::Object(o)) = (base, over) else {
         return;
     };
-    for (k, v) in o {
-        match v {
-            Value::Null => {
+    for (k, patch) in o.iter().filter(|(_, patch)| patch.is_object()) {
+        if let Some(entry) = b.get_mut(k) {
+            drop_emptied_maps(entry, patch);
+            if entry.as_object().is_some_and(Map::is_empty) {
                 b.remove(k);
-            }
-            Value::Object(_) => {
-                let entry = b
-                    .entry(k.clone())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
-                }
-                merge_overrides(entry, v);
-                if entry.as_object().is_some_and(Map::is_empty) {
-                    b.remove(k);
-                }
-            }
-            other => {
-                b.insert(k.clone(), other.clone());
             }
         }
     }

@@ -51,7 +51,7 @@ fn container_args(values: Value) -> Vec<(String, Vec<String>)> {
     };
     let mut out = Vec::new();
     for (_, text) in chart.render_documents(&release, &values).unwrap() {
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = clustermesh_api::yaml::from_str(&text).unwrap();
         for kind in ["initContainers", "containers"] {
             for c in doc["spec"]["template"]["spec"][kind]
                 .as_array()
@@ -290,7 +290,7 @@ fn every_binary_deploy_runs_is_built_by_a_dockerfile_target() {
     let values = json!({"cluster": {"name": "cluster1", "id": 1}, "apiserver": {"replicas": 3}});
     let mut images = std::collections::BTreeSet::new();
     for (_, text) in chart.render_documents(&release, &values).unwrap() {
-        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        let doc: Value = clustermesh_api::yaml::from_str(&text).unwrap();
         for kind in ["initContainers", "containers"] {
             for c in doc["spec"]["template"]["spec"][kind]
                 .as_array()

@@ -296,7 +296,7 @@ impl State {
         let v: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             // Apply bodies may be YAML (kubectl); kube-rs sends JSON.
-            Err(_) => serde_yaml::from_slice(body).map_err(|e| {
+            Err(_) => clustermesh_api::yaml::from_slice(body).map_err(|e| {
                 status_error(
                     400,
                     format!("the request body is neither JSON nor YAML: {e}"),

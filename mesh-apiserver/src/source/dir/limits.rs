@@ -1,17 +1,18 @@
 //! Limits a manifest must meet before the YAML parser sees it.
 //!
-//! The YAML parser behind `serde_yaml` (libyaml) spends time roughly quadratic in the
-//! nesting depth of flow collections: every token walks the stack of open `[`/`{`
-//! levels. A 200 KB file of 100,000 nested lists kept it busy for more than a minute. Its
-//! own recursion limit (128) only applies after the whole document has been scanned, too
-//! late to help. So every document is checked here first, in one linear pass that stops at
-//! the first level over [`MAX_NESTING_DEPTH`], and files and documents over a size limit
-//! are never parsed at all.
+//! Nesting is what makes YAML expensive to read. libyaml (behind go-yaml and most YAML
+//! tooling) spends time roughly quadratic in the nesting depth of flow collections: a
+//! 200 KB file of 100,000 nested lists kept it busy for more than a minute. Reading a
+//! document into a value recurses once per level, so depth costs stack too. A parser's own
+//! depth limit (128 in [`clustermesh_api::yaml`]) only applies once it has got that far.
+//! So every document is checked here first, in one linear pass that stops at the first
+//! level over [`MAX_NESTING_DEPTH`], and files and documents over a size limit are never
+//! parsed at all.
 //!
-//! Measured on this project's 2-core CI machine: with nesting at most 100 levels, parsing
-//! costs about 0.3 s per MB whatever the shape of the document, so a document at
-//! [`MAX_DOCUMENT_SIZE`] parses in about a second and a whole file at [`MAX_FILE_SIZE`]
-//! in a few, off the async runtime.
+//! Measured on this project's 2-core CI machine (optimised build): Kubernetes objects
+//! parse at about 0.25 s per MB, documents nested at the limit at about 0.75 s per MB, so
+//! a document at [`MAX_DOCUMENT_SIZE`] parses in one to three seconds and a whole file at
+//! [`MAX_FILE_SIZE`] in about ten at worst, off the async runtime.
 
 /// Largest manifest file read. A Kubernetes object is at most 1.5 MiB in etcd and the
 /// Kubernetes API server refuses request bodies over 3 MiB, so 16 MiB holds thousands of
@@ -25,8 +26,8 @@ pub const MAX_DOCUMENT_SIZE: usize = 4 * 1024 * 1024;
 
 /// Deepest nesting of collections (mappings and sequences, block or flow) in a document.
 /// A Pod nests about 10 levels, a CustomResourceDefinition's schema a few dozen; 100 is
-/// far above that, below `serde_yaml`'s own recursion limit of 128 (so this check, with
-/// its clear message, is the one that fires), and keeps parsing linear in size.
+/// far above that, below the parser's own depth limit of 128 (so this check, with its
+/// clear message, is the one that fires), and keeps parsing linear in size.
 pub const MAX_NESTING_DEPTH: usize = 100;
 
 /// A limit a manifest file or document is over.
@@ -418,34 +419,26 @@ mod tests {
         );
     }
 
-    fn value_depth(v: &serde_yaml::Value) -> usize {
+    fn value_depth(v: &serde_json::Value) -> usize {
         match v {
-            serde_yaml::Value::Sequence(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
-            serde_yaml::Value::Mapping(m) => 1 + m.values().map(value_depth).max().unwrap_or(0),
-            serde_yaml::Value::Tagged(t) => value_depth(&t.value),
+            serde_json::Value::Array(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
+            serde_json::Value::Object(m) => 1 + m.values().map(value_depth).max().unwrap_or(0),
             _ => 0,
         }
     }
 
-    fn arbitrary_value() -> impl proptest::strategy::Strategy<Value = serde_yaml::Value> {
+    fn arbitrary_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
         use proptest::prelude::*;
         let leaf = prop_oneof![
-            Just(serde_yaml::Value::Null),
-            any::<i64>().prop_map(serde_yaml::Value::from),
-            "[ -~]{0,12}".prop_map(serde_yaml::Value::from),
+            Just(serde_json::Value::Null),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ -~]{0,12}".prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(12, 64, 4, |inner| {
             prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_yaml::Value::from),
-                proptest::collection::btree_map("[a-z:#\\[\\]\"' -]{1,8}", inner, 0..4).prop_map(
-                    |m| {
-                        serde_yaml::Value::Mapping(
-                            m.into_iter()
-                                .map(|(k, v)| (serde_yaml::Value::from(k), v))
-                                .collect(),
-                        )
-                    }
-                ),
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z:#\\[\\]\"' -]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
             ]
         })
     }
@@ -455,7 +448,7 @@ mod tests {
         #[test]
         fn never_counts_less_than_the_parsed_depth(value in arbitrary_value()) {
             let real = value_depth(&value);
-            let block = serde_yaml::to_string(&value).unwrap();
+            let block = clustermesh_api::yaml::to_string(&value).unwrap();
             proptest::prop_assert!(depth(&block) >= real, "{block}");
             let json = serde_json::to_string(&value).unwrap();
             proptest::prop_assert!(depth(&json) >= real, "{json}");

@@ -1,10 +1,13 @@
 //! Turns the text of one manifest file into the Kubernetes objects the API server reads.
 //!
-//! Every document is checked against the [`limits`](super::limits) before `serde_yaml`
-//! parses it, so no document can make the parser spend more than linear time.
+//! Every document is checked against the [`limits`](super::limits) before the YAML
+//! parser sees it, so no document can make the parser spend more than linear time. The
+//! documents are read in the clustermesh YAML dialect ([`clustermesh_api::yaml`]), except
+//! that a key repeated in a mapping is an error: Kubernetes refuses such objects too.
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
 
 use super::limits::{self, LimitExceeded};
 use crate::source::K8sObject;
@@ -75,6 +78,12 @@ pub(super) fn parse_file(file: &str, content: &[u8]) -> Result<Vec<K8sObject>, M
     parse_manifests(file, text)
 }
 
+/// Stack of the thread that reads one manifest file. Reading YAML into a value recurses
+/// once per nesting level; [`MAX_NESTING_DEPTH`](super::MAX_NESTING_DEPTH) levels take
+/// about 2.5 MiB of stack in an unoptimised build, more than a Tokio blocking thread or a
+/// test thread has (an optimised build needs under 0.5 MiB).
+const PARSE_STACK_SIZE: usize = 8 * 1024 * 1024;
+
 /// Parses a multi-document manifest into the objects of the kinds we read; documents of
 /// other kinds are ignored. Each document is checked against
 /// [`MAX_DOCUMENT_SIZE`](super::MAX_DOCUMENT_SIZE) and
@@ -84,6 +93,30 @@ pub(super) fn parse_file(file: &str, content: &[u8]) -> Result<Vec<K8sObject>, M
 /// [`ManifestError`] for the first document that is over a limit, is not valid YAML,
 /// lacks `kind` or `apiVersion`, or does not match the schema of its kind.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<K8sObject>, ManifestError> {
+    std::thread::scope(|scope| {
+        let parser = std::thread::Builder::new()
+            .name("manifest-parser".to_owned())
+            .stack_size(PARSE_STACK_SIZE)
+            .spawn_scoped(scope, || parse_documents(file, text));
+        match parser {
+            Ok(parser) => parser.join().unwrap_or_else(|_| {
+                Err(ManifestError::Malformed {
+                    file: file.to_owned(),
+                    line: 1,
+                    message: "the YAML parser failed".to_owned(),
+                })
+            }),
+            Err(error) => {
+                // An optimised build has stack enough on the calling thread.
+                tracing::warn!(file, %error, "no thread for parsing the manifest; parsing on the caller's stack");
+                parse_documents(file, text)
+            }
+        }
+    })
+}
+
+/// [`parse_manifests`] on the calling thread.
+fn parse_documents(file: &str, text: &str) -> Result<Vec<K8sObject>, ManifestError> {
     let mut objects = Vec::new();
     for (first_line, doc) in split_documents(text) {
         limits::check_document(&doc).map_err(|(line, limit)| ManifestError::OverLimit {
@@ -91,12 +124,16 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<K8sObject>, Manifes
             line: first_line + line,
             limit,
         })?;
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(&doc).map_err(|e| ManifestError::Malformed {
+        let value: Value = clustermesh_api::yaml::from_str_with(&doc, yaml_options()).map_err(
+            |e: clustermesh_api::yaml::Error| ManifestError::Malformed {
                 file: file.to_owned(),
-                line: first_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
+                line: first_line
+                    + e.location()
+                        .and_then(|l| usize::try_from(l.line().saturating_sub(1)).ok())
+                        .unwrap_or(0),
                 message: e.to_string(),
-            })?;
+            },
+        )?;
         if value.is_null() {
             continue;
         }
@@ -105,10 +142,17 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<K8sObject>, Manifes
     Ok(objects)
 }
 
+/// The clustermesh YAML dialect, refusing repeated keys.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = clustermesh_api::yaml::options();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    options
+}
+
 fn convert(
     file: &str,
     line: usize,
-    value: serde_yaml::Value,
+    value: Value,
     out: &mut Vec<K8sObject>,
 ) -> Result<(), ManifestError> {
     let err = |message: String| ManifestError::Malformed {
@@ -116,33 +160,28 @@ fn convert(
         line,
         message,
     };
-    let field = |name: &str| {
-        value
-            .get(name)
-            .and_then(serde_yaml::Value::as_str)
-            .map(str::to_owned)
-    };
+    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
     let (Some(api_version), Some(kind)) = (field("apiVersion"), field("kind")) else {
         return Err(err("document has no apiVersion or kind".to_owned()));
     };
-    let schema = |e: serde_yaml::Error| err(format!("invalid {kind}: {e}"));
+    let schema = |e: serde_json::Error| err(format!("invalid {kind}: {e}"));
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => out.push(K8sObject::Service(Box::new(
-            serde_yaml::from_value::<Service>(value).map_err(schema)?,
+            serde_json::from_value::<Service>(value).map_err(schema)?,
         ))),
         ("discovery.k8s.io/v1", "EndpointSlice") => out.push(K8sObject::EndpointSlice(Box::new(
-            serde_yaml::from_value::<EndpointSlice>(value).map_err(schema)?,
+            serde_json::from_value::<EndpointSlice>(value).map_err(schema)?,
         ))),
         ("v1", "Node") => out.push(K8sObject::Node(Box::new(
-            serde_yaml::from_value::<Node>(value).map_err(schema)?,
+            serde_json::from_value::<Node>(value).map_err(schema)?,
         ))),
         ("v1", "Pod") => out.push(K8sObject::Pod(Box::new(
-            serde_yaml::from_value::<Pod>(value).map_err(schema)?,
+            serde_json::from_value::<Pod>(value).map_err(schema)?,
         ))),
         (_, "List") => {
             let items = match value.get("items") {
-                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
-                None | Some(serde_yaml::Value::Null) => Vec::new(),
+                Some(Value::Array(items)) => items.clone(),
+                None | Some(Value::Null) => Vec::new(),
                 Some(_) => return Err(err("List items is not a sequence".to_owned())),
             };
             for item in items {
