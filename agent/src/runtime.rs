@@ -5,7 +5,9 @@
 //! agent.yaml ──(poll)──> supervisor ──spawn/cancel──> watcher per cluster
 //!                                                        │ Update (mpsc)
 //!                              reconciler <──────────────┘
-//!    DesiredState.compute() on a blocking thread ──> Datapath::apply (pending kept on error)
+//!    DesiredState.compute() on a blocking thread ──> Datapath::reconcile (once, full state)
+//!                                                     then Datapath::apply (failed services
+//!                                                     stay pending and are retried)
 //! ```
 //!
 //! The reconciler applies every update that is already queued before computing, so a
@@ -32,7 +34,7 @@ use crate::watcher::{
     self, Backoff, ClusterRegistry, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
 
-/// How long to wait before retrying a batch the datapath refused.
+/// How long to wait before retrying services the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
 
 /// Options of a running agent.
@@ -211,6 +213,9 @@ async fn reconcile(
     cancel: CancellationToken,
 ) {
     let mut gate_open = false;
+    // The first hand-over is the complete state (`Datapath::reconcile`), later ones are
+    // incremental.
+    let mut reconciled = false;
     loop {
         let first = if desired.has_pending() {
             // Changes are waiting (refused by the datapath, or held until the initial
@@ -246,10 +251,12 @@ async fn reconcile(
             }
         }
         let dp = Arc::clone(&datapath);
-        let flush = gate_open;
+        let (flush, full) = (gate_open, gate_open && !reconciled);
         let round = tokio::task::spawn_blocking(move || {
             let stats = desired.compute();
-            let result = if flush {
+            let result = if full {
+                desired.reconcile(dp.as_ref())
+            } else if flush {
                 desired.flush(dp.as_ref())
             } else {
                 Ok(0)
@@ -257,6 +264,7 @@ async fn reconcile(
             (desired, stats, result)
         })
         .await;
+        reconciled |= full;
         let (d, stats, result) = match round {
             Ok(r) => r,
             Err(e) => {
@@ -283,7 +291,8 @@ async fn reconcile(
             }
             Err(e) => {
                 view.metrics.datapath_result(false);
-                tracing::error!(error = %e, "datapath refused changes; retrying");
+                let failed: Vec<String> = e.failed.values().map(|f| f.service.clone()).collect();
+                tracing::error!(error = %e, applied = e.applied, ?failed, "datapath refused some services; retrying those");
             }
         }
         view.publish(desired.services().clone());
