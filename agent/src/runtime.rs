@@ -475,6 +475,101 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::Protocol;
+    use crate::recording::RecordingDatapath;
+    use crate::records::{Affinity, BackendRecord, PortSpec, ServiceName, ServiceRecord};
+
+    fn record(name: &str, vip: &str, backend_ip: &str) -> ServiceRecord {
+        let http = PortSpec {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        ServiceRecord {
+            cluster: "east".into(),
+            name: ServiceName {
+                namespace: "default".into(),
+                name: name.into(),
+            },
+            frontends: vec![vip.parse().unwrap()],
+            ports: vec![http.clone()],
+            backends: vec![BackendRecord {
+                ip: backend_ip.parse().unwrap(),
+                ports: vec![http],
+                ready: true,
+                terminating: false,
+                node: "n1".into(),
+                zone: String::new(),
+                weight: 1,
+            }],
+            global: true,
+            shared: true,
+            affinity: Affinity::None,
+            topology_aware: false,
+        }
+    }
+
+    fn lb_id(name: &str) -> LbServiceId {
+        LbServiceId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
+        }
+    }
+
+    /// The first hand-over is the full state; afterwards only the service the datapath
+    /// refused is sent again (after the retry pause, about a second).
+    #[tokio::test]
+    async fn the_first_round_reconciles_and_only_a_refused_service_is_retried() {
+        let dp = Arc::new(RecordingDatapath::new());
+        dp.fail_service(&lb_id("b"), 1);
+        let view = AgentView::default();
+        let here = Locality {
+            cluster: "east".into(),
+            node: "n1".into(),
+            zone: String::new(),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(reconcile(
+            DesiredState::new(here, Maglev::default()),
+            rx,
+            Arc::clone(&dp) as Arc<dyn Datapath>,
+            view.clone(),
+            tokio::time::Instant::now(),
+            cancel.clone(),
+        ));
+        let services = [
+            record("a", "10.96.0.10", "10.0.0.1"),
+            record("b", "10.96.0.11", "10.0.0.2"),
+        ]
+        .into_iter()
+        .map(|r| (r.name.clone(), Some(r)))
+        .collect();
+        tx.send(Update::Replace {
+            cluster: "east".into(),
+            services,
+        })
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while view.reconcile_rounds() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            view.reconcile_rounds() >= 2,
+            "the refused service was retried"
+        );
+        let sent: Vec<Vec<String>> = dp
+            .batches()
+            .iter()
+            .map(|b| b.upserts.iter().map(|s| s.id.name.clone()).collect())
+            .collect();
+        assert_eq!(sent, [vec!["a".to_owned()], vec!["b".to_owned()]]);
+        assert_eq!(dp.programmed().len(), 2);
+        cancel.cancel();
+        task.await.unwrap();
+    }
 
     /// On a single-threaded runtime the spawned watchers have not run when
     /// `sync_watchers` returns; the status board must list every cluster already.

@@ -5,6 +5,11 @@
 //! a services map (frontend → table offset/size), a backends map, one Maglev slab array
 //! holding every table, and an LRU reverse-NAT map the programs fill themselves.
 //!
+//! What to write is decided by a pure planner (`plan`: ids, slab regions, backend
+//! refcounts → ordered map operations with their undo); `exec` applies the operations to a
+//! `MapStore` (the aya maps of `aya_maps`, or in-memory maps in unit tests) and `state`
+//! ties the two together.
+//!
 //! Everything is pinned, so traffic keeps being balanced while the agent restarts; a new
 //! agent reuses the pinned maps and reconciles them with the desired state instead of
 //! clearing them. [`BpfDatapath::cleanup`] is the only way the programs are detached.
@@ -255,7 +260,7 @@ impl BpfDatapath {
                 Ok(true) => report.programmed += 1,
                 Ok(false) => report.unchanged += 1,
                 Err(e) => {
-                    tracing::warn!(service = e.service(), error = %e, "failed to program service");
+                    tracing::warn!(service = %plan::service_name(&svc.id), error = %e, "failed to program service");
                     failed.push((svc.id.clone(), e));
                 }
             }
@@ -309,7 +314,7 @@ impl BpfDatapath {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(service = e.service(), error = %e, "failed to program service");
+                    tracing::warn!(service = %plan::service_name(&svc.id), error = %e, "failed to program service");
                     failed.push((svc.id.clone(), e));
                 }
             }
