@@ -11,7 +11,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use clustermesh_agent::datapath::{Datapath, DatapathError, DesiredChanges, Protocol};
+use clustermesh_agent::datapath::{ApplyReport, Datapath, DesiredChanges, LbService, Protocol};
 use clustermesh_agent::desired::DesiredState;
 use clustermesh_agent::maglev::Maglev;
 use clustermesh_agent::merge::Locality;
@@ -26,9 +26,18 @@ const BACKENDS_PER_CLUSTER: u32 = 5;
 struct Discard;
 
 impl Datapath for Discard {
-    fn apply(&self, changes: &DesiredChanges) -> Result<(), DatapathError> {
-        black_box(changes.upserts.len());
-        Ok(())
+    fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
+        ApplyReport {
+            applied: black_box(changes.upserts.len() + changes.removals.len()),
+            ..ApplyReport::default()
+        }
+    }
+
+    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+        ApplyReport {
+            applied: black_box(desired.len()),
+            ..ApplyReport::default()
+        }
     }
 }
 

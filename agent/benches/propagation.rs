@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clustermesh_agent::datapath::{Datapath, DatapathError, DesiredChanges, LbServiceId};
+use clustermesh_agent::datapath::{ApplyReport, Datapath, DesiredChanges, LbService, LbServiceId};
 use clustermesh_agent::runtime::{Agent, AgentOptions};
 use clustermesh_api::keys::{service_key, synced_key, Kind};
 use clustermesh_api::v1;
@@ -95,7 +95,22 @@ impl Timestamping {
 }
 
 impl Datapath for Timestamping {
-    fn apply(&self, changes: &DesiredChanges) -> Result<(), DatapathError> {
+    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+        let removals = {
+            let a = self.inner.lock().unwrap();
+            a.west
+                .keys()
+                .filter(|id| !desired.iter().any(|s| &s.id == *id))
+                .cloned()
+                .collect()
+        };
+        self.apply(&DesiredChanges {
+            upserts: desired.to_vec(),
+            removals,
+        })
+    }
+
+    fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
         let now = Instant::now();
         let mut a = self.inner.lock().unwrap();
         for id in &changes.removals {
@@ -111,7 +126,10 @@ impl Datapath for Timestamping {
             entry.0 += 1;
             entry.1 = now;
         }
-        Ok(())
+        ApplyReport {
+            applied: changes.upserts.len() + changes.removals.len(),
+            ..ApplyReport::default()
+        }
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! The control plane computes the complete desired state: for every load-balanced
 //! frontend, the active backends and the finished Maglev table. A [`Datapath`] makes the
-//! kernel (or a test recorder) enforce it. Only services whose state changed are sent.
+//! kernel (or a test recorder) enforce it: the complete state once at start
+//! ([`Datapath::reconcile`]), then only services whose state changed ([`Datapath::apply`]),
+//! each reported as applied or failed on its own.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -126,11 +129,72 @@ pub struct DatapathError {
     pub reason: String,
 }
 
+/// What a datapath did with a batch: how many services it applied and which failed.
+///
+/// Every service of a batch is attempted on its own; one failure does not hold back the
+/// others, so the control plane re-sends only the services listed in `failed`.
+#[derive(Debug, Default)]
+#[must_use = "services that failed must stay pending"]
+pub struct ApplyReport {
+    /// Services whose change is in force (written, removed, or already up to date).
+    pub applied: usize,
+    /// Services that could not be programmed, with why; each keeps its previous state.
+    pub failed: BTreeMap<LbServiceId, DatapathError>,
+}
+
+impl ApplyReport {
+    /// True when every service was applied.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// The number of services applied, or an error naming every service that failed.
+    ///
+    /// # Errors
+    /// When at least one service failed.
+    pub fn into_result(self) -> Result<usize, ApplyError> {
+        if self.failed.is_empty() {
+            Ok(self.applied)
+        } else {
+            Err(ApplyError {
+                applied: self.applied,
+                failed: self.failed,
+            })
+        }
+    }
+}
+
+/// Some services of a batch could not be programmed (the rest were).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "datapath failed to program {} service(s) ({} applied): {}",
+    failed.len(),
+    applied,
+    failed.values().next().map(ToString::to_string).unwrap_or_default()
+)]
+pub struct ApplyError {
+    /// Services applied.
+    pub applied: usize,
+    /// Services that failed, with why; each keeps its previous state.
+    pub failed: BTreeMap<LbServiceId, DatapathError>,
+}
+
 /// Something that enforces the desired state: the eBPF maps, or a recorder in tests.
 ///
 /// Implementations must be atomic per service: a service's old state stays in force until
-/// its new state is complete.
+/// its new state is complete. Failures are per service and reported, never all-or-nothing
+/// for a batch.
 pub trait Datapath: Send + Sync {
-    /// Applies a batch of changes.
-    fn apply(&self, changes: &DesiredChanges) -> Result<(), DatapathError>;
+    /// Applies a batch of incremental changes: removals, then upserts. Services not named
+    /// in the batch are left alone.
+    fn apply(&self, changes: &DesiredChanges) -> ApplyReport;
+
+    /// Makes the datapath enforce exactly `desired`, the complete desired state: unchanged
+    /// services are not touched, changed ones are replaced, services programmed earlier
+    /// (e.g. by a previous agent run, in pinned maps) that are not in `desired` are
+    /// removed, and leftovers of an interrupted run are cleaned. Existing flows of
+    /// unchanged services are kept. The agent calls it once, when its first full view is
+    /// ready; a failed removal is reported under the removed service's id.
+    fn reconcile(&self, desired: &[LbService]) -> ApplyReport;
 }

@@ -5,9 +5,11 @@
 //! re-merges the dirty names, rebuilds a Maglev table only when a service's backend list
 //! (addresses, weights, states) actually changed, runs those builds in parallel on plain
 //! threads, and remembers which services the datapath has not yet accepted.
-//! [`DesiredState::flush`] hands exactly those to a [`Datapath`]; if the datapath refuses,
-//! they stay pending and go out with the next flush. A cluster that resyncs with the same
-//! records therefore causes no datapath change at all.
+//! [`DesiredState::reconcile`] hands the complete state to a [`Datapath`] once, at start;
+//! [`DesiredState::flush`] then hands it exactly the pending services. A service the
+//! datapath refuses stays pending and goes out with the next flush, the services it
+//! accepted are done. A cluster that resyncs with the same records therefore causes no
+//! datapath change at all.
 //!
 //! `compute` is CPU work: async callers run it on a blocking thread
 //! (`tokio::task::spawn_blocking`), never on the runtime's worker threads.
@@ -16,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::datapath::{
-    Backend, Datapath, DatapathError, DesiredChanges, LbService, LbServiceId, Tier,
+    ApplyError, ApplyReport, Backend, Datapath, DesiredChanges, LbService, LbServiceId, Tier,
 };
 use crate::maglev::Maglev;
 use crate::merge::{merge_service, Locality, MergedService};
@@ -256,17 +258,35 @@ impl DesiredState {
         changes
     }
 
-    /// Hands pending changes to `datapath`. On success they are done; on failure they
-    /// stay pending for the next flush. Returns the number of services sent.
-    pub fn flush(&mut self, datapath: &dyn Datapath) -> Result<usize, DatapathError> {
+    /// Hands pending changes to `datapath`. Services it applied are done; services it
+    /// reports as failed stay pending for the next flush. Returns the number of services
+    /// sent.
+    ///
+    /// # Errors
+    /// When some services failed (named in the error, with the number applied).
+    pub fn flush(&mut self, datapath: &dyn Datapath) -> Result<usize, ApplyError> {
         if self.unsynced.is_empty() {
             return Ok(0);
         }
         let changes = self.pending();
-        datapath.apply(&changes)?;
-        let n = self.unsynced.len();
-        self.unsynced.clear();
-        Ok(n)
+        let sent = self.unsynced.len();
+        let report = datapath.apply(&changes);
+        self.unsynced.retain(|id| report.failed.contains_key(id));
+        report.into_result().map(|_| sent)
+    }
+
+    /// Hands the complete desired state to `datapath` ([`Datapath::reconcile`]): what it
+    /// programmed before and is not desired any more is removed. Called once, when the
+    /// first full view is ready; afterwards only services that failed stay pending (a
+    /// failed removal as a pending removal). Returns the number of services sent.
+    ///
+    /// # Errors
+    /// When some services failed (named in the error, with the number applied).
+    pub fn reconcile(&mut self, datapath: &dyn Datapath) -> Result<usize, ApplyError> {
+        let desired: Vec<LbService> = self.services.values().map(|s| s.lb.clone()).collect();
+        let report: ApplyReport = datapath.reconcile(&desired);
+        self.unsynced = report.failed.keys().cloned().collect();
+        report.into_result().map(|_| desired.len())
     }
 }
 
@@ -494,6 +514,67 @@ mod tests {
         assert!(st.has_pending());
         assert_eq!(st.flush(&dp).unwrap(), 1);
         assert!(dp.service(&id("a")).is_some());
+    }
+
+    #[test]
+    fn only_the_service_the_datapath_refused_is_retried() {
+        let mut st = DesiredState::new(here(), Maglev::default());
+        let dp = RecordingDatapath::new();
+        st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::None));
+        st.upsert(rec("east", "b", &[("10.0.0.2", true)], Affinity::None));
+        st.upsert(rec("east", "c", &[("10.0.0.3", true)], Affinity::None));
+        st.compute();
+        dp.fail_service(&id("b"), 1);
+        let err = st.flush(&dp).unwrap_err();
+        assert_eq!(err.applied, 2);
+        assert_eq!(err.failed.keys().collect::<Vec<_>>(), [&id("b")]);
+        assert!(dp.service(&id("a")).is_some() && dp.service(&id("c")).is_some());
+        assert!(
+            dp.service(&id("b")).is_none(),
+            "b keeps its previous (absent) state"
+        );
+
+        // Only b is pending and re-sent; a and c are not sent again.
+        let pending = st.pending();
+        assert_eq!(pending.upserts.len(), 1);
+        assert_eq!(pending.upserts[0].id, id("b"));
+        assert_eq!(st.flush(&dp).unwrap(), 1);
+        let retry = dp.batches().pop().unwrap();
+        assert_eq!(
+            retry
+                .upserts
+                .iter()
+                .map(|s| s.id.clone())
+                .collect::<Vec<_>>(),
+            [id("b")]
+        );
+        assert!(dp.service(&id("b")).is_some());
+        assert!(!st.has_pending());
+        assert_eq!(st.flush(&dp).unwrap(), 0);
+    }
+
+    #[test]
+    fn reconcile_sends_the_full_state_and_removes_what_is_not_desired() {
+        let mut st = DesiredState::new(here(), Maglev::default());
+        let dp = RecordingDatapath::new();
+        // A previous run left `old` programmed.
+        let mut other = DesiredState::new(here(), Maglev::default());
+        other.upsert(rec("east", "old", &[("10.0.0.9", true)], Affinity::None));
+        other.compute();
+        other.flush(&dp).unwrap();
+
+        st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::None));
+        st.upsert(rec("east", "b", &[("10.0.0.2", true)], Affinity::None));
+        st.compute();
+        dp.fail_service(&id("b"), 1);
+        let err = st.reconcile(&dp).unwrap_err();
+        assert_eq!(err.failed.keys().collect::<Vec<_>>(), [&id("b")]);
+        assert!(dp.service(&id("old")).is_none(), "not desired: removed");
+        assert!(dp.service(&id("a")).is_some());
+        // The failed service is retried incrementally, alone.
+        assert_eq!(st.flush(&dp).unwrap(), 1);
+        assert_eq!(dp.programmed().len(), 2);
+        assert!(!st.has_pending());
     }
 
     #[test]

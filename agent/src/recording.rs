@@ -2,18 +2,83 @@
 //!
 //! It keeps every batch it received and the resulting programmed state, so a test can
 //! ask both "what changed in the last step" and "what would the kernel enforce now". It can
-//! be told to refuse the next batches, to exercise the control plane's retry path.
+//! be told to refuse the next batches, or one service only, to exercise the control plane's
+//! retry path.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::datapath::{Datapath, DatapathError, DesiredChanges, LbService, LbServiceId};
+use crate::datapath::{
+    ApplyReport, Datapath, DatapathError, DesiredChanges, LbService, LbServiceId,
+};
 
 #[derive(Debug, Default)]
 struct Inner {
     batches: Vec<DesiredChanges>,
     programmed: BTreeMap<LbServiceId, LbService>,
     fail_next: usize,
+    /// Services to refuse, with how many more times.
+    fail_service: BTreeMap<LbServiceId, usize>,
+}
+
+impl Inner {
+    /// Whether `id` is to be refused this time (counts the refusal).
+    fn refuses(&mut self, id: &LbServiceId) -> bool {
+        match self.fail_service.get_mut(id) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Applies `changes` except the refused services; records what was applied.
+    fn apply(&mut self, changes: &DesiredChanges) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            let ids = changes
+                .removals
+                .iter()
+                .chain(changes.upserts.iter().map(|s| &s.id));
+            for id in ids {
+                report.failed.insert(id.clone(), refused(id, "batch"));
+            }
+            return report;
+        }
+        let mut applied = DesiredChanges::default();
+        for id in &changes.removals {
+            if self.refuses(id) {
+                report.failed.insert(id.clone(), refused(id, "service"));
+            } else {
+                self.programmed.remove(id);
+                applied.removals.push(id.clone());
+            }
+        }
+        for svc in &changes.upserts {
+            if self.refuses(&svc.id) {
+                report
+                    .failed
+                    .insert(svc.id.clone(), refused(&svc.id, "service"));
+            } else {
+                self.programmed.insert(svc.id.clone(), svc.clone());
+                applied.upserts.push(svc.clone());
+            }
+        }
+        report.applied = applied.upserts.len() + applied.removals.len();
+        if !applied.is_empty() {
+            self.batches.push(applied);
+        }
+        report
+    }
+}
+
+fn refused(id: &LbServiceId, what: &str) -> DatapathError {
+    DatapathError {
+        service: format!("{}/{}/{}", id.namespace, id.name, id.port_name),
+        reason: format!("recording datapath told to refuse this {what}"),
+    }
 }
 
 /// Records applied batches and the programmed state.
@@ -37,7 +102,8 @@ impl RecordingDatapath {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Every batch applied so far (refused ones are not recorded).
+    /// Every batch applied so far, without the services it refused (a batch that applied
+    /// nothing is not recorded). A reconcile is recorded as the batch it amounted to.
     #[must_use]
     pub fn batches(&self) -> Vec<DesiredChanges> {
         self.lock().batches.clone()
@@ -61,30 +127,36 @@ impl RecordingDatapath {
         self.lock().programmed.clone()
     }
 
-    /// Refuses the next `n` batches with an error.
+    /// Refuses every service of the next `n` batches.
     pub fn fail_next(&self, n: usize) {
         self.lock().fail_next = n;
+    }
+
+    /// Refuses service `id` the next `n` times it is sent; the other services of those
+    /// batches are applied.
+    pub fn fail_service(&self, id: &LbServiceId, n: usize) {
+        self.lock().fail_service.insert(id.clone(), n);
     }
 }
 
 impl Datapath for RecordingDatapath {
-    fn apply(&self, changes: &DesiredChanges) -> Result<(), DatapathError> {
+    fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
+        self.lock().apply(changes)
+    }
+
+    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
         let mut inner = self.lock();
-        if inner.fail_next > 0 {
-            inner.fail_next -= 1;
-            return Err(DatapathError {
-                service: "*".into(),
-                reason: "recording datapath told to refuse this batch".into(),
-            });
-        }
-        for id in &changes.removals {
-            inner.programmed.remove(id);
-        }
-        for svc in &changes.upserts {
-            inner.programmed.insert(svc.id.clone(), svc.clone());
-        }
-        inner.batches.push(changes.clone());
-        Ok(())
+        let removals = inner
+            .programmed
+            .keys()
+            .filter(|id| !desired.iter().any(|s| &s.id == *id))
+            .cloned()
+            .collect();
+        let changes = DesiredChanges {
+            upserts: desired.to_vec(),
+            removals,
+        };
+        inner.apply(&changes)
     }
 }
 
@@ -113,11 +185,13 @@ mod tests {
             upserts: vec![svc("a"), svc("b")],
             removals: vec![],
         })
+        .into_result()
         .unwrap();
         dp.apply(&DesiredChanges {
             upserts: vec![],
             removals: vec![svc("a").id],
         })
+        .into_result()
         .unwrap();
         assert_eq!(dp.batch_count(), 2);
         assert!(dp.service(&svc("a").id).is_none());
@@ -132,9 +206,43 @@ mod tests {
             upserts: vec![svc("a")],
             removals: vec![],
         };
-        assert!(dp.apply(&batch).is_err());
+        assert!(dp.apply(&batch).into_result().is_err());
         assert!(dp.programmed().is_empty());
-        assert!(dp.apply(&batch).is_ok());
+        assert!(dp.apply(&batch).into_result().is_ok());
         assert_eq!(dp.programmed().len(), 1);
+    }
+
+    #[test]
+    fn refuses_one_service_and_applies_the_others() {
+        let dp = RecordingDatapath::new();
+        dp.fail_service(&svc("a").id, 1);
+        let batch = DesiredChanges {
+            upserts: vec![svc("a"), svc("b")],
+            removals: vec![],
+        };
+        let report = dp.apply(&batch);
+        assert_eq!(report.applied, 1);
+        assert!(report.failed.contains_key(&svc("a").id));
+        assert_eq!(dp.batches()[0].upserts, vec![svc("b")]);
+        assert!(dp.apply(&batch).is_complete());
+        assert_eq!(dp.programmed().len(), 2);
+    }
+
+    #[test]
+    fn reconcile_replaces_the_programmed_state() {
+        let dp = RecordingDatapath::new();
+        dp.apply(&DesiredChanges {
+            upserts: vec![svc("a"), svc("b")],
+            removals: vec![],
+        })
+        .into_result()
+        .unwrap();
+        let report = dp.reconcile(&[svc("b"), svc("c")]);
+        assert_eq!(report.applied, 3);
+        assert_eq!(
+            dp.programmed().into_keys().collect::<Vec<_>>(),
+            [svc("b").id, svc("c").id]
+        );
+        assert_eq!(dp.batches()[1].removals, vec![svc("a").id]);
     }
 }

@@ -5,7 +5,9 @@
 //! agent.yaml ──(poll)──> supervisor ──spawn/cancel──> watcher per cluster
 //!                                                        │ Update (mpsc)
 //!                              reconciler <──────────────┘
-//!    DesiredState.compute() on a blocking thread ──> Datapath::apply (pending kept on error)
+//!    DesiredState.compute() on a blocking thread ──> Datapath::reconcile (once, full state)
+//!                                                     then Datapath::apply (failed services
+//!                                                     stay pending and are retried)
 //! ```
 //!
 //! The reconciler applies every update that is already queued before computing, so a
@@ -32,7 +34,7 @@ use crate::watcher::{
     self, Backoff, ClusterRegistry, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
 
-/// How long to wait before retrying a batch the datapath refused.
+/// How long to wait before retrying services the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
 
 /// Options of a running agent.
@@ -211,6 +213,9 @@ async fn reconcile(
     cancel: CancellationToken,
 ) {
     let mut gate_open = false;
+    // The first hand-over is the complete state (`Datapath::reconcile`), later ones are
+    // incremental.
+    let mut reconciled = false;
     loop {
         let first = if desired.has_pending() {
             // Changes are waiting (refused by the datapath, or held until the initial
@@ -246,10 +251,12 @@ async fn reconcile(
             }
         }
         let dp = Arc::clone(&datapath);
-        let flush = gate_open;
+        let (flush, full) = (gate_open, gate_open && !reconciled);
         let round = tokio::task::spawn_blocking(move || {
             let stats = desired.compute();
-            let result = if flush {
+            let result = if full {
+                desired.reconcile(dp.as_ref())
+            } else if flush {
                 desired.flush(dp.as_ref())
             } else {
                 Ok(0)
@@ -257,6 +264,7 @@ async fn reconcile(
             (desired, stats, result)
         })
         .await;
+        reconciled |= full;
         let (d, stats, result) = match round {
             Ok(r) => r,
             Err(e) => {
@@ -283,7 +291,8 @@ async fn reconcile(
             }
             Err(e) => {
                 view.metrics.datapath_result(false);
-                tracing::error!(error = %e, "datapath refused changes; retrying");
+                let failed: Vec<String> = e.failed.values().map(|f| f.service.clone()).collect();
+                tracing::error!(error = %e, applied = e.applied, ?failed, "datapath refused some services; retrying those");
             }
         }
         view.publish(desired.services().clone());
@@ -466,6 +475,101 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::Protocol;
+    use crate::recording::RecordingDatapath;
+    use crate::records::{Affinity, BackendRecord, PortSpec, ServiceName, ServiceRecord};
+
+    fn record(name: &str, vip: &str, backend_ip: &str) -> ServiceRecord {
+        let http = PortSpec {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        ServiceRecord {
+            cluster: "east".into(),
+            name: ServiceName {
+                namespace: "default".into(),
+                name: name.into(),
+            },
+            frontends: vec![vip.parse().unwrap()],
+            ports: vec![http.clone()],
+            backends: vec![BackendRecord {
+                ip: backend_ip.parse().unwrap(),
+                ports: vec![http],
+                ready: true,
+                terminating: false,
+                node: "n1".into(),
+                zone: String::new(),
+                weight: 1,
+            }],
+            global: true,
+            shared: true,
+            affinity: Affinity::None,
+            topology_aware: false,
+        }
+    }
+
+    fn lb_id(name: &str) -> LbServiceId {
+        LbServiceId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
+        }
+    }
+
+    /// The first hand-over is the full state; afterwards only the service the datapath
+    /// refused is sent again (after the retry pause, about a second).
+    #[tokio::test]
+    async fn the_first_round_reconciles_and_only_a_refused_service_is_retried() {
+        let dp = Arc::new(RecordingDatapath::new());
+        dp.fail_service(&lb_id("b"), 1);
+        let view = AgentView::default();
+        let here = Locality {
+            cluster: "east".into(),
+            node: "n1".into(),
+            zone: String::new(),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(reconcile(
+            DesiredState::new(here, Maglev::default()),
+            rx,
+            Arc::clone(&dp) as Arc<dyn Datapath>,
+            view.clone(),
+            tokio::time::Instant::now(),
+            cancel.clone(),
+        ));
+        let services = [
+            record("a", "10.96.0.10", "10.0.0.1"),
+            record("b", "10.96.0.11", "10.0.0.2"),
+        ]
+        .into_iter()
+        .map(|r| (r.name.clone(), Some(r)))
+        .collect();
+        tx.send(Update::Replace {
+            cluster: "east".into(),
+            services,
+        })
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while view.reconcile_rounds() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            view.reconcile_rounds() >= 2,
+            "the refused service was retried"
+        );
+        let sent: Vec<Vec<String>> = dp
+            .batches()
+            .iter()
+            .map(|b| b.upserts.iter().map(|s| s.id.name.clone()).collect())
+            .collect();
+        assert_eq!(sent, [vec!["a".to_owned()], vec!["b".to_owned()]]);
+        assert_eq!(dp.programmed().len(), 2);
+        cancel.cancel();
+        task.await.unwrap();
+    }
 
     /// On a single-threaded runtime the spawned watchers have not run when
     /// `sync_watchers` returns; the status board must list every cluster already.

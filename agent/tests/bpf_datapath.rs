@@ -519,7 +519,7 @@ fn removed_backend_gets_no_new_connections_and_open_ones_keep_working() {
         upserts: vec![service("remove", &[front], Protocol::Tcp, remaining)],
         removals: vec![],
     };
-    dp.apply(&changes).unwrap();
+    dp.apply(&changes).into_result().unwrap();
 
     let counts = sb.run_in_cgroup(move || {
         let mut counts = [0u32; 3];
@@ -1000,7 +1000,7 @@ fn udp_over_ipv6_is_translated_both_ways() {
 }
 
 #[test]
-fn first_apply_after_restart_prunes_services_left_by_the_previous_run() {
+fn reconcile_after_restart_prunes_services_left_by_the_previous_run() {
     let Some(sb) = Sandbox::new("firstapply") else {
         return;
     };
@@ -1021,19 +1021,15 @@ fn first_apply_after_restart_prunes_services_left_by_the_previous_run() {
         Protocol::Tcp,
         vec![backend(b.addr, Protocol::Tcp, 1)],
     );
-    dp.apply(&DesiredChanges {
-        upserts: vec![a.clone(), bsvc],
-        removals: vec![],
-    })
-    .unwrap();
+    Datapath::reconcile(&dp, &[a.clone(), bsvc])
+        .into_result()
+        .unwrap();
     drop(dp);
     let dp = sb.open(sb.config()).expect("reopen");
-    // The control plane's first batch after a restart is its full view: only a.
-    dp.apply(&DesiredChanges {
-        upserts: vec![a.clone()],
-        removals: vec![],
-    })
-    .unwrap();
+    // The control plane hands over its full view after a restart: only a.
+    Datapath::reconcile(&dp, std::slice::from_ref(&a))
+        .into_result()
+        .unwrap();
     assert_eq!(dp.service_count(), 1);
     // Later batches are incremental: an upsert of b alone does not remove a.
     let b2 = service(
@@ -1046,8 +1042,47 @@ fn first_apply_after_restart_prunes_services_left_by_the_previous_run() {
         upserts: vec![b2],
         removals: vec![],
     })
+    .into_result()
     .unwrap();
     assert_eq!(dp.service_count(), 2);
+}
+
+#[test]
+fn a_failing_service_is_reported_alone_and_the_rest_of_the_batch_applies() {
+    let Some(sb) = Sandbox::new("partial") else {
+        return;
+    };
+    let Some(dp) = sb.open(sb.config()) else {
+        return;
+    };
+    let b = TcpBackend::start("127.0.15.2", 3);
+    let fa = vip("127.77.15.1:80");
+    let good = service(
+        "good",
+        &[fa],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    // No frontend: cannot be programmed.
+    let bad = service(
+        "bad",
+        &[],
+        Protocol::Tcp,
+        vec![backend(b.addr, Protocol::Tcp, 1)],
+    );
+    let report = Datapath::reconcile(&dp, &[good.clone(), bad.clone()]);
+    assert_eq!(report.applied, 1);
+    assert_eq!(
+        report.failed.keys().collect::<Vec<_>>(),
+        [&service_id("bad")]
+    );
+    let report = dp.apply(&DesiredChanges {
+        upserts: vec![bad, good],
+        removals: vec![],
+    });
+    assert_eq!(report.applied, 1, "the unchanged service counts as applied");
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(sb.run_in_cgroup(move || connect_tag(fa).unwrap().0), 3);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::plan::PlanError;
+
 /// Result of datapath operations.
 pub type Result<T, E = BpfError> = std::result::Result<T, E>;
 
@@ -112,7 +114,7 @@ pub enum BpfError {
     /// Service or backend ids are exhausted.
     #[error("no free {what} id left (limit {limit}): remove unused services or backends")]
     IdsExhausted {
-        /// "service" or "backend".
+        /// "service", "backend" or "cluster".
         what: &'static str,
         /// The limit.
         limit: u32,
@@ -174,6 +176,41 @@ impl BpfError {
         match self {
             Self::SlabFull { service, .. } | Self::InvalidService { service, .. } => service,
             _ => "*",
+        }
+    }
+
+    /// Names `service` in the failed step of a map error (a map operation does not know
+    /// which service it programs).
+    #[must_use]
+    pub(crate) fn for_service(self, service: &str) -> Self {
+        match self {
+            Self::Map { map, step, source } if !service.is_empty() => Self::Map {
+                map,
+                step: format!("{step} of {service}"),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<PlanError> for BpfError {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Invalid { service, reason } => Self::InvalidService { service, reason },
+            PlanError::SlabFull {
+                service,
+                needed,
+                largest_free,
+                capacity,
+                ..
+            } => Self::SlabFull {
+                service,
+                needed,
+                largest_free,
+                capacity,
+            },
+            PlanError::IdsExhausted { what, limit } => Self::IdsExhausted { what, limit },
         }
     }
 }

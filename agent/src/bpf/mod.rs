@@ -5,6 +5,11 @@
 //! a services map (frontend → table offset/size), a backends map, one Maglev slab array
 //! holding every table, and an LRU reverse-NAT map the programs fill themselves.
 //!
+//! What to write is decided by a pure planner (`plan`: ids, slab regions, backend
+//! refcounts → ordered map operations with their undo); `exec` applies the operations to a
+//! `MapStore` (the aya maps of `aya_maps`, or in-memory maps in unit tests) and `state`
+//! ties the two together.
+//!
 //! Everything is pinned, so traffic keeps being balanced while the agent restarts; a new
 //! agent reuses the pinned maps and reconciles them with the desired state instead of
 //! clearing them. [`BpfDatapath::cleanup`] is the only way the programs are detached.
@@ -12,13 +17,18 @@
 //! Kernel requirements: cgroup v2, bpf links for cgroups (5.7), `bpf_set_retval` in
 //! sock_addr programs (5.18, for `ECONNREFUSED`), mmapable arrays (5.5).
 
+mod aya_maps;
 mod config;
 mod dump;
 mod encode;
 mod error;
+mod exec;
 mod ids;
 mod layout;
 mod links;
+#[cfg(test)]
+mod mem_maps;
+mod plan;
 mod slab;
 mod slab_map;
 mod state;
@@ -27,10 +37,7 @@ mod system;
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Mutex, MutexGuard,
-    },
+    sync::{Mutex, MutexGuard},
 };
 
 use aya::{
@@ -48,8 +55,11 @@ pub use links::{links_present, PROGRAMS};
 pub use slab::{Region, SlabAllocator};
 pub use system::{cgroup2_mount, ensure_pin_dir, mount_bpffs, resolve_cgroup, BpffsMount};
 
-use crate::datapath::{Datapath, DatapathError, DesiredChanges, LbService};
-use state::{Maps, State};
+use crate::datapath::{
+    ApplyReport, Datapath, DatapathError, DesiredChanges, LbService, LbServiceId,
+};
+use aya_maps::AyaMaps;
+use state::State;
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clustermesh-lb"));
@@ -73,9 +83,7 @@ pub struct BpfDatapath {
     config: BpfConfig,
     cgroup: PathBuf,
     reused: bool,
-    /// Set once the first [`Datapath::apply`] (treated as the full state) has run.
-    first_apply_done: AtomicBool,
-    state: Mutex<State>,
+    state: Mutex<State<AyaMaps>>,
 }
 
 fn load_error(pin_dir: &Path, e: aya::EbpfError) -> BpfError {
@@ -145,7 +153,7 @@ impl BpfDatapath {
             }
         };
         let slab = slab_map_mapping(&slab_map, slab_entries)?;
-        let maps = Maps {
+        let mut maps = AyaMaps {
             services: typed(
                 map_names::SERVICES,
                 HashMap::try_from(take_map(&mut ebpf, map_names::SERVICES)?),
@@ -174,6 +182,7 @@ impl BpfDatapath {
         };
         // Rebuild before attaching: a corrupt pin directory fails here without touching
         // the programs that are currently attached.
+        maps.init_layout()?;
         let state = State::rebuild(maps)?;
         links::attach_all(&mut ebpf, &cgroup, &config.links_dir())?;
         tracing::info!(
@@ -187,7 +196,6 @@ impl BpfDatapath {
             config,
             cgroup,
             reused: pinned.reused,
-            first_apply_done: AtomicBool::new(false),
             state: Mutex::new(state),
         })
     }
@@ -210,7 +218,7 @@ impl BpfDatapath {
         self.reused
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<AyaMaps>> {
         // A panic while holding the lock cannot leave the maps half-programmed (every
         // service update is ordered so the old state stays valid), so keep going.
         self.state
@@ -229,26 +237,39 @@ impl BpfDatapath {
     /// run are cleaned. Call it once with the full state after start (and after a resync).
     ///
     /// # Errors
-    /// The first per-service failure (after trying every service), or a map failure during
-    /// clean-up. Services that failed keep their previous state.
+    /// The first per-service failure (after trying every service). Services that failed
+    /// keep their previous state.
     pub fn reconcile(&self, desired: &[LbService]) -> Result<ReconcileReport> {
-        self.first_apply_done.store(true, Ordering::SeqCst);
+        let (report, failed) = self.reconcile_each(desired);
+        failed
+            .into_iter()
+            .next()
+            .map_or(Ok(report), |(_, e)| Err(e))
+    }
+
+    /// [`Self::reconcile`] with every failure, by service.
+    fn reconcile_each(
+        &self,
+        desired: &[LbService],
+    ) -> (ReconcileReport, Vec<(LbServiceId, BpfError)>) {
         let mut st = self.lock();
         let mut report = ReconcileReport::default();
-        let mut first_err = None;
+        let mut failed = Vec::new();
         for svc in desired {
             match st.upsert(svc) {
                 Ok(true) => report.programmed += 1,
                 Ok(false) => report.unchanged += 1,
                 Err(e) => {
-                    tracing::warn!(service = e.service(), error = %e, "failed to program service");
-                    report.failed += 1;
-                    first_err.get_or_insert(e);
+                    tracing::warn!(service = %plan::service_name(&svc.id), error = %e, "failed to program service");
+                    failed.push((svc.id.clone(), e));
                 }
             }
         }
         let keep: HashSet<_> = desired.iter().map(|s| s.id.clone()).collect();
-        report.removed = st.gc(&keep)?;
+        let gc = st.gc(&keep);
+        report.removed = gc.removed;
+        failed.extend(gc.failed);
+        report.failed = failed.len();
         tracing::info!(
             programmed = report.programmed,
             unchanged = report.unchanged,
@@ -256,7 +277,7 @@ impl BpfDatapath {
             failed = report.failed,
             "reconciled eBPF datapath"
         );
-        first_err.map_or(Ok(report), Err)
+        (report, failed)
     }
 
     /// Applies a batch of incremental changes (removals first, then upserts). Every
@@ -265,15 +286,26 @@ impl BpfDatapath {
     /// # Errors
     /// The first per-service failure; services that failed keep their previous state.
     pub fn apply_changes(&self, changes: &DesiredChanges) -> Result<usize> {
+        let (changed, failed) = self.apply_each(changes);
+        failed
+            .into_iter()
+            .next()
+            .map_or(Ok(changed), |(_, e)| Err(e))
+    }
+
+    /// [`Self::apply_changes`] with every failure, by service. Returns the number of
+    /// services changed and the failures.
+    fn apply_each(&self, changes: &DesiredChanges) -> (usize, Vec<(LbServiceId, BpfError)>) {
         let mut st = self.lock();
-        let mut first_err = None;
+        let mut failed = Vec::new();
         let mut changed = 0;
         for id in &changes.removals {
             match st.remove(id) {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    tracing::warn!(service = %plan::service_name(id), error = %e, "failed to remove service");
+                    failed.push((id.clone(), e));
                 }
             }
         }
@@ -282,12 +314,12 @@ impl BpfDatapath {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(service = e.service(), error = %e, "failed to program service");
-                    first_err.get_or_insert(e);
+                    tracing::warn!(service = %plan::service_name(&svc.id), error = %e, "failed to program service");
+                    failed.push((svc.id.clone(), e));
                 }
             }
         }
-        first_err.map_or(Ok(changed), Err)
+        (changed, failed)
     }
 
     /// Snapshot of services, backends, slab usage and counters (tables only on request).
@@ -360,21 +392,34 @@ fn slab_map_mapping(data: &aya::maps::MapData, entries: u32) -> Result<slab_map:
     })
 }
 
-/// The control plane only starts programming once every cluster has synced, and its first
-/// batch then holds every service (its own view starts empty). The first `apply` after
-/// [`BpfDatapath::open`] is therefore treated as the full desired state and reconciled:
-/// services left in the pinned maps by a previous run that are not in it are removed.
-/// Later batches are incremental.
+/// Per-service reports for the control plane: a service that failed keeps its previous
+/// state and is named in the report, so only it is retried.
 impl Datapath for BpfDatapath {
-    fn apply(&self, changes: &DesiredChanges) -> std::result::Result<(), DatapathError> {
-        let result = if self.first_apply_done.swap(true, Ordering::SeqCst) {
-            self.apply_changes(changes).map(|_| ())
-        } else {
-            self.reconcile(&changes.upserts).map(|_| ())
-        };
-        result.map_err(|e| DatapathError {
-            service: e.service().to_owned(),
-            reason: e.to_string(),
-        })
+    fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
+        let (_, failed) = self.apply_each(changes);
+        let attempted = changes.removals.len() + changes.upserts.len();
+        report(attempted.saturating_sub(failed.len()), failed)
     }
+
+    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+        let (summary, failed) = self.reconcile_each(desired);
+        report(
+            summary.programmed + summary.unchanged + summary.removed,
+            failed,
+        )
+    }
+}
+
+fn report(applied: usize, failed: Vec<(LbServiceId, BpfError)>) -> ApplyReport {
+    let failed = failed
+        .into_iter()
+        .map(|(id, e)| {
+            let error = DatapathError {
+                service: plan::service_name(&id),
+                reason: e.to_string(),
+            };
+            (id, error)
+        })
+        .collect();
+    ApplyReport { applied, failed }
 }
