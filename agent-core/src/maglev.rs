@@ -90,7 +90,9 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::datapath::{Backend, BackendState};
+use clustermesh_api::model::BackendState;
+
+use crate::datapath::Backend;
 
 /// Table sizes the agent picks from (all prime), smallest first.
 pub const TABLE_SIZES: [u32; 10] = [
@@ -1070,7 +1072,7 @@ mod tests {
 
     #[test]
     fn terminating_backends_get_no_slot() {
-        use crate::datapath::{Protocol, Tier};
+        use clustermesh_api::model::{Protocol, Tier};
         let b = |i: u32, state| Backend {
             ip: IpAddr::V4(Ipv4Addr::from(i)),
             port: 80,

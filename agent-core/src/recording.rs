@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::datapath::{Datapath, DatapathError, DesiredChanges, LbService, LbServiceId};
+use clustermesh_api::model::ServicePortId;
+
+use crate::datapath::{Datapath, DatapathError, DesiredChanges, DesiredService};
 
 #[derive(Debug, Default)]
 struct Inner {
     batches: Vec<DesiredChanges>,
-    programmed: BTreeMap<LbServiceId, LbService>,
+    programmed: BTreeMap<ServicePortId, DesiredService>,
     fail_next: usize,
 }
 
@@ -51,13 +53,13 @@ impl RecordingDatapath {
 
     /// The programmed state of one service.
     #[must_use]
-    pub fn service(&self, id: &LbServiceId) -> Option<LbService> {
+    pub fn service(&self, id: &ServicePortId) -> Option<DesiredService> {
         self.lock().programmed.get(id).cloned()
     }
 
     /// The whole programmed state.
     #[must_use]
-    pub fn programmed(&self) -> BTreeMap<LbServiceId, LbService> {
+    pub fn programmed(&self) -> BTreeMap<ServicePortId, DesiredService> {
         self.lock().programmed.clone()
     }
 
@@ -93,9 +95,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn svc(name: &str) -> LbService {
-        LbService {
-            id: LbServiceId {
+    fn svc(name: &str) -> DesiredService {
+        DesiredService {
+            id: ServicePortId {
                 namespace: "default".into(),
                 name: name.into(),
                 port_name: String::new(),
@@ -103,6 +105,8 @@ mod tests {
             frontends: Vec::new(),
             backends: Vec::new(),
             table: Arc::from(Vec::new()),
+            active_tier: None,
+            affinity: clustermesh_api::model::Affinity::None,
         }
     }
 

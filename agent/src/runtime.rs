@@ -22,15 +22,16 @@ use clustermesh_certs::TrustDomain;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, ClusterEntry, ConfigError};
-use crate::datapath::{Datapath, LbServiceId};
-use crate::desired::{DesiredState, ServiceState};
-use crate::maglev::Maglev;
-use crate::merge::Locality;
-use crate::metrics::Metrics;
-use crate::watcher::{
-    self, Backoff, ClusterRegistry, RecordsInForce, StatusBoard, Update, WatcherConfig,
+use clustermesh_agent_core::datapath::{Datapath, DesiredService};
+use clustermesh_agent_core::desired::DesiredState;
+use clustermesh_agent_core::maglev::Maglev;
+use clustermesh_agent_core::merge::Locality;
+use clustermesh_agent_core::metrics::Metrics;
+use clustermesh_agent_core::watcher::{
+    self, ClusterRegistry, ReconnectBackoff, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, ConfigError};
+use clustermesh_api::model::ServicePortId;
 
 /// How long to wait before retrying a batch the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
@@ -49,7 +50,7 @@ pub struct AgentOptions {
     /// Table builder.
     pub maglev: Maglev,
     /// Reconnect policy.
-    pub backoff: Backoff,
+    pub backoff: ReconnectBackoff,
     /// How often the configuration file is checked for changes.
     pub config_poll: Duration,
     /// Connect + TLS handshake timeout.
@@ -75,7 +76,7 @@ impl AgentOptions {
             zone: String::new(),
             stale_ttl: None,
             maglev: Maglev::default(),
-            backoff: Backoff::default(),
+            backoff: ReconnectBackoff::default(),
             config_poll: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
@@ -87,6 +88,15 @@ impl AgentOptions {
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The configuration file cannot be read.
+    #[error("cannot read agent config {path}: {source}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The initial configuration is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -95,7 +105,20 @@ pub enum AgentError {
     TrustDomain(String, String),
     /// The Maglev settings are invalid.
     #[error(transparent)]
-    Maglev(#[from] crate::maglev::MaglevError),
+    Maglev(#[from] clustermesh_agent_core::maglev::MaglevError),
+}
+
+/// Reads and validates the agent configuration file at `path`.
+///
+/// # Errors
+/// [`AgentError::ReadConfig`] when the file cannot be read, [`AgentError::Config`] when it
+/// is not a valid configuration.
+pub fn load_config(path: &std::path::Path) -> Result<AgentConfig, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(AgentConfig::parse(path, &text)?)
 }
 
 /// What the admin API reads: published by the running agent.
@@ -108,7 +131,7 @@ pub struct AgentView {
     /// Watcher statuses.
     pub clusters: StatusBoard,
     /// Desired state of every service port after the last compute.
-    pub services: Arc<RwLock<Arc<BTreeMap<LbServiceId, ServiceState>>>>,
+    pub services: Arc<RwLock<Arc<BTreeMap<ServicePortId, DesiredService>>>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Reconcile rounds completed: incremented after each desired-state computation
@@ -127,13 +150,13 @@ impl AgentView {
 
     /// The current services.
     #[must_use]
-    pub fn services(&self) -> Arc<BTreeMap<LbServiceId, ServiceState>> {
+    pub fn services(&self) -> Arc<BTreeMap<ServicePortId, DesiredService>> {
         self.services
             .read()
             .map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g))
     }
 
-    fn publish(&self, services: BTreeMap<LbServiceId, ServiceState>) {
+    fn publish(&self, services: BTreeMap<ServicePortId, DesiredService>) {
         let services = Arc::new(services);
         match self.services.write() {
             Ok(mut g) => *g = services,
@@ -159,7 +182,7 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<Agent, AgentError> {
         options.maglev.validate()?;
-        let config = AgentConfig::load(&options.config_path)?;
+        let config = load_config(&options.config_path)?;
         let trust_domain = TrustDomain::new(config.trust_domain.clone())
             .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e.to_string()))?;
         let view = AgentView {
@@ -353,7 +376,7 @@ impl Supervisor {
                 () = self.cancel.cancelled() => break,
                 () = tokio::time::sleep(self.options.config_poll) => {}
             }
-            match AgentConfig::load(&self.options.config_path) {
+            match load_config(&self.options.config_path) {
                 Ok(new) if new != config => {
                     if new.local_cluster != config.local_cluster
                         || new.trust_domain != config.trust_domain

@@ -15,10 +15,10 @@ use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::trust_bundle::{BundleError, TrustBundle};
 use clustermesh_certs::{IssuedCert, MeshCa, ServerNames, TrustDomain, Validity};
 
-use crate::agent_config::{AgentConfig, ClusterEntry};
 use crate::meshapi::{self, MeshApiError};
 use crate::state::{ClusterState, StateDir, StateError, STATE_VERSION};
 use crate::txn::{FileTxn, TxnError};
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry};
 
 /// Identity name of the CLI's admin certificate.
 pub const ADMIN_NAME: &str = "clustermesh-cli";

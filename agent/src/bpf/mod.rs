@@ -13,7 +13,6 @@
 //! sock_addr programs (5.18, for `ECONNREFUSED`), mmapable arrays (5.5).
 
 mod config;
-mod dump;
 mod encode;
 mod error;
 mod ids;
@@ -40,7 +39,6 @@ use aya::{
 use clustermesh_ebpf_common::{map_names, slab_elements, SLAB_CHUNK};
 
 pub use config::{BpfConfig, DEFAULT_BPFFS, DEFAULT_PIN_DIR};
-pub use dump::{BackendDump, BpfDump, ServiceDump, SlabDump};
 pub use encode::{addr_words, service_key, words_addr};
 pub use error::{BpfError, Result};
 pub use ids::IdAllocator;
@@ -48,7 +46,8 @@ pub use links::{links_present, PROGRAMS};
 pub use slab::{Region, SlabAllocator};
 pub use system::{cgroup2_mount, ensure_pin_dir, mount_bpffs, resolve_cgroup, BpffsMount};
 
-use crate::datapath::{Datapath, DatapathError, DesiredChanges, LbService};
+use clustermesh_agent_core::datapath::{Datapath, DatapathError, DesiredChanges, DesiredService};
+use clustermesh_api::admin::BpfDump;
 use state::{Maps, State};
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped).
@@ -231,7 +230,7 @@ impl BpfDatapath {
     /// # Errors
     /// The first per-service failure (after trying every service), or a map failure during
     /// clean-up. Services that failed keep their previous state.
-    pub fn reconcile(&self, desired: &[LbService]) -> Result<ReconcileReport> {
+    pub fn reconcile(&self, desired: &[DesiredService]) -> Result<ReconcileReport> {
         self.first_apply_done.store(true, Ordering::SeqCst);
         let mut st = self.lock();
         let mut report = ReconcileReport::default();

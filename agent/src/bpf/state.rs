@@ -25,8 +25,11 @@ use clustermesh_ebpf_common::{
     SERVICE_NAME_MAX,
 };
 
+use clustermesh_agent_core::datapath::{DesiredService, Frontend};
+use clustermesh_api::admin::{BackendDump, BpfDump, Reported, ServiceDump, SlabDump};
+use clustermesh_api::model::{BackendState, ServicePortId};
+
 use super::{
-    dump::{BackendDump, BpfDump, ServiceDump, SlabDump},
     encode::{
         addr_words, frontend_of, port_be, port_host, proto_from, proto_num, service_key, words_addr,
     },
@@ -35,7 +38,6 @@ use super::{
     slab::{Region, SlabAllocator},
     slab_map::SlabMapping,
 };
-use crate::datapath::{BackendState, Frontend, LbService, LbServiceId};
 
 /// How long a released slab region waits before reuse. sock_addr programs run for
 /// microseconds inside an RCU read section; a program that read the old service entry just
@@ -106,7 +108,7 @@ struct ServiceState {
 #[derive(Debug)]
 pub(crate) struct State {
     maps: Maps,
-    services: StdHashMap<LbServiceId, ServiceState>,
+    services: StdHashMap<ServicePortId, ServiceState>,
     frontend_owner: StdHashMap<ServiceKey, u32>,
     backends: StdHashMap<BackendIdentity, BackendEntry>,
     backend_by_id: StdHashMap<u32, BackendIdentity>,
@@ -124,13 +126,13 @@ pub(crate) struct State {
 }
 
 /// `namespace/name/port-name`.
-pub(crate) fn service_name(id: &LbServiceId) -> String {
+pub(crate) fn service_name(id: &ServicePortId) -> String {
     format!("{}/{}/{}", id.namespace, id.name, id.port_name)
 }
 
-fn parse_service_name(s: &str) -> Option<LbServiceId> {
+fn parse_service_name(s: &str) -> Option<ServicePortId> {
     let mut it = s.splitn(3, '/');
-    Some(LbServiceId {
+    Some(ServicePortId {
         namespace: it.next()?.to_owned(),
         name: it.next()?.to_owned(),
         port_name: it.next()?.to_owned(),
@@ -266,7 +268,7 @@ impl State {
     }
 
     fn load_frontends(&mut self) -> Result<()> {
-        let by_sid: StdHashMap<u32, LbServiceId> = self
+        let by_sid: StdHashMap<u32, ServicePortId> = self
             .services
             .iter()
             .map(|(k, v)| (v.id, k.clone()))
@@ -376,7 +378,7 @@ impl State {
         Ok(idx16)
     }
 
-    fn backend_value(b: &crate::datapath::Backend, cluster: u16) -> BackendValue {
+    fn backend_value(b: &clustermesh_agent_core::datapath::Backend, cluster: u16) -> BackendValue {
         let (addr, family) = addr_words(b.ip);
         BackendValue {
             addr,
@@ -395,7 +397,7 @@ impl State {
     /// Finds or creates the backend; returns its id and whether it was created.
     fn ensure_backend(
         &mut self,
-        b: &crate::datapath::Backend,
+        b: &clustermesh_agent_core::datapath::Backend,
         service: &str,
     ) -> Result<(u32, bool)> {
         let cluster = self.cluster_index(&b.cluster, service)?;
@@ -491,7 +493,7 @@ impl State {
     }
 
     /// True when `svc` is exactly what the maps already hold for it.
-    fn is_unchanged(&self, svc: &LbService, keys: &BTreeSet<ServiceKey>) -> bool {
+    fn is_unchanged(&self, svc: &DesiredService, keys: &BTreeSet<ServiceKey>) -> bool {
         let Some(st) = self.services.get(&svc.id) else {
             return false;
         };
@@ -534,7 +536,7 @@ impl State {
             .all(|(&i, &cur)| ids.get(i as usize) == Some(&cur))
     }
 
-    fn validate(svc: &LbService, name: &str) -> Result<()> {
+    fn validate(svc: &DesiredService, name: &str) -> Result<()> {
         if name.len() > SERVICE_NAME_MAX {
             return Err(invalid(
                 name,
@@ -568,7 +570,7 @@ impl State {
     }
 
     /// Programs one service (create or replace). Returns false when nothing changed.
-    pub(crate) fn upsert(&mut self, svc: &LbService) -> Result<bool> {
+    pub(crate) fn upsert(&mut self, svc: &DesiredService) -> Result<bool> {
         let name = service_name(&svc.id);
         Self::validate(svc, &name)?;
         let keys: BTreeSet<ServiceKey> = svc.frontends.iter().map(service_key).collect();
@@ -784,7 +786,7 @@ impl State {
     }
 
     /// Removes a service. Returns false if it was not programmed.
-    pub(crate) fn remove(&mut self, id: &LbServiceId) -> Result<bool> {
+    pub(crate) fn remove(&mut self, id: &ServicePortId) -> Result<bool> {
         let Some(st) = self.services.remove(id) else {
             return Ok(false);
         };
@@ -823,8 +825,8 @@ impl State {
 
     /// After a full reconcile: removes services not in `keep`, entries left by an
     /// interrupted run, and backends no service references.
-    pub(crate) fn gc(&mut self, keep: &HashSet<LbServiceId>) -> Result<usize> {
-        let stale: Vec<LbServiceId> = self
+    pub(crate) fn gc(&mut self, keep: &HashSet<ServicePortId>) -> Result<usize> {
+        let stale: Vec<ServicePortId> = self
             .services
             .keys()
             .filter(|k| !keep.contains(*k))
@@ -908,8 +910,8 @@ impl State {
                 id: e.id,
                 address: fmt_addr(identity.ip, identity.port),
                 protocol: proto_from(identity.proto).map_or_else(
-                    || identity.proto.to_string(),
-                    |p| format!("{p:?}").to_uppercase(),
+                    || Reported::Unknown(identity.proto.to_string()),
+                    Reported::Known,
                 ),
                 cluster: self
                     .cluster_names
@@ -975,7 +977,7 @@ mod tests {
 
     #[test]
     fn service_names_round_trip_including_empty_port_names() {
-        let id = LbServiceId {
+        let id = ServicePortId {
             namespace: "default".into(),
             name: "web".into(),
             port_name: String::new(),

@@ -25,9 +25,9 @@ use super::objects::{
     RELEASE_NAME, SERVER_SECRET,
 };
 use super::KubeTarget;
-use crate::agent_config::AgentConfig;
 use crate::chart::Release;
 use crate::standalone::{bundle_with, bundle_without, pem_blocks};
+use clustermesh_api::agent_config::AgentConfig;
 
 const RECREATE: &str =
     "run `clustermesh disable --force` and `enable` again on that context (peers must reconnect)";
