@@ -89,13 +89,12 @@ impl AgentOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The configuration file cannot be read.
-    #[error("cannot read agent config {path}: {source}")]
+    #[error("cannot read agent config {path}: {error}")]
     ReadConfig {
         /// The file.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (part of the message, as the configuration's other errors carry theirs).
+        error: std::io::Error,
     },
     /// The initial configuration is unusable.
     #[error(transparent)]
@@ -114,9 +113,9 @@ pub enum AgentError {
 /// [`AgentError::ReadConfig`] when the file cannot be read, [`AgentError::Config`] when it
 /// is not a valid configuration.
 pub fn load_config(path: &std::path::Path) -> Result<AgentConfig, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+    let text = std::fs::read_to_string(path).map_err(|error| AgentError::ReadConfig {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     Ok(AgentConfig::parse(path, &text)?)
 }
@@ -489,6 +488,28 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent reads its configuration file itself (`api` only parses text); the errors
+    /// name the file and say what is wrong.
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("agent.yaml");
+        let e = load_config(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot read agent config {}: ", missing.display())),
+            "{e}"
+        );
+        std::fs::write(&missing, "clusters: 3\n").unwrap();
+        let e = load_config(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "agent config {} is not valid: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+    }
 
     /// On a single-threaded runtime the spawned watchers have not run when
     /// `sync_watchers` returns; the status board must list every cluster already.

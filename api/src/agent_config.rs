@@ -71,9 +71,8 @@ pub enum ConfigError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        #[source]
-        error: serde_saphyr::Error,
+        /// Why (part of the message, which CLI errors carry as text, so not also a source).
+        error: Box<serde_saphyr::Error>,
     },
     /// The content is inconsistent.
     #[error("agent config {path}: {reason}")]
@@ -94,7 +93,7 @@ impl AgentConfig {
         let config: AgentConfig =
             serde_saphyr::from_str(text).map_err(|error| ConfigError::Parse {
                 path: path.to_path_buf(),
-                error,
+                error: Box::new(error),
             })?;
         config.validate(path)?;
         Ok(config)

@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clustermesh_api::agent_config::ClusterEntry;
-use clustermesh_api::model::{ServiceName, ServiceRecord};
+use clustermesh_api::model::{Phase, ServiceName, ServiceRecord};
 use clustermesh_certs::TrustDomain;
 use tokio::time::Instant;
 
@@ -48,7 +48,6 @@ pub mod status;
 pub mod stream;
 
 pub use backoff::ReconnectBackoff;
-pub use clustermesh_api::model::Phase;
 pub use lifecycle::run;
 pub use registry::{ClaimError, ClusterRegistry};
 pub use status::{StatusBoard, WatcherStatus};
