@@ -27,13 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clustermesh_agent::{
-    bpf::{cgroup2_mount, BpfConfig, BpfDatapath},
-    datapath::{
-        Backend, BackendState, DesiredChanges, Frontend, LbService, LbServiceId, Protocol, Tier,
-    },
+use clustermesh_agent::bpf::{cgroup2_mount, BpfConfig, BpfDatapath};
+use clustermesh_agent_core::{
+    datapath::{Backend, DesiredChanges, DesiredService, Frontend},
     maglev::{Maglev, TableSize},
 };
+use clustermesh_api::model::{Affinity, BackendState, Protocol, ServicePortId, Tier};
 use nix::sys::socket::{
     bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
     SockaddrIn,
@@ -219,10 +218,10 @@ fn vip_for(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 100, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-fn service(i: u32, backends: Vec<Backend>, maglev: &Maglev) -> LbService {
+fn service(i: u32, backends: Vec<Backend>, maglev: &Maglev) -> DesiredService {
     let table = maglev.build(&backends).unwrap();
-    LbService {
-        id: LbServiceId {
+    DesiredService {
+        id: ServicePortId {
             namespace: "bench".into(),
             name: format!("svc-{i}"),
             port_name: String::new(),
@@ -234,12 +233,14 @@ fn service(i: u32, backends: Vec<Backend>, maglev: &Maglev) -> LbService {
         }],
         backends,
         table: table.into(),
+        active_tier: None,
+        affinity: Affinity::None,
     }
 }
 
 /// Backends of the measured service: the two real sinks. Other services point at
 /// addresses nobody connects to.
-fn services_with(n: u32, measured: u32, real: &[SocketAddr]) -> Vec<LbService> {
+fn services_with(n: u32, measured: u32, real: &[SocketAddr]) -> Vec<DesiredService> {
     let maglev = Maglev::default();
     (0..n)
         .map(|i| {
@@ -584,7 +585,11 @@ fn backend_counts(n: u32) -> Vec<u32> {
         .collect()
 }
 
-fn mixed_services(counts: &[u32], maglev: &Maglev, range: std::ops::Range<u32>) -> Vec<LbService> {
+fn mixed_services(
+    counts: &[u32],
+    maglev: &Maglev,
+    range: std::ops::Range<u32>,
+) -> Vec<DesiredService> {
     range
         .map(|i| {
             let backends = (0..counts[i as usize])
@@ -680,7 +685,7 @@ fn programming_and_memory(env: &BenchEnv, out: &mut String) {
         }
         let dump = dp.dump(false).unwrap();
         // Incremental update rate: 1000 services each losing one backend.
-        let updates: Vec<LbService> = mixed_services(&counts, &maglev, 0..1000)
+        let updates: Vec<DesiredService> = mixed_services(&counts, &maglev, 0..1000)
             .into_iter()
             .map(|mut s| {
                 s.backends.pop();

@@ -33,9 +33,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clustermesh_agent::datapath::{ApplyReport, Datapath, DesiredChanges, LbService, LbServiceId};
 use clustermesh_agent::runtime::{Agent, AgentOptions};
+use clustermesh_agent_core::datapath::{ApplyReport, Datapath, DesiredChanges, DesiredService};
 use clustermesh_api::keys::{service_key, synced_key, Kind};
+use clustermesh_api::model::ServicePortId;
 use clustermesh_api::v1;
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::Store;
@@ -72,9 +73,9 @@ fn rss_kib() -> (u64, u64) {
 #[derive(Debug, Default)]
 struct Arrivals {
     /// Per service: number of upserts received and the time of the last one.
-    upserts: HashMap<LbServiceId, (u64, Instant)>,
+    upserts: HashMap<ServicePortId, (u64, Instant)>,
     /// Per service: backends from `west` in the last entry received.
-    west: HashMap<LbServiceId, usize>,
+    west: HashMap<ServicePortId, usize>,
     west_total: usize,
 }
 
@@ -89,13 +90,13 @@ impl Timestamping {
         self.inner.lock().unwrap().west_total
     }
 
-    fn upserts_of(&self, id: &LbServiceId) -> Option<(u64, Instant)> {
+    fn upserts_of(&self, id: &ServicePortId) -> Option<(u64, Instant)> {
         self.inner.lock().unwrap().upserts.get(id).copied()
     }
 }
 
 impl Datapath for Timestamping {
-    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+    fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
         let removals = {
             let a = self.inner.lock().unwrap();
             a.west
@@ -298,7 +299,7 @@ async fn main() {
     let mut latencies = Vec::with_capacity(updates);
     for u in 0..updates {
         let i = (u * 97) % services;
-        let id = LbServiceId {
+        let id = ServicePortId {
             namespace: format!("ns{}", i % 100),
             name: format!("svc{i}"),
             port_name: "http".into(),

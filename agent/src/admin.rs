@@ -24,52 +24,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use clustermesh_api::admin::{AgentStatus, BackendStatus, ServiceStatus};
 
-use crate::datapath::{BackendState, Frontend, Protocol, Tier};
-use crate::records::Affinity;
+use clustermesh_agent_core::datapath::Frontend;
+use clustermesh_agent_core::watcher::WatcherStatus;
+use clustermesh_api::admin::Reported;
+
 use crate::runtime::AgentView;
-use crate::watcher::{self, Phase};
 
 /// Produces the `GET /v1/bpf/lb` body (JSON) from the live datapath.
 pub type BpfDumpHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
 
-fn tier_name(t: Tier) -> &'static str {
-    match t {
-        Tier::Node => "node",
-        Tier::Zone => "zone",
-        Tier::Cluster => "cluster",
-        Tier::Remote => "remote",
-    }
-}
-
-fn affinity_name(a: Affinity) -> &'static str {
-    match a {
-        Affinity::None => "none",
-        Affinity::Local => "local",
-        Affinity::Remote => "remote",
-    }
-}
-
-fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-    }
-}
-
-fn phase_name(p: Phase) -> &'static str {
-    match p {
-        Phase::Connecting => "connecting",
-        Phase::Syncing => "syncing",
-        Phase::Watching => "watching",
-        Phase::Backoff => "backoff",
-        Phase::Refused => "refused",
-    }
-}
-
 /// The wire form of a watcher's status. Every field is named (no `..`), so a field added
 /// to the watcher's status does not compile until it is placed here too.
-fn cluster_status(s: watcher::ClusterStatus) -> clustermesh_api::admin::ClusterStatus {
-    let watcher::ClusterStatus {
+fn cluster_status(s: WatcherStatus) -> clustermesh_api::admin::ClusterStatus {
+    let WatcherStatus {
         name,
         phase,
         connected,
@@ -83,7 +50,7 @@ fn cluster_status(s: watcher::ClusterStatus) -> clustermesh_api::admin::ClusterS
     } = s;
     clustermesh_api::admin::ClusterStatus {
         name,
-        phase: phase_name(phase).to_owned(),
+        phase: Reported::Known(phase),
         connected,
         synced,
         stale,
@@ -100,7 +67,7 @@ fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
 }
 
 fn frontend(f: &Frontend) -> String {
-    format!("{}/{}", socket_addr(f.ip, f.port), proto_name(f.protocol))
+    format!("{}/{}", socket_addr(f.ip, f.port), f.protocol)
 }
 
 /// The status body for `view`.
@@ -126,34 +93,29 @@ pub fn services(view: &AgentView) -> Vec<ServiceStatus> {
     view.services()
         .values()
         .map(|s| {
-            let mut slots = vec![0u32; s.lb.backends.len()];
-            for &i in s.lb.table.iter() {
+            let mut slots = vec![0u32; s.backends.len()];
+            for &i in s.table.iter() {
                 if let Some(c) = slots.get_mut(i as usize) {
                     *c += 1;
                 }
             }
             ServiceStatus {
-                namespace: s.lb.id.namespace.clone(),
-                name: s.lb.id.name.clone(),
-                port_name: s.lb.id.port_name.clone(),
-                frontends: s.lb.frontends.iter().map(frontend).collect(),
-                affinity: affinity_name(s.affinity).to_owned(),
-                active_tier: s.active_tier.map_or("none", tier_name).to_owned(),
-                table_size: s.lb.table.len(),
+                namespace: s.id.namespace.clone(),
+                name: s.id.name.clone(),
+                port_name: s.id.port_name.clone(),
+                frontends: s.frontends.iter().map(frontend).collect(),
+                affinity: Reported::Known(s.affinity),
+                active_tier: Reported::Known(s.active_tier),
+                table_size: s.table.len(),
                 backends: s
-                    .lb
                     .backends
                     .iter()
                     .zip(slots)
                     .map(|(b, slots)| BackendStatus {
                         cluster: b.cluster.clone(),
                         address: socket_addr(b.ip, b.port),
-                        state: match b.state {
-                            BackendState::Active => "active",
-                            BackendState::Terminating => "terminating",
-                        }
-                        .to_owned(),
-                        tier: tier_name(b.tier).to_owned(),
+                        state: Reported::Known(b.state),
+                        tier: Reported::Known(b.tier),
                         weight: b.weight,
                         slots,
                     })
@@ -289,6 +251,7 @@ pub(crate) async fn serve_until_cancelled<L>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clustermesh_api::model::Phase;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(path: &Path, request: &str) -> String {
@@ -309,11 +272,12 @@ mod tests {
     /// cluster's phase (so a refused cluster shows as refused).
     #[test]
     fn bodies_carry_affinity_port_names_and_phase() {
-        use crate::datapath::Protocol;
-        use crate::desired::DesiredState;
-        use crate::maglev::Maglev;
-        use crate::merge::Locality;
-        use crate::records::{BackendRecord, PortSpec, ServiceName, ServiceRecord};
+        use clustermesh_agent_core::desired::DesiredState;
+        use clustermesh_agent_core::maglev::Maglev;
+        use clustermesh_agent_core::merge::Locality;
+        use clustermesh_api::model::{
+            Affinity, BackendRecord, PortSpec, Protocol, ServiceName, ServiceRecord,
+        };
 
         let port = |name: &str, port: u16, protocol| PortSpec {
             name: name.into(),

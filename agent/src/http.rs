@@ -218,11 +218,12 @@ mod tests {
 
     /// A view with one computed service (two ports) and one watched cluster.
     fn view_with_a_service() -> AgentView {
-        use crate::datapath::Protocol;
-        use crate::desired::DesiredState;
-        use crate::maglev::Maglev;
-        use crate::merge::Locality;
-        use crate::records::{Affinity, BackendRecord, PortSpec, ServiceName, ServiceRecord};
+        use clustermesh_agent_core::desired::DesiredState;
+        use clustermesh_agent_core::maglev::Maglev;
+        use clustermesh_agent_core::merge::Locality;
+        use clustermesh_api::model::{
+            Affinity, BackendRecord, PortSpec, Protocol, ServiceName, ServiceRecord,
+        };
 
         let port = |name: &str, port: u16, protocol| PortSpec {
             name: name.into(),

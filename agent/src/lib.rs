@@ -1,18 +1,11 @@
-//! clustermesh node agent.
+//! clustermesh node agent: the eBPF datapath, the runtime that runs the control plane
+//! ([`clustermesh_agent_core`]) against it, and the admin and HTTP endpoints.
 //!
 //! Control plane: cluster watchers → merge (affinity, tiers, weights) → weighted Maglev →
-//! desired state handed to a [`datapath::Datapath`].
+//! desired state handed to a [`Datapath`](clustermesh_agent_core::datapath::Datapath);
+//! this crate adds [`bpf::BpfDatapath`], the one that programs the kernel.
 
 pub mod admin;
 pub mod bpf;
-pub mod config;
-pub mod datapath;
-pub mod desired;
 pub mod http;
-pub mod maglev;
-pub mod merge;
-pub mod metrics;
-pub mod recording;
-pub mod records;
 pub mod runtime;
-pub mod watcher;

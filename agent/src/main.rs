@@ -16,12 +16,12 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use clustermesh_agent::admin::{self, BpfDumpHook};
 use clustermesh_agent::bpf::{BpfConfig, BpfDatapath, BpfError, BpffsMount};
-use clustermesh_agent::datapath::Datapath;
 use clustermesh_agent::http;
-use clustermesh_agent::maglev::{Maglev, TableSize, DEFAULT_SEED};
-use clustermesh_agent::recording::RecordingDatapath;
 use clustermesh_agent::runtime::{Agent, AgentOptions};
-use clustermesh_agent::watcher::Backoff;
+use clustermesh_agent_core::datapath::Datapath;
+use clustermesh_agent_core::maglev::{Maglev, TableSize, DEFAULT_SEED};
+use clustermesh_agent_core::recording::RecordingDatapath;
+use clustermesh_agent_core::watcher::ReconnectBackoff;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -218,9 +218,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     options.stale_ttl = args.stale_ttl;
     options.maglev = maglev;
     options.config_poll = args.config_poll;
-    options.backoff = Backoff {
+    options.backoff = ReconnectBackoff {
         max: args.max_backoff,
-        ..Backoff::default()
+        ..ReconnectBackoff::default()
     };
     let cancel = CancellationToken::new();
     let agent = Agent::start(options, datapath, cancel.clone())

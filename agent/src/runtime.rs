@@ -24,15 +24,16 @@ use clustermesh_certs::TrustDomain;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, ClusterEntry, ConfigError};
-use crate::datapath::{Datapath, LbServiceId};
-use crate::desired::{DesiredState, ServiceState};
-use crate::maglev::Maglev;
-use crate::merge::Locality;
-use crate::metrics::Metrics;
-use crate::watcher::{
-    self, Backoff, ClusterRegistry, RecordsInForce, StatusBoard, Update, WatcherConfig,
+use clustermesh_agent_core::datapath::{Datapath, DesiredService};
+use clustermesh_agent_core::desired::DesiredState;
+use clustermesh_agent_core::maglev::Maglev;
+use clustermesh_agent_core::merge::Locality;
+use clustermesh_agent_core::metrics::Metrics;
+use clustermesh_agent_core::watcher::{
+    self, ClusterRegistry, ReconnectBackoff, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, ConfigError};
+use clustermesh_api::model::ServicePortId;
 
 /// How long to wait before retrying services the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
@@ -51,7 +52,7 @@ pub struct AgentOptions {
     /// Table builder.
     pub maglev: Maglev,
     /// Reconnect policy.
-    pub backoff: Backoff,
+    pub backoff: ReconnectBackoff,
     /// How often the configuration file is checked for changes.
     pub config_poll: Duration,
     /// Connect + TLS handshake timeout.
@@ -77,7 +78,7 @@ impl AgentOptions {
             zone: String::new(),
             stale_ttl: None,
             maglev: Maglev::default(),
-            backoff: Backoff::default(),
+            backoff: ReconnectBackoff::default(),
             config_poll: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
@@ -89,6 +90,14 @@ impl AgentOptions {
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The configuration file cannot be read.
+    #[error("cannot read agent config {path}: {error}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why (part of the message, as the configuration's other errors carry theirs).
+        error: std::io::Error,
+    },
     /// The initial configuration is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -97,7 +106,20 @@ pub enum AgentError {
     TrustDomain(String, String),
     /// The Maglev settings are invalid.
     #[error(transparent)]
-    Maglev(#[from] crate::maglev::MaglevError),
+    Maglev(#[from] clustermesh_agent_core::maglev::MaglevError),
+}
+
+/// Reads and validates the agent configuration file at `path`.
+///
+/// # Errors
+/// [`AgentError::ReadConfig`] when the file cannot be read, [`AgentError::Config`] when it
+/// is not a valid configuration.
+pub fn load_config(path: &std::path::Path) -> Result<AgentConfig, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|error| AgentError::ReadConfig {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    Ok(AgentConfig::parse(path, &text)?)
 }
 
 /// What the admin API reads: published by the running agent.
@@ -110,7 +132,7 @@ pub struct AgentView {
     /// Watcher statuses.
     pub clusters: StatusBoard,
     /// Desired state of every service port after the last compute.
-    pub services: Arc<RwLock<Arc<BTreeMap<LbServiceId, ServiceState>>>>,
+    pub services: Arc<RwLock<Arc<BTreeMap<ServicePortId, DesiredService>>>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Reconcile rounds completed: incremented after each desired-state computation
@@ -129,13 +151,13 @@ impl AgentView {
 
     /// The current services.
     #[must_use]
-    pub fn services(&self) -> Arc<BTreeMap<LbServiceId, ServiceState>> {
+    pub fn services(&self) -> Arc<BTreeMap<ServicePortId, DesiredService>> {
         self.services
             .read()
             .map_or_else(|p| Arc::clone(&p.into_inner()), |g| Arc::clone(&g))
     }
 
-    fn publish(&self, services: BTreeMap<LbServiceId, ServiceState>) {
+    fn publish(&self, services: BTreeMap<ServicePortId, DesiredService>) {
         let services = Arc::new(services);
         match self.services.write() {
             Ok(mut g) => *g = services,
@@ -161,7 +183,7 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<Agent, AgentError> {
         options.maglev.validate()?;
-        let config = AgentConfig::load(&options.config_path)?;
+        let config = load_config(&options.config_path)?;
         let trust_domain = TrustDomain::new(config.trust_domain.clone())
             .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e.to_string()))?;
         let view = AgentView {
@@ -362,7 +384,7 @@ impl Supervisor {
                 () = self.cancel.cancelled() => break,
                 () = tokio::time::sleep(self.options.config_poll) => {}
             }
-            match AgentConfig::load(&self.options.config_path) {
+            match load_config(&self.options.config_path) {
                 Ok(new) if new != config => {
                     if new.local_cluster != config.local_cluster
                         || new.trust_domain != config.trust_domain
@@ -475,9 +497,10 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::Protocol;
-    use crate::recording::RecordingDatapath;
-    use crate::records::{Affinity, BackendRecord, PortSpec, ServiceName, ServiceRecord};
+    use clustermesh_agent_core::recording::RecordingDatapath;
+    use clustermesh_api::model::{
+        Affinity, BackendRecord, PortSpec, Protocol, ServiceName, ServiceRecord,
+    };
 
     fn record(name: &str, vip: &str, backend_ip: &str) -> ServiceRecord {
         let http = PortSpec {
@@ -509,8 +532,8 @@ mod tests {
         }
     }
 
-    fn lb_id(name: &str) -> LbServiceId {
-        LbServiceId {
+    fn lb_id(name: &str) -> ServicePortId {
+        ServicePortId {
             namespace: "default".into(),
             name: name.into(),
             port_name: "http".into(),
@@ -569,6 +592,28 @@ mod tests {
         assert_eq!(dp.programmed().len(), 2);
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    /// The agent reads its configuration file itself (`api` only parses text); the errors
+    /// name the file and say what is wrong.
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("agent.yaml");
+        let e = load_config(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot read agent config {}: ", missing.display())),
+            "{e}"
+        );
+        std::fs::write(&missing, "clusters: 3\n").unwrap();
+        let e = load_config(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "agent config {} is not valid: ",
+                missing.display()
+            )),
+            "{e}"
+        );
     }
 
     /// On a single-threaded runtime the spawned watchers have not run when

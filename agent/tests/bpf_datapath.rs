@@ -24,14 +24,12 @@ use std::{
     time::Duration,
 };
 
-use clustermesh_agent::{
-    bpf::{cgroup2_mount, links_present, BpfConfig, BpfDatapath, BpfError},
-    datapath::{
-        Backend, BackendState, Datapath, DesiredChanges, Frontend, LbService, LbServiceId,
-        Protocol, Tier,
-    },
+use clustermesh_agent::bpf::{cgroup2_mount, links_present, BpfConfig, BpfDatapath, BpfError};
+use clustermesh_agent_core::{
+    datapath::{Backend, Datapath, DesiredChanges, DesiredService, Frontend},
     maglev::Maglev,
 };
+use clustermesh_api::model::{Affinity, BackendState, Protocol, ServicePortId, Tier};
 
 // ---------------------------------------------------------------------------------------
 // Environment: privilege gate, per-test cgroup and pin directory.
@@ -245,8 +243,8 @@ impl Drop for UdpBackend {
 // ---------------------------------------------------------------------------------------
 // Desired-state helpers.
 
-fn service_id(name: &str) -> LbServiceId {
-    LbServiceId {
+fn service_id(name: &str) -> ServicePortId {
+    ServicePortId {
         namespace: "test".into(),
         name: name.into(),
         port_name: String::new(),
@@ -315,7 +313,7 @@ fn service(
     vips: &[SocketAddr],
     protocol: Protocol,
     backends: Vec<Backend>,
-) -> LbService {
+) -> DesiredService {
     let table = Maglev::default().build(&backends).expect("maglev table");
     service_with_table(name, vips, protocol, backends, table)
 }
@@ -326,7 +324,7 @@ fn service_251(
     vips: &[SocketAddr],
     protocol: Protocol,
     backends: Vec<Backend>,
-) -> LbService {
+) -> DesiredService {
     let table = weighted_table(&backends, 251);
     service_with_table(name, vips, protocol, backends, table)
 }
@@ -337,8 +335,8 @@ fn service_with_table(
     protocol: Protocol,
     backends: Vec<Backend>,
     table: Vec<u32>,
-) -> LbService {
-    LbService {
+) -> DesiredService {
+    DesiredService {
         id: service_id(name),
         frontends: vips
             .iter()
@@ -350,6 +348,8 @@ fn service_with_table(
             .collect(),
         backends,
         table: table.into(),
+        active_tier: None,
+        affinity: Affinity::None,
     }
 }
 
@@ -554,7 +554,7 @@ fn service_without_backends_refuses_connections_at_once() {
     };
     let front = vip("127.77.4.1:443");
     let front6 = vip("[::1]:14443");
-    let svc = LbService {
+    let svc = DesiredService {
         id: service_id("empty"),
         frontends: [front, front6]
             .iter()
@@ -566,6 +566,8 @@ fn service_without_backends_refuses_connections_at_once() {
             .collect(),
         backends: vec![],
         table: Vec::new().into(),
+        active_tier: None,
+        affinity: Affinity::None,
     };
     dp.reconcile(&[svc]).unwrap();
     sb.run_in_cgroup(move || {
@@ -692,7 +694,7 @@ fn ten_thousand_services_install_at_once() {
     };
     let b1 = TcpBackend::start("127.0.7.2", 1);
     let b2 = TcpBackend::start("127.0.7.3", 2);
-    let services: Vec<LbService> = (0..10_000u32)
+    let services: Vec<DesiredService> = (0..10_000u32)
         .map(|i| {
             let front = SocketAddr::new(
                 IpAddr::V4(std::net::Ipv4Addr::new(

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use clustermesh_agent::maglev::{auto_table_size, BackendKey, Maglev, TableSize, WeightedKey};
+use clustermesh_agent_core::maglev::{auto_table_size, BackendKey, Maglev, TableSize, WeightedKey};
 use proptest::prelude::*;
 
 const CLUSTERS: [&str; 3] = ["east", "west", "north"];
@@ -63,7 +63,7 @@ fn disruption(
     m: Option<u32>,
     victims: usize,
 ) -> Result<(f64, f64, u32), TestCaseError> {
-    let fail = |e: clustermesh_agent::maglev::MaglevError| TestCaseError::fail(e.to_string());
+    let fail = |e: clustermesh_agent_core::maglev::MaglevError| TestCaseError::fail(e.to_string());
     let mut keys = inp.keys();
     if equal {
         keys.iter_mut().for_each(|k| k.weight = 1);

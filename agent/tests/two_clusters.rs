@@ -29,12 +29,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustermesh_agent::config::AgentConfig;
-use clustermesh_agent::datapath::{Datapath, LbServiceId};
-use clustermesh_agent::recording::RecordingDatapath;
-use clustermesh_agent::runtime::{Agent, AgentOptions, AgentView};
-use clustermesh_agent::watcher::{Backoff, Phase};
+use clustermesh_agent::runtime::{load_config, Agent, AgentOptions, AgentView};
+use clustermesh_agent_core::datapath::Datapath;
+use clustermesh_agent_core::recording::RecordingDatapath;
+use clustermesh_agent_core::watcher::{ReconnectBackoff, WatcherStatus};
+use clustermesh_api::agent_config::AgentConfig;
 use clustermesh_api::keys::{service_key, synced_key, Kind};
+use clustermesh_api::model::{Phase, ServicePortId};
 use clustermesh_api::v1;
 use clustermesh_certs::MeshCa;
 use clustermesh_store::raft::LocalCluster;
@@ -116,8 +117,8 @@ fn marker_service(name: &str) -> v1::Service {
     svc
 }
 
-fn marker_id(name: &str) -> LbServiceId {
-    LbServiceId {
+fn marker_id(name: &str) -> ServicePortId {
+    ServicePortId {
         name: name.into(),
         ..web()
     }
@@ -138,8 +139,8 @@ fn batched_services(dp: &RecordingDatapath, from: usize) -> BTreeSet<String> {
         .collect()
 }
 
-fn web() -> LbServiceId {
-    LbServiceId {
+fn web() -> ServicePortId {
+    ServicePortId {
         namespace: "default".into(),
         name: "web".into(),
         port_name: "http".into(),
@@ -329,7 +330,7 @@ impl AgentUnderTest {
 /// Agent options for the tests: quick retries and config polling.
 fn quick_options(config: &Path) -> AgentOptions {
     let mut options = AgentOptions::new(config, "n1");
-    options.backoff = Backoff {
+    options.backoff = ReconnectBackoff {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(200),
     };
@@ -371,7 +372,7 @@ fn pki(dir: &Path) -> MeshCa {
     mesh::pki(dir, TD, "east")
 }
 
-fn cluster_status(view: &AgentView, name: &str) -> clustermesh_agent::watcher::ClusterStatus {
+fn cluster_status(view: &AgentView, name: &str) -> WatcherStatus {
     view.clusters.get(name).unwrap()
 }
 
@@ -793,7 +794,7 @@ async fn a_restarted_watcher_keeps_the_stale_ttl_and_the_claim_of_its_records() 
     // West's entry gains a second endpoint, where nothing listens either (so its watcher
     // is restarted), and south is configured (ID 0: only the registry can object).
     let spare = spare_port();
-    let mut cfg = AgentConfig::load(&config).unwrap();
+    let mut cfg = load_config(&config).unwrap();
     let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
     west_entry.endpoints.push(format!("localhost:{spare}"));
     let mut south_entry = west_entry.clone();
@@ -896,7 +897,7 @@ async fn a_restarted_watcher_replaces_the_records_it_inherited() {
 
     // West's entry changes (its watcher restarts) while west is still unreachable.
     let spare = spare_port();
-    let mut cfg = AgentConfig::load(&config).unwrap();
+    let mut cfg = load_config(&config).unwrap();
     let west_entry = cfg.clusters.iter_mut().find(|c| c.name == "west").unwrap();
     west_entry.endpoints.push(format!("localhost:{spare}"));
     save_config(&config, &cfg);
@@ -1012,7 +1013,7 @@ async fn a_new_client_certificate_path_applies_to_every_cluster() {
     // Move the client certificate and key; point the config at the new files.
     let moved = dir.path().join("rotated");
     std::fs::create_dir(&moved).unwrap();
-    let mut cfg = AgentConfig::load(&config).unwrap();
+    let mut cfg = load_config(&config).unwrap();
     for old in [&mut cfg.cert_file, &mut cfg.key_file] {
         let new = moved.join(old.file_name().unwrap());
         std::fs::copy(&*old, &new).unwrap();

@@ -11,16 +11,107 @@
 //! Both sides use these types, so the shapes cannot drift apart. Agents and CLIs of
 //! different versions still talk to each other: fields are only ever added, never renamed
 //! or retyped; every body decodes with missing fields set to their default (`""`, `0`,
-//! `false`, empty, `null`) and unknown fields ignored. Free-form words (a watcher phase,
-//! a tier, a backend state) are strings rather than enums for the same reason: a newer
-//! agent may report a word an older CLI does not know.
+//! `false`, empty, `null`) and unknown fields ignored. Enumerated words (a watcher phase,
+//! an affinity, a tier, a protocol, a backend state) are the [`model`](crate::model) enums
+//! wrapped in [`Reported`]: a newer agent may report a word an older CLI does not know,
+//! which is kept as the text it was sent as.
 //!
 //! Encoding writes every field in declaration order, which is the order agents have always
 //! written them in; only [`ServiceDump::table`] is left out when absent.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::model::{Affinity, BackendState, Phase, Protocol, Tier, Word};
+
+/// An enumerated value as an agent reported it: a word this version knows, or the text of
+/// one it does not (from a newer agent), kept so it can still be shown.
+///
+/// Encoded as the plain JSON string of [`Word`]; missing from an older agent's body, it
+/// decodes as the empty text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reported<T> {
+    /// A word this version knows.
+    Known(T),
+    /// Any other text, as sent.
+    Unknown(String),
+}
+
+impl<T: Word> Reported<T> {
+    /// The text on the wire.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reported::Known(v) => v.word(),
+            Reported::Unknown(text) => text,
+        }
+    }
+
+    /// The known value, if the word is one this version knows.
+    #[must_use]
+    pub fn known(&self) -> Option<&T> {
+        match self {
+            Reported::Known(v) => Some(v),
+            Reported::Unknown(_) => None,
+        }
+    }
+
+    /// The value `text` stands for, or the text itself when it is not a known word.
+    #[must_use]
+    pub fn from_text(text: &str) -> Self {
+        T::from_word(text).map_or_else(|| Reported::Unknown(text.to_owned()), Reported::Known)
+    }
+}
+
+impl<T> Default for Reported<T> {
+    fn default() -> Self {
+        Reported::Unknown(String::new())
+    }
+}
+
+impl<T> From<T> for Reported<T> {
+    fn from(v: T) -> Self {
+        Reported::Known(v)
+    }
+}
+
+impl<T: Word> From<&str> for Reported<T> {
+    fn from(text: &str) -> Self {
+        Self::from_text(text)
+    }
+}
+
+impl<T: Word> std::fmt::Display for Reported<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl<T: Word> PartialEq<str> for Reported<T> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl<T: Word> PartialEq<&str> for Reported<T> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<T: Word> Serialize for Reported<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de, T: Word> Deserialize<'de> for Reported<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(T::from_word(&text).map_or(Reported::Unknown(text), Reported::Known))
+    }
+}
 
 /// `GET /v1/status`: the agent and every cluster it is configured for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +138,7 @@ pub struct ClusterStatus {
     /// The agent's watcher phase: `connecting`, `syncing`, `watching`, `backoff`, or
     /// `refused` (the cluster is not who the configuration says, or is misconfigured;
     /// `last_error` says why). Empty from agents that do not report it.
-    pub phase: String,
+    pub phase: Reported<Phase>,
     /// The watch stream is established.
     pub connected: bool,
     /// The cluster's records are in force (initial sync done at least once).
@@ -79,9 +170,9 @@ pub struct ServiceStatus {
     /// Frontends, e.g. `10.96.0.10:80/TCP`, `[fd00::10]:80/TCP`.
     pub frontends: Vec<String>,
     /// Affinity of the service: `local`, `remote` or `none`.
-    pub affinity: String,
+    pub affinity: Reported<Affinity>,
     /// Tier currently serving (`node`, `zone`, `cluster`, `remote`, or `none`).
-    pub active_tier: String,
+    pub active_tier: Reported<Option<Tier>>,
     /// Maglev table size (0: no usable backend).
     pub table_size: usize,
     /// Backends from every cluster.
@@ -97,9 +188,9 @@ pub struct BackendStatus {
     /// `ip:port` (`[v6]:port`).
     pub address: String,
     /// `active` or `terminating`.
-    pub state: String,
+    pub state: Reported<BackendState>,
     /// Locality tier (`node`, `zone`, `cluster`, `remote`).
-    pub tier: String,
+    pub tier: Reported<Tier>,
     /// Maglev weight.
     pub weight: u32,
     /// Table slots it owns.
@@ -155,12 +246,12 @@ pub struct BackendDump {
     pub id: u32,
     /// `ip:port` (`[v6]:port`).
     pub address: String,
-    /// `TCP` or `UDP`.
-    pub protocol: String,
+    /// `TCP` or `UDP` (or the protocol number the maps hold, if it is neither).
+    pub protocol: Reported<Protocol>,
     /// Cluster name.
     pub cluster: String,
     /// `active` or `terminating`.
-    pub state: String,
+    pub state: Reported<BackendState>,
     /// Number of services referencing it.
     pub services: u32,
 }
@@ -209,11 +300,17 @@ mod tests {
         let (services, again) = round_trip::<Vec<ServiceStatus>>(SERVICES);
         assert_eq!(again, SERVICES);
         assert_eq!(services[0].backends[1].state, "terminating");
+        assert_eq!(
+            services[0].backends[1].state,
+            Reported::Known(BackendState::Terminating)
+        );
+        assert_eq!(services[0].active_tier, Reported::Known(Some(Tier::Node)));
 
         let (dump, again) = round_trip::<BpfDump>(BPF);
         assert_eq!(again, BPF);
         assert_eq!(dump.services[0].table, None);
         assert_eq!(dump.slab.largest_free, 65280);
+        assert_eq!(dump.backends[0].protocol, Reported::Known(Protocol::Udp));
 
         let (service, again) = round_trip::<ServiceDump>(BPF_SERVICE_WITH_TABLE);
         assert_eq!(again, BPF_SERVICE_WITH_TABLE);
@@ -265,5 +362,25 @@ mod tests {
     fn an_unknown_phase_is_kept_verbatim() {
         let c: ClusterStatus = serde_json::from_str(r#"{"name":"c3","phase":"draining"}"#).unwrap();
         assert_eq!(c.phase, "draining");
+    }
+
+    /// Every enumerated field keeps a word this version does not know, and writes it back
+    /// unchanged; known words decode to their values.
+    #[test]
+    fn unknown_words_decode_and_round_trip() {
+        const NEWER: &str = r#"{"namespace":"default","name":"web","port_name":"","frontends":[],"affinity":"nearest","active_tier":"region","table_size":0,"backends":[{"cluster":"c1","address":"10.0.0.1:80","state":"warming","tier":"rack","weight":1,"slots":0}]}"#;
+        let (s, again) = round_trip::<ServiceStatus>(NEWER);
+        assert_eq!(again, NEWER);
+        assert_eq!(s.affinity, Reported::Unknown("nearest".into()));
+        assert_eq!(s.active_tier.to_string(), "region");
+        assert_eq!(s.backends[0].state.known(), None);
+        assert_eq!(s.backends[0].tier, "rack");
+        let b: BackendDump =
+            serde_json::from_str(r#"{"id":1,"protocol":"132","state":"active"}"#).unwrap();
+        assert_eq!(b.protocol, Reported::Unknown("132".into()));
+        assert_eq!(b.state, Reported::Known(BackendState::Active));
+        let c: ClusterStatus = serde_json::from_str(r#"{"phase":"refused"}"#).unwrap();
+        assert_eq!(c.phase.known(), Some(&Phase::Refused));
+        assert_eq!(ClusterStatus::default().phase, "");
     }
 }

@@ -23,6 +23,9 @@
 //!
 //! Endpoints are `host:port` (TLS is implied); the agent expects the server at an endpoint
 //! to present identity `spiffe://<trust_domain>/cluster/<name>`.
+//!
+//! This module parses and validates text only: the agent and the CLI read and write the
+//! file themselves, so `api` stays free of I/O.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -58,17 +61,9 @@ pub struct ClusterEntry {
     pub ca_file: PathBuf,
 }
 
-/// Errors reading the configuration.
+/// Errors parsing the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read agent config {path}: {error}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        error: std::io::Error,
-    },
     /// The file is not valid YAML of the expected shape.
     #[error(
         "agent config {path} is not valid: {error}; see `clustermesh enable --help` for the format"
@@ -76,8 +71,8 @@ pub enum ConfigError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        error: serde_yaml::Error,
+        /// Why (part of the message, which CLI errors carry as text, so not also a source).
+        error: Box<crate::yaml::Error>,
     },
     /// The content is inconsistent.
     #[error("agent config {path}: {reason}")]
@@ -90,21 +85,15 @@ pub enum ConfigError {
 }
 
 impl AgentConfig {
-    /// Reads and validates `path`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        Self::parse(path, &text)
-    }
-
     /// Parses and validates YAML `text` (`path` is only used in messages).
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the text is not YAML of this shape or is inconsistent.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let config: AgentConfig =
-            serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
+            crate::yaml::from_str(text).map_err(|error| ConfigError::Parse {
                 path: path.to_path_buf(),
-                error,
+                error: Box::new(error),
             })?;
         config.validate(path)?;
         Ok(config)

@@ -10,10 +10,14 @@
 //! - [`records`]: decoding a store value or Watch payload into the right record type.
 //! - [`cluster`]: cluster name and ID rules, the 255/511-cluster modes.
 //! - [`cidr`]: pod CIDR parsing and overlap detection between clusters.
-//! - [`identity`]: cluster-scoped numeric identities (cluster ID in the high bits).
+//! - [`security_identity`]: cluster-scoped numeric security identities (cluster ID in the
+//!   high bits); not the SPIFFE peer identity of a TLS connection.
+//! - [`model`]: the service domain model: names, enums and validated service records.
 //! - [`annotations`]: global-service annotations, new and legacy forms.
 //! - [`admin`]: the JSON bodies of the agent's admin API, shared by the agent and the CLI.
 //! - [`yaml`]: the one YAML dialect every component reads and writes.
+//! - [`agent_config`]: the agent configuration file's format and validation (parsing
+//!   only; the agent and the CLI read and write the file).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,9 +25,10 @@ pub mod agent_config;
 pub mod annotations;
 pub mod cidr;
 pub mod cluster;
-pub mod identity;
 pub mod keys;
+pub mod model;
 pub mod records;
+pub mod security_identity;
 pub mod yaml;
 
 /// Generated protobuf messages and gRPC service for package `clustermesh.v1`.

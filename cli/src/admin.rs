@@ -108,7 +108,7 @@ pub fn bpf_lb_entries(dump: &BpfDump) -> Vec<BpfLbEntry> {
                     id: *id,
                     address: b.map_or_else(|| "?".into(), |b| b.address.clone()),
                     cluster: b.map_or_else(String::new, |b| b.cluster.clone()),
-                    state: b.map_or_else(|| "unknown".into(), |b| b.state.clone()),
+                    state: b.map_or_else(|| "unknown".into(), |b| b.state.to_string()),
                     slots: s.slots.get(id).copied().unwrap_or(0),
                 }
             })

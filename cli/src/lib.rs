@@ -1,8 +1,9 @@
 //! The `clustermesh` command-line tool as a library, so behaviour tests can drive it.
 //!
 //! - [`cli`]: the command line (clap) and dispatch.
-//! - [`state`]: the standalone state-directory layout; [`agent_config`]: the agent
-//!   configuration file format; [`standalone`]: enable / disable / connect / disconnect.
+//! - [`state`]: the standalone state-directory layout (the agent configuration file's
+//!   format is [`clustermesh_api::agent_config`]); [`standalone`]: enable / disable /
+//!   connect / disconnect.
 //! - [`meshapi`]: admin queries to a mesh API server; [`admin`]: the agent admin API
 //!   client; [`status`]: `status` and `--wait`.
 //! - [`txn`]: all-or-nothing updates (files or Kubernetes objects) with a rollback report.
@@ -15,7 +16,6 @@
 //! - [`chart`]: renders `deploy/helm/clustermesh` (Kubernetes mode and chart validation).
 
 pub mod admin;
-pub mod agent_config;
 pub mod chart;
 pub mod cli;
 pub mod k8s;

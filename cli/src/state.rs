@@ -11,7 +11,7 @@
 //! | `tls/`                | enable, connect   | apiserver, agents        | certs bundle: `ca.crt` (own CA + every connected cluster's CA), `server.crt/key`, `client.crt/key` |
 //! | `admin/`              | enable            | CLI                      | `ca.crt` (own CA), `client.crt/key` with identity `admin/clustermesh-cli` |
 //! | `remotes/<name>.crt`  | connect           | agents                   | the CA of connected cluster `<name>` (pinned per cluster) |
-//! | `agent.yaml`          | enable, connect   | agents (reloaded)        | [`crate::agent_config::AgentConfig`] |
+//! | `agent.yaml`          | enable, connect   | agents (reloaded)        | [`clustermesh_api::agent_config::AgentConfig`] |
 //! | `manifests/`          | the user          | apiserver (`dir:` source)| Kubernetes-format YAML of the cluster's services, endpoint slices, nodes, pods |
 //!
 //! Every file is replaced atomically (temporary file + rename), so a reloading reader

@@ -569,7 +569,7 @@ fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     let cm = r.get("ConfigMap", "clustermesh-agent-config");
     let text = cm["data"]["agent.yaml"].as_str().unwrap();
     // The chart renders exactly the format the CLI writes and agents read.
-    let typed: clustermesh_cli::agent_config::AgentConfig =
+    let typed: clustermesh_api::agent_config::AgentConfig =
         clustermesh_api::yaml::from_str(text).unwrap();
     assert_eq!(
         typed.clusters.iter().map(|c| c.id).collect::<Vec<_>>(),

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use clustermesh_cli::agent_config::AgentConfig;
+use clustermesh_api::agent_config::AgentConfig;
 use clustermesh_cli::k8s::mesh::{chart_values, release};
 use clustermesh_cli::k8s::objects::MeshConfig;
 use serde_json::{json, Value};

@@ -14,8 +14,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use clustermesh_api::agent_config::AgentConfig;
 use clustermesh_certs::inspect::CertInfo;
-use clustermesh_cli::agent_config::AgentConfig;
 use serde_json::{json, Value};
 use support::fake_kube::{kubeconfig, FakeKube};
 use support::{run_cli, CliRun};

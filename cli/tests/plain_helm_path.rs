@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use clustermesh_api::agent_config::AgentConfig;
 use clustermesh_certs::{PeerIdentity, TlsMaterial, TlsPaths, TrustDomain};
-use clustermesh_cli::agent_config::AgentConfig;
 use clustermesh_cli::chart::{Chart, Release};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{json, Value};

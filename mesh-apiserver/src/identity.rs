@@ -2,7 +2,7 @@
 //!
 //! Every distinct identity label set (see [`crate::translate::identity_labels`]) gets a
 //! numeric identity with the cluster ID in the high bits
-//! ([`clustermesh_api::identity::compose_identity`]). The store is the source of truth:
+//! ([`SecurityIdentity::compose`](clustermesh_api::security_identity::SecurityIdentity::compose)). The store is the source of truth:
 //! at start the allocator lists `mesh/v1/identities/<cluster>/`, so a label set keeps its
 //! number across restarts; a new number is claimed by creating its key with a
 //! compare-and-swap that requires the key to be absent, so two writers can never give one
@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clustermesh_api::cluster::ClusterIdMode;
-use clustermesh_api::identity::{
-    compose_identity, split_identity, IdentityError, MIN_LOCAL_IDENTITY,
-};
 use clustermesh_api::keys::{identity_key, parse_key, Kind, MeshKey};
 use clustermesh_api::records::Record;
+use clustermesh_api::security_identity::{
+    SecurityIdentity, SecurityIdentityError, MIN_LOCAL_IDENTITY,
+};
 use clustermesh_api::v1;
 use clustermesh_store::{CasOutcome, CasWrite, Revision, Store, StoreError};
 use prost::Message;
@@ -45,7 +45,7 @@ pub enum AllocError {
     },
     /// Composing an identity failed (bad cluster ID).
     #[error(transparent)]
-    Identity(#[from] IdentityError),
+    Identity(#[from] SecurityIdentityError),
 }
 
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ impl IdentityAllocator {
                     continue;
                 }
             };
-            let (owner, local) = split_identity(id, mode);
+            let (owner, local) = SecurityIdentity::new(id).split(mode);
             this.taken.insert(local);
             if owner != cluster_id {
                 tracing::warn!(%key, id, cluster_id, "identity carries another cluster ID (was the cluster ID changed?); it will be garbage-collected");
@@ -148,7 +148,7 @@ impl IdentityAllocator {
                     this.leftovers.push((kv.key, kv.mod_revision, local));
                 }
                 Some(existing) => {
-                    let (_, old_local) = split_identity(existing.id, mode);
+                    let (_, old_local) = SecurityIdentity::new(existing.id).split(mode);
                     this.leftovers.push((
                         identity_key(cluster, existing.id).into_bytes(),
                         existing.mod_revision,
@@ -199,7 +199,7 @@ impl IdentityAllocator {
             if self.taken.contains(&local) {
                 continue;
             }
-            let id = compose_identity(self.cluster_id, local, self.mode)?;
+            let id = SecurityIdentity::compose(self.cluster_id, local, self.mode)?.get();
             let key = identity_key(&self.cluster, id);
             let value = v1::Identity {
                 id,
@@ -291,7 +291,7 @@ impl IdentityAllocator {
                         .is_some_and(|t| now.duration_since(t) >= grace)
             })
             .map(|(labels, h)| {
-                let local = split_identity(h.id, self.mode).1;
+                let local = SecurityIdentity::new(h.id).split(self.mode).1;
                 (
                     identity_key(&self.cluster, h.id).into_bytes(),
                     h.mod_revision,
@@ -324,7 +324,7 @@ impl IdentityAllocator {
                     if !self
                         .by_labels
                         .values()
-                        .any(|h| split_identity(h.id, self.mode).1 == local)
+                        .any(|h| SecurityIdentity::new(h.id).split(self.mode).1 == local)
                     {
                         self.taken.remove(&local);
                     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clustermesh_api::cluster::ClusterIdMode;
-use clustermesh_api::identity::split_identity;
 use clustermesh_api::keys::{self, Kind};
+use clustermesh_api::security_identity::SecurityIdentity;
 use clustermesh_api::v1;
 use clustermesh_apiserver::export::{ExportConfig, Exporter};
 use clustermesh_apiserver::metrics::Metrics;
@@ -127,7 +127,7 @@ async fn export_restart_and_identity_lifecycle() {
     assert_eq!(identities.len(), 1, "{identities:?}");
     let id = endpoint(&store, "10.0.1.5").await.identity;
     assert_eq!(endpoint(&store, "10.0.2.7").await.identity, id);
-    assert_eq!(split_identity(id, ClusterIdMode::Max255).0, 7);
+    assert_eq!(SecurityIdentity::new(id).split(ClusterIdMode::Max255).0, 7);
     let text = metrics.encode();
     assert!(
         text.contains("rejected_inputs_total{reason=\"annotation\"} 2"),

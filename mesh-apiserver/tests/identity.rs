@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use clustermesh_api::cluster::ClusterIdMode;
-use clustermesh_api::identity::split_identity;
+use clustermesh_api::security_identity::SecurityIdentity;
 use clustermesh_apiserver::identity::IdentityAllocator;
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::translate::Labels;
@@ -35,9 +35,9 @@ async fn two_writers_never_share_a_number_and_restarts_keep_numbers() {
     let db = b.acquire(&labels("db")).await.unwrap();
     assert_ne!(web, db);
     for id in [web, db] {
-        let (cluster, local) = split_identity(id, ClusterIdMode::Max511);
+        let (cluster, local) = SecurityIdentity::new(id).split(ClusterIdMode::Max511);
         assert_eq!(cluster, 9);
-        assert!(local >= clustermesh_api::identity::MIN_LOCAL_IDENTITY);
+        assert!(local >= clustermesh_api::security_identity::MIN_LOCAL_IDENTITY);
     }
     // A second user of the same labels gets the same number without a write.
     let rev = ts.store.current_revision().await.unwrap();

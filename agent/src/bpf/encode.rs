@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clustermesh_ebpf_common::{family, proto, ServiceKey};
 
-use crate::datapath::{Frontend, Protocol};
+use clustermesh_agent_core::datapath::Frontend;
+use clustermesh_api::model::Protocol;
 
 /// Address words as the kernel stores them (network byte order in memory).
 #[must_use]

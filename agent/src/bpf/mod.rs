@@ -19,7 +19,6 @@
 
 mod aya_maps;
 mod config;
-mod dump;
 mod encode;
 mod error;
 mod exec;
@@ -47,7 +46,6 @@ use aya::{
 use clustermesh_ebpf_common::{map_names, slab_elements, SLAB_CHUNK};
 
 pub use config::{BpfConfig, DEFAULT_BPFFS, DEFAULT_PIN_DIR};
-pub use dump::{BackendDump, BpfDump, ServiceDump, SlabDump};
 pub use encode::{addr_words, service_key, words_addr};
 pub use error::{BpfError, Result};
 pub use ids::IdAllocator;
@@ -55,10 +53,12 @@ pub use links::{links_present, PROGRAMS};
 pub use slab::{Region, SlabAllocator};
 pub use system::{cgroup2_mount, ensure_pin_dir, mount_bpffs, resolve_cgroup, BpffsMount};
 
-use crate::datapath::{
-    ApplyReport, Datapath, DatapathError, DesiredChanges, LbService, LbServiceId,
-};
 use aya_maps::AyaMaps;
+use clustermesh_agent_core::datapath::{
+    ApplyReport, Datapath, DatapathError, DesiredChanges, DesiredService,
+};
+use clustermesh_api::admin::BpfDump;
+use clustermesh_api::model::ServicePortId;
 use state::State;
 
 /// The eBPF object built by `build.rs` (empty when the build was skipped).
@@ -239,7 +239,7 @@ impl BpfDatapath {
     /// # Errors
     /// The first per-service failure (after trying every service). Services that failed
     /// keep their previous state.
-    pub fn reconcile(&self, desired: &[LbService]) -> Result<ReconcileReport> {
+    pub fn reconcile(&self, desired: &[DesiredService]) -> Result<ReconcileReport> {
         let (report, failed) = self.reconcile_each(desired);
         failed
             .into_iter()
@@ -250,8 +250,8 @@ impl BpfDatapath {
     /// [`Self::reconcile`] with every failure, by service.
     fn reconcile_each(
         &self,
-        desired: &[LbService],
-    ) -> (ReconcileReport, Vec<(LbServiceId, BpfError)>) {
+        desired: &[DesiredService],
+    ) -> (ReconcileReport, Vec<(ServicePortId, BpfError)>) {
         let mut st = self.lock();
         let mut report = ReconcileReport::default();
         let mut failed = Vec::new();
@@ -295,7 +295,7 @@ impl BpfDatapath {
 
     /// [`Self::apply_changes`] with every failure, by service. Returns the number of
     /// services changed and the failures.
-    fn apply_each(&self, changes: &DesiredChanges) -> (usize, Vec<(LbServiceId, BpfError)>) {
+    fn apply_each(&self, changes: &DesiredChanges) -> (usize, Vec<(ServicePortId, BpfError)>) {
         let mut st = self.lock();
         let mut failed = Vec::new();
         let mut changed = 0;
@@ -401,7 +401,7 @@ impl Datapath for BpfDatapath {
         report(attempted.saturating_sub(failed.len()), failed)
     }
 
-    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+    fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
         let (summary, failed) = self.reconcile_each(desired);
         report(
             summary.programmed + summary.unchanged + summary.removed,
@@ -410,7 +410,7 @@ impl Datapath for BpfDatapath {
     }
 }
 
-fn report(applied: usize, failed: Vec<(LbServiceId, BpfError)>) -> ApplyReport {
+fn report(applied: usize, failed: Vec<(ServicePortId, BpfError)>) -> ApplyReport {
     let failed = failed
         .into_iter()
         .map(|(id, e)| {

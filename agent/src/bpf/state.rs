@@ -7,13 +7,15 @@
 
 use std::{collections::HashSet, time::Instant};
 
+use clustermesh_agent_core::datapath::DesiredService;
+use clustermesh_api::admin::BpfDump;
+use clustermesh_api::model::ServicePortId;
+
 use super::{
-    dump::BpfDump,
     error::{BpfError, Result},
     exec::{execute, MapStore},
     plan::{PlanError, Planner},
 };
-use crate::datapath::{LbService, LbServiceId};
 
 /// What [`State::gc`] did.
 #[derive(Debug, Default)]
@@ -21,7 +23,7 @@ pub(crate) struct GcOutcome {
     /// Services removed because they are no longer desired.
     pub(crate) removed: usize,
     /// Services whose removal failed, with why.
-    pub(crate) failed: Vec<(LbServiceId, BpfError)>,
+    pub(crate) failed: Vec<(ServicePortId, BpfError)>,
 }
 
 /// The planner and the maps it plans for.
@@ -70,7 +72,7 @@ impl<M: MapStore> State<M> {
     ///
     /// # Errors
     /// The service cannot be programmed; its previous state, if any, stays in force.
-    pub(crate) fn upsert(&mut self, svc: &LbService) -> Result<bool> {
+    pub(crate) fn upsert(&mut self, svc: &DesiredService) -> Result<bool> {
         let planned = match self.planner.plan_upsert(svc, &self.maps, Instant::now()) {
             Err(PlanError::SlabFull {
                 retry_at: Some(at), ..
@@ -102,7 +104,7 @@ impl<M: MapStore> State<M> {
     /// # Errors
     /// The first map deletion that failed; the service is forgotten anyway (what is left
     /// in the maps is unreachable).
-    pub(crate) fn remove(&mut self, id: &LbServiceId) -> Result<bool> {
+    pub(crate) fn remove(&mut self, id: &ServicePortId) -> Result<bool> {
         let Some(plan) = self.planner.plan_remove(id, Instant::now()) else {
             return Ok(false);
         };
@@ -113,7 +115,7 @@ impl<M: MapStore> State<M> {
 
     /// After a full reconcile: removes services not in `keep`, entries left by an
     /// interrupted run, and backends no service references.
-    pub(crate) fn gc(&mut self, keep: &HashSet<LbServiceId>) -> GcOutcome {
+    pub(crate) fn gc(&mut self, keep: &HashSet<ServicePortId>) -> GcOutcome {
         let mut outcome = GcOutcome::default();
         for id in self.planner.stale_services(keep) {
             match self.remove(&id) {

@@ -27,8 +27,8 @@ use super::objects::{
 };
 use super::KubeTarget;
 use crate::admin::AgentStatus;
-use crate::agent_config::AgentConfig;
 use crate::status::{cluster_lines, configured_count, connected_count, fully_connected, Readiness};
+use clustermesh_api::agent_config::AgentConfig;
 
 /// Name of the mesh API server Deployment or StatefulSet.
 pub const APISERVER_WORKLOAD: &str = "clustermesh-apiserver";

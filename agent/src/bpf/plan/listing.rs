@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use clustermesh_ebpf_common::backend_state;
 
+use clustermesh_api::admin::{BackendDump, BpfDump, Reported, ServiceDump, SlabDump};
+
 use super::{fmt_frontend, Planner, SlabRead};
 use crate::bpf::{
-    dump::{BackendDump, BpfDump, ServiceDump, SlabDump},
     encode::{frontend_of, proto_from},
     slab::Region,
 };
@@ -60,8 +61,8 @@ impl Planner {
                 id: e.id,
                 address: SocketAddr::new(identity.ip, identity.port).to_string(),
                 protocol: proto_from(identity.proto).map_or_else(
-                    || identity.proto.to_string(),
-                    |p| format!("{p:?}").to_uppercase(),
+                    || Reported::Unknown(identity.proto.to_string()),
+                    Reported::Known,
                 ),
                 cluster: self
                     .cluster_names

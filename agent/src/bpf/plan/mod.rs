@@ -42,7 +42,8 @@ use super::{
     ids::IdAllocator,
     slab::{Region, SlabAllocator},
 };
-use crate::datapath::{Backend, BackendState, Frontend, LbService, LbServiceId};
+use clustermesh_agent_core::datapath::{Backend, DesiredService, Frontend};
+use clustermesh_api::model::{BackendState, ServicePortId};
 
 /// How long a retired slab region waits before reuse. sock_addr programs run for
 /// microseconds inside an RCU read section; a program that read the old service entry just
@@ -166,7 +167,7 @@ fn service_value(service_id: u32, table_offset: u32, table_size: u32) -> Service
 pub(crate) struct UpsertPlan {
     /// The operations to execute.
     pub(crate) plan: Plan,
-    lb_id: LbServiceId,
+    lb_id: ServicePortId,
     service: ProgrammedService,
     new_service_id: bool,
     new_clusters: Vec<(u16, String)>,
@@ -190,7 +191,7 @@ struct Staged {
 /// The planner's mirror of the kernel maps.
 #[derive(Debug)]
 pub(crate) struct Planner {
-    services: HashMap<LbServiceId, ProgrammedService>,
+    services: HashMap<ServicePortId, ProgrammedService>,
     frontend_owner: HashMap<ServiceKey, u32>,
     backends: HashMap<BackendIdentity, BackendEntry>,
     backend_by_id: HashMap<u32, BackendIdentity>,
@@ -209,7 +210,7 @@ pub(crate) struct Planner {
 }
 
 /// `namespace/name/port-name`.
-pub(crate) fn service_name(id: &LbServiceId) -> String {
+pub(crate) fn service_name(id: &ServicePortId) -> String {
     format!("{}/{}/{}", id.namespace, id.name, id.port_name)
 }
 
@@ -262,7 +263,7 @@ pub(crate) fn fmt_frontend(f: &Frontend) -> String {
     )
 }
 
-fn validate(svc: &LbService, name: &str) -> Result<(), PlanError> {
+fn validate(svc: &DesiredService, name: &str) -> Result<(), PlanError> {
     if name.len() > SERVICE_NAME_MAX {
         return Err(invalid(
             name,
@@ -322,7 +323,7 @@ impl Planner {
     }
 
     /// Ids of the programmed services not in `keep`.
-    pub(crate) fn stale_services(&self, keep: &HashSet<LbServiceId>) -> Vec<LbServiceId> {
+    pub(crate) fn stale_services(&self, keep: &HashSet<ServicePortId>) -> Vec<ServicePortId> {
         self.services
             .keys()
             .filter(|k| !keep.contains(*k))
@@ -333,7 +334,7 @@ impl Planner {
     /// True when the maps already hold exactly `svc`.
     fn is_unchanged(
         &self,
-        svc: &LbService,
+        svc: &DesiredService,
         keys: &BTreeSet<ServiceKey>,
         slab: &(impl SlabRead + ?Sized),
     ) -> bool {
@@ -383,7 +384,7 @@ impl Planner {
     /// it. On error nothing is allocated.
     pub(crate) fn plan_upsert(
         &mut self,
-        svc: &LbService,
+        svc: &DesiredService,
         slab: &(impl SlabRead + ?Sized),
         now: Instant,
     ) -> Result<Option<UpsertPlan>, PlanError> {
@@ -419,7 +420,7 @@ impl Planner {
 
     fn stage(
         &mut self,
-        svc: &LbService,
+        svc: &DesiredService,
         name: String,
         keys: BTreeSet<ServiceKey>,
         now: Instant,
@@ -729,7 +730,7 @@ impl Planner {
 
     /// Plans removing a service; `None` when it is not programmed. The planner forgets the
     /// service at once: a failed deletion leaves an entry nothing refers to.
-    pub(crate) fn plan_remove(&mut self, id: &LbServiceId, now: Instant) -> Option<Plan> {
+    pub(crate) fn plan_remove(&mut self, id: &ServicePortId, now: Instant) -> Option<Plan> {
         let old = self.services.remove(id)?;
         let mut plan = Plan {
             service: old.name.clone(),

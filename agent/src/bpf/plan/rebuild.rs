@@ -18,7 +18,7 @@ use crate::bpf::{
     encode::{port_host, words_addr},
     slab::Region,
 };
-use crate::datapath::LbServiceId;
+use clustermesh_api::model::ServicePortId;
 
 /// Everything the maps hold that the planner needs, in map iteration order.
 #[derive(Debug, Clone, Default)]
@@ -36,9 +36,9 @@ pub(crate) struct MapSnapshot {
 }
 
 /// Parses `namespace/name/port-name` (the port name may be empty).
-pub(crate) fn parse_service_name(s: &str) -> Option<LbServiceId> {
+pub(crate) fn parse_service_name(s: &str) -> Option<ServicePortId> {
     let mut it = s.splitn(3, '/');
-    Some(LbServiceId {
+    Some(ServicePortId {
         namespace: it.next()?.to_owned(),
         name: it.next()?.to_owned(),
         port_name: it.next()?.to_owned(),
@@ -140,7 +140,7 @@ impl Planner {
     }
 
     fn load_frontends(&mut self, entries: &[(ServiceKey, ServiceValue)]) {
-        let by_sid: HashMap<u32, LbServiceId> = self
+        let by_sid: HashMap<u32, ServicePortId> = self
             .services
             .iter()
             .map(|(k, v)| (v.id, k.clone()))

@@ -19,12 +19,12 @@ use crate::bpf::{
     mem_maps::{MemContent, MemMaps},
     state::State,
 };
-use crate::datapath::{Protocol, Tier};
+use clustermesh_api::model::{Affinity, Protocol, Tier};
 
 const SLAB: u32 = 4096;
 
-fn id(name: &str) -> LbServiceId {
-    LbServiceId {
+fn id(name: &str) -> ServicePortId {
+    ServicePortId {
         namespace: "default".into(),
         name: name.into(),
         port_name: "http".into(),
@@ -58,7 +58,7 @@ fn frontend(net: u8, host: u8) -> Frontend {
 }
 
 /// A service whose table of `m` slots cycles through its active backends.
-fn lb(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>, m: usize) -> LbService {
+fn lb(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>, m: usize) -> DesiredService {
     let active: Vec<u32> = (0..backends.len())
         .filter(|&i| backends[i].state == BackendState::Active)
         .map(|i| u32::try_from(i).unwrap())
@@ -68,11 +68,13 @@ fn lb(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>, m: usize) ->
     } else {
         (0..m).map(|slot| active[slot % active.len()]).collect()
     };
-    LbService {
+    DesiredService {
         id: id(name),
         frontends,
         backends,
         table: Arc::from(table),
+        active_tier: None,
+        affinity: Affinity::None,
     }
 }
 
@@ -80,7 +82,7 @@ fn lb(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>, m: usize) ->
 fn upsert(
     p: &mut Planner,
     maps: &mut MemMaps,
-    svc: &LbService,
+    svc: &DesiredService,
     now: Instant,
 ) -> Result<bool, BpfError> {
     let Some(plan) = p.plan_upsert(svc, &*maps, now)? else {
@@ -98,7 +100,7 @@ fn upsert(
     }
 }
 
-fn remove(p: &mut Planner, maps: &mut MemMaps, lb_id: &LbServiceId, now: Instant) -> bool {
+fn remove(p: &mut Planner, maps: &mut MemMaps, lb_id: &ServicePortId, now: Instant) -> bool {
     match p.plan_remove(lb_id, now) {
         Some(plan) => {
             assert!(execute(maps, &plan).unwrap().is_empty());
@@ -174,7 +176,7 @@ fn check_invariants(p: &Planner) {
 
 /// The maps enforce exactly `desired`: every frontend leads to a table of the desired
 /// backends, and nothing else is programmed.
-fn assert_enforces(c: &MemContent, desired: &BTreeMap<LbServiceId, LbService>) {
+fn assert_enforces(c: &MemContent, desired: &BTreeMap<ServicePortId, DesiredService>) {
     let mut keys = BTreeSet::new();
     let mut live = BTreeSet::new();
     for svc in desired.values() {
@@ -405,7 +407,7 @@ fn invalid_services_and_foreign_frontends_are_refused_before_anything_is_allocat
     let cases = [
         lb("b", vec![], vec![backend(2, true, "")], 7),
         lb("b", vec![frontend(1, 1)], vec![backend(2, true, "")], 7),
-        LbService {
+        DesiredService {
             table: Arc::from(vec![0u32]),
             ..lb("b", vec![frontend(2, 1)], vec![backend(2, false, "")], 0)
         },
@@ -576,7 +578,7 @@ fn action() -> impl Strategy<Value = Action> {
 
 /// A service as the control plane builds it: each backend (address and cluster) once, its
 /// state a property of the backend (host 6 is terminating), not of the service.
-fn build(svc: u8, alt_vip: bool, backends: &[(u8, u8)], m: usize) -> LbService {
+fn build(svc: u8, alt_vip: bool, backends: &[(u8, u8)], m: usize) -> DesiredService {
     let clusters = ["", "east", "west"];
     let mut seen = HashSet::new();
     lb(
@@ -607,7 +609,7 @@ proptest! {
         let capacity = 96;
         let mut p = Planner::new(capacity);
         let mut maps = MemMaps::new(capacity);
-        let mut desired: BTreeMap<LbServiceId, LbService> = BTreeMap::new();
+        let mut desired: BTreeMap<ServicePortId, DesiredService> = BTreeMap::new();
         for a in actions {
             match a {
                 Action::Upsert { svc, alt_vip, backends, m, fail_step } => {

@@ -1,43 +1,14 @@
-//! One cluster's service record, decoded into the types the merge works on.
+//! One cluster's service record, validated into the types the merge works on.
 //!
-//! The wire records (`clustermesh_api::v1::Service`) carry addresses and enums as strings
-//! and integers. They are checked once, here, when they arrive, so the merge never deals
-//! with unparseable input and a bad record is refused as a whole (logged and counted by the
-//! watcher) instead of half-applied.
+//! The wire records ([`v1::Service`]) carry addresses and enums as strings and integers.
+//! They are checked once, by [`ServiceRecord::from_wire`], when they arrive, so the merge
+//! never deals with unparseable input and a bad record is refused as a whole (the agent
+//! logs and counts it) instead of half-applied.
 
 use std::net::IpAddr;
 
-use clustermesh_api::v1;
-
-use crate::datapath::Protocol;
-
-/// `namespace/name` of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceName {
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Service name.
-    pub name: String,
-}
-
-impl std::fmt::Display for ServiceName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Backend selection preference of a global service (Cilium's `service.cilium.io/affinity`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Affinity {
-    /// Every ready backend of every cluster.
-    #[default]
-    None,
-    /// Local cluster first; remote backends only when no local backend is ready.
-    Local,
-    /// Remote clusters first; local backends only when no remote cluster has a backend
-    /// that is ready or terminating (Cilium counts terminating remote backends).
-    Remote,
-}
+use super::{Affinity, Protocol, ServiceName};
+use crate::v1;
 
 /// A named port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -157,6 +128,9 @@ impl ServiceRecord {
     ///
     /// SCTP ports are refused (the datapath balances TCP and UDP only). A backend weight of
     /// 0 means "not set" on the wire and becomes 1.
+    ///
+    /// # Errors
+    /// [`RecordError`] naming the first field that is not usable.
     pub fn from_wire(sender: &str, svc: &v1::Service) -> Result<Self, RecordError> {
         let service = format!("{}/{}", svc.namespace, svc.name);
         if svc.cluster != sender {

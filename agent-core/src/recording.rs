@@ -8,22 +8,22 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::datapath::{
-    ApplyReport, Datapath, DatapathError, DesiredChanges, LbService, LbServiceId,
-};
+use clustermesh_api::model::ServicePortId;
+
+use crate::datapath::{ApplyReport, Datapath, DatapathError, DesiredChanges, DesiredService};
 
 #[derive(Debug, Default)]
 struct Inner {
     batches: Vec<DesiredChanges>,
-    programmed: BTreeMap<LbServiceId, LbService>,
+    programmed: BTreeMap<ServicePortId, DesiredService>,
     fail_next: usize,
     /// Services to refuse, with how many more times.
-    fail_service: BTreeMap<LbServiceId, usize>,
+    fail_service: BTreeMap<ServicePortId, usize>,
 }
 
 impl Inner {
     /// Whether `id` is to be refused this time (counts the refusal).
-    fn refuses(&mut self, id: &LbServiceId) -> bool {
+    fn refuses(&mut self, id: &ServicePortId) -> bool {
         match self.fail_service.get_mut(id) {
             Some(n) if *n > 0 => {
                 *n -= 1;
@@ -74,7 +74,7 @@ impl Inner {
     }
 }
 
-fn refused(id: &LbServiceId, what: &str) -> DatapathError {
+fn refused(id: &ServicePortId, what: &str) -> DatapathError {
     DatapathError {
         service: format!("{}/{}/{}", id.namespace, id.name, id.port_name),
         reason: format!("recording datapath told to refuse this {what}"),
@@ -117,13 +117,13 @@ impl RecordingDatapath {
 
     /// The programmed state of one service.
     #[must_use]
-    pub fn service(&self, id: &LbServiceId) -> Option<LbService> {
+    pub fn service(&self, id: &ServicePortId) -> Option<DesiredService> {
         self.lock().programmed.get(id).cloned()
     }
 
     /// The whole programmed state.
     #[must_use]
-    pub fn programmed(&self) -> BTreeMap<LbServiceId, LbService> {
+    pub fn programmed(&self) -> BTreeMap<ServicePortId, DesiredService> {
         self.lock().programmed.clone()
     }
 
@@ -134,7 +134,7 @@ impl RecordingDatapath {
 
     /// Refuses service `id` the next `n` times it is sent; the other services of those
     /// batches are applied.
-    pub fn fail_service(&self, id: &LbServiceId, n: usize) {
+    pub fn fail_service(&self, id: &ServicePortId, n: usize) {
         self.lock().fail_service.insert(id.clone(), n);
     }
 }
@@ -144,7 +144,7 @@ impl Datapath for RecordingDatapath {
         self.lock().apply(changes)
     }
 
-    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+    fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
         let mut inner = self.lock();
         let removals = inner
             .programmed
@@ -165,9 +165,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn svc(name: &str) -> LbService {
-        LbService {
-            id: LbServiceId {
+    fn svc(name: &str) -> DesiredService {
+        DesiredService {
+            id: ServicePortId {
                 namespace: "default".into(),
                 name: name.into(),
                 port_name: String::new(),
@@ -175,6 +175,8 @@ mod tests {
             frontends: Vec::new(),
             backends: Vec::new(),
             table: Arc::from(Vec::new()),
+            active_tier: None,
+            affinity: clustermesh_api::model::Affinity::None,
         }
     }
 

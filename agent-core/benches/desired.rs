@@ -11,11 +11,13 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use clustermesh_agent::datapath::{ApplyReport, Datapath, DesiredChanges, LbService, Protocol};
-use clustermesh_agent::desired::DesiredState;
-use clustermesh_agent::maglev::Maglev;
-use clustermesh_agent::merge::Locality;
-use clustermesh_agent::records::{Affinity, BackendRecord, PortSpec, ServiceName, ServiceRecord};
+use clustermesh_agent_core::datapath::{ApplyReport, Datapath, DesiredChanges, DesiredService};
+use clustermesh_agent_core::desired::DesiredState;
+use clustermesh_agent_core::maglev::Maglev;
+use clustermesh_agent_core::merge::Locality;
+use clustermesh_api::model::{
+    Affinity, BackendRecord, PortSpec, Protocol, ServiceName, ServiceRecord,
+};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 const SERVICES: u32 = 10_000;
@@ -33,7 +35,7 @@ impl Datapath for Discard {
         }
     }
 
-    fn reconcile(&self, desired: &[LbService]) -> ApplyReport {
+    fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
         ApplyReport {
             applied: black_box(desired.len()),
             ..ApplyReport::default()

@@ -10,26 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// Transport protocol of a frontend or backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-/// Identifies one load-balanced service port: `namespace/name` plus the service port name
-/// (empty for an unnamed single port).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LbServiceId {
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Service name.
-    pub name: String,
-    /// Service port name ("" if unnamed).
-    pub port_name: String,
-}
+use clustermesh_api::model::{Affinity, BackendState, Protocol, ServicePortId, Tier};
 
 /// A frontend address: a service cluster IP (v4 or v6) with port and protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,29 +23,7 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
-/// Locality tier of a backend relative to this node (lower is closer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Tier {
-    /// Same node.
-    Node,
-    /// Same zone.
-    Zone,
-    /// Same cluster.
-    Cluster,
-    /// Another cluster.
-    Remote,
-}
-
-/// Whether a backend takes new connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendState {
-    /// Takes new connections (appears in the Maglev table).
-    Active,
-    /// Terminating: no new connections, existing flows kept (weight 0, not in the table).
-    Terminating,
-}
-
-/// One backend of an [`LbService`].
+/// One backend of a [`DesiredService`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// Backend (pod) IP.
@@ -87,11 +46,12 @@ pub struct Backend {
     pub state: BackendState,
 }
 
-/// Desired state of one service port: its frontends, backends and Maglev table.
+/// Desired state of one service port: its frontends, backends and Maglev table, and how
+/// they were selected (shown by the admin API).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LbService {
+pub struct DesiredService {
     /// Which service port this is.
-    pub id: LbServiceId,
+    pub id: ServicePortId,
     /// Frontends (every cluster IP of the service, v4 and/or v6, with this port).
     pub frontends: Vec<Frontend>,
     /// Backends; active ones are referenced by the table, terminating ones are kept so
@@ -100,15 +60,19 @@ pub struct LbService {
     /// Maglev lookup table of prime size M; each entry is an index into `backends`.
     /// Empty when no backend is usable (the datapath must refuse connections then).
     pub table: Arc<[u32]>,
+    /// The farthest tier that takes new connections; `None` when no backend is usable.
+    pub active_tier: Option<Tier>,
+    /// The affinity that selected the backends (the local service's).
+    pub affinity: Affinity,
 }
 
 /// A batch of changes: upserted services (complete new state) and removed ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredChanges {
     /// Services created or changed, each with its complete new state.
-    pub upserts: Vec<LbService>,
+    pub upserts: Vec<DesiredService>,
     /// Services that no longer exist.
-    pub removals: Vec<LbServiceId>,
+    pub removals: Vec<ServicePortId>,
 }
 
 impl DesiredChanges {
@@ -139,7 +103,7 @@ pub struct ApplyReport {
     /// Services whose change is in force (written, removed, or already up to date).
     pub applied: usize,
     /// Services that could not be programmed, with why; each keeps its previous state.
-    pub failed: BTreeMap<LbServiceId, DatapathError>,
+    pub failed: BTreeMap<ServicePortId, DatapathError>,
 }
 
 impl ApplyReport {
@@ -177,7 +141,7 @@ pub struct ApplyError {
     /// Services applied.
     pub applied: usize,
     /// Services that failed, with why; each keeps its previous state.
-    pub failed: BTreeMap<LbServiceId, DatapathError>,
+    pub failed: BTreeMap<ServicePortId, DatapathError>,
 }
 
 /// Something that enforces the desired state: the eBPF maps, or a recorder in tests.
@@ -196,5 +160,5 @@ pub trait Datapath: Send + Sync {
     /// removed, and leftovers of an interrupted run are cleaned. Existing flows of
     /// unchanged services are kept. The agent calls it once, when its first full view is
     /// ready; a failed removal is reported under the removed service's id.
-    fn reconcile(&self, desired: &[LbService]) -> ApplyReport;
+    fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport;
 }

@@ -1,6 +1,8 @@
-//! Cluster-scoped numeric identities.
+//! Cluster-scoped numeric security identities.
 //!
-//! A numeric identity names a security-relevant label set. Each cluster allocates its own
+//! A security identity is a number naming a security-relevant label set (what policy
+//! matches on); it is not the SPIFFE identity a TLS peer proves, which the certs crate
+//! calls a peer identity. Each cluster allocates its own
 //! identities, so the cluster ID is put in the high bits to keep identities from
 //! different clusters apart. The split follows Cilium (`pkg/identity/numericidentity.go`):
 //! 24 bits in total; with 255 clusters the cluster ID takes bits 16..24 and the local
@@ -31,9 +33,14 @@ impl ClusterIdMode {
     }
 }
 
-/// Errors composing an identity.
+/// A numeric security identity: the cluster ID in the high bits, the cluster-local value
+/// in the low bits (24 bits in total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SecurityIdentity(u32);
+
+/// Errors composing a security identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdentityError {
+pub enum SecurityIdentityError {
     /// The cluster ID is invalid for the mode.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -51,32 +58,58 @@ pub enum IdentityError {
     },
 }
 
-/// Builds the numeric identity for `local` in cluster `cluster_id`.
-///
-/// # Errors
-/// [`IdentityError`] when the cluster ID or local value is out of range.
-pub fn compose_identity(
-    cluster_id: u32,
-    local: u32,
-    mode: ClusterIdMode,
-) -> Result<u32, IdentityError> {
-    validate_cluster_id(cluster_id, mode)?;
-    if !(MIN_LOCAL_IDENTITY..=mode.max_local_identity()).contains(&local) {
-        return Err(IdentityError::LocalOutOfRange {
-            local,
-            min: MIN_LOCAL_IDENTITY,
-            max: mode.max_local_identity(),
-            mode,
-        });
+impl SecurityIdentity {
+    /// The identity with this number, as records and store keys carry it.
+    #[must_use]
+    pub const fn new(raw: u32) -> Self {
+        Self(raw)
     }
-    Ok((cluster_id << mode.identity_local_bits()) | local)
+
+    /// The number, as records and store keys carry it.
+    #[must_use]
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Builds the identity for `local` in cluster `cluster_id`.
+    ///
+    /// # Errors
+    /// [`SecurityIdentityError`] when the cluster ID or local value is out of range.
+    pub fn compose(
+        cluster_id: u32,
+        local: u32,
+        mode: ClusterIdMode,
+    ) -> Result<Self, SecurityIdentityError> {
+        validate_cluster_id(cluster_id, mode)?;
+        if !(MIN_LOCAL_IDENTITY..=mode.max_local_identity()).contains(&local) {
+            return Err(SecurityIdentityError::LocalOutOfRange {
+                local,
+                min: MIN_LOCAL_IDENTITY,
+                max: mode.max_local_identity(),
+                mode,
+            });
+        }
+        Ok(Self((cluster_id << mode.identity_local_bits()) | local))
+    }
+
+    /// Splits the identity into `(cluster_id, local)`.
+    #[must_use]
+    pub fn split(self, mode: ClusterIdMode) -> (u32, u32) {
+        let bits = mode.identity_local_bits();
+        (self.0 >> bits, self.0 & mode.max_local_identity())
+    }
 }
 
-/// Splits a numeric identity into `(cluster_id, local)`.
-#[must_use]
-pub fn split_identity(identity: u32, mode: ClusterIdMode) -> (u32, u32) {
-    let bits = mode.identity_local_bits();
-    (identity >> bits, identity & mode.max_local_identity())
+impl From<SecurityIdentity> for u32 {
+    fn from(id: SecurityIdentity) -> u32 {
+        id.0
+    }
+}
+
+impl std::fmt::Display for SecurityIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +119,8 @@ mod tests {
 
     #[test]
     fn matches_cilium_layout() {
+        let compose_identity =
+            |c, l, m| SecurityIdentity::compose(c, l, m).map(SecurityIdentity::get);
         assert_eq!(
             compose_identity(1, 256, ClusterIdMode::Max255),
             Ok(0x0001_0100)
@@ -111,10 +146,10 @@ mod tests {
             local in MIN_LOCAL_IDENTITY..=0xffff,
         ) {
             let mode = if max511 { ClusterIdMode::Max511 } else { ClusterIdMode::Max255 };
-            match compose_identity(cluster, local, mode) {
+            match SecurityIdentity::compose(cluster, local, mode) {
                 Ok(id) => {
-                    prop_assert!(id < 1 << 24);
-                    prop_assert_eq!(split_identity(id, mode), (cluster, local));
+                    prop_assert!(id.get() < 1 << 24);
+                    prop_assert_eq!(SecurityIdentity::new(id.get()).split(mode), (cluster, local));
                 }
                 Err(_) => prop_assert!(cluster > mode.max_cluster_id() || local > mode.max_local_identity()),
             }

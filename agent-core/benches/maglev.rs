@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use clustermesh_agent::maglev::{
+use clustermesh_agent_core::maglev::{
     auto_table_size, reference, BackendKey, Maglev, TableSize, WeightedKey,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

@@ -28,8 +28,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::datapath::{Backend, BackendState, Frontend, LbServiceId, Tier};
-use crate::records::{Affinity, ServiceRecord};
+use clustermesh_api::model::{Affinity, BackendState, ServicePortId, ServiceRecord, Tier};
+
+use crate::datapath::{Backend, Frontend};
 
 /// Where this agent runs: the reference point for affinity and tiers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -62,7 +63,7 @@ impl Locality {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergedService {
     /// Which service port.
-    pub id: LbServiceId,
+    pub id: ServicePortId,
     /// Local cluster IPs with this port.
     pub frontends: Vec<Frontend>,
     /// Active backends (weight > 0) and draining ones (weight 0), sorted by tier, cluster,
@@ -103,7 +104,7 @@ where
             tracing::warn!(service = %local.name, port = %port.name, "duplicate service port name; using the first");
             continue;
         }
-        let id = LbServiceId {
+        let id = ServicePortId {
             namespace: local.name.namespace.clone(),
             name: local.name.name.clone(),
             port_name: port.name.clone(),
@@ -205,8 +206,7 @@ mod tests {
     //! Table tests: each row is a scenario written the way one would describe it.
 
     use super::*;
-    use crate::datapath::Protocol;
-    use crate::records::{BackendRecord, PortSpec, ServiceName};
+    use clustermesh_api::model::{BackendRecord, PortSpec, Protocol, ServiceName};
 
     /// A backend written as `"ip node zone state"`, state `R` ready, `T` terminating,
     /// `N` not ready; weight defaults to 1 (`"ip node zone R*3"` for weight 3).

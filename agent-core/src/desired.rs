@@ -17,27 +17,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::datapath::{
-    ApplyError, ApplyReport, Backend, Datapath, DesiredChanges, LbService, LbServiceId, Tier,
-};
+use clustermesh_api::model::{ServiceName, ServicePortId, ServiceRecord};
+
+use crate::datapath::{ApplyError, ApplyReport, Backend, Datapath, DesiredChanges, DesiredService};
 use crate::maglev::Maglev;
 use crate::merge::{merge_service, Locality, MergedService};
-use crate::records::{Affinity, ServiceName, ServiceRecord};
 
 /// Below this many table builds in one compute, building on the calling thread is faster
 /// than spawning threads.
 const PARALLEL_THRESHOLD: usize = 4;
-
-/// One service port's desired state plus what the admin API shows about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceState {
-    /// What the datapath enforces.
-    pub lb: LbService,
-    /// The farthest tier taking new connections (`None`: no usable backend).
-    pub active_tier: Option<Tier>,
-    /// The service's affinity (shown by the admin API; the datapath sees its effect).
-    pub affinity: Affinity,
-}
 
 /// Counters of what [`DesiredState::compute`] did (for metrics and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,11 +46,11 @@ pub struct DesiredState {
     here: Locality,
     maglev: Maglev,
     records: BTreeMap<ServiceName, BTreeMap<String, Arc<ServiceRecord>>>,
-    services: BTreeMap<LbServiceId, ServiceState>,
+    services: BTreeMap<ServicePortId, DesiredService>,
     /// Service ports of each name currently in `services` (to find removed ports).
-    ports_of: BTreeMap<ServiceName, BTreeSet<LbServiceId>>,
+    ports_of: BTreeMap<ServiceName, BTreeSet<ServicePortId>>,
     dirty: BTreeSet<ServiceName>,
-    unsynced: BTreeSet<LbServiceId>,
+    unsynced: BTreeSet<ServicePortId>,
 }
 
 impl DesiredState {
@@ -162,7 +150,7 @@ impl DesiredState {
 
     /// Current desired state of every service port.
     #[must_use]
-    pub fn services(&self) -> &BTreeMap<LbServiceId, ServiceState> {
+    pub fn services(&self) -> &BTreeMap<ServicePortId, DesiredService> {
         &self.services
     }
 
@@ -178,7 +166,7 @@ impl DesiredState {
                 Some(per) => merge_service(&self.here, per.values().map(AsRef::as_ref)),
                 None => Vec::new(),
             };
-            let new_ids: BTreeSet<LbServiceId> = merged.iter().map(|m| m.id.clone()).collect();
+            let new_ids: BTreeSet<ServicePortId> = merged.iter().map(|m| m.id.clone()).collect();
             for old in self.ports_of.remove(name).unwrap_or_default() {
                 if !new_ids.contains(&old) && self.services.remove(&old).is_some() {
                     self.unsynced.insert(old);
@@ -190,9 +178,9 @@ impl DesiredState {
             }
             for m in merged {
                 match self.services.get_mut(&m.id) {
-                    Some(cur) if same_backends(&cur.lb.backends, &m.backends) => {
-                        if cur.lb.frontends != m.frontends || cur.active_tier != m.active_tier {
-                            let table = Arc::clone(&cur.lb.table);
+                    Some(cur) if same_backends(&cur.backends, &m.backends) => {
+                        if cur.frontends != m.frontends || cur.active_tier != m.active_tier {
+                            let table = Arc::clone(&cur.table);
                             unchanged_tables.push((m, table));
                         } else if cur.affinity != m.affinity {
                             // Same backends and frontends: nothing for the datapath.
@@ -225,13 +213,11 @@ impl DesiredState {
     }
 
     fn store(&mut self, m: MergedService, table: Arc<[u32]>) {
-        let state = ServiceState {
-            lb: LbService {
-                id: m.id.clone(),
-                frontends: m.frontends,
-                backends: m.backends,
-                table,
-            },
+        let state = DesiredService {
+            id: m.id.clone(),
+            frontends: m.frontends,
+            backends: m.backends,
+            table,
             active_tier: m.active_tier,
             affinity: m.affinity,
         };
@@ -251,7 +237,7 @@ impl DesiredState {
         let mut changes = DesiredChanges::default();
         for id in &self.unsynced {
             match self.services.get(id) {
-                Some(s) => changes.upserts.push(s.lb.clone()),
+                Some(s) => changes.upserts.push(s.clone()),
                 None => changes.removals.push(id.clone()),
             }
         }
@@ -283,7 +269,7 @@ impl DesiredState {
     /// # Errors
     /// When some services failed (named in the error, with the number applied).
     pub fn reconcile(&mut self, datapath: &dyn Datapath) -> Result<usize, ApplyError> {
-        let desired: Vec<LbService> = self.services.values().map(|s| s.lb.clone()).collect();
+        let desired: Vec<DesiredService> = self.services.values().cloned().collect();
         let report: ApplyReport = datapath.reconcile(&desired);
         self.unsynced = report.failed.keys().cloned().collect();
         report.into_result().map(|_| desired.len())
@@ -339,9 +325,8 @@ fn build_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::{BackendState, Protocol};
     use crate::recording::RecordingDatapath;
-    use crate::records::{Affinity, BackendRecord, PortSpec};
+    use clustermesh_api::model::{Affinity, BackendRecord, BackendState, PortSpec, Protocol};
 
     fn here() -> Locality {
         Locality {
@@ -391,8 +376,8 @@ mod tests {
         }
     }
 
-    fn id(n: &str) -> LbServiceId {
-        LbServiceId {
+    fn id(n: &str) -> ServicePortId {
+        ServicePortId {
             namespace: "default".into(),
             name: n.into(),
             port_name: "http".into(),
@@ -475,13 +460,13 @@ mod tests {
         let mut st = DesiredState::new(here(), Maglev::default());
         st.upsert(rec("east", "a", &[("10.0.0.1", true)], Affinity::None));
         st.compute();
-        let before = Arc::clone(&st.services()[&id("a")].lb.table);
+        let before = Arc::clone(&st.services()[&id("a")].table);
         let mut r = rec("east", "a", &[("10.0.0.1", true)], Affinity::None);
         r.frontends.push("10.96.0.11".parse().unwrap());
         st.upsert(r);
         let stats = st.compute();
         assert_eq!((stats.tables_built, stats.changed), (0, 1));
-        assert!(Arc::ptr_eq(&before, &st.services()[&id("a")].lb.table));
+        assert!(Arc::ptr_eq(&before, &st.services()[&id("a")].table));
     }
 
     #[test]
@@ -602,7 +587,7 @@ mod tests {
         st.replace_cluster_keeping("west", BTreeMap::from([(name("a"), None)]));
         assert_eq!(st.clusters().get("west"), Some(&1));
         assert_eq!(st.compute().changed, 0, "a kept; b was never programmed");
-        assert_eq!(st.services()[&id("a")].lb.backends.len(), 2);
+        assert_eq!(st.services()[&id("a")].backends.len(), 2);
     }
 
     #[test]
@@ -617,12 +602,8 @@ mod tests {
         assert_eq!(stats.tables_built, 40);
         let maglev = Maglev::default();
         for s in st.services().values() {
-            assert_eq!(*s.lb.table, *maglev.build(&s.lb.backends).unwrap());
-            assert!(s
-                .lb
-                .backends
-                .iter()
-                .all(|b| b.state == BackendState::Active));
+            assert_eq!(*s.table, *maglev.build(&s.backends).unwrap());
+            assert!(s.backends.iter().all(|b| b.state == BackendState::Active));
         }
     }
 }

@@ -1,0 +1,17 @@
+//! The clustermesh agent's control plane, without the eBPF datapath.
+//!
+//! Everything here is plain Rust with no kernel dependency, so it builds and is tested on
+//! any OS; the `clustermesh-agent` binary adds the eBPF datapath, the runtime that wires
+//! these parts together, and the admin endpoints.
+//!
+//! Cluster [`watcher`]s → [`merge`] (affinity, tiers, weights) → weighted [`maglev`] →
+//! [`desired`] state handed to a [`datapath::Datapath`].
+#![forbid(unsafe_code)]
+
+pub mod datapath;
+pub mod desired;
+pub mod maglev;
+pub mod merge;
+pub mod metrics;
+pub mod recording;
+pub mod watcher;
