@@ -1,7 +1,5 @@
-//! Shared fixtures for the behaviour tests: a mesh PKI and loopback servers.
-// Fixtures are shared by several test binaries (not all use every item) and, like
-// tests, fail loudly on broken setup.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! Certificate fixtures: a throwaway mesh CA for one trust domain, leaves for loopback
+//! servers and agents, and plain rustls configs that play a misbehaving peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,20 +9,25 @@ use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::{IssuedCert, MeshCa, MeshTls, ServerNames, TrustDomain, Validity};
 use rustls::pki_types::CertificateDer;
 
+/// The trust domain of [`ca`].
 pub const TD: &str = "clustermesh.local";
 
+/// [`TD`] as a trust domain.
 pub fn td() -> TrustDomain {
     TrustDomain::new(TD).unwrap()
 }
 
+/// A fresh mesh CA for [`TD`].
 pub fn ca() -> MeshCa {
     MeshCa::generate(td()).unwrap()
 }
 
+/// Validity of a leaf issued now with the default lifetime.
 pub fn valid() -> Validity {
     Validity::from_now(DEFAULT_LEAF_VALIDITY)
 }
 
+/// A validity window that ended a day ago.
 pub fn expired() -> Validity {
     let now = SystemTime::now();
     Validity::between(
@@ -33,10 +36,12 @@ pub fn expired() -> Validity {
     )
 }
 
+/// Server names of a loopback server: `localhost` and 127.0.0.1.
 pub fn loopback_names() -> ServerNames {
     ServerNames::new(["localhost".to_owned()], ["127.0.0.1".parse().unwrap()])
 }
 
+/// Our TLS configuration for `leaf`, trusting the CAs in `ca_pem`.
 pub fn tls(ca_pem: &str, leaf: &IssuedCert) -> Arc<MeshTls> {
     Arc::new(
         MeshTls::from_pem(
@@ -63,6 +68,7 @@ pub fn shared(ca: &MeshCa) -> String {
     bundle.to_pem()
 }
 
+/// TLS of cluster `cluster`'s loopback server, issued by `ca`.
 pub fn server_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
     tls(
         &shared(ca),
@@ -71,10 +77,12 @@ pub fn server_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
     )
 }
 
+/// TLS of an agent of cluster `cluster`, issued by `ca`.
 pub fn client_tls(ca: &MeshCa, cluster: &str) -> Arc<MeshTls> {
     tls(&shared(ca), &ca.issue_agent(cluster, valid()).unwrap())
 }
 
+/// A rustls root store holding the certificates in `ca_pem`.
 pub fn roots(ca_pem: &str) -> rustls::RootCertStore {
     let mut store = rustls::RootCertStore::empty();
     for cert in clustermesh_certs::pem::parse_certs(ca_pem.as_bytes()).unwrap() {
@@ -83,6 +91,7 @@ pub fn roots(ca_pem: &str) -> rustls::RootCertStore {
     store
 }
 
+/// The crypto provider the workspace uses (ring).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -107,12 +116,14 @@ pub fn raw_client_config(ca_pem: &str, leaf: Option<&IssuedCert>) -> Arc<rustls:
     Arc::new(config)
 }
 
+/// The DER of `leaf`'s certificate.
 pub fn leaf_der(leaf: &IssuedCert) -> CertificateDer<'static> {
     clustermesh_certs::pem::parse_certs(leaf.cert_pem.as_bytes())
         .unwrap()
         .remove(0)
 }
 
+/// A listener on a free 127.0.0.1 port, and its address.
 pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -20,7 +20,7 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Where the etcd binary is: `CLUSTERMESH_ETCD_BIN` (if that file does not exist, etcd
 /// counts as missing), else `/usr/bin/etcd`, else `etcd` on `PATH`.
-pub(crate) fn etcd_binary() -> Option<PathBuf> {
+pub fn etcd_binary() -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("CLUSTERMESH_ETCD_BIN") {
         let bin = PathBuf::from(bin);
         return bin.is_file().then_some(bin);
@@ -38,7 +38,7 @@ pub(crate) fn etcd_binary() -> Option<PathBuf> {
 
 /// Two free loopback ports (client, peer). Another process could grab them before etcd
 /// binds; [`EtcdServer::start`] retries with new ports if etcd fails to start.
-pub(crate) fn free_ports() -> (u16, u16) {
+pub fn free_ports() -> (u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     let b = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     (
@@ -49,18 +49,18 @@ pub(crate) fn free_ports() -> (u16, u16) {
 
 /// PEM files for an etcd that serves TLS and requires client certificates.
 #[derive(Debug, Clone)]
-pub(crate) struct ServerTls {
+pub struct ServerTls {
     /// CA that signs client certificates (and etcd's own).
-    pub(crate) ca_file: PathBuf,
+    pub ca_file: PathBuf,
     /// etcd's server certificate (IP SAN 127.0.0.1).
-    pub(crate) cert_file: PathBuf,
+    pub cert_file: PathBuf,
     /// Its private key.
-    pub(crate) key_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// A running etcd member.
 #[derive(Debug)]
-pub(crate) struct EtcdServer {
+pub struct EtcdServer {
     binary: PathBuf,
     dir: TempDir,
     client_port: u16,
@@ -73,10 +73,10 @@ impl EtcdServer {
     /// Starts etcd, or returns `None` (after printing why) when the binary is missing and
     /// prerequisites are not required. Panics when etcd is missing but required, or when
     /// it does not start.
-    pub(crate) async fn start_or_skip(test: &str) -> Option<Self> {
+    pub async fn start_or_skip(test: &str) -> Option<Self> {
         let Some(binary) = etcd_binary() else {
             assert!(
-                !super::prerequisites_required(),
+                !crate::prerequisites::prerequisites_required(),
                 "{test}: etcd binary not found (install Debian's etcd-server with scripts/setup); \
                  required because CLUSTERMESH_REQUIRE_PRIVILEGED=1 or CI is set"
             );
@@ -87,7 +87,7 @@ impl EtcdServer {
     }
 
     /// Starts etcd on free ports; panics with etcd's log if it cannot.
-    pub(crate) async fn start_with(binary: PathBuf) -> Self {
+    pub async fn start_with(binary: PathBuf) -> Self {
         let mut last_error = String::new();
         for _ in 0..3 {
             let (client_port, peer_port) = free_ports();
@@ -101,7 +101,7 @@ impl EtcdServer {
     }
 
     /// A server on the given ports that is not running yet (see [`Self::launch`]).
-    pub(crate) fn prepared(binary: PathBuf, client_port: u16, peer_port: u16) -> Self {
+    pub fn prepared(binary: PathBuf, client_port: u16, peer_port: u16) -> Self {
         Self {
             binary,
             dir: tempfile::Builder::new()
@@ -117,24 +117,24 @@ impl EtcdServer {
 
     /// Serves clients over TLS with client-certificate authentication (call before
     /// [`Self::launch`]).
-    pub(crate) fn with_tls(mut self, tls: ServerTls) -> Self {
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
         self
     }
 
     /// The client URL, `http(s)://127.0.0.1:<port>`.
-    pub(crate) fn client_url(&self) -> String {
+    pub fn client_url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// A store config for this server with a short connect deadline.
-    pub(crate) fn config(&self) -> EtcdConfig {
+    pub fn config(&self) -> EtcdConfig {
         EtcdConfig::new([self.client_url()]).with_connect_deadline(Duration::from_secs(30))
     }
 
     /// Connects an [`EtcdStore`] to this server.
-    pub(crate) async fn connect(&self) -> EtcdStore {
+    pub async fn connect(&self) -> EtcdStore {
         EtcdStore::connect(self.config())
             .await
             .expect("connect to the test etcd")
@@ -145,7 +145,7 @@ impl EtcdServer {
     }
 
     /// The last lines of etcd's log, for failure messages.
-    pub(crate) fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
@@ -153,7 +153,7 @@ impl EtcdServer {
 
     /// Starts (or restarts, keeping the data directory) the etcd process and waits until
     /// it reports itself healthy.
-    pub(crate) async fn launch(&mut self) -> Result<(), String> {
+    pub async fn launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "etcd already running");
         let data = self.dir.path().join("data");
         let log = File::options()
@@ -227,7 +227,7 @@ impl EtcdServer {
     }
 
     /// Kills the etcd process (SIGKILL) and waits for it; the data directory stays.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -235,7 +235,7 @@ impl EtcdServer {
     }
 
     /// The data directory.
-    pub(crate) fn data_dir(&self) -> &Path {
+    pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
 }

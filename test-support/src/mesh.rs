@@ -2,9 +2,8 @@
 //! cache + gRPC server per cluster (real mTLS on 127.0.0.1), the PKI files an agent needs,
 //! and its configuration file.
 //!
-//! Used by `tests/two_clusters.rs` and, through `#[path]`, by `benches/propagation.rs`.
-//! Setup failures panic: in a test or bench harness a failed setup step is a failure.
-#![allow(clippy::unwrap_used, dead_code)]
+//! Used by the agent's two-cluster scenarios (`agent/tests/it/two_clusters.rs`) and its
+//! propagation benchmark.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,17 +22,17 @@ use tokio_util::sync::CancellationToken;
 
 /// What one in-process mesh API server exports about its cluster.
 #[derive(Debug, Clone)]
-pub(crate) struct ServerSpec<'a> {
+pub struct ServerSpec<'a> {
     /// Trust domain of the mesh.
-    pub(crate) trust_domain: &'a str,
+    pub trust_domain: &'a str,
     /// Cluster name.
-    pub(crate) cluster: &'a str,
+    pub cluster: &'a str,
     /// Cluster ID.
-    pub(crate) id: u32,
+    pub id: u32,
     /// Pod CIDRs the cluster reports.
-    pub(crate) pod_cidrs: &'a [&'a str],
+    pub pod_cidrs: &'a [&'a str],
     /// Per-watch stream buffer of the server.
-    pub(crate) stream_buffer: usize,
+    pub stream_buffer: usize,
 }
 
 /// A running mesh API server; `stop` ends its watch streams and tasks.
@@ -42,7 +41,7 @@ pub(crate) struct ServerSpec<'a> {
 /// cache (and its resume history) keeps following the store, like a server whose agents
 /// lost their connections without the server losing its state.
 #[derive(Debug)]
-pub(crate) struct MeshServer {
+pub struct MeshServer {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     config: ServiceConfig,
@@ -56,7 +55,7 @@ pub(crate) struct MeshServer {
 impl MeshServer {
     /// Serves `store` as cluster `spec.cluster` on `listener`, with a server certificate
     /// for `localhost`/127.0.0.1 issued by `ca`. Returns once the cache has loaded.
-    pub(crate) async fn start(
+    pub async fn start(
         store: Arc<dyn Store>,
         ca: &MeshCa,
         spec: &ServerSpec<'_>,
@@ -93,7 +92,7 @@ impl MeshServer {
         let tls: Arc<dyn TlsSource> = Arc::new(
             MeshTls::from_pem(
                 td,
-                shared_ca_bundle(ca).as_bytes(),
+                crate::certs::shared(ca).as_bytes(),
                 leaf.cert_pem.as_bytes(),
                 leaf.key_pem.as_bytes(),
             )
@@ -114,7 +113,7 @@ impl MeshServer {
     }
 
     /// Starts (again) serving gRPC on `listener` from the running cache.
-    pub(crate) fn serve_again(&mut self, listener: tokio::net::TcpListener) {
+    pub fn serve_again(&mut self, listener: tokio::net::TcpListener) {
         assert!(self.grpc_task.is_none(), "already serving");
         self.grpc_stop = CancellationToken::new();
         let service = MeshApiService::new(
@@ -132,7 +131,7 @@ impl MeshServer {
 
     /// Stops serving gRPC (ending every watch stream) but keeps the cache following the
     /// store, with its history.
-    pub(crate) async fn stop_serving(&mut self) {
+    pub async fn stop_serving(&mut self) {
         self.grpc_stop.cancel();
         if let Some(t) = self.grpc_task.take() {
             let _ = t.await;
@@ -140,7 +139,7 @@ impl MeshServer {
     }
 
     /// Stops the server and waits for its tasks.
-    pub(crate) async fn stop(mut self) {
+    pub async fn stop(mut self) {
         self.stop_serving().await;
         self.cache_stop.cancel();
         let _ = self.cache_task.await;
@@ -150,13 +149,13 @@ impl MeshServer {
 /// A server that completes the mTLS handshake as cluster `cluster` and then never says a
 /// word (it holds every connection open, unread), like a hung mesh API server.
 #[derive(Debug)]
-pub(crate) struct MuteServer {
+pub struct MuteServer {
     task: tokio::task::JoinHandle<()>,
 }
 
 impl MuteServer {
     /// Accepts on `listener` with a server certificate for `cluster` issued by `ca`.
-    pub(crate) fn start(
+    pub fn start(
         ca: &MeshCa,
         trust_domain: &str,
         cluster: &str,
@@ -172,7 +171,7 @@ impl MuteServer {
             .unwrap();
         let tls = MeshTls::from_pem(
             td.clone(),
-            shared_ca_bundle(ca).as_bytes(),
+            crate::certs::shared(ca).as_bytes(),
             leaf.cert_pem.as_bytes(),
             leaf.key_pem.as_bytes(),
         )
@@ -196,7 +195,7 @@ impl MuteServer {
     }
 
     /// Stops accepting and closes every held connection.
-    pub(crate) async fn stop(self) {
+    pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
     }
@@ -204,21 +203,7 @@ impl MuteServer {
 
 /// Writes `ca.crt`, `client.crt` and `client.key` (a client certificate for cluster
 /// `local`) into `dir`; returns the CA.
-/// Clusters the test meshes use; the one test CA is shared by all of them.
-pub(crate) const TEST_CLUSTERS: [&str; 4] = ["east", "west", "south", "north"];
-
-/// The shared test CA as a trust bundle labelled with every test cluster (a mesh with one
-/// CA for all clusters: the CA may issue every test cluster's identities).
-pub(crate) fn shared_ca_bundle(ca: &MeshCa) -> String {
-    let mut bundle = clustermesh_certs::TrustBundle::new();
-    let one = clustermesh_certs::TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap();
-    for cluster in TEST_CLUSTERS {
-        bundle.merge_as(&one, cluster);
-    }
-    bundle.to_pem()
-}
-
-pub(crate) fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
+pub fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
     let ca = MeshCa::generate(TrustDomain::new(trust_domain).unwrap()).unwrap();
     let client = ca
         .issue_agent(local, Validity::from_now(DEFAULT_LEAF_VALIDITY))
@@ -232,7 +217,7 @@ pub(crate) fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
 /// Writes the agent configuration for cluster `local` to `path`: every `(name, id, port)`
 /// in `clusters` is watched at `localhost:<port>` with the PKI files `pki` wrote in `dir`.
 /// Write-then-rename, so a running agent never reads a half-written file.
-pub(crate) fn write_agent_config(
+pub fn write_agent_config(
     path: &Path,
     dir: &Path,
     trust_domain: &str,
@@ -263,7 +248,7 @@ pub(crate) fn write_agent_config(
 /// Binds `addr` again after a server on it was stopped. The stopped server's accept task
 /// is aborted, not joined, so its listening socket may close a moment after `stop`
 /// returns; retry `AddrInUse` for a while instead of failing on that race.
-pub(crate) async fn rebind(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+pub async fn rebind(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match tokio::net::TcpListener::bind(addr).await {

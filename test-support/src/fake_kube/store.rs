@@ -83,27 +83,6 @@ pub(super) fn fields_match(obj: &Value, sel: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-/// RFC 7386 JSON merge patch.
-pub(super) fn merge_patch(target: &mut Value, patch: &Value) {
-    let Some(patch) = patch.as_object() else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let Some(t) = target.as_object_mut() else {
-        return;
-    };
-    for (k, v) in patch {
-        if v.is_null() {
-            t.remove(k);
-        } else {
-            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-        }
-    }
-}
-
 /// A field's path inside an object, one segment per map key (lists are leaves).
 pub(super) type FieldPath = Vec<String>;
 
@@ -670,7 +649,7 @@ impl State {
                     return r;
                 }
                 let mut merged = stored.clone();
-                merge_patch(&mut merged, &patch);
+                json_patch::merge(&mut merged, &patch);
                 if let Err(r) = Self::check_identity(key, &merged) {
                     return r;
                 }
@@ -815,7 +794,7 @@ impl State {
                 remove_field(&mut merged, gone);
             }
         }
-        merge_patch(&mut merged, &patch);
+        json_patch::merge(&mut merged, &patch);
         let mut new = Self::scope_write(key, &stored, merged, status_only);
         match self.admit(key, &mut new, Some(&stored), FieldValidation::Ignore) {
             Ok(w) => warnings.extend(w),
