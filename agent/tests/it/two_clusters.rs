@@ -43,8 +43,7 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/mesh.rs"]
-mod mesh;
+use clustermesh_test_support::mesh;
 use mesh::{MeshServer, ServerSpec};
 
 const TD: &str = "mesh.test";

@@ -3,7 +3,7 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use clustermesh_test_support::certs as common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

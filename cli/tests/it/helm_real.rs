@@ -2,7 +2,7 @@
 //!
 //! For the default values and every documented override, `deploy/helm/clustermesh` is
 //! rendered twice — by the real Helm v4 engine (PyPI `helm-python-sdk`, through
-//! `tests/support/helm_render.py`) and by the engine the CLI compiles in
+//! `tests/it/support/helm_render.py`) and by the engine the CLI compiles in
 //! (`clustermesh_cli::chart`) — and the two must produce the same objects. Every object
 //! Helm renders must pass `kubernetes-validate` (strict) for the oldest and newest
 //! supported Kubernetes versions, and every object the CLI renders must be accepted by
@@ -14,17 +14,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use clustermesh_cli::chart::{Chart, Release};
+use clustermesh_test_support::fake_kube::{kubeconfig, plural_of, FakeKube};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, plural_of, FakeKube};
 
 /// Oldest supported Kubernetes version (the raft StatefulSet needs the pod-index label).
 const OLDEST: &str = "1.28";
@@ -77,7 +75,7 @@ fn key(obj: &Value) -> String {
 
 /// Real Helm: the objects and the schema errors for [OLDEST, NEWEST].
 fn helm_render(python: &PathBuf, values: &Value) -> (Objects, Vec<String>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/helm_render.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/helm_render.py");
     let mut child = Command::new(python)
         .arg(script)
         .stdin(Stdio::piped())

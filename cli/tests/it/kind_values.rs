@@ -8,18 +8,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::support;
 use clustermesh_cli::agent_config::AgentConfig;
 use clustermesh_cli::k8s::mesh::{chart_values, release};
 use clustermesh_cli::k8s::objects::MeshConfig;
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, FakeKube};
 use support::run_cli;
 
 const NS: &str = "kube-system";
@@ -215,7 +214,7 @@ async fn real_helm_renders_the_kind_values_like_the_cli_and_the_schemas_accept_t
         let rel = release(NS);
 
         let mut child = Command::new(&python)
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/helm_render.py"))
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/helm_render.py"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -6,16 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::support;
 use clustermesh_api::admin::{
     BackendDump, BackendStatus, BpfDump, ServiceDump, ServiceStatus, SlabDump,
 };
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use support::{run_cli, CliRun};
 
 const NS: &str = "kube-system";

@@ -9,15 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::support;
 use clustermesh_certs::inspect::CertInfo;
 use clustermesh_cli::agent_config::AgentConfig;
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, FakeKube};
 use support::{run_cli, CliRun};
 
 const NS: &str = "kube-system";

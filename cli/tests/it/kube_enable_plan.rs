@@ -6,12 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::path::PathBuf;
 
+use crate::support;
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, FakeKube};
 use support::{run_cli, CliRun};
 
 const NS: &str = "kube-system";

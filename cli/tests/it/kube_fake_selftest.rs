@@ -1,13 +1,13 @@
-//! The fake Kubernetes API server (tests/support/fake_kube.rs) behaves like the real one
+//! The fake Kubernetes API server (`test-support/src/fake_kube/`) behaves like the real one
 //! for what kube-rs does: typed and dynamic get/list/create/replace/apply/delete, conflicts,
 //! injected failures, the pod proxy and a stopped server.
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 
+use crate::support;
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::ByteString;
@@ -18,7 +18,6 @@ use kube::api::{
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde_json::json;
-use support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 
 const NS: &str = "kube-system";
 
@@ -874,7 +873,10 @@ async fn https_with_a_client_certificate_or_the_token() {
     for cert in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let path = if cert {
-            support::fake_kube::kubeconfig_client_cert(dir.path(), &[("east", &fake)])
+            clustermesh_test_support::fake_kube::kubeconfig_client_cert(
+                dir.path(),
+                &[("east", &fake)],
+            )
         } else {
             kubeconfig(dir.path(), &[("east", &fake)])
         };

@@ -1,4 +1,4 @@
-//! Real `kubectl` against the fake API server (tests/support/fake_kube/): the fake is
+//! Real `kubectl` against the fake API server (`test-support/src/fake_kube/`): the fake is
 //! faithful where kubectl looks — discovery, OpenAPI v3 (kubectl then validates on the
 //! server with `fieldValidation=Strict`), server-side printing, server-side apply, watch,
 //! HTTPS with a client certificate or a token — and refuses what a real server refuses.
@@ -9,13 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clustermesh_test_support::fake_kube::{kubeconfig, kubeconfig_client_cert, FakeKube};
 use serde_json::Value;
-use support::fake_kube::{kubeconfig, kubeconfig_client_cert, FakeKube};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The kubectl to run, or None (after failing in CI) when there is none.
@@ -269,7 +267,7 @@ async fn kubectl_without_credentials_is_unauthorized() {
     let kc = kubeconfig(dir.path(), &[("east", &fake)]);
     let text = std::fs::read_to_string(&kc)
         .unwrap()
-        .replace(support::fake_kube::TOKEN, "wrong-token");
+        .replace(clustermesh_test_support::fake_kube::TOKEN, "wrong-token");
     std::fs::write(&kc, text).unwrap();
     let denied = run(&kubectl, &kc, &["get", "namespaces"]).await;
     assert!(!denied.ok);

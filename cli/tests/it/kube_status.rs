@@ -5,14 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::support;
+use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use serde_json::{json, Value};
-use support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use support::{run_cli, CliRun};
 
 const NS: &str = "kube-system";
@@ -162,7 +161,7 @@ fn agent(fake: &FakeKube, pod: &str, body: Value) {
     fake.set_pod_proxy(NS, pod, Some(9963), move |req| {
         match req.header("x-clustermesh-token") {
             None => return ProxyResponse::text(401, "missing X-Clustermesh-Token header"),
-            Some(t) if support::fake_kube::base64(t.as_bytes()) != token => {
+            Some(t) if clustermesh_test_support::fake_kube::base64(t.as_bytes()) != token => {
                 return ProxyResponse::text(401, "wrong X-Clustermesh-Token")
             }
             Some(_) => {}

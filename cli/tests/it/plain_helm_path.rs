@@ -10,18 +10,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::support;
 use clustermesh_certs::{PeerIdentity, TlsMaterial, TlsPaths, TrustDomain};
 use clustermesh_cli::agent_config::AgentConfig;
 use clustermesh_cli::chart::{Chart, Release};
+use clustermesh_test_support::fake_kube::{base64, kubeconfig, plural_of, FakeKube};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{json, Value};
-use support::fake_kube::{base64, kubeconfig, plural_of, FakeKube};
 use support::run_cli;
 
 const NS: &str = "kube-system";

@@ -3,12 +3,11 @@
 //! watching over gRPC; a SIGTERM ending it cleanly. Loopback addresses only.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};

@@ -5,12 +5,11 @@
 //! Loopback addresses only.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support;
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
 use support::Pki;

@@ -3,11 +3,10 @@
 //! or cluster. It exits non-zero with one line naming both identities.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support;
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
 use support::Pki;

@@ -7,12 +7,11 @@
 //! server share one thread, as a parse on the runtime would stall all of them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support;
 use clustermesh_api::keys;
 use clustermesh_api::v1::{self, WatchRequest};
 use clustermesh_apiserver::export::{ExportConfig, Exporter};

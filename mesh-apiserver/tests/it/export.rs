@@ -2,11 +2,10 @@
 //! identities stable across restarts and collected when unused.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support;
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::identity::split_identity;
 use clustermesh_api::keys::{self, Kind};

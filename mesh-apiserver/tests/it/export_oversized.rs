@@ -3,10 +3,9 @@
 //! other records are exported normally, and once the service fits again it is written.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support;
 use clustermesh_api::keys;
 use clustermesh_apiserver::export::{ExportConfig, Exporter};
 use clustermesh_apiserver::metrics::Metrics;

@@ -1,12 +1,11 @@
 //! The mesh API end to end: real store (raft and etcd), real mTLS, real gRPC clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::support;
 use clustermesh_api::keys::{self, Kind};
 use clustermesh_api::v1::watch_event::Event;
 use clustermesh_api::v1::{self, WatchRequest};

@@ -1,10 +1,9 @@
 //! Identity allocation by compare-and-swap against a real store (embedded raft).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support;
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::identity::split_identity;
 use clustermesh_apiserver::identity::IdentityAllocator;

@@ -4,12 +4,11 @@
 //! counted in `/metrics`, and other clients are served meanwhile.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support;
 use clustermesh_api::v1;
 use clustermesh_certs::transport::IncomingConfig;
 use support::{Backend, Pki, ServerSetup, TestServer, TestStore};

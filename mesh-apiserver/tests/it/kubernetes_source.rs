@@ -127,7 +127,7 @@ fn fixture(name: &str) -> Vec<u8> {
     macro_rules! fixtures {
         ($($file:literal),* $(,)?) => {
             match name {
-                $($file => include_bytes!(concat!("fixtures/kube/", $file)).to_vec(),)*
+                $($file => include_bytes!(concat!("../fixtures/kube/", $file)).to_vec(),)*
                 other => panic!("no fixture {other} in tests/fixtures/kube"),
             }
         };

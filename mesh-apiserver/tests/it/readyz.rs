@@ -2,10 +2,9 @@
 //! repeat themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::sync::Arc;
 
+use crate::support;
 use clustermesh_apiserver::export::ExportProblems;
 use clustermesh_apiserver::http::{self, OpsState, Readiness};
 use clustermesh_apiserver::metrics::Metrics;

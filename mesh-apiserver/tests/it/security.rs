@@ -5,11 +5,10 @@
 //! admins only; and the set of connected peers follows the trust bundle on disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_apiserver::cache::{Cache, CacheConfig};

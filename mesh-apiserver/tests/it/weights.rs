@@ -4,13 +4,12 @@
 //! and end to end from a `dir:` source to the store.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support;
 use clustermesh_api::annotations::WEIGHT;
 use clustermesh_api::keys;
 use clustermesh_api::v1;

@@ -2,7 +2,7 @@
 //! giving up with a clear error, resuming watches across an etcd restart, and TLS with
 //! client certificates.
 
-mod support;
+use clustermesh_test_support as support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};

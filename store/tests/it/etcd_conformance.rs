@@ -1,7 +1,7 @@
 //! The shared store conformance suite against a real etcd (one fresh etcd process per
 //! check, so every check starts from an empty store at revision 1).
 
-mod support;
+use clustermesh_test_support as support;
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! a decorator with one deliberate fault and checks that the matching check fails (and
 //! names itself), so a passing suite means something.
 
-mod support;
+use clustermesh_test_support as support;
 
 use std::sync::Arc;
 use std::time::Duration;

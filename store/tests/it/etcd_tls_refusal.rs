@@ -3,7 +3,7 @@
 //! closed connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-mod support;
+use clustermesh_test_support as support;
 
 use std::time::{Duration, Instant};
 

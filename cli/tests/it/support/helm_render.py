@@ -2,7 +2,7 @@
 rendered object with kubernetes-validate (the Kubernetes JSON schemas, strict: unknown
 fields are errors) for each requested Kubernetes version.
 
-Used by cli/tests/helm_real.rs. Input on stdin (JSON):
+Used by cli/tests/it/helm_real.rs and cli/tests/it/kind_values.rs. Input on stdin (JSON):
     {"chart": DIR, "name": RELEASE, "namespace": NS, "values": {...}, "versions": ["1.28", ...]}
 Output on stdout (JSON):
     {"objects": [{"template": PATH, "object": {...}}], "errors": ["..."]}

@@ -1,15 +1,12 @@
-//! Shared support for the CLI's integration tests (`mod support;` in a test file).
-//!
-//! - [`fake_kube`]: an in-memory Kubernetes API server on 127.0.0.1 for Kubernetes mode.
-//! - [`run_cli`]: runs the real `clustermesh` binary without blocking the test's runtime.
+//! Support of the CLI's scenarios that needs the CLI's own binary: [`run_cli`] runs the
+//! real `clustermesh` without blocking the test's runtime. The fake Kubernetes API server
+//! lives in `clustermesh_test_support::fake_kube`; `helm_render.py` renders the chart with
+//! real Helm for the scenarios that compare against it.
 
-// Each test crate uses a different subset of these helpers, and `pub` here is reachable
-// only inside that crate.
-#![allow(dead_code, unreachable_pub)]
+// `pub` here is reachable only inside the test binary.
+#![allow(unreachable_pub)]
 // Test helpers panic on setup failure on purpose.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-pub mod fake_kube;
+#![allow(clippy::expect_used)]
 
 use std::path::Path;
 

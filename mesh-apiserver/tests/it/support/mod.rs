@@ -1,10 +1,9 @@
-//! Shared helpers of the behaviour tests: real stores (embedded raft, or an etcd process
-//! on a loopback port), a throwaway mesh PKI, and a mesh API server on 127.0.0.1.
+//! Shared helpers of the mesh API server's scenarios: real stores (embedded raft, or the
+//! test kit's etcd process on loopback ports), a throwaway mesh PKI, and a mesh API server
+//! on 127.0.0.1.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,8 @@ use clustermesh_certs::transport::{IncomingConfig, MeshEndpoint};
 use clustermesh_certs::trust_bundle::TrustBundle;
 use clustermesh_certs::{IssuedCert, MeshTls, TlsSource, TrustDomain};
 use clustermesh_store::raft::LocalCluster;
-use clustermesh_store::{EtcdConfig, EtcdStore, Store};
+use clustermesh_store::Store;
+use clustermesh_test_support::etcd::EtcdServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -36,13 +36,14 @@ pub enum Backend {
 pub struct TestStore {
     pub store: Arc<dyn Store>,
     raft: Option<LocalCluster>,
-    etcd: Option<EtcdProcess>,
+    etcd: Option<EtcdServer>,
     pub dir: tempfile::TempDir,
 }
 
 impl TestStore {
     /// Starts a store; `None` (with a message) when the backend's prerequisite (the etcd
-    /// binary) is missing and CLUSTERMESH_REQUIRE_PRIVILEGED is not set.
+    /// binary) is missing and not required (see
+    /// [`clustermesh_test_support::prerequisites::prerequisites_required`]).
     pub async fn start(backend: Backend) -> Option<TestStore> {
         let dir = tempfile::tempdir().unwrap();
         match backend {
@@ -57,18 +58,8 @@ impl TestStore {
                 })
             }
             Backend::Etcd => {
-                let Some(binary) = etcd_binary() else {
-                    assert!(
-                        std::env::var("CLUSTERMESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-                        "etcd binary not found (install etcd-server) and CLUSTERMESH_REQUIRE_PRIVILEGED=1"
-                    );
-                    eprintln!("skipping: etcd binary not found (install the etcd-server package)");
-                    return None;
-                };
-                let etcd = EtcdProcess::start(binary, dir.path().join("etcd"));
-                let config = EtcdConfig::new([etcd.client_url()])
-                    .with_connect_deadline(Duration::from_secs(30));
-                let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(config).await.unwrap());
+                let etcd = EtcdServer::start_or_skip("mesh-apiserver store").await?;
+                let store: Arc<dyn Store> = Arc::new(etcd.connect().await);
                 Some(TestStore {
                     store,
                     raft: None,
@@ -84,61 +75,6 @@ impl TestStore {
             cluster.shutdown().await;
         }
         drop(self.etcd);
-    }
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// An etcd server on loopback ports, killed on drop.
-pub struct EtcdProcess {
-    child: Child,
-    client_port: u16,
-}
-
-impl EtcdProcess {
-    fn start(binary: PathBuf, data_dir: PathBuf) -> EtcdProcess {
-        let client_port = free_port();
-        let peer_port = free_port();
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(binary)
-            .arg("--name=t0")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t0={peer}"))
-            .arg("--log-level=error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        EtcdProcess { child, client_port }
-    }
-
-    fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-}
-
-impl Drop for EtcdProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 
 use clustermesh_netns_harness::mesh::{Binaries, Mesh};
 use clustermesh_netns_harness::{cleanup, privileges_missing, scenario, Harness, TopologySpec};
+use clustermesh_test_support::prerequisites;
 
 /// Failover repeats when `CLUSTERMESH_FAILOVER_REPEATS` is unset.
 const DEFAULT_REPEATS: usize = 20;
@@ -77,6 +78,7 @@ fn global_service_fails_over_to_the_other_cluster_and_back() {
     if !privileged("global_service_fails_over_to_the_other_cluster_and_back") {
         return;
     }
+    let _heavy = prerequisites::exclusive();
     let repeats: usize = std::env::var("CLUSTERMESH_FAILOVER_REPEATS")
         .ok()
         .and_then(|v| v.parse().ok())

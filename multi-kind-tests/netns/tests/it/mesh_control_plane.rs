@@ -6,7 +6,7 @@
 //! recovers), and `disconnect`.
 //!
 //! No agents run here (their sockets are listed, so `status` exits non-zero for them and
-//! the checks read its JSON); `tests/failover.rs` runs the whole mesh with agents.
+//! the checks read its JSON); `failover.rs` runs the whole mesh with agents.
 //!
 //! Needs root, iproute2 and cgroup2; skips otherwise unless
 //! `CLUSTERMESH_REQUIRE_PRIVILEGED=1`.
@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use clustermesh_netns_harness::mesh::{Binaries, Mesh};
 use clustermesh_netns_harness::{privileges_missing, Harness, TopologySpec};
+use clustermesh_test_support::prerequisites;
 
 fn privileged(test: &str) -> bool {
     match privileges_missing() {
@@ -64,6 +65,7 @@ fn enable_connect_status_and_peer_outage_with_real_apiservers() {
     if !privileged("enable_connect_status_and_peer_outage_with_real_apiservers") {
         return;
     }
+    let _heavy = prerequisites::exclusive();
     let helper = PathBuf::from(env!("CARGO_BIN_EXE_clustermesh-netns"));
     let cargo = std::env::var_os("CARGO").map(PathBuf::from);
     let bins = Binaries::beside(&helper, cargo.as_deref()).unwrap();

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clustermesh_netns_harness::{cgroup, cleanup, privileges_missing, Harness, TopologySpec};
+use clustermesh_test_support::prerequisites;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -62,6 +63,7 @@ fn echo_reply_crosses_from_one_cluster_to_the_other() {
     if !privileged("echo_reply_crosses_from_one_cluster_to_the_other") {
         return;
     }
+    let _heavy = prerequisites::shared();
     let mut h = Harness::build(TopologySpec::uniform(2, 2, 1), &helper()).unwrap();
     assert_eq!(h.namespaces().len(), 1 + 4 + 4, "fabric + 4 nodes + 4 pods");
     assert!(
@@ -104,6 +106,7 @@ fn node_processes_run_in_the_node_cgroup_and_die_at_teardown() {
     if !privileged("node_processes_run_in_the_node_cgroup_and_die_at_teardown") {
         return;
     }
+    let _heavy = prerequisites::shared();
     let mut h = Harness::build(TopologySpec::uniform(1, 2, 0), &helper()).unwrap();
     let pid = h
         .spawn_in_node(0, 1, "sleeper", Path::new("/bin/sleep"), &["60"])
@@ -153,6 +156,7 @@ fn a_failing_scenario_still_removes_everything() {
     if !privileged("a_failing_scenario_still_removes_everything") {
         return;
     }
+    let _heavy = prerequisites::shared();
     let run = Mutex::new(String::new());
     let result = std::panic::catch_unwind(|| {
         let mut h = Harness::build(TopologySpec::uniform(2, 1, 1), &helper()).unwrap();
@@ -171,6 +175,7 @@ fn resources_of_a_dead_run_are_swept() {
     if !privileged("resources_of_a_dead_run_are_swept") {
         return;
     }
+    let _heavy = prerequisites::shared();
     // Simulate a run whose process was SIGKILLed: a marker naming a dead process, plus a
     // namespace, a cgroup and a pin directory carrying its run id.
     let run = format!("dead{:x}", std::process::id());
