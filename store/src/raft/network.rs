@@ -56,6 +56,7 @@ impl NetworkFaults {
     }
 
     /// Drops all RPCs to and from `node` until [`NetworkFaults::heal`].
+    #[cfg(feature = "testing")]
     pub fn isolate(&self, node: NodeId) {
         self.isolated
             .write()
@@ -64,6 +65,7 @@ impl NetworkFaults {
     }
 
     /// Reconnects `node`.
+    #[cfg(feature = "testing")]
     pub fn heal(&self, node: NodeId) {
         self.isolated
             .write()
