@@ -130,6 +130,26 @@ pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
     (listener, addr)
 }
 
+/// Writes `pem` to `dir/name`; returns the path.
+pub fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// Writes `leaf`'s certificate and key into `dir` as `<name>.pem` and `<name>-key.pem`;
+/// returns (certificate, key) paths.
+pub fn write_leaf(
+    dir: &std::path::Path,
+    name: &str,
+    leaf: &IssuedCert,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    (
+        write_pem(dir, &format!("{name}.pem"), &leaf.cert_pem),
+        write_pem(dir, &format!("{name}-key.pem"), &leaf.key_pem),
+    )
+}
+
 /// The rustls error inside an I/O error from tokio-rustls.
 pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref()?.downcast_ref::<rustls::Error>()

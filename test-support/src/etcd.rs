@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clustermesh_certs::{MeshCa, ServerNames, Validity};
 use clustermesh_store::{EtcdConfig, EtcdStore};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,6 +57,26 @@ pub struct ServerTls {
     pub cert_file: PathBuf,
     /// Its private key.
     pub key_file: PathBuf,
+}
+
+impl ServerTls {
+    /// Issues etcd a server certificate for 127.0.0.1 from `ca` (valid for an hour) and
+    /// writes it, its key and `ca`'s certificate, which etcd then requires client
+    /// certificates to chain to, into `dir` as `server.pem`, `server-key.pem` and `ca.pem`.
+    pub fn issue(ca: &MeshCa, dir: &Path) -> ServerTls {
+        let server = ca
+            .issue_server(
+                "etcd",
+                &ServerNames::new([], ["127.0.0.1".parse().expect("an IP address")]),
+                Validity::from_now(Duration::from_secs(3600)),
+            )
+            .expect("issue etcd's server certificate");
+        ServerTls {
+            ca_file: crate::certs::write_pem(dir, "ca.pem", ca.cert_pem()),
+            cert_file: crate::certs::write_pem(dir, "server.pem", &server.cert_pem),
+            key_file: crate::certs::write_pem(dir, "server-key.pem", &server.key_pem),
+        }
+    }
 }
 
 /// A running etcd member.

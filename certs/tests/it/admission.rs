@@ -5,14 +5,12 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_test_support::certs as common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clustermesh_certs::transport::{incoming, IncomingConfig, MeshIncoming, MeshTlsStream};
 use clustermesh_certs::{MeshCa, TlsSource};
-use common::*;
+use clustermesh_test_support::certs::*;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};

@@ -3,15 +3,13 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_test_support::certs as common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::transport::{self, incoming, IncomingConfig, MeshEndpoint};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths};
-use common::*;
+use clustermesh_test_support::certs::*;
 use tonic::transport::Server;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;

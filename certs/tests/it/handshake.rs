@@ -3,8 +3,6 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_test_support::certs as common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +13,7 @@ use clustermesh_certs::transport::{
     IncomingConfig, MeshEndpoint, MeshTlsStream,
 };
 use clustermesh_certs::{IdentityError, MeshCa, MeshTls, PeerIdentity, TlsSource, TrustDomain};
-use common::*;
+use clustermesh_test_support::certs::*;
 use rustls::pki_types::ServerName;
 use rustls::CertificateError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,8 +3,6 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_test_support::certs as common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -12,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::transport::{incoming, IncomingConfig, MeshEndpoint};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TrustDomain, Validity};
-use common::*;
+use clustermesh_test_support::certs::*;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -3,8 +3,6 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_test_support::certs as common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +15,7 @@ use clustermesh_certs::transport::{
     incoming, IncomingConfig, MeshEndpoint, MeshIncoming, MeshTlsStream,
 };
 use clustermesh_certs::{MeshCa, ReloadingTls, TlsError, TlsPaths, TlsSource};
-use common::*;
+use clustermesh_test_support::certs::*;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

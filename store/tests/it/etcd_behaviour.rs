@@ -2,13 +2,12 @@
 //! giving up with a clear error, resuming watches across an etcd restart, and TLS with
 //! client certificates.
 
-use clustermesh_test_support as support;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clustermesh_store::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls, EventKind, Store};
+use clustermesh_test_support as support;
 use futures::StreamExt;
 use support::etcd::{etcd_binary, free_ports, EtcdServer, ServerTls};
 
@@ -206,7 +205,7 @@ async fn watch_resumes_across_an_etcd_restart_without_gap_or_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates_round_trips() {
-    use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
+    use clustermesh_certs::{MeshCa, TrustDomain, Validity};
 
     support::init_tracing();
     let Some(binary) = etcd_binary() else {
@@ -215,28 +214,12 @@ async fn tls_with_client_certificates_round_trips() {
     };
     let dir = tempfile::tempdir().unwrap();
     let ca = MeshCa::generate(TrustDomain::new("test.mesh").unwrap()).unwrap();
-    let validity = || Validity::from_now(Duration::from_secs(3600));
-    let server_cert = ca
-        .issue_server(
-            "etcd",
-            &ServerNames::new([], ["127.0.0.1".parse().unwrap()]),
-            validity(),
-        )
+    let tls = ServerTls::issue(&ca, dir.path());
+    let ca_file = tls.ca_file.clone();
+    let client_cert = ca
+        .issue_agent("east", Validity::from_now(Duration::from_secs(3600)))
         .unwrap();
-    let client_cert = ca.issue_agent("east", validity()).unwrap();
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let ca_file = write("ca.pem", ca.cert_pem());
-    let tls = ServerTls {
-        ca_file: ca_file.clone(),
-        cert_file: write("server.pem", &server_cert.cert_pem),
-        key_file: write("server-key.pem", &server_cert.key_pem),
-    };
-    let client_pem = write("client.pem", &client_cert.cert_pem);
-    let client_key = write("client-key.pem", &client_cert.key_pem);
+    let (client_pem, client_key) = support::certs::write_leaf(dir.path(), "client", &client_cert);
 
     let (client_port, peer_port) = free_ports();
     let mut server = EtcdServer::prepared(binary, client_port, peer_port).with_tls(tls);

@@ -1,12 +1,11 @@
 //! The shared store conformance suite against a real etcd (one fresh etcd process per
 //! check, so every check starts from an empty store at revision 1).
 
-use clustermesh_test_support as support;
-
 use std::sync::Arc;
 
 use clustermesh_store::conformance::{FreshStore, Suite};
 use clustermesh_store::Store;
+use clustermesh_test_support as support;
 use support::etcd::{etcd_binary, EtcdServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,8 +2,6 @@
 //! a decorator with one deliberate fault and checks that the matching check fails (and
 //! names itself), so a passing suite means something.
 
-use clustermesh_test_support as support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +10,7 @@ use clustermesh_store::{
     CasOutcome, CasWrite, EtcdStore, KeyValue, LeaseId, ListResult, Result, Revision, Store,
     WatchStream,
 };
+use clustermesh_test_support as support;
 use futures::StreamExt;
 use support::etcd::{etcd_binary, EtcdServer};
 

@@ -3,12 +3,12 @@
 //! closed connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
 
-use clustermesh_test_support as support;
-
 use std::time::{Duration, Instant};
 
-use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
+use clustermesh_certs::{MeshCa, TrustDomain, Validity};
 use clustermesh_store::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls};
+use clustermesh_test_support as support;
+use support::certs::write_leaf;
 use support::etcd::{etcd_binary, free_ports, EtcdServer, ServerTls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,29 +22,13 @@ async fn a_refused_client_certificate_fails_fast_with_etcds_reason() {
     let td = TrustDomain::new("test.mesh").unwrap();
     let ca = MeshCa::generate(td.clone()).unwrap();
     let other_ca = MeshCa::generate(td).unwrap();
-    let validity = || Validity::from_now(Duration::from_secs(3600));
-    let server_cert = ca
-        .issue_server(
-            "etcd",
-            &ServerNames::new([], ["127.0.0.1".parse().unwrap()]),
-            validity(),
-        )
-        .unwrap();
+    let tls = ServerTls::issue(&ca, dir.path());
+    let ca_file = tls.ca_file.clone();
     // Signed by a CA etcd does not trust.
-    let wrong_client = other_ca.issue_agent("east", validity()).unwrap();
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let ca_file = write("ca.pem", ca.cert_pem());
-    let tls = ServerTls {
-        ca_file: ca_file.clone(),
-        cert_file: write("server.pem", &server_cert.cert_pem),
-        key_file: write("server-key.pem", &server_cert.key_pem),
-    };
-    let client_pem = write("client.pem", &wrong_client.cert_pem);
-    let client_key = write("client-key.pem", &wrong_client.key_pem);
+    let wrong_client = other_ca
+        .issue_agent("east", Validity::from_now(Duration::from_secs(3600)))
+        .unwrap();
+    let (client_pem, client_key) = write_leaf(dir.path(), "client", &wrong_client);
     let (client_port, peer_port) = free_ports();
     let mut server = EtcdServer::prepared(binary, client_port, peer_port).with_tls(tls);
     server.launch().await.expect("etcd with TLS starts");
