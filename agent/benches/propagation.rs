@@ -43,8 +43,7 @@ use clustermesh_store::Store;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-#[path = "../tests/support/mesh.rs"]
-mod mesh;
+use clustermesh_test_support::mesh;
 use mesh::{MeshServer, ServerSpec};
 
 const TD: &str = "bench.local";

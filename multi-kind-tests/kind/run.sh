@@ -128,7 +128,7 @@ up() {
     say "clustermesh enable cluster$c (mesh API on NodePort $NODEPORT, cgroup v2 at $root)"
     # Running it again upgrades in place (same CA, overrides kept).
     # values-cluster$c.yaml: cluster 1 runs 3 raft replicas, cluster 2 a single one
-    # (cli/tests/kind_values.rs renders exactly these through the strict test API server
+    # (cli/tests/it/kind_values.rs renders exactly these through the strict test API server
     # and real Helm).
     cm "$c" enable --cluster-name "cluster$c" --cluster-id "$c" --service-type NodePort \
       --values "$HERE/values-cluster$c.yaml" \

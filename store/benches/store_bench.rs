@@ -24,9 +24,6 @@
 //! `STORE_BENCH_ROUNDS` (default 3), `STORE_BENCH_BACKENDS`, `STORE_BENCH_MARKDOWN` (a
 //! file to also write the tables to, as Markdown).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use clustermesh_store::raft::{LocalCluster, ReplicaTls};
 use clustermesh_store::Store;
+use clustermesh_test_support::etcd::{etcd_binary, EtcdServer};
 use futures::StreamExt;
-use support::etcd::{etcd_binary, EtcdServer};
 
 const VALUE_SIZE: usize = 128;
 const KEYS_PER_WRITER: u64 = 1000;

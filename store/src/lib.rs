@@ -1,7 +1,8 @@
 //! The replicated key-value store every clustermesh API server keeps its records in.
 //!
 //! [`Store`] is the one contract; two backends implement it and both pass the shared
-//! conformance suite in [`conformance`]:
+//! conformance suite in `conformance` (built with the `testing` feature, which the crates'
+//! dev-dependencies enable; it is test scaffolding, not part of the default API):
 //! - `raft` (default): an embedded openraft cluster of 1, 3 or 5 replicas;
 //! - `etcd`: an external etcd reached through etcd-client.
 //!
@@ -12,6 +13,7 @@
 //!   or [`StoreError::Compacted`] when `from` is older than the history still held.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod etcd;
 pub mod raft;

@@ -60,7 +60,7 @@ pub struct RaftConfig {
     /// or a trusted loopback setup).
     pub tls: Option<ReplicaTls>,
     /// Fault switch shared with other replicas (tests only; `None` in production).
-    pub faults: Option<Arc<NetworkFaults>>,
+    pub(crate) faults: Option<Arc<NetworkFaults>>,
 }
 
 /// An invalid [`RaftConfig`].
@@ -219,6 +219,7 @@ impl RaftConfigBuilder {
     }
 
     /// Shares a fault switch with other replicas (tests).
+    #[cfg(feature = "testing")]
     #[must_use]
     pub fn faults(mut self, faults: Arc<NetworkFaults>) -> Self {
         self.config.faults = Some(faults);

@@ -13,10 +13,12 @@
 //!   the `certs` crate;
 //! - `node`: one running [`Replica`] with write forwarding and ReadIndex reads;
 //! - `store`: [`RaftStore`], the [`crate::Store`] implementation;
-//! - `cluster`: [`LocalCluster`], N replicas in one process for tests and demos.
+//! - `cluster`: `LocalCluster`, N replicas in one process for tests and demos (with the
+//!   `testing` feature, like the `NetworkFaults` switch it drives).
 
 use std::io::Cursor;
 
+#[cfg(feature = "testing")]
 mod cluster;
 mod command;
 mod config;
@@ -36,9 +38,11 @@ mod store;
 mod tls;
 mod watch;
 
+#[cfg(feature = "testing")]
 pub use cluster::LocalCluster;
 pub use command::{CasPut, Command, CommandResponse, StoredKv};
 pub use config::{ConfigError, NodeId, RaftConfig, RaftConfigBuilder};
+#[cfg(feature = "testing")]
 pub use network::NetworkFaults;
 pub use node::{peer_status, peer_write, PeerStatus, Replica};
 pub use store::RaftStore;

@@ -40,11 +40,14 @@ pub(crate) const UNREACHABLE_REPORT_INTERVAL: Duration = Duration::from_secs(60)
 /// Replicas built with the same `NetworkFaults` consult it on every RPC they send and
 /// receive; an isolated replica's messages are dropped in both directions, as if its
 /// network were cut. In production nothing is ever isolated.
+// Public only for the fault tests (`testing` feature); replicas always consult one.
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct NetworkFaults {
     isolated: RwLock<HashSet<NodeId>>,
 }
 
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 impl NetworkFaults {
     /// A switch with every replica connected.
     #[must_use]
@@ -53,6 +56,7 @@ impl NetworkFaults {
     }
 
     /// Drops all RPCs to and from `node` until [`NetworkFaults::heal`].
+    #[cfg(feature = "testing")]
     pub fn isolate(&self, node: NodeId) {
         self.isolated
             .write()
@@ -61,6 +65,7 @@ impl NetworkFaults {
     }
 
     /// Reconnects `node`.
+    #[cfg(feature = "testing")]
     pub fn heal(&self, node: NodeId) {
         self.isolated
             .write()
