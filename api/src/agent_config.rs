@@ -168,6 +168,56 @@ impl AgentConfig {
             .iter()
             .filter(move |c| c.name != self.local_cluster)
     }
+
+    /// The first cluster this configuration and `other` know under the same name with
+    /// different IDs, or under the same ID with different names: joining the two meshes
+    /// would make that cluster ambiguous. An ID of 0 (not checked) is compared like any other.
+    #[must_use]
+    pub fn clash_with(&self, other: &AgentConfig) -> Option<ClusterClash> {
+        self.clusters.iter().find_map(|mine| {
+            other.clusters.iter().find_map(|theirs| {
+                if mine.name == theirs.name && mine.id != theirs.id {
+                    Some(ClusterClash::NameWithTwoIds {
+                        name: mine.name.clone(),
+                        id: mine.id,
+                        other_id: theirs.id,
+                    })
+                } else if mine.id == theirs.id && mine.name != theirs.name {
+                    Some(ClusterClash::IdWithTwoNames {
+                        id: mine.id,
+                        name: mine.name.clone(),
+                        other_name: theirs.name.clone(),
+                    })
+                } else {
+                    None
+                }
+            })
+        })
+    }
+}
+
+/// A cluster two meshes know differently ([`AgentConfig::clash_with`]); "this" side is the
+/// configuration the method was called on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterClash {
+    /// Both know cluster `name`, this side with `id`, the other with `other_id`.
+    NameWithTwoIds {
+        /// The cluster name.
+        name: String,
+        /// Its ID on this side.
+        id: u32,
+        /// Its ID on the other side.
+        other_id: u32,
+    },
+    /// Both know cluster ID `id`, this side as `name`, the other as `other_name`.
+    IdWithTwoNames {
+        /// The cluster ID.
+        id: u32,
+        /// Its name on this side.
+        name: String,
+        /// Its name on the other side.
+        other_name: String,
+    },
 }
 
 #[cfg(test)]
@@ -246,5 +296,39 @@ clusters:
         assert!(c.remove("a"));
         assert!(!c.remove("a"));
         assert_eq!(c.remotes().count(), 1);
+    }
+
+    #[test]
+    fn clash_names_the_cluster_two_meshes_know_differently() {
+        let mesh = |clusters: Vec<ClusterEntry>| AgentConfig {
+            local_cluster: clusters[0].name.clone(),
+            trust_domain: "td".into(),
+            cert_file: "/c".into(),
+            key_file: "/k".into(),
+            clusters,
+        };
+        let east = mesh(vec![entry("east", 1), entry("north", 3)]);
+        assert_eq!(east.clash_with(&mesh(vec![entry("west", 2)])), None);
+        // The same cluster known the same way on both sides is no clash.
+        assert_eq!(
+            east.clash_with(&mesh(vec![entry("west", 2), entry("north", 3)])),
+            None
+        );
+        assert_eq!(
+            east.clash_with(&mesh(vec![entry("west", 2), entry("north", 4)])),
+            Some(ClusterClash::NameWithTwoIds {
+                name: "north".into(),
+                id: 3,
+                other_id: 4
+            })
+        );
+        assert_eq!(
+            east.clash_with(&mesh(vec![entry("west", 3)])),
+            Some(ClusterClash::IdWithTwoNames {
+                id: 3,
+                name: "north".into(),
+                other_name: "west".into()
+            })
+        );
     }
 }

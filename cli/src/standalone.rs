@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clustermesh_api::agent_config::{AgentConfig, ClusterEntry};
+use clustermesh_api::agent_config::{AgentConfig, ClusterClash, ClusterEntry};
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_certs::files::{self, ClusterBundle};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
@@ -448,15 +448,6 @@ impl Side {
             self.dir.tls_dir().join(layout::CA_CERT_FILE).display()
         ))
     }
-
-    /// Names and IDs of every cluster this side knows (itself and its peers).
-    fn known(&self) -> Vec<(String, u32)> {
-        self.agent
-            .clusters
-            .iter()
-            .map(|c| (c.name.clone(), c.id))
-            .collect()
-    }
 }
 
 fn check_pair(a: &Side, b: &Side) -> Result<()> {
@@ -489,21 +480,24 @@ fn check_pair(a: &Side, b: &Side) -> Result<()> {
     }
     // Every cluster either side already knows must stay unique across the joined mesh.
     for (x, y) in [(a, b), (b, a)] {
-        for (name, id) in x.known() {
-            for (other_name, other_id) in y.known() {
-                if name == other_name && id != other_id {
-                    return Err(StandaloneError::Duplicate(format!(
-                        "cluster name {name} is used with ID {id} by {}'s mesh and with ID {other_id} by {}'s mesh",
-                        x.state.name, y.state.name
-                    )));
-                }
-                if id == other_id && name != other_name {
-                    return Err(StandaloneError::Duplicate(format!(
-                        "cluster ID {id} is used by {name} (known to {}) and by {other_name} (known to {})",
-                        x.state.name, y.state.name
-                    )));
-                }
+        match x.agent.clash_with(&y.agent) {
+            Some(ClusterClash::NameWithTwoIds { name, id, other_id }) => {
+                return Err(StandaloneError::Duplicate(format!(
+                    "cluster name {name} is used with ID {id} by {}'s mesh and with ID {other_id} by {}'s mesh",
+                    x.state.name, y.state.name
+                )));
             }
+            Some(ClusterClash::IdWithTwoNames {
+                id,
+                name,
+                other_name,
+            }) => {
+                return Err(StandaloneError::Duplicate(format!(
+                    "cluster ID {id} is used by {name} (known to {}) and by {other_name} (known to {})",
+                    x.state.name, y.state.name
+                )));
+            }
+            None => {}
         }
         // A peer pinned before must still have the same CA.
         let pinned = x.dir.remote_ca(&y.state.name);

@@ -136,6 +136,15 @@ impl std::error::Error for TxnError {
     }
 }
 
+/// Changes in the order they are to be applied.
+impl<'a> FromIterator<Change<'a>> for Txn<'a> {
+    fn from_iter<I: IntoIterator<Item = Change<'a>>>(changes: I) -> Self {
+        Txn {
+            changes: changes.into_iter().collect(),
+        }
+    }
+}
+
 /// A list of changes applied together by [`Txn::commit`].
 #[derive(Debug, Default)]
 pub struct Txn<'a> {

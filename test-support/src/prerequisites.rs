@@ -11,6 +11,21 @@ pub fn prerequisites_required() -> bool {
         || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
+/// Whether `test` may run: `missing` names the prerequisite it lacks, if any. With nothing
+/// missing it runs; otherwise it fails (panics) when [`prerequisites_required`], and is
+/// skipped with a line on stderr saying why when not.
+pub fn may_run(test: &str, missing: Option<String>) -> bool {
+    let Some(why) = missing else {
+        return true;
+    };
+    assert!(
+        !prerequisites_required(),
+        "{test}: a required prerequisite is missing: {why}"
+    );
+    eprintln!("skipping {test}: {why} (set CLUSTERMESH_REQUIRE_PRIVILEGED=1 to make this fail)");
+    false
+}
+
 /// The lock behind [`exclusive`] and [`shared`].
 static HEAVY: RwLock<()> = RwLock::new(());
 

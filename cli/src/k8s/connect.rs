@@ -9,7 +9,7 @@
 //! reverse order, so both clusters end as they were; the error line says so, or names
 //! what could not be undone.
 
-use clustermesh_api::agent_config::AgentConfig;
+use clustermesh_api::agent_config::{AgentConfig, ClusterClash};
 use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
 use clustermesh_certs::{MeshCa, TrustDomain, Validity};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -104,15 +104,6 @@ impl<'a> Side<'a> {
 
     fn context(&self) -> &str {
         self.objs.context()
-    }
-
-    /// Names and IDs of every cluster this side knows (itself and its peers).
-    fn known(&self) -> Vec<(String, u32)> {
-        self.agent
-            .clusters
-            .iter()
-            .map(|c| (c.name.clone(), c.id))
-            .collect()
     }
 
     fn pinned_ca(&self, peer: &str) -> Option<&str> {
@@ -260,23 +251,26 @@ fn check_pair(a: &Side<'_>, b: &Side<'_>) -> Result<(), KubeModeError> {
         )));
     }
     for (x, y) in [(a, b), (b, a)] {
-        for (name, id) in x.known() {
-            for (other_name, other_id) in y.known() {
-                if name == other_name && id != other_id {
-                    return Err(KubeModeError::Duplicate(format!(
-                        "cluster name {name} is used with ID {id} in {}'s mesh and with ID {other_id} in {}'s mesh",
-                        x.name(),
-                        y.name()
-                    )));
-                }
-                if id == other_id && name != other_name {
-                    return Err(KubeModeError::Duplicate(format!(
-                        "cluster ID {id} is used by {name} (known to {}) and by {other_name} (known to {})",
-                        x.name(),
-                        y.name()
-                    )));
-                }
+        match x.agent.clash_with(&y.agent) {
+            Some(ClusterClash::NameWithTwoIds { name, id, other_id }) => {
+                return Err(KubeModeError::Duplicate(format!(
+                    "cluster name {name} is used with ID {id} in {}'s mesh and with ID {other_id} in {}'s mesh",
+                    x.name(),
+                    y.name()
+                )));
             }
+            Some(ClusterClash::IdWithTwoNames {
+                id,
+                name,
+                other_name,
+            }) => {
+                return Err(KubeModeError::Duplicate(format!(
+                    "cluster ID {id} is used by {name} (known to {}) and by {other_name} (known to {})",
+                    x.name(),
+                    y.name()
+                )));
+            }
+            None => {}
         }
         if let Some(pinned) = x.pinned_ca(y.name()) {
             if !certificate_blocks(pinned).contains(&y.ca_cert) {
@@ -363,10 +357,7 @@ pub async fn connect(src: &KubeTarget, dst: &KubeTarget) -> Result<ConnectReport
         );
         agents.extend(x.agent_change(&remotes)?);
     }
-    let mut txn = Txn::new();
-    for change in servers.into_iter().chain(bundles).chain(agents) {
-        txn.push(change);
-    }
+    let txn: Txn = servers.into_iter().chain(bundles).chain(agents).collect();
     let written = txn.commit().await?;
     tracing::info!(
         source = a.name(),
@@ -426,10 +417,7 @@ pub async fn disconnect(
         pem = bundle_with(&pem, &x.ca_cert, x.name()).map_err(|e| x.bad_bundle(&e))?;
         bundles.extend(x.bundle_change(&pem));
     }
-    let mut txn = Txn::new();
-    for change in agents.into_iter().chain(bundles) {
-        txn.push(change);
-    }
+    let txn: Txn = agents.into_iter().chain(bundles).collect();
     let written = txn.commit().await?;
     tracing::info!(
         source = a.name(),

@@ -19,6 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::support;
 use clustermesh_cli::chart::{Chart, Release};
 use clustermesh_test_support::fake_kube::{kubeconfig, plural_of, FakeKube};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -34,31 +35,6 @@ const NAMESPACE: &str = "kube-system";
 
 fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/clustermesh")
-}
-
-/// The virtualenv's python when it has both packages, else None (after failing in CI).
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("CLUSTERMESH_VENV")
-        .map_or_else(|| PathBuf::from("/var/tmp/clustermesh-venv"), PathBuf::from);
-    let python = venv.join("bin/python");
-    let usable = Command::new(&python)
-        .args(["-c", "import helm_python, kubernetes_validate"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(python);
-    }
-    let msg = format!(
-        "{} cannot import helm_python and kubernetes_validate; run scripts/setup",
-        python.display()
-    );
-    if std::env::var("CLUSTERMESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("skipping: {msg}");
-    None
 }
 
 /// Objects keyed by `Kind namespace/name`.
@@ -271,7 +247,9 @@ fn cases() -> Vec<(&'static str, Value)> {
 
 #[test]
 fn real_helm_renders_what_the_cli_renders_and_the_schemas_accept_it() {
-    let Some(python) = python() else { return };
+    let Some(python) = support::helm_python() else {
+        return;
+    };
     let mut failures = Vec::new();
     for (name, values) in cases() {
         let (helm, errors) = helm_render(&python, &values);
@@ -299,7 +277,9 @@ fn real_helm_renders_what_the_cli_renders_and_the_schemas_accept_it() {
 #[test]
 fn the_schemas_refuse_a_wrongly_typed_override() {
     // Proves the schema check is live: `--set agent.nodeSelector.x=true` renders a bool.
-    let Some(python) = python() else { return };
+    let Some(python) = support::helm_python() else {
+        return;
+    };
     let values = json!({"cluster": {"name": "c", "id": 1}, "agent": {"nodeSelector": {"x": true}}});
     let (_, errors) = helm_render(&python, &values);
     assert!(

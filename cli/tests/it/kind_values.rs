@@ -161,32 +161,6 @@ async fn the_kind_script_installs_three_replicas_and_one_and_connects_them() {
     assert_eq!(peer.endpoints, vec!["172.18.0.3:32379".to_owned()]);
 }
 
-/// The venv's python with the Helm SDK and kubernetes-validate, or None (CI: a failure).
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("CLUSTERMESH_VENV")
-        .map_or_else(|| PathBuf::from("/var/tmp/clustermesh-venv"), PathBuf::from);
-    let python = venv.join("bin/python");
-    let usable = Command::new(&python)
-        .args(["-c", "import helm_python, kubernetes_validate"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(python);
-    }
-    let msg = format!(
-        "{} cannot import helm_python and kubernetes_validate; run scripts/setup",
-        python.display()
-    );
-    assert!(
-        std::env::var("CLUSTERMESH_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "{msg}"
-    );
-    eprintln!("skipping: {msg}");
-    None
-}
-
 fn key(obj: &Value) -> String {
     format!(
         "{} {}",
@@ -197,7 +171,9 @@ fn key(obj: &Value) -> String {
 
 #[tokio::test]
 async fn real_helm_renders_the_kind_values_like_the_cli_and_the_schemas_accept_them() {
-    let Some(python) = python() else { return };
+    let Some(python) = support::helm_python() else {
+        return;
+    };
     let chart_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/clustermesh");
     let chart = clustermesh_cli::chart::Chart::load(&chart_dir).unwrap();
     let mut failures = Vec::new();

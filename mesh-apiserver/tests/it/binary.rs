@@ -10,37 +10,8 @@ use std::time::{Duration, Instant};
 use crate::support;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
-use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
-use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
 use clustermesh_certs::transport::MeshEndpoint;
-use support::{next_event, Pki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over HTTP/1.0; returns (status code, body).
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
+use support::{free_port, http_get, next_event, Pki};
 
 fn copy_fixture(name: &str, to: &Path) {
     let from = format!(
@@ -54,20 +25,8 @@ fn copy_fixture(name: &str, to: &Path) {
 async fn binary_serves_exports_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
-    let names = ServerNames::new(
-        ["localhost".to_owned()],
-        [std::net::IpAddr::from([127, 0, 0, 1])],
-    );
-    let mut bundle = ClusterBundle::issue(
-        &pki.ca,
-        "east",
-        &names,
-        Validity::from_now(DEFAULT_LEAF_VALIDITY),
-    )
-    .unwrap();
-    bundle.ca_pem = pki.bundle_pem();
     let tls_dir = dir.path().join("tls");
-    write_cluster_bundle(&tls_dir, &bundle).unwrap();
+    pki.write_loopback_bundle("east", &tls_dir);
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     copy_fixture("dualstack.yaml", &manifests);

@@ -10,31 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support;
-use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
-use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
-use support::Pki;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Status code of `GET path` over HTTP/1.0.
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.ok()?;
-    raw.split_whitespace().nth(1)?.parse().ok()
-}
+use support::{free_port, http_get, Pki};
 
 /// The same command line every time: same ports, same data directory.
 struct Launch {
@@ -69,7 +45,7 @@ impl Launch {
 
     async fn wait_ready(&self, child: &mut Child, stderr: &Path) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http_status(self.ops, "/readyz").await != Some(200) {
+        while http_get(self.ops, "/readyz").await.map(|(code, _)| code) != Some(200) {
             assert!(Instant::now() < deadline, "not ready within 60s");
             if let Some(status) = child.try_wait().unwrap() {
                 let log = std::fs::read_to_string(stderr).unwrap_or_default();
@@ -107,18 +83,6 @@ fn sigterm(child: &Child) {
 async fn second_apiserver_on_the_same_raft_data_dir_exits_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
-    let names = ServerNames::new(
-        ["localhost".to_owned()],
-        [std::net::IpAddr::from([127, 0, 0, 1])],
-    );
-    let mut bundle = ClusterBundle::issue(
-        &pki.ca,
-        "east",
-        &names,
-        Validity::from_now(DEFAULT_LEAF_VALIDITY),
-    )
-    .unwrap();
-    bundle.ca_pem = pki.bundle_pem();
     let launch = Launch {
         tls_dir: dir.path().join("tls"),
         manifests: dir.path().join("manifests"),
@@ -127,7 +91,7 @@ async fn second_apiserver_on_the_same_raft_data_dir_exits_with_a_clear_error() {
         ops: free_port(),
         raft: free_port(),
     };
-    write_cluster_bundle(&launch.tls_dir, &bundle).unwrap();
+    pki.write_loopback_bundle("east", &launch.tls_dir);
     std::fs::create_dir(&launch.manifests).unwrap();
 
     let first_log = dir.path().join("first.log");
@@ -159,7 +123,10 @@ async fn second_apiserver_on_the_same_raft_data_dir_exits_with_a_clear_error() {
     );
 
     // The first one never noticed.
-    assert_eq!(http_status(launch.ops, "/readyz").await, Some(200));
+    assert_eq!(
+        http_get(launch.ops, "/readyz").await.map(|(code, _)| code),
+        Some(200)
+    );
     assert!(first.try_wait().unwrap().is_none());
 
     // Once it has stopped, the same command starts fine on the same directory.

@@ -9,55 +9,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support;
-use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
-use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
-use support::Pki;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over HTTP/1.0; returns (status code, body).
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
+use clustermesh_certs::issue::{Validity, DEFAULT_LEAF_VALIDITY};
+use support::{free_port, http_get, Pki};
 
 /// A TLS directory for cluster `east` under `dir`, with `replica-<n>.crt`/`.key` for
 /// replicas 1..=3 next to the bundle's own `replica.crt` (replica 1).
 fn tls_dir(dir: &Path) -> PathBuf {
     let pki = Pki::new();
-    let names = ServerNames::new(
-        ["localhost".to_owned()],
-        [std::net::IpAddr::from([127, 0, 0, 1])],
-    );
-    let mut bundle = ClusterBundle::issue(
-        &pki.ca,
-        "east",
-        &names,
-        Validity::from_now(DEFAULT_LEAF_VALIDITY),
-    )
-    .unwrap();
-    bundle.ca_pem = pki.bundle_pem();
+    let names = support::loopback_names();
     let tls = dir.join("tls");
-    write_cluster_bundle(&tls, &bundle).unwrap();
+    pki.write_loopback_bundle("east", &tls);
     for n in 1..=3 {
         let leaf = pki
             .ca

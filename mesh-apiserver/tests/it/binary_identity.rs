@@ -9,15 +9,7 @@ use std::time::Duration;
 use crate::support;
 use clustermesh_certs::files::{write_cluster_bundle, ClusterBundle};
 use clustermesh_certs::issue::{ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
-use support::Pki;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::{free_port, Pki};
 
 /// Runs the binary as `cluster`/`raft_id` on a bundle issued for `bundle_cluster`; returns
 /// (exit success, stderr). The process is killed if it is still running after 30 s.

@@ -9,21 +9,12 @@ use clustermesh_apiserver::export::ExportProblems;
 use clustermesh_apiserver::http::{self, OpsState, Readiness};
 use clustermesh_apiserver::metrics::Metrics;
 use support::{Backend, TestStore};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// `GET path` over HTTP/1.0; returns (status code, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").unwrap().1.to_owned();
-    (status, body)
+/// `GET path` on the ops listener at `addr` (loopback); it answers at once.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    support::http_get(addr.port(), path).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +32,7 @@ async fn readyz_names_the_store_problem_once() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, state, shutdown.clone()));
 
-    let (code, body) = http_get(addr, "/readyz").await;
+    let (code, body) = get(addr, "/readyz").await;
     assert_eq!(
         (code, body.as_str()),
         (503, "waiting for the store to answer\n")
@@ -49,16 +40,16 @@ async fn readyz_names_the_store_problem_once() {
     readiness_tx.send_replace(Readiness::WaitingForStore(Some(
         "store unavailable: no raft leader confirmed a read within 10s".to_owned(),
     )));
-    let (code, body) = http_get(addr, "/readyz").await;
+    let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503);
     assert_eq!(
         body,
         "waiting for the store: store unavailable: no raft leader confirmed a read within 10s\n"
     );
     readiness_tx.send_replace(Readiness::Synced);
-    assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+    assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
     assert_eq!(
-        http_get(addr, "/statusz").await,
+        get(addr, "/statusz").await,
         (200, "no export problems\n".to_owned())
     );
 
@@ -67,7 +58,7 @@ async fn readyz_names_the_store_problem_once() {
     let store = Arc::clone(&ts.store);
     ts.shutdown().await;
     let error = store.current_revision().await.unwrap_err().to_string();
-    let (code, body) = http_get(addr, "/readyz").await;
+    let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503);
     assert_eq!(body, format!("{error}\n"));
     assert_eq!(

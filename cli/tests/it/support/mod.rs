@@ -8,7 +8,8 @@
 // Test helpers panic on setup failure on purpose.
 #![allow(clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// What one run of the `clustermesh` binary produced.
 #[derive(Debug, Clone)]
@@ -41,4 +42,26 @@ pub async fn run_cli(kubeconfig: &Path, args: &[&str]) -> CliRun {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// The virtualenv's python (`$CLUSTERMESH_VENV`, default `/var/tmp/clustermesh-venv`) when
+/// it imports both the Helm SDK and kubernetes-validate, which `helm_render.py` needs;
+/// otherwise `None` after skipping the test (or failing it where prerequisites are required).
+pub fn helm_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("CLUSTERMESH_VENV")
+        .map_or_else(|| PathBuf::from("/var/tmp/clustermesh-venv"), PathBuf::from);
+    let python = venv.join("bin/python");
+    let usable = Command::new(&python)
+        .args(["-c", "import helm_python, kubernetes_validate"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let missing = (!usable).then(|| {
+        format!(
+            "{} cannot import helm_python and kubernetes_validate; run scripts/setup",
+            python.display()
+        )
+    });
+    clustermesh_test_support::prerequisites::may_run("helm render", missing).then_some(python)
 }

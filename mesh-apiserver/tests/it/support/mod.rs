@@ -20,6 +20,7 @@ use clustermesh_certs::{IssuedCert, MeshTls, TlsSource, TrustDomain};
 use clustermesh_store::raft::LocalCluster;
 use clustermesh_store::Store;
 use clustermesh_test_support::etcd::EtcdServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -108,6 +109,21 @@ impl Pki {
             .unwrap()
             .clone()
             .unwrap_or_else(|| "east".to_owned())
+    }
+
+    /// Writes the bundle directory a `clustermesh-apiserver` of `cluster` reads with
+    /// `--tls-dir` at `dir`: a replica certificate for `localhost`/127.0.0.1 issued by `ca`,
+    /// and the labelled trust bundle of [`Pki::bundle_pem`].
+    pub fn write_loopback_bundle(&self, cluster: &str, dir: &std::path::Path) {
+        let mut bundle = clustermesh_certs::files::ClusterBundle::issue(
+            &self.ca,
+            cluster,
+            &loopback_names(),
+            Validity::from_now(DEFAULT_LEAF_VALIDITY),
+        )
+        .unwrap();
+        bundle.ca_pem = self.bundle_pem();
+        clustermesh_certs::files::write_cluster_bundle(dir, &bundle).unwrap();
     }
 
     /// The labelled trust bundle: `ca` for the server's cluster, each peer's for itself.
@@ -305,4 +321,40 @@ pub async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::wa
         .expect("watch stream ended")
         .event
         .expect("empty watch event")
+}
+
+/// A loopback TCP port that was free a moment ago (for binaries that take a port number).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `127.0.0.1:port` over HTTP/1.0; returns (status code, body), or `None`
+/// while nothing answers there.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Server names of a replica reached on loopback: `localhost` and 127.0.0.1.
+pub fn loopback_names() -> ServerNames {
+    ServerNames::new(
+        ["localhost".to_owned()],
+        [std::net::IpAddr::from([127, 0, 0, 1])],
+    )
 }

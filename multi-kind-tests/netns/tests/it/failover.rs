@@ -59,18 +59,7 @@ fn report_table(repeats: usize, report: &scenario::Report) -> String {
 }
 
 fn privileged(test: &str) -> bool {
-    match privileges_missing() {
-        None => true,
-        Some(why) if std::env::var("CLUSTERMESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") => {
-            panic!("{test}: privileged test required but {why}")
-        }
-        Some(why) => {
-            eprintln!(
-                "skipping {test}: {why} (set CLUSTERMESH_REQUIRE_PRIVILEGED=1 to make this fail)"
-            );
-            false
-        }
-    }
+    clustermesh_test_support::prerequisites::may_run(test, privileges_missing())
 }
 
 #[test]
