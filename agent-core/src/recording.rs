@@ -5,7 +5,7 @@
 //! be told to refuse the next batches, or one service only, to exercise the control plane's
 //! retry path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use clustermesh_api::model::ServicePortId;
@@ -33,22 +33,20 @@ impl Inner {
         }
     }
 
-    /// Applies `changes` except the refused services; records what was applied.
-    fn apply(&mut self, changes: &DesiredChanges) -> ApplyReport {
+    /// Applies `removals` and `upserts` except the refused services; records what was
+    /// applied.
+    fn apply(&mut self, upserts: &[DesiredService], removals: &[ServicePortId]) -> ApplyReport {
         let mut report = ApplyReport::default();
         if self.fail_next > 0 {
             self.fail_next -= 1;
-            let ids = changes
-                .removals
-                .iter()
-                .chain(changes.upserts.iter().map(|s| &s.id));
+            let ids = removals.iter().chain(upserts.iter().map(|s| &s.id));
             for id in ids {
                 report.failed.insert(id.clone(), refused(id, "batch"));
             }
             return report;
         }
         let mut applied = DesiredChanges::default();
-        for id in &changes.removals {
+        for id in removals {
             if self.refuses(id) {
                 report.failed.insert(id.clone(), refused(id, "service"));
             } else {
@@ -56,7 +54,7 @@ impl Inner {
                 applied.removals.push(id.clone());
             }
         }
-        for svc in &changes.upserts {
+        for svc in upserts {
             if self.refuses(&svc.id) {
                 report
                     .failed
@@ -141,22 +139,19 @@ impl RecordingDatapath {
 
 impl Datapath for RecordingDatapath {
     fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
-        self.lock().apply(changes)
+        self.lock().apply(&changes.upserts, &changes.removals)
     }
 
     fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
         let mut inner = self.lock();
-        let removals = inner
+        let keep: BTreeSet<&ServicePortId> = desired.iter().map(|s| &s.id).collect();
+        let removals: Vec<ServicePortId> = inner
             .programmed
             .keys()
-            .filter(|id| !desired.iter().any(|s| &s.id == *id))
+            .filter(|id| !keep.contains(id))
             .cloned()
             .collect();
-        let changes = DesiredChanges {
-            upserts: desired.to_vec(),
-            removals,
-        };
-        inner.apply(&changes)
+        inner.apply(desired, &removals)
     }
 }
 

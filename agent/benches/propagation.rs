@@ -96,29 +96,34 @@ impl Timestamping {
 
 impl Datapath for Timestamping {
     fn reconcile(&self, desired: &[DesiredService]) -> ApplyReport {
-        let removals = {
+        let removals: Vec<ServicePortId> = {
             let a = self.inner.lock().unwrap();
+            let keep: std::collections::HashSet<&ServicePortId> =
+                desired.iter().map(|s| &s.id).collect();
             a.west
                 .keys()
-                .filter(|id| !desired.iter().any(|s| &s.id == *id))
+                .filter(|id| !keep.contains(id))
                 .cloned()
                 .collect()
         };
-        self.apply(&DesiredChanges {
-            upserts: desired.to_vec(),
-            removals,
-        })
+        self.record(desired, &removals)
     }
 
     fn apply(&self, changes: &DesiredChanges) -> ApplyReport {
+        self.record(&changes.upserts, &changes.removals)
+    }
+}
+
+impl Timestamping {
+    fn record(&self, upserts: &[DesiredService], removals: &[ServicePortId]) -> ApplyReport {
         let now = Instant::now();
         let mut a = self.inner.lock().unwrap();
-        for id in &changes.removals {
+        for id in removals {
             if let Some(n) = a.west.remove(id) {
                 a.west_total -= n;
             }
         }
-        for svc in &changes.upserts {
+        for svc in upserts {
             let n = svc.backends.iter().filter(|b| b.cluster == "west").count();
             let old = a.west.insert(svc.id.clone(), n).unwrap_or(0);
             a.west_total = a.west_total + n - old;
@@ -127,7 +132,7 @@ impl Datapath for Timestamping {
             entry.1 = now;
         }
         ApplyReport {
-            applied: changes.upserts.len() + changes.removals.len(),
+            applied: upserts.len() + removals.len(),
             ..ApplyReport::default()
         }
     }
