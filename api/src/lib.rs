@@ -13,6 +13,8 @@
 //! - [`security_identity`]: cluster-scoped numeric security identities (cluster ID in the
 //!   high bits); not the SPIFFE peer identity of a TLS connection.
 //! - [`model`]: the service domain model: names, enums and validated service records.
+//! - [`policy`]: label selectors with Kubernetes semantics and Cilium's cluster scoping of
+//!   policy peers.
 //! - [`annotations`]: global-service annotations, new and legacy forms.
 //! - [`admin`]: the JSON bodies of the agent's admin API, shared by the agent and the CLI.
 //! - [`yaml`]: the one YAML dialect every component reads and writes.
@@ -27,6 +29,7 @@ pub mod cidr;
 pub mod cluster;
 pub mod keys;
 pub mod model;
+pub mod policy;
 pub mod records;
 pub mod security_identity;
 pub mod yaml;

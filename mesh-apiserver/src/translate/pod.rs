@@ -15,8 +15,9 @@ pub type Labels = BTreeMap<String, String>;
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 /// Label carrying the pod's service account in an identity (Cilium's name for it).
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
-/// Label carrying the cluster name in an identity (Cilium's name for it).
-pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
+/// Label carrying the cluster name in an identity (Cilium's name for it); policy peers
+/// are scoped by it (`clustermesh_api::policy`).
+pub use clustermesh_api::policy::CLUSTER_LABEL;
 
 /// Pod labels that change per rollout or per replica and carry no security meaning; they
 /// would split one workload into many identities. A subset of Cilium's default label
