@@ -1,8 +1,15 @@
-//! The network policy model the agent enforces: label selectors with Kubernetes semantics
-//! and the cluster scoping of policy peers.
+//! The network policy model the agent enforces: label selectors with Kubernetes semantics,
+//! the cluster scoping of policy peers, and NetworkPolicy validated into selectors over
+//! identity labels.
 
+mod network_policy;
 mod selector;
 
+pub use network_policy::{
+    NetworkPolicy, Peer, PolicyError, PolicyProblem, PolicyProtocol, PolicyRule, PortMatch,
+    PortRule, WireEgressRule, WireIngressRule, WireIpBlock, WireNetworkPolicySpec, WirePeer,
+    WirePort, WirePortValue, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX,
+};
 pub use selector::{
     LabelSelector, Labels, PeerClusters, Requirement, SelectorError, WireLabelSelector,
     WireRequirement, CLUSTER_LABEL,

@@ -93,6 +93,25 @@ impl Requirement {
         }
     }
 
+    /// The same requirement on key `prefix` + key (how a `namespaceSelector` becomes a
+    /// requirement on the namespace labels copied into a pod's identity).
+    #[must_use]
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let with = |key: String| format!("{prefix}{key}");
+        match self {
+            Requirement::In { key, values } => Requirement::In {
+                key: with(key),
+                values,
+            },
+            Requirement::NotIn { key, values } => Requirement::NotIn {
+                key: with(key),
+                values,
+            },
+            Requirement::Exists { key } => Requirement::Exists { key: with(key) },
+            Requirement::DoesNotExist { key } => Requirement::DoesNotExist { key: with(key) },
+        }
+    }
+
     /// Whether `labels` meet the requirement.
     #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
