@@ -201,9 +201,9 @@ pub struct PortRule {
 
 /// Why a NetworkPolicy was refused; the policy is refused as a whole, others still apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("NetworkPolicy {policy}: {place}: {problem}")]
+#[error("{policy}: {place}: {problem}")]
 pub struct PolicyError {
-    /// `namespace/name` of the policy.
+    /// Kind and `namespace/name` of the policy, e.g. `NetworkPolicy shop/api`.
     pub policy: String,
     /// Where in the object, e.g. `spec.ingress[0].from[1].podSelector`.
     pub place: String,
@@ -236,7 +236,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn error(&self, place: &str, problem: PolicyProblem) -> PolicyError {
         PolicyError {
-            policy: format!("{}/{}", self.namespace, self.name),
+            policy: format!("NetworkPolicy {}/{}", self.namespace, self.name),
             place: place.to_owned(),
             problem: Box::new(problem),
         }
@@ -471,7 +471,7 @@ impl NetworkPolicy {
 /// An IANA service name as Kubernetes checks a named port (`IsValidPortName`): 1–15
 /// characters of lowercase letters, digits and `-`, at least one letter, no `-` at either
 /// end and no `--`.
-fn check_port_name(name: &str) -> Result<(), &'static str> {
+pub(super) fn check_port_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > 15 {
         return Err("is not a port name: it must be 1-15 characters");
     }
