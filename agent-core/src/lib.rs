@@ -5,7 +5,8 @@
 //! these parts together, and the admin endpoints.
 //!
 //! Cluster [`watcher`]s → [`merge`] (affinity, tiers, weights) → weighted [`maglev`] →
-//! [`desired`] state handed to a [`datapath::Datapath`].
+//! [`desired`] state handed to a [`datapath::Datapath`]; [`policy`] computes what each
+//! local endpoint may send and receive.
 #![forbid(unsafe_code)]
 
 pub mod datapath;
@@ -13,5 +14,6 @@ pub mod desired;
 pub mod maglev;
 pub mod merge;
 pub mod metrics;
+pub mod policy;
 pub mod recording;
 pub mod watcher;
