@@ -5,12 +5,14 @@
 //! these parts together, and the admin endpoints.
 //!
 //! Cluster [`watcher`]s → [`merge`] (affinity, tiers, weights) → weighted [`maglev`] →
-//! [`desired`] state handed to a [`datapath::Datapath`]; [`policy`] computes what each
-//! local endpoint may send and receive.
+//! [`desired`] state handed to a [`datapath::Datapath`]; [`ipcache`] says which cluster and
+//! security identity an address has, and [`policy`] computes what each local endpoint may
+//! send and receive.
 #![forbid(unsafe_code)]
 
 pub mod datapath;
 pub mod desired;
+pub mod ipcache;
 pub mod maglev;
 pub mod merge;
 pub mod metrics;
