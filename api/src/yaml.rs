@@ -17,7 +17,7 @@
 //! - an error is one line, `<what> at line L, column C`, for messages and logs.
 //!
 //! The parser (`serde-saphyr`) has no YAML value type: untyped YAML is read into
-//! [`serde_json::Value`], the shape Kubernetes objects and Helm values have anyway.
+//! `serde_json::Value`, the shape Kubernetes objects and Helm values have anyway.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
