@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use clustermesh_api::cidr::Cidr;
 use clustermesh_api::policy::{
     LabelSelector, Labels, NetworkPolicy, Peer, PolicyProtocol, PolicyRule, PortMatch,
+    NAMESPACE_LABEL,
 };
 use clustermesh_api::security_identity::SecurityIdentity;
 
@@ -153,6 +154,10 @@ pub struct PolicyEngine {
     identities: BTreeMap<SecurityIdentity, Labels>,
     endpoints: BTreeMap<EndpointId, LocalEndpoint>,
     policies: BTreeMap<PolicyKey, NetworkPolicy>,
+    /// Policies by their namespace: a policy's subjects are pods of its own namespace (both
+    /// NetworkPolicy and CiliumNetworkPolicy confine them), so an endpoint is checked only
+    /// against the policies of its namespace.
+    by_namespace: BTreeMap<String, BTreeSet<PolicyKey>>,
     selectors: BTreeMap<LabelSelector, CachedSelector>,
     computed: BTreeMap<EndpointId, EndpointPolicy>,
 }
@@ -237,7 +242,14 @@ impl PolicyEngine {
         for s in peer_selectors(&policy) {
             self.use_selector(s);
         }
-        if let Some(old) = self.policies.insert(key, policy) {
+        self.by_namespace
+            .entry(policy.namespace.clone())
+            .or_default()
+            .insert(key.clone());
+        if let Some(old) = self.policies.insert(key.clone(), policy) {
+            if old.namespace != self.policies[&key].namespace {
+                self.unindex(&key, &old.namespace);
+            }
             affected.extend(self.subjects_of(&old));
             for s in peer_selectors(&old).cloned().collect::<Vec<_>>() {
                 self.release_selector(&s);
@@ -251,11 +263,21 @@ impl PolicyEngine {
         let Some(old) = self.policies.remove(key) else {
             return Vec::new();
         };
+        self.unindex(key, &old.namespace);
         let affected = self.subjects_of(&old);
         for s in peer_selectors(&old).cloned().collect::<Vec<_>>() {
             self.release_selector(&s);
         }
         self.recompute(affected)
+    }
+
+    fn unindex(&mut self, key: &PolicyKey, namespace: &str) {
+        if let Some(keys) = self.by_namespace.get_mut(namespace) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_namespace.remove(namespace);
+            }
+        }
     }
 
     /// Recomputes every endpoint (after a restart, or to check the incremental result);
@@ -363,7 +385,14 @@ impl PolicyEngine {
 
     fn compute(&self, ep: &LocalEndpoint) -> EndpointPolicy {
         let mut out = EndpointPolicy::default();
-        for policy in self.policies.values() {
+        let Some(keys) = ep
+            .labels
+            .get(NAMESPACE_LABEL)
+            .and_then(|ns| self.by_namespace.get(ns))
+        else {
+            return out;
+        };
+        for policy in keys.iter().filter_map(|k| self.policies.get(k)) {
             if !policy.subjects.matches(&ep.labels) {
                 continue;
             }

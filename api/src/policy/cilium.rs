@@ -7,9 +7,9 @@
 //! field named, so nothing is enforced differently from what its author wrote.
 //!
 //! Cilium's semantics, which differ from NetworkPolicy in places users rely on:
-//! * a selector (subject or peer) that does not name `io.kubernetes.pod.namespace` is
-//!   limited to the policy's namespace, so `fromEndpoints: [{}]` means "every pod of this
-//!   namespace", not every pod;
+//! * a peer selector that does not name `io.kubernetes.pod.namespace` is limited to the
+//!   policy's namespace, so `fromEndpoints: [{}]` means "every pod of this namespace", not
+//!   every pod; the subjects (`endpointSelector`) are always pods of the policy's namespace;
 //! * label keys may carry a source prefix: `k8s:` and `any:` are accepted (and dropped, as
 //!   the identities hold Kubernetes labels only); other sources are refused;
 //! * an `ingress`/`egress` section isolates the selected endpoints in that direction, and a
@@ -295,8 +295,14 @@ impl NetworkPolicy {
             local_cluster,
             clusters,
         };
+        // The subjects are always pods of the policy's own namespace, even when the
+        // selector names a namespace (then it selects nothing elsewhere).
         let subjects = ctx
             .selector("spec.endpointSelector", &spec.endpoint_selector)?
+            .and(Requirement::In {
+                key: NAMESPACE_LABEL.to_owned(),
+                values: BTreeSet::from([namespace.to_owned()]),
+            })
             .scoped_to(local_cluster, PeerClusters::Local);
         let ingress = match &spec.ingress {
             None => None,

@@ -185,3 +185,11 @@ fn what_is_outside_the_subset_is_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn subjects_never_leave_the_policy_namespace() {
+    let p =
+        cnp("endpointSelector: {matchLabels: {k8s:io.kubernetes.pod.namespace: tools}}").unwrap();
+    assert!(!p.subjects.matches(&pod("east", "tools", "api")));
+    assert!(!p.subjects.matches(&pod("east", "shop", "api")));
+}
