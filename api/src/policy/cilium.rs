@@ -22,10 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::network_policy::check_port_name;
 use super::network_policy::{
-    NetworkPolicy, Peer, PolicyError, PolicyProblem, PolicyProtocol, PolicyRule, PortMatch,
-    PortRule, NAMESPACE_LABEL,
+    NetworkPolicy, Origin, Peer, PolicyError, PolicyProblem, PolicyProtocol, PolicyRule, PortRule,
+    PortValue, NAMESPACE_LABEL,
 };
 use super::selector::{
     LabelSelector, PeerClusters, Requirement, WireLabelSelector, WireRequirement,
@@ -100,23 +99,18 @@ pub struct WireCiliumPort {
 const ACCEPTED_SOURCES: [&str; 2] = ["k8s", "any"];
 
 struct Ctx<'a> {
-    namespace: &'a str,
-    name: &'a str,
+    origin: Origin<'a>,
     local_cluster: &'a str,
     clusters: PeerClusters,
 }
 
 impl Ctx<'_> {
     fn error(&self, place: &str, problem: PolicyProblem) -> PolicyError {
-        PolicyError {
-            policy: format!("CiliumNetworkPolicy {}/{}", self.namespace, self.name),
-            place: place.to_owned(),
-            problem: Box::new(problem),
-        }
+        self.origin.error(place, problem)
     }
 
     fn invalid(&self, place: &str, reason: impl Into<String>) -> PolicyError {
-        self.error(place, PolicyProblem::Invalid(reason.into()))
+        self.origin.invalid(place, reason)
     }
 
     /// Drops an accepted source prefix from `key`.
@@ -160,7 +154,7 @@ impl Ctx<'_> {
         }
         Ok(selector.and(Requirement::In {
             key: NAMESPACE_LABEL.to_owned(),
-            values: BTreeSet::from([self.namespace.to_owned()]),
+            values: BTreeSet::from([self.origin.namespace.to_owned()]),
         }))
     }
 
@@ -223,49 +217,13 @@ impl Ctx<'_> {
                 ))
             }
         };
-        let number = |at: &str, n: i64| {
-            u16::try_from(n)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| self.invalid(at, format!("{n} is not a port number (1-65535)")))
+        let port = match wire.port.as_deref() {
+            None | Some("0") => PortValue::Every,
+            Some(text) => text
+                .parse::<i64>()
+                .map_or(PortValue::Name(text), PortValue::Number),
         };
-        let ports = match wire.port.as_deref() {
-            None | Some("0") if wire.end_port.is_none() => PortMatch::Any,
-            None | Some("0") => {
-                return Err(self.invalid(place, "endPort needs a numeric port to start the range"))
-            }
-            Some(text) => match text.parse::<i64>() {
-                Ok(n) => {
-                    let first = number(&format!("{place}.port"), n)?;
-                    let last = match wire.end_port {
-                        None => first,
-                        Some(e) => {
-                            let last = number(&format!("{place}.endPort"), e)?;
-                            if last < first {
-                                return Err(self.invalid(
-                                    &format!("{place}.endPort"),
-                                    format!("{last} is below port {first}"),
-                                ));
-                            }
-                            last
-                        }
-                    };
-                    PortMatch::Range { first, last }
-                }
-                Err(_) => {
-                    if wire.end_port.is_some() {
-                        return Err(self.invalid(
-                            place,
-                            format!("endPort needs a numeric port, not the name {text:?}"),
-                        ));
-                    }
-                    check_port_name(text).map_err(|reason| {
-                        self.invalid(&format!("{place}.port"), format!("{text:?} {reason}"))
-                    })?;
-                    PortMatch::Named(text.to_owned())
-                }
-            },
-        };
+        let ports = self.origin.port_match(place, port, wire.end_port)?;
         Ok(protocols
             .iter()
             .map(|&protocol| PortRule {
@@ -290,8 +248,11 @@ impl NetworkPolicy {
         clusters: PeerClusters,
     ) -> Result<Self, PolicyError> {
         let ctx = Ctx {
-            namespace,
-            name,
+            origin: Origin {
+                kind: "CiliumNetworkPolicy",
+                namespace,
+                name,
+            },
             local_cluster,
             clusters,
         };

@@ -225,21 +225,99 @@ pub enum PolicyProblem {
     Invalid(String),
 }
 
+/// Which policy is being read: builds its errors and the checks both policy kinds share.
+pub(super) struct Origin<'a> {
+    /// `NetworkPolicy` or `CiliumNetworkPolicy`.
+    pub(super) kind: &'static str,
+    pub(super) namespace: &'a str,
+    pub(super) name: &'a str,
+}
+
+/// A port as both kinds write it, before validation.
+pub(super) enum PortValue<'a> {
+    /// No port (or Cilium's `"0"`): every port.
+    Every,
+    /// A number.
+    Number(i64),
+    /// A container-port name.
+    Name(&'a str),
+}
+
+impl Origin<'_> {
+    pub(super) fn error(&self, place: &str, problem: PolicyProblem) -> PolicyError {
+        PolicyError {
+            policy: format!("{} {}/{}", self.kind, self.namespace, self.name),
+            place: place.to_owned(),
+            problem: Box::new(problem),
+        }
+    }
+
+    pub(super) fn invalid(&self, place: &str, reason: impl Into<String>) -> PolicyError {
+        self.error(place, PolicyProblem::Invalid(reason.into()))
+    }
+
+    /// `port` (and `endPort`) of the port entry at `place`, with Kubernetes' rules: numbers
+    /// 1-65535, `endPort` only after a numeric port and not below it, names IANA service
+    /// names.
+    pub(super) fn port_match(
+        &self,
+        place: &str,
+        port: PortValue<'_>,
+        end: Option<i64>,
+    ) -> Result<PortMatch, PolicyError> {
+        let number = |at: &str, n: i64| {
+            u16::try_from(n)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| self.invalid(at, format!("{n} is not a port number (1-65535)")))
+        };
+        match (port, end) {
+            (PortValue::Every, None) => Ok(PortMatch::Any),
+            (PortValue::Every, Some(_)) => {
+                Err(self.invalid(place, "endPort needs a numeric port to start the range"))
+            }
+            (PortValue::Name(name), Some(_)) => Err(self.invalid(
+                place,
+                format!("endPort needs a numeric port, not the name {name:?}"),
+            )),
+            (PortValue::Name(name), None) => {
+                check_port_name(name).map_err(|reason| {
+                    self.invalid(&format!("{place}.port"), format!("{name:?} {reason}"))
+                })?;
+                Ok(PortMatch::Named(name.to_owned()))
+            }
+            (PortValue::Number(n), end) => {
+                let first = number(&format!("{place}.port"), n)?;
+                let last = match end {
+                    None => first,
+                    Some(e) => number(&format!("{place}.endPort"), e)?,
+                };
+                if last < first {
+                    return Err(self.invalid(
+                        &format!("{place}.endPort"),
+                        format!("{last} is below port {first}"),
+                    ));
+                }
+                Ok(PortMatch::Range { first, last })
+            }
+        }
+    }
+}
+
 /// Validation context: which policy, and how peers are scoped.
 struct Ctx<'a> {
-    namespace: &'a str,
-    name: &'a str,
+    origin: Origin<'a>,
     local_cluster: &'a str,
     clusters: PeerClusters,
 }
 
 impl Ctx<'_> {
     fn error(&self, place: &str, problem: PolicyProblem) -> PolicyError {
-        PolicyError {
-            policy: format!("NetworkPolicy {}/{}", self.namespace, self.name),
-            place: place.to_owned(),
-            problem: Box::new(problem),
-        }
+        self.origin.error(place, problem)
+    }
+
+    fn invalid(&self, place: &str, reason: impl Into<String>) -> PolicyError {
+        self.origin.invalid(place, reason)
     }
 
     fn selector(
@@ -248,10 +326,6 @@ impl Ctx<'_> {
         wire: &WireLabelSelector,
     ) -> Result<LabelSelector, PolicyError> {
         LabelSelector::from_wire(wire).map_err(|e| self.error(place, PolicyProblem::Selector(e)))
-    }
-
-    fn invalid(&self, place: &str, reason: impl Into<String>) -> PolicyError {
-        self.error(place, PolicyProblem::Invalid(reason.into()))
     }
 
     fn cidr(&self, place: &str, text: &str) -> Result<Cidr, PolicyError> {
@@ -266,7 +340,7 @@ impl Ctx<'_> {
     fn in_namespace(&self) -> Requirement {
         Requirement::In {
             key: NAMESPACE_LABEL.to_owned(),
-            values: BTreeSet::from([self.namespace.to_owned()]),
+            values: BTreeSet::from([self.origin.namespace.to_owned()]),
         }
     }
 
@@ -355,47 +429,12 @@ impl Ctx<'_> {
                 ))
             }
         };
-        let number = |at: &str, n: i64| {
-            u16::try_from(n)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| self.invalid(at, format!("{n} is not a port number (1-65535)")))
+        let port = match &wire.port {
+            None => PortValue::Every,
+            Some(WirePortValue::Number(n)) => PortValue::Number(*n),
+            Some(WirePortValue::Name(name)) => PortValue::Name(name),
         };
-        let ports = match (&wire.port, wire.end_port) {
-            (None, None) => PortMatch::Any,
-            (None, Some(_)) => {
-                return Err(self.invalid(place, "endPort needs a numeric port to start the range"))
-            }
-            (Some(WirePortValue::Name(name)), end) => {
-                if end.is_some() {
-                    return Err(self.invalid(
-                        place,
-                        format!("endPort needs a numeric port, not the name {name:?}"),
-                    ));
-                }
-                check_port_name(name).map_err(|reason| {
-                    self.invalid(&format!("{place}.port"), format!("{name:?} {reason}"))
-                })?;
-                PortMatch::Named(name.clone())
-            }
-            (Some(WirePortValue::Number(n)), end) => {
-                let first = number(&format!("{place}.port"), *n)?;
-                let last = match end {
-                    None => first,
-                    Some(e) => {
-                        let last = number(&format!("{place}.endPort"), e)?;
-                        if last < first {
-                            return Err(self.invalid(
-                                &format!("{place}.endPort"),
-                                format!("{last} is below port {first}"),
-                            ));
-                        }
-                        last
-                    }
-                };
-                PortMatch::Range { first, last }
-            }
-        };
+        let ports = self.origin.port_match(place, port, wire.end_port)?;
         Ok(PortRule { protocol, ports })
     }
 }
@@ -414,8 +453,11 @@ impl NetworkPolicy {
         clusters: PeerClusters,
     ) -> Result<Self, PolicyError> {
         let ctx = Ctx {
-            namespace,
-            name,
+            origin: Origin {
+                kind: "NetworkPolicy",
+                namespace,
+                name,
+            },
             local_cluster,
             clusters,
         };

@@ -1,7 +1,7 @@
 //! The CiliumNetworkPolicy subset read with Cilium's semantics.
 
 use super::*;
-use crate::policy::{Labels, CLUSTER_LABEL};
+use crate::policy::{Labels, PortMatch, CLUSTER_LABEL};
 
 fn cnp(yaml: &str) -> Result<NetworkPolicy, PolicyError> {
     let spec: WireCiliumPolicySpec = crate::yaml::from_str(yaml).unwrap();
