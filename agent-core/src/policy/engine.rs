@@ -215,9 +215,12 @@ impl PolicyEngine {
 
     /// Adds or changes a local endpoint; returns the endpoints whose policy changed.
     pub fn upsert_endpoint(&mut self, id: EndpointId, endpoint: LocalEndpoint) -> Vec<EndpointId> {
-        self.endpoints.insert(id.clone(), endpoint);
-        // Its named ports may resolve egress names of other endpoints towards its identity.
-        let mut affected: BTreeSet<EndpointId> = self.endpoints_with_named_egress();
+        let mut identities = vec![endpoint.identity];
+        if let Some(old) = self.endpoints.insert(id.clone(), endpoint) {
+            identities.push(old.identity);
+        }
+        // Its named ports may resolve egress port names other endpoints use towards it.
+        let mut affected = self.resolving_names_towards(&identities);
         affected.insert(id);
         self.recompute(affected)
     }
@@ -225,36 +228,30 @@ impl PolicyEngine {
     /// Removes a local endpoint; returns the endpoints whose policy changed (itself
     /// included: its policy is gone).
     pub fn remove_endpoint(&mut self, id: &EndpointId) -> Vec<EndpointId> {
-        if self.endpoints.remove(id).is_none() {
+        let Some(old) = self.endpoints.remove(id) else {
             return Vec::new();
-        }
+        };
         let mut changed = Vec::new();
         if self.computed.remove(id).is_some() {
             changed.push(id.clone());
         }
-        changed.extend(self.recompute(self.endpoints_with_named_egress()));
+        changed.extend(self.recompute(self.resolving_names_towards(&[old.identity])));
         changed
     }
 
     /// Adds or replaces a policy; returns the endpoints whose policy changed.
     pub fn upsert_policy(&mut self, key: PolicyKey, policy: NetworkPolicy) -> Vec<EndpointId> {
         let mut affected = self.subjects_of(&policy);
+        // The new policy's selectors are taken before the old one's are released, so a
+        // selector both use stays cached.
         for s in peer_selectors(&policy) {
             self.use_selector(s);
         }
-        self.by_namespace
-            .entry(policy.namespace.clone())
-            .or_default()
-            .insert(key.clone());
+        let namespace = policy.namespace.clone();
         if let Some(old) = self.policies.insert(key.clone(), policy) {
-            if old.namespace != self.policies[&key].namespace {
-                self.unindex(&key, &old.namespace);
-            }
-            affected.extend(self.subjects_of(&old));
-            for s in peer_selectors(&old).cloned().collect::<Vec<_>>() {
-                self.release_selector(&s);
-            }
+            affected.extend(self.retire(&key, &old));
         }
+        self.by_namespace.entry(namespace).or_default().insert(key);
         self.recompute(affected)
     }
 
@@ -263,21 +260,23 @@ impl PolicyEngine {
         let Some(old) = self.policies.remove(key) else {
             return Vec::new();
         };
-        self.unindex(key, &old.namespace);
-        let affected = self.subjects_of(&old);
-        for s in peer_selectors(&old).cloned().collect::<Vec<_>>() {
-            self.release_selector(&s);
-        }
+        let affected = self.retire(key, &old);
         self.recompute(affected)
     }
 
-    fn unindex(&mut self, key: &PolicyKey, namespace: &str) {
-        if let Some(keys) = self.by_namespace.get_mut(namespace) {
+    /// Drops what policy `old` (stored under `key`) held: its index entry and its
+    /// selectors. Returns the endpoints it selected.
+    fn retire(&mut self, key: &PolicyKey, old: &NetworkPolicy) -> BTreeSet<EndpointId> {
+        if let Some(keys) = self.by_namespace.get_mut(&old.namespace) {
             keys.remove(key);
             if keys.is_empty() {
-                self.by_namespace.remove(namespace);
+                self.by_namespace.remove(&old.namespace);
             }
         }
+        for s in peer_selectors(old) {
+            self.release_selector(s);
+        }
+        self.subjects_of(old)
     }
 
     /// Recomputes every endpoint (after a restart, or to check the incremental result);
@@ -351,15 +350,24 @@ impl PolicyEngine {
             .collect()
     }
 
-    /// Endpoints selected by a policy with a named egress port (their resolution depends
-    /// on other endpoints' ports).
-    fn endpoints_with_named_egress(&self) -> BTreeSet<EndpointId> {
+    /// Endpoints selected by a policy with a named egress port towards a peer that may
+    /// have one of `identities` (their resolution depends on that peer's ports).
+    fn resolving_names_towards(&self, identities: &[SecurityIdentity]) -> BTreeSet<EndpointId> {
         let mut out = BTreeSet::new();
         for policy in self.policies.values() {
             let named = policy.egress.iter().flatten().any(|r| {
                 r.ports
                     .iter()
                     .any(|p| matches!(p.ports, PortMatch::Named(_)))
+                    && r.peers.as_ref().is_none_or(|peers| {
+                        peers.iter().any(|p| match p {
+                            Peer::Endpoints(s) => self
+                                .selectors
+                                .get(s)
+                                .is_some_and(|c| identities.iter().any(|i| c.selected.contains(i))),
+                            Peer::IpBlock { .. } => false,
+                        })
+                    })
             });
             if named {
                 out.extend(self.subjects_of(policy));
