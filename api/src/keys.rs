@@ -10,6 +10,7 @@
 //! mesh/v1/identities/<cluster>/<numeric-id>
 //! mesh/v1/endpoints/<cluster>/<ip>
 //! mesh/v1/services/<cluster>/<namespace>/<name>
+//! mesh/v1/policies/<cluster>/<namespace>/<policy-kind>/<name>   (never exported)
 //! mesh/v1/synced/<cluster>/<kind>
 //! ```
 
@@ -35,17 +36,26 @@ pub enum Kind {
     Endpoint,
     /// `services`: [`v1::Service`].
     Service,
+    /// `policies`: [`v1::Policy`]; local to its cluster, never served to other clusters.
+    Policy,
 }
 
 impl Kind {
-    /// Every kind, in dependency order (config first, services last).
-    pub const ALL: [Kind; 5] = [
+    /// Every kind, in dependency order (config first, policies last).
+    pub const ALL: [Kind; 6] = [
         Kind::ClusterConfig,
         Kind::Node,
         Kind::Identity,
         Kind::Endpoint,
         Kind::Service,
+        Kind::Policy,
     ];
+
+    /// Whether records of this kind may be served to other clusters (policies may not).
+    #[must_use]
+    pub fn exported(self) -> bool {
+        self != Kind::Policy
+    }
 
     /// The key segment naming this kind (`services`, `nodes`, ...).
     #[must_use]
@@ -56,6 +66,7 @@ impl Kind {
             Kind::Identity => "identities",
             Kind::Endpoint => "endpoints",
             Kind::Service => "services",
+            Kind::Policy => "policies",
         }
     }
 
@@ -74,6 +85,7 @@ impl Kind {
             Kind::Identity => v1::Kind::Identity,
             Kind::Endpoint => v1::Kind::Endpoint,
             Kind::Service => v1::Kind::Service,
+            Kind::Policy => v1::Kind::Policy,
         }
     }
 
@@ -88,6 +100,7 @@ impl Kind {
             v1::Kind::Identity => Some(Kind::Identity),
             v1::Kind::Endpoint => Some(Kind::Endpoint),
             v1::Kind::Service => Some(Kind::Service),
+            v1::Kind::Policy => Some(Kind::Policy),
         }
     }
 
@@ -143,6 +156,75 @@ pub fn service_key(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{ROOT}services/{cluster}/{namespace}/{name}")
 }
 
+/// `mesh/v1/policies/<cluster>/<namespace>/<policy-kind>/<name>`
+#[must_use]
+pub fn policy_key(cluster: &str, namespace: &str, kind: PolicySource, name: &str) -> String {
+    format!(
+        "{ROOT}policies/{cluster}/{namespace}/{}/{name}",
+        kind.segment()
+    )
+}
+
+/// The API a policy record comes from, named by its key segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicySource {
+    /// `networkpolicy`: `networking.k8s.io/v1` NetworkPolicy.
+    NetworkPolicy,
+    /// `ciliumnetworkpolicy`: `cilium.io/v2` CiliumNetworkPolicy.
+    CiliumNetworkPolicy,
+}
+
+impl PolicySource {
+    /// Both sources.
+    pub const ALL: [PolicySource; 2] = [
+        PolicySource::NetworkPolicy,
+        PolicySource::CiliumNetworkPolicy,
+    ];
+
+    /// The key segment.
+    #[must_use]
+    pub fn segment(self) -> &'static str {
+        match self {
+            PolicySource::NetworkPolicy => "networkpolicy",
+            PolicySource::CiliumNetworkPolicy => "ciliumnetworkpolicy",
+        }
+    }
+
+    /// The Kubernetes kind (`NetworkPolicy`, `CiliumNetworkPolicy`).
+    #[must_use]
+    pub fn kubernetes_kind(self) -> &'static str {
+        match self {
+            PolicySource::NetworkPolicy => "NetworkPolicy",
+            PolicySource::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+        }
+    }
+
+    /// The protobuf enum value.
+    #[must_use]
+    pub fn to_proto(self) -> v1::PolicyKind {
+        match self {
+            PolicySource::NetworkPolicy => v1::PolicyKind::NetworkPolicy,
+            PolicySource::CiliumNetworkPolicy => v1::PolicyKind::CiliumNetworkPolicy,
+        }
+    }
+
+    /// The source for a protobuf enum value (`None` for unspecified or unknown).
+    #[must_use]
+    pub fn from_proto(value: i32) -> Option<PolicySource> {
+        match v1::PolicyKind::try_from(value).ok()? {
+            v1::PolicyKind::Unspecified => None,
+            v1::PolicyKind::NetworkPolicy => Some(PolicySource::NetworkPolicy),
+            v1::PolicyKind::CiliumNetworkPolicy => Some(PolicySource::CiliumNetworkPolicy),
+        }
+    }
+}
+
+impl fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kubernetes_kind())
+    }
+}
+
 /// `mesh/v1/synced/<cluster>/<kind>`
 #[must_use]
 pub fn synced_key(cluster: &str, kind: Kind) -> String {
@@ -193,6 +275,17 @@ pub enum MeshKey {
         /// Service name.
         name: String,
     },
+    /// `mesh/v1/policies/<cluster>/<namespace>/<policy-kind>/<name>`
+    Policy {
+        /// Cluster name.
+        cluster: String,
+        /// Kubernetes namespace.
+        namespace: String,
+        /// Which policy API.
+        source: PolicySource,
+        /// Policy name.
+        name: String,
+    },
     /// `mesh/v1/synced/<cluster>/<kind>`
     Synced {
         /// Cluster name.
@@ -212,6 +305,7 @@ impl MeshKey {
             MeshKey::Identity { .. } => Some(Kind::Identity),
             MeshKey::Endpoint { .. } => Some(Kind::Endpoint),
             MeshKey::Service { .. } => Some(Kind::Service),
+            MeshKey::Policy { .. } => Some(Kind::Policy),
             MeshKey::Synced { .. } => None,
         }
     }
@@ -225,6 +319,7 @@ impl MeshKey {
             | MeshKey::Identity { cluster, .. }
             | MeshKey::Endpoint { cluster, .. }
             | MeshKey::Service { cluster, .. }
+            | MeshKey::Policy { cluster, .. }
             | MeshKey::Synced { cluster, .. } => cluster,
         }
     }
@@ -242,6 +337,12 @@ impl fmt::Display for MeshKey {
                 namespace,
                 name,
             } => service_key(cluster, namespace, name),
+            MeshKey::Policy {
+                cluster,
+                namespace,
+                source,
+                name,
+            } => policy_key(cluster, namespace, *source, name),
             MeshKey::Synced { cluster, kind } => synced_key(cluster, *kind),
         };
         f.write_str(&key)
@@ -264,7 +365,7 @@ pub enum KeyError {
         key: String,
     },
     /// The segment after `mesh/v1/` names no known kind.
-    #[error("key {key:?} has unknown kind segment {segment:?}; expected one of cluster-config, nodes, identities, endpoints, services, synced")]
+    #[error("key {key:?} has unknown kind segment {segment:?}; expected one of cluster-config, nodes, identities, endpoints, services, policies, synced")]
     UnknownKind {
         /// The key.
         key: String,
@@ -370,6 +471,25 @@ pub fn parse_key(key: &[u8]) -> Result<MeshKey, KeyError> {
                 name: owned(2),
             })
         }
+        "policies" => {
+            if !well_formed(4) {
+                return Err(shape(
+                    "mesh/v1/policies/<cluster>/<namespace>/<networkpolicy|ciliumnetworkpolicy>/<name>",
+                ));
+            }
+            let source = PolicySource::ALL
+                .into_iter()
+                .find(|s| s.segment() == parts[2])
+                .ok_or_else(|| {
+                    shape("mesh/v1/policies/<cluster>/<namespace>/<networkpolicy|ciliumnetworkpolicy>/<name>")
+                })?;
+            Ok(MeshKey::Policy {
+                cluster: owned(0),
+                namespace: owned(1),
+                source,
+                name: owned(3),
+            })
+        }
         "synced" => {
             if !well_formed(2) {
                 return Err(shape("mesh/v1/synced/<cluster>/<kind>"));
@@ -417,6 +537,12 @@ mod tests {
             MeshKey::Identity {
                 cluster: "c1".into(),
                 id: 65_793,
+            },
+            MeshKey::Policy {
+                cluster: "c1".into(),
+                namespace: "prod".into(),
+                source: PolicySource::CiliumNetworkPolicy,
+                name: "api-allow".into(),
             },
             MeshKey::Endpoint {
                 cluster: "c1".into(),

@@ -23,6 +23,8 @@ pub enum Record {
     Endpoint(v1::Endpoint),
     /// [`v1::Service`]
     Service(v1::Service),
+    /// [`v1::Policy`]
+    Policy(v1::Policy),
 }
 
 /// A value that is not a valid record of the expected kind.
@@ -56,6 +58,7 @@ impl Record {
             Kind::Identity => Record::Identity(v1::Identity::decode(value).map_err(err)?),
             Kind::Endpoint => Record::Endpoint(v1::Endpoint::decode(value).map_err(err)?),
             Kind::Service => Record::Service(v1::Service::decode(value).map_err(err)?),
+            Kind::Policy => Record::Policy(v1::Policy::decode(value).map_err(err)?),
         })
     }
 
@@ -68,6 +71,7 @@ impl Record {
             Record::Identity(_) => Kind::Identity,
             Record::Endpoint(_) => Kind::Endpoint,
             Record::Service(_) => Kind::Service,
+            Record::Policy(_) => Kind::Policy,
         }
     }
 
@@ -80,6 +84,7 @@ impl Record {
             Record::Identity(r) => r.encode_to_vec(),
             Record::Endpoint(r) => r.encode_to_vec(),
             Record::Service(r) => r.encode_to_vec(),
+            Record::Policy(r) => r.encode_to_vec(),
         }
     }
 }

@@ -105,6 +105,7 @@ fn endpoint(i: usize) -> (String, Vec<u8>) {
         namespace: format!("ns{}", i % 100),
         pod: format!("pod{i}"),
         cluster: "east".into(),
+        named_ports: Vec::new(),
     }
     .encode_to_vec();
     (keys::endpoint_key("east", ip), value)

@@ -424,6 +424,7 @@ impl Exporter {
                                         namespace: spec.namespace,
                                         pod: spec.pod,
                                         cluster: self.config.cluster.clone(),
+                                        named_ports: Vec::new(),
                                     }
                                     .encode_to_vec(),
                                 )

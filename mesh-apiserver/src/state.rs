@@ -124,6 +124,8 @@ impl ClusterObjects {
             Kind::Node => &[ObjectKind::Node],
             Kind::Service => &[ObjectKind::Service, ObjectKind::EndpointSlice],
             Kind::Endpoint | Kind::Identity => &[ObjectKind::Pod],
+            // No policy source yet: an empty, synced set.
+            Kind::Policy => &[],
         };
         needs.iter().all(|k| self.synced.contains(k))
     }

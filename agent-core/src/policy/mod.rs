@@ -20,8 +20,13 @@
 //! (exported endpoint records carry no port names yet, so a named egress port towards a
 //! remote-only identity matches nothing — the Kubernetes reading of an unresolvable name).
 
+pub mod datapath;
 mod engine;
 
+pub use datapath::{
+    port_blocks, Direction, EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath,
+    PolicyDatapathError, PolicyOwner, RuleKey,
+};
 pub use engine::{
     AllowEntry, AllowPeer, EndpointId, EndpointPolicy, LocalEndpoint, PolicyEngine, PolicyKey,
     PortSpan,
