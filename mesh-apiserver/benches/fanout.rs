@@ -106,6 +106,7 @@ fn endpoint(i: usize) -> (String, Vec<u8>) {
         pod: format!("pod{i}"),
         cluster: "east".into(),
         named_ports: Vec::new(),
+        pod_uid: String::new(),
     }
     .encode_to_vec();
     (keys::endpoint_key("east", ip), value)

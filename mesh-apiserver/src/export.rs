@@ -425,6 +425,7 @@ impl Exporter {
                                         pod: spec.pod,
                                         cluster: self.config.cluster.clone(),
                                         named_ports: Vec::new(),
+                                        pod_uid: String::new(),
                                     }
                                     .encode_to_vec(),
                                 )

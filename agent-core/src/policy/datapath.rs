@@ -74,6 +74,8 @@ pub struct PolicyOwner {
     pub owner: u64,
     /// Cgroup IDs attributed to this owner (includes `owner`).
     pub cgroups: Vec<u64>,
+    /// The endpoint's own security identity (for logs of denied flows).
+    pub identity: u32,
 }
 
 /// Per-reason verdict counters, summed over CPUs.
