@@ -19,6 +19,8 @@ use clustermesh_api::cidr::Cidr;
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::security_identity::{SecurityIdentity, MIN_LOCAL_IDENTITY};
 
+use crate::policy::IpCacheValue;
+
 /// Reserved identity of the node's own addresses (Cilium's `reserved:host`, 1).
 pub const HOST: SecurityIdentity = SecurityIdentity::new(1);
 /// Reserved identity of addresses outside every cluster (Cilium's `reserved:world`, 2).
@@ -226,6 +228,57 @@ impl IpCache {
             .values()
             .find(|c| !c.synced && c.pod_cidrs.iter().any(|cidr| cidr.contains(ip)))
             .map_or(Resolved::World, |c| Resolved::Syncing { cluster_id: c.id })
+    }
+
+    /// What the datapath's longest-prefix IP cache holds for these addresses: each
+    /// endpoint address (`syncing` while its cluster is), the pod CIDRs of clusters still
+    /// syncing, and the node's addresses as [`HOST`]. A prefix claimed twice keeps the
+    /// later claim in that order, so the node's addresses always win.
+    #[must_use]
+    pub fn datapath_entries(&self) -> BTreeMap<Cidr, IpCacheValue> {
+        let mut out = BTreeMap::new();
+        for c in self.clusters.values() {
+            let cluster_id = u16::try_from(c.id).unwrap_or(u16::MAX);
+            if !c.synced {
+                for cidr in &c.pod_cidrs {
+                    out.insert(
+                        *cidr,
+                        IpCacheValue {
+                            identity: WORLD.get(),
+                            cluster_id,
+                            syncing: true,
+                        },
+                    );
+                }
+            }
+            for (ip, identity) in &c.entries {
+                out.insert(
+                    Cidr::host(*ip),
+                    IpCacheValue {
+                        identity: identity.get(),
+                        cluster_id,
+                        syncing: !c.synced,
+                    },
+                );
+            }
+        }
+        for ip in &self.host {
+            out.insert(
+                Cidr::host(*ip),
+                IpCacheValue {
+                    identity: HOST.get(),
+                    cluster_id: 0,
+                    syncing: false,
+                },
+            );
+        }
+        out
+    }
+
+    /// Whether cluster `name` is known and synced.
+    #[must_use]
+    pub fn is_synced(&self, name: &str) -> bool {
+        self.clusters.get(name).is_some_and(|c| c.synced)
     }
 
     /// Entries per cluster (for the IP-cache size metric).

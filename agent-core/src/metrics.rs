@@ -26,6 +26,11 @@ pub struct Metrics {
     datapath_errors: Counter,
     datapath_batches: Counter,
     services: Gauge,
+    policy_verdicts: Family<Vec<(String, String)>, Counter>,
+    ipcache_entries: Family<ClusterLabel, Gauge>,
+    policies_refused: Counter,
+    policy_records_refused: Counter,
+    policy_datapath_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +58,11 @@ impl Metrics {
             datapath_errors: Counter::default(),
             datapath_batches: Counter::default(),
             services: Gauge::default(),
+            policy_verdicts: Family::default(),
+            ipcache_entries: Family::default(),
+            policies_refused: Counter::default(),
+            policy_records_refused: Counter::default(),
+            policy_datapath_errors: Counter::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -96,8 +106,65 @@ impl Metrics {
                 "Load-balanced service ports in the desired state",
                 m.services.clone(),
             );
+            r.register(
+                "policy_verdicts",
+                "Policy verdicts of the datapath by direction (ingress, egress) and verdict (allowed, denied, syncing, reply)",
+                m.policy_verdicts.clone(),
+            );
+            r.register(
+                "ipcache_entries",
+                "IP cache entries (endpoint addresses) per cluster",
+                m.ipcache_entries.clone(),
+            );
+            r.register(
+                "policies_refused",
+                "Policies refused (invalid spec, or sent by a remote cluster); the last good version stays",
+                m.policies_refused.clone(),
+            );
+            r.register(
+                "policy_records_refused",
+                "Identity and endpoint records refused (outside the exporting cluster's identity range)",
+                m.policy_records_refused.clone(),
+            );
+            r.register(
+                "policy_datapath_errors",
+                "Policy datapath writes that failed (retried)",
+                m.policy_datapath_errors.clone(),
+            );
         }
         m
+    }
+
+    /// Adds `n` verdicts of `direction` (`ingress`, `egress`) and `verdict`.
+    pub fn policy_verdicts(&self, direction: &str, verdict: &str, n: u64) {
+        if n > 0 {
+            self.policy_verdicts
+                .get_or_create(&vec![
+                    ("direction".to_owned(), direction.to_owned()),
+                    ("verdict".to_owned(), verdict.to_owned()),
+                ])
+                .inc_by(n);
+        }
+    }
+
+    /// Sets the IP cache size of `cluster`.
+    pub fn ipcache_entries(&self, cluster: &str, n: usize) {
+        self.ipcache_entries
+            .get_or_create(&label(cluster))
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the refusal counters of the policy plane to their running totals.
+    pub fn policy_refusals(&self, policies: u64, records: u64) {
+        let p = policies.saturating_sub(self.policies_refused.get());
+        self.policies_refused.inc_by(p);
+        let r = records.saturating_sub(self.policy_records_refused.get());
+        self.policy_records_refused.inc_by(r);
+    }
+
+    /// Adds `n` failed policy datapath writes.
+    pub fn policy_datapath_errors(&self, n: usize) {
+        self.policy_datapath_errors.inc_by(n as u64);
     }
 
     /// A record from `cluster` did not decode.

@@ -281,6 +281,7 @@ async fn main() {
     let agent = Agent::start(
         options,
         Arc::clone(&dp) as Arc<dyn Datapath>,
+        None,
         cancel.clone(),
     )
     .unwrap();

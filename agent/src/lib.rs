@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod bpf;
+pub mod enforcement;
 pub mod http;
 pub mod runtime;

@@ -16,12 +16,17 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use clustermesh_agent::admin::{self, BpfDumpHook};
 use clustermesh_agent::bpf::{BpfConfig, BpfDatapath, BpfError, BpffsMount};
+use clustermesh_agent::enforcement::CgroupTree;
 use clustermesh_agent::http;
 use clustermesh_agent::runtime::{Agent, AgentOptions};
 use clustermesh_agent_core::datapath::Datapath;
 use clustermesh_agent_core::maglev::{Maglev, TableSize, DEFAULT_SEED};
+use clustermesh_agent_core::policy::memory::MemPolicyDatapath;
+use clustermesh_agent_core::policy::plane::CgroupResolver;
+use clustermesh_agent_core::policy::PolicyDatapath;
 use clustermesh_agent_core::recording::RecordingDatapath;
 use clustermesh_agent_core::watcher::ReconnectBackoff;
+use clustermesh_api::policy::PeerClusters;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -121,6 +126,35 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// What a policy peer selector without `io.cilium.k8s.policy.cluster` selects: the
+    /// local cluster only (Cilium's default since 1.18) or every connected cluster.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "local",
+        env = "CLUSTERMESH_POLICY_PEER_CLUSTERS"
+    )]
+    policy_peer_clusters: PeerClustersArg,
+    /// This node's own addresses (repeatable): traffic from them has the reserved `host`
+    /// identity, which isolated pods always admit (kubelet probes).
+    #[arg(
+        long = "host-ip",
+        value_name = "IP",
+        env = "HOST_IPS",
+        value_delimiter = ','
+    )]
+    host_ips: Vec<std::net::IpAddr>,
+    /// Enforce network policy (identities, endpoints and the local cluster's policies).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    policy: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PeerClustersArg {
+    /// Only the local cluster.
+    Local,
+    /// Every connected cluster.
+    All,
 }
 
 fn init_logging(format: LogFormat) {
@@ -191,8 +225,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .maglev_table_size
         .map_or(TableSize::Auto, TableSize::Fixed);
     let maglev = Maglev::new(args.maglev_seed).with_table_size(size);
+    let mut policy: Option<Box<dyn PolicyDatapath>> = None;
     let (datapath, bpf_hook): (Arc<dyn Datapath>, Option<BpfDumpHook>) = match args.datapath {
-        DatapathKind::Record => (Arc::new(RecordingDatapath::new()), None),
+        DatapathKind::Record => {
+            // A dry run computes policy too (shown by the admin API), into memory.
+            policy = Some(Box::new(MemPolicyDatapath::new()));
+            (Arc::new(RecordingDatapath::new()), None)
+        }
         DatapathKind::Bpf => {
             let mut cfg = BpfConfig::default().with_pin_dir(&args.bpf_pin_dir);
             if let Some(cg) = &args.cgroup {
@@ -222,8 +261,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max: args.max_backoff,
         ..ReconnectBackoff::default()
     };
+    options.peer_clusters = match args.policy_peer_clusters {
+        PeerClustersArg::Local => PeerClusters::Local,
+        PeerClustersArg::All => PeerClusters::All,
+    };
+    options.host_addresses = args.host_ips.clone();
+    let policy = match policy.filter(|_| args.policy) {
+        Some(dp) => {
+            let root = match &args.cgroup {
+                Some(cg) => cg.clone(),
+                None => clustermesh_agent::bpf::cgroup2_mount()
+                    .context("cannot find the cgroup v2 hierarchy to look for pod cgroups")?,
+            };
+            let resolver: Box<dyn CgroupResolver> = Box::new(CgroupTree::new(root));
+            Some((dp, resolver))
+        }
+        None => None,
+    };
     let cancel = CancellationToken::new();
-    let agent = Agent::start(options, datapath, cancel.clone())
+    let agent = Agent::start(options, datapath, policy, cancel.clone())
         .with_context(|| format!("cannot start with config {}", config.display()))?;
     if let Some(dir) = args.admin_socket.parent() {
         std::fs::create_dir_all(dir)

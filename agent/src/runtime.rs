@@ -29,11 +29,19 @@ use clustermesh_agent_core::desired::DesiredState;
 use clustermesh_agent_core::maglev::Maglev;
 use clustermesh_agent_core::merge::Locality;
 use clustermesh_agent_core::metrics::Metrics;
+use clustermesh_agent_core::policy::plane::{
+    CgroupResolver, PlaneConfig, PlaneUpdate, PolicyPlane,
+};
+use clustermesh_agent_core::policy::PolicyDatapath;
 use clustermesh_agent_core::watcher::{
     self, ClusterRegistry, ReconnectBackoff, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
 use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, ConfigError};
+use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::model::ServicePortId;
+use clustermesh_api::policy::PeerClusters;
+
+use crate::enforcement::{self, Enforcement};
 
 /// How long to wait before retrying services the datapath refused.
 const DATAPATH_RETRY: Duration = Duration::from_secs(1);
@@ -66,6 +74,11 @@ pub struct AgentOptions {
     /// only part of their backends, and a reconciling datapath does not prune what an
     /// unsynced cluster still provides).
     pub initial_sync_timeout: Duration,
+    /// What a policy peer selector without the cluster label selects (Cilium's
+    /// `policy-default-local-cluster`: the local cluster only, by default).
+    pub peer_clusters: PeerClusters,
+    /// The node's own addresses (the reserved `host` identity in policy).
+    pub host_addresses: Vec<std::net::IpAddr>,
 }
 
 impl AgentOptions {
@@ -83,6 +96,8 @@ impl AgentOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             initial_sync_timeout: Duration::from_secs(10),
+            peer_clusters: PeerClusters::Local,
+            host_addresses: Vec::new(),
         }
     }
 }
@@ -138,6 +153,8 @@ pub struct AgentView {
     /// Reconcile rounds completed: incremented after each desired-state computation
     /// (and the datapath flush and view publication that follow it).
     pub rounds: Arc<AtomicU64>,
+    /// Identities, endpoints and policy (`None` when the agent enforces no policy).
+    pub enforcement: Option<Enforcement>,
 }
 
 impl AgentView {
@@ -176,20 +193,36 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Loads the configuration and starts the supervisor and reconciler.
+    /// Loads the configuration and starts the supervisor and reconciler; with `policy`
+    /// (a policy datapath and the way to find pods' cgroups) also the policy task.
     pub fn start(
         options: AgentOptions,
         datapath: Arc<dyn Datapath>,
+        policy: Option<(Box<dyn PolicyDatapath>, Box<dyn CgroupResolver>)>,
         cancel: CancellationToken,
     ) -> Result<Agent, AgentError> {
         options.maglev.validate()?;
         let config = load_config(&options.config_path)?;
         let trust_domain = TrustDomain::new(config.trust_domain.clone())
             .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e.to_string()))?;
+        let enforcement = policy.map(|(dp, resolver)| {
+            let plane = PolicyPlane::new(
+                PlaneConfig {
+                    local_cluster: config.local_cluster.clone(),
+                    node: options.node.clone(),
+                    peer_clusters: options.peer_clusters,
+                    mode: ClusterIdMode::default(),
+                    host_addresses: options.host_addresses.clone(),
+                },
+                resolver,
+            );
+            Enforcement::new(plane, dp)
+        });
         let view = AgentView {
             node: options.node.clone(),
             local_cluster: config.local_cluster.clone(),
             metrics: Arc::new(Metrics::new()),
+            enforcement: enforcement.clone(),
             ..AgentView::default()
         };
         let here = Locality {
@@ -200,9 +233,25 @@ impl Agent {
         let (tx, rx) = mpsc::channel(4096);
         let desired = DesiredState::new(here, options.maglev);
         let deadline = tokio::time::Instant::now() + options.initial_sync_timeout;
+        let (plane_tx, plane_task) = match enforcement {
+            Some(e) => {
+                let (ptx, prx) = mpsc::channel(4096);
+                let task = enforcement::run(
+                    e,
+                    prx,
+                    view.clusters.clone(),
+                    deadline,
+                    Arc::clone(&view.metrics),
+                    cancel.clone(),
+                );
+                (Some(ptx), Some(task))
+            }
+            None => (None, None),
+        };
         let reconciler = reconcile(
             desired,
             rx,
+            plane_tx,
             datapath,
             view.clone(),
             deadline,
@@ -219,7 +268,12 @@ impl Agent {
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(async move {
-            tokio::join!(reconciler, supervisor.run(config));
+            let plane = async move {
+                if let Some(t) = plane_task {
+                    t.await;
+                }
+            };
+            tokio::join!(reconciler, supervisor.run(config), plane);
         });
         Ok(Agent { view, task })
     }
@@ -229,6 +283,7 @@ impl Agent {
 async fn reconcile(
     mut desired: DesiredState,
     mut rx: mpsc::Receiver<Update>,
+    plane: Option<mpsc::Sender<PlaneUpdate>>,
     datapath: Arc<dyn Datapath>,
     view: AgentView,
     initial_sync_deadline: tokio::time::Instant,
@@ -258,11 +313,20 @@ async fn reconcile(
                 u = rx.recv() => match u { Some(u) => Some(u), None => return },
             }
         };
+        let mut for_plane = Vec::new();
         if let Some(u) = first {
-            apply(&mut desired, u);
+            for_plane.extend(apply(&mut desired, u));
         }
         while let Ok(u) = rx.try_recv() {
-            apply(&mut desired, u);
+            for_plane.extend(apply(&mut desired, u));
+        }
+        if let Some(tx) = &plane {
+            for u in for_plane {
+                // The policy task lives as long as the agent; closed means shutdown.
+                if tx.send(u).await.is_err() {
+                    return;
+                }
+            }
         }
         if !gate_open {
             let clusters = view.clusters.snapshot();
@@ -322,14 +386,40 @@ async fn reconcile(
     }
 }
 
-fn apply(desired: &mut DesiredState, u: Update) {
+/// Applies the service part of `u` to `desired`; returns its policy part.
+fn apply(desired: &mut DesiredState, u: Update) -> Option<PlaneUpdate> {
     match u {
-        Update::Replace { cluster, services } => {
-            desired.replace_cluster_keeping(&cluster, services)
+        Update::Replace {
+            cluster,
+            services,
+            inputs,
+        } => {
+            desired.replace_cluster_keeping(&cluster, services);
+            Some(PlaneUpdate::Replace { cluster, inputs })
         }
-        Update::Upsert(r) => desired.upsert(r),
-        Update::Remove { cluster, name } => desired.remove(&cluster, &name),
-        Update::DropCluster { cluster } => desired.remove_cluster(&cluster),
+        Update::Upsert(r) => {
+            desired.upsert(r);
+            None
+        }
+        Update::Remove { cluster, name } => {
+            desired.remove(&cluster, &name);
+            None
+        }
+        Update::DropCluster { cluster } => {
+            desired.remove_cluster(&cluster);
+            Some(PlaneUpdate::DropCluster { cluster })
+        }
+        Update::ClusterInfo {
+            cluster,
+            id,
+            pod_cidrs,
+        } => Some(PlaneUpdate::ClusterInfo {
+            cluster,
+            id,
+            pod_cidrs,
+        }),
+        Update::UpsertInput { cluster, input } => Some(PlaneUpdate::Upsert { cluster, input }),
+        Update::RemoveInput { cluster, key } => Some(PlaneUpdate::Remove { cluster, key }),
     }
 }
 
@@ -464,6 +554,7 @@ impl Supervisor {
             let token = self.cancel.child_token();
             let wc = WatcherConfig {
                 entry: entry.clone(),
+                local: name == config.local_cluster,
                 trust_domain: self.trust_domain.clone(),
                 cert_file: config.cert_file.clone(),
                 key_file: config.key_file.clone(),
@@ -557,6 +648,7 @@ mod tests {
         let task = tokio::spawn(reconcile(
             DesiredState::new(here, Maglev::default()),
             rx,
+            None,
             Arc::clone(&dp) as Arc<dyn Datapath>,
             view.clone(),
             tokio::time::Instant::now(),
@@ -572,6 +664,7 @@ mod tests {
         tx.send(Update::Replace {
             cluster: "east".into(),
             services,
+            inputs: BTreeMap::new(),
         })
         .await
         .unwrap();

@@ -44,6 +44,13 @@ pub enum CidrError {
 }
 
 impl Cidr {
+    /// The single-address network of `addr` (/32 or /128).
+    #[must_use]
+    pub fn host(addr: IpAddr) -> Cidr {
+        let prefix_len = if addr.is_ipv4() { 32 } else { 128 };
+        Cidr { addr, prefix_len }
+    }
+
     /// Parses `addr/len`, rejecting host bits.
     ///
     /// # Errors

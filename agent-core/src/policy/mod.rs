@@ -22,6 +22,10 @@
 
 pub mod datapath;
 mod engine;
+pub mod inputs;
+pub mod lower;
+pub mod memory;
+pub mod plane;
 
 pub use datapath::{
     port_blocks, Direction, EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath,
@@ -32,5 +36,7 @@ pub use engine::{
     PortSpan,
 };
 
+#[cfg(test)]
+mod plane_tests;
 #[cfg(test)]
 mod tests;

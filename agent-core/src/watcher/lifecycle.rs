@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use clustermesh_api::keys::Kind;
 use clustermesh_api::v1;
 use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_certs::transport::{ConnectError, MeshEndpoint};
@@ -255,8 +256,13 @@ async fn session(
     } else {
         0
     };
+    let mut kinds: std::collections::BTreeSet<Kind> =
+        [Kind::Identity, Kind::Endpoint, Kind::Service].into();
+    if config.local {
+        kinds.insert(Kind::Policy);
+    }
     let request = v1::WatchRequest {
-        kinds: vec![v1::Kind::Service as i32],
+        kinds: kinds.iter().map(|k| k.to_proto() as i32).collect(),
         from_revision,
     };
     let stream = match tokio::time::timeout(deadline, client.watch(request)).await {
@@ -278,7 +284,21 @@ async fn session(
             Phase::Watching
         };
     });
-    stream::follow(stream, name, syncing, updates, status, metrics, progress).await
+    if updates
+        .send(Update::ClusterInfo {
+            cluster: name.to_owned(),
+            id: cc.id,
+            pod_cidrs: cc.pod_cidrs.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return SessionEnd::Cancelled;
+    }
+    stream::follow(
+        stream, name, &kinds, syncing, updates, status, metrics, progress,
+    )
+    .await
 }
 
 /// The `UnexpectedPeer` error in `e` or its sources (tonic wraps what the connector

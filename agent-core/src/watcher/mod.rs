@@ -41,6 +41,8 @@ use clustermesh_api::model::{Phase, ServiceName, ServiceRecord};
 use clustermesh_certs::TrustDomain;
 use tokio::time::Instant;
 
+use crate::policy::inputs::{Input, InputKey};
+
 pub mod backoff;
 pub mod lifecycle;
 pub mod registry;
@@ -63,6 +65,32 @@ pub enum Update {
         /// current value did not decode, whose previous record, if any, stays in force (as
         /// an undecodable live update leaves the previous one).
         services: BTreeMap<ServiceName, Option<ServiceRecord>>,
+        /// All its identities, endpoints (and, for the local cluster, policies), with the
+        /// same `None` rule.
+        inputs: BTreeMap<InputKey, Option<Input>>,
+    },
+    /// The cluster's ID and pod CIDRs, as its server reported them when a session opened.
+    ClusterInfo {
+        /// Cluster.
+        cluster: String,
+        /// Cluster ID.
+        id: u32,
+        /// Pod CIDRs (canonical `addr/len`).
+        pod_cidrs: Vec<String>,
+    },
+    /// One identity, endpoint or policy created or changed.
+    UpsertInput {
+        /// Cluster.
+        cluster: String,
+        /// The record.
+        input: Input,
+    },
+    /// One identity, endpoint or policy removed.
+    RemoveInput {
+        /// Cluster.
+        cluster: String,
+        /// Which.
+        key: InputKey,
     },
     /// One service created or changed.
     Upsert(ServiceRecord),
@@ -85,6 +113,9 @@ pub enum Update {
 pub struct WatcherConfig {
     /// The cluster to watch.
     pub entry: ClusterEntry,
+    /// It is the agent's own cluster: its policies are watched too (a server serves them
+    /// to its own cluster's agents only).
+    pub local: bool,
     /// Trust domain of the server identity.
     pub trust_domain: TrustDomain,
     /// Our client certificate and key (the CA comes from `entry.ca_file`).

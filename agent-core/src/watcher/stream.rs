@@ -2,7 +2,7 @@
 //! `Synced` marker and hand it over as one replacement, apply live events one by one, and
 //! refuse (log and count) records that do not decode or belong to another cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use clustermesh_api::keys::{parse_key, Kind, MeshKey};
 use clustermesh_api::model::{RecordError, ServiceName, ServiceRecord};
@@ -13,21 +13,72 @@ use tokio::sync::mpsc;
 use super::lifecycle::{Progress, SessionEnd};
 use super::{Phase, StatusBoard, Update};
 use crate::metrics::Metrics;
+use crate::policy::inputs::{self, Input, InputKey};
+
+/// What one record key is, once known to be a key of this cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slot {
+    Service(ServiceName),
+    Input(InputKey),
+}
+
+/// A decoded record.
+#[derive(Debug)]
+enum Decoded {
+    Service(ServiceRecord),
+    Input(Input),
+}
+
+/// A full sync in progress: what arrived so far; `None`: the value did not decode, keep
+/// the previous record.
+#[derive(Debug, Default)]
+struct Resync {
+    services: BTreeMap<ServiceName, Option<ServiceRecord>>,
+    inputs: BTreeMap<InputKey, Option<Input>>,
+    synced: BTreeSet<Kind>,
+}
+
+impl Resync {
+    fn put(&mut self, slot: Slot, decoded: Option<Decoded>, keep_existing: bool) {
+        match (slot, decoded) {
+            (_, Some(Decoded::Service(r))) => {
+                self.services.insert(r.name.clone(), Some(r));
+            }
+            (_, Some(Decoded::Input(i))) => {
+                self.inputs.insert(i.key(), Some(i));
+            }
+            (Slot::Service(name), None) if keep_existing => {
+                self.services.entry(name).or_insert(None);
+            }
+            (Slot::Input(key), None) if keep_existing => {
+                self.inputs.entry(key).or_insert(None);
+            }
+            (Slot::Service(name), None) => {
+                self.services.remove(&name);
+            }
+            (Slot::Input(key), None) => {
+                self.inputs.remove(&key);
+            }
+        }
+    }
+}
 
 /// Applies the events of an established watch `stream` of cluster `name` until it ends;
 /// `syncing`: the session started from scratch, so records are buffered until the
-/// `Synced` marker. Advances `progress` as events are applied.
+/// `Synced` marker of every kind in `kinds` has arrived. Advances `progress` as events
+/// are applied.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn follow(
     mut stream: tonic::Streaming<v1::WatchEvent>,
     name: &str,
+    kinds: &BTreeSet<Kind>,
     mut syncing: bool,
     updates: &mpsc::Sender<Update>,
     status: &StatusBoard,
     metrics: &Metrics,
     progress: &mut Progress,
 ) -> SessionEnd {
-    // The services of a resync so far; `None`: the value did not decode, keep the previous.
-    let mut resync: BTreeMap<ServiceName, Option<ServiceRecord>> = BTreeMap::new();
+    let mut resync = Resync::default();
     let mut pending_revision = progress.revision;
     loop {
         let event = match stream.message().await {
@@ -44,7 +95,7 @@ pub(super) async fn follow(
             v1::watch_event::Event::Reset(r) => {
                 tracing::info!(cluster = %name, reason = %r.reason, "server reset the watch; resyncing (current state kept until synced)");
                 syncing = true;
-                resync.clear();
+                resync = Resync::default();
                 // The server's history starts over: its revision may be lower than ours
                 // (a store restored or replaced). Count from the Reset's revision, or a
                 // later resume would skip everything between the two.
@@ -53,40 +104,58 @@ pub(super) async fn follow(
             }
             v1::watch_event::Event::Upsert(u) => {
                 pending_revision = pending_revision.max(u.revision);
-                match decode_upsert(name, &u, status, metrics) {
-                    Ok(rec) if syncing => {
-                        resync.insert(rec.name.clone(), Some(rec));
+                if let Some((slot, mesh_key)) = classify(name, &u.key, kinds, status, metrics) {
+                    let decoded = decode(name, &mesh_key, &u, status, metrics);
+                    if syncing {
+                        // Like a bad live update, a bad value in a resync leaves the
+                        // previous record (from this sync or from before) in force.
+                        resync.put(slot, decoded, true);
+                    } else {
+                        update = match decoded {
+                            Some(Decoded::Service(r)) => Some(Update::Upsert(r)),
+                            Some(Decoded::Input(input)) => Some(Update::UpsertInput {
+                                cluster: name.to_owned(),
+                                input,
+                            }),
+                            None => None,
+                        };
                     }
-                    Ok(rec) => update = Some(Update::Upsert(rec)),
-                    // Like a bad live update, a bad value in a resync leaves the previous
-                    // record of that service (from this sync or from before) in force.
-                    Err(Some(svc)) if syncing => {
-                        resync.entry(svc).or_insert(None);
-                    }
-                    Err(_) => {}
                 }
             }
             v1::watch_event::Event::Delete(d) => {
                 pending_revision = pending_revision.max(d.revision);
-                if let Some(svc) = service_key(name, &d.key, status, metrics) {
+                if let Some((slot, _)) = classify(name, &d.key, kinds, status, metrics) {
                     if syncing {
-                        resync.remove(&svc);
+                        resync.put(slot, None, false);
                     } else {
-                        update = Some(Update::Remove {
-                            cluster: name.to_owned(),
-                            name: svc,
+                        update = Some(match slot {
+                            Slot::Service(svc) => Update::Remove {
+                                cluster: name.to_owned(),
+                                name: svc,
+                            },
+                            Slot::Input(key) => Update::RemoveInput {
+                                cluster: name.to_owned(),
+                                key,
+                            },
                         });
                     }
                 }
             }
             v1::watch_event::Event::Synced(s) => {
                 pending_revision = pending_revision.max(s.revision);
-                if syncing && s.kind == v1::Kind::Service as i32 {
-                    syncing = false;
-                    update = Some(Update::Replace {
-                        cluster: name.to_owned(),
-                        services: std::mem::take(&mut resync),
-                    });
+                if syncing {
+                    if let Some(kind) = Kind::from_proto(s.kind) {
+                        resync.synced.insert(kind);
+                    }
+                    if kinds.iter().all(|k| resync.synced.contains(k)) {
+                        syncing = false;
+                        let done = std::mem::take(&mut resync);
+                        update = Some(Update::Replace {
+                            cluster: name.to_owned(),
+                            services: done.services,
+                            inputs: done.inputs,
+                        });
+                    }
                 }
             }
         }
@@ -108,26 +177,44 @@ pub(super) async fn follow(
     }
 }
 
-/// The service name in `key`, if it is a service key of cluster `name`.
-fn service_key(
+/// What `key` holds, if it is a record key of cluster `name` of one of `kinds`.
+fn classify(
     name: &str,
     key: &str,
+    kinds: &BTreeSet<Kind>,
     status: &StatusBoard,
     metrics: &Metrics,
-) -> Option<ServiceName> {
+) -> Option<(Slot, MeshKey)> {
+    let refused = |parsed: &dyn std::fmt::Display| {
+        tracing::warn!(cluster = %name, key = %key, parsed = %parsed, "record key is not a watched record of this cluster; refused");
+        metrics.refused_record(name);
+        status.update(name, |s| s.refused_records += 1);
+    };
     match parse_key(key.as_bytes()) {
-        Ok(MeshKey::Service {
-            cluster,
-            namespace,
-            name: svc,
-        }) if cluster == name => Some(ServiceName {
-            namespace,
-            name: svc,
-        }),
+        Ok(parsed)
+            if parsed.cluster() == name && parsed.kind().is_some_and(|k| kinds.contains(&k)) =>
+        {
+            let slot = match &parsed {
+                MeshKey::Service {
+                    namespace,
+                    name: svc,
+                    ..
+                } => Slot::Service(ServiceName {
+                    namespace: namespace.clone(),
+                    name: svc.clone(),
+                }),
+                other => match InputKey::of(other) {
+                    Some(k) => Slot::Input(k),
+                    None => {
+                        refused(&parsed);
+                        return None;
+                    }
+                },
+            };
+            Some((slot, parsed))
+        }
         Ok(other) => {
-            tracing::warn!(cluster = %name, key = %key, parsed = %other, "record key is not a service of this cluster; refused");
-            metrics.refused_record(name);
-            status.update(name, |s| s.refused_records += 1);
+            refused(&other);
             None
         }
         Err(e) => {
@@ -139,40 +226,71 @@ fn service_key(
     }
 }
 
-/// The record in `u`; on failure (counted and logged), the service it was for if the key
-/// is a service key of this cluster.
-fn decode_upsert(
+/// The record in `u` (whose key is `mesh_key`, of cluster `name`); `None` (counted and
+/// logged) when it does not decode or is refused.
+fn decode(
     name: &str,
+    mesh_key: &MeshKey,
     u: &v1::Upsert,
     status: &StatusBoard,
     metrics: &Metrics,
-) -> Result<ServiceRecord, Option<ServiceName>> {
-    let svc = service_key(name, &u.key, status, metrics).ok_or(None)?;
-    let record = match Record::decode(Kind::Service, &u.key, &u.value) {
-        Ok(Record::Service(record)) => record,
-        Ok(_) => return Err(Some(svc)),
+) -> Option<Decoded> {
+    let kind = mesh_key.kind()?;
+    let record = match Record::decode(kind, &u.key, &u.value) {
+        Ok(record) => record,
         Err(e) => {
             tracing::warn!(cluster = %name, key = %u.key, error = %e, "undecodable record; ignored");
             metrics.decode_error(name);
             status.update(name, |s| s.decode_errors += 1);
-            return Err(Some(svc));
+            return None;
         }
     };
-    match ServiceRecord::from_wire(name, &record) {
-        Ok(r) => Ok(r),
+    let (decoded, wrong_cluster) = match &record {
+        Record::Service(svc) => match ServiceRecord::from_wire(name, svc) {
+            Ok(r) => (Ok(Decoded::Service(r)), false),
+            Err(e) => {
+                let wrong = matches!(e, RecordError::WrongCluster { .. });
+                (Err(e.to_string()), wrong)
+            }
+        },
+        Record::Identity(r) => (
+            inputs::identity_from_wire(&u.key, mesh_key, r)
+                .map(|r| Decoded::Input(Input::Identity(r)))
+                .map_err(|e| e.to_string()),
+            false,
+        ),
+        Record::Endpoint(r) => {
+            let wrong = !r.cluster.is_empty() && r.cluster != name;
+            (
+                inputs::endpoint_from_wire(&u.key, mesh_key, name, r)
+                    .map(|r| Decoded::Input(Input::Endpoint(r)))
+                    .map_err(|e| e.to_string()),
+                wrong,
+            )
+        }
+        Record::Policy(r) => {
+            let wrong = !r.cluster.is_empty() && r.cluster != name;
+            (
+                inputs::policy_from_wire(&u.key, mesh_key, r)
+                    .map(|r| Decoded::Input(Input::Policy(r)))
+                    .map_err(|e| e.to_string()),
+                wrong,
+            )
+        }
+        Record::ClusterConfig(_) | Record::Node(_) => return None,
+    };
+    match decoded {
+        Ok(d) => Some(d),
         Err(e) => {
             tracing::warn!(cluster = %name, key = %u.key, error = %e, "record refused");
-            match e {
-                RecordError::WrongCluster { .. } => {
-                    metrics.refused_record(name);
-                    status.update(name, |s| s.refused_records += 1);
-                }
-                _ => {
-                    metrics.decode_error(name);
-                    status.update(name, |s| s.decode_errors += 1);
-                }
+            if wrong_cluster {
+                metrics.refused_record(name);
+                status.update(name, |s| s.refused_records += 1);
+            } else {
+                metrics.decode_error(name);
+                status.update(name, |s| s.decode_errors += 1);
             }
-            Err(Some(svc))
+            None
         }
     }
 }
@@ -185,21 +303,18 @@ mod tests {
     fn foreign_and_bad_keys_are_counted() {
         let status = StatusBoard::default();
         let metrics = Metrics::new();
-        assert!(service_key(
-            "east",
-            "mesh/v1/services/east/default/web",
-            &status,
-            &metrics
-        )
-        .is_some());
-        assert!(service_key(
+        let kinds: BTreeSet<Kind> = [Kind::Service, Kind::Identity, Kind::Endpoint].into();
+        let web = "mesh/v1/services/east/default/web";
+        assert!(classify("east", web, &kinds, &status, &metrics).is_some());
+        assert!(classify(
             "east",
             "mesh/v1/services/west/default/web",
+            &kinds,
             &status,
             &metrics
         )
         .is_none());
-        assert!(service_key("east", "garbage", &status, &metrics).is_none());
+        assert!(classify("east", "garbage", &kinds, &status, &metrics).is_none());
         let s = status.get("east").unwrap();
         assert_eq!((s.refused_records, s.decode_errors), (1, 1));
         let bad = v1::Upsert {
@@ -208,13 +323,43 @@ mod tests {
             value: vec![0xff, 0xff, 0xff].into(),
             revision: 3,
         };
+        let (slot, key) = classify("east", web, &kinds, &status, &metrics).unwrap();
         assert_eq!(
-            decode_upsert("east", &bad, &status, &metrics),
-            Err(Some(ServiceName {
+            slot,
+            Slot::Service(ServiceName {
                 namespace: "default".into(),
                 name: "web".into()
-            }))
+            })
         );
+        assert!(decode("east", &key, &bad, &status, &metrics).is_none());
         assert_eq!(metrics.decode_errors_of("east"), 2);
+        // A policy key is refused unless policies are watched (only the local cluster's).
+        assert!(classify(
+            "east",
+            "mesh/v1/policies/east/default/networkpolicy/p",
+            &kinds,
+            &status,
+            &metrics
+        )
+        .is_none());
+        assert_eq!(status.get("east").unwrap().refused_records, 2);
+        // An endpoint record naming another address than its key is refused alone.
+        let ep = "mesh/v1/endpoints/east/10.0.0.5";
+        let (_, key) = classify("east", ep, &kinds, &status, &metrics).unwrap();
+        let lying = v1::Upsert {
+            kind: v1::Kind::Endpoint as i32,
+            key: ep.into(),
+            value: Record::Endpoint(v1::Endpoint {
+                ip: "10.0.0.6".into(),
+                identity: 65_800,
+                cluster: "east".into(),
+                ..v1::Endpoint::default()
+            })
+            .encode()
+            .into(),
+            revision: 4,
+        };
+        assert!(decode("east", &key, &lying, &status, &metrics).is_none());
+        assert_eq!(metrics.decode_errors_of("east"), 3);
     }
 }

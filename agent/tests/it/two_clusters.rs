@@ -310,7 +310,7 @@ impl AgentUnderTest {
         let dp = Arc::new(RecordingDatapath::new());
         let cancel = CancellationToken::new();
         let datapath = Arc::clone(&dp) as Arc<dyn Datapath>;
-        let agent = Agent::start(options, datapath, cancel.clone()).unwrap();
+        let agent = Agent::start(options, datapath, None, cancel.clone()).unwrap();
         AgentUnderTest {
             dp,
             view: agent.view,
