@@ -9,6 +9,9 @@
 //! | `GET /v1/status`   | [`AgentStatus`] |
 //! | `GET /v1/services` | list of [`ServiceStatus`] (one per service port) |
 //! | `GET /v1/bpf/lb`   | what the datapath dump hook returns, a [`BpfDump`](clustermesh_api::admin::BpfDump) (503 without one) |
+//! | `GET /v1/identities` | list of [`IdentityEntry`](clustermesh_api::admin_policy::IdentityEntry) (503 without policy) |
+//! | `GET /v1/endpoints`  | list of [`EndpointEntry`](clustermesh_api::admin_policy::EndpointEntry) (503 without policy) |
+//! | `GET /v1/policy`     | [`PolicyReport`](clustermesh_api::admin_policy::PolicyReport) (503 without policy) |
 //! | `GET /metrics`     | Prometheus text |
 
 use std::path::Path;
@@ -146,8 +149,50 @@ pub(crate) fn json<T: Serialize>(value: &T) -> Response {
 pub fn router(view: AgentView, bpf: Option<BpfDumpHook>) -> Router {
     let v1 = view.clone();
     let v2 = view.clone();
-    let v3 = view;
+    let v3 = view.clone();
+    let policy_route = |what: fn(&crate::enforcement::Enforcement) -> serde_json::Value| {
+        let e = view.enforcement.clone();
+        get(move || async move {
+            let Some(e) = e else {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this agent does not enforce policy (--policy=false)",
+                )
+                    .into_response();
+            };
+            // The plane's lock is held by a flush for at most a round: off the workers.
+            match tokio::task::spawn_blocking(move || what(&e)).await {
+                Ok(v) => json(&v),
+                Err(err) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("policy view failed: {err}"),
+                )
+                    .into_response(),
+            }
+        })
+    };
     Router::new()
+        .route(
+            "/v1/identities",
+            policy_route(|e| {
+                serde_json::to_value(crate::admin_policy::identities(&e.plane()))
+                    .unwrap_or_default()
+            }),
+        )
+        .route(
+            "/v1/endpoints",
+            policy_route(|e| {
+                serde_json::to_value(crate::admin_policy::endpoints(&e.plane())).unwrap_or_default()
+            }),
+        )
+        .route(
+            "/v1/policy",
+            policy_route(|e| {
+                let counters = e.counters().ok();
+                serde_json::to_value(crate::admin_policy::report(&e.plane(), counters))
+                    .unwrap_or_default()
+            }),
+        )
         .route("/v1/status", get(move || async move { json(&status(&v1)) }))
         .route(
             "/v1/services",

@@ -6,6 +6,7 @@
 //! this crate adds [`bpf::BpfDatapath`], the one that programs the kernel.
 
 pub mod admin;
+pub mod admin_policy;
 pub mod bpf;
 pub mod enforcement;
 pub mod http;

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_policy;
 pub mod agent_config;
 pub mod annotations;
 pub mod cidr;

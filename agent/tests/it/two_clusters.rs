@@ -98,10 +98,18 @@ async fn put_service(store: &dyn Store, svc: &v1::Service) -> u64 {
         .unwrap()
 }
 
-/// Writes the services Synced marker; returns the store revision of the write.
+/// Writes the Synced markers of every kind an agent watches, services last, as an
+/// exporter does; returns the store revision of the services marker.
 async fn mark_synced(store: &dyn Store, cluster: &str) -> u64 {
-    let key = synced_key(cluster, Kind::Service);
     let marker = v1::SyncedMarker { revision: 1 }.encode_to_vec();
+    for kind in [Kind::Identity, Kind::Endpoint, Kind::Policy] {
+        let key = synced_key(cluster, kind);
+        store
+            .put(key.as_bytes(), marker.clone(), None)
+            .await
+            .unwrap();
+    }
+    let key = synced_key(cluster, Kind::Service);
     store.put(key.as_bytes(), marker, None).await.unwrap()
 }
 
