@@ -208,12 +208,13 @@ mod tests {
     fn a_cilium_policy_with_an_invalid_selector_is_refused() {
         let mut warnings = Vec::new();
         let spec = json!({"endpointSelector": {"matchLabels": {"bad key!": "x"}}});
-        policy_record(
+        let record = policy_record(
             "c1",
             PolicySource::CiliumNetworkPolicy,
             &object(Some(spec), None),
             &mut warnings,
         );
+        assert!(record.is_some());
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].to_string().contains("spec.endpointSelector"), "{}", warnings[0]);
     }

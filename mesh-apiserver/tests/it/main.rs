@@ -15,6 +15,8 @@ mod grpc;
 mod identity;
 mod idle_connections;
 mod kubernetes_source;
+mod policy_source;
+mod policy_watch;
 mod readyz;
 mod security;
 mod translate;
