@@ -409,7 +409,16 @@ async fn lists_become_replaces_watch_events_flow_and_gone_relists() {
     let K8sObject::Pod(pod) = &pods[0] else {
         panic!("expected a Pod");
     };
-    assert!(pod.spec.as_ref().is_some_and(|s| s.containers.is_empty()));
+    // Containers keep only their named ports (for the endpoint's named ports).
+    let containers = &pod.spec.as_ref().unwrap().containers;
+    assert_eq!(containers.len(), 1);
+    assert!(containers[0].image.is_none() && containers[0].resources.is_none());
+    let ports = containers[0].ports.clone().unwrap_or_default();
+    assert_eq!(
+        (ports[0].name.as_deref(), ports[0].container_port),
+        (Some("http"), 8080)
+    );
+    assert!(pod.metadata.uid.is_some());
 
     running.stop().await;
 }

@@ -14,6 +14,7 @@ mod export_oversized;
 mod grpc;
 mod identity;
 mod idle_connections;
+mod kubernetes_policy;
 mod kubernetes_source;
 mod policy_source;
 mod policy_watch;
