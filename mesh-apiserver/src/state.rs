@@ -170,11 +170,7 @@ impl ClusterObjects {
             ObjectKind::EndpointSlice => self.slices.keys().map(nsn).collect(),
             ObjectKind::Pod => self.pods.keys().map(nsn).collect(),
             ObjectKind::Node => self.nodes.keys().map(cluster_scoped).collect(),
-            ObjectKind::Namespace => self
-                .namespace_labels
-                .keys()
-                .map(cluster_scoped)
-                .collect(),
+            ObjectKind::Namespace => self.namespace_labels.keys().map(cluster_scoped).collect(),
             ObjectKind::NetworkPolicy | ObjectKind::CiliumNetworkPolicy => self
                 .policies
                 .keys()

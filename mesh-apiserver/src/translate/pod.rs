@@ -107,11 +107,7 @@ pub fn identity_labels(cluster: &str, pod: &Pod, namespace_labels: &Labels) -> L
         .filter(|(k, _)| !k.starts_with(NAMESPACE_LABELS_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    labels.extend(
-        namespace_labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    labels.extend(namespace_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     labels.insert(
         NAMESPACE_LABEL.to_owned(),
         pod.metadata
@@ -158,9 +154,7 @@ pub fn named_ports(pod: &Pod, warnings: &mut Vec<InputWarning>) -> Vec<NamedPort
             Some("UDP") => v1::Protocol::Udp,
             Some("SCTP") => v1::Protocol::Sctp,
             Some(other) => {
-                warnings.push(bad(format!(
-                    "protocol {other:?} is not TCP, UDP or SCTP"
-                )));
+                warnings.push(bad(format!("protocol {other:?} is not TCP, UDP or SCTP")));
                 continue;
             }
         };

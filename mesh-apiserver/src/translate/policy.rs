@@ -94,8 +94,8 @@ fn validate(
     let clusters = PeerClusters::default();
     match source {
         PolicySource::NetworkPolicy => {
-            let wire: WireNetworkPolicySpec = serde_json::from_value(spec.clone())
-                .map_err(|e| refused("spec", e.to_string()))?;
+            let wire: WireNetworkPolicySpec =
+                serde_json::from_value(spec.clone()).map_err(|e| refused("spec", e.to_string()))?;
             NetworkPolicy::from_wire(namespace, name, &wire, cluster, clusters).map(|_| ())
         }
         PolicySource::CiliumNetworkPolicy => {
@@ -105,8 +105,8 @@ fn validate(
                     "several rules in `specs` are not supported; write one CiliumNetworkPolicy per rule, each in `spec`".to_owned(),
                 ));
             }
-            let wire: WireCiliumPolicySpec = serde_json::from_value(spec.clone())
-                .map_err(|e| refused("spec", e.to_string()))?;
+            let wire: WireCiliumPolicySpec =
+                serde_json::from_value(spec.clone()).map_err(|e| refused("spec", e.to_string()))?;
             NetworkPolicy::from_cilium(namespace, name, &wire, cluster, clusters).map(|_| ())
         }
     }
@@ -163,7 +163,10 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].reason(), "policy");
         let text = warnings[0].to_string();
-        assert!(text.starts_with("NetworkPolicy shop/allow: spec: "), "{text}");
+        assert!(
+            text.starts_with("NetworkPolicy shop/allow: spec: "),
+            "{text}"
+        );
         assert!(text.contains("podSelecter"), "{text}");
     }
 
@@ -182,7 +185,9 @@ mod tests {
         assert_eq!(written, json!({"specs": specs}));
         assert_eq!(warnings.len(), 1);
         assert!(
-            warnings[0].to_string().contains("CiliumNetworkPolicy shop/allow: specs: "),
+            warnings[0]
+                .to_string()
+                .contains("CiliumNetworkPolicy shop/allow: specs: "),
             "{}",
             warnings[0]
         );
@@ -216,6 +221,10 @@ mod tests {
         );
         assert!(record.is_some());
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].to_string().contains("spec.endpointSelector"), "{}", warnings[0]);
+        assert!(
+            warnings[0].to_string().contains("spec.endpointSelector"),
+            "{}",
+            warnings[0]
+        );
     }
 }

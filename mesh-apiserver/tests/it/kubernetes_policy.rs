@@ -74,7 +74,10 @@ async fn wait_for(
     }
 }
 
-async fn identity_labels(store: &Arc<dyn Store>, id: u32) -> std::collections::HashMap<String, String> {
+async fn identity_labels(
+    store: &Arc<dyn Store>,
+    id: u32,
+) -> std::collections::HashMap<String, String> {
     v1::Identity::decode(
         get(store, &keys::identity_key("east", id))
             .await
@@ -121,7 +124,9 @@ async fn kubernetes_policies_sync_without_the_cilium_crd_and_pick_it_up_later() 
         .await
         .expect("exporter ready without the CiliumNetworkPolicy CRD")
         .unwrap();
-    assert!(get(&store, &keys::synced_key("east", Kind::Policy)).await.is_some());
+    assert!(get(&store, &keys::synced_key("east", Kind::Policy))
+        .await
+        .is_some());
     let text = logs.text();
     let absent: Vec<&str> = text
         .lines()
@@ -131,8 +136,13 @@ async fn kubernetes_policies_sync_without_the_cilium_crd_and_pick_it_up_later() 
     assert!(absent[0].contains("INFO"), "{}", absent[0]);
 
     let np_key = keys::policy_key("east", "shop", PolicySource::NetworkPolicy, "db-ingress");
-    let np = v1::Policy::decode(get(&store, &np_key).await.expect("NetworkPolicy record").as_slice())
-        .unwrap();
+    let np = v1::Policy::decode(
+        get(&store, &np_key)
+            .await
+            .expect("NetworkPolicy record")
+            .as_slice(),
+    )
+    .unwrap();
     assert_eq!(np.kind(), v1::PolicyKind::NetworkPolicy);
     assert_eq!(
         serde_json::from_str::<Value>(&np.spec_json).unwrap(),
@@ -153,7 +163,9 @@ async fn kubernetes_policies_sync_without_the_cilium_crd_and_pick_it_up_later() 
     );
     let labels = identity_labels(&store, endpoint.identity).await;
     assert_eq!(
-        labels.get("io.cilium.k8s.namespace.labels.team").map(String::as_str),
+        labels
+            .get("io.cilium.k8s.namespace.labels.team")
+            .map(String::as_str),
         Some("a")
     );
 
@@ -167,14 +179,21 @@ async fn kubernetes_policies_sync_without_the_cilium_crd_and_pick_it_up_later() 
     let endpoint = v1::Endpoint::decode(get(&store, &ep_key).await.unwrap().as_slice()).unwrap();
     let labels = identity_labels(&store, endpoint.identity).await;
     assert_eq!(
-        labels.get("io.cilium.k8s.namespace.labels.team").map(String::as_str),
+        labels
+            .get("io.cilium.k8s.namespace.labels.team")
+            .map(String::as_str),
         Some("b")
     );
 
     // Cilium gets installed: the retried list finds the CRD and its policies.
     fake.clear_failures();
     fake.insert(cilium_policy());
-    let cnp_key = keys::policy_key("east", "shop", PolicySource::CiliumNetworkPolicy, "api-egress");
+    let cnp_key = keys::policy_key(
+        "east",
+        "shop",
+        PolicySource::CiliumNetworkPolicy,
+        "api-egress",
+    );
     wait_for(&store, &cnp_key, Duration::from_secs(40), |v| v.is_some()).await;
     let cnp = v1::Policy::decode(get(&store, &cnp_key).await.unwrap().as_slice()).unwrap();
     assert_eq!(

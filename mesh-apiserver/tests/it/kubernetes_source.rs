@@ -215,7 +215,7 @@ fn leak(path: &str) -> &'static str {
     ]
     .into_iter()
     .find(|p| *p == path)
-        .unwrap_or_else(|| panic!("request for an unexpected path {path}"))
+    .unwrap_or_else(|| panic!("request for an unexpected path {path}"))
 }
 
 fn respond(status: u16, body: Vec<u8>) -> Response<Body> {

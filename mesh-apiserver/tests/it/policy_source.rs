@@ -216,10 +216,13 @@ async fn dir_policies_and_namespaces_become_records() {
 
     // Valid policies: records at their keys, the spec as JSON.
     let np = v1::Policy::decode(
-        get(&store, &policy_key(PolicySource::NetworkPolicy, "db-from-api"))
-            .await
-            .expect("NetworkPolicy record")
-            .as_slice(),
+        get(
+            &store,
+            &policy_key(PolicySource::NetworkPolicy, "db-from-api"),
+        )
+        .await
+        .expect("NetworkPolicy record")
+        .as_slice(),
     )
     .unwrap();
     assert_eq!(
@@ -232,10 +235,13 @@ async fn dir_policies_and_namespaces_become_records() {
     // What the agents do with it: it parses.
     serde_json::from_str::<WireNetworkPolicySpec>(&np.spec_json).unwrap();
     let cnp = v1::Policy::decode(
-        get(&store, &policy_key(PolicySource::CiliumNetworkPolicy, "api-egress"))
-            .await
-            .expect("CiliumNetworkPolicy record")
-            .as_slice(),
+        get(
+            &store,
+            &policy_key(PolicySource::CiliumNetworkPolicy, "api-egress"),
+        )
+        .await
+        .expect("CiliumNetworkPolicy record")
+        .as_slice(),
     )
     .unwrap();
     assert_eq!(cnp.kind(), v1::PolicyKind::CiliumNetworkPolicy);
@@ -257,9 +263,12 @@ async fn dir_policies_and_namespaces_become_records() {
         serde_json::from_str::<Value>(&typo.spec_json).unwrap(),
         json!({"podSelecter": {}})
     );
-    assert!(get(&store, &policy_key(PolicySource::CiliumNetworkPolicy, "bad-selector"))
-        .await
-        .is_some());
+    assert!(get(
+        &store,
+        &policy_key(PolicySource::CiliumNetworkPolicy, "bad-selector")
+    )
+    .await
+    .is_some());
     assert!(
         metrics
             .encode()
@@ -270,7 +279,10 @@ async fn dir_policies_and_namespaces_become_records() {
     let text = logs.text();
     for (name, problem) in [
         ("NetworkPolicy shop/typo", "podSelecter"),
-        ("CiliumNetworkPolicy shop/bad-selector", "spec.endpointSelector"),
+        (
+            "CiliumNetworkPolicy shop/bad-selector",
+            "spec.endpointSelector",
+        ),
     ] {
         let line = text
             .lines()
@@ -278,14 +290,19 @@ async fn dir_policies_and_namespaces_become_records() {
             .unwrap_or_else(|| panic!("no warning naming {name}:\n{text}"));
         assert!(line.contains("WARN") && line.contains(problem), "{line}");
     }
-    assert!(get(&store, &keys::synced_key("east", Kind::Policy)).await.is_some());
+    assert!(get(&store, &keys::synced_key("east", Kind::Policy))
+        .await
+        .is_some());
 
     // Endpoint: named ports and the pod UID; identity: the namespace's labels.
     let endpoint = v1::Endpoint::decode(
-        get(&store, &keys::endpoint_key("east", "10.1.0.5".parse().unwrap()))
-            .await
-            .unwrap()
-            .as_slice(),
+        get(
+            &store,
+            &keys::endpoint_key("east", "10.1.0.5".parse().unwrap()),
+        )
+        .await
+        .unwrap()
+        .as_slice(),
     )
     .unwrap();
     assert_eq!(endpoint.pod_uid, "0b5c7f1e-2d7a-4c59-9a43-9d8f2f6c1a11");
@@ -306,7 +323,10 @@ async fn dir_policies_and_namespaces_become_records() {
     for expected in [
         label("app", "db"),
         label("io.cilium.k8s.namespace.labels.team", "a"),
-        label("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name", "shop"),
+        label(
+            "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name",
+            "shop",
+        ),
         label("io.kubernetes.pod.namespace", "shop"),
         label("io.cilium.k8s.policy.cluster", "east"),
     ] {
@@ -331,9 +351,12 @@ async fn dir_policies_and_namespaces_become_records() {
     std::fs::remove_file(dir.path().join("cnp.yaml")).unwrap();
     let cnp_key = policy_key(PolicySource::CiliumNetworkPolicy, "api-egress");
     wait_for(&store, &cnp_key, "the record deleted", |v| v.is_none()).await;
-    assert!(get(&store, &policy_key(PolicySource::NetworkPolicy, "db-from-api"))
-        .await
-        .is_some());
+    assert!(get(
+        &store,
+        &policy_key(PolicySource::NetworkPolicy, "db-from-api")
+    )
+    .await
+    .is_some());
 
     shutdown.cancel();
     source_task.await.unwrap().unwrap();
@@ -404,7 +427,9 @@ fn endpoints_wait_for_namespaces_and_a_missing_namespace_adds_no_labels() {
         "{labels:?}"
     );
     assert_eq!(
-        labels.get("io.kubernetes.pod.namespace").map(String::as_str),
+        labels
+            .get("io.kubernetes.pod.namespace")
+            .map(String::as_str),
         Some("shop")
     );
 }
@@ -416,7 +441,10 @@ fn a_pod_label_cannot_pose_as_a_namespace_label() {
         "    app: db\n",
         "    app: db\n    io.cilium.k8s.namespace.labels.team: admin\n",
     );
-    for (kind, text) in [(ObjectKind::Pod, pod.as_str()), (ObjectKind::Namespace, NAMESPACE)] {
+    for (kind, text) in [
+        (ObjectKind::Pod, pod.as_str()),
+        (ObjectKind::Namespace, NAMESPACE),
+    ] {
         objects.apply(SourceEvent::Replace {
             kind,
             objects: parse_manifests("f.yaml", text).unwrap(),

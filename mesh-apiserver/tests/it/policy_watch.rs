@@ -157,9 +157,14 @@ async fn peers_asking_for_policies_are_refused_with_the_reason() {
             );
         }
     }
-    assert!(server.metrics.encode().contains(
-        "auth_refusals_total{rpc=\"Watch\",reason=\"policy-not-exported\"} 4"
-    ), "{}", server.metrics.encode());
+    assert!(
+        server
+            .metrics
+            .encode()
+            .contains("auth_refusals_total{rpc=\"Watch\",reason=\"policy-not-exported\"} 4"),
+        "{}",
+        server.metrics.encode()
+    );
     server.stop().await;
     ts.shutdown().await;
 }
@@ -189,7 +194,10 @@ async fn peers_asking_for_every_kind_get_everything_but_policies() {
         );
         // Live: a new and a deleted policy are not sent; the node after them is next.
         put(&store, &policy_key("allow-web"), policy("allow-web")).await;
-        store.delete(policy_key("allow-db").as_bytes()).await.unwrap();
+        store
+            .delete(policy_key("allow-db").as_bytes())
+            .await
+            .unwrap();
         put(&store, &keys::node_key("east", "n2"), node("n2")).await;
         let Event::Upsert(next) = next_event(&mut stream).await else {
             panic!("{who}: expected the node upsert");
@@ -220,13 +228,19 @@ async fn a_peer_ca_minting_our_agent_identity_gets_no_policies() {
         .ca_of("west")
         .issue_agent("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
         .unwrap();
-    let endpoint = MeshEndpoint::new(&format!("localhost:{}", server.addr.port()), pki.tls(&forged))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5));
+    let endpoint = MeshEndpoint::new(
+        &format!("localhost:{}", server.addr.port()),
+        pki.tls(&forged),
+    )
+    .unwrap()
+    .connect_timeout(Duration::from_secs(5));
     if let Ok(channel) = endpoint.connect().await {
         let mut client = MeshApiClient::new(channel);
         let result = client.watch(request(&[v1::Kind::Policy])).await;
-        assert!(result.is_err(), "a forged agent certificate was served policies");
+        assert!(
+            result.is_err(),
+            "a forged agent certificate was served policies"
+        );
     }
     server.stop().await;
     ts.shutdown().await;

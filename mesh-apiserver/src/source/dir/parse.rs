@@ -183,9 +183,9 @@ fn convert(
         ))),
         // Policies keep their spec as written: one that does not validate is reported by
         // name downstream, not refused with every other object of the file.
-        ("networking.k8s.io/v1", "NetworkPolicy") => out.push(K8sObject::NetworkPolicy(
-            Box::new(serde_json::from_value::<PolicyObject>(value).map_err(schema)?),
-        )),
+        ("networking.k8s.io/v1", "NetworkPolicy") => out.push(K8sObject::NetworkPolicy(Box::new(
+            serde_json::from_value::<PolicyObject>(value).map_err(schema)?,
+        ))),
         ("cilium.io/v2", "CiliumNetworkPolicy") => out.push(K8sObject::CiliumNetworkPolicy(
             Box::new(serde_json::from_value::<PolicyObject>(value).map_err(schema)?),
         )),

@@ -57,7 +57,9 @@ impl Resource {
                 "networking.k8s.io",
                 "networking.k8s.io/v1",
             ),
-            ObjectKind::CiliumNetworkPolicy => ("ciliumnetworkpolicies", "cilium.io", "cilium.io/v2"),
+            ObjectKind::CiliumNetworkPolicy => {
+                ("ciliumnetworkpolicies", "cilium.io", "cilium.io/v2")
+            }
         };
         Resource {
             plural,

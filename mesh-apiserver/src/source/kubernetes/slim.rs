@@ -441,7 +441,10 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some("shop".to_owned()),
                 labels: Some(BTreeMap::from([("team".to_owned(), "a".to_owned())])),
-                annotations: Some(BTreeMap::from([(LAST_APPLIED_ANNOTATION.to_owned(), "{}".to_owned())])),
+                annotations: Some(BTreeMap::from([(
+                    LAST_APPLIED_ANNOTATION.to_owned(),
+                    "{}".to_owned(),
+                )])),
                 managed_fields: managed(),
                 ..ObjectMeta::default()
             },

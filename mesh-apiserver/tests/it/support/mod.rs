@@ -403,4 +403,3 @@ impl std::io::Write for Logs {
         Ok(())
     }
 }
-
