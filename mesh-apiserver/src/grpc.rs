@@ -49,6 +49,10 @@ use crate::metrics::Metrics;
 /// | `cluster/<peer>`, `cluster/<peer>/agent` | yes (read-only)       | no     |
 /// | `cluster/<own>` (our server's own cert)  | no                    | no     |
 /// | `cluster/<any>/replica/<n>`              | no                    | no     |
+///
+/// Watch of `KIND_POLICY` ([`AccessPolicy::watch_kinds`]): admins and
+/// `cluster/<own>/agent` only; peers are refused it explicitly and never sent it
+/// implicitly.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
     /// This cluster's name.
