@@ -43,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::source::SourceEvent;
 use crate::state::{ClusterObjects, RecordChange};
 use crate::timed;
-use crate::translate::{InputWarning, Labels};
+use crate::translate::{InputWarning, Labels, NamedPort};
 
 /// What the exporter needs to know about its cluster.
 #[derive(Debug, Clone)]
@@ -424,8 +424,12 @@ impl Exporter {
                                         namespace: spec.namespace,
                                         pod: spec.pod,
                                         cluster: self.config.cluster.clone(),
-                                        named_ports: Vec::new(),
-                                        pod_uid: String::new(),
+                                        named_ports: spec
+                                            .named_ports
+                                            .iter()
+                                            .map(NamedPort::to_proto)
+                                            .collect(),
+                                        pod_uid: spec.pod_uid,
                                     }
                                     .encode_to_vec(),
                                 )
@@ -446,6 +450,16 @@ impl Exporter {
                         value,
                     )
                 }
+                RecordChange::Policy {
+                    source,
+                    namespace,
+                    name,
+                    record,
+                } => (
+                    Kind::Policy,
+                    keys::policy_key(&self.config.cluster, &namespace, source, &name),
+                    record.map(|r| r.encode_to_vec()),
+                ),
             };
             let map = self.desired.entry(kind).or_default();
             match value {
@@ -467,7 +481,13 @@ impl Exporter {
         }
         self.execute(writes).await;
 
-        for kind in [Kind::Node, Kind::Service, Kind::Endpoint, Kind::Identity] {
+        for kind in [
+            Kind::Node,
+            Kind::Service,
+            Kind::Endpoint,
+            Kind::Identity,
+            Kind::Policy,
+        ] {
             if !self.exported.contains(&kind) && self.objects.is_synced(kind) {
                 self.finish_initial_sync(kind).await;
             }
@@ -639,7 +659,22 @@ impl Exporter {
 
     fn report(&self, warnings: &[InputWarning]) {
         for warning in warnings {
-            tracing::warn!(reason = warning.reason(), %warning, "input partly rejected");
+            match warning {
+                InputWarning::Policy {
+                    api,
+                    namespace,
+                    name,
+                    error,
+                } => tracing::warn!(
+                    reason = warning.reason(),
+                    kind = api.kubernetes_kind(),
+                    namespace,
+                    name,
+                    %error,
+                    "policy does not validate; its record is written as is, and agents refuse it and keep its last valid version"
+                ),
+                _ => tracing::warn!(reason = warning.reason(), %warning, "input partly rejected"),
+            }
             self.metrics.rejected_input(warning.reason());
         }
     }

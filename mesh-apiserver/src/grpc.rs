@@ -9,6 +9,11 @@
 //!   every non-admin caller is read-only by construction;
 //! - `Status`: admin identities only. See [`AccessPolicy`].
 //!
+//! Policy records ([`Kind::Policy`]) never leave the cluster: only this cluster's own
+//! agents and admins receive them. A Watch from anyone else that names `KIND_POLICY` is
+//! refused with `PERMISSION_DENIED`, and one that asks for every kind (an empty list) gets
+//! every exported kind ([`Kind::exported`]) but policies.
+//!
 //! Each Watch is served by its own task reading the shared [`Cache`]; see that module for
 //! resume and Reset semantics.
 
@@ -44,6 +49,10 @@ use crate::metrics::Metrics;
 /// | `cluster/<peer>`, `cluster/<peer>/agent` | yes (read-only)       | no     |
 /// | `cluster/<own>` (our server's own cert)  | no                    | no     |
 /// | `cluster/<any>/replica/<n>`              | no                    | no     |
+///
+/// Watch of `KIND_POLICY` ([`AccessPolicy::watch_kinds`]): admins and
+/// `cluster/<own>/agent` only; peers are refused it explicitly and never sent it
+/// implicitly.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
     /// This cluster's name.
@@ -121,6 +130,45 @@ impl AccessPolicy {
             },
             IdentityKind::Admin => Ok(()),
         }
+    }
+}
+
+impl AccessPolicy {
+    /// Whether `peer` may receive policy records: only this cluster's own agents and
+    /// admins (policies are never exported to other clusters).
+    #[must_use]
+    pub fn may_read_policies(&self, peer: &PeerIdentity) -> bool {
+        peer.is_admin()
+            || (peer.kind() == IdentityKind::Agent
+                && peer.cluster_name() == Some(self.cluster.as_str()))
+    }
+
+    /// The kinds a Watch by `peer` for `requested` (empty: every kind) is served.
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED` when `peer` asks for policies and may not read them.
+    pub fn watch_kinds(
+        &self,
+        peer: Option<&PeerIdentity>,
+        requested: BTreeSet<Kind>,
+    ) -> Result<BTreeSet<Kind>, Refusal> {
+        if peer.is_some_and(|p| self.may_read_policies(p)) {
+            return Ok(requested);
+        }
+        if requested.contains(&Kind::Policy) {
+            let who = peer.map_or_else(|| "this caller".to_owned(), ToString::to_string);
+            return Err(Refusal {
+                reason: "policy-not-exported",
+                status: Status::permission_denied(format!(
+                    "Watch: {who} may not read policy records: policies are local to cluster {} and served only to its own agents (spiffe://<trust-domain>/cluster/{}/agent) and admins, never to other clusters; leave KIND_POLICY out of the request",
+                    self.cluster, self.cluster
+                )),
+            });
+        }
+        if requested.is_empty() {
+            return Ok(Kind::ALL.into_iter().filter(|k| k.exported()).collect());
+        }
+        Ok(requested)
     }
 }
 
@@ -229,17 +277,20 @@ impl MeshApiService {
         let peer = peer_identity(request);
         match self.config.policy.check(rpc, peer, admin_only) {
             Ok(()) => Ok(peer.map(ToString::to_string).unwrap_or_default()),
-            Err(refusal) => {
-                let remote = peer_info(request)
-                    .map(|info| info.remote_addr)
-                    .or_else(|| request.remote_addr())
-                    .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-                let peer = peer.map_or_else(|| "none".to_owned(), ToString::to_string);
-                tracing::warn!(rpc, %peer, %remote, reason = refusal.reason, "request refused");
-                self.metrics.refused(rpc, refusal.reason);
-                Err(refusal.status)
-            }
+            Err(refusal) => Err(self.refuse(rpc, request, refusal)),
         }
+    }
+
+    /// Logs and counts a refusal; returns the status for the client.
+    fn refuse<T>(&self, rpc: &str, request: &Request<T>, refusal: Refusal) -> Status {
+        let remote = peer_info(request)
+            .map(|info| info.remote_addr)
+            .or_else(|| request.remote_addr())
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer = peer_identity(request).map_or_else(|| "none".to_owned(), ToString::to_string);
+        tracing::warn!(rpc, %peer, %remote, reason = refusal.reason, "request refused");
+        self.metrics.refused(rpc, refusal.reason);
+        refusal.status
     }
 }
 
@@ -302,20 +353,25 @@ impl MeshApi for MeshApiService {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = self.authorize("Watch", &request, false)?;
-        let req = request.into_inner();
-        let mut kinds = BTreeSet::new();
-        for raw in &req.kinds {
+        let mut requested = BTreeSet::new();
+        for raw in &request.get_ref().kinds {
             match Kind::from_proto(*raw) {
                 Some(k) => {
-                    kinds.insert(k);
+                    requested.insert(k);
                 }
                 None => {
                     return Err(Status::invalid_argument(format!(
-                        "Watch: unknown kind {raw}; use KIND_CLUSTER_CONFIG..KIND_SERVICE or leave kinds empty for all"
+                        "Watch: unknown kind {raw}; use KIND_CLUSTER_CONFIG..KIND_POLICY or leave kinds empty for all"
                     )))
                 }
             }
         }
+        let kinds = self
+            .config
+            .policy
+            .watch_kinds(peer_identity(&request), requested)
+            .map_err(|refusal| self.refuse("Watch", &request, refusal))?;
+        let req = request.into_inner();
         let id = self.watchers.next.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(WatcherInfo {
             peer: peer.clone(),

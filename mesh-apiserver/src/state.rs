@@ -4,24 +4,28 @@
 //! Source events land here; [`ClusterObjects::take_changes`] returns only the records
 //! whose inputs changed since the last call (a service is re-translated when the service
 //! or one of its EndpointSlices changes, or when a pod behind one of its backends changes
-//! its `service.clustermesh.io/weight`; an endpoint when its pod changes), so a large
-//! cluster is not re-exported on every event.
+//! its `service.clustermesh.io/weight`; an endpoint when its pod, or the labels of its
+//! pod's namespace, change; a policy when it changes), so a large cluster is not
+//! re-exported on every event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use clustermesh_api::keys::Kind;
+use clustermesh_api::keys::{Kind, PolicySource};
 use clustermesh_api::v1;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::source::{K8sObject, ObjectKind, ObjectRef, SourceEvent};
-use crate::translate::{self, EndpointSpec, InputWarning};
+use crate::source::{K8sObject, ObjectKind, ObjectRef, PolicyObject, SourceEvent};
+use crate::translate::{self, EndpointSpec, InputWarning, Labels};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 type NsName = (String, String);
+
+/// A policy: its API, namespace and name.
+type PolicyId = (PolicySource, String, String);
 
 /// One changed record.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +53,17 @@ pub enum RecordChange {
         /// New owner.
         spec: Option<EndpointSpec>,
     },
+    /// Policy `namespace/name` of API `source` now translates to this (or is gone).
+    Policy {
+        /// Which policy API.
+        source: PolicySource,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// New record.
+        record: Option<v1::Policy>,
+    },
 }
 
 /// The source's objects plus what changed since the last [`ClusterObjects::take_changes`].
@@ -60,6 +75,11 @@ pub struct ClusterObjects {
     slices_by_service: HashMap<NsName, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
     pods: BTreeMap<NsName, Pod>,
+    /// Identity labels each Namespace gives its pods (see
+    /// [`translate::namespace_identity_labels`]); a pod whose Namespace object is not
+    /// known gets none rather than waiting for it.
+    namespace_labels: BTreeMap<String, Labels>,
+    policies: BTreeMap<PolicyId, PolicyObject>,
     /// Endpoints currently derived from each pod.
     pod_endpoints: HashMap<NsName, Vec<EndpointSpec>>,
     /// Which pod an endpoint IP belongs to.
@@ -70,6 +90,7 @@ pub struct ClusterObjects {
     dirty_services: BTreeSet<NsName>,
     dirty_nodes: BTreeSet<String>,
     dirty_pods: BTreeSet<NsName>,
+    dirty_policies: BTreeSet<PolicyId>,
 }
 
 impl ClusterObjects {
@@ -83,6 +104,8 @@ impl ClusterObjects {
             slices_by_service: HashMap::new(),
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            policies: BTreeMap::new(),
             pod_endpoints: HashMap::new(),
             ip_owner: HashMap::new(),
             pod_weights: HashMap::new(),
@@ -90,6 +113,7 @@ impl ClusterObjects {
             dirty_services: BTreeSet::new(),
             dirty_nodes: BTreeSet::new(),
             dirty_pods: BTreeSet::new(),
+            dirty_policies: BTreeSet::new(),
         }
     }
 
@@ -123,9 +147,9 @@ impl ClusterObjects {
             Kind::ClusterConfig => &[],
             Kind::Node => &[ObjectKind::Node],
             Kind::Service => &[ObjectKind::Service, ObjectKind::EndpointSlice],
-            Kind::Endpoint | Kind::Identity => &[ObjectKind::Pod],
-            // No policy source yet: an empty, synced set.
-            Kind::Policy => &[],
+            // Identity labels include the labels of the pod's namespace.
+            Kind::Endpoint | Kind::Identity => &[ObjectKind::Pod, ObjectKind::Namespace],
+            Kind::Policy => &[ObjectKind::NetworkPolicy, ObjectKind::CiliumNetworkPolicy],
         };
         needs.iter().all(|k| self.synced.contains(k))
     }
@@ -136,16 +160,24 @@ impl ClusterObjects {
             namespace: ns.clone(),
             name: name.clone(),
         };
+        let cluster_scoped = |name: &String| ObjectRef {
+            kind,
+            namespace: String::new(),
+            name: name.clone(),
+        };
         match kind {
             ObjectKind::Service => self.services.keys().map(nsn).collect(),
             ObjectKind::EndpointSlice => self.slices.keys().map(nsn).collect(),
             ObjectKind::Pod => self.pods.keys().map(nsn).collect(),
-            ObjectKind::Node => self
-                .nodes
+            ObjectKind::Node => self.nodes.keys().map(cluster_scoped).collect(),
+            ObjectKind::Namespace => self.namespace_labels.keys().map(cluster_scoped).collect(),
+            ObjectKind::NetworkPolicy | ObjectKind::CiliumNetworkPolicy => self
+                .policies
                 .keys()
-                .map(|name| ObjectRef {
+                .filter(|(source, _, _)| Some(*source) == kind.policy_source())
+                .map(|(_, ns, name)| ObjectRef {
                     kind,
-                    namespace: String::new(),
+                    namespace: ns.clone(),
                     name: name.clone(),
                 })
                 .collect(),
@@ -193,6 +225,34 @@ impl ClusterObjects {
                     self.dirty_pods.insert(key);
                 }
             }
+            K8sObject::Namespace(namespace) => {
+                let labels = translate::namespace_identity_labels(&namespace);
+                if self.namespace_labels.get(&r.name) != Some(&labels) {
+                    self.namespace_labels.insert(r.name.clone(), labels);
+                    self.mark_pods_of_namespace(&r.name);
+                }
+            }
+            K8sObject::NetworkPolicy(policy) | K8sObject::CiliumNetworkPolicy(policy) => {
+                let Some(source) = r.kind.policy_source() else {
+                    return;
+                };
+                let id = (source, r.namespace, r.name);
+                if self.policies.get(&id) != Some(&policy) {
+                    self.policies.insert(id.clone(), *policy);
+                    self.dirty_policies.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Marks every pod of namespace `namespace` dirty (its identity labels changed).
+    fn mark_pods_of_namespace(&mut self, namespace: &str) {
+        let from = (namespace.to_owned(), String::new());
+        for (ns, name) in self.pods.range(from..).map(|(k, _)| k) {
+            if ns != namespace {
+                break;
+            }
+            self.dirty_pods.insert((ns.clone(), name.clone()));
         }
     }
 
@@ -216,6 +276,19 @@ impl ClusterObjects {
             ObjectKind::Pod => {
                 if self.pods.remove(&key).is_some() {
                     self.dirty_pods.insert(key);
+                }
+            }
+            ObjectKind::Namespace => {
+                if self.namespace_labels.remove(&r.name).is_some() {
+                    self.mark_pods_of_namespace(&r.name);
+                }
+            }
+            ObjectKind::NetworkPolicy | ObjectKind::CiliumNetworkPolicy => {
+                if let Some(source) = r.kind.policy_source() {
+                    let id = (source, key.0, key.1);
+                    if self.policies.remove(&id).is_some() {
+                        self.dirty_policies.insert(id);
+                    }
                 }
             }
         }
@@ -275,6 +348,18 @@ impl ClusterObjects {
             out.push(RecordChange::Node { name, record });
         }
         out.extend(endpoint_changes);
+        for (source, namespace, name) in std::mem::take(&mut self.dirty_policies) {
+            let record = self
+                .policies
+                .get(&(source, namespace.clone(), name.clone()))
+                .and_then(|p| translate::policy_record(&self.cluster, source, p, warnings));
+            out.push(RecordChange::Policy {
+                source,
+                namespace,
+                name,
+                record,
+            });
+        }
         out
     }
 
@@ -285,8 +370,10 @@ impl ClusterObjects {
         for key in std::mem::take(&mut self.dirty_pods) {
             let pod = self.pods.get(&key);
             let weight = pod.and_then(|p| translate::pod_weight(p, warnings));
+            let no_labels = Labels::new();
+            let namespace_labels = self.namespace_labels.get(&key.0).unwrap_or(&no_labels);
             let new = pod
-                .map(|p| translate::pod_endpoints(&self.cluster, p, warnings))
+                .map(|p| translate::pod_endpoints(&self.cluster, p, namespace_labels, warnings))
                 .unwrap_or_default();
             let old_weight = match weight {
                 Some(w) => self.pod_weights.insert(key.clone(), w),

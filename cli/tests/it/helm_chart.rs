@@ -370,10 +370,13 @@ fn rbac_grants_only_list_and_watch_on_the_exported_kinds() {
     assert_eq!(
         granted,
         vec![
+            "/namespaces",
             "/nodes",
             "/pods",
             "/services",
-            "discovery.k8s.io/endpointslices"
+            "cilium.io/ciliumnetworkpolicies",
+            "discovery.k8s.io/endpointslices",
+            "networking.k8s.io/networkpolicies"
         ]
     );
     let binding = r.get("ClusterRoleBinding", "clustermesh-apiserver-kube-system");

@@ -15,7 +15,7 @@ pub use dir::{
     MAX_NESTING_DEPTH,
 };
 pub use kubernetes::{KubernetesSource, KubernetesSourceError};
-pub use object::{K8sObject, ObjectKind, ObjectRef};
+pub use object::{K8sObject, ObjectKind, ObjectRef, PolicyObject};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -11,14 +11,16 @@
 
 mod node;
 mod pod;
+mod policy;
 mod service;
 mod warning;
 
 pub use node::{node_record, LEGACY_ZONE_LABEL, ZONE_LABEL};
 pub use pod::{
-    identity_labels, pod_endpoints, pod_weight, EndpointSpec, Labels, CLUSTER_LABEL,
-    NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
+    identity_labels, named_ports, namespace_identity_labels, pod_endpoints, pod_weight,
+    EndpointSpec, Labels, NamedPort, CLUSTER_LABEL, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
 };
+pub use policy::policy_record;
 pub(crate) use service::endpoint_pod;
 pub use service::service_record;
 pub use warning::InputWarning;

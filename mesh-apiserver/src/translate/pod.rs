@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use clustermesh_api::annotations::read_weight;
-use k8s_openapi::api::core::v1::Pod;
+use clustermesh_api::policy::NAMESPACE_LABELS_PREFIX;
+use clustermesh_api::v1;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::{object_name, InputWarning};
 
@@ -47,20 +49,65 @@ pub struct EndpointSpec {
     pub namespace: String,
     /// Pod name.
     pub pod: String,
+    /// Named container ports of the pod.
+    pub named_ports: Vec<NamedPort>,
+    /// The pod's `metadata.uid` ("" if unset).
+    pub pod_uid: String,
+}
+
+/// A named container port (`containers[].ports[]` with a `name`), for named ports in
+/// policy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NamedPort {
+    /// Port name.
+    pub name: String,
+    /// Container port.
+    pub port: u16,
+    /// Protocol (TCP when unset).
+    pub protocol: v1::Protocol,
+}
+
+impl NamedPort {
+    /// The record form.
+    #[must_use]
+    pub fn to_proto(&self) -> v1::NamedPort {
+        v1::NamedPort {
+            name: self.name.clone(),
+            port: u32::from(self.port),
+            protocol: self.protocol.into(),
+        }
+    }
+}
+
+/// The identity labels a namespace gives its pods: each of its labels under
+/// `io.cilium.k8s.namespace.labels.` (as Cilium does), so a policy's `namespaceSelector`
+/// selects identities.
+#[must_use]
+pub fn namespace_identity_labels(namespace: &Namespace) -> Labels {
+    namespace
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone()))
+        .collect()
 }
 
 /// The identity labels of a pod: its labels without [`IGNORED_LABELS`], plus namespace,
-/// service account and cluster.
+/// service account and cluster, plus `namespace_labels` (from
+/// [`namespace_identity_labels`]; empty when the pod's Namespace object is unknown).
 #[must_use]
-pub fn identity_labels(cluster: &str, pod: &Pod) -> Labels {
+pub fn identity_labels(cluster: &str, pod: &Pod, namespace_labels: &Labels) -> Labels {
     let mut labels: Labels = pod
         .metadata
         .labels
         .iter()
         .flatten()
         .filter(|(k, _)| !IGNORED_LABELS.contains(&k.as_str()))
+        .filter(|(k, _)| !k.starts_with(NAMESPACE_LABELS_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    labels.extend(namespace_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     labels.insert(
         NAMESPACE_LABEL.to_owned(),
         pod.metadata
@@ -79,13 +126,59 @@ pub fn identity_labels(cluster: &str, pod: &Pod) -> Labels {
     labels
 }
 
-/// The endpoints of a pod: one per pod IP (`status.podIPs`, else `status.podIP`).
+/// The named container ports of a pod, in container order, without repeats. A port
+/// entry with a name but an unusable number or protocol is skipped with an
+/// [`InputWarning::BadPort`].
+#[must_use]
+pub fn named_ports(pod: &Pod, warnings: &mut Vec<InputWarning>) -> Vec<NamedPort> {
+    let mut out: Vec<NamedPort> = Vec::new();
+    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+    for port in containers.flat_map(|c| c.ports.iter().flatten()) {
+        let Some(name) = port.name.clone().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let bad = |reason: String| InputWarning::BadPort {
+            object: object_name("Pod", &pod.metadata),
+            port: name.clone(),
+            reason,
+        };
+        let Some(number) = u16::try_from(port.container_port).ok().filter(|p| *p != 0) else {
+            warnings.push(bad(format!(
+                "containerPort {} is not in 1-65535",
+                port.container_port
+            )));
+            continue;
+        };
+        let protocol = match port.protocol.as_deref() {
+            None | Some("TCP") => v1::Protocol::Tcp,
+            Some("UDP") => v1::Protocol::Udp,
+            Some("SCTP") => v1::Protocol::Sctp,
+            Some(other) => {
+                warnings.push(bad(format!("protocol {other:?} is not TCP, UDP or SCTP")));
+                continue;
+            }
+        };
+        let named = NamedPort {
+            name,
+            port: number,
+            protocol,
+        };
+        if !out.contains(&named) {
+            out.push(named);
+        }
+    }
+    out
+}
+
+/// The endpoints of a pod: one per pod IP (`status.podIPs`, else `status.podIP`), with
+/// `namespace_labels` (see [`identity_labels`]) among their identity labels.
 /// Host-network pods (they use the node's address, not an endpoint of their own) and
 /// pods that have finished (`Succeeded`, `Failed`) have none.
 #[must_use]
 pub fn pod_endpoints(
     cluster: &str,
     pod: &Pod,
+    namespace_labels: &Labels,
     warnings: &mut Vec<InputWarning>,
 ) -> Vec<EndpointSpec> {
     let Some(name) = pod.metadata.name.clone() else {
@@ -105,7 +198,9 @@ pub fn pod_endpoints(
         Some(ips) if !ips.is_empty() => ips.iter().map(|p| p.ip.clone()).collect(),
         _ => status.pod_ip.iter().cloned().collect(),
     };
-    let labels = identity_labels(cluster, pod);
+    let labels = identity_labels(cluster, pod, namespace_labels);
+    let named_ports = named_ports(pod, warnings);
+    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
     let namespace = pod
         .metadata
         .namespace
@@ -121,6 +216,8 @@ pub fn pod_endpoints(
                 node: node.clone(),
                 namespace: namespace.clone(),
                 pod: name.clone(),
+                named_ports: named_ports.clone(),
+                pod_uid: pod_uid.clone(),
             }),
             Ok(_) => {}
             Err(_) => warnings.push(InputWarning::BadAddress {

@@ -2,6 +2,8 @@
 
 use clustermesh_api::annotations::AnnotationWarning;
 use clustermesh_api::cidr::CidrError;
+use clustermesh_api::keys::PolicySource;
+use clustermesh_api::policy::PolicyError;
 
 /// Part of a Kubernetes object was invalid and was dropped or defaulted; the rest of the
 /// object (and every other object) was exported normally.
@@ -57,6 +59,19 @@ pub enum InputWarning {
         /// What is missing.
         reason: &'static str,
     },
+    /// A NetworkPolicy or CiliumNetworkPolicy does not validate. Its record is written
+    /// anyway: the agents refuse it alone and keep its last good version.
+    #[error("{error}; the policy record is written as is, and agents refuse it and keep its last valid version")]
+    Policy {
+        /// Which policy API.
+        api: PolicySource,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Why it is refused (names the policy and the place in it).
+        error: PolicyError,
+    },
 }
 
 impl InputWarning {
@@ -70,6 +85,7 @@ impl InputWarning {
             InputWarning::BadAddress { .. } => "address",
             InputWarning::BadPodCidr { .. } => "pod_cidr",
             InputWarning::Unusable { .. } => "unusable",
+            InputWarning::Policy { .. } => "policy",
         }
     }
 }

@@ -29,10 +29,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::Logs;
+
 const SERVICES: &str = "/api/v1/services";
 const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+const CILIUM_NETWORK_POLICIES: &str = "/apis/cilium.io/v2/ciliumnetworkpolicies";
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,10 +204,18 @@ impl tower::Service<Request<Body>> for ApiServer {
 
 /// Paths are few and fixed; the script map is keyed by `&'static str`.
 fn leak(path: &str) -> &'static str {
-    [SERVICES, ENDPOINT_SLICES, NODES, PODS]
-        .into_iter()
-        .find(|p| *p == path)
-        .unwrap_or_else(|| panic!("request for an unexpected path {path}"))
+    [
+        SERVICES,
+        ENDPOINT_SLICES,
+        NODES,
+        PODS,
+        NAMESPACES,
+        NETWORK_POLICIES,
+        CILIUM_NETWORK_POLICIES,
+    ]
+    .into_iter()
+    .find(|p| *p == path)
+    .unwrap_or_else(|| panic!("request for an unexpected path {path}"))
 }
 
 fn respond(status: u16, body: Vec<u8>) -> Response<Body> {
@@ -211,51 +224,6 @@ fn respond(status: u16, body: Vec<u8>) -> Response<Body> {
         .header("content-type", "application/json")
         .body(Body::from(body))
         .unwrap()
-}
-
-/// Log output of every test in this binary, captured by one global subscriber.
-///
-/// A thread-scoped subscriber (`set_default`) is not enough here: tracing caches each
-/// callsite's interest process-wide, and with tests running in parallel a callsite first
-/// hit on a thread without a subscriber could be cached as uninteresting, so a test's own
-/// warning went missing. Each test searches the shared text for lines only it produces.
-#[derive(Debug, Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
-
-impl Logs {
-    /// The binary-wide capture of INFO and above, installed on first use.
-    fn global() -> Logs {
-        LOGS.get_or_init(|| {
-            let logs = Logs::default();
-            let writer = logs.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(move || writer.clone())
-                .finish();
-            tracing::subscriber::set_global_default(subscriber)
-                .expect("no other global subscriber in this test binary");
-            logs
-        })
-        .clone()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A running source and the receiving end of its events.
@@ -441,7 +409,16 @@ async fn lists_become_replaces_watch_events_flow_and_gone_relists() {
     let K8sObject::Pod(pod) = &pods[0] else {
         panic!("expected a Pod");
     };
-    assert!(pod.spec.as_ref().is_some_and(|s| s.containers.is_empty()));
+    // Containers keep only their named ports (for the endpoint's named ports).
+    let containers = &pod.spec.as_ref().unwrap().containers;
+    assert_eq!(containers.len(), 1);
+    assert!(containers[0].image.is_none() && containers[0].resources.is_none());
+    let ports = containers[0].ports.clone().unwrap_or_default();
+    assert_eq!(
+        (ports[0].name.as_deref(), ports[0].container_port),
+        (Some("http"), 8080)
+    );
+    assert!(pod.metadata.uid.is_some());
 
     running.stop().await;
 }
@@ -643,7 +620,15 @@ async fn shutdown_ends_a_source_whose_requests_never_return() {
     let mut running = Running::start(KubernetesSource::new(api.client()));
     assert!(running.until(ObjectKind::Service, 1).await.is_empty());
     // Every kind asked for its list.
-    for path in [SERVICES, ENDPOINT_SLICES, NODES, PODS] {
+    for path in [
+        SERVICES,
+        ENDPOINT_SLICES,
+        NODES,
+        PODS,
+        NAMESPACES,
+        NETWORK_POLICIES,
+        CILIUM_NETWORK_POLICIES,
+    ] {
         assert_eq!(api.seen(path).len(), 1, "{path}");
     }
     running.stop().await;

@@ -72,7 +72,7 @@ fn translate(fixture: &str) -> Translated {
             RecordChange::Endpoint { ip, spec: Some(s) } => {
                 out.endpoints.insert(ip.to_string(), s);
             }
-            RecordChange::Endpoint { .. } => {}
+            RecordChange::Endpoint { .. } | RecordChange::Policy { .. } => {}
         }
     }
     out.warnings = warnings;

@@ -6,7 +6,11 @@
 //! (recursively; names starting with `.` are skipped, which also skips the `..data`
 //! indirection of a mounted ConfigMap and the temporary file of a write-then-rename); a
 //! changed file is re-parsed and, after any change, the full set of objects per kind is
-//! sent as [`SourceEvent::Replace`]. Documents of other kinds are ignored.
+//! sent as [`SourceEvent::Replace`]. The kinds read are `v1` Services, Nodes, Pods and
+//! Namespaces, `discovery.k8s.io/v1` EndpointSlices, `networking.k8s.io/v1`
+//! NetworkPolicies and `cilium.io/v2` CiliumNetworkPolicies; documents of other kinds are
+//! ignored. A policy's spec is kept as written, so a policy that does not validate is
+//! reported by name when it is translated rather than refusing its whole file.
 //!
 //! A half-written edit never makes services disappear:
 //! - **Edit by write-then-rename** (write `.name.yaml.tmp`, then rename it over

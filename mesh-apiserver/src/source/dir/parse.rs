@@ -5,12 +5,12 @@
 //! documents are read in the clustermesh YAML dialect ([`clustermesh_api::yaml`]), except
 //! that a key repeated in a mapping is an error: Kubernetes refuses such objects too.
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
 use super::limits::{self, LimitExceeded};
-use crate::source::K8sObject;
+use crate::source::{K8sObject, PolicyObject};
 
 /// A manifest file that is skipped: malformed, or over a limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,6 +178,17 @@ fn convert(
         ("v1", "Pod") => out.push(K8sObject::Pod(Box::new(
             serde_json::from_value::<Pod>(value).map_err(schema)?,
         ))),
+        ("v1", "Namespace") => out.push(K8sObject::Namespace(Box::new(
+            serde_json::from_value::<Namespace>(value).map_err(schema)?,
+        ))),
+        // Policies keep their spec as written: one that does not validate is reported by
+        // name downstream, not refused with every other object of the file.
+        ("networking.k8s.io/v1", "NetworkPolicy") => out.push(K8sObject::NetworkPolicy(Box::new(
+            serde_json::from_value::<PolicyObject>(value).map_err(schema)?,
+        ))),
+        ("cilium.io/v2", "CiliumNetworkPolicy") => out.push(K8sObject::CiliumNetworkPolicy(
+            Box::new(serde_json::from_value::<PolicyObject>(value).map_err(schema)?),
+        )),
         (_, "List") => {
             let items = match value.get("items") {
                 Some(Value::Array(items)) => items.clone(),
@@ -270,7 +281,7 @@ mod tests {
 
         #[test]
         fn arbitrary_kubernetes_like_documents_never_panic(
-            kind in proptest::sample::select(vec!["Service", "Node", "Pod", "EndpointSlice", "List"]),
+            kind in proptest::sample::select(vec!["Service", "Node", "Pod", "EndpointSlice", "Namespace", "List"]),
             body in "[ -~]{0,40}",
         ) {
             let text = format!("apiVersion: v1\nkind: {kind}\nmetadata: {{name: x}}\nspec: {body}\nitems: {body}\n");
@@ -292,6 +303,31 @@ mod tests {
             shown.starts_with("deep.yaml:5:") && shown.contains("100 levels"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn policies_keep_their_spec_as_written() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: shop}\nspec: {podSelecter: {}}\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cnp}\nspecs: [{endpointSelector: {}}]\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n";
+        let objects = parse_manifests("f.yaml", text).unwrap();
+        let kinds: Vec<ObjectKind> = objects.iter().map(K8sObject::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ObjectKind::NetworkPolicy,
+                ObjectKind::CiliumNetworkPolicy,
+                ObjectKind::Namespace
+            ]
+        );
+        let K8sObject::NetworkPolicy(np) = &objects[0] else {
+            panic!("expected a NetworkPolicy");
+        };
+        assert_eq!(np.spec, Some(serde_json::json!({"podSelecter": {}})));
+        let K8sObject::CiliumNetworkPolicy(cnp) = &objects[1] else {
+            panic!("expected a CiliumNetworkPolicy");
+        };
+        assert!(cnp.spec.is_none() && cnp.specs.is_some());
+        assert_eq!(objects[1].object_ref().namespace, "default");
+        assert_eq!(objects[2].object_ref().namespace, "");
     }
 
     #[test]

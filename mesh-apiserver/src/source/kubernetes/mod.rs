@@ -1,7 +1,8 @@
 //! The `kubernetes` source: kube-rs watchers on the cluster's own API.
 //!
 //! One [`kube::runtime::watcher`] per kind (Services, `discovery.k8s.io/v1`
-//! EndpointSlices, Nodes, Pods, all namespaces), each with kube's default backoff policy
+//! EndpointSlices, Nodes, Pods, Namespaces, `networking.k8s.io/v1` NetworkPolicies and
+//! `cilium.io/v2` CiliumNetworkPolicies, all namespaces), each with kube's default backoff policy
 //! ([`DefaultBackoff`]: 0.8 s doubling to 30 s, jittered). A watcher lists, then watches from the list's resourceVersion; it re-lists when the
 //! watch falls out of the API server's history (410 Gone) or after a failed list. Every
 //! completed (re-)list becomes one [`SourceEvent::Replace`] for the kind, so objects
@@ -23,6 +24,12 @@
 //! [`WatchProblem`]) and retried with backoff, so for example granting a missing RBAC rule
 //! lets the kind sync without a restart. Until then `/readyz` stays not ready, because the
 //! kind is not synced.
+//!
+//! One exception: CiliumNetworkPolicy is a custom resource that only clusters running
+//! Cilium have. When the API does not serve it (404, the CRD is not installed), the kind
+//! counts as synced with no objects (an empty `Replace`, logged once at INFO) instead of
+//! holding up the policy sync; the list is retried with backoff, so installing the CRD
+//! later is picked up without a restart.
 
 mod client;
 mod problem;
@@ -31,7 +38,7 @@ mod slim;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, watcher, DefaultBackoff, Event};
@@ -41,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use client::{client, config_from_kubeconfig, KubeClientError, KubeConfigChoice};
 pub use problem::{Resource, Verb, WatchProblem};
-use slim::Watched;
+use slim::{CiliumNetworkPolicyObject, NetworkPolicyObject, Watched};
 
 use super::{K8sObject, ObjectKind, Source, SourceError, SourceEvent};
 use crate::metrics::Metrics;
@@ -186,6 +193,8 @@ struct KindFeed<'a> {
     listing: Option<Vec<K8sObject>>,
     /// Whether a list has completed before (the next one is a re-list).
     listed_once: bool,
+    /// Whether the kind's API was last found not served (an optional kind only).
+    absent: bool,
     metrics: Option<&'a Metrics>,
 }
 
@@ -195,8 +204,15 @@ impl<'a> KindFeed<'a> {
             kind,
             listing: None,
             listed_once: false,
+            absent: false,
             metrics,
         }
+    }
+
+    /// Whether the cluster may lack the kind's API altogether (a CRD that is not
+    /// installed), which then means "no objects of this kind".
+    fn optional(&self) -> bool {
+        self.kind == ObjectKind::CiliumNetworkPolicy
     }
 
     fn step<K: Watched>(&mut self, item: Result<Event<K>, watcher::Error>) -> Step {
@@ -217,6 +233,7 @@ impl<'a> KindFeed<'a> {
                 let objects = self.listing.take().unwrap_or_default();
                 tracing::info!(%kind, objects = objects.len(), relist = self.listed_once, "listed; replacing this kind's objects");
                 self.listed_once = true;
+                self.absent = false;
                 Step::emit(SourceEvent::Replace { kind, objects })
             }
             Ok(Event::Apply(object)) => {
@@ -231,6 +248,9 @@ impl<'a> KindFeed<'a> {
             }
             Err(error) => {
                 let problem = WatchProblem::explain(kind, &error);
+                if self.optional() && matches!(problem, WatchProblem::NotServed { .. }) {
+                    return self.not_served(&problem);
+                }
                 if problem.is_routine() {
                     tracing::info!(%kind, %problem, "watch expired");
                 } else {
@@ -251,6 +271,39 @@ impl<'a> KindFeed<'a> {
     }
 }
 
+impl KindFeed<'_> {
+    /// The optional kind's API is not served: no objects of the kind, synced. Reported
+    /// once per absence; the list is retried with backoff to notice the CRD appearing.
+    fn not_served(&mut self, problem: &WatchProblem) -> Step {
+        let kind = self.kind;
+        self.listing = None;
+        if self.absent {
+            tracing::debug!(%kind, %problem, "still not served");
+            return Step {
+                event: None,
+                progress: false,
+                back_off: true,
+            };
+        }
+        self.absent = true;
+        let resource = Resource::of(kind);
+        tracing::info!(
+            %kind,
+            api_version = resource.api_version,
+            "the Kubernetes API does not serve {} (the CRD is not installed); treating the cluster as having none and checking again with backoff",
+            resource.plural
+        );
+        Step {
+            event: Some(SourceEvent::Replace {
+                kind,
+                objects: Vec::new(),
+            }),
+            progress: false,
+            back_off: true,
+        }
+    }
+}
+
 fn slimmed<K: Watched>(mut object: K) -> K8sObject {
     object.slim();
     object.into_object()
@@ -263,12 +316,17 @@ impl Source for KubernetesSource {
         events: mpsc::Sender<SourceEvent>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        let watches = futures::future::try_join4(
-            self.watch_kind::<Service>(events.clone()),
-            self.watch_kind::<EndpointSlice>(events.clone()),
-            self.watch_kind::<Node>(events.clone()),
-            self.watch_kind::<Pod>(events),
-        );
+        let watches = async {
+            tokio::try_join!(
+                self.watch_kind::<Service>(events.clone()),
+                self.watch_kind::<EndpointSlice>(events.clone()),
+                self.watch_kind::<Node>(events.clone()),
+                self.watch_kind::<Pod>(events.clone()),
+                self.watch_kind::<Namespace>(events.clone()),
+                self.watch_kind::<NetworkPolicyObject>(events.clone()),
+                self.watch_kind::<CiliumNetworkPolicyObject>(events),
+            )
+        };
         tokio::select! {
             () = shutdown.cancelled() => Ok(()),
             result = watches => result.map(|_| ()).map_err(SourceError::from),
@@ -356,6 +414,43 @@ mod tests {
         };
         let step = feed.step::<Service>(Err(watcher::Error::WatchError(Box::new(gone))));
         assert!(step.event.is_none() && !step.back_off);
+    }
+
+    fn not_found() -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            reason: "NotFound".to_owned(),
+            ..kube::core::Status::default()
+        })))
+    }
+
+    #[test]
+    fn a_missing_cilium_crd_is_an_empty_synced_kind_once() {
+        let mut feed = KindFeed::new(ObjectKind::CiliumNetworkPolicy, None);
+        feed.step::<CiliumNetworkPolicyObject>(Ok(Event::Init));
+        let first = feed.step::<CiliumNetworkPolicyObject>(Err(not_found()));
+        assert!(first.back_off);
+        assert!(matches!(
+            first.event,
+            Some(SourceEvent::Replace { kind: ObjectKind::CiliumNetworkPolicy, ref objects }) if objects.is_empty()
+        ));
+        // Still missing: nothing new to say.
+        let again = feed.step::<CiliumNetworkPolicyObject>(Err(not_found()));
+        assert!(again.event.is_none() && again.back_off);
+        // Installed: the list replaces the empty set; a later removal reports again.
+        feed.step::<CiliumNetworkPolicyObject>(Ok(Event::Init));
+        assert!(names(feed.step::<CiliumNetworkPolicyObject>(Ok(Event::InitDone))).is_empty());
+        assert!(feed
+            .step::<CiliumNetworkPolicyObject>(Err(not_found()))
+            .event
+            .is_some());
+    }
+
+    #[test]
+    fn a_missing_api_of_a_required_kind_is_not_synced() {
+        let mut feed = KindFeed::new(ObjectKind::NetworkPolicy, None);
+        let step = feed.step::<NetworkPolicyObject>(Err(not_found()));
+        assert!(step.event.is_none() && step.back_off);
     }
 
     #[test]

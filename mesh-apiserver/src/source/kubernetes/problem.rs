@@ -51,6 +51,15 @@ impl Resource {
             }
             ObjectKind::Node => ("nodes", "", "v1"),
             ObjectKind::Pod => ("pods", "", "v1"),
+            ObjectKind::Namespace => ("namespaces", "", "v1"),
+            ObjectKind::NetworkPolicy => (
+                "networkpolicies",
+                "networking.k8s.io",
+                "networking.k8s.io/v1",
+            ),
+            ObjectKind::CiliumNetworkPolicy => {
+                ("ciliumnetworkpolicies", "cilium.io", "cilium.io/v2")
+            }
         };
         Resource {
             plural,

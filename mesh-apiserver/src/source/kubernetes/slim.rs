@@ -1,5 +1,4 @@
-//! The four watched kinds, and the fields dropped from them before they reach the
-//! exporter.
+//! The watched kinds, and the fields dropped from them before they reach the exporter.
 //!
 //! The exporter keeps every object it is sent (it needs them to re-translate a service
 //! when one of its slices changes), so whatever the source passes on is held for the
@@ -9,12 +8,22 @@
 //! `crate::translate` reads (the tests below compare translations of full and slimmed
 //! objects). A translator that starts reading another Pod or Node field must keep it here
 //! too.
+//!
+//! NetworkPolicies and CiliumNetworkPolicies are read as [`PolicyObject`]s (metadata and
+//! the raw spec) through the [`NetworkPolicyObject`] and [`CiliumNetworkPolicyObject`]
+//! wrappers, which name their API for kube; no CRD type crate is needed for Cilium's.
 
-use k8s_openapi::api::core::v1::{Node, NodeStatus, Pod, PodSpec, PodStatus, Service};
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::NamespaceResourceScope;
+use serde::{Deserialize, Serialize};
 
-use crate::source::{K8sObject, ObjectKind};
+use crate::source::{K8sObject, ObjectKind, PolicyObject};
 
 /// kubectl's copy of the whole applied object, kept in an annotation.
 pub(super) const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -99,6 +108,24 @@ impl Watched for Pod {
             host_network: spec.host_network,
             node_name: spec.node_name,
             service_account_name: spec.service_account_name,
+            // Only the named ports of the containers are read.
+            containers: spec
+                .containers
+                .into_iter()
+                .filter_map(|c| {
+                    let ports: Vec<_> = c
+                        .ports
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p.name.as_ref().is_some_and(|n| !n.is_empty()))
+                        .collect();
+                    (!ports.is_empty()).then(|| Container {
+                        name: c.name,
+                        ports: Some(ports),
+                        ..Container::default()
+                    })
+                })
+                .collect(),
             ..PodSpec::default()
         });
         self.status = self.status.take().map(|status| PodStatus {
@@ -116,12 +143,116 @@ impl Watched for Pod {
     }
 }
 
+impl Watched for Namespace {
+    const KIND: ObjectKind = ObjectKind::Namespace;
+
+    fn slim(&mut self) {
+        // Only the name and the labels are read.
+        self.metadata = ObjectMeta {
+            name: self.metadata.name.take(),
+            labels: self.metadata.labels.take(),
+            ..ObjectMeta::default()
+        };
+        self.spec = None;
+        self.status = None;
+    }
+
+    fn into_object(self) -> K8sObject {
+        K8sObject::Namespace(Box::new(self))
+    }
+}
+
+/// A `networking.k8s.io/v1` NetworkPolicy as the source reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(super) struct NetworkPolicyObject(pub(super) PolicyObject);
+
+/// A `cilium.io/v2` CiliumNetworkPolicy as the source reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(super) struct CiliumNetworkPolicyObject(pub(super) PolicyObject);
+
+/// Implements [`kube::Resource`] for a policy wrapper.
+macro_rules! policy_resource {
+    ($type:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
+
+            fn kind((): &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+
+            fn group((): &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+
+            fn version((): &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+
+            fn plural((): &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.0.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.0.metadata
+            }
+        }
+    };
+}
+
+policy_resource!(
+    NetworkPolicyObject,
+    "NetworkPolicy",
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies"
+);
+policy_resource!(
+    CiliumNetworkPolicyObject,
+    "CiliumNetworkPolicy",
+    "cilium.io",
+    "v2",
+    "ciliumnetworkpolicies"
+);
+
+impl Watched for NetworkPolicyObject {
+    const KIND: ObjectKind = ObjectKind::NetworkPolicy;
+
+    fn slim(&mut self) {
+        slim_meta(&mut self.0.metadata);
+        // A NetworkPolicy has no `specs`.
+        self.0.specs = None;
+    }
+
+    fn into_object(self) -> K8sObject {
+        K8sObject::NetworkPolicy(Box::new(self.0))
+    }
+}
+
+impl Watched for CiliumNetworkPolicyObject {
+    const KIND: ObjectKind = ObjectKind::CiliumNetworkPolicy;
+
+    fn slim(&mut self) {
+        slim_meta(&mut self.0.metadata);
+    }
+
+    fn into_object(self) -> K8sObject {
+        K8sObject::CiliumNetworkPolicy(Box::new(self.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::{
-        Container, ContainerStatus, NodeAddress, NodeCondition, NodeSpec, PodCondition, PodIP,
+        ContainerPort, ContainerStatus, NodeAddress, NodeCondition, NodeSpec, PodCondition, PodIP,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
     use proptest::prelude::*;
@@ -150,6 +281,12 @@ mod tests {
             has_spec in any::<bool>(),
             has_status in any::<bool>(),
             weight in proptest::option::of(prop::sample::select(vec!["3", "0", "x"])),
+            uid in proptest::option::of("[a-f0-9-]{8}"),
+            named_ports in proptest::collection::vec((
+                proptest::option::of(prop::sample::select(vec!["http".to_owned(), "metrics".to_owned(), String::new()])),
+                prop::sample::select(vec![80, 8080, 0, 70000]),
+                proptest::option::of(prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP"])),
+            ), 0..4),
         ) -> Pod {
             let mut annotations = BTreeMap::from([(LAST_APPLIED_ANNOTATION.to_owned(), "{}".to_owned())]);
             if let Some(w) = weight {
@@ -162,13 +299,27 @@ mod tests {
                     labels: Some(labels.into_iter().collect()),
                     annotations: Some(annotations),
                     managed_fields: managed(),
+                    uid,
                     ..ObjectMeta::default()
                 },
                 spec: has_spec.then(|| PodSpec {
                     host_network,
                     node_name,
                     service_account_name: service_account,
-                    containers: vec![Container { name: "app".to_owned(), image: Some("img".to_owned()), ..Container::default() }],
+                    containers: vec![
+                        Container { name: "app".to_owned(), image: Some("img".to_owned()), ..Container::default() },
+                        Container {
+                            name: "web".to_owned(),
+                            image: Some("img".to_owned()),
+                            ports: Some(named_ports.into_iter().map(|(name, port, protocol)| ContainerPort {
+                                name,
+                                container_port: port,
+                                protocol: protocol.map(str::to_owned),
+                                ..ContainerPort::default()
+                            }).collect()),
+                            ..Container::default()
+                        },
+                    ],
                     ..PodSpec::default()
                 }),
                 status: has_status.then(|| PodStatus {
@@ -189,7 +340,8 @@ mod tests {
             let mut slim = pod.clone();
             slim.slim();
             let (mut w1, mut w2) = (Vec::new(), Vec::new());
-            prop_assert_eq!(pod_endpoints("c1", &pod, &mut w1), pod_endpoints("c1", &slim, &mut w2));
+            let ns = crate::translate::Labels::from([("io.cilium.k8s.namespace.labels.team".to_owned(), "a".to_owned())]);
+            prop_assert_eq!(pod_endpoints("c1", &pod, &ns, &mut w1), pod_endpoints("c1", &slim, &ns, &mut w2));
             // The weight annotation survives slimming.
             prop_assert_eq!(pod_weight(&pod, &mut w1), pod_weight(&slim, &mut w2));
             prop_assert_eq!(w1, w2);
@@ -253,10 +405,23 @@ mod tests {
     }
 
     #[test]
-    fn pod_containers_are_dropped() {
+    fn pod_containers_are_dropped_but_their_named_ports() {
+        let port = |name: Option<&str>| ContainerPort {
+            name: name.map(str::to_owned),
+            container_port: 8080,
+            ..ContainerPort::default()
+        };
         let mut pod = Pod {
             spec: Some(PodSpec {
-                containers: vec![Container::default(); 3],
+                containers: vec![
+                    Container::default(),
+                    Container {
+                        name: "app".to_owned(),
+                        image: Some("img".to_owned()),
+                        ports: Some(vec![port(Some("http")), port(None)]),
+                        ..Container::default()
+                    },
+                ],
                 node_name: Some("n1".to_owned()),
                 ..PodSpec::default()
             }),
@@ -264,7 +429,30 @@ mod tests {
         };
         pod.slim();
         let spec = pod.spec.unwrap_or_default();
-        assert!(spec.containers.is_empty());
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.containers[0].ports, Some(vec![port(Some("http"))]));
         assert_eq!(spec.node_name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn namespaces_keep_only_name_and_labels() {
+        let mut ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some("shop".to_owned()),
+                labels: Some(BTreeMap::from([("team".to_owned(), "a".to_owned())])),
+                annotations: Some(BTreeMap::from([(
+                    LAST_APPLIED_ANNOTATION.to_owned(),
+                    "{}".to_owned(),
+                )])),
+                managed_fields: managed(),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let before = crate::translate::namespace_identity_labels(&ns);
+        ns.slim();
+        assert_eq!(crate::translate::namespace_identity_labels(&ns), before);
+        assert!(ns.metadata.annotations.is_none() && ns.metadata.managed_fields.is_none());
     }
 }

@@ -4,7 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clustermesh_api::v1;
@@ -357,4 +357,49 @@ pub fn loopback_names() -> ServerNames {
         ["localhost".to_owned()],
         [std::net::IpAddr::from([127, 0, 0, 1])],
     )
+}
+
+/// Log output of every test in this binary, captured by one global subscriber.
+///
+/// A thread-scoped subscriber (`set_default`) is not enough here: tracing caches each
+/// callsite's interest process-wide, and with tests running in parallel a callsite first
+/// hit on a thread without a subscriber could be cached as uninteresting, so a test's own
+/// warning went missing. Each test searches the shared text for lines only it produces.
+#[derive(Debug, Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+
+impl Logs {
+    /// The binary-wide capture of INFO and above, installed on first use.
+    pub fn global() -> Logs {
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            logs
+        })
+        .clone()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
