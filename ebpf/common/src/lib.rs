@@ -370,7 +370,7 @@ pub struct PolicyEvent {
     /// [`family`] tag of `peer_addr`.
     pub family: u8,
     /// Always zero.
-    pub pad: [u8; 7],
+    pub pad: [u8; 11],
 }
 
 /// Key of the services map: one frontend.
@@ -605,7 +605,7 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 17);
         assert_eq!(core::mem::align_of::<PolicyKey>(), 1);
         assert_eq!(size_of::<UdpPeerKey>(), 8 + 16 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<PolicyEvent>(), 8 + 16 + 4 + 4 + 2 + 1 + 1 + 1 + 7);
+        assert_eq!(size_of::<PolicyEvent>(), 8 + 16 + 4 + 4 + 2 + 1 + 1 + 1 + 11);
     }
 
     #[test]

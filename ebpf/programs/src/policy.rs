@@ -129,7 +129,7 @@ fn report_denied(
         protocol,
         direction: dir,
         family: peer.family,
-        pad: [0; 7],
+        pad: [0; 11],
     };
     // A full ring buffer loses the event, never the verdict.
     let _ = POL_EVENTS.output::<PolicyEvent>(&event, 0);

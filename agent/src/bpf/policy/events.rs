@@ -99,7 +99,7 @@ mod tests {
             protocol: 6,
             direction: direction::EGRESS,
             family: family::V4,
-            pad: [0; 7],
+            pad: [0; 11],
         };
         let flow = decode(&record(&event)).unwrap();
         assert_eq!(flow.peer, "127.0.9.3".parse::<IpAddr>().unwrap());

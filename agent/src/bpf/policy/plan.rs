@@ -166,6 +166,11 @@ mod tests {
         }
     }
 
+    fn install(index: &mut Index, owner: &PolicyOwner, rules: &EndpointRules) {
+        let plan = plan_install(index, owner, rules);
+        run(index, &plan);
+    }
+
     fn generations(index: &Index) -> BTreeSet<u8> {
         index
             .owner(100)
@@ -203,10 +208,7 @@ mod tests {
     #[test]
     fn reinstall_flips_generation_and_retires_the_old_one() {
         let mut index = Index::default();
-        run(
-            &mut index,
-            &plan_install(&index, &owner(&[100]), &egress(&[7])),
-        );
+        install(&mut index, &owner(&[100]), &egress(&[7]));
         assert_eq!(generations(&index), BTreeSet::from([0]));
         let plan = plan_install(&index, &owner(&[100]), &egress(&[8]));
         let PolicyOp::PutOwner { entry, .. } = plan.steps[1].op else {
@@ -224,7 +226,7 @@ mod tests {
     fn identical_install_is_a_no_op() {
         let mut index = Index::default();
         let o = owner(&[100, 101]);
-        run(&mut index, &plan_install(&index, &o, &egress(&[7])));
+        install(&mut index, &o, &egress(&[7]));
         assert!(plan_install(&index, &o, &egress(&[7])).is_empty());
         // Changing only the identity or the isolation is not a no-op.
         let other = PolicyOwner {
@@ -238,7 +240,7 @@ mod tests {
     #[test]
     fn leftovers_in_the_target_generation_are_deleted_before_the_switch() {
         let mut index = Index::default();
-        run(&mut index, &plan_install(&index, &owner(&[100]), &egress(&[7])));
+        install(&mut index, &owner(&[100]), &egress(&[7]));
         // A stale generation-1 rule (a retire that failed earlier).
         let stale = crate::bpf::policy::keys::rule_entry(
             100,
@@ -269,7 +271,7 @@ mod tests {
     #[test]
     fn dropped_cgroups_stop_being_enforced_with_the_switch() {
         let mut index = Index::default();
-        run(&mut index, &plan_install(&index, &owner(&[100, 101]), &egress(&[7])));
+        install(&mut index, &owner(&[100, 101]), &egress(&[7]));
         let plan = plan_install(&index, &owner(&[100]), &egress(&[7]));
         let step = plan
             .steps
@@ -287,13 +289,13 @@ mod tests {
     #[test]
     fn remove_deletes_cgroups_before_rules_and_spares_other_owners() {
         let mut index = Index::default();
-        run(&mut index, &plan_install(&index, &owner(&[100, 101]), &egress(&[7])));
+        install(&mut index, &owner(&[100, 101]), &egress(&[7]));
         let other = PolicyOwner {
             owner: 200,
             cgroups: vec![200, 102],
             identity: 1,
         };
-        run(&mut index, &plan_install(&index, &other, &egress(&[7])));
+        install(&mut index, &other, &egress(&[7]));
         let ops = plan_remove(&index, 100, &[100, 101, 102]);
         assert_eq!(ops[0], PolicyOp::DeleteOwner { cgroup: 100 });
         assert_eq!(ops[1], PolicyOp::DeleteOwner { cgroup: 101 });
