@@ -128,7 +128,11 @@ fn attach_skb(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
     let program: &mut CgroupSkb = find(ebpf, name)?;
     program.load().map_err(|e| program_error(name, "load", e))?;
     let link_id = program
-        .attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+        .attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
         .map_err(|e| program_error(name, "attach", e))?;
     let link = program
         .take_link(link_id)

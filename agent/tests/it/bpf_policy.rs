@@ -82,7 +82,10 @@ impl Sandbox {
             let _ = std::fs::remove_dir(&cgroup);
             may_run(
                 &test_name,
-                Some(format!("cannot create threaded cgroup {}: {e}", cgroup.display())),
+                Some(format!(
+                    "cannot create threaded cgroup {}: {e}",
+                    cgroup.display()
+                )),
             );
             return None;
         }
@@ -237,7 +240,8 @@ struct UdpEcho {
 impl UdpEcho {
     fn start(ip: &str) -> Self {
         let sock = UdpSocket::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let addr = sock.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -424,9 +428,9 @@ fn egress_is_decided_by_peer_identity_protocol_and_port() {
 
     let denied = policy.drain_denied_flows(100);
     assert_eq!(denied.len(), 4, "{denied:?}");
-    assert!(denied
-        .iter()
-        .all(|f| f.direction == Direction::Egress && f.owner_identity == 5000 && f.owner == pod.id));
+    assert!(denied.iter().all(|f| f.direction == Direction::Egress
+        && f.owner_identity == 5000
+        && f.owner == pod.id));
     let peers: BTreeSet<u32> = denied.iter().map(|f| f.peer_identity).collect();
     assert_eq!(peers, BTreeSet::from([WEB, DB, WORLD]));
     assert!(denied
@@ -514,7 +518,8 @@ fn ingress_isolation_admits_only_allowed_sources_and_replies() {
     });
     let server = TcpServer::serve(listener);
     let pod_udp = udp.local_addr().unwrap();
-    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let remote_db = TcpServer::start("127.0.63.3");
     let remote_db_udp = UdpEcho::start("127.0.63.3");
     policy
@@ -547,7 +552,10 @@ fn ingress_isolation_admits_only_allowed_sources_and_replies() {
         .unwrap()
         .send_to(b"db", pod_udp)
         .unwrap();
-    assert!(udp.recv_from(&mut buf).is_err(), "a datagram from DB is dropped");
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "a datagram from DB is dropped"
+    );
     UdpSocket::bind("127.0.63.2:0")
         .unwrap()
         .send_to(b"web", pod_udp)
@@ -578,8 +586,9 @@ fn ingress_isolation_admits_only_allowed_sources_and_replies() {
     assert_eq!(c.syncing_passed, 1, "{c:?}");
     assert_eq!(c.reply_passed, 2, "{c:?}");
     let denied = policy.drain_denied_flows(100);
-    assert!(denied.iter().all(|f| f.direction == Direction::Ingress
-        && f.owner_identity == 6000));
+    assert!(denied
+        .iter()
+        .all(|f| f.direction == Direction::Ingress && f.owner_identity == 6000));
     assert!(denied
         .iter()
         .any(|f| f.peer_identity == DB && f.port == server.addr.port() && f.protocol == TCP));
@@ -613,7 +622,10 @@ fn verdicts_survive_an_agent_restart_and_the_next_agent_takes_over() {
         .install(&owner, &egress_only(&[any_port(WEB, TCP)]))
         .unwrap();
     policy
-        .install(&owner, &egress_only(&[port_rule(WEB, TCP, web.addr.port())]))
+        .install(
+            &owner,
+            &egress_only(&[port_rule(WEB, TCP, web.addr.port())]),
+        )
         .unwrap();
     let (web_a, db_a) = (web.addr, db.addr);
     let check = move |pod: &Pod| {

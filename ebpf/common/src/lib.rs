@@ -605,12 +605,22 @@ mod tests {
         assert_eq!(size_of::<PolicyKey>(), 17);
         assert_eq!(core::mem::align_of::<PolicyKey>(), 1);
         assert_eq!(size_of::<UdpPeerKey>(), 8 + 16 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<PolicyEvent>(), 8 + 16 + 4 + 4 + 2 + 1 + 1 + 1 + 11);
+        assert_eq!(
+            size_of::<PolicyEvent>(),
+            8 + 16 + 4 + 4 + 2 + 1 + 1 + 1 + 11
+        );
     }
 
     #[test]
     fn policy_key_is_big_endian_in_prefix_order() {
-        let key = PolicyKey::new(0x0102_0304_0506_0708, 1, direction::EGRESS, 0x0a0b_0c0d, 6, 0x1f90);
+        let key = PolicyKey::new(
+            0x0102_0304_0506_0708,
+            1,
+            direction::EGRESS,
+            0x0a0b_0c0d,
+            6,
+            0x1f90,
+        );
         assert_eq!(key.owner, [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(key.identity, [0x0a, 0x0b, 0x0c, 0x0d]);
         assert_eq!(key.port, [0x1f, 0x90]);

@@ -27,9 +27,7 @@
 //! there are no fragments without transport header here.
 
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_cgroup_id,
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_skb_cgroup_id},
     maps::lpm_trie::Key,
     programs::SkBuffContext,
     EbpfContext as _,
@@ -81,8 +79,8 @@ fn ipcache(peer: &Peer) -> IpCacheEntry {
         let key = Key::new(
             128,
             [
-                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0],
-                d[1], d[2], d[3],
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+                d[2], d[3],
             ],
         );
         IPCACHE6.get(&key).copied()
@@ -100,14 +98,28 @@ fn ipcache(peer: &Peer) -> IpCacheEntry {
 fn allowed(owner: &PolicyOwnerEntry, dir: u8, peer_identity: u32, protocol: u8, port: u16) -> bool {
     let key = Key::new(
         POLICY_PREFIX_FULL,
-        PolicyKey::new(owner.owner, owner.generation, dir, peer_identity, protocol, port),
+        PolicyKey::new(
+            owner.owner,
+            owner.generation,
+            dir,
+            peer_identity,
+            protocol,
+            port,
+        ),
     );
     if POLICY.get(&key).is_some() {
         return true;
     }
     let any = Key::new(
         POLICY_PREFIX_FULL,
-        PolicyKey::new(owner.owner, owner.generation, dir, identity::ANY, protocol, port),
+        PolicyKey::new(
+            owner.owner,
+            owner.generation,
+            dir,
+            identity::ANY,
+            protocol,
+            port,
+        ),
     );
     POLICY.get(&any).is_some()
 }
@@ -179,7 +191,14 @@ pub(crate) fn egress(cookie: u64, protocol: u8, peer: &Peer, port_net: u16) -> i
         crate::ALLOW
     } else {
         count(pol_stats::EGRESS_DENIED);
-        report_denied(&owner, direction::EGRESS, peer, entry.identity, protocol, port);
+        report_denied(
+            &owner,
+            direction::EGRESS,
+            peer,
+            entry.identity,
+            protocol,
+            port,
+        );
         crate::REJECT
     }
 }
@@ -318,7 +337,14 @@ pub(crate) fn ingress(ctx: &SkBuffContext) -> i32 {
         PASS
     } else {
         count(pol_stats::INGRESS_DENIED);
-        report_denied(&owner, direction::INGRESS, &peer, entry.identity, protocol, port);
+        report_denied(
+            &owner,
+            direction::INGRESS,
+            &peer,
+            entry.identity,
+            protocol,
+            port,
+        );
         DROP
     }
 }

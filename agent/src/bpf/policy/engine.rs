@@ -5,8 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use clustermesh_agent_core::policy::datapath::{
-    EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath, PolicyDatapathError,
-    PolicyOwner,
+    EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath, PolicyDatapathError, PolicyOwner,
 };
 use clustermesh_api::cidr::Cidr;
 
@@ -226,8 +225,11 @@ mod tests {
             port: 0,
             port_bits: 0,
         };
-        e.install(&owner(&[]), &rules(Some(&[all_from_9]), Some(&[any_peer_dns])))
-            .unwrap();
+        e.install(
+            &owner(&[]),
+            &rules(Some(&[all_from_9]), Some(&[any_peer_dns])),
+        )
+        .unwrap();
         assert_eq!(e.store.allows(100, EGRESS, 1234, 17, 53), Some(true));
         assert_eq!(e.store.allows(100, EGRESS, 1234, 6, 53), Some(false));
         assert_eq!(e.store.allows(100, INGRESS, 9, 132, 9999), Some(true));
@@ -264,7 +266,10 @@ mod tests {
                 &rules(None, Some(&[tcp(8, 80), tcp(9, 80)]))
             )
             .is_err());
-        assert!(e.store.log.len() > logged, "something was written, then undone");
+        assert!(
+            e.store.log.len() > logged,
+            "something was written, then undone"
+        );
         assert_eq!((e.store.cgroups.clone(), e.store.rules.clone()), before);
 
         e.store.fail_when = None;
@@ -336,7 +341,8 @@ mod tests {
             cgroups: vec![201],
             identity: 1,
         };
-        e.install(&other, &rules(Some(&[tcp(7, 80)]), None)).unwrap();
+        e.install(&other, &rules(Some(&[tcp(7, 80)]), None))
+            .unwrap();
         let third = PolicyOwner {
             owner: 300,
             cgroups: vec![],

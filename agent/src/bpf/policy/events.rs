@@ -41,8 +41,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<DeniedFlow> {
     }
     let owner = u64::from_ne_bytes(field(bytes, offset_of!(PolicyEvent, owner))?);
     let addr: [u8; 16] = field(bytes, offset_of!(PolicyEvent, peer_addr))?;
-    let owner_identity =
-        u32::from_ne_bytes(field(bytes, offset_of!(PolicyEvent, owner_identity))?);
+    let owner_identity = u32::from_ne_bytes(field(bytes, offset_of!(PolicyEvent, owner_identity))?);
     let peer_identity = u32::from_ne_bytes(field(bytes, offset_of!(PolicyEvent, peer_identity))?);
     let port = u16::from_ne_bytes(field(bytes, offset_of!(PolicyEvent, port))?);
     let [protocol] = field(bytes, offset_of!(PolicyEvent, protocol))?;
@@ -104,7 +103,10 @@ mod tests {
         let flow = decode(&record(&event)).unwrap();
         assert_eq!(flow.peer, "127.0.9.3".parse::<IpAddr>().unwrap());
         assert_eq!(flow.direction, Direction::Egress);
-        assert_eq!((flow.owner, flow.owner_identity, flow.peer_identity), (77, 1000, 2));
+        assert_eq!(
+            (flow.owner, flow.owner_identity, flow.peer_identity),
+            (77, 1000, 2)
+        );
         assert_eq!((flow.protocol, flow.port), (6, 8080));
     }
 

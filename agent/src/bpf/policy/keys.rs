@@ -7,9 +7,7 @@
 
 use std::net::IpAddr;
 
-use clustermesh_agent_core::policy::datapath::{
-    EndpointRules, IpCacheValue, PolicyOwner, RuleKey,
-};
+use clustermesh_agent_core::policy::datapath::{EndpointRules, IpCacheValue, PolicyOwner, RuleKey};
 use clustermesh_api::cidr::Cidr;
 use clustermesh_ebpf_common::{
     direction, ipcache_flags, owner_flags, IpCacheEntry, PolicyKey, PolicyOwnerEntry,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use clustermesh_agent_core::policy::datapath::{PolicyCounters, PolicyDatapathError};
 use clustermesh_ebpf_common::{
-    identity, PolicyKey, PolicyOwnerEntry, IpCacheEntry, POLICY_PREFIX_FULL,
+    identity, IpCacheEntry, PolicyKey, PolicyOwnerEntry, POLICY_PREFIX_FULL,
 };
 
 use super::{

@@ -27,8 +27,7 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use aya::maps::{MapData, RingBuf};
 use clustermesh_agent_core::policy::datapath::{
-    EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath, PolicyDatapathError,
-    PolicyOwner,
+    EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath, PolicyDatapathError, PolicyOwner,
 };
 use clustermesh_api::cidr::Cidr;
 use clustermesh_ebpf_common::map_names;
@@ -98,10 +97,7 @@ impl BpfPolicy {
                     );
                     flows.push(flow);
                 }
-                None => tracing::warn!(
-                    len = item.len(),
-                    "ignored a malformed denied-flow record"
-                ),
+                None => tracing::warn!(len = item.len(), "ignored a malformed denied-flow record"),
             }
         }
         flows

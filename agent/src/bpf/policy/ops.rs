@@ -131,7 +131,11 @@ impl Index {
     pub(crate) fn apply(&mut self, op: &PolicyOp) {
         match *op {
             PolicyOp::PutRule(rule) => {
-                self.owners.entry(rule.owner()).or_default().rules.insert(rule);
+                self.owners
+                    .entry(rule.owner())
+                    .or_default()
+                    .rules
+                    .insert(rule);
             }
             PolicyOp::DeleteRule(rule) => {
                 if let Some(view) = self.owners.get_mut(&rule.owner()) {

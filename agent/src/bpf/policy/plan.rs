@@ -72,7 +72,8 @@ pub(crate) fn plan_install(index: &Index, owner: &PolicyOwner, rules: &EndpointR
         });
     }
     // The switch: the pod cgroup first (it decides the active generation after a restart).
-    let ordered = std::iter::once(owner.owner).chain(cgroups.iter().copied().filter(|c| *c != owner.owner));
+    let ordered =
+        std::iter::once(owner.owner).chain(cgroups.iter().copied().filter(|c| *c != owner.owner));
     for cgroup in ordered {
         plan.steps.push(Step {
             op: PolicyOp::PutOwner { cgroup, entry },
