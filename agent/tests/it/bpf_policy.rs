@@ -601,6 +601,41 @@ fn ingress_isolation_admits_only_allowed_sources_and_replies() {
 }
 
 #[test]
+fn ingress_over_ipv6_follows_ip_cache_updates() {
+    let Some(mut sb) = Sandbox::new("ingress6") else {
+        return;
+    };
+    let Some((_dp, mut policy)) = sb.open() else {
+        return;
+    };
+    let pod = sb.pod("server");
+    let server = TcpServer::serve(pod.run(|| TcpListener::bind("[::1]:0").unwrap()));
+    // Clients connect from ::1 as well: its IP cache entry is the source's identity.
+    policy
+        .apply_ipcache(&[(cidr("::1/128"), identity(WEB))])
+        .unwrap();
+    policy
+        .install(
+            &pod.owner(6001),
+            &ingress_only(&[port_rule(WEB, TCP, server.addr.port())]),
+        )
+        .unwrap();
+    let short = Duration::from_millis(700);
+    TcpStream::connect_timeout(&server.addr, short).expect("allowed IPv6 source");
+    policy
+        .apply_ipcache(&[(cidr("::1/128"), identity(DB))])
+        .unwrap();
+    let err = TcpStream::connect_timeout(&server.addr, short).expect_err("denied IPv6 source");
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    let c = policy.counters().unwrap();
+    assert_eq!((c.ingress_allowed, c.ingress_denied), (1, 1), "{c:?}");
+    let denied = policy.drain_denied_flows(10);
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0].peer, "::1".parse::<IpAddr>().unwrap());
+    assert_eq!(denied[0].peer_identity, DB);
+}
+
+#[test]
 fn verdicts_survive_an_agent_restart_and_the_next_agent_takes_over() {
     let Some(mut sb) = Sandbox::new("restart") else {
         return;
