@@ -156,6 +156,9 @@ pub enum BpfError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// The pinned policy maps could not be read.
+    #[error("failed to read the pinned policy state")]
+    PolicyState(#[source] clustermesh_agent_core::policy::datapath::PolicyDatapathError),
     /// A file system operation failed.
     #[error("failed to {step} {path}: {source}")]
     Io {

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use clustermesh_ebpf_common::{
-    capacity, map_names, BackendValue, ClusterName, LayoutMeta, RevNatKey, RevNatValue, ServiceKey,
-    ServiceMeta, ServiceValue, SlabChunk, ABI_VERSION, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
+    capacity, map_names, BackendValue, ClusterName, IpCacheEntry, IpCacheKey4, IpCacheKey6,
+    LayoutMeta, PolicyKey, PolicyOwnerEntry, RevNatKey, RevNatValue, ServiceKey, ServiceMeta,
+    ServiceValue, SlabChunk, UdpPeerKey, ABI_VERSION, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
     LAYOUT_MAGIC,
 };
 
@@ -32,7 +33,12 @@ fn size<T>() -> u32 {
     u32::try_from(std::mem::size_of::<T>()).unwrap_or(u32::MAX)
 }
 
-fn specs() -> [Spec; 8] {
+/// Size of an LPM trie key: the 4-byte prefix length, then the data.
+fn lpm_key<T>() -> u32 {
+    4 + size::<T>()
+}
+
+fn specs() -> [Spec; 15] {
     [
         Spec {
             name: map_names::SERVICES,
@@ -96,6 +102,62 @@ fn specs() -> [Spec; 8] {
             key_size: 4,
             value_size: 8,
             max_entries: Some(capacity::STATS),
+            flags: 0,
+        },
+        Spec {
+            name: map_names::IPCACHE4,
+            map_type: MapType::LpmTrie,
+            key_size: lpm_key::<IpCacheKey4>(),
+            value_size: size::<IpCacheEntry>(),
+            max_entries: Some(capacity::IPCACHE4),
+            flags: BPF_F_NO_PREALLOC,
+        },
+        Spec {
+            name: map_names::IPCACHE6,
+            map_type: MapType::LpmTrie,
+            key_size: lpm_key::<IpCacheKey6>(),
+            value_size: size::<IpCacheEntry>(),
+            max_entries: Some(capacity::IPCACHE6),
+            flags: BPF_F_NO_PREALLOC,
+        },
+        Spec {
+            name: map_names::POL_CGROUPS,
+            map_type: MapType::Hash,
+            key_size: 8,
+            value_size: size::<PolicyOwnerEntry>(),
+            max_entries: Some(capacity::POL_CGROUPS),
+            flags: BPF_F_NO_PREALLOC,
+        },
+        Spec {
+            name: map_names::POLICY,
+            map_type: MapType::LpmTrie,
+            key_size: lpm_key::<PolicyKey>(),
+            value_size: 4,
+            max_entries: Some(capacity::POLICY),
+            flags: BPF_F_NO_PREALLOC,
+        },
+        Spec {
+            name: map_names::POL_STATS,
+            map_type: MapType::PerCpuArray,
+            key_size: 4,
+            value_size: 8,
+            max_entries: Some(capacity::POL_STATS),
+            flags: 0,
+        },
+        Spec {
+            name: map_names::POL_UDP,
+            map_type: MapType::LruHash,
+            key_size: size::<UdpPeerKey>(),
+            value_size: 1,
+            max_entries: Some(capacity::POL_UDP),
+            flags: 0,
+        },
+        Spec {
+            name: map_names::POL_EVENTS,
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: Some(capacity::POL_EVENTS),
             flags: 0,
         },
     ]

@@ -14,8 +14,9 @@ use std::{
 
 use aya::{
     programs::{
+        cgroup_skb::CgroupSkbAttachType,
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSockAddr,
     },
     Ebpf,
 };
@@ -23,7 +24,7 @@ use aya::{
 use super::error::{permission_denied, BpfError, Result};
 
 /// Program names in the object, one per hook.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 9] = [
     "cm_connect4",
     "cm_connect6",
     "cm_sendmsg4",
@@ -32,7 +33,11 @@ pub const PROGRAMS: [&str; 8] = [
     "cm_recvmsg6",
     "cm_getpeername4",
     "cm_getpeername6",
+    INGRESS_PROGRAM,
 ];
+
+/// The `cgroup_skb/ingress` program (ingress policy); the others are `sock_addr` hooks.
+const INGRESS_PROGRAM: &str = "cm_ingress";
 
 fn program_error(
     program: &str,
@@ -66,25 +71,11 @@ pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Re
         source,
     })?;
     for name in PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| BpfError::Program {
-                program: name.to_owned(),
-                step: "find",
-                source: "the program is missing from the eBPF object".into(),
-            })?
-            .try_into()
-            .map_err(|e| program_error(name, "convert", e))?;
-        program.load().map_err(|e| program_error(name, "load", e))?;
-        let link_id = program
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(|e| program_error(name, "attach", e))?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|e| program_error(name, "take the link of", e))?;
-        let fd_link: FdLink = link
-            .try_into()
-            .map_err(|e| program_error(name, "convert the link of", e))?;
+        let fd_link = if name == INGRESS_PROGRAM {
+            attach_skb(ebpf, name, &cgroup_file)?
+        } else {
+            attach_sock_addr(ebpf, name, &cgroup_file)?
+        };
         let final_path = links_dir.join(name);
         // bpffs refuses names containing a dot.
         let tmp_path = links_dir.join(format!("{name}_next"));
@@ -102,6 +93,52 @@ pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Re
         tracing::debug!(program = name, cgroup = %cgroup.display(), "attached");
     }
     Ok(())
+}
+
+fn find<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| BpfError::Program {
+            program: name.to_owned(),
+            step: "find",
+            source: "the program is missing from the eBPF object".into(),
+        })?
+        .try_into()
+        .map_err(|e| program_error(name, "convert", e))
+}
+
+/// Loads and attaches a `sock_addr` program (its hook comes from its section name).
+fn attach_sock_addr(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
+    let program: &mut CgroupSockAddr = find(ebpf, name)?;
+    program.load().map_err(|e| program_error(name, "load", e))?;
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| program_error(name, "attach", e))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| program_error(name, "take the link of", e))?;
+    link.try_into()
+        .map_err(|e| program_error(name, "convert the link of", e))
+}
+
+/// Loads and attaches the `cgroup_skb/ingress` program.
+fn attach_skb(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
+    let program: &mut CgroupSkb = find(ebpf, name)?;
+    program.load().map_err(|e| program_error(name, "load", e))?;
+    let link_id = program
+        .attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|e| program_error(name, "attach", e))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| program_error(name, "take the link of", e))?;
+    link.try_into()
+        .map_err(|e| program_error(name, "convert the link of", e))
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -14,8 +14,13 @@
 //! agent reuses the pinned maps and reconciles them with the desired state instead of
 //! clearing them. [`BpfDatapath::cleanup`] is the only way the programs are detached.
 //!
+//! Policy ([`BpfPolicy`], from [`BpfDatapath::policy`]) shares the object, the pins and the
+//! cgroup: egress verdicts in the same `sock_addr` programs, ingress in a `cgroup_skb`
+//! program.
+//!
 //! Kernel requirements: cgroup v2, bpf links for cgroups (5.7), `bpf_set_retval` in
-//! sock_addr programs (5.18, for `ECONNREFUSED`), mmapable arrays (5.5).
+//! sock_addr programs (5.18, for `ECONNREFUSED`), mmapable arrays (5.5),
+//! `bpf_get_current_cgroup_id` in sock_addr programs (6.1, for policy), ring buffers (5.8).
 
 mod aya_maps;
 mod config;
@@ -28,6 +33,7 @@ mod links;
 #[cfg(test)]
 mod mem_maps;
 mod plan;
+mod policy;
 mod slab;
 mod slab_map;
 mod state;
@@ -50,6 +56,7 @@ pub use encode::{addr_words, service_key, words_addr};
 pub use error::{BpfError, Result};
 pub use ids::IdAllocator;
 pub use links::{links_present, PROGRAMS};
+pub use policy::{BpfPolicy, DeniedFlow};
 pub use slab::{Region, SlabAllocator};
 pub use system::{cgroup2_mount, ensure_pin_dir, mount_bpffs, resolve_cgroup, BpffsMount};
 
@@ -210,6 +217,17 @@ impl BpfDatapath {
     #[must_use]
     pub fn config(&self) -> &BpfConfig {
         &self.config
+    }
+
+    /// The policy half of the datapath on the same pinned maps: the IP cache, policy
+    /// owners and rules the programs attached by [`Self::open`] enforce. Maps pinned by an
+    /// earlier run keep their content (and their verdicts) until the returned
+    /// [`BpfPolicy`] changes them.
+    ///
+    /// # Errors
+    /// A policy map cannot be opened or read.
+    pub fn policy(&self) -> Result<BpfPolicy> {
+        BpfPolicy::open(self.config.pin_dir())
     }
 
     /// True when this datapath reused maps pinned by an earlier run.

@@ -5,6 +5,7 @@
 //! they skip without them unless `CLUSTERMESH_REQUIRE_PRIVILEGED=1`, where they fail.
 
 mod bpf_datapath;
+mod bpf_policy;
 mod http_endpoint;
 mod maglev_properties;
 mod mount_bpffs;

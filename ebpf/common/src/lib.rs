@@ -61,6 +61,20 @@ pub mod map_names {
     pub const LAYOUT: &str = "CM_LAYOUT";
     /// Per-CPU `u64` counters indexed by [`super::stats`].
     pub const STATS: &str = "CM_STATS";
+    /// IP cache, IPv4: [`super::IpCacheKey4`] (LPM) → [`super::IpCacheEntry`].
+    pub const IPCACHE4: &str = "CM_IPCACHE4";
+    /// IP cache, IPv6: [`super::IpCacheKey6`] (LPM) → [`super::IpCacheEntry`].
+    pub const IPCACHE6: &str = "CM_IPCACHE6";
+    /// Cgroup id (`u64`) → [`super::PolicyOwnerEntry`]: which sockets are enforced.
+    pub const POL_CGROUPS: &str = "CM_POL_CGROUPS";
+    /// Policy rules: [`super::PolicyKey`] (LPM) → [`super::POLICY_ALLOW`].
+    pub const POLICY: &str = "CM_POLICY";
+    /// Per-CPU `u64` policy verdict counters indexed by [`super::pol_stats`].
+    pub const POL_STATS: &str = "CM_POL_STATS";
+    /// UDP peers pod sockets sent to: [`super::UdpPeerKey`] → `u8` (LRU).
+    pub const POL_UDP: &str = "CM_POL_UDP";
+    /// Ring buffer of denied flows ([`super::PolicyEvent`] records).
+    pub const POL_EVENTS: &str = "CM_POL_EVENTS";
 }
 
 /// Capacities the programs declare. The slab capacity is overridden by the agent at load
@@ -82,6 +96,20 @@ pub mod capacity {
     pub const CLUSTERS: u32 = 512;
     /// Number of counters in the stats map.
     pub const STATS: u32 = super::stats::COUNT;
+    /// IPv4 IP cache prefixes (pods of every cluster, CIDRs, ipBlocks).
+    pub const IPCACHE4: u32 = 524_288;
+    /// IPv6 IP cache prefixes.
+    pub const IPCACHE6: u32 = 131_072;
+    /// Cgroups attributed to policy owners (pods and their containers on one node).
+    pub const POL_CGROUPS: u32 = 65_536;
+    /// Policy rules of every owner, both generations during a flip.
+    pub const POLICY: u32 = 1_048_576;
+    /// Number of counters in the policy stats map.
+    pub const POL_STATS: u32 = super::pol_stats::COUNT;
+    /// Remembered UDP peers (LRU evicts; an evicted peer's reply is checked by policy).
+    pub const POL_UDP: u32 = 262_144;
+    /// Bytes of the denied-flow ring buffer (a power of two, page aligned).
+    pub const POL_EVENTS: u32 = 256 * 1024;
 }
 
 /// Address family tags used in keys (not the kernel's `AF_*`, to keep them one byte).
@@ -142,6 +170,207 @@ pub mod stats {
         "backend_missing",
         "revnat_update_failed",
     ];
+}
+
+/// Reserved security identities the datapath itself relies on (Cilium's numbering).
+pub mod identity {
+    /// Any peer: in a rule, admits every identity; never an address's identity.
+    pub const ANY: u32 = 0;
+    /// Everything outside the IP cache.
+    pub const WORLD: u32 = 2;
+}
+
+/// Bits of [`IpCacheEntry::flags`].
+pub mod ipcache_flags {
+    /// The owning cluster is not synced yet: the prefix is not enforced.
+    pub const SYNCING: u8 = 1;
+}
+
+/// Bits of [`PolicyOwnerEntry::flags`].
+pub mod owner_flags {
+    /// New inbound connections/flows need an ingress rule.
+    pub const INGRESS_ISOLATED: u8 = 1;
+    /// Connects/sends need an egress rule.
+    pub const EGRESS_ISOLATED: u8 = 2;
+}
+
+/// Direction byte of a [`PolicyKey`] (and of a [`PolicyEvent`]).
+pub mod direction {
+    /// Into the endpoint.
+    pub const INGRESS: u8 = 0;
+    /// Out of the endpoint.
+    pub const EGRESS: u8 = 1;
+}
+
+/// Indices of the per-CPU counters in the policy stats map, in the order of the agent's
+/// `PolicyCounters` fields.
+pub mod pol_stats {
+    /// Connects/sends of an enforced socket allowed (by a rule, a non-isolated owner).
+    pub const EGRESS_ALLOWED: u32 = 0;
+    /// Connects/sends refused with `EPERM`.
+    pub const EGRESS_DENIED: u32 = 1;
+    /// New inbound connections/flows of an isolated owner allowed by a rule.
+    pub const INGRESS_ALLOWED: u32 = 2;
+    /// New inbound connections/flows dropped.
+    pub const INGRESS_DENIED: u32 = 3;
+    /// Verdicts skipped because the peer's prefix is syncing.
+    pub const SYNCING_PASSED: u32 = 4;
+    /// Inbound replies to what an isolated owner opened (TCP SYN-ACK, remembered UDP peers).
+    pub const REPLY_PASSED: u32 = 5;
+    /// Number of counters.
+    pub const COUNT: u32 = 6;
+}
+
+/// Data of an IPv4 IP cache key: the address bytes in network order (prefix length in the
+/// LPM key header).
+pub type IpCacheKey4 = [u8; 4];
+/// Data of an IPv6 IP cache key: the address bytes in network order.
+pub type IpCacheKey6 = [u8; 16];
+
+/// What the IP cache says of a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpCacheEntry {
+    /// Security identity.
+    pub identity: u32,
+    /// Cluster ID of the owning cluster (0: none).
+    pub cluster_id: u16,
+    /// [`ipcache_flags`] bits.
+    pub flags: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// A cgroup whose sockets are enforced, and the policy owner (pod cgroup) it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyOwnerEntry {
+    /// Cgroup id of the pod cgroup owning the rules (first field of [`PolicyKey`]).
+    pub owner: u64,
+    /// The owner's own security identity (reported in denied-flow events).
+    pub identity: u32,
+    /// Active rule generation (the second field of [`PolicyKey`]).
+    pub generation: u8,
+    /// [`owner_flags`] bits.
+    pub flags: u8,
+    /// Always zero.
+    pub pad: u16,
+}
+
+/// Value of a rule in the policy map.
+pub const POLICY_ALLOW: u32 = 1;
+
+/// Prefix length (bits) of a rule that admits every protocol: owner, generation,
+/// direction and peer identity.
+pub const POLICY_PREFIX_ANY_PROTOCOL: u32 = 112;
+/// Prefix length of a rule for one protocol and every port.
+pub const POLICY_PREFIX_PROTOCOL: u32 = 120;
+/// Prefix length of a lookup (and of a rule for exactly one port).
+pub const POLICY_PREFIX_FULL: u32 = 136;
+
+/// Data of a policy map key. Every field is a big-endian byte string so that the LPM
+/// prefix bits run from the owner down to the port: a rule's prefix ends after the
+/// identity (any protocol), after the protocol (any port) or inside the port (a port
+/// block). Lookups use [`POLICY_PREFIX_FULL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Owner cgroup id, big-endian.
+    pub owner: [u8; 8],
+    /// Rule generation.
+    pub generation: u8,
+    /// [`direction`] byte.
+    pub direction: u8,
+    /// Peer security identity, big-endian (0: any peer).
+    pub identity: [u8; 4],
+    /// IP protocol number (0 only in rules admitting every protocol).
+    pub protocol: u8,
+    /// Port, big-endian (bits past the rule's prefix are zero).
+    pub port: [u8; 2],
+}
+
+impl PolicyKey {
+    /// Builds a key from host-order numbers.
+    #[inline(always)]
+    #[must_use]
+    pub fn new(
+        owner: u64,
+        generation: u8,
+        direction: u8,
+        identity: u32,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
+        Self {
+            owner: owner.to_be_bytes(),
+            generation,
+            direction,
+            identity: identity.to_be_bytes(),
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+
+    /// Owner cgroup id (host order).
+    #[must_use]
+    pub fn owner(&self) -> u64 {
+        u64::from_be_bytes(self.owner)
+    }
+
+    /// Peer identity (host order).
+    #[must_use]
+    pub fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity)
+    }
+
+    /// Port (host order).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Key of the UDP peers map: a socket of an enforced owner and a peer it sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct UdpPeerKey {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Peer address words, network byte order (IPv4, also v4-mapped: `addr[0]` only).
+    pub addr: [u32; 4],
+    /// Peer port, network byte order.
+    pub port: u16,
+    /// [`family`] tag of the peer address.
+    pub family: u8,
+    /// Always zero.
+    pub pad: u8,
+    /// Always zero.
+    pub pad2: u32,
+}
+
+/// A denied flow, as read from the events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyEvent {
+    /// Owner cgroup id.
+    pub owner: u64,
+    /// Peer address words, network byte order (IPv4: `addr[0]` only).
+    pub peer_addr: [u32; 4],
+    /// The owner's security identity.
+    pub owner_identity: u32,
+    /// The peer's security identity (from the IP cache, `WORLD` without a match).
+    pub peer_identity: u32,
+    /// Destination port of the flow (the peer's for egress, the owner's for ingress),
+    /// host order.
+    pub port: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// [`direction`] byte.
+    pub direction: u8,
+    /// [`family`] tag of `peer_addr`.
+    pub family: u8,
+    /// Always zero.
+    pub pad: [u8; 11],
 }
 
 /// Key of the services map: one frontend.
@@ -333,8 +562,9 @@ mod pod {
     #[allow(unsafe_code)]
     mod impls {
         use crate::{
-            BackendValue, ClusterName, LayoutMeta, RevNatKey, RevNatValue, ServiceKey, ServiceMeta,
-            ServiceValue,
+            BackendValue, ClusterName, IpCacheEntry, LayoutMeta, PolicyEvent, PolicyKey,
+            PolicyOwnerEntry, RevNatKey, RevNatValue, ServiceKey, ServiceMeta, ServiceValue,
+            UdpPeerKey,
         };
         unsafe impl aya::Pod for ServiceKey {}
         unsafe impl aya::Pod for ServiceValue {}
@@ -344,6 +574,11 @@ mod pod {
         unsafe impl aya::Pod for ServiceMeta {}
         unsafe impl aya::Pod for ClusterName {}
         unsafe impl aya::Pod for LayoutMeta {}
+        unsafe impl aya::Pod for IpCacheEntry {}
+        unsafe impl aya::Pod for PolicyOwnerEntry {}
+        unsafe impl aya::Pod for PolicyKey {}
+        unsafe impl aya::Pod for UdpPeerKey {}
+        unsafe impl aya::Pod for PolicyEvent {}
     }
 }
 
@@ -365,6 +600,43 @@ mod tests {
         assert_eq!(size_of::<ServiceMeta>(), 16 + SERVICE_NAME_MAX);
         assert_eq!(size_of::<ClusterName>(), 4 + CLUSTER_NAME_MAX);
         assert_eq!(size_of::<LayoutMeta>(), 16);
+        assert_eq!(size_of::<IpCacheEntry>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<PolicyOwnerEntry>(), 8 + 4 + 1 + 1 + 2);
+        assert_eq!(size_of::<PolicyKey>(), 17);
+        assert_eq!(core::mem::align_of::<PolicyKey>(), 1);
+        assert_eq!(size_of::<UdpPeerKey>(), 8 + 16 + 2 + 1 + 1 + 4);
+        assert_eq!(
+            size_of::<PolicyEvent>(),
+            8 + 16 + 4 + 4 + 2 + 1 + 1 + 1 + 11
+        );
+    }
+
+    #[test]
+    fn policy_key_is_big_endian_in_prefix_order() {
+        let key = PolicyKey::new(
+            0x0102_0304_0506_0708,
+            1,
+            direction::EGRESS,
+            0x0a0b_0c0d,
+            6,
+            0x1f90,
+        );
+        assert_eq!(key.owner, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(key.identity, [0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(key.port, [0x1f, 0x90]);
+        // Fields in prefix order: owner, generation, direction, identity, protocol, port.
+        assert_eq!(core::mem::offset_of!(PolicyKey, generation), 8);
+        assert_eq!(core::mem::offset_of!(PolicyKey, direction), 9);
+        assert_eq!(core::mem::offset_of!(PolicyKey, identity), 10);
+        assert_eq!(core::mem::offset_of!(PolicyKey, protocol), 14);
+        assert_eq!(core::mem::offset_of!(PolicyKey, port), 15);
+        assert_eq!(key.owner(), 0x0102_0304_0506_0708);
+        assert_eq!(key.identity(), 0x0a0b_0c0d);
+        assert_eq!(key.port(), 8080);
+        // The protocol ends at bit 120, the port at 136.
+        assert_eq!(POLICY_PREFIX_ANY_PROTOCOL, 8 * 14);
+        assert_eq!(POLICY_PREFIX_PROTOCOL, 8 * 15);
+        assert_eq!(POLICY_PREFIX_FULL, 8 * 17);
     }
 
     #[test]

@@ -8,24 +8,29 @@
 //!
 //! A service without a usable backend fails the call with `ECONNREFUSED`: the program sets
 //! the syscall's return value with `bpf_set_retval` (Linux ≥ 5.18 for sock_addr hooks) and
-//! rejects. Returning 0 alone would surface as `EPERM`, which clients treat as a policy
-//! denial rather than "nothing listening".
+//! rejects. Returning 0 alone would surface as `EPERM`, which is exactly what a policy
+//! denial returns (see `policy`): egress policy is decided in the same hooks, on the
+//! destination after translation, and ingress policy in a `cgroup_skb/ingress` program.
 #![no_std]
 #![no_main]
+
+mod policy;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::SockAddrContext,
+    macros::{cgroup_skb, cgroup_sock_addr, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockAddrContext},
     EbpfContext as _,
 };
 use clustermesh_ebpf_common::{
     capacity, family, flow_with_frontend, maglev_slot, proto, service_flags, stats, BackendValue,
-    ClusterName, LayoutMeta, RevNatKey, RevNatValue, ServiceKey, ServiceMeta, ServiceValue,
-    SlabChunk, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, SLAB_CHUNK,
+    ClusterName, IpCacheEntry, IpCacheKey4, IpCacheKey6, LayoutMeta, PolicyKey, PolicyOwnerEntry,
+    RevNatKey, RevNatValue, ServiceKey, ServiceMeta, ServiceValue, SlabChunk, UdpPeerKey,
+    BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, SLAB_CHUNK,
 };
+use policy::Peer;
 
 #[map(name = "CM_SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -54,6 +59,29 @@ static LAYOUT: Array<LayoutMeta> = Array::pinned(1, 0);
 
 #[map(name = "CM_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::STATS, 0);
+
+// Policy maps (see `policy`). LPM tries are always created with BPF_F_NO_PREALLOC.
+#[map(name = "CM_IPCACHE4")]
+static IPCACHE4: LpmTrie<IpCacheKey4, IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE4, 0);
+
+#[map(name = "CM_IPCACHE6")]
+static IPCACHE6: LpmTrie<IpCacheKey6, IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE6, 0);
+
+#[map(name = "CM_POL_CGROUPS")]
+static POL_CGROUPS: HashMap<u64, PolicyOwnerEntry> =
+    HashMap::pinned(capacity::POL_CGROUPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CM_POLICY")]
+static POLICY: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(capacity::POLICY, 0);
+
+#[map(name = "CM_POL_STATS")]
+static POL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::POL_STATS, 0);
+
+#[map(name = "CM_POL_UDP")]
+static POL_UDP: LruHashMap<UdpPeerKey, u8> = LruHashMap::pinned(capacity::POL_UDP, 0);
+
+#[map(name = "CM_POL_EVENTS")]
+static POL_EVENTS: RingBuf = RingBuf::pinned(capacity::POL_EVENTS, 0);
 
 /// `sock_addr` verdict: let the syscall proceed (with the possibly rewritten address).
 const ALLOW: i32 = 1;
@@ -127,6 +155,11 @@ fn protocol_of(sa: &bpf_sock_addr) -> Option<u8> {
     }
 }
 
+/// The socket's protocol number as one byte (IANA numbers fit; anything else is 0).
+fn raw_protocol(sa: &bpf_sock_addr) -> u8 {
+    u8::try_from(sa.protocol).unwrap_or(0)
+}
+
 /// Records which frontend a socket asked for, keyed by the backend it now talks to.
 /// `seen` is the backend address exactly as the socket sees it (v4-mapped for a v6 socket).
 fn remember(cookie: u64, seen: [u32; 4], port: u16, sock_family: u8, frontend: &RevNatValue) {
@@ -147,8 +180,14 @@ fn remember(cookie: u64, seen: [u32; 4], port: u16, sock_family: u8, frontend: &
 fn xlate4(ctx: &SockAddrContext, connected: bool) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr context for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: socket cookies are available to every sock_addr program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(protocol) = protocol_of(sa) else {
-        return ALLOW;
+        let peer = Peer {
+            family: family::V4,
+            addr: [sa.user_ip4, 0, 0, 0],
+        };
+        return policy::egress(cookie, raw_protocol(sa), &peer, sa.user_port as u16);
     };
     let key = ServiceKey {
         addr: [sa.user_ip4, 0, 0, 0],
@@ -157,15 +196,19 @@ fn xlate4(ctx: &SockAddrContext, connected: bool) -> i32 {
         proto: protocol,
         family: family::V4,
     };
-    // SAFETY: socket cookies are available to every sock_addr program.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let flow = if connected {
         cookie
     } else {
         flow_with_frontend(cookie, &key)
     };
     match choose(&key, flow) {
-        Choice::NotAService => ALLOW,
+        Choice::NotAService => {
+            let peer = Peer {
+                family: family::V4,
+                addr: key.addr,
+            };
+            policy::egress(cookie, protocol, &peer, key.port)
+        }
         Choice::Refuse => refuse(if connected {
             stats::CONNECT_REFUSED
         } else {
@@ -186,7 +229,11 @@ fn xlate4(ctx: &SockAddrContext, connected: bool) -> i32 {
             } else {
                 stats::SENDMSG_LB
             });
-            ALLOW
+            let peer = Peer {
+                family: family::V4,
+                addr: b.addr,
+            };
+            policy::egress(cookie, protocol, &peer, b.port)
         }
         Choice::Backend(_) => refuse(stats::BACKEND_MISSING),
     }
@@ -200,9 +247,8 @@ const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
 fn xlate6(ctx: &SockAddrContext, connected: bool) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr context for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(protocol) = protocol_of(sa) else {
-        return ALLOW;
-    };
+    // SAFETY: socket cookies are available to every sock_addr program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let ip = [
         sa.user_ip6[0],
         sa.user_ip6[1],
@@ -210,21 +256,34 @@ fn xlate6(ctx: &SockAddrContext, connected: bool) -> i32 {
         sa.user_ip6[3],
     ];
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+    // The policy peer of the untranslated destination (v4-mapped: the IPv4 address).
+    let dest = if mapped {
+        Peer {
+            family: family::V4,
+            addr: [ip[3], 0, 0, 0],
+        }
+    } else {
+        Peer {
+            family: family::V6,
+            addr: ip,
+        }
+    };
+    let Some(protocol) = protocol_of(sa) else {
+        return policy::egress(cookie, raw_protocol(sa), &dest, sa.user_port as u16);
+    };
     let key = ServiceKey {
         addr: if mapped { [ip[3], 0, 0, 0] } else { ip },
         port: sa.user_port as u16,
         proto: protocol,
         family: if mapped { family::V4 } else { family::V6 },
     };
-    // SAFETY: socket cookies are available to every sock_addr program.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let flow = if connected {
         cookie
     } else {
         flow_with_frontend(cookie, &key)
     };
     let b = match choose(&key, flow) {
-        Choice::NotAService => return ALLOW,
+        Choice::NotAService => return policy::egress(cookie, protocol, &dest, key.port),
         Choice::Refuse => {
             return refuse(if connected {
                 stats::CONNECT_REFUSED
@@ -256,7 +315,11 @@ fn xlate6(ctx: &SockAddrContext, connected: bool) -> i32 {
     } else {
         stats::SENDMSG_LB
     });
-    ALLOW
+    let peer = Peer {
+        family: b.family,
+        addr: b.addr,
+    };
+    policy::egress(cookie, protocol, &peer, b.port)
 }
 
 /// Reverse translation (recvmsg / getpeername): backend address → frontend address.
@@ -346,6 +409,12 @@ fn cm_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 fn cm_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, true)
+}
+
+/// Ingress policy for every socket created in the attached cgroup (see `policy`).
+#[cgroup_skb(ingress)]
+fn cm_ingress(ctx: SkBuffContext) -> i32 {
+    policy::ingress(&ctx)
 }
 
 #[cfg(not(test))]
