@@ -57,6 +57,11 @@ impl Enforcement {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Logs the denied flows the datapath reported since the last call.
+    pub fn drain_denied(&self) -> usize {
+        self.datapath().drain_denied()
+    }
+
     /// The datapath's verdict counters.
     ///
     /// # Errors
@@ -92,6 +97,7 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 record_counters(&enforcement, &metrics, &mut last_counters);
+                enforcement.drain_denied();
                 if !pending && gate_open {
                     continue;
                 }

@@ -241,6 +241,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Ok(bpf) => Arc::new(bpf),
                 Err(e) => return Err(datapath_error(e)),
             };
+            if args.policy {
+                let pol = bpf.policy().map_err(datapath_error)?;
+                policy = Some(Box::new(pol));
+            }
             let for_dump = Arc::clone(&bpf);
             let hook: BpfDumpHook = Arc::new(move || {
                 let dump = for_dump.dump(false).map_err(|e| e.to_string())?;
@@ -266,17 +270,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         PeerClustersArg::All => PeerClusters::All,
     };
     options.host_addresses = args.host_ips.clone();
-    let policy = match policy.filter(|_| args.policy) {
-        Some(dp) => {
-            let root = match &args.cgroup {
-                Some(cg) => cg.clone(),
-                None => clustermesh_agent::bpf::cgroup2_mount()
-                    .context("cannot find the cgroup v2 hierarchy to look for pod cgroups")?,
-            };
+    let root = match &args.cgroup {
+        Some(cg) => Some(cg.clone()),
+        None => clustermesh_agent::bpf::cgroup2_mount().ok(),
+    };
+    let policy = match (policy.filter(|_| args.policy), root) {
+        (Some(dp), Some(root)) => {
             let resolver: Box<dyn CgroupResolver> = Box::new(CgroupTree::new(root));
             Some((dp, resolver))
         }
-        None => None,
+        (Some(_), None) => {
+            tracing::warn!("no cgroup v2 hierarchy found: pods' cgroups cannot be found, so network policy is not enforced; mount cgroup2 or pass --cgroup");
+            None
+        }
+        (None, _) => None,
     };
     let cancel = CancellationToken::new();
     let agent = Agent::start(options, datapath, policy, cancel.clone())

@@ -161,6 +161,12 @@ pub trait PolicyDatapath: Send {
     /// # Errors
     /// The counter map cannot be read.
     fn counters(&self) -> Result<PolicyCounters, PolicyDatapathError>;
+
+    /// Takes the denied flows reported since the last call and logs each at debug level
+    /// with both identities; returns how many. A datapath without such reports has none.
+    fn drain_denied(&mut self) -> usize {
+        0
+    }
 }
 
 /// The port blocks (first port, leading bits) covering `first..=last` exactly, fewest

@@ -144,4 +144,9 @@ impl PolicyDatapath for BpfPolicy {
     fn counters(&self) -> Result<PolicyCounters, PolicyDatapathError> {
         self.engine.counters()
     }
+
+    fn drain_denied(&mut self) -> usize {
+        // Each drained flow is logged at debug level with both identities.
+        self.drain_denied_flows(4096).len()
+    }
 }
