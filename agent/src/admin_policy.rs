@@ -72,10 +72,7 @@ fn rule(plane: &PolicyPlane, e: &AllowEntry) -> AllowRule {
         AllowPeer::Identity(id) => {
             r.peer = "identity".into();
             r.identity = Some(id.get());
-            r.cluster = plane
-                .identities()
-                .find(|(_, i, _)| i == id)
-                .map(|(c, _, _)| c.to_owned());
+            r.cluster = plane.cluster_of(*id).map(str::to_owned);
             r.labels = plane.labels_of(*id).cloned().unwrap_or_default();
         }
         AllowPeer::Cidr { cidr, except } => {

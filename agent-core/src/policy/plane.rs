@@ -246,6 +246,15 @@ impl PolicyPlane {
             .flat_map(|(name, c)| c.endpoints.values().map(move |e| (name.as_str(), e)))
     }
 
+    /// The cluster that exported identity `id`, if known.
+    #[must_use]
+    pub fn cluster_of(&self, id: SecurityIdentity) -> Option<&str> {
+        self.clusters
+            .iter()
+            .find(|(_, c)| c.identities.contains_key(&id))
+            .map(|(name, _)| name.as_str())
+    }
+
     /// The labels of identity `id`, if known.
     #[must_use]
     pub fn labels_of(&self, id: SecurityIdentity) -> Option<&Labels> {
@@ -374,16 +383,7 @@ impl PolicyPlane {
                 c.identities.insert(rec.id, rec.labels.clone());
                 let changed = self.engine.upsert_identity(rec.id, rec.labels);
                 self.dirty.extend(changed);
-                // Local endpoints with this identity carry its labels.
-                let with: Vec<EndpointId> = self
-                    .local
-                    .iter()
-                    .filter(|(_, e)| e.identity == rec.id)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for ep in with {
-                    self.sync_local(&ep);
-                }
+                self.sync_local_with(rec.id);
             }
             Input::Endpoint(rec) => {
                 if let Err(e) = self.ipcache.upsert(cluster, rec.ip, rec.identity) {
@@ -469,15 +469,7 @@ impl PolicyPlane {
                 }
                 let changed = self.engine.remove_identity(*id);
                 self.dirty.extend(changed);
-                let with: Vec<EndpointId> = self
-                    .local
-                    .iter()
-                    .filter(|(_, e)| e.identity == *id)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for ep in with {
-                    self.sync_local(&ep);
-                }
+                self.sync_local_with(*id);
             }
             InputKey::Endpoint(ip) => {
                 let Some(old) = self
@@ -518,6 +510,20 @@ impl PolicyPlane {
             let changed = self.engine.remove_endpoint(&id);
             self.dirty.extend(changed);
             self.dirty.insert(id);
+        }
+    }
+
+    /// Re-hands every local endpoint with identity `id` to the engine (they carry its
+    /// labels, which just changed or went).
+    fn sync_local_with(&mut self, id: SecurityIdentity) {
+        let with: Vec<EndpointId> = self
+            .local
+            .iter()
+            .filter(|(_, e)| e.identity == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for ep in with {
+            self.sync_local(&ep);
         }
     }
 
