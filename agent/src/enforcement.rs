@@ -5,7 +5,7 @@
 //! synced once (or the initial-sync timeout passed): a restarted agent leaves the pinned
 //! verdicts of its predecessor in force until it knows the whole mesh, then reconciles.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -85,6 +85,9 @@ pub async fn run(
     let mut gate_open = false;
     let mut pending = true;
     let mut last_counters = PolicyCounters::default();
+    // Clusters with an IP cache size reported: one that leaves (disconnected, stale) is
+    // reported as 0 rather than keeping its last size.
+    let mut sized: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -124,11 +127,14 @@ pub async fn run(
             }
             let counters = plane.counters();
             m.policy_refusals(counters.policies_refused, counters.records_refused);
-            for (cluster, n) in plane.ipcache().sizes() {
-                m.ipcache_entries(cluster, n);
-            }
+            let sizes: Vec<(String, usize)> = plane
+                .ipcache()
+                .sizes()
+                .into_iter()
+                .map(|(c, n)| (c.to_string(), n))
+                .collect();
             if !flush {
-                return true;
+                return (true, sizes);
             }
             let report = plane.flush(e.datapath().as_mut());
             for f in &report.failures {
@@ -144,11 +150,21 @@ pub async fn run(
                     "policy datapath updated"
                 );
             }
-            !report.failures.is_empty() || report.unresolved > 0
+            (!report.failures.is_empty() || report.unresolved > 0, sizes)
         })
         .await;
         match round {
-            Ok(p) => pending = p,
+            Ok((p, sizes)) => {
+                pending = p;
+                let now: BTreeSet<String> = sizes.iter().map(|(c, _)| c.clone()).collect();
+                for gone in sized.difference(&now) {
+                    metrics.ipcache_entries(gone, 0);
+                }
+                for (cluster, n) in &sizes {
+                    metrics.ipcache_entries(cluster, *n);
+                }
+                sized = now;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "policy computation panicked; the agent cannot enforce policy");
                 return;

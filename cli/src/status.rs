@@ -279,6 +279,7 @@ fn kind_name(kind: i32) -> String {
             match base.as_str() {
                 "cluster_config" => base,
                 "identity" => "identities".into(),
+                "policy" => "policies".into(),
                 _ => format!("{base}s"),
             }
         }
@@ -463,6 +464,16 @@ pub(crate) fn test_agent_status(
 mod tests {
     use super::*;
     use crate::admin::ClusterStatus;
+
+    #[test]
+    fn record_kinds_are_named_in_plural() {
+        use clustermesh_api::v1::Kind;
+        assert_eq!(kind_name(Kind::Policy as i32), "policies");
+        assert_eq!(kind_name(Kind::Identity as i32), "identities");
+        assert_eq!(kind_name(Kind::Service as i32), "services");
+        assert_eq!(kind_name(Kind::ClusterConfig as i32), "cluster_config");
+        assert_eq!(kind_name(999), "kind-999");
+    }
 
     fn agent(node: &str, clusters: &[(&str, bool, bool)]) -> AgentReport {
         AgentReport::new(

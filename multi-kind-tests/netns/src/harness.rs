@@ -101,6 +101,15 @@ impl Harness {
         self.cgroup_dir.join(format!("c{}n{}", c + 1, n + 1))
     }
 
+    /// cgroup of pod `p` on node `n` of cluster `c`, below the node's cgroup and named
+    /// as the kubelet names pod cgroups (`pod<uid>`): the pod's processes (its echo
+    /// servers, its clients) run here, so the node's agent enforces the pod's policy.
+    #[must_use]
+    pub fn pod_cgroup(&self, c: usize, n: usize, p: usize) -> PathBuf {
+        self.node_cgroup(c, n)
+            .join(format!("pod{}", topology::pod_uid(c, n, p)))
+    }
+
     /// Where node `n`'s agent pins its maps (removed at teardown).
     #[must_use]
     pub fn node_bpf_pin_dir(&self, c: usize, n: usize) -> PathBuf {
@@ -126,10 +135,11 @@ impl Harness {
         for (c, cluster) in clusters.iter().enumerate() {
             for (n, node) in cluster.nodes.iter().enumerate() {
                 self.create_node(c, n)?;
+                cgroup::create(&self.node_cgroup(c, n))?;
                 for p in 0..node.pods.len() {
                     self.create_pod(c, n, p)?;
+                    cgroup::create(&self.pod_cgroup(c, n, p))?;
                 }
-                cgroup::create(&self.node_cgroup(c, n))?;
             }
         }
         // Every node routes every other node's pod subnet to that node, across clusters.
@@ -363,21 +373,27 @@ impl Harness {
         Ok((pid, first_line))
     }
 
-    /// Starts an echo server in pod `p` answering with `<cluster>/<pod>`, and waits until
-    /// it listens. Returns its address.
+    /// Starts an echo server in pod `p` (its namespace and cgroup) answering with
+    /// `<cluster>/<pod>`, and waits until it listens. Returns its address.
     pub fn start_echo(&mut self, c: usize, n: usize, p: usize, port: u16) -> Result<SocketAddr> {
         let ip = topology::pod_ip(c, n, p);
         let identity = format!(
             "{}/{}",
-            self.spec.clusters[c].name, self.spec.clusters[c].nodes[n].pods[p]
+            self.spec.clusters[c].name, self.spec.clusters[c].nodes[n].pods[p].name
         );
         let listen = format!("{ip}:{port}");
         let helper = self.helper.display().to_string();
         let ns = self.pod_netns(c, n, p);
+        let cg = self.pod_cgroup(c, n, p).display().to_string();
         self.spawn(
             &ns,
             &identity,
             &[
+                &helper,
+                "exec",
+                "--cgroup",
+                &cg,
+                "--",
                 &helper,
                 "echo-server",
                 "--listen",
@@ -432,30 +448,23 @@ impl Harness {
         to: SocketAddr,
         timeout: Duration,
     ) -> Result<String> {
-        let ns = self.node_netns(c, n);
-        let cg = self.node_cgroup(c, n).display().to_string();
-        let helper = self.helper.display().to_string();
-        let ms = timeout.as_millis().to_string();
-        let to_s = to.to_string();
-        let enter = enter_netns(&ns);
-        let mut args: Vec<&str> = enter[1..].iter().map(String::as_str).collect();
-        args.extend([
-            helper.as_str(),
-            "request",
-            "--cgroup",
-            &cg,
-            "--to",
-            &to_s,
-            "--timeout-ms",
-            &ms,
-        ]);
-        cmd::run("nsenter", &args)
-            .map(|out| out.trim().to_string())
-            .map_err(|e| Error::Request {
-                from: ns,
-                to: to_s,
-                reason: e.to_string(),
-            })
+        Client {
+            netns: self.node_netns(c, n),
+            cgroup: self.node_cgroup(c, n),
+            helper: self.helper.clone(),
+        }
+        .request(to, timeout)
+    }
+
+    /// A client running as pod `p` of node `n` of cluster `c` (its namespace and
+    /// cgroup), independent of the harness so that another thread can use it.
+    #[must_use]
+    pub fn pod_client(&self, c: usize, n: usize, p: usize) -> Client {
+        Client {
+            netns: self.pod_netns(c, n, p),
+            cgroup: self.pod_cgroup(c, n, p),
+            helper: self.helper.clone(),
+        }
     }
 
     /// Removes everything; returns what could not be removed (empty on success).
@@ -485,6 +494,44 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.teardown_inner();
+    }
+}
+
+/// Sends requests from one place of the topology: a node or a pod (its network
+/// namespace and cgroup).
+#[derive(Debug, Clone)]
+pub struct Client {
+    netns: String,
+    cgroup: PathBuf,
+    helper: PathBuf,
+}
+
+impl Client {
+    /// Runs one request to `to`; returns the answer (`<cluster>/<pod> <message>`).
+    pub fn request(&self, to: SocketAddr, timeout: Duration) -> Result<String> {
+        let cg = self.cgroup.display().to_string();
+        let helper = self.helper.display().to_string();
+        let ms = timeout.as_millis().to_string();
+        let to_s = to.to_string();
+        let enter = enter_netns(&self.netns);
+        let mut args: Vec<&str> = enter[1..].iter().map(String::as_str).collect();
+        args.extend([
+            helper.as_str(),
+            "request",
+            "--cgroup",
+            &cg,
+            "--to",
+            &to_s,
+            "--timeout-ms",
+            &ms,
+        ]);
+        cmd::run("nsenter", &args)
+            .map(|out| out.trim().to_string())
+            .map_err(|e| Error::Request {
+                from: self.netns.clone(),
+                to: to_s,
+                reason: e.to_string(),
+            })
     }
 }
 

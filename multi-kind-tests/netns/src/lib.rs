@@ -19,11 +19,12 @@ mod cmd;
 pub mod echo;
 pub mod harness;
 pub mod mesh;
+pub mod policy;
 pub mod scenario;
 pub mod topology;
 
-pub use harness::Harness;
-pub use topology::{ClusterSpec, NodeSpec, TopologySpec};
+pub use harness::{Client, Harness};
+pub use topology::{ClusterSpec, NodeSpec, PodSpec, TopologySpec};
 
 /// Errors from building, using or tearing down the topology.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! cgroup, which watches every connected cluster's mesh API and programs the node's
 //! socket load balancer.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -106,6 +107,21 @@ pub struct Mesh {
     state_root: PathBuf,
     apiserver_pids: Vec<Option<u32>>,
     agent_pids: Vec<Vec<Option<u32>>>,
+    /// Per cluster: what its manifests say.
+    manifests: Vec<Manifests>,
+    /// Extra flags of every agent.
+    agent_args: Vec<String>,
+}
+
+/// What a cluster's manifests hold beyond the topology.
+#[derive(Debug, Clone)]
+struct Manifests {
+    /// The echo endpoints are ready.
+    ready: bool,
+    /// Pods listed (node, pod); the others exist but are not exported yet.
+    exported: BTreeSet<(usize, usize)>,
+    /// More objects (network policies...), appended as they are.
+    extra: String,
 }
 
 impl Mesh {
@@ -118,9 +134,32 @@ impl Mesh {
             path: state_root.clone(),
             source,
         })?;
+        let manifests = h
+            .spec()
+            .clusters
+            .iter()
+            .map(|c| Manifests {
+                ready: true,
+                exported: c
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(n, node)| {
+                        node.pods
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, pod)| pod.exported)
+                            .map(move |(p, _)| (n, p))
+                    })
+                    .collect(),
+                extra: String::new(),
+            })
+            .collect();
         Ok(Self {
             bins,
             state_root,
+            manifests,
+            agent_args: Vec::new(),
             apiserver_pids: vec![None; h.spec().clusters.len()],
             agent_pids: h
                 .spec()
@@ -129,6 +168,11 @@ impl Mesh {
                 .map(|c| vec![None; c.nodes.len()])
                 .collect(),
         })
+    }
+
+    /// Passes `args` to every agent started from now on (e.g. `--stale-ttl=5s`).
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_string()).collect();
     }
 
     /// State directory of cluster `c`.
@@ -158,7 +202,7 @@ impl Mesh {
         let node = h.spec().clusters[c].nodes[n].name.clone();
         let socket = self.agent_socket(c, n);
         let _ = std::fs::remove_file(&socket);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             format!(
                 "--config={}",
                 self.state_dir(c).join("agent.yaml").display()
@@ -173,6 +217,7 @@ impl Mesh {
             "--max-backoff=1s".into(),
             "--log-format=json".into(),
         ];
+        args.extend(self.agent_args.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.agent_log(c, n);
         let label = format!("{}-{node}-agent", h.spec().clusters[c].name);
@@ -192,13 +237,13 @@ impl Mesh {
         Ok(())
     }
 
-    /// Sum of the samples of Prometheus metric `name` (all label sets) from the admin API
-    /// (`GET /metrics`) of the agent of node `n` of cluster `c`.
-    pub fn agent_metric(&self, c: usize, n: usize, name: &str) -> Result<f64> {
+    /// `GET path` on the admin API of the agent of node `n` of cluster `c`; returns the
+    /// body of a 200 answer.
+    pub fn agent_get(&self, c: usize, n: usize, path: &str) -> Result<String> {
         use std::io::{Read, Write};
         let socket = self.agent_socket(c, n);
         let io = |source| Error::Io {
-            action: "query agent metrics on",
+            action: "query the agent admin API on",
             path: socket.clone(),
             source,
         };
@@ -207,34 +252,68 @@ impl Mesh {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io)?;
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .map_err(io)?;
         let mut text = String::new();
         stream
-            .take(16 << 20)
+            .take(64 << 20)
             .read_to_string(&mut text)
             .map_err(io)?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.lines().next().unwrap_or_default();
+        if !status.contains(" 200 ") {
+            return Err(Error::Topology(format!(
+                "agent {} answered `GET {path}` with `{status}`: {}",
+                socket.display(),
+                body.trim()
+            )));
+        }
+        Ok(body.to_string())
+    }
+
+    /// Sum of the samples of Prometheus metric `name` whose labels include every
+    /// `key="value"` of `labels` (all label sets when empty), from the admin API
+    /// (`GET /metrics`) of the agent of node `n` of cluster `c`. An absent series is 0 when
+    /// labels are given, an error otherwise.
+    pub fn agent_metric_with(
+        &self,
+        c: usize,
+        n: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<f64> {
+        let body = self.agent_get(c, n, "/metrics")?;
         let mut sum = 0.0;
         let mut found = false;
         for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let (series, value) = match line.rsplit_once(' ') {
-                Some(x) => x,
-                None => continue,
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
             };
             let metric = series.split('{').next().unwrap_or_default();
-            if metric == name {
+            let wanted = labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")));
+            if metric == name && wanted {
                 if let Ok(v) = value.trim().parse::<f64>() {
                     sum += v;
                     found = true;
                 }
             }
         }
-        if found {
+        if found || !labels.is_empty() {
             Ok(sum)
         } else {
             Err(Error::Topology(format!("agent metrics have no {name}")))
         }
+    }
+
+    /// Sum of the samples of Prometheus metric `name` (all label sets) of the agent of
+    /// node `n` of cluster `c`.
+    pub fn agent_metric(&self, c: usize, n: usize, name: &str) -> Result<f64> {
+        self.agent_metric_with(c, n, name, &[])
     }
 
     /// Kills the agent of node `n` of cluster `c`.
@@ -295,7 +374,7 @@ impl Mesh {
     }
 
     /// `clustermesh enable` for cluster `c` with ID `c+1`, then writes its manifests.
-    pub fn enable(&self, h: &Harness, c: usize) -> Result<CliRun> {
+    pub fn enable(&mut self, h: &Harness, c: usize) -> Result<CliRun> {
         let dir = self.state_dir(c);
         let name = h.spec().clusters[c].name.clone();
         let id = (c + 1).to_string();
@@ -327,11 +406,45 @@ impl Mesh {
 
     /// Rewrites cluster `c`'s manifests with every echo endpoint ready or not ready; the
     /// apiserver's `dir:` source picks the change up.
-    pub fn set_ready(&self, h: &Harness, c: usize, ready: bool) -> Result<()> {
+    pub fn set_ready(&mut self, h: &Harness, c: usize, ready: bool) -> Result<()> {
+        self.manifests[c].ready = ready;
+        self.write_manifests(h, c)
+    }
+
+    /// Rewrites cluster `c`'s manifests with `yaml` (Kubernetes objects such as network
+    /// policies, `---`-separated) after the topology's objects, replacing the previous
+    /// extra objects.
+    pub fn set_extra_manifests(&mut self, h: &Harness, c: usize, yaml: &str) -> Result<()> {
+        self.manifests[c].extra = yaml.to_string();
+        self.write_manifests(h, c)
+    }
+
+    /// Lists pod `p` of node `n` of cluster `c` in the cluster's manifests from now on.
+    pub fn export_pod(&mut self, h: &Harness, c: usize, n: usize, p: usize) -> Result<()> {
+        self.manifests[c].exported.insert((n, p));
+        self.write_manifests(h, c)
+    }
+
+    /// Cluster `c`'s manifests as they are now.
+    #[must_use]
+    pub fn manifests(&self, h: &Harness, c: usize) -> String {
+        let m = &self.manifests[c];
+        let mut y = topology_manifests(h, c, m.ready, &m.exported);
+        if !m.extra.trim().is_empty() {
+            y.push_str("---\n");
+            y.push_str(&m.extra);
+            if !m.extra.ends_with('\n') {
+                y.push('\n');
+            }
+        }
+        y
+    }
+
+    fn write_manifests(&self, h: &Harness, c: usize) -> Result<()> {
         let dir = self.state_dir(c).join("manifests");
         let tmp = dir.join(".topology.yaml.tmp");
         let path = dir.join("topology.yaml");
-        std::fs::write(&tmp, manifests(h, c, ready)).map_err(|source| Error::Io {
+        std::fs::write(&tmp, self.manifests(h, c)).map_err(|source| Error::Io {
             action: "write",
             path: tmp.clone(),
             source,
@@ -424,12 +537,30 @@ fn serde_json_reachable(stdout: &str) -> bool {
     stdout.contains("\"reachable\": true")
 }
 
-/// Kubernetes-format manifests of cluster `c`: its nodes, its echo pods, and the global
-/// echo service with affinity `local` and an EndpointSlice listing the pods.
-#[must_use]
-pub fn manifests(h: &Harness, c: usize, ready: bool) -> String {
+/// Kubernetes-format manifests of cluster `c`: its nodes, the namespaces of its pods, its
+/// exported pods (with UID and labels), and the global echo service with affinity `local`
+/// and an EndpointSlice listing the exported `app=echo` pods.
+fn topology_manifests(
+    h: &Harness,
+    c: usize,
+    ready: bool,
+    exported: &BTreeSet<(usize, usize)>,
+) -> String {
     let cluster = &h.spec().clusters[c];
     let mut y = String::new();
+    let namespaces: BTreeSet<&str> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.pods.iter().map(|p| p.namespace.as_str()))
+        .chain(["default"])
+        .collect();
+    for ns in namespaces {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels: {{kubernetes.io/metadata.name: {ns}}}\n---\n"
+        );
+    }
+    let listed = |n: usize, p: usize| exported.contains(&(n, p));
     for (n, node) in cluster.nodes.iter().enumerate() {
         let (net, len) = topology::node_pod_subnet(c, n);
         let _ = write!(
@@ -439,10 +570,19 @@ pub fn manifests(h: &Harness, c: usize, ready: bool) -> String {
             n + 1,
             topology::node_ip(c, n)
         );
-        for (p, pod) in node.pods.iter().enumerate() {
+        for (p, pod) in node.pods.iter().enumerate().filter(|(p, _)| listed(n, *p)) {
+            let labels: Vec<String> = pod
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
             let _ = write!(
                 y,
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n  labels: {{app: echo}}\nspec:\n  nodeName: {}\n  containers: [{{name: echo, image: clustermesh-netns}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: echo, image: clustermesh-netns, ports: [{{name: http, containerPort: {ECHO_PORT}, protocol: TCP}}]}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+                pod.name,
+                pod.namespace,
+                topology::pod_uid(c, n, p),
+                labels.join(", "),
                 node.name,
                 topology::pod_ip(c, n, p)
             );
@@ -452,16 +592,27 @@ pub fn manifests(h: &Harness, c: usize, ready: bool) -> String {
         y,
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    service.cilium.io/global: \"true\"\n    service.cilium.io/affinity: local\nspec:\n  type: ClusterIP\n  clusterIP: {ECHO_VIP}\n  clusterIPs: [{ECHO_VIP}]\n  selector: {{app: echo}}\n  ports:\n  - {{name: tcp, port: {ECHO_PORT}, targetPort: {ECHO_PORT}, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports:\n- {{name: tcp, port: {ECHO_PORT}, protocol: TCP}}\nendpoints:\n"
     );
+    let mut any = false;
     for (n, node) in cluster.nodes.iter().enumerate() {
         for (p, pod) in node.pods.iter().enumerate() {
+            if !listed(n, p) || pod.namespace != "default" || !pod.has_label("app", "echo") {
+                continue;
+            }
+            any = true;
             let _ = write!(
                 y,
-                "- addresses: [{}]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {}\n  zone: zone-{}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+                "- addresses: [{}]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {}\n  zone: zone-{}\n  targetRef: {{kind: Pod, name: {}, namespace: default}}\n",
                 topology::pod_ip(c, n, p),
                 node.name,
-                n + 1
+                n + 1,
+                pod.name
             );
         }
+    }
+    if !any {
+        // `endpoints:` with nothing under it is null; say "none" explicitly.
+        y.truncate(y.len() - "endpoints:\n".len());
+        y.push_str("endpoints: []\n");
     }
     y
 }

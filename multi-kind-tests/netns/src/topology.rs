@@ -31,8 +31,58 @@ pub struct ClusterSpec {
 pub struct NodeSpec {
     /// Node name.
     pub name: String,
-    /// Pod names (at most 200).
-    pub pods: Vec<String>,
+    /// The pods (at most 200).
+    pub pods: Vec<PodSpec>,
+}
+
+/// One pod: what its manifest says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Pod name (also printed by its echo servers).
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod labels.
+    pub labels: Vec<(String, String)>,
+    /// Listed in the cluster's manifests from the start; a pod that is not only exists in
+    /// the topology (its namespace, cgroup and processes) until [`crate::mesh::Mesh`]
+    /// exports it, like a pod the cluster has not synced yet.
+    pub exported: bool,
+}
+
+impl PodSpec {
+    /// A backend of the global `echo` service: namespace `default`, label `app=echo`.
+    #[must_use]
+    pub fn echo(name: impl Into<String>) -> Self {
+        Self::new(name, "default", &[("app", "echo")])
+    }
+
+    /// An exported pod with these labels.
+    #[must_use]
+    pub fn new(name: impl Into<String>, namespace: &str, labels: &[(&str, &str)]) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            exported: true,
+        }
+    }
+
+    /// The same pod, left out of the manifests until exported.
+    #[must_use]
+    pub fn unexported(mut self) -> Self {
+        self.exported = false;
+        self
+    }
+
+    /// Whether the pod carries `key=value`.
+    #[must_use]
+    pub fn has_label(&self, key: &str, value: &str) -> bool {
+        self.labels.iter().any(|(k, v)| k == key && v == value)
+    }
 }
 
 impl TopologySpec {
@@ -48,7 +98,7 @@ impl TopologySpec {
                         .map(|n| NodeSpec {
                             name: format!("node{n}"),
                             pods: (1..=pods)
-                                .map(|p| format!("cluster{c}-node{n}-echo{p}"))
+                                .map(|p| PodSpec::echo(format!("cluster{c}-node{n}-echo{p}")))
                                 .collect(),
                         })
                         .collect(),
@@ -118,6 +168,19 @@ pub fn node_gateway(c: usize, n: usize) -> Ipv4Addr {
 #[must_use]
 pub fn pod_ip(c: usize, n: usize, p: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, (101 + c) as u8, (n + 1) as u8, (11 + p) as u8)
+}
+
+/// `metadata.uid` of pod `p` of node `n` of cluster `c` (all 0-based): unique within a
+/// run; the pod's cgroup is named after it the way the kubelet names pod cgroups
+/// (`pod<uid>`), which is how the node's agent finds the pod's processes.
+#[must_use]
+pub fn pod_uid(c: usize, n: usize, p: usize) -> String {
+    format!(
+        "0000c1a5-7e57-4000-8000-{:04x}{:04x}{:04x}",
+        c + 1,
+        n + 1,
+        p + 1
+    )
 }
 
 #[cfg(test)]

@@ -10,4 +10,5 @@ mod deploy_flags;
 mod failover;
 mod kind_prerequisites;
 mod mesh_control_plane;
+mod policy;
 mod topology;
