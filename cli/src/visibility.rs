@@ -177,7 +177,10 @@ mod tests {
     #[test]
     fn pod_refs_are_namespace_slash_name() {
         let p = PodRef::parse("default/web-0").unwrap();
-        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("default", "web-0"));
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str()),
+            ("default", "web-0")
+        );
         assert_eq!(p.to_string(), "default/web-0");
         assert!(PodRef::parse("kube-system/coredns-5d78c9869d-x2x7q").is_ok());
         for (bad, why) in [

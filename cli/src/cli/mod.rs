@@ -206,7 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn flags_of_the_other_mode_are_refused_before_the_state_directory_is_read() {
-        let cases: [(&[&str], &str); 3] = [
+        let cases: [(&[&str], &str); 5] = [
             (
                 &[
                     "enable",
@@ -226,6 +226,14 @@ mod tests {
             (
                 &["service", "list", "--node", "n1"],
                 "--node picks an agent pod in Kubernetes mode",
+            ),
+            (
+                &["policy", "get", "--node", "n1"],
+                "--node picks an agent pod in Kubernetes mode",
+            ),
+            (
+                &["policy", "get", "--pod", "web"],
+                "--pod takes NAMESPACE/NAME",
             ),
         ];
         for (args, want) in cases {

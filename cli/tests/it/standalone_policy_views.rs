@@ -231,7 +231,15 @@ fn policy_get_shows_each_pod_its_isolation_rules_policies_and_counters() {
     // Sorted by pod: client (open both ways) before web.
     assert_eq!(
         words(lines[3]),
-        ["default/client", "10.1.0.9", &CLIENT_ID.to_string(), "open", "open", "yes", "-"]
+        [
+            "default/client",
+            "10.1.0.9",
+            &CLIENT_ID.to_string(),
+            "open",
+            "open",
+            "yes",
+            "-"
+        ]
     );
     assert_eq!(
         words(lines[4]),
@@ -263,8 +271,16 @@ fn policy_get_shows_each_pod_its_isolation_rules_policies_and_counters() {
         "{}",
         lines[8]
     );
-    assert!(lines[9].starts_with("NetworkPolicy default/db-egress"), "{}", lines[9]);
-    assert!(lines[10].starts_with("NetworkPolicy default/web-ingress"), "{}", lines[10]);
+    assert!(
+        lines[9].starts_with("NetworkPolicy default/db-egress"),
+        "{}",
+        lines[9]
+    );
+    assert!(
+        lines[10].starts_with("NetworkPolicy default/web-ingress"),
+        "{}",
+        lines[10]
+    );
     assert_eq!(
         lines[11],
         "verdicts (node n1, all pods): egress allowed 11 denied 1, ingress allowed 5 denied 2, passed while syncing 0, replies passed 7"
@@ -277,15 +293,33 @@ fn policy_get_pod_narrows_to_one_pod_and_its_policies() {
     let tmp = tempfile::tempdir().unwrap();
     let s = sock(tmp.path());
     let _agent = policy_agent(Path::new(&s));
-    let r = cm(&["policy", "get", "--agent-socket", &s, "--pod", "default/web"]);
+    let r = cm(&[
+        "policy",
+        "get",
+        "--agent-socket",
+        &s,
+        "--pod",
+        "default/web",
+    ]);
     assert!(r.ok, "{}", r.stderr);
     assert!(!r.stdout.contains("default/client"), "{}", r.stdout);
     assert!(r.stdout.contains("\ndefault/web "), "{}", r.stdout);
     assert!(!r.stdout.contains("default/broken"), "{}", r.stdout);
-    assert!(r.stdout.contains("NetworkPolicy default/web-ingress  yes"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("NetworkPolicy default/web-ingress  yes"),
+        "{}",
+        r.stdout
+    );
 
     let r = cm(&[
-        "-o", "json", "policy", "get", "--agent-socket", &s, "--pod", "default/web",
+        "-o",
+        "json",
+        "policy",
+        "get",
+        "--agent-socket",
+        &s,
+        "--pod",
+        "default/web",
     ]);
     assert!(r.ok, "{}", r.stderr);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -307,7 +341,14 @@ fn policy_get_for_a_pod_the_agent_does_not_have_says_so_and_names_its_pods() {
     let tmp = tempfile::tempdir().unwrap();
     let s = sock(tmp.path());
     let _agent = policy_agent(Path::new(&s));
-    let r = cm(&["policy", "get", "--agent-socket", &s, "--pod", "default/ghost"]);
+    let r = cm(&[
+        "policy",
+        "get",
+        "--agent-socket",
+        &s,
+        "--pod",
+        "default/ghost",
+    ]);
     assert!(r.stdout.is_empty(), "{}", r.stdout);
     assert_eq!(
         one_error_line(&r),
@@ -350,11 +391,15 @@ fn an_agent_without_policy_and_the_other_modes_flag_are_one_line_errors() {
         )]),
     );
     let line = one_error_line(&cm(&["identity", "list", "--agent-socket", &s]));
-    assert!(
-        line.contains("HTTP 503: this agent does not enforce policy (--policy=false)"),
-        "{line}"
+    assert_eq!(
+        line,
+        format!("error: agent at {s} refused /v1/identities: HTTP 503: this agent does not enforce policy (--policy=false)")
     );
-    for verb in [&["identity", "list"][..], &["endpoint", "list"], &["policy", "get"]] {
+    for verb in [
+        &["identity", "list"][..],
+        &["endpoint", "list"],
+        &["policy", "get"],
+    ] {
         let mut args = verb.to_vec();
         args.extend(["--agent-socket", &s, "--node", "n1"]);
         let line = one_error_line(&cm(&args));

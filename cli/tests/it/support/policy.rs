@@ -23,7 +23,10 @@ pub const WEST_DB_ID: u32 = 33_554_500;
 fn labels(app: &str, cluster: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app".to_owned(), app.to_owned()),
-        ("io.kubernetes.pod.namespace".to_owned(), "default".to_owned()),
+        (
+            "io.kubernetes.pod.namespace".to_owned(),
+            "default".to_owned(),
+        ),
         (
             "io.cilium.k8s.policy.cluster".to_owned(),
             cluster.to_owned(),
