@@ -1,6 +1,8 @@
 //! Client of an agent's admin API (HTTP/1.1 with JSON bodies on a local unix socket).
 //!
-//! `status`, `service list` and `bpf lb list` read the agent through this. The endpoints
+//! `status`, `service list`, `bpf lb list` and the policy views (`identity list`,
+//! `endpoint list`, `policy get`, bodies in [`clustermesh_api::admin_policy`]) read the
+//! agent through this. The endpoints
 //! and JSON shapes are the contract with `clustermesh-agent --admin-socket`, defined once
 //! for both sides in [`clustermesh_api::admin`] (re-exported here); unknown fields are
 //! ignored and missing ones default, so either side can grow.
@@ -10,6 +12,7 @@
 //! | `GET /v1/status`   | [`AgentStatus`] |
 //! | `GET /v1/services` | list of [`ServiceStatus`] |
 //! | `GET /v1/bpf/lb`   | the agent's datapath dump ([`BpfDump`]: services, backends, Maglev slab), shown as [`BpfLbEntry`] rows ([`bpf_lb_entries`]); 503 on an agent without the eBPF datapath |
+//! | `GET /v1/identities`, `/v1/endpoints`, `/v1/policy` | the policy views (see [`crate::visibility`]); 503 on an agent with `--policy=false` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
