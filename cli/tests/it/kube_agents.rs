@@ -38,9 +38,11 @@ impl Mesh {
         run_cli(&self.cfg, &all).await
     }
 
-    /// Paths inside the pods asked through the proxy, as `pod:path`.
+    /// Paths inside the pods asked through the proxy, as `pod:path`, sorted (the agents
+    /// are asked concurrently, so the order they were asked in is not fixed).
     fn proxied(&self) -> Vec<String> {
-        self.east
+        let mut asked: Vec<String> = self
+            .east
             .requests()
             .into_iter()
             .filter_map(|r| {
@@ -50,7 +52,9 @@ impl Mesh {
                 let (pod, path) = rest.split_once(&format!(":{PORT}/proxy"))?;
                 Some(format!("{pod}:{path}"))
             })
-            .collect()
+            .collect();
+        asked.sort();
+        asked
     }
 }
 
