@@ -9,6 +9,7 @@
 //! | `GET /v1/status`   | [`admin::AgentStatus`], the same JSON as the admin socket (token) |
 //! | `GET /v1/services` | list of [`admin::ServiceStatus`], as on the admin socket (token) |
 //! | `GET /v1/bpf/lb`   | the datapath dump, as on the admin socket (token; 503 with `--datapath record`) |
+//! | `GET /v1/identities`, `/v1/endpoints`, `/v1/policy` | the policy views, as on the admin socket (token; 503 with `--policy=false`) |
 //!
 //! In Kubernetes the agent uses the host network, so this port is open on every node. The
 //! `/v1` routes describe every service and backend of the mesh, so over TCP they answer

@@ -1,6 +1,8 @@
 //! Client of an agent's admin API (HTTP/1.1 with JSON bodies on a local unix socket).
 //!
-//! `status`, `service list` and `bpf lb list` read the agent through this. The endpoints
+//! `status`, `service list`, `bpf lb list` and the policy views (`identity list`,
+//! `endpoint list`, `policy get`, bodies in [`clustermesh_api::admin_policy`]) read the
+//! agent through this. The endpoints
 //! and JSON shapes are the contract with `clustermesh-agent --admin-socket`, defined once
 //! for both sides in [`clustermesh_api::admin`] (re-exported here); unknown fields are
 //! ignored and missing ones default, so either side can grow.
@@ -10,6 +12,7 @@
 //! | `GET /v1/status`   | [`AgentStatus`] |
 //! | `GET /v1/services` | list of [`ServiceStatus`] |
 //! | `GET /v1/bpf/lb`   | the agent's datapath dump ([`BpfDump`]: services, backends, Maglev slab), shown as [`BpfLbEntry`] rows ([`bpf_lb_entries`]); 503 on an agent without the eBPF datapath |
+//! | `GET /v1/identities`, `/v1/endpoints`, `/v1/policy` | the policy views (see [`crate::visibility`]); 503 on an agent with `--policy=false` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,17 @@ pub enum AdminError {
         /// The request path.
         request: String,
         /// Why.
+        reason: String,
+    },
+    /// The agent answered with an error status (e.g. 503 from an agent running without
+    /// policy or without the eBPF datapath).
+    #[error("agent at {path} refused {request}: {reason}")]
+    Refused {
+        /// The socket.
+        path: PathBuf,
+        /// The request path.
+        request: String,
+        /// `HTTP <code>: <the agent's text>`.
         reason: String,
     },
     /// The answer was not a valid HTTP response with the expected JSON.
@@ -166,13 +180,34 @@ pub async fn get<T: serde::de::DeserializeOwned>(
     let raw = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| io(format!("no answer within {timeout:?}")))??;
-    let body = parse_http_response(&raw).map_err(bad)?;
+    let (code, body) = parse_http_status_and_body(&raw).map_err(bad)?;
+    if !(200..300).contains(&code) {
+        return Err(AdminError::Refused {
+            path: socket.to_path_buf(),
+            request: request.to_string(),
+            reason: refusal_text(code, &body),
+        });
+    }
     serde_json::from_slice(&body).map_err(|e| bad(format!("JSON: {e}")))
 }
 
 /// Extracts the body of a complete HTTP/1.1 response; non-2xx statuses are errors
 /// carrying the body text.
 pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let (code, body) = parse_http_status_and_body(raw)?;
+    if !(200..300).contains(&code) {
+        return Err(refusal_text(code, &body));
+    }
+    Ok(body)
+}
+
+/// `HTTP <code>: <body text>`.
+fn refusal_text(code: u16, body: &[u8]) -> String {
+    format!("HTTP {code}: {}", String::from_utf8_lossy(body).trim())
+}
+
+/// The status code and body of a complete HTTP/1.1 response, whatever the status.
+pub fn parse_http_status_and_body(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -217,13 +252,7 @@ pub fn parse_http_response(raw: &[u8]) -> Result<Vec<u8>, String> {
     } else {
         body.to_vec()
     };
-    if !(200..300).contains(&code) {
-        return Err(format!(
-            "HTTP {code}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
-    Ok(body)
+    Ok((code, body))
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {

@@ -10,8 +10,11 @@
 //! - [`render`]: every verb's result as a table or JSON, for both targets [`cli`]
 //!   dispatches to (state directory, Kubernetes; one trait).
 //! - [`trust`]: trust-bundle edits both modes share.
+//! - [`visibility`]: `identity list`, `endpoint list`, `policy get`: the agents' policy
+//!   views in a stable order, `--pod`.
 //! - [`k8s`]: Kubernetes mode (`--context`): enable / disable / connect / disconnect /
-//!   status / service list / bpf lb list against clusters reached through kubeconfig
+//!   status / service list / bpf lb list / identity list / endpoint list / policy get
+//!   against clusters reached through kubeconfig
 //!   contexts (certificates as Secrets, the embedded chart applied server-side).
 //! - [`chart`]: renders `deploy/helm/clustermesh` (Kubernetes mode and chart validation).
 
@@ -26,3 +29,4 @@ pub mod state;
 pub mod status;
 pub mod trust;
 pub mod txn;
+pub mod visibility;

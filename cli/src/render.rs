@@ -6,6 +6,12 @@
 //! ([`Checked`]): `status` that is not ready, or agents that gave no answer, still show
 //! what was found before the error line.
 
+use std::collections::BTreeMap;
+
+use clustermesh_api::admin_policy::{
+    AllowRule, EndpointEntry, EndpointPolicyStatus, IdentityEntry, PolicyReport,
+};
+use clustermesh_api::policy::CLUSTER_LABEL;
 use serde::Serialize;
 
 use crate::admin::{self, BpfDump, BpfLbEntry, ServiceStatus};
@@ -295,6 +301,24 @@ impl AgentTable for BpfDump {
     }
 }
 
+impl AgentTable for Vec<IdentityEntry> {
+    fn agent_table(&self, source: &str) -> String {
+        identities_table(source, self)
+    }
+}
+
+impl AgentTable for Vec<EndpointEntry> {
+    fn agent_table(&self, source: &str) -> String {
+        endpoints_table(source, self)
+    }
+}
+
+impl AgentTable for PolicyReport {
+    fn agent_table(&self, source: &str) -> String {
+        policy_table(source, self)
+    }
+}
+
 /// Standalone `service list` / `bpf lb list`: the answer of one agent.
 #[derive(Debug)]
 pub struct FromAgent<T> {
@@ -400,6 +424,229 @@ fn bpf_table(source: &str, entries: &[BpfLbEntry]) -> String {
             backends.join("; ")
         ));
     }
+    out
+}
+
+/// `rows` as columns separated by two spaces, every column but the last padded to its
+/// widest cell; one line per row.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < row.len() {
+                match widths.get_mut(i) {
+                    Some(w) => *w = (*w).max(cell.chars().count()),
+                    None => widths.push(cell.chars().count()),
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < row.len() {
+                let pad = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&format!("{cell:<pad$}  "));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Labels as `k=v,k=v` (sorted by key), `-` for none. The cluster label is left out when
+/// it names `cluster`, which has its own column.
+fn compact_labels(labels: &BTreeMap<String, String>, cluster: &str) -> String {
+    let shown: Vec<String> = labels
+        .iter()
+        .filter(|(k, v)| !(k.as_str() == CLUSTER_LABEL && v.as_str() == cluster))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(",")
+    }
+}
+
+fn dash_if_empty(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn identities_table(source: &str, identities: &[IdentityEntry]) -> String {
+    let mut rows = vec![vec!["IDENTITY".into(), "CLUSTER".into(), "LABELS".into()]];
+    rows.extend(identities.iter().map(|i| {
+        vec![
+            i.id.to_string(),
+            dash_if_empty(&i.cluster),
+            compact_labels(&i.labels, &i.cluster),
+        ]
+    }));
+    format!("# from agent {source}\n{}", aligned(&rows))
+}
+
+fn endpoints_table(source: &str, endpoints: &[EndpointEntry]) -> String {
+    let mut rows = vec![vec![
+        "IP".into(),
+        "CLUSTER".into(),
+        "IDENTITY".into(),
+        "POD".into(),
+        "NODE".into(),
+        "LABELS".into(),
+    ]];
+    rows.extend(endpoints.iter().map(|e| {
+        let pod = if e.pod.is_empty() {
+            "-".into()
+        } else {
+            format!("{}/{}", e.namespace, e.pod)
+        };
+        vec![
+            e.ip.clone(),
+            dash_if_empty(&e.cluster),
+            e.identity.to_string(),
+            pod,
+            dash_if_empty(&e.node),
+            compact_labels(&e.labels, &e.cluster),
+        ]
+    }));
+    format!("# from agent {source}\n{}", aligned(&rows))
+}
+
+/// A direction's column: `open` (not isolated) or `isolated/N` (N allow rules).
+fn isolation(rules: Option<&Vec<AllowRule>>) -> String {
+    match rules {
+        None => "open".into(),
+        Some(r) => format!("isolated/{}", r.len()),
+    }
+}
+
+/// The peer of an allow rule: `any`, `identity N cluster C labels`, `cidr BLOCK`.
+fn peer_text(r: &AllowRule) -> String {
+    match (r.peer.as_str(), r.identity, r.cidr.as_deref()) {
+        ("identity", Some(id), _) => {
+            let cluster = r.cluster.as_deref().unwrap_or("");
+            format!(
+                "identity {id} cluster {} labels {}",
+                dash_if_empty(cluster),
+                compact_labels(&r.labels, cluster)
+            )
+        }
+        ("cidr", _, Some(block)) => format!("cidr {block}"),
+        (other, _, _) => dash_if_empty(other),
+    }
+}
+
+/// The lines under one endpoint: one per allow rule of an isolated direction, or that
+/// nothing is allowed.
+fn rule_lines(direction: &str, rules: Option<&Vec<AllowRule>>, out: &mut Vec<String>) {
+    let Some(rules) = rules else {
+        return;
+    };
+    let (verb, from) = if direction == "ingress" {
+        ("ingress", "from")
+    } else {
+        ("egress", "to")
+    };
+    if rules.is_empty() {
+        out.push(format!("  {verb:<7} allow nothing"));
+    }
+    for r in rules {
+        let ports = if r.protocol == "any" && r.ports == "any" {
+            "any port".to_owned()
+        } else {
+            format!("{}/{}", r.protocol, r.ports)
+        };
+        out.push(format!(
+            "  {verb:<7} allow {from} {} on {ports}",
+            peer_text(r)
+        ));
+    }
+}
+
+fn endpoint_row(e: &EndpointPolicyStatus) -> Vec<String> {
+    vec![
+        format!("{}/{}", e.namespace, e.pod),
+        dash_if_empty(&e.ip),
+        e.identity.to_string(),
+        isolation(e.ingress.as_ref()),
+        isolation(e.egress.as_ref()),
+        if e.enforced { "yes" } else { "no" }.into(),
+        if e.policies.is_empty() {
+            "-".into()
+        } else {
+            e.policies.join(", ")
+        },
+    ]
+}
+
+/// One row per local pod (its allow rules under it), then the policies, then the node's
+/// verdict counters.
+fn policy_table(source: &str, report: &PolicyReport) -> String {
+    let mut out = format!("# from agent {source}\n");
+    out.push_str(&format!(
+        "node {}; a peer selector without {CLUSTER_LABEL} selects {}\n",
+        dash_if_empty(&report.node),
+        match report.peer_clusters.as_str() {
+            "local" => "the local cluster only",
+            "all" => "every connected cluster",
+            other => other,
+        }
+    ));
+    let header = [
+        "POD", "IP", "IDENTITY", "INGRESS", "EGRESS", "ENFORCED", "POLICIES",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut rows = vec![header];
+    rows.extend(report.endpoints.iter().map(endpoint_row));
+    // Align the endpoint rows together, then put each one's rules under it.
+    let aligned_rows = aligned(&rows);
+    let mut lines = aligned_rows.lines();
+    if let Some(h) = lines.next() {
+        out.push_str(h);
+        out.push('\n');
+    }
+    for (e, line) in report.endpoints.iter().zip(lines) {
+        out.push_str(line);
+        out.push('\n');
+        let mut rules = Vec::new();
+        rule_lines("ingress", e.ingress.as_ref(), &mut rules);
+        rule_lines("egress", e.egress.as_ref(), &mut rules);
+        for r in rules {
+            out.push_str(&r);
+            out.push('\n');
+        }
+    }
+    if !report.policies.is_empty() {
+        let mut rows = vec![["POLICY", "IN FORCE", "ERROR"].map(String::from).to_vec()];
+        rows.extend(report.policies.iter().map(|p| {
+            vec![
+                format!("{} {}/{}", p.kind, p.namespace, p.name),
+                if p.in_force { "yes" } else { "no" }.into(),
+                p.error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        }));
+        out.push_str(&aligned(&rows));
+    }
+    let c = &report.counters;
+    out.push_str(&format!(
+        "verdicts (node {}, all pods): egress allowed {} denied {}, ingress allowed {} denied {}, passed while syncing {}, replies passed {}\n",
+        dash_if_empty(&report.node),
+        c.egress_allowed,
+        c.egress_denied,
+        c.ingress_allowed,
+        c.ingress_denied,
+        c.syncing_passed,
+        c.reply_passed
+    ));
     out
 }
 

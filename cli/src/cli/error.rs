@@ -65,6 +65,17 @@ pub enum CliError {
     /// `connect`/`disconnect` in Kubernetes mode without `--destination-context`.
     #[error("no destination cluster given; pass --destination-context CONTEXT (the other cluster's kubeconfig context)")]
     NoDestinationContext,
+    /// A `--pod` value that is not `NAMESPACE/NAME`.
+    #[error(transparent)]
+    BadPod(#[from] crate::visibility::BadPodRef),
+    /// `policy get --pod` named a pod no asked agent has as a local endpoint.
+    #[error("pod {pod} is not a local endpoint of {searched}; an agent lists only its own cluster's pods on its own node that have an address (`clustermesh endpoint list` shows every pod address it knows)")]
+    UnknownPod {
+        /// The pod, `namespace/name`.
+        pod: String,
+        /// Which agents were asked and what they have.
+        searched: String,
+    },
     /// JSON encoding failed.
     #[error("cannot encode output: {0}")]
     Encode(String),

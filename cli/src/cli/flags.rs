@@ -28,6 +28,7 @@ Examples (standalone hosts, one state directory per cluster):
   clustermesh --state-dir /var/lib/clustermesh/east connect --destination-state-dir /var/lib/clustermesh/west
   clustermesh --state-dir /var/lib/clustermesh/east status --wait --wait-duration 2m
   clustermesh --state-dir /var/lib/clustermesh/east -o json service list
+  clustermesh --context east policy get --pod default/web
   clustermesh completion bash > /etc/bash_completion.d/clustermesh";
 
 /// Connect clusters into one service mesh and inspect it.
@@ -195,6 +196,24 @@ peer dials. All or nothing: if a write fails, the earlier ones are undone.",
         #[command(subcommand)]
         command: BpfCommand,
     },
+    /// Security identities as the agents know them (network policy).
+    Identity {
+        /// What to do.
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+    /// Pod addresses as the agents know them (network policy).
+    Endpoint {
+        /// What to do.
+        #[command(subcommand)]
+        command: EndpointCommand,
+    },
+    /// Network policy of the pods on the agents' nodes.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print a shell completion script.
     Completion {
         /// Shell.
@@ -284,7 +303,68 @@ pub enum BpfLbCommand {
     },
 }
 
+/// Which agent answers: one flag per mode (see [`super::target::AgentPick`]).
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Ask this agent (default: the first answering agent of cluster.yaml).
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
+    /// Kubernetes mode: ask only the agent pod on this node (default: every agent).
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+}
+
+/// `identity` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// List every security identity the agent knows: number, cluster, labels.
+    List(AgentArgs),
+}
+
+/// `endpoint` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// List every pod address the agent knows: cluster, identity, pod, labels.
+    List(AgentArgs),
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show, per local pod, whether each direction is isolated, its allow rules and the
+    /// node's verdict counters.
+    #[command(
+        after_help = "Examples:\n  clustermesh --context east policy get --pod default/web\n  clustermesh --state-dir ./east -o json policy get"
+    )]
+    Get {
+        /// Which agent answers.
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Only this pod, as NAMESPACE/NAME (an agent knows the local cluster's pods on its
+        /// own node).
+        #[arg(long, value_name = "NS/NAME")]
+        pod: Option<String>,
+    },
+}
+
 impl Command {
+    /// The agent-picking flags of `identity list`, `endpoint list` and `policy get`.
+    #[must_use]
+    pub fn policy_view_agent(&self) -> Option<&AgentArgs> {
+        match self {
+            Self::Identity {
+                command: IdentityCommand::List(a),
+            }
+            | Self::Endpoint {
+                command: EndpointCommand::List(a),
+            }
+            | Self::Policy {
+                command: PolicyCommand::Get { agent: a, .. },
+            } => Some(a),
+            _ => None,
+        }
+    }
+
     /// The verb as users type it, for error lines.
     #[must_use]
     pub fn verb(&self) -> &'static str {
@@ -296,6 +376,9 @@ impl Command {
             Self::Status { .. } => "status",
             Self::Service { .. } => "service list",
             Self::Bpf { .. } => "bpf lb list",
+            Self::Identity { .. } => "identity list",
+            Self::Endpoint { .. } => "endpoint list",
+            Self::Policy { .. } => "policy get",
             Self::Completion { .. } => "completion",
         }
     }

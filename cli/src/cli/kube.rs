@@ -5,14 +5,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use clustermesh_api::admin_policy::{EndpointEntry, IdentityEntry, PolicyReport};
+
 use crate::admin::{BpfDump, ServiceStatus};
-use crate::k8s::agents::AgentAnswers;
+use crate::k8s::agents::{AgentAnswer, AgentAnswers};
 use crate::k8s::connect::{ConnectReport, DisconnectReport};
 use crate::k8s::enable::{DisableReport, EnableReport};
 use crate::k8s::status::KubeStatus;
 use crate::k8s::{self, KubeModeError, KubeTarget};
 use crate::render::Checked;
 use crate::status::Readiness;
+use crate::visibility::{self, Ordered, PodRef};
 
 use super::error::CliError;
 use super::flags::{BpfCommand, BpfLbCommand, Cli, Command, EnableArgs, ServiceCommand};
@@ -98,6 +101,69 @@ fn agents_failure<T>(answers: &AgentAnswers<T>, what: &'static str) -> Option<Cl
     answers.check(what).err().map(CliError::from)
 }
 
+/// Every answer in the order the CLI shows it.
+fn ordered<T: Ordered>(mut answers: AgentAnswers<T>) -> AgentAnswers<T> {
+    for a in &mut answers.agents {
+        if let Some(v) = a.answer.as_mut() {
+            v.order();
+        }
+    }
+    answers
+}
+
+/// `policy get --pod`: only the agents that run `pod`, their reports cut down to it. A
+/// pod runs on one node, so the other agents (answering or not) are left out once it is
+/// found; when no agent has it, the error names the nodes asked and the agents that did
+/// not answer.
+fn pod_only(
+    answers: AgentAnswers<PolicyReport>,
+    pod: &PodRef,
+) -> Result<AgentAnswers<PolicyReport>, CliError> {
+    let asked = answers.agents.len();
+    let mut nodes = Vec::new();
+    let mut silent = Vec::new();
+    let mut found = Vec::new();
+    for a in answers.agents {
+        let Some(report) = &a.answer else {
+            silent.push(format!(
+                "{}: {}",
+                a.label(),
+                a.error.as_deref().unwrap_or("no answer")
+            ));
+            continue;
+        };
+        nodes.push(a.node.clone().unwrap_or_else(|| a.pod.clone()));
+        if let Some(one) = visibility::only_pod(report, pod) {
+            found.push(AgentAnswer {
+                answer: Some(one),
+                ..a
+            });
+        }
+    }
+    if found.is_empty() {
+        let mut searched = format!(
+            "any of the {asked} agents of context {} (answering on: {})",
+            answers.context,
+            if nodes.is_empty() {
+                "no node".to_owned()
+            } else {
+                nodes.join(", ")
+            }
+        );
+        if !silent.is_empty() {
+            searched.push_str(&format!("; without an answer: {}", silent.join("; ")));
+        }
+        return Err(CliError::UnknownPod {
+            pod: pod.to_string(),
+            searched,
+        });
+    }
+    Ok(AgentAnswers {
+        context: answers.context,
+        agents: found,
+    })
+}
+
 impl MeshTarget for KubeMesh {
     type Enabled = EnableReport;
     type Disabled = DisableReport;
@@ -106,6 +172,9 @@ impl MeshTarget for KubeMesh {
     type Status = KubeStatus;
     type Services = AgentAnswers<Vec<ServiceStatus>>;
     type BpfLb = AgentAnswers<BpfDump>;
+    type Identities = AgentAnswers<Vec<IdentityEntry>>;
+    type Endpoints = AgentAnswers<Vec<EndpointEntry>>;
+    type Policy = AgentAnswers<PolicyReport>;
 
     fn check_flags(&self, cli: &Cli) -> Result<(), CliError> {
         match &cli.command {
@@ -147,6 +216,10 @@ impl MeshTarget for KubeMesh {
                         command: BpfLbCommand::List { agent_socket, .. },
                     },
             } => no_socket_in_kube_mode(agent_socket.as_ref()),
+            c if c.policy_view_agent().is_some() => no_socket_in_kube_mode(
+                c.policy_view_agent()
+                    .and_then(|a| a.agent_socket.as_ref()),
+            ),
             Command::Completion { .. } => Err(CliError::KubeVerbUnavailable {
                 verb: cli.command.verb(),
                 context: self.target.context.clone(),
@@ -249,6 +322,43 @@ impl MeshTarget for KubeMesh {
     async fn bpf_lb(&self, pick: &AgentPick) -> Result<Checked<AgentAnswers<BpfDump>>, CliError> {
         let r = k8s::agents::bpf_lb(&self.target, pick.node.as_deref(), TIMEOUT).await?;
         let failure = agents_failure(&r, "datapath dump");
+        Ok(Checked { report: r, failure })
+    }
+
+    async fn identities(
+        &self,
+        pick: &AgentPick,
+    ) -> Result<Checked<AgentAnswers<Vec<IdentityEntry>>>, CliError> {
+        let r = k8s::agents::identities(&self.target, pick.node.as_deref(), TIMEOUT).await?;
+        let failure = agents_failure(&r, "identity list");
+        Ok(Checked {
+            report: ordered(r),
+            failure,
+        })
+    }
+
+    async fn endpoints(
+        &self,
+        pick: &AgentPick,
+    ) -> Result<Checked<AgentAnswers<Vec<EndpointEntry>>>, CliError> {
+        let r = k8s::agents::endpoints(&self.target, pick.node.as_deref(), TIMEOUT).await?;
+        let failure = agents_failure(&r, "endpoint list");
+        Ok(Checked {
+            report: ordered(r),
+            failure,
+        })
+    }
+
+    async fn policy(
+        &self,
+        pick: &AgentPick,
+        pod: Option<&PodRef>,
+    ) -> Result<Checked<AgentAnswers<PolicyReport>>, CliError> {
+        let r = ordered(k8s::agents::policy(&self.target, pick.node.as_deref(), TIMEOUT).await?);
+        if let Some(pod) = pod {
+            return pod_only(r, pod).map(Checked::ok);
+        }
+        let failure = agents_failure(&r, "policy report");
         Ok(Checked { report: r, failure })
     }
 }

@@ -18,9 +18,13 @@ pub mod state_dir;
 pub mod target;
 
 use crate::render::{emit, emit_checked};
+use crate::visibility::PodRef;
 
 use self::error::CliError;
-use self::flags::{BpfCommand, BpfLbCommand, Cli, Command, ServiceCommand};
+use self::flags::{
+    BpfCommand, BpfLbCommand, Cli, Command, EndpointCommand, IdentityCommand, PolicyCommand,
+    ServiceCommand,
+};
 use self::kube::KubeMesh;
 use self::state_dir::StateDirMesh;
 use self::target::{AgentPick, MeshTarget, StatusArgs};
@@ -56,15 +60,27 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
     if let Command::Completion { shell } = &cli.command {
         return Ok(completion(*shell));
     }
+    // A malformed --pod is refused before any cluster is dialed.
+    let pod = pod_flag(&cli.command)?;
     match Mode::of(&cli)? {
         Mode::Kubernetes { context } => {
             let target = KubeMesh::resolve(&cli, context).await?;
-            dispatch(&cli, &target).await
+            dispatch(&cli, &target, pod.as_ref()).await
         }
         Mode::StateDir => {
             let target = StateDirMesh::new(cli.standalone.state_dir.clone());
-            dispatch(&cli, &target).await
+            dispatch(&cli, &target, pod.as_ref()).await
         }
+    }
+}
+
+/// `policy get --pod NS/NAME`, parsed.
+fn pod_flag(command: &Command) -> Result<Option<PodRef>, CliError> {
+    match command {
+        Command::Policy {
+            command: PolicyCommand::Get { pod: Some(p), .. },
+        } => Ok(Some(PodRef::parse(p)?)),
+        _ => Ok(None),
     }
 }
 
@@ -76,8 +92,12 @@ fn completion(shell: clap_complete::Shell) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// Calls the verb on `target` and renders its result.
-async fn dispatch<T: MeshTarget>(cli: &Cli, target: &T) -> Result<String, CliError> {
+/// Calls the verb on `target` and renders its result (`pod`: the parsed `--pod`).
+async fn dispatch<T: MeshTarget>(
+    cli: &Cli,
+    target: &T,
+    pod: Option<&PodRef>,
+) -> Result<String, CliError> {
     target.check_flags(cli)?;
     let output = cli.output;
     match &cli.command {
@@ -127,6 +147,15 @@ async fn dispatch<T: MeshTarget>(cli: &Cli, target: &T) -> Result<String, CliErr
             };
             emit_checked(output, target.bpf_lb(&pick).await?)
         }
+        Command::Identity {
+            command: IdentityCommand::List(agent),
+        } => emit_checked(output, target.identities(&agent.into()).await?),
+        Command::Endpoint {
+            command: EndpointCommand::List(agent),
+        } => emit_checked(output, target.endpoints(&agent.into()).await?),
+        Command::Policy {
+            command: PolicyCommand::Get { agent, .. },
+        } => emit_checked(output, target.policy(&agent.into(), pod).await?),
     }
 }
 
@@ -177,7 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn flags_of_the_other_mode_are_refused_before_the_state_directory_is_read() {
-        let cases: [(&[&str], &str); 3] = [
+        let cases: [(&[&str], &str); 5] = [
             (
                 &[
                     "enable",
@@ -197,6 +226,14 @@ mod tests {
             (
                 &["service", "list", "--node", "n1"],
                 "--node picks an agent pod in Kubernetes mode",
+            ),
+            (
+                &["policy", "get", "--node", "n1"],
+                "--node picks an agent pod in Kubernetes mode",
+            ),
+            (
+                &["policy", "get", "--pod", "web"],
+                "--pod takes NAMESPACE/NAME",
             ),
         ];
         for (args, want) in cases {

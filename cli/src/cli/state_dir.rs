@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clustermesh_api::admin_policy::{EndpointEntry, IdentityEntry, PolicyReport};
+
 use crate::admin::{self, BpfDump, ServiceStatus};
 use crate::render::{
     Checked, FromAgent, StandaloneDisabled, StandaloneDisconnected, StandaloneEnabled,
@@ -10,12 +12,13 @@ use crate::render::{
 use crate::standalone::{self, ConnectReport, EnableOptions};
 use crate::state::StateDir;
 use crate::status::{self, MeshStatus};
+use crate::visibility::{self, Ordered, PodRef};
 
 use super::error::CliError;
 use super::flags::{BpfCommand, BpfLbCommand, Cli, Command, EnableArgs, ServiceCommand};
 use super::target::{AgentPick, MeshTarget, Peer, StatusArgs};
 
-/// How long an agent has to answer `service list` and `bpf lb list`.
+/// How long an agent has to answer `service list`, `bpf lb list` and the policy views.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A cluster kept in a state directory; the directory is only required by the verbs
@@ -63,7 +66,21 @@ impl StateDirMesh {
         }
         Err(last.map_or(CliError::NoAgent, CliError::Admin))
     }
+
+    /// [`Self::ask_agent`], the answer in the order the CLI shows it.
+    async fn ask_ordered<T: serde::de::DeserializeOwned + Ordered>(
+        &self,
+        socket: Option<&PathBuf>,
+        request: &str,
+    ) -> Result<FromAgent<T>, CliError> {
+        let mut r = self.ask_agent::<T>(socket, request).await?;
+        r.answer.order();
+        Ok(r)
+    }
 }
+
+/// How many of an agent's pods the unknown-pod message names.
+const PODS_NAMED: usize = 10;
 
 fn wrong_mode(line: &str) -> CliError {
     CliError::WrongMode(line.into())
@@ -79,6 +96,9 @@ impl MeshTarget for StateDirMesh {
     type Status = MeshStatus;
     type Services = FromAgent<Vec<ServiceStatus>>;
     type BpfLb = FromAgent<BpfDump>;
+    type Identities = FromAgent<Vec<IdentityEntry>>;
+    type Endpoints = FromAgent<Vec<EndpointEntry>>;
+    type Policy = FromAgent<PolicyReport>;
 
     fn check_flags(&self, cli: &Cli) -> Result<(), CliError> {
         match &cli.command {
@@ -103,6 +123,9 @@ impl MeshTarget for StateDirMesh {
                         command: BpfLbCommand::List { node: Some(_), .. },
                     },
             } => Err(wrong_mode(NODE_IS_KUBERNETES)),
+            c if c.policy_view_agent().is_some_and(|a| a.node.is_some()) => {
+                Err(wrong_mode(NODE_IS_KUBERNETES))
+            }
             _ => Ok(()),
         }
     }
@@ -213,5 +236,55 @@ impl MeshTarget for StateDirMesh {
         self.ask_agent(pick.agent_socket.as_ref(), "/v1/bpf/lb")
             .await
             .map(Checked::ok)
+    }
+
+    async fn identities(
+        &self,
+        pick: &AgentPick,
+    ) -> Result<Checked<FromAgent<Vec<IdentityEntry>>>, CliError> {
+        self.ask_ordered(pick.agent_socket.as_ref(), "/v1/identities")
+            .await
+            .map(Checked::ok)
+    }
+
+    async fn endpoints(
+        &self,
+        pick: &AgentPick,
+    ) -> Result<Checked<FromAgent<Vec<EndpointEntry>>>, CliError> {
+        self.ask_ordered(pick.agent_socket.as_ref(), "/v1/endpoints")
+            .await
+            .map(Checked::ok)
+    }
+
+    async fn policy(
+        &self,
+        pick: &AgentPick,
+        pod: Option<&PodRef>,
+    ) -> Result<Checked<FromAgent<PolicyReport>>, CliError> {
+        let mut r = self
+            .ask_ordered::<PolicyReport>(pick.agent_socket.as_ref(), "/v1/policy")
+            .await?;
+        if let Some(pod) = pod {
+            r.answer = visibility::only_pod(&r.answer, pod).ok_or_else(|| {
+                let pods = visibility::local_pods(&r.answer);
+                let named = match pods.len() {
+                    0 => "none".to_owned(),
+                    n if n > PODS_NAMED => format!(
+                        "{} and {} more",
+                        pods[..PODS_NAMED].join(", "),
+                        n - PODS_NAMED
+                    ),
+                    _ => pods.join(", "),
+                };
+                CliError::UnknownPod {
+                    pod: pod.to_string(),
+                    searched: format!(
+                        "the agent at {} (node {}; its local pods: {named})",
+                        r.source, r.answer.node
+                    ),
+                }
+            })?;
+        }
+        Ok(Checked::ok(r))
     }
 }

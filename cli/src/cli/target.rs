@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::render::{Checked, Report};
+use crate::visibility::PodRef;
 
 use super::error::CliError;
-use super::flags::{Cli, EnableArgs};
+use super::flags::{AgentArgs, Cli, EnableArgs};
 
 /// The other side of `disconnect`.
 #[derive(Debug)]
@@ -35,13 +36,23 @@ pub struct StatusArgs {
     pub agent_sockets: Vec<PathBuf>,
 }
 
-/// Which agent answers `service list` and `bpf lb list`.
+/// Which agent answers `service list`, `bpf lb list`, `identity list`, `endpoint list`
+/// and `policy get`.
 #[derive(Debug, Clone, Default)]
 pub struct AgentPick {
     /// This agent admin socket (standalone).
     pub agent_socket: Option<PathBuf>,
     /// The agent pod on this node (Kubernetes).
     pub node: Option<String>,
+}
+
+impl From<&AgentArgs> for AgentPick {
+    fn from(a: &AgentArgs) -> Self {
+        Self {
+            agent_socket: a.agent_socket.clone(),
+            node: a.node.clone(),
+        }
+    }
 }
 
 /// One cluster the verbs act on.
@@ -64,6 +75,12 @@ pub trait MeshTarget: Sized {
     type Services: Report;
     /// Result of `bpf lb list`.
     type BpfLb: Report;
+    /// Result of `identity list`.
+    type Identities: Report;
+    /// Result of `endpoint list`.
+    type Endpoints: Report;
+    /// Result of `policy get`.
+    type Policy: Report;
 
     /// Refuses the flags of the verb that belong to the other mode.
     fn check_flags(&self, cli: &Cli) -> Result<(), CliError>;
@@ -87,4 +104,15 @@ pub trait MeshTarget: Sized {
     async fn services(&self, pick: &AgentPick) -> Result<Checked<Self::Services>, CliError>;
     /// The agents' datapath (programmed frontends, Maglev tables, backends).
     async fn bpf_lb(&self, pick: &AgentPick) -> Result<Checked<Self::BpfLb>, CliError>;
+    /// The security identities the agents know, by number.
+    async fn identities(&self, pick: &AgentPick) -> Result<Checked<Self::Identities>, CliError>;
+    /// The pod addresses the agents know, by address.
+    async fn endpoints(&self, pick: &AgentPick) -> Result<Checked<Self::Endpoints>, CliError>;
+    /// The policy of the pods on the agents' nodes, by pod; with `pod`, only that pod, and
+    /// a pod no asked agent runs is the failure.
+    async fn policy(
+        &self,
+        pick: &AgentPick,
+        pod: Option<&PodRef>,
+    ) -> Result<Checked<Self::Policy>, CliError>;
 }

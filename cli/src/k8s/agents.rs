@@ -1,7 +1,8 @@
-//! `service list` and `bpf lb list` in Kubernetes mode: every agent pod (or the one on
-//! `--node`) is asked through the API server's pod proxy, on the same HTTP endpoint
-//! `status` reads (`clustermesh-agent --http-listen`, chart value `agent.httpPort`), which
-//! serves the admin socket's JSON: `GET /v1/services` and `GET /v1/bpf/lb`.
+//! `service list`, `bpf lb list`, `identity list`, `endpoint list` and `policy get` in
+//! Kubernetes mode: every agent pod (or the one on `--node`) is asked through the API
+//! server's pod proxy, on the same HTTP endpoint `status` reads (`clustermesh-agent
+//! --http-listen`, chart value `agent.httpPort`), which serves the admin socket's JSON:
+//! `GET /v1/services`, `/v1/bpf/lb`, `/v1/identities`, `/v1/endpoints` and `/v1/policy`.
 //!
 //! Each agent's answer is kept with its pod and node; an agent that cannot be reached, or
 //! that refuses (an agent running `--datapath record` has no eBPF maps to dump), is listed
@@ -18,6 +19,7 @@ use super::objects::{Objects, CONFIG_MAP};
 use super::status::{agent_pods, pod_label, proxy_get, AgentRef};
 use super::KubeTarget;
 use crate::admin::{BpfDump, ServiceStatus};
+use clustermesh_api::admin_policy::{EndpointEntry, IdentityEntry, PolicyReport};
 
 /// What one agent answered.
 #[derive(Debug, Clone, Serialize)]
@@ -165,4 +167,40 @@ pub async fn bpf_lb(
     timeout: Duration,
 ) -> Result<AgentAnswers<BpfDump>, KubeModeError> {
     ask(target, node, "/v1/bpf/lb", timeout).await
+}
+
+/// `identity list`: the security identities each agent knows.
+///
+/// # Errors
+/// As [`services`].
+pub async fn identities(
+    target: &KubeTarget,
+    node: Option<&str>,
+    timeout: Duration,
+) -> Result<AgentAnswers<Vec<IdentityEntry>>, KubeModeError> {
+    ask(target, node, "/v1/identities", timeout).await
+}
+
+/// `endpoint list`: the pod addresses each agent knows.
+///
+/// # Errors
+/// As [`services`].
+pub async fn endpoints(
+    target: &KubeTarget,
+    node: Option<&str>,
+    timeout: Duration,
+) -> Result<AgentAnswers<Vec<EndpointEntry>>, KubeModeError> {
+    ask(target, node, "/v1/endpoints", timeout).await
+}
+
+/// `policy get`: each agent's policy report (the pods of its node).
+///
+/// # Errors
+/// As [`services`].
+pub async fn policy(
+    target: &KubeTarget,
+    node: Option<&str>,
+    timeout: Duration,
+) -> Result<AgentAnswers<PolicyReport>, KubeModeError> {
+    ask(target, node, "/v1/policy", timeout).await
 }

@@ -532,6 +532,42 @@ fn the_agents_admin_token_secret_is_mounted_and_passed_to_the_agent() {
     }
 }
 
+/// `agent.policy` reaches the agent as `--policy` and `--policy-peer-clusters`, and the
+/// node's address as `HOST_IPS` from the downward API (the agent's `--host-ip`).
+#[test]
+fn agent_policy_values_become_the_agents_policy_flags_and_host_ips() {
+    for (overrides, policy, peers) in [
+        (base(), "--policy=true", "--policy-peer-clusters=local"),
+        (
+            with(json!({"agent": {"policy": {"enabled": false, "peerClusters": "all"}}})),
+            "--policy=false",
+            "--policy-peer-clusters=all",
+        ),
+        (
+            with(json!({"agent": {"policy": {"peerClusters": "all"}}})),
+            "--policy=true",
+            "--policy-peer-clusters=all",
+        ),
+    ] {
+        let r = render(overrides.clone()).unwrap();
+        let ds = r.get("DaemonSet", "clustermesh-agent");
+        let a = args(ds);
+        let policy_args: Vec<&String> = a.iter().filter(|x| x.starts_with("--policy")).collect();
+        assert_eq!(policy_args, [policy, peers], "{overrides}: {a:?}");
+        let env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        let host_ips: Vec<&Value> = env.iter().filter(|e| e["name"] == "HOST_IPS").collect();
+        assert_eq!(
+            host_ips,
+            [
+                &json!({"name": "HOST_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}})
+            ],
+            "{overrides}"
+        );
+    }
+}
+
 /// Values printed with `toYaml` keep their type for a YAML 1.1 reader (Kubernetes reads
 /// manifests through go-yaml): a node selector value `yes`, `on` or `2024-01-01` stays a
 /// quoted string, as Helm prints it, instead of turning into a boolean or a date that the
@@ -628,6 +664,14 @@ fn invalid_values_are_refused_with_a_message_naming_the_value() {
         (
             with(json!({"apiserver": {"service": {"type": "External"}}})),
             "apiserver.service.type must be",
+        ),
+        (
+            with(json!({"agent": {"policy": {"peerClusters": "remote"}}})),
+            "agent.policy.peerClusters must be local or all",
+        ),
+        (
+            with(json!({"agent": {"policy": {"peerClusters": "Local"}}})),
+            "agent.policy.peerClusters must be local or all",
         ),
     ];
     for (values, want) in cases {

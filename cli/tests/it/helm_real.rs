@@ -51,6 +51,12 @@ fn key(obj: &Value) -> String {
 
 /// Real Helm: the objects and the schema errors for [OLDEST, NEWEST].
 fn helm_render(python: &PathBuf, values: &Value) -> (Objects, Vec<String>) {
+    helm_try_render(python, values).unwrap_or_else(|e| panic!("real Helm failed for {values}: {e}"))
+}
+
+/// Real Helm: the objects and the schema errors, or Helm's message when the chart refuses
+/// to render.
+fn helm_try_render(python: &PathBuf, values: &Value) -> Result<(Objects, Vec<String>), String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/helm_render.py");
     let mut child = Command::new(python)
         .arg(script)
@@ -70,11 +76,9 @@ fn helm_render(python: &PathBuf, values: &Value) -> (Objects, Vec<String>) {
         .write_all(req.to_string().as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "real Helm failed for {values}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let objects = v["objects"]
         .as_array()
@@ -88,7 +92,7 @@ fn helm_render(python: &PathBuf, values: &Value) -> (Objects, Vec<String>) {
         .iter()
         .map(|e| e.as_str().unwrap().to_owned())
         .collect();
-    (objects, errors)
+    Ok((objects, errors))
 }
 
 /// The CLI's own rendering (the engine `helm_chart.rs` tests too).
@@ -236,6 +240,14 @@ fn cases() -> Vec<(&'static str, Value)> {
             ),
         ),
         (
+            "agent policy off",
+            c(json!({"agent": {"policy": {"enabled": false}}})),
+        ),
+        (
+            "agent policy peers in every cluster",
+            c(json!({"agent": {"policy": {"peerClusters": "all"}}})),
+        ),
+        (
             "remote clusters",
             c(json!({"agent": {"remoteClusters": [
                 {"name": "west", "id": 2, "endpoints": ["10.0.0.2:2379"], "caCert": REMOTE_CA},
@@ -272,6 +284,40 @@ fn real_helm_renders_what_the_cli_renders_and_the_schemas_accept_it() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn real_helm_passes_the_policy_values_and_refuses_a_bad_peer_clusters() {
+    let Some(python) = support::helm_python() else {
+        return;
+    };
+    let values = json!({"cluster": {"name": "c", "id": 1}, "agent": {"policy": {"enabled": false, "peerClusters": "all"}}});
+    let (objects, errors) = helm_render(&python, &values);
+    assert!(errors.is_empty(), "{errors:?}");
+    let agent = &objects[&format!("DaemonSet {NAMESPACE}/clustermesh-agent")]["spec"]["template"]
+        ["spec"]["containers"][0];
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|a| a.starts_with("--policy"))
+        .collect();
+    assert_eq!(args, ["--policy=false", "--policy-peer-clusters=all"]);
+    assert!(
+        agent["env"].as_array().unwrap().contains(
+            &json!({"name": "HOST_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}})
+        ),
+        "{agent}"
+    );
+
+    let bad =
+        json!({"cluster": {"name": "c", "id": 1}, "agent": {"policy": {"peerClusters": "remote"}}});
+    let err = helm_try_render(&python, &bad).expect_err("Helm rendered peerClusters=remote");
+    assert!(
+        err.contains("agent.policy.peerClusters must be local or all"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,8 +1,10 @@
-//! Kubernetes-mode `service list` and `bpf lb list`, through the real binary against a
-//! fake API server: every agent pod (or the one on `--node`) is asked through the pod
-//! proxy. The fake agents answer with the admin API's own types serialized, the ones the
-//! agent serves (`clustermesh_api::admin::ServiceStatus`, `clustermesh_api::admin::BpfDump`),
-//! and an agent running `--datapath record` answers `/v1/bpf/lb` with the agent's real 503.
+//! Kubernetes-mode `service list`, `bpf lb list`, `identity list`, `endpoint list` and
+//! `policy get`, through the real binary against a fake API server: every agent pod (or
+//! the one on `--node`) is asked through the pod proxy. The fake agents answer with the
+//! admin API's own types serialized, the ones the agent serves
+//! (`clustermesh_api::admin::ServiceStatus`, `clustermesh_api::admin::BpfDump`, the
+//! `clustermesh_api::admin_policy` bodies), and an agent running `--datapath record`
+//! answers `/v1/bpf/lb` with the agent's real 503.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +17,7 @@ use clustermesh_api::admin::{
 };
 use clustermesh_test_support::fake_kube::{kubeconfig, FakeKube, ProxyResponse};
 use serde_json::{json, Value};
+use support::policy::{CLIENT_ID, WEB_ID, WEST_DB_ID};
 use support::{run_cli, CliRun};
 
 const NS: &str = "kube-system";
@@ -35,9 +38,11 @@ impl Mesh {
         run_cli(&self.cfg, &all).await
     }
 
-    /// Paths inside the pods asked through the proxy, as `pod:path`.
+    /// Paths inside the pods asked through the proxy, as `pod:path`, sorted (the agents
+    /// are asked concurrently, so the order they were asked in is not fixed).
     fn proxied(&self) -> Vec<String> {
-        self.east
+        let mut asked: Vec<String> = self
+            .east
             .requests()
             .into_iter()
             .filter_map(|r| {
@@ -47,7 +52,9 @@ impl Mesh {
                 let (pod, path) = rest.split_once(&format!(":{PORT}/proxy"))?;
                 Some(format!("{pod}:{path}"))
             })
-            .collect()
+            .collect();
+        asked.sort();
+        asked
     }
 }
 
@@ -376,6 +383,176 @@ async fn without_the_mesh_the_verbs_say_to_enable_it() {
     let line = one_error_line(&r);
     assert!(
         line.starts_with("error: the mesh is not enabled in namespace kube-system of context east"),
+        "{line}"
+    );
+}
+
+/// Agent `pod` answering the policy routes: the shared identities and endpoints, and its
+/// node's policy report.
+fn policy_agent(fake: &FakeKube, pod: &str, report: Value) {
+    let (identities, endpoints) = (support::policy::identities(), support::policy::endpoints());
+    fake.set_pod_proxy(NS, pod, Some(PORT), move |req| match req.path.as_str() {
+        "/v1/identities" => ProxyResponse::json(&identities),
+        "/v1/endpoints" => ProxyResponse::json(&endpoints),
+        "/v1/policy" => ProxyResponse::json(&report),
+        _ => ProxyResponse::text(404, "Not Found"),
+    });
+}
+
+fn both_policy_agents(m: &Mesh) {
+    policy_agent(&m.east, AAAAA, support::policy::policy_n1());
+    policy_agent(&m.east, BBBBB, support::policy::policy_n2());
+}
+
+fn words(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn identity_and_endpoint_list_print_one_sorted_table_per_agent() {
+    let m = mesh().await;
+    both_policy_agents(&m);
+    m.east.clear_requests();
+    let r = m.cli(&["identity", "list"]).await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let blocks: Vec<&str> = r.stdout.split("# from agent ").skip(1).collect();
+    assert_eq!(blocks.len(), 2, "{}", r.stdout);
+    for (block, pod, node) in [(blocks[0], AAAAA, "n1"), (blocks[1], BBBBB, "n2")] {
+        let lines: Vec<&str> = block.lines().collect();
+        assert_eq!(lines[0], format!("pod {pod} (node {node})"));
+        assert_eq!(words(lines[1]), ["IDENTITY", "CLUSTER", "LABELS"]);
+        let ids: Vec<String> = lines[2..].iter().map(|l| words(l)[0].clone()).collect();
+        assert_eq!(
+            ids,
+            [CLIENT_ID, WEB_ID, WEST_DB_ID].map(|i| i.to_string()),
+            "{block}"
+        );
+        assert_eq!(
+            words(lines[4]),
+            [
+                WEST_DB_ID.to_string().as_str(),
+                "west",
+                "app=db,io.kubernetes.pod.namespace=default"
+            ]
+        );
+    }
+    assert_eq!(
+        m.proxied(),
+        [
+            format!("{AAAAA}:/v1/identities"),
+            format!("{BBBBB}:/v1/identities")
+        ]
+    );
+
+    let r = m.cli(&["endpoint", "list", "--node", "n2"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], format!("# from agent pod {BBBBB} (node n2)"));
+    let ips: Vec<String> = lines[2..].iter().map(|l| words(l)[0].clone()).collect();
+    assert_eq!(ips, ["10.1.0.9", "10.1.0.10", "10.2.0.5"]);
+    assert_eq!(words(lines[2])[3], "default/client");
+
+    let r = m.cli(&["-o", "json", "endpoint", "list"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["pod"], AAAAA);
+    assert_eq!(v[0]["answer"][0]["ip"], "10.1.0.9");
+    assert_eq!(v[1]["answer"][2]["cluster"], "west");
+}
+
+#[tokio::test]
+async fn policy_get_pod_shows_only_the_agent_that_runs_it() {
+    let m = mesh().await;
+    both_policy_agents(&m);
+    let r = m.cli(&["policy", "get"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout.matches("# from agent").count(), 2, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("node n2; a peer selector without io.cilium.k8s.policy.cluster selects every connected cluster\n"),
+        "{}",
+        r.stdout
+    );
+
+    let r = m.cli(&["policy", "get", "--pod", "default/db-0"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], format!("# from agent pod {BBBBB} (node n2)"));
+    assert_eq!(
+        words(lines[3]),
+        [
+            "default/db-0",
+            "10.1.1.4",
+            "16777400",
+            "open",
+            "isolated/0",
+            "no",
+            "NetworkPolicy",
+            "default/db-egress"
+        ]
+    );
+    assert_eq!(lines[4], "  egress  allow nothing");
+    assert!(!r.stdout.contains(AAAAA), "{}", r.stdout);
+
+    let r = m
+        .cli(&["-o", "json", "policy", "get", "--pod", "default/web"])
+        .await;
+    assert!(r.ok, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["pod"], AAAAA);
+    assert_eq!(v[0]["answer"]["endpoints"][0]["pod"], "web");
+    assert_eq!(
+        v[0]["answer"]["endpoints"][0]["ingress"][0]["cluster"],
+        "east"
+    );
+
+    // Found on n1 while n2's agent is down: the pod runs on one node, so that is success.
+    m.east.clear_pod_proxy(NS, BBBBB, Some(PORT));
+    let r = m.cli(&["policy", "get", "--pod", "default/web"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r
+        .stdout
+        .starts_with(&format!("# from agent pod {AAAAA} (node n1)\n")));
+}
+
+#[tokio::test]
+async fn policy_get_for_an_unknown_pod_names_the_nodes_asked_and_the_silent_agents() {
+    let m = mesh().await;
+    both_policy_agents(&m);
+    let r = m.cli(&["policy", "get", "--pod", "default/ghost"]).await;
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(
+        one_error_line(&r).starts_with(
+            "error: pod default/ghost is not a local endpoint of any of the 2 agents of context east (answering on: n1, n2); an agent lists only"
+        ),
+        "{}",
+        r.stderr
+    );
+    m.east.clear_pod_proxy(NS, BBBBB, Some(PORT));
+    let r = m.cli(&["policy", "get", "--pod", "default/db-0"]).await;
+    let line = one_error_line(&r);
+    assert!(
+        line.starts_with(&format!(
+            "error: pod default/db-0 is not a local endpoint of any of the 2 agents of context east (answering on: n1); without an answer: {BBBBB} (node n2): unreachable"
+        )),
+        "{line}"
+    );
+
+    // A malformed --pod is refused before the API server is asked anything.
+    m.east.clear_requests();
+    let line = one_error_line(&m.cli(&["policy", "get", "--pod", "ghost"]).await).to_string();
+    assert_eq!(
+        line,
+        "error: --pod takes NAMESPACE/NAME, e.g. --pod default/web; got \"ghost\": no '/'"
+    );
+    assert!(m.east.requests().is_empty(), "{:?}", m.east.requests());
+    let line = one_error_line(
+        &m.cli(&["identity", "list", "--agent-socket", "/run/a.sock"])
+            .await,
+    )
+    .to_string();
+    assert!(
+        line.contains("--agent-socket is for standalone mode"),
         "{line}"
     );
 }

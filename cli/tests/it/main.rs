@@ -16,3 +16,4 @@ mod kube_real_kubectl;
 mod kube_status;
 mod plain_helm_path;
 mod standalone;
+mod standalone_policy_views;

@@ -8,6 +8,8 @@
 // Test helpers panic on setup failure on purpose.
 #![allow(clippy::expect_used)]
 
+pub mod policy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
