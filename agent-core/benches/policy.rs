@@ -309,9 +309,8 @@ fn tail() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    let mut out = String::from(
-        "| case | iterations | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n",
-    );
+    let mut out =
+        String::from("| case | iterations | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n");
     let id = identity(2, 7, 3);
     let admitted = labels("west", 7, 3);
     let ignored = labels("west", 7, 99);
@@ -336,7 +335,11 @@ fn tail() {
         black_box(e.recompute_all().len());
         v.push(t.elapsed());
     }
-    row(&mut out, "engine: full recompute (`recompute_all`)", &tail_of(v));
+    row(
+        &mut out,
+        "engine: full recompute (`recompute_all`)",
+        &tail_of(v),
+    );
     drop(e);
 
     // The whole plane into the in-memory datapath.
@@ -381,6 +384,35 @@ fn tail() {
     row(
         &mut out,
         "plane: one identity change → engine → lowering → 10 endpoints' rules written",
+        &tail_of(v),
+    );
+    // One new remote endpoint (a pod of an identity already known): the IP cache path.
+    let mut v = Vec::with_capacity(iters);
+    for i in 0..(iters + 20) as u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i));
+        let t = Instant::now();
+        plane.apply(PlaneUpdate::Upsert {
+            cluster: "west".into(),
+            input: Input::Endpoint(EndpointRecord {
+                ip,
+                identity: identity(2, 7, 3),
+                node: "w0".into(),
+                namespace: "ns7".into(),
+                pod: format!("new-{i}"),
+                pod_uid: String::new(),
+                named_ports: BTreeMap::new(),
+            }),
+        });
+        let report = plane.flush(&mut dp);
+        let d = t.elapsed();
+        assert_eq!(report.ipcache_changes, 1, "{report:?}");
+        if i >= 20 {
+            v.push(d);
+        }
+    }
+    row(
+        &mut out,
+        "plane: one new remote endpoint → its IP cache entry written",
         &tail_of(v),
     );
     let [west, east, flush, total] = cold;

@@ -35,7 +35,9 @@ use clustermesh_agent_core::policy::{
     EndpointRules, IpCacheValue, PolicyCounters, PolicyDatapath, PolicyDatapathError, PolicyOwner,
 };
 use clustermesh_api::cidr::Cidr;
-use clustermesh_api::keys::{endpoint_key, identity_key, policy_key, synced_key, Kind, PolicySource};
+use clustermesh_api::keys::{
+    endpoint_key, identity_key, policy_key, synced_key, Kind, PolicySource,
+};
 use clustermesh_api::policy::{CLUSTER_LABEL, NAMESPACE_LABEL};
 use clustermesh_api::v1;
 use clustermesh_store::raft::LocalCluster;
@@ -94,10 +96,8 @@ impl PolicyDatapath for Timestamping {
         let now = Instant::now();
         let mut s = self.0.lock().unwrap();
         for (c, v) in changes {
-            if v.is_some() && c.prefix_len() >= 32 {
-                if s.ips.insert(c.addr(), now).is_none() {
-                    s.ipcache_len += 1;
-                }
+            if v.is_some() && c.prefix_len() >= 32 && s.ips.insert(c.addr(), now).is_none() {
+                s.ipcache_len += 1;
             }
         }
         Ok(())
@@ -194,7 +194,6 @@ fn identity_record(id: u32, cluster: &str, ns: &str, app: &str, hash: Option<u32
     v1::Identity { id, labels }.encode_to_vec()
 }
 
-#[allow(clippy::too_many_arguments)]
 fn endpoint_record(
     ip: IpAddr,
     id: u32,
@@ -259,7 +258,13 @@ async fn load_west(store: &Arc<dyn Store>, identities: u32, endpoints: u32) {
         let id = identity(2, 256 + k);
         writes.push((
             identity_key("west", id),
-            identity_record(id, "west", &format!("ns{}", k % 100), &format!("bg{k}"), None),
+            identity_record(
+                id,
+                "west",
+                &format!("ns{}", k % 100),
+                &format!("bg{k}"),
+                None,
+            ),
         ));
     }
     for n in 0..endpoints {
@@ -304,7 +309,12 @@ async fn load_east(store: &Arc<dyn Store>) {
         ));
     }
     writes.push((
-        policy_key("east", "shop", PolicySource::NetworkPolicy, "frontend-from-west"),
+        policy_key(
+            "east",
+            "shop",
+            PolicySource::NetworkPolicy,
+            "frontend-from-west",
+        ),
         v1::Policy {
             cluster: "east".into(),
             namespace: "shop".into(),
