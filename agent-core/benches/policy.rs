@@ -11,8 +11,10 @@
 //! 2. a plain timing loop for the tail (issue 14 asks for a p99): the engine alone and the
 //!    whole [`PolicyPlane`] path (the record as a watcher hands it over → engine → lowering
 //!    to datapath rules → writes into a [`MemPolicyDatapath`]), with 90k remote endpoints
-//!    on top of the 10k local ones so the IP cache holds 100k entries. Prints p50/p99/max.
-//!    `POLICY_BENCH_ITERS` sets the iterations of the one-change rows (default 2000).
+//!    on top of the 10k local ones so the IP cache holds 100k entries; also one new remote
+//!    endpoint (the IP cache path) and a plane built from scratch, split into its steps.
+//!    Prints p50/p99/max. `POLICY_BENCH_ITERS` sets the iterations of the one-change rows
+//!    (default 2000).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
