@@ -109,22 +109,28 @@ pub async fn run(
         while let Ok(u) = rx.try_recv() {
             updates.push(u);
         }
-        if !gate_open {
-            let clusters = board.snapshot();
-            let all_synced = !clusters.is_empty() && clusters.iter().all(|c| c.synced);
-            if all_synced || tokio::time::Instant::now() >= initial_sync_deadline {
-                gate_open = true;
-                tracing::info!(all_synced, "initial sync done; programming policy");
-            }
-        }
+        // The gate opens once every listed cluster's full state has reached the plane
+        // (the board saying "synced" is not enough: the watcher marks it before its
+        // `Replace` has travelled through the service loop to here, and flushing in
+        // between would reconcile the pinned IP cache without that cluster's pods), or at
+        // the initial-sync deadline.
+        let listed: Option<Vec<String>> =
+            (!gate_open).then(|| board.snapshot().into_iter().map(|c| c.name).collect());
+        let deadline_passed = tokio::time::Instant::now() >= initial_sync_deadline;
         let e = enforcement.clone();
         let m = Arc::clone(&metrics);
-        let flush = gate_open;
         let round = tokio::task::spawn_blocking(move || {
             let mut plane = e.plane();
             for u in updates {
                 plane.apply(u);
             }
+            let flush = match &listed {
+                None => true,
+                Some(names) => {
+                    deadline_passed
+                        || (!names.is_empty() && names.iter().all(|n| plane.ipcache().is_synced(n)))
+                }
+            };
             let counters = plane.counters();
             m.policy_refusals(counters.policies_refused, counters.records_refused);
             let sizes: Vec<(String, usize)> = plane
@@ -134,7 +140,7 @@ pub async fn run(
                 .map(|(c, n)| (c.to_string(), n))
                 .collect();
             if !flush {
-                return (true, sizes);
+                return (true, sizes, false);
             }
             let report = plane.flush(e.datapath().as_mut());
             for f in &report.failures {
@@ -150,12 +156,23 @@ pub async fn run(
                     "policy datapath updated"
                 );
             }
-            (!report.failures.is_empty() || report.unresolved > 0, sizes)
+            (
+                !report.failures.is_empty() || report.unresolved > 0,
+                sizes,
+                true,
+            )
         })
         .await;
         match round {
-            Ok((p, sizes)) => {
+            Ok((p, sizes, flushed)) => {
                 pending = p;
+                if flushed && !gate_open {
+                    gate_open = true;
+                    tracing::info!(
+                        all_synced = !deadline_passed,
+                        "initial sync done; programming policy"
+                    );
+                }
                 let now: BTreeSet<String> = sizes.iter().map(|(c, _)| c.clone()).collect();
                 for gone in sized.difference(&now) {
                     metrics.ipcache_entries(gone, 0);
