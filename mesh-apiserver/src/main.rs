@@ -15,8 +15,8 @@ use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, Clust
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
-use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};

@@ -224,10 +224,11 @@ impl PeerView {
                 match value {
                     Some(value) => {
                         let matches = match &self.rule {
-                            PodExport::Selector(selector) => v1::Identity::decode(value)
-                                .is_ok_and(|identity| {
+                            PodExport::Selector(selector) => {
+                                v1::Identity::decode(value).is_ok_and(|identity| {
                                     selector.matches(&identity.labels.into_iter().collect())
-                                }),
+                                })
+                            }
                             PodExport::All | PodExport::Services => true,
                         };
                         self.identities.insert(id, matches);
@@ -432,7 +433,10 @@ mod tests {
         let hidden = put(&mut view, &service("exported", false, true, &[]));
         assert!(hidden.before && !hidden.after);
         let garbage = view.apply(&exported.0, Some(b"\xff\xff"));
-        assert!(!garbage.before && !garbage.after, "an undecodable service stays home");
+        assert!(
+            !garbage.before && !garbage.after,
+            "an undecodable service stays home"
+        );
     }
 
     #[test]
@@ -504,8 +508,12 @@ mod tests {
     #[test]
     fn policies_are_never_visible_and_nodes_always() {
         let mut view = PeerView::new(C, PodExport::All);
-        let policy: Arc<str> =
-            Arc::from(keys::policy_key(C, "shop", keys::PolicySource::NetworkPolicy, "p"));
+        let policy: Arc<str> = Arc::from(keys::policy_key(
+            C,
+            "shop",
+            keys::PolicySource::NetworkPolicy,
+            "p",
+        ));
         assert!(!view.apply(&policy, Some(b"")).after);
         let node: Arc<str> = Arc::from(keys::node_key(C, "n1"));
         assert!(view.apply(&node, Some(b"")).after);
@@ -515,7 +523,10 @@ mod tests {
     #[test]
     fn export_rule_flag_values() {
         assert_eq!("all".parse::<PodExport>().unwrap(), PodExport::All);
-        assert_eq!("services".parse::<PodExport>().unwrap(), PodExport::Services);
+        assert_eq!(
+            "services".parse::<PodExport>().unwrap(),
+            PodExport::Services
+        );
         assert!(matches!(
             "selector=app in (web,api)".parse::<PodExport>().unwrap(),
             PodExport::Selector(_)

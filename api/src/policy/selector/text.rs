@@ -51,7 +51,9 @@ pub fn parse_selector_text(text: &str) -> Result<LabelSelector, SelectorTextErro
     for term in split_terms(text).map_err(&syntax)? {
         let term = term.trim();
         if term.is_empty() {
-            return Err(syntax("empty term (two commas in a row, or a trailing comma)".into()));
+            return Err(syntax(
+                "empty term (two commas in a row, or a trailing comma)".into(),
+            ));
         }
         wire.match_expressions
             .push(parse_term(term).map_err(|p| syntax(format!("term {term:?}: {p}")))?);
@@ -108,10 +110,18 @@ fn parse_term(term: &str) -> Result<WireRequirement, String> {
         return Ok(requirement(key, Operator("DoesNotExist"), Vec::new()));
     }
     if let Some((key, value)) = term.split_once("!=") {
-        return Ok(requirement(key, Operator("NotIn"), vec![value.trim().to_owned()]));
+        return Ok(requirement(
+            key,
+            Operator("NotIn"),
+            vec![value.trim().to_owned()],
+        ));
     }
     if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-        return Ok(requirement(key, Operator("In"), vec![value.trim().to_owned()]));
+        return Ok(requirement(
+            key,
+            Operator("In"),
+            vec![value.trim().to_owned()],
+        ));
     }
     if let Some(open) = term.find('(') {
         let head = term[..open].trim_end();
@@ -195,7 +205,10 @@ mod tests {
             "in (a)",
         ] {
             let err = parse_selector_text(bad).unwrap_err();
-            assert!(matches!(err, SelectorTextError::Syntax { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, SelectorTextError::Syntax { .. }),
+                "{bad}: {err}"
+            );
         }
         let err = parse_selector_text("app=we b").unwrap_err();
         assert!(matches!(err, SelectorTextError::Invalid { .. }), "{err}");
