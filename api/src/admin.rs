@@ -171,6 +171,12 @@ pub struct ServiceStatus {
     pub frontends: Vec<String>,
     /// Affinity of the service: `local`, `remote` or `none`.
     pub affinity: Reported<Affinity>,
+    /// The local service is global (`service.cilium.io/global`); `false` from agents that
+    /// predate the field.
+    pub global: bool,
+    /// The local service's backends are offered to other clusters
+    /// (`service.cilium.io/shared`; only ever true for a global service).
+    pub shared: bool,
     /// Tier currently serving (`node`, `zone`, `cluster`, `remote`, or `none`).
     pub active_tier: Reported<Option<Tier>>,
     /// Maglev table size (0: no usable backend).
