@@ -453,7 +453,15 @@ mod tests {
             .collect();
         assert_eq!(
             lines[0][..7],
-            ["SERVICE", "PORT", "FRONTENDS", "GLOBAL", "SHARED", "AFFINITY", "TIER"]
+            [
+                "SERVICE",
+                "PORT",
+                "FRONTENDS",
+                "GLOBAL",
+                "SHARED",
+                "AFFINITY",
+                "TIER"
+            ]
         );
         assert_eq!(
             lines[1][..7],

@@ -340,7 +340,10 @@ fn export_pods_value_reaches_the_apiserver_verbatim() {
         let r = render(with(json!({"apiserver": {"exportPods": value}}))).unwrap();
         let a = args(r.get("Deployment", "clustermesh-apiserver"));
         assert!(a.contains(&format!("--export-pods={value}")), "{a:?}");
-        let r = render(with(json!({"apiserver": {"replicas": 3, "exportPods": value}}))).unwrap();
+        let r = render(with(
+            json!({"apiserver": {"replicas": 3, "exportPods": value}}),
+        ))
+        .unwrap();
         let a = args(r.get("StatefulSet", "clustermesh-apiserver"));
         assert!(a.contains(&format!("--export-pods={value}")), "{a:?}");
     }
