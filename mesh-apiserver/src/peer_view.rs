@@ -171,6 +171,17 @@ impl PeerView {
         let mut dirty_identities: Vec<u32> = Vec::new();
         match keys::parse_key(key.as_bytes()) {
             Ok(MeshKey::Service { .. }) => {
+                let decoded = value.map(v1::Service::decode);
+                if let Some(Err(_)) = decoded {
+                    // Cannot be classified: keep what peers were shown (a service never
+                    // seen decoded stays home; an exported one keeps being served, so
+                    // peers apply their own "keep the last good record" rule).
+                    return Applied {
+                        before,
+                        after: before,
+                        derived: Vec::new(),
+                    };
+                }
                 if let Some(old) = self.services.remove(key) {
                     for endpoint in old {
                         if let Some(n) = self.backend_refs.get_mut(&endpoint) {
@@ -182,8 +193,8 @@ impl PeerView {
                         dirty_endpoints.push(endpoint);
                     }
                 }
-                let exported = value
-                    .and_then(|v| v1::Service::decode(v).ok())
+                let exported = decoded
+                    .and_then(Result::ok)
                     .filter(|s| s.global && s.shared);
                 if let Some(service) = &exported {
                     let backends = if self.rule == PodExport::Services {
