@@ -540,7 +540,7 @@ mod tests {
 
     /// Cilium's reading of one annotation value: lowercased, not trimmed.
     fn cilium_is_true(value: Option<&String>) -> Option<bool> {
-        value.map(|v| v.to_ascii_lowercase() == "true")
+        value.map(|v| v.eq_ignore_ascii_case("true"))
     }
 
     proptest! {
