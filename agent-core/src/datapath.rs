@@ -64,6 +64,10 @@ pub struct DesiredService {
     pub active_tier: Option<Tier>,
     /// The affinity that selected the backends (the local service's).
     pub affinity: Affinity,
+    /// The local service is global (merged with other clusters' services of its name).
+    pub global: bool,
+    /// The local service is shared (its backends are offered to other clusters).
+    pub shared: bool,
 }
 
 /// A batch of changes: upserted services (complete new state) and removed ones.

@@ -220,6 +220,8 @@ impl DesiredState {
             table,
             active_tier: m.active_tier,
             affinity: m.affinity,
+            global: m.global,
+            shared: m.shared,
         };
         self.unsynced.insert(m.id.clone());
         self.services.insert(m.id, state);

@@ -73,6 +73,10 @@ pub struct MergedService {
     pub active_tier: Option<Tier>,
     /// The affinity that selected the backends (the local service's).
     pub affinity: Affinity,
+    /// The local service is global.
+    pub global: bool,
+    /// The local service is shared with other clusters.
+    pub shared: bool,
 }
 
 /// Merges the records of one service (any order, at most one per cluster; the local
@@ -166,6 +170,8 @@ where
             backends: active,
             active_tier,
             affinity: local.affinity,
+            global: local.global,
+            shared: local.shared,
         });
     }
     out

@@ -172,6 +172,8 @@ mod tests {
             table: Arc::from(Vec::new()),
             active_tier: None,
             affinity: clustermesh_api::model::Affinity::None,
+            global: false,
+            shared: false,
         }
     }
 

@@ -235,6 +235,8 @@ fn service(i: u32, backends: Vec<Backend>, maglev: &Maglev) -> DesiredService {
         table: table.into(),
         active_tier: None,
         affinity: Affinity::None,
+        global: false,
+        shared: false,
     }
 }
 

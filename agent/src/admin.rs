@@ -108,6 +108,8 @@ pub fn services(view: &AgentView) -> Vec<ServiceStatus> {
                 port_name: s.id.port_name.clone(),
                 frontends: s.frontends.iter().map(frontend).collect(),
                 affinity: Reported::Known(s.affinity),
+                global: s.global,
+                shared: s.shared,
                 active_tier: Reported::Known(s.active_tier),
                 table_size: s.table.len(),
                 backends: s

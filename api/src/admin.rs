@@ -177,6 +177,12 @@ pub struct ServiceStatus {
     pub table_size: usize,
     /// Backends from every cluster.
     pub backends: Vec<BackendStatus>,
+    /// The local service is global (`service.cilium.io/global`); `false` from agents that
+    /// predate the field. Added after `backends`, so earlier fields keep their order.
+    pub global: bool,
+    /// The local service's backends are offered to other clusters
+    /// (`service.cilium.io/shared`; only ever true for a global service).
+    pub shared: bool,
 }
 
 /// A backend of a merged service.
@@ -277,7 +283,7 @@ mod tests {
     // `bpf::BpfDump`), for a node of cluster east that merges a global UDP service with a
     // terminating backend in west, while west is in backoff.
     const STATUS: &str = r#"{"node":"node-a","local_cluster":"east","clusters":[{"name":"east","phase":"watching","connected":true,"synced":true,"stale":false,"revision":42,"last_error":null,"endpoint":"127.0.0.1:2379","decode_errors":0,"refused_records":0},{"name":"west","phase":"backoff","connected":false,"synced":true,"stale":true,"revision":17,"last_error":"transport error: connection refused","endpoint":"10.0.2.1:32379","decode_errors":1,"refused_records":2}],"services":1,"reconcile_rounds":0}"#;
-    const SERVICES: &str = r#"[{"namespace":"default","name":"dns","port_name":"dns","frontends":["10.96.0.10:53/UDP","[fd00::10]:53/UDP"],"affinity":"none","active_tier":"node","table_size":251,"backends":[{"cluster":"east","address":"10.1.0.5:5353","state":"active","tier":"node","weight":1,"slots":251},{"cluster":"west","address":"10.2.0.9:5353","state":"terminating","tier":"remote","weight":0,"slots":0}]}]"#;
+    const SERVICES: &str = r#"[{"namespace":"default","name":"dns","port_name":"dns","frontends":["10.96.0.10:53/UDP","[fd00::10]:53/UDP"],"affinity":"none","active_tier":"node","table_size":251,"backends":[{"cluster":"east","address":"10.1.0.5:5353","state":"active","tier":"node","weight":1,"slots":251},{"cluster":"west","address":"10.2.0.9:5353","state":"terminating","tier":"remote","weight":0,"slots":0}],"global":true,"shared":true}]"#;
     const BPF: &str = r#"{"pin_dir":"/sys/fs/bpf/clustermesh","cgroup":"/sys/fs/cgroup","services":[{"id":3,"name":"default/dns/dns","frontends":["10.96.0.10:53/UDP","[fd00::10]:53/UDP"],"table_offset":1024,"table_size":251,"backends":[5,6],"slots":{"5":251,"6":0}}],"backends":[{"id":5,"address":"10.1.0.5:5353","protocol":"UDP","cluster":"east","state":"active","services":1},{"id":6,"address":"10.2.0.9:5353","protocol":"UDP","cluster":"west","state":"terminating","services":1}],"slab":{"capacity":65536,"used":256,"largest_free":65280},"counters":{"lb_no_backend":2,"lb_selected":1234}}"#;
     const BPF_SERVICE_WITH_TABLE: &str = r#"{"id":3,"name":"default/dns/dns","frontends":["10.96.0.10:53/UDP","[fd00::10]:53/UDP"],"table_offset":1024,"table_size":251,"backends":[5,6],"slots":{"5":251,"6":0},"table":[5,5,5]}"#;
 
@@ -305,6 +311,7 @@ mod tests {
             Reported::Known(BackendState::Terminating)
         );
         assert_eq!(services[0].active_tier, Reported::Known(Some(Tier::Node)));
+        assert!(services[0].global && services[0].shared);
 
         let (dump, again) = round_trip::<BpfDump>(BPF);
         assert_eq!(again, BPF);
@@ -368,7 +375,7 @@ mod tests {
     /// unchanged; known words decode to their values.
     #[test]
     fn unknown_words_decode_and_round_trip() {
-        const NEWER: &str = r#"{"namespace":"default","name":"web","port_name":"","frontends":[],"affinity":"nearest","active_tier":"region","table_size":0,"backends":[{"cluster":"c1","address":"10.0.0.1:80","state":"warming","tier":"rack","weight":1,"slots":0}]}"#;
+        const NEWER: &str = r#"{"namespace":"default","name":"web","port_name":"","frontends":[],"affinity":"nearest","active_tier":"region","table_size":0,"backends":[{"cluster":"c1","address":"10.0.0.1:80","state":"warming","tier":"rack","weight":1,"slots":0}],"global":false,"shared":false}"#;
         let (s, again) = round_trip::<ServiceStatus>(NEWER);
         assert_eq!(again, NEWER);
         assert_eq!(s.affinity, Reported::Unknown("nearest".into()));

@@ -2,12 +2,22 @@
 //!
 //! A Kubernetes Service becomes part of the mesh through annotations. Both Cilium's
 //! current form (`service.cilium.io/*`) and its legacy form (`io.cilium/*`) are read so
-//! existing manifests work unchanged; when both are present the current form wins. Values
-//! are case-insensitive and surrounding whitespace is ignored.
+//! existing manifests work unchanged; when both are present the current form wins.
 //!
-//! An invalid value never rejects the whole service: the setting falls back to its
-//! default and an [`AnnotationWarning`] names the annotation, the value and the allowed
-//! values, for the caller to log and count. Other settings are unaffected.
+//! The values that decide what leaves the cluster follow Cilium exactly
+//! (`pkg/annotation`: `GetAnnotationIncludeExternal`, `GetAnnotationShared`,
+//! `GetAnnotationServiceAffinity`), so a manifest means the same thing here and there:
+//! - a value is compared after ASCII lowercasing and is **not** trimmed: `" true "` is
+//!   not `true`;
+//! - `global` is true only for `true`; anything else is false;
+//! - `shared` and `affinity` are read only for a global service (Cilium ignores them
+//!   otherwise, silently); `shared` is true when absent and false for anything but
+//!   `true`; `affinity` is `local`, `remote`, or `none` for `none`, the empty string and
+//!   anything else.
+//!
+//! An invalid value never rejects the whole service: the setting takes the value Cilium
+//! would give it and an [`AnnotationWarning`] names the annotation, the value and the
+//! allowed values, for the caller to log and count. Other settings are unaffected.
 //!
 //! One annotation, [`WEIGHT`], is read from Pods as well: it sets the relative Maglev
 //! weight of the pod's backend addresses (see [`parse_weight`] and [`read_weight`]).
@@ -88,7 +98,7 @@ impl Default for GlobalServiceSettings {
 /// An annotation whose value was not understood; the setting used its default.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "annotation {annotation}={value:?} is invalid{} (allowed: {allowed}); using the default {default:?} for this setting",
+    "annotation {annotation}={value:?} is invalid{} (allowed: {allowed}); using {default:?} for this setting, as Cilium does",
     .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
 )]
 pub struct AnnotationWarning {
@@ -98,7 +108,8 @@ pub struct AnnotationWarning {
     pub value: String,
     /// The allowed values, `|`-separated.
     pub allowed: AllowedValues,
-    /// The value used instead.
+    /// The value used instead (what Cilium uses for the same value: `false` for an
+    /// invalid boolean, `none` for an invalid affinity).
     pub default: &'static str,
     /// Why the value was refused, when "not one of the allowed values" does not say
     /// enough (e.g. a weight of 0).
@@ -192,13 +203,14 @@ pub struct ParsedAnnotations {
 pub fn parse_service_annotations(annotations: &BTreeMap<String, String>) -> ParsedAnnotations {
     let mut warnings = Vec::new();
     let global = read_bool(annotations, GLOBAL, GLOBAL_LEGACY, false, &mut warnings);
-    let shared = read_bool(annotations, SHARED, SHARED_LEGACY, true, &mut warnings);
-    let affinity = match lookup(annotations, AFFINITY, AFFINITY_LEGACY) {
+    // Cilium reads neither `shared` nor `affinity` on a service that is not global.
+    let shared = global && read_bool(annotations, SHARED, SHARED_LEGACY, true, &mut warnings);
+    let affinity = match lookup(annotations, AFFINITY, AFFINITY_LEGACY).filter(|_| global) {
         None => Affinity::None,
         Some((key, raw)) => match normalize(raw).as_str() {
             "local" => Affinity::Local,
             "remote" => Affinity::Remote,
-            "none" => Affinity::None,
+            "none" | "" => Affinity::None,
             _ => {
                 warnings.push(AnnotationWarning {
                     annotation: key.to_owned(),
@@ -227,7 +239,7 @@ pub fn parse_service_annotations(annotations: &BTreeMap<String, String>) -> Pars
     ParsedAnnotations {
         settings: GlobalServiceSettings {
             global,
-            shared: global && shared,
+            shared,
             affinity,
             topology_aware,
             default_weight,
@@ -248,10 +260,17 @@ fn lookup<'a>(
         .or_else(|| annotations.get(legacy).map(|v| (legacy, v.as_str())))
 }
 
+/// Cilium's comparison form: `strings.ToLower`, no trimming. (Go lowercases Unicode too;
+/// only ASCII matters here, since every accepted value is ASCII and no other character
+/// lowercases to an ASCII letter except the Kelvin sign, which Go maps to `k` and no
+/// accepted value contains.)
 fn normalize(value: &str) -> String {
-    value.trim().to_ascii_lowercase()
+    value.to_ascii_lowercase()
 }
 
+/// A boolean annotation as Cilium reads it: `true` (any case) is true, an absent key is
+/// `default`, and anything else is false. A value that is neither `true` nor `false`
+/// also gets a warning, naming what was used (false).
 fn read_bool(
     annotations: &BTreeMap<String, String>,
     key: &'static str,
@@ -270,10 +289,10 @@ fn read_bool(
                 annotation: used.to_owned(),
                 value: raw.to_owned(),
                 allowed: AllowedValues(BOOL_VALUES),
-                default: if default { "true" } else { "false" },
+                default: "false",
                 reason: None,
             });
-            default
+            false
         }
     }
 }
@@ -318,7 +337,7 @@ mod tests {
         let p = parse(&[
             (GLOBAL_LEGACY, "TRUE"),
             (SHARED_LEGACY, "False"),
-            (AFFINITY_LEGACY, " Remote "),
+            (AFFINITY_LEGACY, "Remote"),
         ]);
         assert!(p.settings.global);
         assert!(!p.settings.shared);
@@ -335,6 +354,15 @@ mod tests {
             (AFFINITY_LEGACY, "remote"),
         ]);
         assert!(!p.settings.global);
+        let p = parse(&[
+            (GLOBAL, "true"),
+            (GLOBAL_LEGACY, "false"),
+            (SHARED, "true"),
+            (SHARED_LEGACY, "false"),
+            (AFFINITY, "local"),
+            (AFFINITY_LEGACY, "remote"),
+        ]);
+        assert!(p.settings.global && p.settings.shared);
         assert_eq!(p.settings.affinity, Affinity::Local);
     }
 
@@ -373,20 +401,76 @@ mod tests {
     }
 
     #[test]
-    fn invalid_booleans_use_their_own_defaults() {
-        let p = parse(&[(GLOBAL, "yes"), (SHARED_LEGACY, "1")]);
+    fn invalid_booleans_are_false_with_a_warning() {
+        let p = parse(&[(GLOBAL, "yes")]);
         assert!(!p.settings.global);
-        assert_eq!(p.warnings.len(), 2);
+        assert_eq!(p.warnings.len(), 1);
         assert_eq!(p.warnings[0].annotation, GLOBAL);
         assert_eq!(p.warnings[0].default, "false");
-        assert_eq!(p.warnings[1].annotation, SHARED_LEGACY);
-        assert_eq!(p.warnings[1].default, "true");
 
         let p = parse(&[(GLOBAL, "true"), (SHARED, "nope")]);
+        assert!(p.settings.global);
         assert!(
-            p.settings.shared,
-            "invalid shared falls back to its default (true)"
+            !p.settings.shared,
+            "Cilium: shared is true only for \"true\"; anything else keeps the backends home"
         );
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].annotation, SHARED);
+        assert_eq!(p.warnings[0].value, "nope");
+        assert_eq!(p.warnings[0].default, "false");
+        let msg = p.warnings[0].to_string();
+        assert!(msg.contains("using \"false\""), "{msg}");
+
+        let p = parse(&[(GLOBAL_LEGACY, "true"), (SHARED_LEGACY, "1")]);
+        assert!(p.settings.global && !p.settings.shared);
+        assert_eq!(p.warnings[0].annotation, SHARED_LEGACY);
+    }
+
+    #[test]
+    fn values_are_not_trimmed() {
+        let p = parse(&[(GLOBAL, " true ")]);
+        assert!(!p.settings.global, "Cilium compares without trimming");
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].value, " true ");
+
+        let p = parse(&[(GLOBAL, "true"), (SHARED, "true\n")]);
+        assert!(!p.settings.shared);
+        assert_eq!(p.warnings.len(), 1);
+
+        let p = parse(&[(GLOBAL, "true"), (AFFINITY, " local")]);
+        assert_eq!(p.settings.affinity, Affinity::None);
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].default, "none");
+    }
+
+    #[test]
+    fn values_are_case_insensitive_like_cilium() {
+        let p = parse(&[(GLOBAL, "True"), (SHARED, "FALSE"), (AFFINITY, "LOCAL")]);
+        assert!(p.settings.global && !p.settings.shared);
+        assert_eq!(p.settings.affinity, Affinity::Local);
+        assert!(p.warnings.is_empty());
+    }
+
+    #[test]
+    fn affinity_and_shared_are_ignored_unless_global() {
+        for global in [None, Some("false"), Some("no")] {
+            let mut pairs = vec![(AFFINITY, "local"), (SHARED, "true")];
+            pairs.extend(global.map(|g| (GLOBAL, g)));
+            let p = parse(&pairs);
+            assert!(!p.settings.global && !p.settings.shared, "{global:?}");
+            assert_eq!(p.settings.affinity, Affinity::None, "{global:?}");
+        }
+        // Cilium does not even read them, so an invalid value is not reported either.
+        let p = parse(&[(AFFINITY_LEGACY, "sideways"), (SHARED_LEGACY, "maybe")]);
+        assert_eq!(p.settings.affinity, Affinity::None);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn empty_affinity_is_none_without_a_warning() {
+        let p = parse(&[(GLOBAL, "true"), (AFFINITY, "")]);
+        assert_eq!(p.settings.affinity, Affinity::None);
+        assert!(p.warnings.is_empty());
     }
 
     #[test]
@@ -454,7 +538,36 @@ mod tests {
         assert_eq!(w.reason, Some(WeightError::NotANumber("heavy".into())));
     }
 
+    /// Cilium's reading of one annotation value: lowercased, not trimmed.
+    fn cilium_is_true(value: Option<&String>) -> Option<bool> {
+        value.map(|v| v.eq_ignore_ascii_case("true"))
+    }
+
     proptest! {
+        /// Global and shared are exactly what Cilium computes from the same annotations
+        /// (new form first, then legacy; shared only for a global service, true when
+        /// absent), whatever the values.
+        #[test]
+        fn global_and_shared_match_cilium(
+            global in proptest::option::of(prop_oneof![Just("true".to_owned()), Just("TRUE".to_owned()), Just(" true".to_owned()), ".{0,6}"]),
+            global_legacy in proptest::option::of(prop_oneof![Just("true".to_owned()), ".{0,6}"]),
+            shared in proptest::option::of(prop_oneof![Just("false".to_owned()), Just("True".to_owned()), ".{0,6}"]),
+            shared_legacy in proptest::option::of(prop_oneof![Just("false".to_owned()), Just("true".to_owned()), ".{0,6}"]),
+        ) {
+            let mut map = BTreeMap::new();
+            for (key, value) in [(GLOBAL, &global), (GLOBAL_LEGACY, &global_legacy), (SHARED, &shared), (SHARED_LEGACY, &shared_legacy)] {
+                if let Some(v) = value {
+                    map.insert(key.to_owned(), v.clone());
+                }
+            }
+            let want_global = cilium_is_true(map.get(GLOBAL).or(map.get(GLOBAL_LEGACY))).unwrap_or(false);
+            let want_shared = want_global
+                && cilium_is_true(map.get(SHARED).or(map.get(SHARED_LEGACY))).unwrap_or(true);
+            let p = parse_service_annotations(&map);
+            prop_assert_eq!(p.settings.global, want_global);
+            prop_assert_eq!(p.settings.shared, want_shared);
+        }
+
         /// Any string parses to a weight in range or to an error, never a panic, and
         /// exactly the plain decimal integers 1..=256 are accepted.
         #[test]
@@ -490,6 +603,7 @@ mod tests {
             let map: BTreeMap<String, String> = pairs.into_iter().collect();
             let p = parse_service_annotations(&map);
             prop_assert!(!p.settings.shared || p.settings.global);
+            prop_assert!(p.settings.global || p.settings.affinity == Affinity::None);
             prop_assert!(p.warnings.len() <= 5);
             prop_assert!((MIN_WEIGHT..=MAX_WEIGHT).contains(&p.settings.default_weight));
             for w in &p.warnings {

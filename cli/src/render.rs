@@ -367,8 +367,8 @@ impl<T: AgentTable> Report for AgentAnswers<T> {
 fn services_table(source: &str, services: &[ServiceStatus]) -> String {
     let mut out = format!("# from agent {source}\n");
     out.push_str(&format!(
-        "{:<32} {:<10} {:<24} {:<8} {:<8} BACKENDS\n",
-        "SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"
+        "{:<32} {:<10} {:<24} {:<6} {:<6} {:<8} {:<8} BACKENDS\n",
+        "SERVICE", "PORT", "FRONTENDS", "GLOBAL", "SHARED", "AFFINITY", "TIER"
     ));
     for s in services {
         let backends: Vec<String> = s
@@ -382,7 +382,7 @@ fn services_table(source: &str, services: &[ServiceStatus]) -> String {
             })
             .collect();
         out.push_str(&format!(
-            "{:<32} {:<10} {:<24} {:<8} {:<8} {}\n",
+            "{:<32} {:<10} {:<24} {:<6} {:<6} {:<8} {:<8} {}\n",
             format!("{}/{}", s.namespace, s.name),
             if s.port_name.is_empty() {
                 "-"
@@ -390,12 +390,22 @@ fn services_table(source: &str, services: &[ServiceStatus]) -> String {
                 &s.port_name
             },
             s.frontends.join(","),
+            yes_no(s.global),
+            yes_no(s.shared),
             s.affinity,
             s.active_tier,
             backends.join(" ")
         ));
     }
     out
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
 }
 
 fn bpf_table(source: &str, entries: &[BpfLbEntry]) -> String {
@@ -663,6 +673,8 @@ mod tests {
             port_name: port.into(),
             frontends: vec![frontend.into()],
             affinity: "remote".into(),
+            global: true,
+            shared: port == "tcp",
             active_tier: "remote".into(),
             backends: vec![BackendStatus {
                 cluster: "west".into(),
@@ -687,28 +699,44 @@ mod tests {
             .map(|l| l.split_whitespace().collect())
             .collect();
         assert_eq!(
-            lines[0][..5],
-            ["SERVICE", "PORT", "FRONTENDS", "AFFINITY", "TIER"]
+            lines[0][..7],
+            [
+                "SERVICE",
+                "PORT",
+                "FRONTENDS",
+                "GLOBAL",
+                "SHARED",
+                "AFFINITY",
+                "TIER"
+            ]
         );
         assert_eq!(
-            lines[1][..5],
+            lines[1][..7],
             [
                 "default/dns",
                 "tcp",
                 "10.96.0.10:53/TCP",
+                "yes",
+                "yes",
                 "remote",
                 "remote"
             ]
         );
         assert_eq!(
-            lines[2][..5],
+            lines[2][..7],
             [
                 "default/dns",
                 "udp",
                 "10.96.0.10:53/UDP",
+                "yes",
+                "no",
                 "remote",
                 "remote"
             ]
         );
+        let json: serde_json::Value =
+            serde_json::to_value(row("tcp", "10.96.0.10:53/TCP")).unwrap();
+        assert_eq!(json["global"], true);
+        assert_eq!(json["shared"], true);
     }
 }

@@ -14,6 +14,13 @@
 //! If the store watch breaks (including compaction of the revision it needs) the cache
 //! re-lists and turns the difference between its contents and the list into ordinary
 //! events at the list's revision, so connected watchers stay correct without a Reset.
+//!
+//! Two audiences are served from the one cache ([`Viewer`]): the cluster's own agents and
+//! admins see every record; peers see the subset the export rules allow
+//! ([`crate::peer_view`]). Every published event is addressed ([`Audience`]); a record
+//! whose visibility changes produces a peers-only Delete or Upsert at the revision of the
+//! change, in the live stream and in the history alike, so live watchers, resuming
+//! watchers and new watchers (whose full state is filtered by the same view) agree.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -27,7 +34,49 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::peer_view::{Applied, PeerView, PodExport};
 use crate::timed;
+
+/// Who is watching: what a Watch stream may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Viewer {
+    /// This cluster's own agents and admins: every record.
+    Own,
+    /// Another cluster (its mesh API server or agents): the exported records only.
+    Peer,
+}
+
+/// Who a published event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Every watcher.
+    Everyone,
+    /// The cluster's own watchers only (a change to a record peers do not see).
+    Own,
+    /// Peers only (a record became visible or invisible to them).
+    Peers,
+}
+
+impl Audience {
+    /// Whether `viewer` receives events addressed to `self`.
+    #[must_use]
+    pub fn includes(self, viewer: Viewer) -> bool {
+        match self {
+            Audience::Everyone => true,
+            Audience::Own => viewer == Viewer::Own,
+            Audience::Peers => viewer == Viewer::Peer,
+        }
+    }
+}
+
+/// An event as the cache publishes it: the event and who may receive it.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    /// The event.
+    pub event: Arc<CacheEvent>,
+    /// Its audience.
+    pub audience: Audience,
+}
 
 /// One change as watchers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,16 +153,19 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     entries: BTreeMap<Arc<str>, Arc<CacheEvent>>,
     synced: BTreeMap<Kind, Revision>,
     counts: BTreeMap<Kind, usize>,
     revision: Revision,
-    history: VecDeque<Arc<CacheEvent>>,
+    history: VecDeque<Fanout>,
     /// Every event with a revision greater than this is in `history`.
     history_floor: Revision,
+    /// The revision of the first load: peers resume only from later revisions.
+    loaded_at: Revision,
     loaded: bool,
+    peers: PeerView,
 }
 
 /// Why a subscription starts over.
@@ -126,6 +178,10 @@ pub enum ResetReason {
     Future,
     /// The watcher fell behind by more than the lag bound.
     SlowWatcher,
+    /// A peer resumes from a revision this server process did not serve: what the peer
+    /// was shown then depended on the previous process's export rule, which may have
+    /// been different, so the peer starts over.
+    PeerViewUnknown,
 }
 
 impl ResetReason {
@@ -136,6 +192,7 @@ impl ResetReason {
             ResetReason::Compacted => "compacted",
             ResetReason::Future => "future-revision",
             ResetReason::SlowWatcher => "slow-watcher",
+            ResetReason::PeerViewUnknown => "peer-view-unknown",
         }
     }
 }
@@ -148,8 +205,9 @@ pub struct Subscription {
     /// Events to send before the live ones: the full state plus Synced events, or the
     /// missed history.
     pub initial: Vec<Arc<CacheEvent>>,
-    /// Live events after `initial`.
-    pub live: broadcast::Receiver<Arc<CacheEvent>>,
+    /// Live events after `initial`, for every audience (filter with
+    /// [`Audience::includes`]).
+    pub live: broadcast::Receiver<Fanout>,
     /// Revision the cache was at when `initial` was taken.
     pub revision: Revision,
 }
@@ -160,7 +218,7 @@ pub struct Cache {
     cluster: String,
     config: CacheConfig,
     inner: RwLock<Inner>,
-    tx: broadcast::Sender<Arc<CacheEvent>>,
+    tx: broadcast::Sender<Fanout>,
     loaded: watch::Sender<bool>,
     metrics: Arc<Metrics>,
 }
@@ -169,12 +227,34 @@ impl Cache {
     /// An empty cache for `cluster`'s records.
     #[must_use]
     pub fn new(cluster: impl Into<String>, config: CacheConfig, metrics: Arc<Metrics>) -> Self {
+        Self::with_export(cluster, config, metrics, PodExport::All)
+    }
+
+    /// An empty cache for `cluster`'s records that serves peers the pods `pods` allows.
+    #[must_use]
+    pub fn with_export(
+        cluster: impl Into<String>,
+        config: CacheConfig,
+        metrics: Arc<Metrics>,
+        pods: PodExport,
+    ) -> Self {
+        let cluster = cluster.into();
         let (tx, _) = broadcast::channel(config.watcher_lag.max(1));
         let (loaded, _) = watch::channel(false);
         Cache {
-            cluster: cluster.into(),
+            inner: RwLock::new(Inner {
+                entries: BTreeMap::new(),
+                synced: BTreeMap::new(),
+                counts: BTreeMap::new(),
+                revision: 0,
+                history: VecDeque::new(),
+                history_floor: 0,
+                loaded_at: 0,
+                loaded: false,
+                peers: PeerView::new(&cluster, pods),
+            }),
+            cluster,
             config,
-            inner: RwLock::new(Inner::default()),
             tx,
             loaded,
             metrics,
@@ -292,11 +372,13 @@ impl Cache {
         if !inner.loaded {
             inner.loaded = true;
             inner.history_floor = revision;
+            inner.loaded_at = revision;
             self.loaded.send_replace(true);
         }
         tracing::info!(
             revision,
             records = inner.entries.len(),
+            pods_exported = %inner.peers.rule(),
             "cache: loaded store state"
         );
         Ok(revision)
@@ -340,30 +422,31 @@ impl Cache {
         let Some(key) = self.owned_key(&kv.key) else {
             return;
         };
-        let event = match (key, kind) {
+        match (key, kind) {
             (MeshKeyOrMarker::Marker(kind), EventKind::Put) => {
                 if inner.synced.insert(kind, revision).is_some() {
                     return;
                 }
-                CacheEvent::Synced { kind, revision }
+                let event = Arc::new(CacheEvent::Synced { kind, revision });
+                self.publish(inner, event, Audience::Everyone);
             }
             (MeshKeyOrMarker::Marker(kind), EventKind::Delete) => {
                 inner.synced.remove(&kind);
-                return;
             }
             (MeshKeyOrMarker::Record(kind, key), EventKind::Put) => {
                 let key: Arc<str> = Arc::from(key);
+                let value = Bytes::from(kv.value);
+                let applied = inner.peers.apply(&key, Some(&value));
                 let event = Arc::new(CacheEvent::Upsert {
                     kind,
                     key: Arc::clone(&key),
-                    value: Bytes::from(kv.value),
+                    value,
                     revision,
                 });
                 if inner.entries.insert(key, Arc::clone(&event)).is_none() {
                     *inner.counts.entry(kind).or_default() += 1;
                 }
-                self.publish(inner, event);
-                return;
+                self.publish_record(inner, event, &applied);
             }
             (MeshKeyOrMarker::Record(kind, key), EventKind::Delete) => {
                 let Some((key, _)) = inner.entries.remove_entry(key.as_str()) else {
@@ -372,43 +455,111 @@ impl Cache {
                 if let Some(c) = inner.counts.get_mut(&kind) {
                     *c = c.saturating_sub(1);
                 }
-                CacheEvent::Delete {
+                let applied = inner.peers.apply(&key, None);
+                let event = Arc::new(CacheEvent::Delete {
                     kind,
                     key,
                     revision,
-                }
+                });
+                self.publish_record(inner, event, &applied);
             }
-        };
-        self.publish(inner, Arc::new(event));
+        }
     }
 
-    fn publish(&self, inner: &mut Inner, event: Arc<CacheEvent>) {
-        inner.history.push_back(Arc::clone(&event));
+    /// Publishes a record's change to the audiences that see it, and the peers-only
+    /// events of the records whose peer visibility changed with it.
+    ///
+    /// | change | visible to peers before → after | own watchers | peers |
+    /// |--------|---------------------------------|--------------|-------|
+    /// | upsert | any → yes                       | upsert       | upsert |
+    /// | upsert | yes → no                        | upsert       | delete |
+    /// | upsert | no → no                         | upsert       | —      |
+    /// | delete | yes → no                        | delete       | delete |
+    /// | delete | no → no                         | delete       | —      |
+    fn publish_record(&self, inner: &mut Inner, event: Arc<CacheEvent>, applied: &Applied) {
+        let revision = event.revision();
+        match (event.as_ref(), applied.before, applied.after) {
+            (CacheEvent::Upsert { .. }, _, true) | (CacheEvent::Delete { .. }, true, _) => {
+                self.publish(inner, event, Audience::Everyone);
+            }
+            (CacheEvent::Upsert { kind, key, .. }, true, false) => {
+                let hide = Arc::new(CacheEvent::Delete {
+                    kind: *kind,
+                    key: Arc::clone(key),
+                    revision,
+                });
+                self.publish(inner, event, Audience::Own);
+                self.publish(inner, hide, Audience::Peers);
+            }
+            _ => self.publish(inner, event, Audience::Own),
+        }
+        for transition in &applied.derived {
+            let event = if transition.visible {
+                let Some(CacheEvent::Upsert { value, .. }) =
+                    inner.entries.get(&transition.key).map(AsRef::as_ref)
+                else {
+                    continue;
+                };
+                CacheEvent::Upsert {
+                    kind: transition.kind,
+                    key: Arc::clone(&transition.key),
+                    value: value.clone(),
+                    revision,
+                }
+            } else {
+                CacheEvent::Delete {
+                    kind: transition.kind,
+                    key: Arc::clone(&transition.key),
+                    revision,
+                }
+            };
+            self.publish(inner, Arc::new(event), Audience::Peers);
+        }
+    }
+
+    fn publish(&self, inner: &mut Inner, event: Arc<CacheEvent>, audience: Audience) {
+        let fanout = Fanout { event, audience };
+        inner.history.push_back(fanout.clone());
         while inner.history.len() > self.config.history {
             if let Some(old) = inner.history.pop_front() {
-                inner.history_floor = inner.history_floor.max(old.revision());
+                inner.history_floor = inner.history_floor.max(old.event.revision());
             }
         }
         // No receivers is fine.
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(fanout);
     }
 
-    /// Starts a watch of `kinds` (all kinds if empty) for a client that has seen
+    /// Starts a watch of `kinds` (all kinds if empty) by `viewer` that has seen
     /// everything up to `from_revision` (0: nothing).
+    ///
+    /// A peer resumes only from a revision after this process first loaded the store
+    /// ([`ResetReason::PeerViewUnknown`]): before that, what it was shown depended on the
+    /// previous process's export rule.
     #[must_use]
-    pub fn subscribe(&self, kinds: &BTreeSet<Kind>, from_revision: Revision) -> Subscription {
+    pub fn subscribe(
+        &self,
+        kinds: &BTreeSet<Kind>,
+        from_revision: Revision,
+        viewer: Viewer,
+    ) -> Subscription {
         let inner = self.read();
         let live = self.tx.subscribe();
         let wanted = |k: Kind| kinds.is_empty() || kinds.contains(&k);
+        let view_known = viewer == Viewer::Own || from_revision > inner.loaded_at;
         let resume = from_revision != 0
             && from_revision >= inner.history_floor
-            && from_revision <= inner.revision;
+            && from_revision <= inner.revision
+            && view_known;
         if resume {
             let initial = inner
                 .history
                 .iter()
-                .filter(|e| e.revision() > from_revision && wanted(e.kind()))
-                .cloned()
+                .filter(|f| {
+                    f.event.revision() > from_revision
+                        && wanted(f.event.kind())
+                        && f.audience.includes(viewer)
+                })
+                .map(|f| Arc::clone(&f.event))
                 .collect();
             return Subscription {
                 reset: None,
@@ -420,11 +571,14 @@ impl Cache {
         let reset = match from_revision {
             0 => None,
             r if r > inner.revision => Some((ResetReason::Future, inner.revision)),
+            r if r >= inner.history_floor && !view_known => {
+                Some((ResetReason::PeerViewUnknown, inner.revision))
+            }
             _ => Some((ResetReason::Compacted, inner.revision)),
         };
         Subscription {
             reset,
-            initial: Self::full_state(&inner, &wanted),
+            initial: Self::full_state(&inner, &wanted, viewer),
             live,
             revision: inner.revision,
         }
@@ -432,24 +586,29 @@ impl Cache {
 
     /// Re-subscribes a watcher that lagged: Reset, then the full state.
     #[must_use]
-    pub fn resubscribe_after_lag(&self, kinds: &BTreeSet<Kind>) -> Subscription {
+    pub fn resubscribe_after_lag(&self, kinds: &BTreeSet<Kind>, viewer: Viewer) -> Subscription {
         let inner = self.read();
         let live = self.tx.subscribe();
         let wanted = |k: Kind| kinds.is_empty() || kinds.contains(&k);
         Subscription {
             reset: Some((ResetReason::SlowWatcher, inner.revision)),
-            initial: Self::full_state(&inner, &wanted),
+            initial: Self::full_state(&inner, &wanted, viewer),
             live,
             revision: inner.revision,
         }
     }
 
-    /// Every record of the wanted kinds (kinds in dependency order), then a Synced event
-    /// for each wanted kind whose marker is present.
-    fn full_state(inner: &Inner, wanted: &dyn Fn(Kind) -> bool) -> Vec<Arc<CacheEvent>> {
+    /// Every record of the wanted kinds `viewer` may see (kinds in dependency order),
+    /// then a Synced event for each wanted kind whose marker is present.
+    fn full_state(
+        inner: &Inner,
+        wanted: &dyn Fn(Kind) -> bool,
+        viewer: Viewer,
+    ) -> Vec<Arc<CacheEvent>> {
         let mut by_kind: BTreeMap<Kind, Vec<Arc<CacheEvent>>> = BTreeMap::new();
-        for event in inner.entries.values() {
-            if wanted(event.kind()) {
+        for (key, event) in &inner.entries {
+            let visible = viewer == Viewer::Own || inner.peers.is_visible(key);
+            if visible && wanted(event.kind()) {
                 by_kind
                     .entry(event.kind())
                     .or_default()

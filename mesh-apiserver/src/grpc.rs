@@ -14,6 +14,11 @@
 //! refused with `PERMISSION_DENIED`, and one that asks for every kind (an empty list) gets
 //! every exported kind ([`Kind::exported`]) but policies.
 //!
+//! Of the other kinds, peers get only the records the export rules allow (global and
+//! shared services, the pods `--export-pods` selects; see [`crate::peer_view`]); the
+//! cluster's own agents and admins get everything. [`AccessPolicy::viewer`] decides which
+//! of the two views a Watch is served.
+//!
 //! Each Watch is served by its own task reading the shared [`Cache`]; see that module for
 //! resume and Reset semantics.
 
@@ -32,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::cache::{Cache, CacheEvent, Subscription};
+use crate::cache::{Cache, CacheEvent, Subscription, Viewer};
 use crate::metrics::Metrics;
 
 /// Who may call what, by the caller's role (ARCHITECTURE.md, "Identity model").
@@ -141,6 +146,17 @@ impl AccessPolicy {
         peer.is_admin()
             || (peer.kind() == IdentityKind::Agent
                 && peer.cluster_name() == Some(self.cluster.as_str()))
+    }
+
+    /// Which view of the records a Watch by `peer` is served: the full local state for
+    /// this cluster's own agents and admins, the exported subset for everyone else.
+    #[must_use]
+    pub fn viewer(&self, peer: Option<&PeerIdentity>) -> Viewer {
+        if peer.is_some_and(|p| self.may_read_policies(p)) {
+            Viewer::Own
+        } else {
+            Viewer::Peer
+        }
     }
 
     /// The kinds a Watch by `peer` for `requested` (empty: every kind) is served.
@@ -371,6 +387,7 @@ impl MeshApi for MeshApiService {
             .policy
             .watch_kinds(peer_identity(&request), requested)
             .map_err(|refusal| self.refuse("Watch", &request, refusal))?;
+        let viewer = self.config.policy.viewer(peer_identity(&request));
         let req = request.into_inner();
         let id = self.watchers.next.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(WatcherInfo {
@@ -388,12 +405,13 @@ impl MeshApi for MeshApiService {
             registry: Arc::clone(&self.watchers),
             metrics: Arc::clone(&self.metrics),
         };
-        let subscription = self.cache.subscribe(&kinds, req.from_revision);
-        tracing::info!(%peer, from_revision = req.from_revision, kinds = ?kinds, reset = ?subscription.reset.map(|r| r.0), "watch started");
+        let subscription = self.cache.subscribe(&kinds, req.from_revision, viewer);
+        tracing::info!(%peer, ?viewer, from_revision = req.from_revision, kinds = ?kinds, reset = ?subscription.reset.map(|r| r.0), "watch started");
         let (tx, rx) = mpsc::channel(self.config.stream_buffer.max(1));
         let task = WatchTask {
             cache: Arc::clone(&self.cache),
             kinds,
+            viewer,
             tx,
             info,
             metrics: Arc::clone(&self.metrics),
@@ -446,6 +464,7 @@ impl MeshApi for MeshApiService {
 struct WatchTask {
     cache: Arc<Cache>,
     kinds: BTreeSet<Kind>,
+    viewer: Viewer,
     tx: mpsc::Sender<Result<v1::WatchEvent, Status>>,
     info: Arc<WatcherInfo>,
     metrics: Arc<Metrics>,
@@ -484,8 +503,11 @@ impl WatchTask {
                     () = self.shutdown.cancelled() => return,
                 };
                 match received {
-                    Ok(event) => {
-                        if !self.kinds.is_empty() && !self.kinds.contains(&event.kind()) {
+                    Ok(fanout) => {
+                        let event = fanout.event;
+                        if !fanout.audience.includes(self.viewer)
+                            || (!self.kinds.is_empty() && !self.kinds.contains(&event.kind()))
+                        {
                             continue;
                         }
                         self.info
@@ -497,7 +519,7 @@ impl WatchTask {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(peer = %self.info.peer, missed, "watcher fell behind the lag bound; resetting it");
-                        subscription = self.cache.resubscribe_after_lag(&self.kinds);
+                        subscription = self.cache.resubscribe_after_lag(&self.kinds, self.viewer);
                         break;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,

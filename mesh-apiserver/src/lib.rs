@@ -12,6 +12,7 @@
 //! - [`identity`]: numeric identities by compare-and-swap.
 //! - [`export`]: minimal writes, synced markers.
 //! - [`cache`]: the fan-out cache every watcher reads.
+//! - [`peer_view`]: what other clusters may see (export rules).
 //! - [`grpc`]: the `MeshApi` service and its authorization.
 //! - [`http`] and [`metrics`]: health, readiness, Prometheus.
 //! - [`server`]: wiring and graceful shutdown.
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod peer_view;
 pub mod server;
 pub mod source;
 pub mod state;

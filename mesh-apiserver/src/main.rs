@@ -16,6 +16,7 @@ use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};
@@ -117,6 +118,13 @@ struct Cli {
     /// cluster (those whose CA `clustermesh connect` added to the trust bundle).
     #[arg(long = "allowed-cluster")]
     allowed_clusters: Vec<String>,
+    /// Which pods' identities and endpoints other clusters are served: `all` (default),
+    /// `services` (pods backing a global shared service) or `selector=<label selector>`
+    /// (kubectl `-l` syntax over identity labels, e.g.
+    /// `selector=io.kubernetes.pod.namespace=shop,app in (web,api)`). Services are served
+    /// only when global and shared, whatever this says.
+    #[arg(long)]
+    export_pods: Option<String>,
     /// Health and metrics listen address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -159,6 +167,7 @@ struct FileConfig {
     trust_domain: Option<String>,
     #[serde(default)]
     allowed_clusters: Vec<String>,
+    export_pods: Option<String>,
     metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde::option")]
     identity_gc_grace: Option<Duration>,
@@ -197,6 +206,7 @@ impl Cli {
             replica_cert,
             replica_key,
             trust_domain,
+            export_pods,
             metrics_addr,
             identity_gc_grace,
             log_format
@@ -314,12 +324,19 @@ async fn run(cli: Cli) -> Result<()> {
             Some(cli.allowed_clusters.iter().cloned().collect())
         },
     };
+    let export_pods: PodExport = match cli.export_pods.as_deref() {
+        None => PodExport::All,
+        Some(text) => text
+            .parse()
+            .with_context(|| format!("--export-pods {text:?}"))?,
+    };
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, "starting");
+    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, "starting");
     let options = ServerOptions {
         export,
         cache: CacheConfig::default(),
+        export_pods,
         policy,
         grpc_listener,
         tls,

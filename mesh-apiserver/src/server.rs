@@ -18,6 +18,7 @@ use crate::export::{ExportConfig, ExportError, Exporter};
 use crate::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
 use crate::http::{self, OpsState, Readiness};
 use crate::metrics::Metrics;
+use crate::peer_view::PodExport;
 use crate::source::{Source, SourceError};
 
 /// Everything [`run`] needs besides the store and the source.
@@ -27,6 +28,8 @@ pub struct ServerOptions {
     pub export: ExportConfig,
     /// Cache bounds.
     pub cache: CacheConfig,
+    /// Which pods' identities and endpoints peers are served.
+    pub export_pods: PodExport,
     /// Authorization.
     pub policy: AccessPolicy,
     /// Bound gRPC listener.
@@ -123,10 +126,11 @@ pub async fn run(
         }
     });
 
-    let cache = Arc::new(Cache::new(
+    let cache = Arc::new(Cache::with_export(
         options.export.cluster.clone(),
         options.cache,
         Arc::clone(&metrics),
+        options.export_pods,
     ));
     tasks.spawn(Arc::clone(&cache).run(Arc::clone(&store), shutdown.clone()));
 

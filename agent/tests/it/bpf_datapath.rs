@@ -350,6 +350,8 @@ fn service_with_table(
         table: table.into(),
         active_tier: None,
         affinity: Affinity::None,
+        global: false,
+        shared: false,
     }
 }
 
@@ -568,6 +570,8 @@ fn service_without_backends_refuses_connections_at_once() {
         table: Vec::new().into(),
         active_tier: None,
         affinity: Affinity::None,
+        global: false,
+        shared: false,
     };
     dp.reconcile(&[svc]).unwrap();
     sb.run_in_cgroup(move || {

@@ -749,5 +749,7 @@ fn service(name: &str, vip: SocketAddr, backends: &[SocketAddr]) -> DesiredServi
         table: table.into(),
         active_tier: None,
         affinity: Affinity::None,
+        global: false,
+        shared: false,
     }
 }

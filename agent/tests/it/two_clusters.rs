@@ -516,6 +516,11 @@ async fn failover_to_remote_and_back_and_remote_loss_keeps_last_known_state() {
     .await;
 
     // A record that does not decode is ignored and counted; the service is unaffected.
+    // (It decoded once, as a global service: west's server exports only services it knows
+    // to be global and shared, and keeps serving one that stops decoding.)
+    let mut broken = service("west", &[("10.2.0.8", true)], v1::Affinity::None);
+    broken.name = "broken".into();
+    put_service(west2_store.as_ref(), &broken).await;
     west2_store
         .put(
             service_key("west", "default", "broken").as_bytes(),
@@ -1102,10 +1107,21 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
     eventually("east and west merged", || table_clusters(dp) == both).await;
     let programmed = dp.service(&web()).unwrap();
 
-    // West comes back from another store whose `web` does not decode. That store has more
+    // West comes back from another store whose `web` stops decoding. That store has more
     // history than the agent's revision, so the agent cannot resume: it resyncs in full.
+    // (The server saw `web` decode first: a service it never saw decode would not be
+    // exported to peers at all, since it cannot tell whether the service is global.)
     west.server.stop().await;
     let (west2_raft, west2_store) = open_store(dir.path(), "west-store-2").await;
+    // Written often enough that the server loads past the agent's revision.
+    for _ in 0..8 {
+        put_service(
+            west2_store.as_ref(),
+            &service("west", &[("10.2.0.5", true)], v1::Affinity::None),
+        )
+        .await;
+    }
+    let west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west.addr).await).await;
     west2_store
         .put(
             service_key("west", "default", "web").as_bytes(),
@@ -1120,7 +1136,6 @@ async fn a_resync_keeps_the_last_good_record_of_an_undecodable_service() {
         put_service(west2_store.as_ref(), &other).await;
     }
     let synced_at = mark_synced(west2_store.as_ref(), "west").await;
-    let west2 = start_server(&west2_store, &ca, WEST, mesh::rebind(west.addr).await).await;
     eventually("west resynced from the other store", || {
         let s = cluster_status(view, "west");
         s.connected && s.revision == synced_at && s.decode_errors >= 1

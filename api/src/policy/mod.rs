@@ -16,6 +16,6 @@ pub use network_policy::{
     WirePort, WirePortValue, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX,
 };
 pub use selector::{
-    LabelSelector, Labels, PeerClusters, Requirement, SelectorError, WireLabelSelector,
-    WireRequirement, CLUSTER_LABEL,
+    parse_selector_text, LabelSelector, Labels, PeerClusters, Requirement, SelectorError,
+    SelectorTextError, WireLabelSelector, WireRequirement, CLUSTER_LABEL,
 };

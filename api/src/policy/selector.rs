@@ -19,6 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+mod text;
+pub use text::{parse_selector_text, SelectorTextError};
+
 /// The label every endpoint carries with the name of its cluster (Cilium's spelling).
 pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 

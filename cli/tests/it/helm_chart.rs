@@ -256,6 +256,7 @@ fn default_values_render_single_raft_apiserver_behind_a_load_balancer() {
     assert!(a.contains(&"--cluster-name=cluster1".to_string()), "{a:?}");
     assert!(a.contains(&"--cluster-id=1".to_string()));
     assert!(a.contains(&"--store=raft".to_string()));
+    assert!(a.contains(&"--export-pods=all".to_string()), "{a:?}");
     assert!(!a.iter().any(|x| x.starts_with("--raft-peer=")));
     assert!(!r.has("StatefulSet", "clustermesh-apiserver"));
     assert_eq!(
@@ -328,6 +329,24 @@ fn etcd_store_renders_stateless_replicas_with_etcd_tls() {
     assert!(a.contains(&"--etcd-endpoints=https://etcd-0:2379,https://etcd-1:2379".to_string()));
     assert!(a.contains(&"--etcd-ca=/etc/clustermesh/etcd-tls/ca.crt".to_string()));
     assert!(!a.iter().any(|x| x.starts_with("--raft")));
+}
+
+#[test]
+fn export_pods_value_reaches_the_apiserver_verbatim() {
+    for value in [
+        "services",
+        "selector=io.kubernetes.pod.namespace=shop,app in (web,api),!canary",
+    ] {
+        let r = render(with(json!({"apiserver": {"exportPods": value}}))).unwrap();
+        let a = args(r.get("Deployment", "clustermesh-apiserver"));
+        assert!(a.contains(&format!("--export-pods={value}")), "{a:?}");
+        let r = render(with(
+            json!({"apiserver": {"replicas": 3, "exportPods": value}}),
+        ))
+        .unwrap();
+        let a = args(r.get("StatefulSet", "clustermesh-apiserver"));
+        assert!(a.contains(&format!("--export-pods={value}")), "{a:?}");
+    }
 }
 
 #[test]

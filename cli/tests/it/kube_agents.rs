@@ -107,6 +107,8 @@ fn services_body(node_backend: &str) -> Value {
         port_name: "http".into(),
         frontends: vec!["10.96.0.20:80/TCP".into()],
         affinity: "local".into(),
+        global: true,
+        shared: true,
         active_tier: "cluster".into(),
         table_size: 251,
         backends: vec![
@@ -222,6 +224,8 @@ async fn service_list_asks_every_agent_and_prints_one_block_per_node() {
                 "default/echo",
                 "http",
                 "10.96.0.20:80/TCP",
+                "yes",
+                "yes",
                 "local",
                 "cluster",
                 backend,

@@ -10,6 +10,7 @@ mod binary_identity;
 mod dir_source;
 mod dir_source_hostile;
 mod export;
+mod export_filter;
 mod export_oversized;
 mod grpc;
 mod identity;

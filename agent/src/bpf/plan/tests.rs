@@ -75,6 +75,8 @@ fn lb(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>, m: usize) ->
         table: Arc::from(table),
         active_tier: None,
         affinity: Affinity::None,
+        global: false,
+        shared: false,
     }
 }
 

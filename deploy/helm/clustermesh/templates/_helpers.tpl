@@ -40,6 +40,7 @@ spec:
         - --metrics-addr=0.0.0.0:{{ .Values.apiserver.metricsPort }}
         - --tls-dir=/etc/clustermesh/tls
         - --log-format={{ .Values.apiserver.logFormat }}
+        - "--export-pods={{ .Values.apiserver.exportPods }}"
         - --store={{ .Values.apiserver.store.type }}
         {{- if eq .Values.apiserver.store.type "raft" }}
         - --raft-data-dir=/var/lib/clustermesh

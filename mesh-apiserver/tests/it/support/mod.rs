@@ -12,6 +12,7 @@ use clustermesh_api::v1::mesh_api_client::MeshApiClient;
 use clustermesh_apiserver::cache::{Cache, CacheConfig};
 use clustermesh_apiserver::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::server::serve_grpc_with;
 use clustermesh_certs::issue::{MeshCa, ServerNames, Validity, DEFAULT_LEAF_VALIDITY};
 use clustermesh_certs::transport::{IncomingConfig, MeshEndpoint};
@@ -231,6 +232,8 @@ pub struct TestServer {
 pub struct ServerSetup {
     pub cluster: String,
     pub cache: CacheConfig,
+    /// Which pods peers are served (`--export-pods`).
+    pub export_pods: PodExport,
     pub policy: AccessPolicy,
     pub stream_buffer: usize,
     /// Accept loop tuning; the server's metrics are added as its observer.
@@ -242,6 +245,7 @@ impl ServerSetup {
         ServerSetup {
             cluster: cluster.to_owned(),
             cache: CacheConfig::default(),
+            export_pods: PodExport::All,
             policy: AccessPolicy::new(cluster),
             stream_buffer: 64,
             incoming: IncomingConfig::default(),
@@ -252,10 +256,11 @@ impl ServerSetup {
 impl TestServer {
     pub async fn start(store: Arc<dyn Store>, pki: &Pki, setup: ServerSetup) -> TestServer {
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(Cache::new(
+        let cache = Arc::new(Cache::with_export(
             setup.cluster.clone(),
             setup.cache,
             Arc::clone(&metrics),
+            setup.export_pods,
         ));
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
