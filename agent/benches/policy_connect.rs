@@ -321,6 +321,8 @@ fn services(real: &[(u32, [Ipv4Addr; 2])]) -> Vec<DesiredService> {
                 table: table.into(),
                 active_tier: None,
                 affinity: Affinity::None,
+                global: false,
+                shared: false,
             }
         })
         .collect()

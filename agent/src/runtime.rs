@@ -420,6 +420,13 @@ fn apply(desired: &mut DesiredState, u: Update) -> Option<PlaneUpdate> {
         }),
         Update::UpsertInput { cluster, input } => Some(PlaneUpdate::Upsert { cluster, input }),
         Update::RemoveInput { cluster, key } => Some(PlaneUpdate::Remove { cluster, key }),
+        // The agent's watchers decode (`WatcherConfig::raw` is false): never sent here.
+        Update::RawReplace { cluster, .. }
+        | Update::RawUpsert { cluster, .. }
+        | Update::RawRemove { cluster, .. } => {
+            tracing::error!(cluster = %cluster, "undecoded watcher output reached the agent; ignored");
+            None
+        }
     }
 }
 
@@ -562,6 +569,8 @@ impl Supervisor {
                 stale_ttl: self.options.stale_ttl,
                 connect_timeout: self.options.connect_timeout,
                 request_timeout: self.options.request_timeout,
+                raw: false,
+                max_records: None,
             };
             tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
             let task = tokio::spawn(watcher::run(

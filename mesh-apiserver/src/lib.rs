@@ -14,6 +14,7 @@
 //! - [`cache`]: the fan-out cache every watcher reads.
 //! - [`peer_view`]: what other clusters may see (export rules).
 //! - [`grpc`]: the `MeshApi` service and its authorization.
+//! - [`mirror`]: connected peers' records copied into the store.
 //! - [`http`] and [`metrics`]: health, readiness, Prometheus.
 //! - [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod mirror;
 pub mod peer_view;
 pub mod server;
 pub mod source;

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use clustermesh_agent_core::watcher::ReconnectBackoff;
 use clustermesh_api::cidr::Cidr;
 use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, ClusterIdMode};
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::mirror::{MirrorConfig, MirrorLimits};
 use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::server::{self, ServerOptions};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
@@ -131,6 +133,17 @@ struct Cli {
     /// How long an unused identity is kept.
     #[arg(long, value_parser = humantime::parse_duration)]
     identity_gc_grace: Option<Duration>,
+    /// Mirror the connected peers into this cluster's store: the cluster list (agent
+    /// configuration format, as `clustermesh connect` keeps it) naming them; re-read when
+    /// it changes. Our server certificate is the client certificate towards peers.
+    #[arg(long)]
+    mirror_peers: Option<PathBuf>,
+    /// Drop an unreachable peer's mirrored records after this long (default: keep).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    mirror_stale_ttl: Option<Duration>,
+    /// Records one peer may make this cluster store (all kinds together).
+    #[arg(long)]
+    mirror_max_records_per_peer: Option<usize>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -171,6 +184,10 @@ struct FileConfig {
     metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde::option")]
     identity_gc_grace: Option<Duration>,
+    mirror_peers: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde::option")]
+    mirror_stale_ttl: Option<Duration>,
+    mirror_max_records_per_peer: Option<usize>,
     log_format: Option<LogFormat>,
 }
 
@@ -209,6 +226,9 @@ impl Cli {
             export_pods,
             metrics_addr,
             identity_gc_grace,
+            mirror_peers,
+            mirror_stale_ttl,
+            mirror_max_records_per_peer,
             log_format
         );
         fill_vec!(pod_cidrs, raft_peers, etcd_endpoints, allowed_clusters);
@@ -330,6 +350,25 @@ async fn run(cli: Cli) -> Result<()> {
             .parse()
             .with_context(|| format!("--export-pods {text:?}"))?,
     };
+    let mirror = cli.mirror_peers.clone().map(|peers_file| MirrorConfig {
+        cluster: cluster.clone(),
+        cluster_id,
+        pod_cidrs: cli.pod_cidrs.clone(),
+        trust_domain: trust_domain.clone(),
+        peers_file,
+        poll: Duration::from_secs(1),
+        cert_file: tls_dir.join(clustermesh_certs::layout::SERVER_CERT_FILE),
+        key_file: tls_dir.join(clustermesh_certs::layout::SERVER_KEY_FILE),
+        backoff: ReconnectBackoff::default(),
+        stale_ttl: cli.mirror_stale_ttl,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        limits: MirrorLimits {
+            max_records_per_peer: cli
+                .mirror_max_records_per_peer
+                .unwrap_or(MirrorLimits::default().max_records_per_peer),
+        },
+    });
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
     tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, "starting");
@@ -343,6 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
         ops_listener: Some(ops_listener),
         stream_buffer: 1024,
         metrics,
+        mirror,
     };
     let result = server::run(store, source, options, shutdown).await;
     if let Some(replica) = replica {

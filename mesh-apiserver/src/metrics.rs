@@ -62,6 +62,22 @@ pub struct Metrics {
     handshakes_accepted: Counter,
     handshake_failures: Family<HandshakeLabel, Counter>,
     oversized: Family<KindLabel, Gauge>,
+    mirror_records: Family<PeerLabel, Gauge>,
+    mirror_synced: Family<PeerLabel, Gauge>,
+    mirror_refused: Family<PeerReasonLabel, Counter>,
+}
+
+/// `peer` label of the mirror's metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+/// `peer` and `reason` labels of the mirror's refusals.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerReasonLabel {
+    peer: String,
+    reason: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -154,8 +170,29 @@ impl Metrics {
             "Records not written because they exceed the store's value limit, per kind",
             oversized.clone(),
         );
+        let mirror_records = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "mirror_records",
+            "Records of each mirrored peer held in this cluster's store",
+            mirror_records.clone(),
+        );
+        let mirror_synced = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "mirror_synced",
+            "1 once a mirrored peer's full state is in the store, 0 before and after it is dropped",
+            mirror_synced.clone(),
+        );
+        let mirror_refused = Family::<PeerReasonLabel, Counter>::default();
+        registry.register(
+            "mirror_refused",
+            "Peer records or states the mirror refused, by peer and reason",
+            mirror_refused.clone(),
+        );
         Metrics {
             oversized,
+            mirror_records,
+            mirror_synced,
+            mirror_refused,
             registry,
             records,
             watchers,
@@ -179,6 +216,34 @@ impl Metrics {
             tracing::error!(%error, "encoding metrics failed");
         }
         out
+    }
+
+    /// Sets the number of records of mirrored peer `peer` in the store.
+    pub fn set_mirror_records(&self, peer: &str, count: usize) {
+        self.mirror_records
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Whether mirrored peer `peer`'s full state is in the store.
+    pub fn set_mirror_synced(&self, peer: &str, synced: bool) {
+        self.mirror_synced
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(i64::from(synced));
+    }
+
+    /// The mirror refused something of `peer` for `reason`.
+    pub fn mirror_refused(&self, peer: &str, reason: &'static str) {
+        self.mirror_refused
+            .get_or_create(&PeerReasonLabel {
+                peer: peer.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     /// Sets the number of records of `kind`.

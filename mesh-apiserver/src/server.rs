@@ -18,6 +18,7 @@ use crate::export::{ExportConfig, ExportError, Exporter};
 use crate::grpc::{AccessPolicy, MeshApiService, ServiceConfig};
 use crate::http::{self, OpsState, Readiness};
 use crate::metrics::Metrics;
+use crate::mirror::{self, MirrorConfig, MirrorStatus};
 use crate::peer_view::PodExport;
 use crate::source::{Source, SourceError};
 
@@ -42,6 +43,8 @@ pub struct ServerOptions {
     pub stream_buffer: usize,
     /// Shared metrics.
     pub metrics: Arc<Metrics>,
+    /// Mirror the connected peers into the store ([`crate::mirror`]); `None`: off.
+    pub mirror: Option<MirrorConfig>,
 }
 
 /// Errors that stop the server.
@@ -145,6 +148,15 @@ pub async fn run(
         }
     });
     tasks.spawn(exporter.run(rx, shutdown.clone()));
+    if let Some(mirror_config) = options.mirror {
+        tasks.spawn(mirror::run(
+            Arc::clone(&store),
+            mirror_config,
+            Arc::clone(&metrics),
+            MirrorStatus::default(),
+            shutdown.clone(),
+        ));
+    }
 
     let service = MeshApiService::new(
         Arc::clone(&cache),

@@ -296,7 +296,16 @@ async fn session(
         return SessionEnd::Cancelled;
     }
     stream::follow(
-        stream, name, &kinds, syncing, updates, status, metrics, progress,
+        stream,
+        name,
+        &kinds,
+        syncing,
+        config.raw,
+        config.max_records,
+        updates,
+        status,
+        metrics,
+        progress,
     )
     .await
 }

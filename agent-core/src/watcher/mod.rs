@@ -106,6 +106,31 @@ pub enum Update {
         /// Cluster.
         cluster: String,
     },
+    /// [`WatcherConfig::raw`] only: the cluster's complete set of records after an initial
+    /// sync or a reset, as validated wire values by store key (`None`: the current value
+    /// did not validate; the previous one, if any, stays).
+    RawReplace {
+        /// Cluster.
+        cluster: String,
+        /// Every record of the watched kinds.
+        records: BTreeMap<String, Option<bytes::Bytes>>,
+    },
+    /// [`WatcherConfig::raw`] only: one record created or changed (validated).
+    RawUpsert {
+        /// Cluster.
+        cluster: String,
+        /// Store key.
+        key: String,
+        /// Wire value.
+        value: bytes::Bytes,
+    },
+    /// [`WatcherConfig::raw`] only: one record removed.
+    RawRemove {
+        /// Cluster.
+        cluster: String,
+        /// Store key.
+        key: String,
+    },
 }
 
 /// Everything a watcher needs.
@@ -130,6 +155,14 @@ pub struct WatcherConfig {
     pub connect_timeout: Duration,
     /// Time a connected server has to answer `GetClusterInfo` and to open the watch.
     pub request_timeout: Duration,
+    /// Hand records over as their validated wire values (`Update::Raw*`) instead of
+    /// decoded: the mesh API server's peer mirror, which stores them as they came. The
+    /// same checks apply (key of this cluster and a watched kind, value decodes and
+    /// belongs to this cluster).
+    pub raw: bool,
+    /// Most records a full state may hold before the session is cut off (refused, retried
+    /// slowly): bounds what a flooding server can make the watcher buffer. `None`: no bound.
+    pub max_records: Option<usize>,
 }
 
 /// A cluster's records left in force (and its ID and pod CIDRs left claimed) by a watcher

@@ -35,10 +35,32 @@ enum Decoded {
 struct Resync {
     services: BTreeMap<ServiceName, Option<ServiceRecord>>,
     inputs: BTreeMap<InputKey, Option<Input>>,
+    /// Raw mode: the validated wire values by key instead.
+    raw: BTreeMap<String, Option<bytes::Bytes>>,
     synced: BTreeSet<Kind>,
 }
 
 impl Resync {
+    fn len(&self) -> usize {
+        self.services.len() + self.inputs.len() + self.raw.len()
+    }
+
+    /// Raw mode: `value` is the validated wire value of `key` (`None`: it did not
+    /// validate; `keep_existing`: the previous value stays, else the record is gone).
+    fn put_raw(&mut self, key: &str, value: Option<bytes::Bytes>, keep_existing: bool) {
+        match value {
+            Some(v) => {
+                self.raw.insert(key.to_owned(), Some(v));
+            }
+            None if keep_existing => {
+                self.raw.entry(key.to_owned()).or_insert(None);
+            }
+            None => {
+                self.raw.remove(key);
+            }
+        }
+    }
+
     fn put(&mut self, slot: Slot, decoded: Option<Decoded>, keep_existing: bool) {
         match (slot, decoded) {
             (_, Some(Decoded::Service(r))) => {
@@ -65,14 +87,18 @@ impl Resync {
 
 /// Applies the events of an established watch `stream` of cluster `name` until it ends;
 /// `syncing`: the session started from scratch, so records are buffered until the
-/// `Synced` marker of every kind in `kinds` has arrived. Advances `progress` as events
-/// are applied.
+/// `Synced` marker of every kind in `kinds` has arrived; `raw`: hand records over as
+/// validated wire values ([`Update::RawReplace`] etc.); `max_records`: a full state
+/// growing past it ends the session as refused. Advances `progress` as events are
+/// applied.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn follow(
     mut stream: tonic::Streaming<v1::WatchEvent>,
     name: &str,
     kinds: &BTreeSet<Kind>,
     mut syncing: bool,
+    raw: bool,
+    max_records: Option<usize>,
     updates: &mpsc::Sender<Update>,
     status: &StatusBoard,
     metrics: &Metrics,
@@ -106,7 +132,18 @@ pub(super) async fn follow(
                 pending_revision = pending_revision.max(u.revision);
                 if let Some((slot, mesh_key)) = classify(name, &u.key, kinds, status, metrics) {
                     let decoded = decode(name, &mesh_key, &u, status, metrics);
-                    if syncing {
+                    if raw {
+                        let valid = decoded.is_some().then(|| u.value.clone());
+                        if syncing {
+                            resync.put_raw(&u.key, valid, true);
+                        } else {
+                            update = valid.map(|value| Update::RawUpsert {
+                                cluster: name.to_owned(),
+                                key: u.key.clone(),
+                                value,
+                            });
+                        }
+                    } else if syncing {
                         // Like a bad live update, a bad value in a resync leaves the
                         // previous record (from this sync or from before) in force.
                         resync.put(slot, decoded, true);
@@ -125,7 +162,16 @@ pub(super) async fn follow(
             v1::watch_event::Event::Delete(d) => {
                 pending_revision = pending_revision.max(d.revision);
                 if let Some((slot, _)) = classify(name, &d.key, kinds, status, metrics) {
-                    if syncing {
+                    if raw {
+                        if syncing {
+                            resync.put_raw(&d.key, None, false);
+                        } else {
+                            update = Some(Update::RawRemove {
+                                cluster: name.to_owned(),
+                                key: d.key.clone(),
+                            });
+                        }
+                    } else if syncing {
                         resync.put(slot, None, false);
                     } else {
                         update = Some(match slot {
@@ -150,14 +196,29 @@ pub(super) async fn follow(
                     if kinds.iter().all(|k| resync.synced.contains(k)) {
                         syncing = false;
                         let done = std::mem::take(&mut resync);
-                        update = Some(Update::Replace {
-                            cluster: name.to_owned(),
-                            services: done.services,
-                            inputs: done.inputs,
+                        update = Some(if raw {
+                            Update::RawReplace {
+                                cluster: name.to_owned(),
+                                records: done.raw,
+                            }
+                        } else {
+                            Update::Replace {
+                                cluster: name.to_owned(),
+                                services: done.services,
+                                inputs: done.inputs,
+                            }
                         });
                     }
                 }
             }
+        }
+        if let Some(max) = max_records.filter(|max| syncing && resync.len() > *max) {
+            tracing::error!(cluster = %name, limit = max, "full state exceeds the record limit; session cut off");
+            metrics.refused_record(name);
+            status.update(name, |s| s.refused_records += 1);
+            return SessionEnd::Refused(format!(
+                "cluster {name} sent more than {max} records in its full state; cut off (raise the limit if the cluster is legitimately this large)"
+            ));
         }
         if let Some(u) = update {
             if updates.send(u).await.is_err() {

@@ -1,0 +1,583 @@
+//! Peer mirroring over real mTLS: cluster `north`'s mirror watches peer `west`'s mesh API
+//! server and keeps west's records in north's store — and refuses what it must (a server
+//! that is another cluster, a peer claiming our cluster ID, a peer over the record limit).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: helpers outside #[test] fns
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_agent_core::watcher::ReconnectBackoff;
+use clustermesh_api::keys::{self, Kind};
+use clustermesh_api::model::Phase;
+use clustermesh_api::v1;
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::mirror::{self, MirrorConfig, MirrorLimits, MirrorStatus};
+use clustermesh_certs::issue::DEFAULT_LEAF_VALIDITY;
+use clustermesh_certs::{MeshCa, ServerNames, TrustDomain, Validity};
+use clustermesh_store::Store;
+use clustermesh_test_support::mesh::{self as fixture, MeshServer, ServerSpec};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{Backend, TestStore};
+
+const TD: &str = "mesh.test";
+
+fn service(cluster: &str, name: &str) -> v1::Service {
+    v1::Service {
+        namespace: "default".into(),
+        name: name.into(),
+        cluster: cluster.into(),
+        frontends: vec!["10.97.0.10".into()],
+        ports: vec![v1::ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: v1::Protocol::Tcp.into(),
+        }],
+        backends: vec![v1::Backend {
+            ip: "10.1.0.5".into(),
+            ports: vec![v1::BackendPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: v1::Protocol::Tcp.into(),
+            }],
+            ready: true,
+            serving: true,
+            node: "w1".into(),
+            zone: "z1".into(),
+            weight: 1,
+            ..v1::Backend::default()
+        }],
+        global: true,
+        shared: true,
+        ..v1::Service::default()
+    }
+}
+
+fn endpoint(cluster: &str, ip: &str, identity: u32) -> v1::Endpoint {
+    v1::Endpoint {
+        ip: ip.into(),
+        identity,
+        node: "w1".into(),
+        namespace: "default".into(),
+        pod: format!("pod-{ip}"),
+        cluster: cluster.into(),
+        ..v1::Endpoint::default()
+    }
+}
+
+fn identity(id: u32) -> v1::Identity {
+    v1::Identity {
+        id,
+        labels: [
+            ("app".to_owned(), "frontend".to_owned()),
+            (
+                "io.kubernetes.pod.namespace".to_owned(),
+                "default".to_owned(),
+            ),
+            ("io.cilium.k8s.policy.cluster".to_owned(), "west".to_owned()),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+async fn put(store: &Arc<dyn Store>, key: &str, value: Vec<u8>) {
+    store.put(key.as_bytes(), value, None).await.unwrap();
+}
+
+/// West's state as an exporter writes it: one service, one identity, two endpoints, then
+/// the synced markers.
+async fn west_state(store: &Arc<dyn Store>) {
+    put(
+        store,
+        &keys::service_key("west", "default", "web"),
+        service("west", "web").encode_to_vec(),
+    )
+    .await;
+    put(
+        store,
+        &keys::identity_key("west", 65_800),
+        identity(65_800).encode_to_vec(),
+    )
+    .await;
+    for ip in ["10.1.0.5", "10.1.0.6"] {
+        let addr: IpAddr = ip.parse().unwrap();
+        put(
+            store,
+            &keys::endpoint_key("west", addr),
+            endpoint("west", ip, 65_800).encode_to_vec(),
+        )
+        .await;
+    }
+    for kind in [Kind::Identity, Kind::Endpoint, Kind::Service, Kind::Node] {
+        put(
+            store,
+            &keys::synced_key("west", kind),
+            v1::SyncedMarker { revision: 1 }.encode_to_vec(),
+        )
+        .await;
+    }
+}
+
+/// Keys of `cluster` in `store` (records, markers and cluster config).
+async fn keys_of(store: &Arc<dyn Store>, cluster: &str) -> BTreeSet<String> {
+    let all = store.list(b"mesh/v1/").await.unwrap();
+    all.kvs
+        .into_iter()
+        .filter_map(|kv| String::from_utf8(kv.key).ok())
+        .filter(|k| keys::parse_key(k.as_bytes()).is_ok_and(|p| p.cluster() == cluster))
+        .collect()
+}
+
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// North's mirror: its server certificate (`cluster/north`, from the mesh's test CA) and
+/// a peer list naming `peers` as (name, id, port).
+struct North {
+    store: Arc<dyn Store>,
+    _ts: TestStore,
+    dir: tempfile::TempDir,
+    status: MirrorStatus,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn write_peers(dir: &Path, peers: &[(&str, u32, u16)]) {
+    fixture::write_agent_config(&dir.join("peers.yaml"), dir, TD, "north", peers);
+}
+
+async fn north(ca: &MeshCa, peers: &[(&str, u32, u16)], limits: MirrorLimits) -> North {
+    let ts = TestStore::start(Backend::Raft).await.unwrap();
+    north_on(ts, ca, peers, limits).await
+}
+
+/// North's mirror over an existing store.
+async fn north_on(
+    ts: TestStore,
+    ca: &MeshCa,
+    peers: &[(&str, u32, u16)],
+    limits: MirrorLimits,
+) -> North {
+    let store = Arc::clone(&ts.store);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    let leaf = ca
+        .issue_server(
+            "north",
+            &ServerNames::default(),
+            Validity::from_now(DEFAULT_LEAF_VALIDITY),
+        )
+        .unwrap();
+    std::fs::write(dir.path().join("server.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.path().join("server.key"), &leaf.key_pem).unwrap();
+    // The peer list's own cert/key (an agent's) are not used by the mirror.
+    std::fs::write(dir.path().join("client.crt"), "").unwrap();
+    std::fs::write(dir.path().join("client.key"), "").unwrap();
+    write_peers(dir.path(), peers);
+    let config = MirrorConfig {
+        cluster: "north".into(),
+        cluster_id: 2,
+        pod_cidrs: vec!["10.2.0.0/16".into()],
+        trust_domain: TrustDomain::new(TD).unwrap(),
+        peers_file: dir.path().join("peers.yaml"),
+        poll: Duration::from_millis(100),
+        cert_file: dir.path().join("server.crt"),
+        key_file: dir.path().join("server.key"),
+        backoff: ReconnectBackoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(300),
+        },
+        stale_ttl: Some(Duration::from_secs(1)),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+        limits,
+    };
+    let status = MirrorStatus::default();
+    let metrics = Arc::new(Metrics::new());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(mirror::run(
+        Arc::clone(&store),
+        config,
+        Arc::clone(&metrics),
+        status.clone(),
+        cancel.clone(),
+    ));
+    North {
+        store,
+        _ts: ts,
+        dir,
+        status,
+        metrics,
+        cancel,
+        task,
+    }
+}
+
+impl North {
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn west_server(ca: &MeshCa, cluster: &str, id: u32) -> (MeshServer, TestStore, u16) {
+    let ts = TestStore::start(Backend::Raft).await.unwrap();
+    west_state(&ts.store).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = MeshServer::start(
+        Arc::clone(&ts.store),
+        ca,
+        &ServerSpec {
+            trust_domain: TD,
+            cluster,
+            id,
+            pod_cidrs: &["10.1.0.0/16"],
+            stream_buffer: 64,
+        },
+        listener,
+    )
+    .await;
+    (server, ts, port)
+}
+
+fn expected_west_keys() -> BTreeSet<String> {
+    let mut k: BTreeSet<String> = [
+        keys::service_key("west", "default", "web"),
+        keys::identity_key("west", 65_800),
+        keys::endpoint_key("west", "10.1.0.5".parse().unwrap()),
+        keys::endpoint_key("west", "10.1.0.6".parse().unwrap()),
+        keys::cluster_config_key("west"),
+    ]
+    .into();
+    for kind in mirror::MIRRORED_KINDS {
+        k.insert(keys::synced_key("west", kind));
+    }
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_records_are_mirrored_kept_live_and_dropped_after_the_stale_ttl() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+
+    until("west's full state is in north's store", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    // Stored as exported: the same bytes.
+    let svc_key = keys::service_key("west", "default", "web");
+    let stored = n.store.get(svc_key.as_bytes()).await.unwrap().unwrap();
+    assert_eq!(stored.value, service("west", "web").encode_to_vec());
+    let config = n
+        .store
+        .get(keys::cluster_config_key("west").as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    let config = v1::ClusterConfig::decode(config.value.as_slice()).unwrap();
+    assert_eq!((config.name.as_str(), config.id), ("west", 1));
+    assert_eq!(config.pod_cidrs, ["10.1.0.0/16"]);
+    // Nodes are not mirrored, nor is anything of ours touched.
+    assert!(keys_of(&n.store, "north").await.is_empty());
+    let peer = n.status.peer("west").unwrap();
+    assert!(peer.connected && peer.synced, "{peer:?}");
+    assert!(n
+        .metrics
+        .encode()
+        .contains("clustermesh_apiserver_mirror_records{peer=\"west\"} 4"));
+
+    // Live changes follow.
+    let new_ep = keys::endpoint_key("west", "10.1.0.7".parse().unwrap());
+    put(
+        &west.store,
+        &new_ep,
+        endpoint("west", "10.1.0.7", 65_800).encode_to_vec(),
+    )
+    .await;
+    until("a new west endpoint is mirrored", async || {
+        keys_of(&n.store, "west").await.contains(&new_ep)
+    })
+    .await;
+    west.store.delete(new_ep.as_bytes()).await.unwrap();
+    until("a removed west endpoint leaves north", async || {
+        !keys_of(&n.store, "west").await.contains(&new_ep)
+    })
+    .await;
+
+    // West goes away: its state stays for the stale TTL (1 s), then is dropped.
+    server.stop().await;
+    until("north notices west is gone", async || {
+        n.status.peer("west").is_some_and(|s| !s.connected)
+    })
+    .await;
+    assert_eq!(keys_of(&n.store, "west").await, expected_west_keys());
+    until("west's records leave after the stale TTL", async || {
+        keys_of(&n.store, "west").await.is_empty()
+    })
+    .await;
+    n.stop().await;
+    west.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_removed_from_the_list_is_dropped() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("west is mirrored", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    // `clustermesh disconnect` rewrites the list without west.
+    write_peers(n.dir.path(), &[("north", 2, 1)]);
+    until("west is dropped", async || {
+        keys_of(&n.store, "west").await.is_empty()
+    })
+    .await;
+    assert!(n
+        .metrics
+        .encode()
+        .contains("clustermesh_apiserver_mirror_synced{peer=\"west\"} 0"));
+    server.stop().await;
+    n.stop().await;
+    west.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_left_in_the_store_by_an_earlier_run_and_no_longer_listed_is_dropped() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    // North's store as a previous run left it: west mirrored (records, markers, config).
+    let ts = TestStore::start(Backend::Raft).await.unwrap();
+    west_state(&ts.store).await;
+    put(
+        &ts.store,
+        &keys::cluster_config_key("west"),
+        v1::ClusterConfig {
+            name: "west".into(),
+            id: 1,
+            ..v1::ClusterConfig::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    // And north's own records, which the mirror must never touch.
+    let own = keys::service_key("north", "default", "api");
+    put(&ts.store, &own, service("north", "api").encode_to_vec()).await;
+    // West was disconnected while north's server was down.
+    let n = north_on(ts, &ca, &[("north", 2, 1)], MirrorLimits::default()).await;
+    until("west's leftovers are dropped", async || {
+        keys_of(&n.store, "west").await.is_empty()
+    })
+    .await;
+    assert!(keys_of(&n.store, "north").await.contains(&own));
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_another_cluster_is_refused_and_named() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    // The address configured for west serves south.
+    let (server, south, port) = west_server(&ca, "south", 3).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("the mirror refuses the impostor", async || {
+        n.status
+            .peer("west")
+            .is_some_and(|s| s.phase == Phase::Refused)
+    })
+    .await;
+    let why = n.status.peer("west").unwrap().last_error.unwrap();
+    assert!(why.contains("south") && why.contains("west"), "{why}");
+    assert!(keys_of(&n.store, "west").await.is_empty());
+    assert!(keys_of(&n.store, "south").await.is_empty());
+    server.stop().await;
+    n.stop().await;
+    south.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_our_cluster_id_is_refused() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    // West reports ID 2, which is north's.
+    let (server, west, port) = west_server(&ca, "west", 2).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 0, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("the mirror refuses west", async || {
+        n.status
+            .peer("west")
+            .is_some_and(|s| s.phase == Phase::Refused)
+    })
+    .await;
+    let why = n.status.peer("west").unwrap().last_error.unwrap();
+    assert!(
+        why.contains("north"),
+        "names the cluster holding the ID: {why}"
+    );
+    assert!(keys_of(&n.store, "west").await.is_empty());
+    server.stop().await;
+    n.stop().await;
+    west.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_full_state_exceeds_the_limit_is_cut_off_and_named() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits {
+            max_records_per_peer: 3,
+        },
+    )
+    .await;
+    until("the oversized state is cut off", async || {
+        n.status
+            .peer("west")
+            .is_some_and(|s| s.phase == Phase::Refused)
+    })
+    .await;
+    let why = n.status.peer("west").unwrap().last_error.unwrap();
+    assert!(why.contains("more than 3 records"), "{why}");
+    let stored = keys_of(&n.store, "west").await;
+    assert!(
+        stored
+            .iter()
+            .all(|k| k == &keys::cluster_config_key("west")),
+        "only the cluster config may be written: {stored:?}"
+    );
+    server.stop().await;
+    n.stop().await;
+    west.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_refuses_states_and_live_records_past_the_limit() {
+    use clustermesh_agent_core::watcher::Update;
+    let ts = TestStore::start(Backend::Raft).await.unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let mut writer = mirror::Mirror::new(
+        Arc::clone(&ts.store),
+        "north".into(),
+        MirrorLimits {
+            max_records_per_peer: 2,
+        },
+        Arc::clone(&metrics),
+    );
+    let ep = |ip: &str| {
+        (
+            keys::endpoint_key("west", ip.parse().unwrap()),
+            bytes::Bytes::from(endpoint("west", ip, 65_800).encode_to_vec()),
+        )
+    };
+    let three: std::collections::BTreeMap<_, _> = ["10.1.0.5", "10.1.0.6", "10.1.0.7"]
+        .into_iter()
+        .map(|ip| {
+            let (k, v) = ep(ip);
+            (k, Some(v))
+        })
+        .collect();
+    writer
+        .apply(&Update::RawReplace {
+            cluster: "west".into(),
+            records: three,
+        })
+        .await
+        .unwrap();
+    assert!(keys_of(&ts.store, "west").await.is_empty(), "refused whole");
+    let two: std::collections::BTreeMap<_, _> = ["10.1.0.5", "10.1.0.6"]
+        .into_iter()
+        .map(|ip| {
+            let (k, v) = ep(ip);
+            (k, Some(v))
+        })
+        .collect();
+    writer
+        .apply(&Update::RawReplace {
+            cluster: "west".into(),
+            records: two,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        keys_of(&ts.store, "west").await.len(),
+        2 + 3,
+        "2 records + 3 markers"
+    );
+    let (key, value) = ep("10.1.0.7");
+    writer
+        .apply(&Update::RawUpsert {
+            cluster: "west".into(),
+            key: key.clone(),
+            value,
+        })
+        .await
+        .unwrap();
+    assert!(!keys_of(&ts.store, "west").await.contains(&key));
+    // A change of a record already held is not "one more".
+    let (key, value) = ep("10.1.0.5");
+    writer
+        .apply(&Update::RawUpsert {
+            cluster: "west".into(),
+            key,
+            value,
+        })
+        .await
+        .unwrap();
+    let text = metrics.encode();
+    assert!(
+        text.contains(
+            "clustermesh_apiserver_mirror_refused_total{peer=\"west\",reason=\"limit\"} 2"
+        ),
+        "{text}"
+    );
+    // Updates naming our own cluster are never written.
+    let (key, value) = (
+        keys::service_key("north", "default", "api"),
+        bytes::Bytes::from(service("north", "api").encode_to_vec()),
+    );
+    writer
+        .apply(&Update::RawUpsert {
+            cluster: "north".into(),
+            key,
+            value,
+        })
+        .await
+        .unwrap();
+    assert!(keys_of(&ts.store, "north").await.is_empty());
+    ts.shutdown().await;
+}
