@@ -330,8 +330,8 @@ impl IpCache {
     /// the others.
     #[must_use]
     pub fn datapath_entry(&self, prefix: &Cidr) -> Option<IpCacheValue> {
-        let host = (prefix.prefix_len() == Cidr::host(prefix.addr()).prefix_len())
-            .then(|| prefix.addr());
+        let host =
+            (prefix.prefix_len() == Cidr::host(prefix.addr()).prefix_len()).then(|| prefix.addr());
         if host.is_some_and(|ip| self.host.contains(&ip)) {
             return Some(IpCacheValue {
                 identity: HOST.get(),

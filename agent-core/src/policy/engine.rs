@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clustermesh_api::cidr::Cidr;
 use clustermesh_api::policy::{
-    LabelSelector, Labels, NetworkPolicy, Peer, PolicyProtocol, PolicyRule, PortMatch,
-    Requirement, NAMESPACE_LABEL,
+    LabelSelector, Labels, NetworkPolicy, Peer, PolicyProtocol, PolicyRule, PortMatch, Requirement,
+    NAMESPACE_LABEL,
 };
 use clustermesh_api::security_identity::SecurityIdentity;
 
@@ -466,7 +466,11 @@ impl PolicyEngine {
     /// have one of `identities` (their resolution depends on that peer's ports).
     fn resolving_names_towards(&self, identities: &[SecurityIdentity]) -> BTreeSet<EndpointId> {
         let mut out = BTreeSet::new();
-        for policy in self.named_egress.iter().filter_map(|k| self.policies.get(k)) {
+        for policy in self
+            .named_egress
+            .iter()
+            .filter_map(|k| self.policies.get(k))
+        {
             let named = policy.egress.iter().flatten().any(|r| {
                 r.ports
                     .iter()

@@ -482,7 +482,9 @@ impl PolicyDatapath for Recording {
         &mut self,
         changes: &[(Cidr, Option<IpCacheValue>)],
     ) -> Result<(), PolicyDatapathError> {
-        let n = self.fail_after.map_or(changes.len(), |n| n.min(changes.len()));
+        let n = self
+            .fail_after
+            .map_or(changes.len(), |n| n.min(changes.len()));
         self.written.extend_from_slice(&changes[..n]);
         self.inner.apply_ipcache(&changes[..n])?;
         self.injected().map_or(Ok(()), Err)
@@ -560,7 +562,11 @@ fn an_incremental_flush_writes_only_the_changed_prefixes() {
     );
     let mut dp = Recording::default();
     let report = m.plane.flush(&mut dp);
-    assert_eq!((dp.reconciles, report.ipcache_changes), (1, 6), "{report:?}");
+    assert_eq!(
+        (dp.reconciles, report.ipcache_changes),
+        (1, 6),
+        "{report:?}"
+    );
     let step = |m: &mut Mesh, dp: &mut Recording, update: Option<PlaneUpdate>| {
         if let Some(u) = update {
             m.plane.apply(u);
@@ -612,7 +618,10 @@ fn an_incremental_flush_writes_only_the_changed_prefixes() {
     let written = step(
         &mut m,
         &mut dp,
-        upsert("cluster2", block_policy("192.0.2.0/24", &["192.0.2.128/25"])),
+        upsert(
+            "cluster2",
+            block_policy("192.0.2.0/24", &["192.0.2.128/25"]),
+        ),
     );
     let prefixes: Vec<Cidr> = written.iter().map(|(c, _)| *c).collect();
     assert_eq!(prefixes, vec![cidr("192.0.2.0/24"), cidr("192.0.2.128/25")]);
@@ -644,7 +653,10 @@ fn an_incremental_flush_writes_only_the_changed_prefixes() {
     let drop = PlaneUpdate::DropCluster {
         cluster: "cluster3".into(),
     };
-    assert_eq!(step(&mut m, &mut dp, Some(drop)), vec![(cidr("10.103.1.1/32"), None)]);
+    assert_eq!(
+        step(&mut m, &mut dp, Some(drop)),
+        vec![(cidr("10.103.1.1/32"), None)]
+    );
     // A failed write is retried for its prefixes alone, without a full reconcile.
     dp.fail_after = Some(0);
     m.plane.apply(upsert("cluster1", new_pod()).unwrap());
@@ -740,7 +752,13 @@ fn op() -> impl Strategy<Value = Op> {
 fn update_of(op: &Op) -> Option<PlaneUpdate> {
     let name = |c: usize| CLUSTERS[c].0.to_owned();
     let pod = |c: usize, a: usize, local: u32| {
-        endpoint(ADDRS[a], id(CLUSTERS[c].1, local), "n9", &format!("p{a}"), 0)
+        endpoint(
+            ADDRS[a],
+            id(CLUSTERS[c].1, local),
+            "n9",
+            &format!("p{a}"),
+            0,
+        )
     };
     Some(match op {
         Op::Info {
