@@ -295,14 +295,21 @@ fn tail_of(mut v: Vec<Duration>) -> Tail {
 
 fn row(out: &mut String, what: &str, t: &Tail) {
     use std::fmt::Write as _;
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // Milliseconds, or microseconds below one (the incremental IP cache row).
+    let fmt = |d: Duration| {
+        if d < Duration::from_millis(1) {
+            format!("{:.1} µs", d.as_secs_f64() * 1e6)
+        } else {
+            format!("{:.2} ms", d.as_secs_f64() * 1e3)
+        }
+    };
     let _ = writeln!(
         out,
-        "| {what} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+        "| {what} | {} | {} | {} | {} |",
         t.n,
-        ms(t.p50),
-        ms(t.p99),
-        ms(t.max)
+        fmt(t.p50),
+        fmt(t.p99),
+        fmt(t.max)
     );
 }
 

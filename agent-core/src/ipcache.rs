@@ -11,6 +11,11 @@
 //!   high bits; an endpoint record with another cluster's identity is refused and named;
 //! * **reserved identities** — the node's own addresses are [`HOST`]; an address no
 //!   cluster claims is [`WORLD`] (Cilium's numbers for both).
+//!
+//! The cache also records which datapath prefixes may have changed since the caller last
+//! took them ([`IpCache::take_changed`]), so the datapath is written per changed prefix
+//! ([`IpCache::datapath_entry`]) instead of being rebuilt and diffed in full: one new pod
+//! costs one prefix, not a pass over every address of the mesh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -106,12 +111,24 @@ struct ClusterEntries {
     entries: BTreeMap<IpAddr, SecurityIdentity>,
 }
 
+impl ClusterEntries {
+    /// Every datapath prefix the cluster may claim: its pod CIDRs and its addresses.
+    fn prefixes(&self) -> impl Iterator<Item = Cidr> + '_ {
+        self.pod_cidrs
+            .iter()
+            .copied()
+            .chain(self.entries.keys().map(|ip| Cidr::host(*ip)))
+    }
+}
+
 /// Address → (cluster, identity) for every connected cluster.
 #[derive(Debug)]
 pub struct IpCache {
     mode: ClusterIdMode,
     host: BTreeSet<IpAddr>,
     clusters: BTreeMap<String, ClusterEntries>,
+    /// Datapath prefixes whose entry may differ from what it was when last taken.
+    changed: BTreeSet<Cidr>,
 }
 
 impl IpCache {
@@ -123,12 +140,22 @@ impl IpCache {
             mode,
             host: BTreeSet::new(),
             clusters: BTreeMap::new(),
+            changed: BTreeSet::new(),
         }
     }
 
     /// Sets the node's own addresses.
     pub fn set_host_addresses(&mut self, addrs: impl IntoIterator<Item = IpAddr>) {
-        self.host = addrs.into_iter().collect();
+        let old = std::mem::replace(&mut self.host, addrs.into_iter().collect());
+        self.changed
+            .extend(old.iter().chain(self.host.iter()).map(|ip| Cidr::host(*ip)));
+    }
+
+    /// The datapath prefixes that may have changed since the last call (every mutation
+    /// records the prefixes it touches; [`IpCache::datapath_entry`] says what each one
+    /// holds now).
+    pub fn take_changed(&mut self) -> BTreeSet<Cidr> {
+        std::mem::take(&mut self.changed)
     }
 
     /// Registers cluster `name` with its ID and pod CIDRs (unsynced until
@@ -143,6 +170,15 @@ impl IpCache {
                 pod_cidrs: Vec::new(),
                 entries: BTreeMap::new(),
             });
+        if entry.id == id {
+            // Only the pod CIDRs can change what the datapath holds.
+            self.changed
+                .extend(entry.pod_cidrs.iter().chain(pod_cidrs.iter()).copied());
+        } else {
+            // Every entry carries the cluster ID.
+            self.changed.extend(entry.prefixes());
+            self.changed.extend(pod_cidrs.iter().copied());
+        }
         entry.id = id;
         entry.pod_cidrs = pod_cidrs;
     }
@@ -150,6 +186,9 @@ impl IpCache {
     /// The cluster's identities and endpoints are complete: enforce on its addresses.
     pub fn mark_synced(&mut self, name: &str) {
         if let Some(c) = self.clusters.get_mut(name) {
+            if !c.synced {
+                self.changed.extend(c.prefixes());
+            }
             c.synced = true;
         }
     }
@@ -157,7 +196,11 @@ impl IpCache {
     /// Forgets cluster `name` and every address it claimed (disconnected past its stale
     /// TTL, or removed from the configuration); returns how many entries went.
     pub fn remove_cluster(&mut self, name: &str) -> usize {
-        self.clusters.remove(name).map_or(0, |c| c.entries.len())
+        let Some(c) = self.clusters.remove(name) else {
+            return 0;
+        };
+        self.changed.extend(c.prefixes());
+        c.entries.len()
     }
 
     /// Records that `ip` in cluster `cluster` has `identity`.
@@ -195,15 +238,22 @@ impl IpCache {
                 owner,
             });
         }
-        c.entries.insert(ip, identity);
+        if c.entries.insert(ip, identity) != Some(identity) {
+            self.changed.insert(Cidr::host(ip));
+        }
         Ok(())
     }
 
     /// Forgets `ip` in `cluster`; returns whether it was there.
     pub fn remove(&mut self, cluster: &str, ip: IpAddr) -> bool {
-        self.clusters
+        let removed = self
+            .clusters
             .get_mut(cluster)
-            .is_some_and(|c| c.entries.remove(&ip).is_some())
+            .is_some_and(|c| c.entries.remove(&ip).is_some());
+        if removed {
+            self.changed.insert(Cidr::host(ip));
+        }
+        removed
     }
 
     /// Who `ip` is.
@@ -273,6 +323,39 @@ impl IpCache {
             );
         }
         out
+    }
+
+    /// What the datapath's IP cache holds for `prefix` alone: the entry
+    /// [`IpCache::datapath_entries`] has for it (the same precedence), without building
+    /// the others.
+    #[must_use]
+    pub fn datapath_entry(&self, prefix: &Cidr) -> Option<IpCacheValue> {
+        let host =
+            (prefix.prefix_len() == Cidr::host(prefix.addr()).prefix_len()).then(|| prefix.addr());
+        if host.is_some_and(|ip| self.host.contains(&ip)) {
+            return Some(IpCacheValue {
+                identity: HOST.get(),
+                cluster_id: 0,
+                syncing: false,
+            });
+        }
+        // The later cluster's claim wins, and within a cluster an address wins over a pod
+        // CIDR: the order `datapath_entries` writes them in.
+        self.clusters.values().rev().find_map(|c| {
+            let cluster_id = u16::try_from(c.id).unwrap_or(u16::MAX);
+            if let Some(identity) = host.and_then(|ip| c.entries.get(&ip)) {
+                return Some(IpCacheValue {
+                    identity: identity.get(),
+                    cluster_id,
+                    syncing: !c.synced,
+                });
+            }
+            (!c.synced && c.pod_cidrs.contains(prefix)).then_some(IpCacheValue {
+                identity: WORLD.get(),
+                cluster_id,
+                syncing: true,
+            })
+        })
     }
 
     /// Whether cluster `name` is known and synced.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clustermesh_api::cidr::Cidr;
 use clustermesh_api::policy::{
-    LabelSelector, Labels, NetworkPolicy, Peer, PolicyProtocol, PolicyRule, PortMatch,
+    LabelSelector, Labels, NetworkPolicy, Peer, PolicyProtocol, PolicyRule, PortMatch, Requirement,
     NAMESPACE_LABEL,
 };
 use clustermesh_api::security_identity::SecurityIdentity;
@@ -140,11 +140,12 @@ fn admits(
     })
 }
 
-/// A cached peer selector: the identities it selects and how many policy peers use it.
+/// A cached peer selector: the identities it selects and the policies using it (with how
+/// many of each policy's peers name it).
 #[derive(Debug, Default)]
 struct CachedSelector {
     selected: BTreeSet<SecurityIdentity>,
-    users: usize,
+    users: BTreeMap<PolicyKey, usize>,
 }
 
 /// Identities, local endpoints and policies, with every endpoint's computed policy kept
@@ -158,8 +159,36 @@ pub struct PolicyEngine {
     /// NetworkPolicy and CiliumNetworkPolicy confine them), so an endpoint is checked only
     /// against the policies of its namespace.
     by_namespace: BTreeMap<String, BTreeSet<PolicyKey>>,
+    /// Local endpoints by the namespace in their labels, the other side of `by_namespace`:
+    /// a policy's subjects are looked for among its namespace's endpoints only.
+    endpoints_by_namespace: BTreeMap<String, BTreeSet<EndpointId>>,
+    /// Identities by the namespace in their labels (`None`: no namespace label), so a new
+    /// peer selector that names its namespaces scans only their identities.
+    identities_by_namespace: BTreeMap<Option<String>, BTreeSet<SecurityIdentity>>,
+    /// Policies with a named egress port (their subjects depend on other endpoints' ports).
+    named_egress: BTreeSet<PolicyKey>,
     selectors: BTreeMap<LabelSelector, CachedSelector>,
     computed: BTreeMap<EndpointId, EndpointPolicy>,
+}
+
+fn namespace_of(labels: &Labels) -> Option<&String> {
+    labels.get(NAMESPACE_LABEL)
+}
+
+/// The namespaces a selector confines its matches to (`None`: not confined).
+fn namespaces_required(selector: &LabelSelector) -> Option<&BTreeSet<String>> {
+    selector.requirements().find_map(|r| match r {
+        Requirement::In { key, values } if key == NAMESPACE_LABEL => Some(values),
+        _ => None,
+    })
+}
+
+fn has_named_egress(policy: &NetworkPolicy) -> bool {
+    policy.egress.iter().flatten().any(|r| {
+        r.ports
+            .iter()
+            .any(|p| matches!(p.ports, PortMatch::Named(_)))
+    })
 }
 
 fn peer_selectors(policy: &NetworkPolicy) -> impl Iterator<Item = &LabelSelector> {
@@ -200,15 +229,23 @@ impl PolicyEngine {
     /// Adds or changes an identity; returns the endpoints whose policy changed.
     pub fn upsert_identity(&mut self, id: SecurityIdentity, labels: Labels) -> Vec<EndpointId> {
         let changed = self.reselect(id, Some(&labels));
-        self.identities.insert(id, labels);
+        let namespace = namespace_of(&labels).cloned();
+        if let Some(old) = self.identities.insert(id, labels) {
+            self.unindex_identity(id, &old);
+        }
+        self.identities_by_namespace
+            .entry(namespace)
+            .or_default()
+            .insert(id);
         self.recompute_for_selectors(&changed)
     }
 
     /// Removes an identity; returns the endpoints whose policy changed.
     pub fn remove_identity(&mut self, id: SecurityIdentity) -> Vec<EndpointId> {
-        if self.identities.remove(&id).is_none() {
+        let Some(old) = self.identities.remove(&id) else {
             return Vec::new();
-        }
+        };
+        self.unindex_identity(id, &old);
         let changed = self.reselect(id, None);
         self.recompute_for_selectors(&changed)
     }
@@ -216,8 +253,16 @@ impl PolicyEngine {
     /// Adds or changes a local endpoint; returns the endpoints whose policy changed.
     pub fn upsert_endpoint(&mut self, id: EndpointId, endpoint: LocalEndpoint) -> Vec<EndpointId> {
         let mut identities = vec![endpoint.identity];
+        let namespace = namespace_of(&endpoint.labels).cloned();
         if let Some(old) = self.endpoints.insert(id.clone(), endpoint) {
             identities.push(old.identity);
+            self.unindex_endpoint(&id, &old);
+        }
+        if let Some(ns) = namespace {
+            self.endpoints_by_namespace
+                .entry(ns)
+                .or_default()
+                .insert(id.clone());
         }
         // Its named ports may resolve egress port names other endpoints use towards it.
         let mut affected = self.resolving_names_towards(&identities);
@@ -231,6 +276,7 @@ impl PolicyEngine {
         let Some(old) = self.endpoints.remove(id) else {
             return Vec::new();
         };
+        self.unindex_endpoint(id, &old);
         let mut changed = Vec::new();
         if self.computed.remove(id).is_some() {
             changed.push(id.clone());
@@ -245,11 +291,15 @@ impl PolicyEngine {
         // The new policy's selectors are taken before the old one's are released, so a
         // selector both use stays cached.
         for s in peer_selectors(&policy) {
-            self.use_selector(s);
+            self.use_selector(s, &key);
         }
         let namespace = policy.namespace.clone();
+        let named = has_named_egress(&policy);
         if let Some(old) = self.policies.insert(key.clone(), policy) {
             affected.extend(self.retire(&key, &old));
+        }
+        if named {
+            self.named_egress.insert(key.clone());
         }
         self.by_namespace.entry(namespace).or_default().insert(key);
         self.recompute(affected)
@@ -274,9 +324,32 @@ impl PolicyEngine {
             }
         }
         for s in peer_selectors(old) {
-            self.release_selector(s);
+            self.release_selector(s, key);
         }
+        self.named_egress.remove(key);
         self.subjects_of(old)
+    }
+
+    fn unindex_identity(&mut self, id: SecurityIdentity, labels: &Labels) {
+        let namespace = namespace_of(labels).cloned();
+        if let Some(ids) = self.identities_by_namespace.get_mut(&namespace) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.identities_by_namespace.remove(&namespace);
+            }
+        }
+    }
+
+    fn unindex_endpoint(&mut self, id: &EndpointId, old: &LocalEndpoint) {
+        let Some(ns) = namespace_of(&old.labels) else {
+            return;
+        };
+        if let Some(ids) = self.endpoints_by_namespace.get_mut(ns) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.endpoints_by_namespace.remove(ns);
+            }
+        }
     }
 
     /// Recomputes every endpoint (after a restart, or to check the incremental result);
@@ -286,27 +359,54 @@ impl PolicyEngine {
         self.recompute(all)
     }
 
-    fn use_selector(&mut self, selector: &LabelSelector) {
+    fn use_selector(&mut self, selector: &LabelSelector, policy: &PolicyKey) {
         if let Some(cached) = self.selectors.get_mut(selector) {
-            cached.users += 1;
+            *cached.users.entry(policy.clone()).or_default() += 1;
             return;
         }
-        let selected = self
-            .identities
-            .iter()
-            .filter(|(_, labels)| selector.matches(labels))
-            .map(|(id, _)| *id)
-            .collect();
-        self.selectors
-            .insert(selector.clone(), CachedSelector { selected, users: 1 });
+        let matching = |id: &SecurityIdentity| {
+            self.identities
+                .get(id)
+                .is_some_and(|labels| selector.matches(labels))
+        };
+        // A selector naming its namespaces (every pod selector of a NetworkPolicy does)
+        // can only match identities of those namespaces.
+        let selected = match namespaces_required(selector) {
+            Some(namespaces) => namespaces
+                .iter()
+                .filter_map(|ns| self.identities_by_namespace.get(&Some(ns.clone())))
+                .flatten()
+                .copied()
+                .filter(|id| matching(id))
+                .collect(),
+            None => self
+                .identities
+                .iter()
+                .filter(|(_, labels)| selector.matches(labels))
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        self.selectors.insert(
+            selector.clone(),
+            CachedSelector {
+                selected,
+                users: BTreeMap::from([(policy.clone(), 1)]),
+            },
+        );
     }
 
-    fn release_selector(&mut self, selector: &LabelSelector) {
-        if let Some(cached) = self.selectors.get_mut(selector) {
-            cached.users -= 1;
-            if cached.users == 0 {
-                self.selectors.remove(selector);
+    fn release_selector(&mut self, selector: &LabelSelector, policy: &PolicyKey) {
+        let Some(cached) = self.selectors.get_mut(selector) else {
+            return;
+        };
+        if let Some(n) = cached.users.get_mut(policy) {
+            *n -= 1;
+            if *n == 0 {
+                cached.users.remove(policy);
             }
+        }
+        if cached.users.is_empty() {
+            self.selectors.remove(selector);
         }
     }
 
@@ -333,20 +433,32 @@ impl PolicyEngine {
         if selectors.is_empty() {
             return Vec::new();
         }
+        let users: BTreeSet<&PolicyKey> = selectors
+            .iter()
+            .filter_map(|s| self.selectors.get(s))
+            .flat_map(|c| c.users.keys())
+            .collect();
         let mut affected = BTreeSet::new();
-        for policy in self.policies.values() {
-            if peer_selectors(policy).any(|s| selectors.contains(s)) {
-                affected.extend(self.subjects_of(policy));
-            }
+        for policy in users.into_iter().filter_map(|k| self.policies.get(k)) {
+            affected.extend(self.subjects_of(policy));
         }
         self.recompute(affected)
     }
 
+    /// The local endpoints `policy` selects as subjects: only endpoints of its namespace
+    /// are candidates (the same confinement `compute` relies on).
     fn subjects_of(&self, policy: &NetworkPolicy) -> BTreeSet<EndpointId> {
-        self.endpoints
+        let Some(candidates) = self.endpoints_by_namespace.get(&policy.namespace) else {
+            return BTreeSet::new();
+        };
+        candidates
             .iter()
-            .filter(|(_, ep)| policy.subjects.matches(&ep.labels))
-            .map(|(id, _)| id.clone())
+            .filter(|id| {
+                self.endpoints
+                    .get(*id)
+                    .is_some_and(|ep| policy.subjects.matches(&ep.labels))
+            })
+            .cloned()
             .collect()
     }
 
@@ -354,7 +466,11 @@ impl PolicyEngine {
     /// have one of `identities` (their resolution depends on that peer's ports).
     fn resolving_names_towards(&self, identities: &[SecurityIdentity]) -> BTreeSet<EndpointId> {
         let mut out = BTreeSet::new();
-        for policy in self.policies.values() {
+        for policy in self
+            .named_egress
+            .iter()
+            .filter_map(|k| self.policies.get(k))
+        {
             let named = policy.egress.iter().flatten().any(|r| {
                 r.ports
                     .iter()

@@ -6,10 +6,13 @@
 //!   last good version stays in force.
 //! * Local endpoints are the local cluster's endpoints on this node; a [`CgroupResolver`]
 //!   finds the pod's cgroup (by pod UID), which owns its rules in the datapath.
-//! * [`PolicyPlane::flush`] writes only what changed: IP cache prefixes that differ from
-//!   what was written, and the rules of endpoints whose computed policy changed. The first
-//!   flush after start is a full reconcile (pinned state of a previous agent is adopted,
-//!   leftovers removed), and it is up to the caller to hold it until the clusters synced.
+//! * [`PolicyPlane::flush`] writes only what changed: IP cache prefixes touched since the
+//!   last flush (recorded as records arrive, so a flush costs the changes, not the size of
+//!   the cache) whose entry differs from what was written, and the rules of endpoints whose
+//!   computed policy changed. The first flush after start is a full reconcile (pinned
+//!   state of a previous agent is adopted, leftovers removed), and it is up to the caller
+//!   to hold it until the clusters synced. A failed IP cache write is retried for the
+//!   prefixes it carried; a failed reconcile is redone in full.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -142,8 +145,13 @@ pub struct PolicyPlane {
     cidrs: CidrIdentities,
     resolver: Box<dyn CgroupResolver>,
     dirty: BTreeSet<EndpointId>,
-    ipcache_dirty: bool,
-    /// A failed IP cache write left the map in an unknown state: reconcile it in full.
+    /// IP cache prefixes touched since the last flush, besides those the [`IpCache`]
+    /// records itself (the CIDR identities of policy address blocks).
+    ipcache_dirty: BTreeSet<Cidr>,
+    /// Prefixes of a failed IP cache write: what the datapath holds for them is unknown,
+    /// so the next flush writes them whatever `applied_ipcache` says.
+    ipcache_unknown: BTreeSet<Cidr>,
+    /// A failed IP cache reconcile left the map in an unknown state: reconcile it in full.
     ipcache_resync: bool,
     installed: BTreeMap<EndpointId, (PolicyOwner, EndpointRules)>,
     applied_ipcache: BTreeMap<Cidr, IpCacheValue>,
@@ -203,7 +211,8 @@ impl PolicyPlane {
             cidrs: CidrIdentities::default(),
             resolver,
             dirty: BTreeSet::new(),
-            ipcache_dirty: true,
+            ipcache_dirty: BTreeSet::new(),
+            ipcache_unknown: BTreeSet::new(),
             ipcache_resync: false,
             installed: BTreeMap::new(),
             applied_ipcache: BTreeMap::new(),
@@ -324,7 +333,6 @@ impl PolicyPlane {
                     .collect();
                 self.ipcache.add_cluster(&cluster, id, cidrs);
                 self.clusters.entry(cluster).or_default().id = id;
-                self.ipcache_dirty = true;
             }
             PlaneUpdate::Replace { cluster, inputs } => {
                 let existing: Vec<InputKey> = self.keys_of(&cluster);
@@ -339,7 +347,6 @@ impl PolicyPlane {
                     self.upsert(&cluster, input);
                 }
                 self.ipcache.mark_synced(&cluster);
-                self.ipcache_dirty = true;
             }
             PlaneUpdate::Upsert { cluster, input } => self.upsert(&cluster, input),
             PlaneUpdate::Remove { cluster, key } => self.remove(&cluster, &key),
@@ -349,7 +356,6 @@ impl PolicyPlane {
                 }
                 self.ipcache.remove_cluster(&cluster);
                 self.clusters.remove(&cluster);
-                self.ipcache_dirty = true;
             }
         }
     }
@@ -391,7 +397,6 @@ impl PolicyPlane {
                     self.counters.records_refused += 1;
                     return;
                 }
-                self.ipcache_dirty = true;
                 let c = self.clusters.entry(cluster.to_owned()).or_default();
                 let old = c.endpoints.insert(rec.ip, rec.clone());
                 if let Some(old) = old {
@@ -433,10 +438,14 @@ impl PolicyPlane {
                         if status.in_force.as_ref() == Some(&policy) {
                             return;
                         }
+                        let blocks = has_ip_blocks(&policy)
+                            || status.in_force.as_ref().is_some_and(has_ip_blocks);
                         status.in_force = Some(policy.clone());
                         let changed = self.engine.upsert_policy(key, policy);
                         self.dirty.extend(changed);
-                        self.sync_cidrs();
+                        if blocks {
+                            self.sync_cidrs();
+                        }
                     }
                     Err(error) => {
                         let kept = self
@@ -480,17 +489,18 @@ impl PolicyPlane {
                     return;
                 };
                 self.ipcache.remove(cluster, *ip);
-                self.ipcache_dirty = true;
                 self.forget_local(cluster, &old);
             }
             InputKey::Policy(key) => {
                 if let Some(c) = self.clusters.get_mut(cluster) {
                     c.policies.remove(key);
                 }
-                if self.policy_status.remove(key).is_some() {
+                if let Some(status) = self.policy_status.remove(key) {
                     let changed = self.engine.remove_policy(key);
                     self.dirty.extend(changed);
-                    self.sync_cidrs();
+                    if status.in_force.as_ref().is_some_and(has_ip_blocks) {
+                        self.sync_cidrs();
+                    }
                 }
             }
         }
@@ -567,13 +577,33 @@ impl PolicyPlane {
                 Peer::Endpoints(_) => None,
             })
             .collect();
+        let before = self.cidrs.prefixes().clone();
         if self
             .cidrs
             .sync(blocks.iter().map(|(c, e)| (c, e.as_slice())))
         {
-            self.ipcache_dirty = true;
+            let after = self.cidrs.prefixes();
+            self.ipcache_dirty.extend(
+                before
+                    .iter()
+                    .chain(after.iter())
+                    .filter(|(c, _)| before.get(c) != after.get(c))
+                    .map(|(c, _)| *c),
+            );
             self.dirty.extend(self.local.keys().cloned());
         }
+    }
+
+    /// What the datapath's IP cache should hold for `prefix` (its entry in
+    /// [`PolicyPlane::desired_ipcache`], computed alone).
+    fn desired_entry(&self, prefix: &Cidr) -> Option<IpCacheValue> {
+        self.ipcache.datapath_entry(prefix).or_else(|| {
+            self.cidrs.prefixes().get(prefix).map(|id| IpCacheValue {
+                identity: *id,
+                cluster_id: 0,
+                syncing: false,
+            })
+        })
     }
 
     /// The IP cache the datapath should hold.
@@ -603,42 +633,7 @@ impl PolicyPlane {
     pub fn flush(&mut self, dp: &mut dyn PolicyDatapath) -> FlushReport {
         let mut report = FlushReport::default();
         let full = !self.reconciled;
-        if self.ipcache_dirty || self.ipcache_resync || full {
-            let desired = self.desired_ipcache();
-            let result = if full || self.ipcache_resync {
-                let entries: Vec<(Cidr, IpCacheValue)> =
-                    desired.iter().map(|(c, v)| (*c, *v)).collect();
-                report.ipcache_changes = entries.len();
-                dp.reconcile_ipcache(&entries)
-            } else {
-                let mut changes: Vec<(Cidr, Option<IpCacheValue>)> = self
-                    .applied_ipcache
-                    .keys()
-                    .filter(|c| !desired.contains_key(c))
-                    .map(|c| (*c, None))
-                    .collect();
-                changes.extend(
-                    desired
-                        .iter()
-                        .filter(|(c, v)| self.applied_ipcache.get(c) != Some(v))
-                        .map(|(c, v)| (*c, Some(*v))),
-                );
-                report.ipcache_changes = changes.len();
-                dp.apply_ipcache(&changes)
-            };
-            match result {
-                Ok(()) => {
-                    self.applied_ipcache = desired;
-                    self.ipcache_dirty = false;
-                    self.ipcache_resync = false;
-                }
-                Err(e) => {
-                    // What was applied is unknown: the next flush reconciles the cache.
-                    report.failures.push(e.to_string());
-                    self.ipcache_resync = true;
-                }
-            }
-        }
+        self.flush_ipcache(dp, full, &mut report);
         let candidates: BTreeSet<EndpointId> = if full {
             self.local
                 .keys()
@@ -666,6 +661,64 @@ impl PolicyPlane {
             .count();
         self.dirty.extend(retry);
         report
+    }
+
+    /// Writes the IP cache: in full (a reconcile) on the first flush and after a failed
+    /// reconcile, else only the touched prefixes whose entry differs from what was written.
+    fn flush_ipcache(&mut self, dp: &mut dyn PolicyDatapath, full: bool, report: &mut FlushReport) {
+        let mut touched = self.ipcache.take_changed();
+        touched.append(&mut self.ipcache_dirty);
+        if full || self.ipcache_resync {
+            let desired = self.desired_ipcache();
+            let entries: Vec<(Cidr, IpCacheValue)> =
+                desired.iter().map(|(c, v)| (*c, *v)).collect();
+            report.ipcache_changes = entries.len();
+            match dp.reconcile_ipcache(&entries) {
+                Ok(()) => {
+                    self.applied_ipcache = desired;
+                    self.ipcache_unknown.clear();
+                    self.ipcache_resync = false;
+                }
+                Err(e) => {
+                    // What was applied is unknown: the next flush reconciles the cache.
+                    report.failures.push(e.to_string());
+                    self.ipcache_resync = true;
+                }
+            }
+            return;
+        }
+        touched.extend(self.ipcache_unknown.iter().copied());
+        // Deletes first, then writes (the order of a reconcile).
+        let (mut changes, writes): (Vec<_>, Vec<_>) = touched
+            .iter()
+            .filter_map(|c| {
+                let want = self.desired_entry(c);
+                (self.ipcache_unknown.contains(c) || self.applied_ipcache.get(c) != want.as_ref())
+                    .then_some((*c, want))
+            })
+            .partition(|(_, want)| want.is_none());
+        changes.extend(writes);
+        if changes.is_empty() {
+            return;
+        }
+        report.ipcache_changes = changes.len();
+        match dp.apply_ipcache(&changes) {
+            Ok(()) => {
+                for (c, want) in changes {
+                    self.ipcache_unknown.remove(&c);
+                    match want {
+                        Some(v) => self.applied_ipcache.insert(c, v),
+                        None => self.applied_ipcache.remove(&c),
+                    };
+                }
+            }
+            Err(e) => {
+                // Some of the changes may be written: the next flush writes them all again.
+                report.failures.push(e.to_string());
+                self.ipcache_unknown
+                    .extend(changes.into_iter().map(|(c, _)| c));
+            }
+        }
     }
 
     fn flush_endpoint(
@@ -733,4 +786,15 @@ impl PolicyPlane {
             }
         }
     }
+}
+
+/// Whether `policy` names an address block (which needs CIDR identities).
+fn has_ip_blocks(policy: &NetworkPolicy) -> bool {
+    policy
+        .ingress
+        .iter()
+        .chain(policy.egress.iter())
+        .flatten()
+        .flat_map(|r| r.peers.iter().flatten())
+        .any(|p| matches!(p, Peer::IpBlock { .. }))
 }

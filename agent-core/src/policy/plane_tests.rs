@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use clustermesh_api::cidr::Cidr;
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::keys::PolicySource;
 use clustermesh_api::policy::{Labels, PeerClusters, PolicyProtocol};
@@ -13,7 +14,8 @@ use super::datapath::Direction::{Egress, Ingress};
 use super::inputs::{EndpointRecord, IdentityRecord, Input, InputKey, PolicyRecord};
 use super::memory::{MemPolicyDatapath, Verdict};
 use super::plane::{CgroupResolver, PlaneConfig, PlaneUpdate, PolicyPlane};
-use super::PolicyKey;
+use super::{IpCacheValue, PolicyDatapath, PolicyDatapathError, PolicyKey};
+use proptest::prelude::*;
 
 const TCP: u8 = 6;
 
@@ -448,4 +450,393 @@ fn a_restarted_plane_adopts_and_prunes_pinned_state() {
         dp.verdict(7, Ingress, ip("10.101.1.12"), TCP, 8080),
         Verdict::Denied
     );
+}
+
+/// What reached the datapath's IP cache, over a [`MemPolicyDatapath`]; the next IP cache
+/// write can be made to fail after `n` of its changes (the rest not applied), as a map
+/// update failing midway would.
+#[derive(Default)]
+struct Recording {
+    inner: MemPolicyDatapath,
+    written: Vec<(Cidr, Option<IpCacheValue>)>,
+    reconciles: usize,
+    fail_after: Option<usize>,
+}
+
+impl Recording {
+    fn take(&mut self) -> Vec<(Cidr, Option<IpCacheValue>)> {
+        std::mem::take(&mut self.written)
+    }
+
+    fn injected(&mut self) -> Option<PolicyDatapathError> {
+        self.fail_after.take().map(|n| PolicyDatapathError {
+            map: "memory".into(),
+            operation: format!("IP cache write after {n} changes"),
+            detail: "injected failure".into(),
+        })
+    }
+}
+
+impl PolicyDatapath for Recording {
+    fn apply_ipcache(
+        &mut self,
+        changes: &[(Cidr, Option<IpCacheValue>)],
+    ) -> Result<(), PolicyDatapathError> {
+        let n = self
+            .fail_after
+            .map_or(changes.len(), |n| n.min(changes.len()));
+        self.written.extend_from_slice(&changes[..n]);
+        self.inner.apply_ipcache(&changes[..n])?;
+        self.injected().map_or(Ok(()), Err)
+    }
+
+    fn reconcile_ipcache(
+        &mut self,
+        entries: &[(Cidr, IpCacheValue)],
+    ) -> Result<(), PolicyDatapathError> {
+        self.reconciles += 1;
+        match self.fail_after {
+            None => self.inner.reconcile_ipcache(entries),
+            Some(n) => {
+                let partial: Vec<_> = entries
+                    .iter()
+                    .take(n)
+                    .map(|(c, v)| (*c, Some(*v)))
+                    .collect();
+                self.inner.apply_ipcache(&partial)?;
+                self.injected().map_or(Ok(()), Err)
+            }
+        }
+    }
+
+    fn install(
+        &mut self,
+        owner: &super::PolicyOwner,
+        rules: &super::EndpointRules,
+    ) -> Result<(), PolicyDatapathError> {
+        self.inner.install(owner, rules)
+    }
+
+    fn remove(&mut self, owner: &super::PolicyOwner) -> Result<(), PolicyDatapathError> {
+        self.inner.remove(owner)
+    }
+
+    fn reconcile_owners(&mut self, live: &[super::PolicyOwner]) -> Result<(), PolicyDatapathError> {
+        self.inner.reconcile_owners(live)
+    }
+
+    fn counters(&self) -> Result<super::PolicyCounters, PolicyDatapathError> {
+        self.inner.counters()
+    }
+}
+
+fn cidr(s: &str) -> Cidr {
+    Cidr::parse(s).unwrap()
+}
+
+fn value(identity: u32, cluster_id: u16, syncing: bool) -> Option<IpCacheValue> {
+    Some(IpCacheValue {
+        identity,
+        cluster_id,
+        syncing,
+    })
+}
+
+/// Egress to `cidr` minus `except` from the api pods.
+fn block_policy(cidr: &str, except: &[&str]) -> Input {
+    policy(
+        "blocks",
+        &format!(
+            r#"{{"podSelector": {{"matchLabels": {{"app": "api"}}}}, "policyTypes": ["Egress"],
+                "egress": [{{"to": [{{"ipBlock": {{"cidr": "{cidr}", "except": {}}}}}]}}]}}"#,
+            serde_json::to_string(except).unwrap()
+        ),
+    )
+}
+
+#[test]
+fn an_incremental_flush_writes_only_the_changed_prefixes() {
+    let mut m = unflushed_mesh(
+        PeerClusters::Local,
+        vec![policy("from-cluster1", FRONTEND_FROM_CLUSTER1)],
+    );
+    let mut dp = Recording::default();
+    let report = m.plane.flush(&mut dp);
+    assert_eq!(
+        (dp.reconciles, report.ipcache_changes),
+        (1, 6),
+        "{report:?}"
+    );
+    let step = |m: &mut Mesh, dp: &mut Recording, update: Option<PlaneUpdate>| {
+        if let Some(u) = update {
+            m.plane.apply(u);
+        }
+        let report = m.plane.flush(dp);
+        assert!(report.failures.is_empty(), "{report:?}");
+        assert_eq!(dp.reconciles, 1, "no full reconcile after the first flush");
+        let written = dp.take();
+        assert_eq!(report.ipcache_changes, written.len());
+        written
+    };
+    let upsert = |cluster: &str, input: Input| {
+        Some(PlaneUpdate::Upsert {
+            cluster: cluster.into(),
+            input,
+        })
+    };
+    let new_pod = || endpoint("10.101.1.13", id(1, 300), "n9", "frontend-3", 0);
+    // One new pod: its /32 alone.
+    assert_eq!(
+        step(&mut m, &mut dp, upsert("cluster1", new_pod())),
+        vec![(cidr("10.101.1.13/32"), value(id(1, 300).get(), 1, false))]
+    );
+    // Nothing new, or the same record again: nothing.
+    assert_eq!(step(&mut m, &mut dp, None), vec![]);
+    assert_eq!(step(&mut m, &mut dp, upsert("cluster1", new_pod())), vec![]);
+    // Its identity changes: that prefix again.
+    assert_eq!(
+        step(
+            &mut m,
+            &mut dp,
+            upsert(
+                "cluster1",
+                endpoint("10.101.1.13", id(1, 301), "n9", "frontend-3", 0)
+            )
+        ),
+        vec![(cidr("10.101.1.13/32"), value(id(1, 301).get(), 1, false))]
+    );
+    // Gone: one delete.
+    let remove = PlaneUpdate::Remove {
+        cluster: "cluster1".into(),
+        key: InputKey::Endpoint(ip("10.101.1.13")),
+    };
+    assert_eq!(
+        step(&mut m, &mut dp, Some(remove)),
+        vec![(cidr("10.101.1.13/32"), None)]
+    );
+    // An address block: its CIDR identities only.
+    let written = step(
+        &mut m,
+        &mut dp,
+        upsert(
+            "cluster2",
+            block_policy("192.0.2.0/24", &["192.0.2.128/25"]),
+        ),
+    );
+    let prefixes: Vec<Cidr> = written.iter().map(|(c, _)| *c).collect();
+    assert_eq!(prefixes, vec![cidr("192.0.2.0/24"), cidr("192.0.2.128/25")]);
+    assert!(written
+        .iter()
+        .all(|(_, v)| v.is_some_and(|v| v.identity >= super::lower::FIRST_CIDR_IDENTITY)));
+    // A new cluster while it syncs: its pod CIDR; once synced: the CIDR goes, its pod
+    // comes; dropped: the pod goes.
+    let info = PlaneUpdate::ClusterInfo {
+        cluster: "cluster3".into(),
+        id: 3,
+        pod_cidrs: vec!["10.103.0.0/16".into()],
+    };
+    assert_eq!(
+        step(&mut m, &mut dp, Some(info)),
+        vec![(cidr("10.103.0.0/16"), value(2, 3, true))]
+    );
+    let synced = replace(
+        "cluster3",
+        vec![endpoint("10.103.1.1", id(3, 300), "n9", "x", 0)],
+    );
+    assert_eq!(
+        step(&mut m, &mut dp, Some(synced)),
+        vec![
+            (cidr("10.103.0.0/16"), None),
+            (cidr("10.103.1.1/32"), value(id(3, 300).get(), 3, false))
+        ]
+    );
+    let drop = PlaneUpdate::DropCluster {
+        cluster: "cluster3".into(),
+    };
+    assert_eq!(
+        step(&mut m, &mut dp, Some(drop)),
+        vec![(cidr("10.103.1.1/32"), None)]
+    );
+    // A failed write is retried for its prefixes alone, without a full reconcile.
+    dp.fail_after = Some(0);
+    m.plane.apply(upsert("cluster1", new_pod()).unwrap());
+    let report = m.plane.flush(&mut dp);
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert_eq!(
+        step(&mut m, &mut dp, None),
+        vec![(cidr("10.101.1.13/32"), value(id(1, 300).get(), 1, false))]
+    );
+    assert_eq!(dp.inner.ipcache(), m.plane.desired_ipcache());
+}
+
+const CLUSTERS: [(&str, u32); 3] = [("cluster1", 1), ("cluster2", 2), ("cluster3", 3)];
+/// Addresses any cluster may claim: pods, the node's own address, one inside a block, v6.
+const ADDRS: [&str; 7] = [
+    "10.101.0.1",
+    "10.101.0.2",
+    "10.102.0.1",
+    "10.0.0.1",
+    "172.30.0.33",
+    "192.0.2.5",
+    "fd00::1",
+];
+/// Pod CIDRs, a /32 that is also a pod address among them.
+const POD_CIDRS: [&str; 4] = ["10.101.0.0/16", "10.0.0.0/8", "10.101.0.1/32", "fd00::/64"];
+/// Address blocks (and holes) of the `blocks` policy.
+const BLOCKS: [(&str, &[&str]); 4] = [
+    ("10.0.0.0/8", &["10.101.0.0/16"]),
+    ("192.0.2.0/24", &[]),
+    ("10.101.0.1/32", &[]),
+    ("0.0.0.0/0", &["172.30.0.33/32", "10.101.0.0/16"]),
+];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Info {
+        cluster: usize,
+        moved: bool,
+        cidrs: Vec<usize>,
+    },
+    Upsert {
+        cluster: usize,
+        addr: usize,
+        local: u32,
+    },
+    Remove {
+        cluster: usize,
+        addr: usize,
+    },
+    Replace {
+        cluster: usize,
+        addrs: Vec<(usize, u32)>,
+    },
+    Drop {
+        cluster: usize,
+    },
+    Blocks(usize),
+    Unblock,
+    Flush {
+        fail_after: Option<usize>,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let cluster = 0..CLUSTERS.len();
+    let addr = 0..ADDRS.len();
+    prop_oneof![
+        1 => (
+            cluster.clone(),
+            prop::bool::weighted(0.1),
+            prop::collection::vec(0..POD_CIDRS.len(), 0..3)
+        )
+            .prop_map(|(cluster, moved, cidrs)| Op::Info {
+                cluster,
+                moved,
+                cidrs
+            }),
+        4 => (cluster.clone(), addr.clone(), 300..303u32)
+            .prop_map(|(cluster, addr, local)| Op::Upsert { cluster, addr, local }),
+        2 => (cluster.clone(), addr.clone()).prop_map(|(cluster, addr)| Op::Remove { cluster, addr }),
+        1 => (
+            cluster.clone(),
+            prop::collection::vec((addr, 300..303u32), 0..4)
+        )
+            .prop_map(|(cluster, addrs)| Op::Replace { cluster, addrs }),
+        1 => cluster.prop_map(|cluster| Op::Drop { cluster }),
+        1 => (0..BLOCKS.len()).prop_map(Op::Blocks),
+        1 => Just(Op::Unblock),
+        3 => prop::option::weighted(0.2, 0..4usize).prop_map(|fail_after| Op::Flush { fail_after }),
+    ]
+}
+
+fn update_of(op: &Op) -> Option<PlaneUpdate> {
+    let name = |c: usize| CLUSTERS[c].0.to_owned();
+    let pod = |c: usize, a: usize, local: u32| {
+        endpoint(
+            ADDRS[a],
+            id(CLUSTERS[c].1, local),
+            "n9",
+            &format!("p{a}"),
+            0,
+        )
+    };
+    Some(match op {
+        Op::Info {
+            cluster,
+            moved,
+            cidrs,
+        } => PlaneUpdate::ClusterInfo {
+            cluster: name(*cluster),
+            id: CLUSTERS[*cluster].1 + if *moved { 10 } else { 0 },
+            pod_cidrs: cidrs.iter().map(|i| POD_CIDRS[*i].to_owned()).collect(),
+        },
+        Op::Upsert {
+            cluster,
+            addr,
+            local,
+        } => PlaneUpdate::Upsert {
+            cluster: name(*cluster),
+            input: pod(*cluster, *addr, *local),
+        },
+        Op::Remove { cluster, addr } => PlaneUpdate::Remove {
+            cluster: name(*cluster),
+            key: InputKey::Endpoint(ip(ADDRS[*addr])),
+        },
+        Op::Replace { cluster, addrs } => replace(
+            &name(*cluster),
+            addrs.iter().map(|(a, l)| pod(*cluster, *a, *l)).collect(),
+        ),
+        Op::Drop { cluster } => PlaneUpdate::DropCluster {
+            cluster: name(*cluster),
+        },
+        Op::Blocks(i) => PlaneUpdate::Upsert {
+            cluster: "cluster2".into(),
+            input: block_policy(BLOCKS[*i].0, BLOCKS[*i].1),
+        },
+        Op::Unblock => PlaneUpdate::Remove {
+            cluster: "cluster2".into(),
+            key: policy("blocks", "{}").key(),
+        },
+        Op::Flush { .. } => return None,
+    })
+}
+
+proptest! {
+    /// Flushing incrementally along the way (with failed writes) leaves the datapath's IP
+    /// cache exactly where one full reconcile of the final state puts it.
+    #[test]
+    fn incremental_ipcache_flushes_end_where_a_full_reconcile_does(
+        ops in prop::collection::vec(op(), 1..60)
+    ) {
+        let mut incremental = mesh(PeerClusters::Local);
+        let mut scratch = mesh(PeerClusters::Local);
+        let mut dp = Recording::default();
+        for op in &ops {
+            match update_of(op) {
+                Some(u) => {
+                    incremental.plane.apply(u.clone());
+                    scratch.plane.apply(u);
+                }
+                None => {
+                    let Op::Flush { fail_after } = op else { unreachable!() };
+                    dp.fail_after = *fail_after;
+                    incremental.plane.flush(&mut dp);
+                    dp.fail_after = None;
+                }
+            }
+        }
+        let report = incremental.plane.flush(&mut dp);
+        prop_assert!(report.failures.is_empty(), "{:?}", report);
+        let report = scratch.plane.flush(&mut scratch.dp);
+        prop_assert!(report.failures.is_empty(), "{:?}", report);
+        let want = scratch.dp.ipcache();
+        prop_assert_eq!(&want, &scratch.plane.desired_ipcache());
+        prop_assert_eq!(dp.inner.ipcache(), want);
+        // Each prefix's entry computed alone agrees with the whole cache built at once.
+        let cache = incremental.plane.ipcache();
+        let whole = cache.datapath_entries();
+        for p in ADDRS.iter().map(|a| Cidr::host(ip(a))).chain(POD_CIDRS.iter().map(|c| cidr(c))) {
+            prop_assert_eq!(cache.datapath_entry(&p), whole.get(&p).copied(), "{}", p);
+        }
+    }
 }

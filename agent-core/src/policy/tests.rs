@@ -246,12 +246,12 @@ fn named_egress_ports_resolve_against_the_peers_endpoints() {
 /// One change to the engine, for the property test.
 #[derive(Debug, Clone)]
 enum Op {
-    Identity(u32, &'static str, &'static str),
+    Identity(u32, &'static str, &'static str, &'static str),
     RemoveIdentity(u32),
-    Endpoint(&'static str, u32, &'static str, u16),
-    RemoveEndpoint(&'static str),
-    Policy(&'static str, usize),
-    RemovePolicy(&'static str),
+    Endpoint(&'static str, &'static str, u32, &'static str, u16),
+    RemoveEndpoint(&'static str, &'static str),
+    Policy(&'static str, &'static str, usize),
+    RemovePolicy(&'static str, &'static str),
 }
 
 const POLICIES: [&str; 4] = [
@@ -266,14 +266,17 @@ fn op() -> impl Strategy<Value = Op> {
     let app = prop::sample::select(vec!["api", "frontend", "other"]);
     let pod = prop::sample::select(vec!["p0", "p1", "p2"]);
     let name = prop::sample::select(vec!["a", "b"]);
+    // Two namespaces: subjects stay in their policy's namespace, peers may not.
+    let ns = prop::sample::select(vec!["shop", "tools"]);
     prop_oneof![
-        (0u32..6, cluster, app.clone()).prop_map(|(i, c, a)| Op::Identity(i, c, a)),
+        (0u32..6, cluster, ns.clone(), app.clone())
+            .prop_map(|(i, c, n, a)| Op::Identity(i, c, n, a)),
         (0u32..6).prop_map(Op::RemoveIdentity),
-        (pod.clone(), 0u32..6, app, 8079u16..8082)
-            .prop_map(|(p, i, a, port)| Op::Endpoint(p, i, a, port)),
-        pod.prop_map(Op::RemoveEndpoint),
-        (name.clone(), 0..POLICIES.len()).prop_map(|(n, i)| Op::Policy(n, i)),
-        name.prop_map(Op::RemovePolicy),
+        (ns.clone(), pod.clone(), 0u32..6, app, 8079u16..8082)
+            .prop_map(|(n, p, i, a, port)| Op::Endpoint(n, p, i, a, port)),
+        (ns.clone(), pod).prop_map(|(n, p)| Op::RemoveEndpoint(n, p)),
+        (ns.clone(), name.clone(), 0..POLICIES.len()).prop_map(|(s, n, i)| Op::Policy(s, n, i)),
+        (ns, name).prop_map(|(s, n)| Op::RemovePolicy(s, n)),
     ]
 }
 
@@ -287,17 +290,21 @@ proptest! {
         for op in ops {
             let before: BTreeMap<EndpointId, EndpointPolicy> = e.endpoint_policies().clone();
             let mut reported = match op {
-                Op::Identity(i, c, a) => e.upsert_identity(SecurityIdentity::new(i), labels(c, "shop", a)),
+                Op::Identity(i, c, ns, a) => e.upsert_identity(SecurityIdentity::new(i), labels(c, ns, a)),
                 Op::RemoveIdentity(i) => e.remove_identity(SecurityIdentity::new(i)),
-                Op::Endpoint(p, i, a, port) => e.upsert_endpoint(ep("shop", p), local(i, a, &[("http", port)])),
-                Op::RemoveEndpoint(p) => e.remove_endpoint(&ep("shop", p)),
-                Op::Policy(n, i) => {
-                    let (key, policy) = np("shop", n, POLICIES[i], PeerClusters::Local);
+                Op::Endpoint(ns, p, i, a, port) => {
+                    let mut endpoint = local(i, a, &[("http", port)]);
+                    endpoint.labels = labels("east", ns, a);
+                    e.upsert_endpoint(ep(ns, p), endpoint)
+                }
+                Op::RemoveEndpoint(ns, p) => e.remove_endpoint(&ep(ns, p)),
+                Op::Policy(ns, n, i) => {
+                    let (key, policy) = np(ns, n, POLICIES[i], PeerClusters::Local);
                     e.upsert_policy(key, policy)
                 }
-                Op::RemovePolicy(n) => e.remove_policy(&PolicyKey {
+                Op::RemovePolicy(ns, n) => e.remove_policy(&PolicyKey {
                     kind: "NetworkPolicy".into(),
-                    namespace: "shop".into(),
+                    namespace: ns.into(),
                     name: n.into(),
                 }),
             };
