@@ -15,14 +15,10 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
-    os::fd::{AsRawFd, OwnedFd},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -33,10 +29,7 @@ use clustermesh_agent_core::{
     maglev::{Maglev, TableSize},
 };
 use clustermesh_api::model::{Affinity, BackendState, Protocol, ServicePortId, Tier};
-use nix::sys::socket::{
-    bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    SockaddrIn,
-};
+use clustermesh_test_support::sockets::{timed_connect, Sink};
 
 const SERVICES: u32 = 10_000;
 
@@ -106,82 +99,6 @@ impl Drop for BenchEnv {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// A TCP server that accepts and immediately drops connections (backlog SOMAXCONN).
-struct Sink {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start(ip: Ipv4Addr) -> Self {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-        bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(ip, 0))).unwrap();
-        listen(&fd, Backlog::MAXCONN).unwrap();
-        let listener = TcpListener::from(fd);
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::spawn(move || {
-            for s in listener.incoming() {
-                drop(s);
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-        });
-        Self {
-            addr,
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// One raw connect: socket(), SO_LINGER 0 (close sends RST, no TIME_WAIT pile-up),
-/// connect() timed alone, close().
-fn timed_connect(to: SocketAddrV4) -> Duration {
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(
-        &fd,
-        sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    let addr = SockaddrIn::from(to);
-    let t = Instant::now();
-    connect(fd.as_raw_fd(), &addr).expect("connect");
-    let d = t.elapsed();
-    drop(fd);
-    d
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -319,7 +236,9 @@ impl Worker {
                 return;
             }
             while let Ok(Some((to, n))) = work_rx.recv() {
-                let v = (0..n).map(|_| timed_connect(to)).collect();
+                let v = (0..n)
+                    .map(|_| timed_connect(to).expect("connect"))
+                    .collect();
                 if done_tx.send(v).is_err() {
                     return;
                 }
@@ -374,10 +293,10 @@ fn sibling_cgroup(env: &BenchEnv, suffix: &str) -> PathBuf {
 
 fn latency(env: &BenchEnv, n: usize, out: &mut String) {
     let sinks = [
-        Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
-        Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
+        Sink::start(SocketAddrV4::new(Ipv4Addr::new(127, 0, 50, 2), 0)),
+        Sink::start(SocketAddrV4::new(Ipv4Addr::new(127, 0, 50, 3), 0)),
     ];
-    let real: Vec<SocketAddr> = sinks.iter().map(|s| s.addr).collect();
+    let real: Vec<SocketAddr> = sinks.iter().map(|s| SocketAddr::V4(s.addr())).collect();
     let backend0 = v4(real[0]);
     let measured = SERVICES / 2;
 
@@ -516,8 +435,8 @@ fn iptables_namespace(tool: &'static str) -> Result<(Vec<Sink>, Duration), Strin
         return Err("ip link set lo up failed".into());
     }
     let sinks = vec![
-        Sink::start(Ipv4Addr::new(127, 0, 50, 2)),
-        Sink::start(Ipv4Addr::new(127, 0, 50, 3)),
+        Sink::start(SocketAddrV4::new(Ipv4Addr::new(127, 0, 50, 2), 0)),
+        Sink::start(SocketAddrV4::new(Ipv4Addr::new(127, 0, 50, 3), 0)),
     ];
     let mut rules = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     for i in 0..SERVICES {
@@ -543,7 +462,7 @@ fn iptables_namespace(tool: &'static str) -> Result<(Vec<Sink>, Duration), Strin
             let _ = writeln!(
                 rules,
                 "-A KUBE-SEP-{i}-{k} -p tcp -m tcp -j DNAT --to-destination {}",
-                s.addr
+                s.addr()
             );
         }
     }

@@ -20,16 +20,13 @@
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::{
-        fd::{AsFd as _, AsRawFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
-    },
+    sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -45,10 +42,7 @@ use clustermesh_api::{
     model::{Affinity, BackendState, Protocol, ServicePortId, Tier},
 };
 use clustermesh_ebpf_common::map_names;
-use nix::sys::socket::{
-    bind, connect, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    SockaddrIn,
-};
+use clustermesh_test_support::sockets::{timed_connect, Sink};
 
 const SERVICES: u32 = 1_000;
 /// Remote endpoints in the IP cache (/32 each), spread over `REMOTE_CLUSTERS` clusters.
@@ -149,78 +143,6 @@ impl Drop for Sandbox {
             }
         }
     }
-}
-
-/// A TCP server on `ip:BACKEND_PORT` that accepts and immediately drops connections.
-struct Sink {
-    addr: SocketAddrV4,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start(ip: Ipv4Addr) -> Self {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-        let addr = SocketAddrV4::new(ip, BACKEND_PORT);
-        bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).expect("bind sink");
-        listen(&fd, Backlog::MAXCONN).unwrap();
-        let listener = TcpListener::from(fd);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::spawn(move || {
-            for s in listener.incoming() {
-                drop(s);
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-        });
-        Self {
-            addr,
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// One raw connect: socket(), SO_LINGER 0 (close sends RST, no TIME_WAIT pile-up),
-/// connect() timed alone, close().
-fn timed_connect(to: SocketAddrV4) -> nix::Result<Duration> {
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    setsockopt(
-        &fd,
-        sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )?;
-    let addr = SockaddrIn::from(to);
-    let t = Instant::now();
-    connect(fd.as_raw_fd(), &addr)?;
-    Ok(t.elapsed())
 }
 
 /// A long-lived thread in a pod cgroup: send (address, count), receive that many
@@ -434,7 +356,7 @@ fn run(sb: &mut Sandbox, n: usize, out: &mut String) {
         .iter()
         .chain(&last_ips)
         .chain(std::iter::once(&unruled_ip))
-        .map(|ip| Sink::start(*ip))
+        .map(|ip| Sink::start(SocketAddrV4::new(*ip, BACKEND_PORT)))
         .collect();
     let (vip_mid, vip_last) = (SERVICES / 2, SERVICES - 1);
 

@@ -13,6 +13,8 @@
 //! - `mesh` (feature `mesh`): in-process mesh API servers for two (or more) clusters and
 //!   the PKI and config files an agent needs to watch them.
 //! - `fake_kube` (feature `fake-kube`): an in-memory Kubernetes API server.
+//! - `sockets` (feature `sockets`): TCP sinks and timed raw connects for the datapath
+//!   benchmarks.
 //!
 //! Setup failures panic: in a test harness a failed setup step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -25,6 +27,8 @@ pub mod fake_kube;
 #[cfg(feature = "mesh")]
 pub mod mesh;
 pub mod prerequisites;
+#[cfg(feature = "sockets")]
+pub mod sockets;
 
 /// Routes `tracing` output of the code under test to the test's captured output. The
 /// first call in a process installs the subscriber; later calls keep it.
