@@ -127,8 +127,12 @@ pub async fn run(
             let flush = match &listed {
                 None => true,
                 Some(names) => {
-                    deadline_passed
-                        || (!names.is_empty() && names.iter().all(|n| plane.ipcache().is_synced(n)))
+                    let all_synced =
+                        !names.is_empty() && names.iter().all(|n| plane.ipcache().is_synced(n));
+                    if all_synced || deadline_passed {
+                        tracing::info!(all_synced, "initial sync done; programming policy");
+                    }
+                    all_synced || deadline_passed
                 }
             };
             let counters = plane.counters();
@@ -166,13 +170,7 @@ pub async fn run(
         match round {
             Ok((p, sizes, flushed)) => {
                 pending = p;
-                if flushed && !gate_open {
-                    gate_open = true;
-                    tracing::info!(
-                        all_synced = !deadline_passed,
-                        "initial sync done; programming policy"
-                    );
-                }
+                gate_open |= flushed;
                 let now: BTreeSet<String> = sizes.iter().map(|(c, _)| c.clone()).collect();
                 for gone in sized.difference(&now) {
                     metrics.ipcache_entries(gone, 0);
