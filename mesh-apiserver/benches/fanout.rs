@@ -11,8 +11,10 @@
 //!
 //! Not a criterion benchmark: the quantities are tail latencies across many receivers,
 //! not the duration of one repeated call. Run:
-//! `cargo bench -p clustermesh-apiserver --bench fanout` (env `FANOUT_WATCHERS=100,1000`,
-//! `FANOUT_SERVICES`, `FANOUT_ENDPOINTS`, `FANOUT_UPDATES` override the defaults).
+//! `cargo bench -p clustermesh-apiserver --bench fanout` (env
+//! `FANOUT_WATCHERS=100,1000,10000`, `FANOUT_STREAMS_PER_CONN` (100), `FANOUT_SERVICES`,
+//! `FANOUT_ENDPOINTS`, `FANOUT_UPDATES` override the defaults). The open-file limit is
+//! raised so that one connection per watcher (`FANOUT_STREAMS_PER_CONN=1`) fits too.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark harness: fail loudly
 
 use std::collections::HashMap;
@@ -149,10 +151,13 @@ async fn main() {
     let endpoints = env_usize("FANOUT_ENDPOINTS", 100_000);
     let updates = env_usize("FANOUT_UPDATES", 100);
     let watcher_counts: Vec<usize> = std::env::var("FANOUT_WATCHERS")
-        .unwrap_or_else(|_| "100,1000".into())
+        .unwrap_or_else(|_| "100,1000,10000".into())
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let per_conn = env_usize("FANOUT_STREAMS_PER_CONN", 100).max(1);
+    // Both ends of every connection live in this process.
+    clustermesh_test_support::limits::raise_nofile(1 << 20);
     // Cargo runs benches with `--bench`; ignore arguments.
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(1, dir.path(), None).await.unwrap();
@@ -220,13 +225,13 @@ async fn main() {
         // received[revision] = (count, last arrival)
         let received: Arc<Mutex<HashMap<u64, (usize, Instant)>>> = Arc::default();
         let mut channels = Vec::new();
-        for _ in 0..watchers.div_ceil(100) {
+        for _ in 0..watchers.div_ceil(per_conn) {
             channels.push(endpoint.connect().await.unwrap());
         }
         let watch_stop = CancellationToken::new();
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(watchers);
         for w in 0..watchers {
-            let mut client = MeshApiClient::new(channels[w / 100].clone());
+            let mut client = MeshApiClient::new(channels[w / per_conn].clone());
             let received = Arc::clone(&received);
             let ready_tx = ready_tx.clone();
             let stop = watch_stop.clone();

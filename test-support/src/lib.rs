@@ -15,6 +15,8 @@
 //! - `fake_kube` (feature `fake-kube`): an in-memory Kubernetes API server.
 //! - `sockets` (feature `sockets`): TCP sinks and timed raw connects for the datapath
 //!   benchmarks.
+//! - `limits` (feature `limits`): raising the open-file limit for benchmarks that hold
+//!   thousands of connections.
 //!
 //! Setup failures panic: in a test harness a failed setup step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,6 +26,8 @@ pub mod certs;
 pub mod etcd;
 #[cfg(feature = "fake-kube")]
 pub mod fake_kube;
+#[cfg(feature = "limits")]
+pub mod limits;
 #[cfg(feature = "mesh")]
 pub mod mesh;
 pub mod prerequisites;
