@@ -234,6 +234,7 @@ async fn main() {
                 let request = v1::WatchRequest {
                     kinds: vec![],
                     from_revision: start_rev,
+                    all_clusters: false,
                 };
                 let mut stream = client.watch(request).await.unwrap().into_inner();
                 ready_tx.send(()).await.unwrap();
@@ -300,6 +301,7 @@ async fn main() {
         .watch(v1::WatchRequest {
             kinds: vec![],
             from_revision: 0,
+            all_clusters: false,
         })
         .await
         .unwrap()
