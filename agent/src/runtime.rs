@@ -36,7 +36,7 @@ use clustermesh_agent_core::policy::PolicyDatapath;
 use clustermesh_agent_core::watcher::{
     self, ClusterRegistry, ReconnectBackoff, RecordsInForce, StatusBoard, Update, WatcherConfig,
 };
-use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, ConfigError};
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, ConfigError, WatchMode};
 use clustermesh_api::cluster::ClusterIdMode;
 use clustermesh_api::model::ServicePortId;
 use clustermesh_api::policy::PeerClusters;
@@ -467,6 +467,7 @@ impl RunningWatcher {
                     .filter(|s| s.synced)
                     .map(|_| RecordsInForce {
                         stale_since: tokio::time::Instant::now(),
+                        clusters: vec![name.to_owned()],
                     })
             }
         }
@@ -476,23 +477,39 @@ impl RunningWatcher {
 impl Supervisor {
     async fn run(mut self, mut config: AgentConfig) {
         self.sync_watchers(&config).await;
+        // What the file said last (`config` is what is applied: the mode stays as started).
+        let mut loaded = config.clone();
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => break,
                 () = tokio::time::sleep(self.options.config_poll) => {}
             }
             match load_config(&self.options.config_path) {
-                Ok(new) if new != config => {
+                Ok(new) if new != loaded => {
+                    loaded = new.clone();
                     if new.local_cluster != config.local_cluster
                         || new.trust_domain != config.trust_domain
+                        || new.mode != config.mode
                     {
-                        tracing::error!(old = %config.local_cluster, new = %new.local_cluster, "local_cluster or trust_domain changed in the agent config; restart the agent to apply that (other changes are applied)");
+                        tracing::error!(old = %config.local_cluster, new = %new.local_cluster, old_mode = %config.mode, new_mode = %new.mode, "local_cluster, trust_domain or mode changed in the agent config; restart the agent to apply that (other changes are applied)");
                     }
                     tracing::info!(path = %self.options.config_path.display(), "agent config changed; updating cluster watchers");
+                    let new = AgentConfig {
+                        mode: config.mode,
+                        ..new
+                    };
                     self.sync_watchers(&new).await;
                     config = new;
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    if config.mode == WatchMode::Mirror {
+                        // A cluster the server stopped mirroring leaves the board; while
+                        // it is still configured, it is listed again (not synced).
+                        for c in &config.clusters {
+                            self.view.clusters.register(&c.name);
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reload the agent config; keeping the running configuration");
                 }
@@ -507,9 +524,14 @@ impl Supervisor {
         let client = (config.cert_file.clone(), config.key_file.clone());
         // The client certificate is part of every watcher's settings: a new one restarts all.
         let client_changed = self.client.as_ref() != Some(&client);
+        let mirror = config.mode == WatchMode::Mirror;
+        // Mirror mode: one watcher, of our own cluster, brings every cluster; the server
+        // decides which peers it mirrors (the same list), and drops those it stops
+        // mirroring.
         let wanted: BTreeMap<&str, &ClusterEntry> = config
             .clusters
             .iter()
+            .filter(|c| !mirror || c.name == config.local_cluster)
             .map(|c| (c.name.as_str(), c))
             .collect();
         let stop: Vec<String> = self
@@ -550,8 +572,8 @@ impl Supervisor {
         // Every configured cluster is on the board before any watcher runs, so the
         // initial-sync gate ("every cluster synced") cannot open while a watcher that was
         // spawned but not yet polled is missing from it.
-        for name in wanted.keys() {
-            self.view.clusters.register(name);
+        for c in &config.clusters {
+            self.view.clusters.register(&c.name);
         }
         self.client = Some(client);
         for (name, entry) in wanted {
@@ -571,6 +593,7 @@ impl Supervisor {
                 request_timeout: self.options.request_timeout,
                 raw: false,
                 max_records: None,
+                all_clusters: mirror,
             };
             tracing::info!(cluster = %name, endpoints = ?entry.endpoints, "starting cluster watcher");
             let task = tokio::spawn(watcher::run(
@@ -730,6 +753,7 @@ mod tests {
         };
         let config = AgentConfig {
             local_cluster: "east".into(),
+            mode: clustermesh_api::agent_config::WatchMode::Direct,
             trust_domain: "mesh.test".into(),
             cert_file: "/nonexistent/client.crt".into(),
             key_file: "/nonexistent/client.key".into(),

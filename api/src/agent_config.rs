@@ -7,6 +7,7 @@
 //!
 //! ```yaml
 //! local_cluster: cluster1
+//! mode: mirror
 //! trust_domain: clustermesh.local
 //! cert_file: /var/lib/clustermesh/cluster1/tls/client.crt
 //! key_file: /var/lib/clustermesh/cluster1/tls/client.key
@@ -24,6 +25,11 @@
 //! Endpoints are `host:port` (TLS is implied); the agent expects the server at an endpoint
 //! to present identity `spiffe://<trust_domain>/cluster/<name>`.
 //!
+//! `mode` says how the agent reaches the other clusters: `mirror` (the default) watches
+//! only the local cluster's mesh API server, which mirrors the peers listed here (the
+//! server reads this same file, `--mirror-peers`); `direct` watches every listed cluster's
+//! server itself.
+//!
 //! This module parses and validates text only: the agent and the CLI read and write the
 //! file themselves, so `api` stays free of I/O.
 
@@ -37,6 +43,9 @@ use serde::{Deserialize, Serialize};
 pub struct AgentConfig {
     /// Name of the cluster this agent's node belongs to.
     pub local_cluster: String,
+    /// How the agent reaches the other clusters (default: mirror).
+    #[serde(default)]
+    pub mode: WatchMode,
     /// Trust domain of every cluster's identities.
     pub trust_domain: String,
     /// Client certificate the agent presents to every mesh API server.
@@ -45,6 +54,49 @@ pub struct AgentConfig {
     pub key_file: PathBuf,
     /// Clusters to watch, the local one included.
     pub clusters: Vec<ClusterEntry>,
+}
+
+/// How agents reach the clusters of the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// Agents watch only their own cluster's mesh API server, which mirrors the peers:
+    /// one stream per agent, and remote clusters never see this cluster's nodes.
+    #[default]
+    Mirror,
+    /// Agents watch every cluster's mesh API server themselves.
+    Direct,
+}
+
+impl WatchMode {
+    /// The name used in the configuration (`mirror`, `direct`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchMode::Mirror => "mirror",
+            WatchMode::Direct => "direct",
+        }
+    }
+}
+
+impl std::fmt::Display for WatchMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WatchMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mirror" => Ok(WatchMode::Mirror),
+            "direct" => Ok(WatchMode::Direct),
+            other => Err(format!(
+                "unknown mode {other:?}; use mirror (agents watch their own cluster's server, which mirrors the peers) or direct (agents watch every cluster)"
+            )),
+        }
+    }
 }
 
 /// One cluster to watch.
@@ -245,6 +297,22 @@ clusters:
         let c = AgentConfig::parse(Path::new("agent.yaml"), GOOD).unwrap();
         assert_eq!(c.local_cluster, "east");
         assert_eq!(c.cluster("west").unwrap().endpoints.len(), 2);
+        assert_eq!(c.mode, WatchMode::Mirror, "mirror mode is the default");
+    }
+
+    #[test]
+    fn mode_is_mirror_or_direct() {
+        let direct = GOOD.replace("local_cluster: east", "local_cluster: east\nmode: direct");
+        let c = AgentConfig::parse(Path::new("agent.yaml"), &direct).unwrap();
+        assert_eq!(c.mode, WatchMode::Direct);
+        let bad = GOOD.replace("local_cluster: east", "local_cluster: east\nmode: both");
+        let e = AgentConfig::parse(Path::new("agent.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.yaml") && e.contains("mirror, direct"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -283,6 +351,7 @@ clusters:
     fn upsert_keeps_local_first_and_remotes_sorted() {
         let mut c = AgentConfig {
             local_cluster: "m".into(),
+            mode: WatchMode::Mirror,
             trust_domain: "td".into(),
             cert_file: "/c".into(),
             key_file: "/k".into(),
@@ -302,6 +371,7 @@ clusters:
     fn clash_names_the_cluster_two_meshes_know_differently() {
         let mesh = |clusters: Vec<ClusterEntry>| AgentConfig {
             local_cluster: clusters[0].name.clone(),
+            mode: WatchMode::Mirror,
             trust_domain: "td".into(),
             cert_file: "/c".into(),
             key_file: "/k".into(),

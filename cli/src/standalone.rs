@@ -103,6 +103,8 @@ pub struct EnableOptions {
     /// Kubernetes namespace the certificates will be used in with the plain Helm chart:
     /// adds the in-cluster Service names agents dial and the single replica's peer name.
     pub kubernetes_namespace: Option<String>,
+    /// How the cluster's agents reach the other clusters.
+    pub agent_mode: clustermesh_api::agent_config::WatchMode,
 }
 
 /// Whether `ns` is a valid Kubernetes namespace name (an RFC 1123 label).
@@ -229,6 +231,7 @@ pub async fn enable(dir: &StateDir, opts: &EnableOptions) -> Result<ClusterState
     let abs = StateDir::new(&root);
     let agent = AgentConfig {
         local_cluster: opts.name.clone(),
+        mode: opts.agent_mode,
         trust_domain: opts.trust_domain.clone(),
         cert_file: abs.tls_dir().join(layout::CLIENT_CERT_FILE),
         key_file: abs.tls_dir().join(layout::CLIENT_KEY_FILE),

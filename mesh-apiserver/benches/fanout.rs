@@ -239,6 +239,7 @@ async fn main() {
                 let request = v1::WatchRequest {
                     kinds: vec![],
                     from_revision: start_rev,
+                    all_clusters: false,
                 };
                 let mut stream = client.watch(request).await.unwrap().into_inner();
                 ready_tx.send(()).await.unwrap();
@@ -305,6 +306,7 @@ async fn main() {
         .watch(v1::WatchRequest {
             kinds: vec![],
             from_revision: 0,
+            all_clusters: false,
         })
         .await
         .unwrap()

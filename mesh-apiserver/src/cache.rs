@@ -15,9 +15,12 @@
 //! re-lists and turns the difference between its contents and the list into ordinary
 //! events at the list's revision, so connected watchers stay correct without a Reset.
 //!
-//! Two audiences are served from the one cache ([`Viewer`]): the cluster's own agents and
-//! admins see every record; peers see the subset the export rules allow
-//! ([`crate::peer_view`]). Every published event is addressed ([`Audience`]); a record
+//! The store holds this cluster's records and, when the server mirrors its peers
+//! ([`crate::mirror`]), theirs under their cluster names. Three audiences are served from
+//! the one cache ([`Viewer`]): the cluster's own agents and admins see every record of
+//! this cluster, and in an `all_clusters` watch the mirrored peers' records too, with
+//! per-cluster synced markers; peers see the subset of this cluster's records the export
+//! rules allow ([`crate::peer_view`]) and never a mirrored record. Every published event is addressed ([`Audience`]); a record
 //! whose visibility changes produces a peers-only Delete or Upsert at the revision of the
 //! change, in the live stream and in the history alike, so live watchers, resuming
 //! watchers and new watchers (whose full state is filtered by the same view) agree.
@@ -40,9 +43,13 @@ use crate::timed;
 /// Who is watching: what a Watch stream may be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Viewer {
-    /// This cluster's own agents and admins: every record.
+    /// This cluster's own agents and admins: every record of this cluster.
     Own,
-    /// Another cluster (its mesh API server or agents): the exported records only.
+    /// This cluster's own agents in mirror mode: every record of every cluster held
+    /// (this one and the mirrored peers).
+    Mesh,
+    /// Another cluster (its mesh API server or agents): this cluster's exported records
+    /// only.
     Peer,
 }
 
@@ -55,6 +62,8 @@ pub enum Audience {
     Own,
     /// Peers only (a record became visible or invisible to them).
     Peers,
+    /// All-clusters watchers only (a mirrored peer's record or marker).
+    Mesh,
 }
 
 impl Audience {
@@ -63,8 +72,9 @@ impl Audience {
     pub fn includes(self, viewer: Viewer) -> bool {
         match self {
             Audience::Everyone => true,
-            Audience::Own => viewer == Viewer::Own,
+            Audience::Own => matches!(viewer, Viewer::Own | Viewer::Mesh),
             Audience::Peers => viewer == Viewer::Peer,
+            Audience::Mesh => viewer == Viewer::Mesh,
         }
     }
 }
@@ -101,8 +111,11 @@ pub enum CacheEvent {
         /// Revision of the removal.
         revision: Revision,
     },
-    /// The exporter finished the initial sync of `kind`.
+    /// The initial sync of `cluster`'s `kind` is complete (its exporter, or our mirror of
+    /// that peer, wrote the marker).
     Synced {
+        /// The cluster.
+        cluster: Arc<str>,
         /// The kind.
         kind: Kind,
         /// Revision of the marker.
@@ -153,10 +166,21 @@ impl Default for CacheConfig {
     }
 }
 
+/// One record in the cache.
+#[derive(Debug)]
+struct Entry {
+    /// The upsert that wrote it.
+    event: Arc<CacheEvent>,
+    /// A record of this cluster (else of a mirrored peer).
+    own: bool,
+}
+
 #[derive(Debug)]
 struct Inner {
-    entries: BTreeMap<Arc<str>, Arc<CacheEvent>>,
-    synced: BTreeMap<Kind, Revision>,
+    entries: BTreeMap<Arc<str>, Entry>,
+    /// Synced markers by cluster and kind.
+    synced: BTreeMap<(Arc<str>, Kind), Revision>,
+    /// This cluster's records per kind.
     counts: BTreeMap<Kind, usize>,
     revision: Revision,
     history: VecDeque<Fanout>,
@@ -205,6 +229,9 @@ pub struct Subscription {
     /// Events to send before the live ones: the full state plus Synced events, or the
     /// missed history.
     pub initial: Vec<Arc<CacheEvent>>,
+    /// `initial` is a full state for an all-clusters watcher: say so after it (a cluster
+    /// the watcher holds that had nothing in it is gone).
+    pub complete: bool,
     /// Live events after `initial`, for every audience (filter with
     /// [`Audience::includes`]).
     pub live: broadcast::Receiver<Fanout>,
@@ -317,22 +344,24 @@ impl Cache {
         let mut inner = self.write();
         let revision = list.revision;
         let mut present_records: HashSet<String> = HashSet::new();
-        let mut present_markers: BTreeSet<Kind> = BTreeSet::new();
+        let mut present_markers: BTreeSet<(Arc<str>, Kind)> = BTreeSet::new();
         for kv in list.kvs {
-            if let Some(key) = self.owned_key(&kv.key) {
+            if let Some(key) = self.classify(&kv.key) {
                 match &key {
-                    MeshKeyOrMarker::Record(_, k) => {
-                        present_records.insert(k.clone());
+                    Classified::Record { key, .. } => {
+                        present_records.insert(key.clone());
                     }
-                    MeshKeyOrMarker::Marker(kind) => {
-                        present_markers.insert(*kind);
+                    Classified::Marker { cluster, kind } => {
+                        present_markers.insert((Arc::clone(cluster), *kind));
                     }
                 }
                 let unchanged = match &key {
-                    MeshKeyOrMarker::Record(_, k) => inner.entries.get(k.as_str()).is_some_and(|e| {
-                        matches!(e.as_ref(), CacheEvent::Upsert { value, .. } if value.as_ref() == kv.value.as_slice())
+                    Classified::Record { key, .. } => inner.entries.get(key.as_str()).is_some_and(|e| {
+                        matches!(e.event.as_ref(), CacheEvent::Upsert { value, .. } if value.as_ref() == kv.value.as_slice())
                     }),
-                    MeshKeyOrMarker::Marker(kind) => inner.synced.contains_key(kind),
+                    Classified::Marker { cluster, kind } => {
+                        inner.synced.contains_key(&(Arc::clone(cluster), *kind))
+                    }
                 };
                 if !unchanged {
                     let kv = KeyValue {
@@ -359,14 +388,14 @@ impl Cache {
             };
             self.apply_locked(&mut inner, EventKind::Delete, kv);
         }
-        let stale_markers: Vec<Kind> = inner
+        let stale_markers: Vec<(Arc<str>, Kind)> = inner
             .synced
             .keys()
-            .copied()
-            .filter(|k| !present_markers.contains(k))
+            .filter(|k| !present_markers.contains(*k))
+            .cloned()
             .collect();
-        for kind in stale_markers {
-            inner.synced.remove(&kind);
+        for marker in stale_markers {
+            inner.synced.remove(&marker);
         }
         inner.revision = inner.revision.max(revision);
         if !inner.loaded {
@@ -396,17 +425,26 @@ impl Cache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Classifies a store key: one of this cluster's records or markers, or `None`.
-    fn owned_key(&self, key: &[u8]) -> Option<MeshKeyOrMarker> {
+    /// Classifies a store key: a record or marker of this cluster or of a mirrored peer,
+    /// or `None` (not a mesh key; a peer's policy, which is never mirrored nor served).
+    fn classify(&self, key: &[u8]) -> Option<Classified> {
         let parsed = keys::parse_key(key).ok()?;
-        if parsed.cluster() != self.cluster {
-            return None;
-        }
+        let own = parsed.cluster() == self.cluster;
         match parsed {
-            MeshKey::Synced { kind, .. } => Some(MeshKeyOrMarker::Marker(kind)),
+            MeshKey::Synced { kind, cluster } => Some(Classified::Marker {
+                cluster: Arc::from(cluster),
+                kind,
+            }),
             other => {
                 let kind = other.kind()?;
-                Some(MeshKeyOrMarker::Record(kind, other.to_string()))
+                if !own && !kind.exported() {
+                    return None;
+                }
+                Some(Classified::Record {
+                    kind,
+                    key: other.to_string(),
+                    own,
+                })
             }
         }
     }
@@ -419,39 +457,69 @@ impl Cache {
     fn apply_locked(&self, inner: &mut Inner, kind: EventKind, kv: KeyValue) {
         let revision = kv.mod_revision;
         inner.revision = inner.revision.max(revision);
-        let Some(key) = self.owned_key(&kv.key) else {
+        let Some(key) = self.classify(&kv.key) else {
             return;
         };
         match (key, kind) {
-            (MeshKeyOrMarker::Marker(kind), EventKind::Put) => {
-                if inner.synced.insert(kind, revision).is_some() {
+            (Classified::Marker { cluster, kind }, EventKind::Put) => {
+                let own = *cluster == *self.cluster;
+                if inner
+                    .synced
+                    .insert((Arc::clone(&cluster), kind), revision)
+                    .is_some()
+                {
                     return;
                 }
-                let event = Arc::new(CacheEvent::Synced { kind, revision });
-                self.publish(inner, event, Audience::Everyone);
+                let event = Arc::new(CacheEvent::Synced {
+                    cluster,
+                    kind,
+                    revision,
+                });
+                let audience = if own {
+                    Audience::Everyone
+                } else {
+                    Audience::Mesh
+                };
+                self.publish(inner, event, audience);
             }
-            (MeshKeyOrMarker::Marker(kind), EventKind::Delete) => {
-                inner.synced.remove(&kind);
+            (Classified::Marker { cluster, kind }, EventKind::Delete) => {
+                inner.synced.remove(&(cluster, kind));
             }
-            (MeshKeyOrMarker::Record(kind, key), EventKind::Put) => {
+            (Classified::Record { kind, key, own }, EventKind::Put) => {
                 let key: Arc<str> = Arc::from(key);
                 let value = Bytes::from(kv.value);
-                let applied = inner.peers.apply(&key, Some(&value));
+                let applied = own.then(|| inner.peers.apply(&key, Some(&value)));
                 let event = Arc::new(CacheEvent::Upsert {
                     kind,
                     key: Arc::clone(&key),
                     value,
                     revision,
                 });
-                if inner.entries.insert(key, Arc::clone(&event)).is_none() {
+                let entry = Entry {
+                    event: Arc::clone(&event),
+                    own,
+                };
+                if inner.entries.insert(key, entry).is_none() && own {
                     *inner.counts.entry(kind).or_default() += 1;
                 }
-                self.publish_record(inner, event, &applied);
+                match applied {
+                    Some(applied) => self.publish_record(inner, event, &applied),
+                    None => self.publish(inner, event, Audience::Mesh),
+                }
             }
-            (MeshKeyOrMarker::Record(kind, key), EventKind::Delete) => {
+            (Classified::Record { kind, key, own }, EventKind::Delete) => {
                 let Some((key, _)) = inner.entries.remove_entry(key.as_str()) else {
                     return;
                 };
+                if !own {
+                    let event = Arc::new(CacheEvent::Delete {
+                        kind,
+                        key,
+                        revision,
+                    });
+                    self.publish(inner, event, Audience::Mesh);
+                    return;
+                }
                 if let Some(c) = inner.counts.get_mut(&kind) {
                     *c = c.saturating_sub(1);
                 }
@@ -496,7 +564,7 @@ impl Cache {
         for transition in &applied.derived {
             let event = if transition.visible {
                 let Some(CacheEvent::Upsert { value, .. }) =
-                    inner.entries.get(&transition.key).map(AsRef::as_ref)
+                    inner.entries.get(&transition.key).map(|e| e.event.as_ref())
                 else {
                     continue;
                 };
@@ -564,6 +632,7 @@ impl Cache {
             return Subscription {
                 reset: None,
                 initial,
+                complete: false,
                 live,
                 revision: inner.revision,
             };
@@ -578,7 +647,8 @@ impl Cache {
         };
         Subscription {
             reset,
-            initial: Self::full_state(&inner, &wanted, viewer),
+            initial: self.full_state(&inner, &wanted, viewer),
+            complete: viewer == Viewer::Mesh,
             live,
             revision: inner.revision,
         }
@@ -592,38 +662,50 @@ impl Cache {
         let wanted = |k: Kind| kinds.is_empty() || kinds.contains(&k);
         Subscription {
             reset: Some((ResetReason::SlowWatcher, inner.revision)),
-            initial: Self::full_state(&inner, &wanted, viewer),
+            initial: self.full_state(&inner, &wanted, viewer),
+            complete: viewer == Viewer::Mesh,
             live,
             revision: inner.revision,
         }
     }
 
-    /// Every record of the wanted kinds `viewer` may see (kinds in dependency order),
-    /// then a Synced event for each wanted kind whose marker is present.
+    /// Every record of the wanted kinds `viewer` may see (kinds in dependency order, so
+    /// every cluster's config comes first), then a Synced event for each wanted kind
+    /// (and cluster) whose marker is present.
     fn full_state(
+        &self,
         inner: &Inner,
         wanted: &dyn Fn(Kind) -> bool,
         viewer: Viewer,
     ) -> Vec<Arc<CacheEvent>> {
         let mut by_kind: BTreeMap<Kind, Vec<Arc<CacheEvent>>> = BTreeMap::new();
-        for (key, event) in &inner.entries {
-            let visible = viewer == Viewer::Own || inner.peers.is_visible(key);
-            if visible && wanted(event.kind()) {
+        for (key, entry) in &inner.entries {
+            let visible = match viewer {
+                Viewer::Mesh => true,
+                Viewer::Own => entry.own,
+                Viewer::Peer => entry.own && inner.peers.is_visible(key),
+            };
+            let kind = entry.event.kind();
+            if visible && wanted(kind) {
                 by_kind
-                    .entry(event.kind())
+                    .entry(kind)
                     .or_default()
-                    .push(Arc::clone(event));
+                    .push(Arc::clone(&entry.event));
             }
         }
         let mut out: Vec<Arc<CacheEvent>> = Kind::ALL
             .iter()
             .flat_map(|k| by_kind.remove(k).unwrap_or_default())
             .collect();
-        for (kind, _) in inner.synced.iter().filter(|(k, _)| wanted(**k)) {
-            out.push(Arc::new(CacheEvent::Synced {
-                kind: *kind,
-                revision: inner.revision,
-            }));
+        for ((cluster, kind), _) in &inner.synced {
+            let own = **cluster == *self.cluster;
+            if wanted(*kind) && (own || viewer == Viewer::Mesh) {
+                out.push(Arc::new(CacheEvent::Synced {
+                    cluster: Arc::clone(cluster),
+                    kind: *kind,
+                    revision: inner.revision,
+                }));
+            }
         }
         out
     }
@@ -639,7 +721,12 @@ impl Cache {
                 .iter()
                 .map(|k| (*k, inner.counts.get(k).copied().unwrap_or(0)))
                 .collect(),
-            synced: inner.synced.keys().copied().collect(),
+            synced: inner
+                .synced
+                .keys()
+                .filter(|(cluster, _)| **cluster == *self.cluster)
+                .map(|(_, kind)| *kind)
+                .collect(),
         }
     }
 }
@@ -657,8 +744,11 @@ pub struct CacheStats {
     pub synced: BTreeSet<Kind>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum MeshKeyOrMarker {
-    Record(Kind, String),
-    Marker(Kind),
+/// What a store key is to the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Classified {
+    /// A record (`own`: of this cluster, else of a mirrored peer).
+    Record { kind: Kind, key: String, own: bool },
+    /// A synced marker.
+    Marker { cluster: Arc<str>, kind: Kind },
 }

@@ -335,9 +335,14 @@ pub fn to_proto(event: &CacheEvent) -> v1::WatchEvent {
             key: key.to_string(),
             revision: *revision,
         }),
-        CacheEvent::Synced { kind, revision } => Event::Synced(v1::Synced {
+        CacheEvent::Synced {
+            cluster,
+            kind,
+            revision,
+        } => Event::Synced(v1::Synced {
             kind: kind.to_proto().into(),
             revision: *revision,
+            cluster: cluster.to_string(),
         }),
     };
     v1::WatchEvent { event: Some(event) }
@@ -387,7 +392,20 @@ impl MeshApi for MeshApiService {
             .policy
             .watch_kinds(peer_identity(&request), requested)
             .map_err(|refusal| self.refuse("Watch", &request, refusal))?;
-        let viewer = self.config.policy.viewer(peer_identity(&request));
+        let mut viewer = self.config.policy.viewer(peer_identity(&request));
+        if request.get_ref().all_clusters {
+            if viewer != Viewer::Own {
+                let refusal = Refusal {
+                    reason: "all-clusters-not-own",
+                    status: Status::permission_denied(format!(
+                        "Watch: all_clusters serves the clusters this server mirrors and is only for cluster {}'s own agents and admins; {peer} must watch without it",
+                        self.config.cluster_config.name
+                    )),
+                };
+                return Err(self.refuse("Watch", &request, refusal));
+            }
+            viewer = Viewer::Mesh;
+        }
         let req = request.into_inner();
         let id = self.watchers.next.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(WatcherInfo {
@@ -456,6 +474,7 @@ impl MeshApi for MeshApiService {
             revision: stats.revision,
             counts,
             watchers,
+            ..v1::StatusResponse::default()
         }))
     }
 }
@@ -490,6 +509,16 @@ impl WatchTask {
             }
             for event in &subscription.initial {
                 if !self.send(to_proto(event), event.revision()).await {
+                    return;
+                }
+            }
+            if subscription.complete {
+                let complete = v1::WatchEvent {
+                    event: Some(v1::watch_event::Event::Complete(v1::StateComplete {
+                        revision: subscription.revision,
+                    })),
+                };
+                if !self.send(complete, subscription.revision).await {
                     return;
                 }
             }

@@ -261,6 +261,7 @@ pub async fn run(
                 request_timeout: config.request_timeout,
                 raw: true,
                 max_records: Some(config.limits.max_records_per_peer),
+                all_clusters: false,
             };
             tracing::info!(peer = %name, endpoints = ?entry.endpoints, "mirroring peer");
             let task = tokio::spawn(watcher::run(

@@ -215,7 +215,8 @@ pub fn pki(dir: &Path, trust_domain: &str, local: &str) -> MeshCa {
 }
 
 /// Writes the agent configuration for cluster `local` to `path`: every `(name, id, port)`
-/// in `clusters` is watched at `localhost:<port>` with the PKI files `pki` wrote in `dir`.
+/// in `clusters` is watched at `localhost:<port>` with the PKI files `pki` wrote in `dir`,
+/// in direct mode (the agent dials every cluster).
 /// Write-then-rename, so a running agent never reads a half-written file.
 pub fn write_agent_config(
     path: &Path,
@@ -224,8 +225,28 @@ pub fn write_agent_config(
     local: &str,
     clusters: &[(&str, u32, u16)],
 ) -> PathBuf {
+    write_agent_config_in_mode(
+        path,
+        dir,
+        trust_domain,
+        local,
+        clusters,
+        clustermesh_api::agent_config::WatchMode::Direct,
+    )
+}
+
+/// [`write_agent_config`] with the agents' `mode`.
+pub fn write_agent_config_in_mode(
+    path: &Path,
+    dir: &Path,
+    trust_domain: &str,
+    local: &str,
+    clusters: &[(&str, u32, u16)],
+    mode: clustermesh_api::agent_config::WatchMode,
+) -> PathBuf {
     let config = AgentConfig {
         local_cluster: local.to_owned(),
+        mode,
         trust_domain: trust_domain.to_owned(),
         cert_file: dir.join("client.crt"),
         key_file: dir.join("client.key"),

@@ -16,7 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::ReconnectDelays;
-use super::{stream, ClusterRegistry, Phase, RecordsInForce, StatusBoard, Update, WatcherConfig};
+use super::mesh::MeshClusters;
+use super::{
+    mesh, stream, ClusterRegistry, Phase, RecordsInForce, StatusBoard, Update, WatcherConfig,
+};
 use crate::metrics::Metrics;
 
 /// Why a session ended.
@@ -44,6 +47,8 @@ pub(super) struct Progress {
     endpoint: usize,
     /// The last session got as far as an established watch stream.
     established: bool,
+    /// Mirror mode ([`WatcherConfig::all_clusters`]): what is held of each cluster.
+    pub(super) mesh: MeshClusters,
 }
 
 /// Runs the watcher of one cluster until `cancel`.
@@ -73,6 +78,7 @@ pub async fn run(
     // full, and its `Replace` takes their place.
     let mut progress = Progress {
         have_state: inherited.is_some(),
+        mesh: MeshClusters::inherit(inherited.as_ref().map_or(&[][..], |r| &r.clusters[..])),
         ..Progress::default()
     };
     let mut disconnected_since = inherited.map(|r| r.stale_since);
@@ -98,6 +104,9 @@ pub async fn run(
             disconnected_since = None;
         }
         let since = *disconnected_since.get_or_insert_with(Instant::now);
+        if config.all_clusters {
+            progress.mesh.session_ended(&name, &status, &reason);
+        }
         status.update(&name, |s| {
             s.phase = phase;
             s.connected = false;
@@ -127,7 +136,11 @@ pub async fn run(
                 progress.have_state = false;
                 progress.revision = 0;
                 status.update(&name, |s| { s.stale = false; s.synced = false; });
-                if updates.send(Update::DropCluster { cluster: name.clone() }).await.is_err() {
+                if config.all_clusters {
+                    if !progress.mesh.drop_all(&name, &updates, &registry, &status).await {
+                        break;
+                    }
+                } else if updates.send(Update::DropCluster { cluster: name.clone() }).await.is_err() {
                     break;
                 }
                 registry.release(&name);
@@ -143,7 +156,15 @@ pub async fn run(
         Some(since) if !progress.established => since,
         _ => Instant::now(),
     };
-    Some(RecordsInForce { stale_since })
+    let clusters = if config.all_clusters {
+        progress.mesh.in_force()
+    } else {
+        vec![name]
+    };
+    Some(RecordsInForce {
+        stale_since,
+        clusters,
+    })
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -256,14 +277,17 @@ async fn session(
     } else {
         0
     };
-    let mut kinds: std::collections::BTreeSet<Kind> =
-        [Kind::Identity, Kind::Endpoint, Kind::Service].into();
-    if config.local {
-        kinds.insert(Kind::Policy);
-    }
+    let kinds: std::collections::BTreeSet<Kind> = if config.all_clusters {
+        mesh::watch_kinds()
+    } else if config.local {
+        [Kind::Identity, Kind::Endpoint, Kind::Service, Kind::Policy].into()
+    } else {
+        [Kind::Identity, Kind::Endpoint, Kind::Service].into()
+    };
     let request = v1::WatchRequest {
         kinds: kinds.iter().map(|k| k.to_proto() as i32).collect(),
         from_revision,
+        all_clusters: config.all_clusters,
     };
     let stream = match tokio::time::timeout(deadline, client.watch(request)).await {
         Ok(Ok(r)) => r.into_inner(),
@@ -284,6 +308,13 @@ async fn session(
             Phase::Watching
         };
     });
+    if config.all_clusters {
+        // Every cluster's config, this one's included, comes in the stream.
+        return mesh::follow(
+            stream, name, &target, syncing, updates, status, registry, metrics, progress,
+        )
+        .await;
+    }
     if updates
         .send(Update::ClusterInfo {
             cluster: name.to_owned(),

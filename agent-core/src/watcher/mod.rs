@@ -45,6 +45,7 @@ use crate::policy::inputs::{Input, InputKey};
 
 pub mod backoff;
 pub mod lifecycle;
+pub mod mesh;
 pub mod registry;
 pub mod status;
 pub mod stream;
@@ -163,13 +164,19 @@ pub struct WatcherConfig {
     /// Most records a full state may hold before the session is cut off (refused, retried
     /// slowly): bounds what a flooding server can make the watcher buffer. `None`: no bound.
     pub max_records: Option<usize>,
+    /// Mirror mode: `entry` is the agent's own cluster, whose server mirrors the peers;
+    /// one all-clusters watch of it brings every cluster's records ([`mesh`]).
+    pub all_clusters: bool,
 }
 
 /// A cluster's records left in force (and its ID and pod CIDRs left claimed) by a watcher
 /// that ended: what [`run`] returns, and what the watcher that replaces it takes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordsInForce {
     /// Since when they have not been kept up to date: the end of the cluster's last
     /// session, or the end of the watcher if it was watching then.
     pub stale_since: Instant,
+    /// The clusters whose records are in force: the watched cluster, or in mirror mode
+    /// every cluster received through it.
+    pub clusters: Vec<String>,
 }

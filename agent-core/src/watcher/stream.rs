@@ -17,14 +17,14 @@ use crate::policy::inputs::{self, Input, InputKey};
 
 /// What one record key is, once known to be a key of this cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Slot {
+pub(super) enum Slot {
     Service(ServiceName),
     Input(InputKey),
 }
 
 /// A decoded record.
 #[derive(Debug)]
-enum Decoded {
+pub(super) enum Decoded {
     Service(ServiceRecord),
     Input(Input),
 }
@@ -32,16 +32,16 @@ enum Decoded {
 /// A full sync in progress: what arrived so far; `None`: the value did not decode, keep
 /// the previous record.
 #[derive(Debug, Default)]
-struct Resync {
-    services: BTreeMap<ServiceName, Option<ServiceRecord>>,
-    inputs: BTreeMap<InputKey, Option<Input>>,
+pub(super) struct Resync {
+    pub(super) services: BTreeMap<ServiceName, Option<ServiceRecord>>,
+    pub(super) inputs: BTreeMap<InputKey, Option<Input>>,
     /// Raw mode: the validated wire values by key instead.
     raw: BTreeMap<String, Option<bytes::Bytes>>,
-    synced: BTreeSet<Kind>,
+    pub(super) synced: BTreeSet<Kind>,
 }
 
 impl Resync {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.services.len() + self.inputs.len() + self.raw.len()
     }
 
@@ -61,7 +61,7 @@ impl Resync {
         }
     }
 
-    fn put(&mut self, slot: Slot, decoded: Option<Decoded>, keep_existing: bool) {
+    pub(super) fn put(&mut self, slot: Slot, decoded: Option<Decoded>, keep_existing: bool) {
         match (slot, decoded) {
             (_, Some(Decoded::Service(r))) => {
                 self.services.insert(r.name.clone(), Some(r));
@@ -148,14 +148,7 @@ pub(super) async fn follow(
                         // previous record (from this sync or from before) in force.
                         resync.put(slot, decoded, true);
                     } else {
-                        update = match decoded {
-                            Some(Decoded::Service(r)) => Some(Update::Upsert(r)),
-                            Some(Decoded::Input(input)) => Some(Update::UpsertInput {
-                                cluster: name.to_owned(),
-                                input,
-                            }),
-                            None => None,
-                        };
+                        update = live_upsert(name, decoded);
                     }
                 }
             }
@@ -174,19 +167,12 @@ pub(super) async fn follow(
                     } else if syncing {
                         resync.put(slot, None, false);
                     } else {
-                        update = Some(match slot {
-                            Slot::Service(svc) => Update::Remove {
-                                cluster: name.to_owned(),
-                                name: svc,
-                            },
-                            Slot::Input(key) => Update::RemoveInput {
-                                cluster: name.to_owned(),
-                                key,
-                            },
-                        });
+                        update = Some(live_remove(name, slot));
                     }
                 }
             }
+            // Sent only to all_clusters watches, which this session does not open.
+            v1::watch_event::Event::Complete(_) => {}
             v1::watch_event::Event::Synced(s) => {
                 pending_revision = pending_revision.max(s.revision);
                 if syncing {
@@ -238,8 +224,34 @@ pub(super) async fn follow(
     }
 }
 
+/// The update for a live upsert of a decoded record of cluster `name` (`None`: it did
+/// not decode; the previous record stays).
+pub(super) fn live_upsert(name: &str, decoded: Option<Decoded>) -> Option<Update> {
+    match decoded? {
+        Decoded::Service(r) => Some(Update::Upsert(r)),
+        Decoded::Input(input) => Some(Update::UpsertInput {
+            cluster: name.to_owned(),
+            input,
+        }),
+    }
+}
+
+/// The update for a live removal of the record in `slot` of cluster `name`.
+pub(super) fn live_remove(name: &str, slot: Slot) -> Update {
+    match slot {
+        Slot::Service(svc) => Update::Remove {
+            cluster: name.to_owned(),
+            name: svc,
+        },
+        Slot::Input(key) => Update::RemoveInput {
+            cluster: name.to_owned(),
+            key,
+        },
+    }
+}
+
 /// What `key` holds, if it is a record key of cluster `name` of one of `kinds`.
-fn classify(
+pub(super) fn classify(
     name: &str,
     key: &str,
     kinds: &BTreeSet<Kind>,
@@ -289,7 +301,7 @@ fn classify(
 
 /// The record in `u` (whose key is `mesh_key`, of cluster `name`); `None` (counted and
 /// logged) when it does not decode or is refused.
-fn decode(
+pub(super) fn decode(
     name: &str,
     mesh_key: &MeshKey,
     u: &v1::Upsert,

@@ -252,6 +252,12 @@ pub struct EnableArgs {
     /// Admin socket of one of this cluster's agents (repeatable), for status.
     #[arg(long = "agent-socket")]
     pub agent_sockets: Vec<PathBuf>,
+    /// Standalone mode: how this cluster's agents reach the other clusters: `mirror`
+    /// (watch only this cluster's mesh API server, which mirrors the connected peers;
+    /// start it with `--mirror-peers <state-dir>/agent.yaml`) or `direct` (every agent
+    /// watches every cluster). Kubernetes mode: `--set mode=direct`.
+    #[arg(long, default_value = "mirror")]
+    pub agent_mode: clustermesh_api::agent_config::WatchMode,
     /// Kubernetes mode: chart value override KEY.PATH=VALUE (repeatable; the value is a
     /// YAML scalar, `null` restores the chart default, `\.` is a dot inside a key). Stored
     /// in ConfigMap clustermesh-config and kept by later enable/connect/disconnect.

@@ -161,6 +161,7 @@ impl MeshTarget for StateDirMesh {
                 mesh_endpoints: a.mesh_endpoints.clone(),
                 agent_sockets: a.agent_sockets.clone(),
                 kubernetes_namespace: a.kubernetes_namespace.clone(),
+                agent_mode: a.agent_mode,
             },
         )
         .await?;

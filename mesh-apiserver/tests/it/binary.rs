@@ -110,6 +110,7 @@ async fn binary_serves_exports_and_stops_on_sigterm() {
     let request = v1::WatchRequest {
         kinds: vec![v1::Kind::Service.into()],
         from_revision: 0,
+        all_clusters: false,
     };
     let mut stream = client.watch(request).await.unwrap().into_inner();
     let mut services = Vec::new();

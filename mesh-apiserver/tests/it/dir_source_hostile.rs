@@ -123,6 +123,7 @@ async fn nested_yaml_is_refused_while_the_server_keeps_answering() {
         client.watch(WatchRequest {
             kinds: vec![],
             from_revision: 0,
+            all_clusters: false,
         }),
     )
     .await

@@ -133,6 +133,7 @@ fn watch_all(from_revision: u64) -> WatchRequest {
         .map(Into::into)
         .collect(),
         from_revision,
+        all_clusters: false,
     }
 }
 
@@ -167,6 +168,7 @@ impl View {
                 self.keys.clear();
                 self.log.push(format!("reset {}", r.reason));
             }
+            Event::Complete(c) => panic!("StateComplete sent to a peer watch: {c:?}"),
         }
     }
 }

@@ -65,6 +65,7 @@ fn all_kinds() -> WatchRequest {
     WatchRequest {
         kinds: vec![],
         from_revision: 0,
+        all_clusters: false,
     }
 }
 
@@ -187,6 +188,7 @@ async fn watch_filters_by_kind() {
     let request = WatchRequest {
         kinds: vec![v1::Kind::Service.into()],
         from_revision: 0,
+        all_clusters: false,
     };
     let mut stream = client.watch(request).await.unwrap().into_inner();
     let Event::Upsert(s) = next_event(&mut stream).await else {
@@ -215,6 +217,7 @@ async fn watch_filters_by_kind() {
     let bad = WatchRequest {
         kinds: vec![42],
         from_revision: 0,
+        all_clusters: false,
     };
     let err = client.watch(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -259,6 +262,7 @@ async fn resume_from_revision_sends_only_missed_events() {
         .watch(WatchRequest {
             kinds: vec![],
             from_revision: seen,
+            all_clusters: false,
         })
         .await
         .unwrap()
@@ -326,6 +330,7 @@ async fn resume_after_store_compaction_gets_reset_then_full_state() {
         .watch(WatchRequest {
             kinds: vec![],
             from_revision: old,
+            all_clusters: false,
         })
         .await
         .unwrap()
@@ -343,6 +348,7 @@ async fn resume_after_store_compaction_gets_reset_then_full_state() {
         .watch(WatchRequest {
             kinds: vec![],
             from_revision: now + 1000,
+            all_clusters: false,
         })
         .await
         .unwrap()
@@ -383,6 +389,7 @@ async fn resume_beyond_the_history_bound_gets_reset() {
         .watch(WatchRequest {
             kinds: vec![],
             from_revision: last - 2,
+            all_clusters: false,
         })
         .await
         .unwrap()
@@ -396,6 +403,7 @@ async fn resume_beyond_the_history_bound_gets_reset() {
         .watch(WatchRequest {
             kinds: vec![],
             from_revision: first,
+            all_clusters: false,
         })
         .await
         .unwrap()

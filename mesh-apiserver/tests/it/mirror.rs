@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustermesh_agent_core::watcher::ReconnectBackoff;
+use clustermesh_agent_core::watcher::{self, ReconnectBackoff};
 use clustermesh_api::keys::{self, Kind};
 use clustermesh_api::model::Phase;
 use clustermesh_api::v1;
@@ -580,4 +580,290 @@ async fn the_writer_refuses_states_and_live_records_past_the_limit() {
         .unwrap();
     assert!(keys_of(&ts.store, "north").await.is_empty());
     ts.shutdown().await;
+}
+
+/// North's own state as its exporter writes it: its cluster config, one service, the
+/// synced markers of every kind.
+async fn north_own_state(store: &Arc<dyn Store>) {
+    put(
+        store,
+        &keys::cluster_config_key("north"),
+        v1::ClusterConfig {
+            name: "north".into(),
+            id: 2,
+            pod_cidrs: vec!["10.2.0.0/16".into()],
+            ..v1::ClusterConfig::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    put(
+        store,
+        &keys::service_key("north", "default", "api"),
+        service("north", "api").encode_to_vec(),
+    )
+    .await;
+    for kind in Kind::ALL {
+        put(
+            store,
+            &keys::synced_key("north", kind),
+            v1::SyncedMarker { revision: 1 }.encode_to_vec(),
+        )
+        .await;
+    }
+}
+
+/// North's mesh API server over north's (mirroring) store.
+async fn north_server(ca: &MeshCa, store: &Arc<dyn Store>) -> (MeshServer, u16) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = MeshServer::start(
+        Arc::clone(store),
+        ca,
+        &ServerSpec {
+            trust_domain: TD,
+            cluster: "north",
+            id: 2,
+            pod_cidrs: &["10.2.0.0/16"],
+            stream_buffer: 64,
+        },
+        listener,
+    )
+    .await;
+    (server, port)
+}
+
+/// A raw mesh API client of the server at `port` presenting `leaf`.
+async fn raw_client(
+    ca: &MeshCa,
+    leaf: &clustermesh_certs::IssuedCert,
+    port: u16,
+) -> v1::mesh_api_client::MeshApiClient<tonic::transport::Channel> {
+    let tls: Arc<dyn clustermesh_certs::TlsSource> = Arc::new(
+        clustermesh_certs::MeshTls::from_pem(
+            TrustDomain::new(TD).unwrap(),
+            clustermesh_test_support::certs::shared(ca).as_bytes(),
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+        )
+        .unwrap(),
+    );
+    let channel =
+        clustermesh_certs::transport::MeshEndpoint::new(&format!("localhost:{port}"), tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    v1::mesh_api_client::MeshApiClient::new(channel)
+}
+
+/// The next update `pick` accepts (others skipped), within a generous deadline.
+async fn next_update<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<watcher::Update>,
+    what: &str,
+    mut pick: impl FnMut(&watcher::Update) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let update = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("watcher ended");
+        if let Some(found) = pick(&update) {
+            return found;
+        }
+    }
+}
+
+/// Mirror mode end to end: north's agent holds one stream, to north's server, and gets
+/// west's records through north's mirror, each cluster gated by its own synced markers;
+/// live changes of west follow; west dropped by the mirror is dropped by the agent. A
+/// peer never gets mirrored records, and may not ask for every cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_every_cluster_through_their_own_server() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (west_srv, west, west_port) = west_server(&ca, "west", 1).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, west_port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    north_own_state(&n.store).await;
+    let (north_srv, north_port) = north_server(&ca, &n.store).await;
+
+    // North's agent, in mirror mode.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agent_cert = ca
+        .issue_agent("north", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    std::fs::write(agent_dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(agent_dir.path().join("agent.crt"), &agent_cert.cert_pem).unwrap();
+    std::fs::write(agent_dir.path().join("agent.key"), &agent_cert.key_pem).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let board = watcher::StatusBoard::default();
+    let cancel = CancellationToken::new();
+    let config = watcher::WatcherConfig {
+        entry: clustermesh_api::agent_config::ClusterEntry {
+            name: "north".into(),
+            id: 2,
+            endpoints: vec![format!("localhost:{north_port}")],
+            ca_file: agent_dir.path().join("ca.crt"),
+        },
+        local: true,
+        trust_domain: TrustDomain::new(TD).unwrap(),
+        cert_file: agent_dir.path().join("agent.crt"),
+        key_file: agent_dir.path().join("agent.key"),
+        backoff: ReconnectBackoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(300),
+        },
+        stale_ttl: None,
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+        raw: false,
+        max_records: None,
+        all_clusters: true,
+    };
+    let agent = tokio::spawn(watcher::run(
+        config,
+        None,
+        tx,
+        board.clone(),
+        Arc::new(watcher::ClusterRegistry::default()),
+        Arc::new(clustermesh_agent_core::metrics::Metrics::new()),
+        cancel.clone(),
+    ));
+
+    // West arrives whole: its cluster info, then one replacement with its service and
+    // its identity and endpoints. North's own records arrive too.
+    let west_id = next_update(&mut rx, "west's cluster info", |u| match u {
+        watcher::Update::ClusterInfo { cluster, id, .. } if cluster == "west" => Some(*id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(west_id, 1);
+    let (services, inputs) = next_update(&mut rx, "west's full state", |u| match u {
+        watcher::Update::Replace {
+            cluster,
+            services,
+            inputs,
+        } if cluster == "west" => Some((services.len(), inputs.len())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (services, inputs),
+        (1, 3),
+        "west's service, identity, 2 endpoints"
+    );
+    until(
+        "north and west are synced on the agent's board",
+        async || {
+            ["north", "west"]
+                .iter()
+                .all(|c| board.get(c).is_some_and(|s| s.synced))
+        },
+    )
+    .await;
+    let west_status = board.get("west").unwrap();
+    assert!(
+        west_status.endpoint.contains("via north"),
+        "{west_status:?}"
+    );
+
+    // A live change of west reaches north's agent through the mirror.
+    put(
+        &west.store,
+        &keys::endpoint_key("west", "10.1.0.9".parse().unwrap()),
+        endpoint("west", "10.1.0.9", 65_800).encode_to_vec(),
+    )
+    .await;
+    next_update(&mut rx, "west's new endpoint", |u| match u {
+        watcher::Update::UpsertInput { cluster, input } if cluster == "west" => {
+            format!("{input:?}").contains("10.1.0.9").then_some(())
+        }
+        _ => None,
+    })
+    .await;
+
+    // A peer (east's agent, east allowed by default) never gets mirrored records and may
+    // not ask for every cluster.
+    let east_agent = ca
+        .issue_agent("east", Validity::from_now(DEFAULT_LEAF_VALIDITY))
+        .unwrap();
+    let mut peer = raw_client(&ca, &east_agent, north_port).await;
+    let refused = peer
+        .watch(v1::WatchRequest {
+            kinds: vec![],
+            from_revision: 0,
+            all_clusters: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("all_clusters"), "{refused:?}");
+    let mut own_view = raw_client(&ca, &agent_cert, north_port).await;
+    for (who, client) in [
+        ("peer", &mut peer),
+        ("own direct-mode agent", &mut own_view),
+    ] {
+        let mut stream = client
+            .watch(v1::WatchRequest {
+                kinds: vec![],
+                from_revision: 0,
+                all_clusters: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut synced = 0;
+        let mut seen = Vec::new();
+        while synced < 3 {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .event
+                .unwrap();
+            match event {
+                v1::watch_event::Event::Upsert(u) => seen.push(u.key),
+                v1::watch_event::Event::Synced(s) => {
+                    assert_eq!(s.cluster, "north", "{who}: {s:?}");
+                    synced += 1;
+                }
+                other => panic!("{who}: unexpected {other:?}"),
+            }
+        }
+        assert!(
+            seen.iter()
+                .all(|k| keys::parse_key(k.as_bytes()).unwrap().cluster() == "north"),
+            "{who} got another cluster's records: {seen:?}"
+        );
+        assert!(
+            seen.contains(&keys::service_key("north", "default", "api")),
+            "{who}: {seen:?}"
+        );
+    }
+
+    // West disconnected: north's mirror drops it, and so does north's agent.
+    write_peers(n.dir.path(), &[("north", 2, 1)]);
+    next_update(&mut rx, "west dropped", |u| match u {
+        watcher::Update::DropCluster { cluster } if cluster == "west" => Some(()),
+        _ => None,
+    })
+    .await;
+    until("west leaves the agent's board", async || {
+        board.get("west").is_none()
+    })
+    .await;
+    assert!(board.get("north").unwrap().synced);
+
+    cancel.cancel();
+    let _ = agent.await;
+    north_srv.stop().await;
+    west_srv.stop().await;
+    n.stop().await;
+    west.shutdown().await;
 }

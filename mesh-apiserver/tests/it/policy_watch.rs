@@ -60,6 +60,7 @@ fn request(kinds: &[v1::Kind]) -> WatchRequest {
     WatchRequest {
         kinds: kinds.iter().map(|k| (*k).into()).collect(),
         from_revision: 0,
+        all_clusters: false,
     }
 }
 
@@ -96,6 +97,7 @@ fn kinds_of(events: &[Event]) -> Vec<(String, v1::Kind)> {
             Event::Delete(d) => ("delete".to_owned(), d.kind()),
             Event::Synced(s) => ("synced".to_owned(), s.kind()),
             Event::Reset(_) => ("reset".to_owned(), v1::Kind::Unspecified),
+            Event::Complete(_) => ("complete".to_owned(), v1::Kind::Unspecified),
         })
         .collect()
 }

@@ -160,6 +160,7 @@ impl Server {
                 .watch(v1::WatchRequest {
                     kinds: vec![],
                     from_revision: 0,
+                    all_clusters: false,
                 })
                 .await
                 .map(|_| ()),

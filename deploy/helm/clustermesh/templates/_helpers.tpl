@@ -41,6 +41,11 @@ spec:
         - --tls-dir=/etc/clustermesh/tls
         - --log-format={{ .Values.apiserver.logFormat }}
         - "--export-pods={{ .Values.apiserver.exportPods }}"
+        {{- if eq .Values.mode "mirror" }}
+        {{- /* The connected clusters, as `clustermesh connect` keeps them in the agent
+               configuration (same file, same CA files). */}}
+        - --mirror-peers=/etc/clustermesh/agent/agent.yaml
+        {{- end }}
         - --store={{ .Values.apiserver.store.type }}
         {{- if eq .Values.apiserver.store.type "raft" }}
         - --raft-data-dir=/var/lib/clustermesh
@@ -113,6 +118,11 @@ spec:
           readOnly: true
         - name: data
           mountPath: /var/lib/clustermesh
+        {{- if eq .Values.mode "mirror" }}
+        - name: mesh-config
+          mountPath: /etc/clustermesh/agent
+          readOnly: true
+        {{- end }}
         {{- if eq .Values.apiserver.store.type "raft" }}
         - name: replica
           mountPath: /etc/clustermesh/replica
@@ -145,6 +155,12 @@ spec:
               items:
                 - key: ca-bundle.crt
                   path: ca.crt
+    {{- if eq .Values.mode "mirror" }}
+    # The connected clusters to mirror and their CAs (the agents' configuration).
+    - name: mesh-config
+      configMap:
+        name: clustermesh-agent-config
+    {{- end }}
     {{- if eq .Values.apiserver.store.type "raft" }}
     # Store replica certificates (replica-<id>.crt/.key): only the raft port accepts them.
     - name: replica
