@@ -52,8 +52,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clustermesh_agent_core::watcher::ReconnectBackoff;
-use clustermesh_api::agent_config::{AgentConfig, ClusterEntry};
-use clustermesh_api::keys::{self, Kind};
+use clustermesh_api::agent_config::{AgentConfig, ClusterEntry, WatchMode};
+use clustermesh_api::keys;
 use clustermesh_api::v1::{self, mesh_api_client::MeshApiClient, watch_event::Event};
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
@@ -398,48 +398,176 @@ fn mean_max(v: &[f64]) -> (f64, f64) {
 // Orchestrator: agents
 // ---------------------------------------------------------------------------------------
 
-/// Arrivals of the records being propagated, keyed by record key: (agent's cluster, time).
+/// Wall-clock time in ns: comparable across this machine's processes (the agent hosts
+/// and the orchestrator).
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// In an agent host: arrival times of the records being propagated, keyed by record key.
 #[derive(Default)]
 struct Arrivals {
-    pending: Mutex<HashMap<String, Vec<(usize, Instant)>>>,
+    pending: Mutex<HashMap<String, Vec<u128>>>,
     /// Whether `pending` holds a key (skips the lock during a full fleet sync).
     active: std::sync::atomic::AtomicBool,
+    /// Agents in this host: a key is reported once this many have it.
+    agents: usize,
+    done: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl Arrivals {
-    fn record(&self, key: &str, cluster: usize) {
+    fn record(&self, key: &str) {
         if !self.active.load(Ordering::Acquire) {
             return;
         }
-        let now = Instant::now();
+        let now = now_ns();
         if let Some(v) = self.pending.lock().unwrap().get_mut(key) {
-            v.push((cluster, now));
+            v.push(now);
+            if v.len() == self.agents {
+                if let Some(done) = &self.done {
+                    let _ = done.send(key.to_owned());
+                }
+            }
         }
     }
 }
 
-/// One Watch stream of one agent: reports arrivals until `stop`.
+/// One Watch stream of one agent: reports arrivals until the stream ends.
 async fn watch_stream(
     mut stream: tonic::Streaming<v1::WatchEvent>,
-    cluster: usize,
     arrivals: Arc<Arrivals>,
-    stop: CancellationToken,
     broken: Arc<AtomicUsize>,
 ) {
     loop {
-        let msg = tokio::select! {
-            () = stop.cancelled() => return,
-            msg = stream.message() => msg,
-        };
-        match msg {
+        match stream.message().await {
             Ok(Some(event)) => {
                 if let Some(Event::Upsert(u)) = event.event {
-                    arrivals.record(&u.key, cluster);
+                    arrivals.record(&u.key);
                 }
             }
             _ => {
                 broken.fetch_add(1, Ordering::Relaxed);
                 return;
+            }
+        }
+    }
+}
+
+/// An agent host process (`SCALE_ROLE=agents`): the `SCALE_AGENTS` agents of cluster
+/// `SCALE_INDEX`, each with one stream per server in `SCALE_TARGETS`
+/// (`addr=revision,...`). Prints `ready <broken streams>` once every stream is open; then,
+/// per stdin line `expect <key>`, prints `ok`, and `done <key> <ns>...` once every agent
+/// has the record (or on `flush <key>`, with what arrived).
+async fn agents_main() {
+    clustermesh_test_support::limits::raise_nofile(1 << 20);
+    let var = |n: &str| std::env::var(n).unwrap();
+    let agents: usize = var("SCALE_AGENTS").parse().unwrap();
+    let all = var("SCALE_MIRROR") == "1";
+    let dir = PathBuf::from(var("SCALE_DIR"));
+    let targets: Vec<(SocketAddr, u64)> = var("SCALE_TARGETS")
+        .split(',')
+        .map(|t| {
+            let (a, r) = t.split_once('=').unwrap();
+            (a.parse().unwrap(), r.parse().unwrap())
+        })
+        .collect();
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let tls: Arc<dyn TlsSource> = Arc::new(
+        MeshTls::from_pem(
+            TrustDomain::new(TD).unwrap(),
+            &read("bundle.pem"),
+            &read("agent.crt"),
+            &read("agent.key"),
+        )
+        .unwrap(),
+    );
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let arrivals = Arc::new(Arrivals {
+        agents,
+        done: Some(done_tx),
+        ..Arrivals::default()
+    });
+    let broken = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(16));
+    let mut joins = tokio::task::JoinSet::new();
+    for _ in 0..agents {
+        for &(addr, rev) in &targets {
+            let (tls, gate, arrivals, broken) = (
+                Arc::clone(&tls),
+                Arc::clone(&gate),
+                Arc::clone(&arrivals),
+                Arc::clone(&broken),
+            );
+            joins.spawn(async move {
+                let channel = connect(addr, &tls, &gate).await;
+                let stream = open_watch(
+                    &channel,
+                    v1::WatchRequest {
+                        kinds: vec![],
+                        from_revision: rev,
+                        all_clusters: all,
+                    },
+                )
+                .await;
+                tokio::spawn(async move {
+                    let _channel = channel;
+                    watch_stream(stream, arrivals, broken).await;
+                });
+            });
+        }
+    }
+    while let Some(r) = joins.join_next().await {
+        r.unwrap();
+    }
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let say = move |line: String| {
+        let mut o = out.lock().unwrap();
+        writeln!(o, "{line}").unwrap();
+        o.flush().unwrap();
+    };
+    say(format!("ready {}", broken.load(Ordering::Relaxed)));
+    let report = |arrivals: &Arrivals, key: &str| -> Option<String> {
+        let times = arrivals.pending.lock().unwrap().remove(key)?;
+        let mut line = format!("done {key}");
+        for t in times {
+            let _ = write!(line, " {t}");
+        }
+        Some(line)
+    };
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if cmd_tx.send(line).is_err() {
+                break;
+            }
+        }
+        std::process::exit(0);
+    });
+    loop {
+        tokio::select! {
+            Some(key) = done_rx.recv() => {
+                if let Some(line) = report(&arrivals, &key) {
+                    say(line);
+                }
+            }
+            Some(cmd) = cmd_rx.recv() => {
+                let (verb, key) = cmd.split_once(' ').unwrap_or((cmd.as_str(), ""));
+                match verb {
+                    "expect" => {
+                        arrivals.pending.lock().unwrap().insert(key.to_owned(), Vec::new());
+                        arrivals.active.store(true, Ordering::Release);
+                        say("ok".to_owned());
+                    }
+                    "flush" => {
+                        let line = report(&arrivals, key).unwrap_or_else(|| format!("done {key}"));
+                        say(line);
+                    }
+                    "broken" => say(format!("broken {}", broken.load(Ordering::Relaxed))),
+                    _ => {}
+                }
             }
         }
     }
@@ -656,14 +784,36 @@ struct Report {
     last_remote: Vec<Duration>,
     local: Vec<Duration>,
     missing: usize,
+    /// Streams that failed to open (host ready) / ended by the end of the run.
     broken: usize,
+    broken_end: usize,
     new_agent: (Duration, usize, usize),
     agents_cpu: f64,
     agents_rss: u64,
 }
 
-fn self_usage() -> (f64, u64, u64) {
-    proc_usage(std::process::id())
+/// An agent host process and its stdout lines.
+struct AgentHost {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl AgentHost {
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    async fn next_line_or_none(&mut self, wait: Duration) -> Option<String> {
+        tokio::time::timeout(wait, self.lines.recv()).await.ok().flatten()
+    }
+
+    async fn next_line(&mut self, wait: Duration) -> String {
+        self.next_line_or_none(wait)
+            .await
+            .expect("agent host: no answer (see agents.log)")
+    }
 }
 
 #[allow(clippy::too_many_lines)]
@@ -697,6 +847,7 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
     // Peers file (agent-config format) naming every cluster; each server skips itself.
     let peers = AgentConfig {
         local_cluster: cluster_name(0),
+        mode: WatchMode::Mirror,
         trust_domain: TD.to_owned(),
         cert_file: dir.join("unused.crt"),
         key_file: dir.join("unused.key"),
@@ -786,7 +937,6 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
     // Let the last mirrored writes reach the caches.
     tokio::time::sleep(Duration::from_secs(1)).await;
     report.start = sample(&servers);
-    let (cpu_agents0, _, _) = self_usage();
 
     // The fleet.
     let all = mode == Mode::Mirror;
@@ -801,44 +951,66 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
         )
         .await
     };
-    let arrivals = Arc::new(Arrivals::default());
-    let stop = CancellationToken::new();
-    let broken = Arc::new(AtomicUsize::new(0));
-    let gate = Arc::new(Semaphore::new(24));
+    // One agent host process per cluster.
     let fleet_started = Instant::now();
-    let mut joins = tokio::task::JoinSet::new();
+    let mut hosts: Vec<AgentHost> = Vec::new();
     for c in 0..n {
-        for _a in 0..cfg.agents {
-            let targets: Vec<usize> = if all { vec![c] } else { (0..n).collect() };
-            for t in targets {
-                let (addr, tls, rev) = (servers[t].grpc, Arc::clone(&pki.agents[c]), revisions[t]);
-                let (gate, arrivals, stop, broken) = (
-                    Arc::clone(&gate),
-                    Arc::clone(&arrivals),
-                    stop.clone(),
-                    Arc::clone(&broken),
-                );
-                joins.spawn(async move {
-                    let channel = connect(addr, &tls, &gate).await;
-                    let stream = open_watch(
-                        &channel,
-                        v1::WatchRequest {
-                            kinds: vec![],
-                            from_revision: rev,
-                            all_clusters: all,
-                        },
-                    )
-                    .await;
-                    tokio::spawn(async move {
-                        let _channel = channel;
-                        watch_stream(stream, c, arrivals, stop, broken).await;
-                    });
-                });
+        let hdir = dir.join(format!("agents-{}", cluster_name(c)));
+        std::fs::create_dir_all(&hdir).unwrap();
+        let leaf = ca
+            .issue_agent(&cluster_name(c), Validity::from_now(DEFAULT_LEAF_VALIDITY))
+            .unwrap();
+        std::fs::write(hdir.join("agent.crt"), &leaf.cert_pem).unwrap();
+        std::fs::write(hdir.join("agent.key"), &leaf.key_pem).unwrap();
+        std::fs::write(hdir.join("bundle.pem"), &pki.bundle).unwrap();
+        let targets: Vec<String> = if all {
+            vec![format!("{}={}", servers[c].grpc, revisions[c])]
+        } else {
+            servers
+                .iter()
+                .zip(&revisions)
+                .map(|(s, r)| format!("{}={r}", s.grpc))
+                .collect()
+        };
+        let log = std::fs::File::create(hdir.join("agents.log")).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("SCALE_ROLE", "agents")
+            .env("SCALE_AGENTS", cfg.agents.to_string())
+            .env("SCALE_MIRROR", if all { "1" } else { "0" })
+            .env("SCALE_DIR", &hdir)
+            .env("SCALE_TARGETS", targets.join(","))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-        }
+        });
+        hosts.push(AgentHost {
+            child,
+            stdin,
+            lines,
+        });
     }
-    while let Some(r) = joins.join_next().await {
-        r.unwrap();
+    for h in &mut hosts {
+        let line = h.next_line(Duration::from_secs(900)).await;
+        let broken: usize = line
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("agent host: {line}"))
+            .parse()
+            .unwrap();
+        report.broken += broken;
     }
     report.fleet_in = fleet_started.elapsed();
     // Full fleet sync: wait until the servers have sent it (their CPU stops moving).
@@ -860,6 +1032,7 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
         let body = http_get(s.ops, "/metrics").await.unwrap_or_default().1;
         report.streams.push(metric_sum(&body, "clustermesh_apiserver_watchers"));
     }
+    let hosts_usage0: Vec<f64> = hosts.iter().map(|h| proc_usage(h.child.id()).0).collect();
 
     // Propagation.
     for u in 0..cfg.updates {
@@ -867,39 +1040,52 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
         let i = (u / n * 97 + 13) % cfg.services;
         // The record key the exporter writes for service i of cluster a.
         let key = keys::service_key(&cluster_name(a), &format!("ns{}", i % 10), &format!("svc{i}"));
-        arrivals.pending.lock().unwrap().insert(key.clone(), Vec::new());
-        arrivals.active.store(true, Ordering::Release);
-        let expected_remote = (n - 1) * cfg.agents;
-        let expected_local = cfg.agents;
-        let t0 = Instant::now();
+        for h in &mut hosts {
+            h.send(&format!("expect {key}"));
+        }
+        for h in &mut hosts {
+            // Skip a late report of an earlier key.
+            while h.next_line(Duration::from_secs(30)).await != "ok" {}
+        }
+        let t0 = now_ns();
         writeln!(servers[a].stdin, "{i} {}", u % cfg.backends).unwrap();
         servers[a].stdin.flush().unwrap();
-        let deadline = t0 + Duration::from_secs(30);
-        loop {
-            let done = {
-                let map = arrivals.pending.lock().unwrap();
-                map[&key].len() >= expected_remote + expected_local
-            };
-            if done || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let got = arrivals.pending.lock().unwrap().remove(&key).unwrap();
-        arrivals.active.store(false, Ordering::Release);
-        let mut remote = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = Duration::ZERO;
-        for (c, at) in got {
-            let d = at - t0;
-            if c == a {
-                report.local.push(d);
-            } else {
-                remote += 1;
-                last = last.max(d);
-                report.remote.push(d);
+        let mut remote = 0;
+        for (c, h) in hosts.iter_mut().enumerate() {
+            let prefix = format!("done {key}");
+            let mut flushed = false;
+            let mut until = deadline;
+            let line = loop {
+                let wait = until.saturating_duration_since(Instant::now());
+                match h.next_line_or_none(wait.max(Duration::from_millis(1))).await {
+                    Some(line) if line.split_whitespace().nth(1) == Some(key.as_str()) => {
+                        break line;
+                    }
+                    Some(_) => {}
+                    None if !flushed => {
+                        h.send(&format!("flush {key}"));
+                        flushed = true;
+                        until = Instant::now() + Duration::from_secs(10);
+                    }
+                    None => break prefix.clone(),
+                }
+            };
+            let mut fields = line.split_whitespace().skip(2);
+            for t in fields.by_ref() {
+                let t: u128 = t.parse().unwrap();
+                let d = Duration::from_nanos(u64::try_from(t.saturating_sub(t0)).unwrap());
+                if c == a {
+                    report.local.push(d);
+                } else {
+                    remote += 1;
+                    last = last.max(d);
+                    report.remote.push(d);
+                }
             }
         }
-        report.missing += expected_remote.saturating_sub(remote);
+        report.missing += ((n - 1) * cfg.agents).saturating_sub(remote);
         report.last_remote.push(last);
         tokio::time::sleep(cfg.interval).await;
     }
@@ -914,12 +1100,19 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
     };
     report.new_agent = full_sync(&targets, &pki.agents[c], n, Duration::from_secs(60)).await;
     report.end = sample(&servers);
-    let (cpu_agents1, _, rss) = self_usage();
-    report.agents_cpu = cpu_agents1 - cpu_agents0;
-    report.agents_rss = rss;
-    report.broken = broken.load(Ordering::Relaxed);
-
-    stop.cancel();
+    for (h, cpu0) in hosts.iter_mut().zip(hosts_usage0) {
+        let (cpu, _, rss) = proc_usage(h.child.id());
+        report.agents_cpu += cpu - cpu0;
+        report.agents_rss += rss;
+        h.send("broken");
+        if let Some(b) = h.next_line_or_none(Duration::from_secs(10)).await {
+            report.broken_end += b.strip_prefix("broken ").and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    for mut h in hosts {
+        let _ = h.child.kill();
+        let _ = h.child.wait();
+    }
     for mut s in servers {
         let _ = s.child.kill();
         let _ = s.child.wait();
@@ -1046,8 +1239,11 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
             ms(p99),
         )
     });
-    row("  remote deliveries missing after 30 s / streams broken", &|r| {
-        (format!("{} / {}", r.missing, r.broken), r.missing as f64)
+    row("  remote deliveries missing after 30 s / streams ended (at fleet ready, at end)", &|r| {
+        (
+            format!("{} / {}, {}", r.missing, r.broken, r.broken_end),
+            r.missing as f64,
+        )
     });
     row("new agent: every cluster's full state", &|r| {
         let (t, services, synced) = r.new_agent;
@@ -1059,7 +1255,7 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
             t.as_secs_f64(),
         )
     });
-    row("agents (bench process): CPU / RSS", &|r| {
+    row("agent hosts (all N processes): CPU during updates + new agent / RSS", &|r| {
         (
             format!("{:.1} s / {} MiB", r.agents_cpu, r.agents_rss),
             r.agents_cpu,
@@ -1069,9 +1265,10 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
 
 #[tokio::main]
 async fn main() {
-    if std::env::var("SCALE_ROLE").as_deref() == Ok("server") {
-        server_main().await;
-        return;
+    match std::env::var("SCALE_ROLE").as_deref() {
+        Ok("server") => return server_main().await,
+        Ok("agents") => return agents_main().await,
+        _ => {}
     }
     // Cargo runs benches with `--bench`; ignore arguments.
     let nofile = clustermesh_test_support::limits::raise_nofile(1 << 20);
