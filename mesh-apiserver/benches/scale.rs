@@ -619,8 +619,7 @@ async fn open_watch(
 ) -> tonic::Streaming<v1::WatchEvent> {
     let mut attempt = 0;
     loop {
-        let mut client = MeshApiClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20);
+        let mut client = MeshApiClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         match client.watch(request.clone()).await {
             Ok(r) => return r.into_inner(),
             Err(e) => {
@@ -806,7 +805,10 @@ impl AgentHost {
     }
 
     async fn next_line_or_none(&mut self, wait: Duration) -> Option<String> {
-        tokio::time::timeout(wait, self.lines.recv()).await.ok().flatten()
+        tokio::time::timeout(wait, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn next_line(&mut self, wait: Duration) -> String {
@@ -1030,7 +1032,9 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
     report.fleet = sample(&servers);
     for s in &servers {
         let body = http_get(s.ops, "/metrics").await.unwrap_or_default().1;
-        report.streams.push(metric_sum(&body, "clustermesh_apiserver_watchers"));
+        report
+            .streams
+            .push(metric_sum(&body, "clustermesh_apiserver_watchers"));
     }
     let hosts_usage0: Vec<f64> = hosts.iter().map(|h| proc_usage(h.child.id()).0).collect();
 
@@ -1039,7 +1043,11 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
         let a = u % n;
         let i = (u / n * 97 + 13) % cfg.services;
         // The record key the exporter writes for service i of cluster a.
-        let key = keys::service_key(&cluster_name(a), &format!("ns{}", i % 10), &format!("svc{i}"));
+        let key = keys::service_key(
+            &cluster_name(a),
+            &format!("ns{}", i % 10),
+            &format!("svc{i}"),
+        );
         for h in &mut hosts {
             h.send(&format!("expect {key}"));
         }
@@ -1059,7 +1067,10 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
             let mut until = deadline;
             let line = loop {
                 let wait = until.saturating_duration_since(Instant::now());
-                match h.next_line_or_none(wait.max(Duration::from_millis(1))).await {
+                match h
+                    .next_line_or_none(wait.max(Duration::from_millis(1)))
+                    .await
+                {
                     Some(line) if line.split_whitespace().nth(1) == Some(key.as_str()) => {
                         break line;
                     }
@@ -1106,7 +1117,10 @@ async fn run(cfg: &Config, mode: Mode, net: u8, ca: &MeshCa, root: &Path) -> Rep
         report.agents_rss += rss;
         h.send("broken");
         if let Some(b) = h.next_line_or_none(Duration::from_secs(10)).await {
-            report.broken_end += b.strip_prefix("broken ").and_then(|v| v.parse().ok()).unwrap_or(0);
+            report.broken_end += b
+                .strip_prefix("broken ")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
     }
     for mut h in hosts {
@@ -1165,15 +1179,24 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
     let delta = |a: &Sample, b: &Sample| -> Vec<f64> {
         a.cpu.iter().zip(&b.cpu).map(|(x, y)| y - x).collect()
     };
-    row("servers up (own state; mirror: every peer mirrored)", &|r| {
-        (format!("{:.1} s", r.mirrored_in.as_secs_f64()), r.mirrored_in.as_secs_f64())
-    });
+    row(
+        "servers up (own state; mirror: every peer mirrored)",
+        &|r| {
+            (
+                format!("{:.1} s", r.mirrored_in.as_secs_f64()),
+                r.mirrored_in.as_secs_f64(),
+            )
+        },
+    );
     row("CPU per server, start-up (+ mirroring), mean / max", &|r| {
         let (m, x) = mean_max(&r.start.cpu);
         (format!("{m:.2} / {x:.2} s"), m)
     });
     row("fleet connected (all streams open)", &|r| {
-        (format!("{:.1} s", r.fleet_in.as_secs_f64()), r.fleet_in.as_secs_f64())
+        (
+            format!("{:.1} s", r.fleet_in.as_secs_f64()),
+            r.fleet_in.as_secs_f64(),
+        )
     });
     row("CPU per server, fleet connect, mean / max", &|r| {
         let (m, x) = mean_max(&delta(&r.start, &r.fleet));
@@ -1183,10 +1206,13 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
         let (m, x) = mean_max(&r.streams);
         (format!("{m:.0} / {x:.0}"), m)
     });
-    row(&format!("CPU per server, {} updates, mean / max", cfg.updates), &|r| {
-        let (m, x) = mean_max(&delta(&r.fleet, &r.updates));
-        (format!("{m:.2} / {x:.2} s"), m)
-    });
+    row(
+        &format!("CPU per server, {} updates, mean / max", cfg.updates),
+        &|r| {
+            let (m, x) = mean_max(&delta(&r.fleet, &r.updates));
+            (format!("{m:.2} / {x:.2} s"), m)
+        },
+    );
     row("CPU per server, whole run, mean / max", &|r| {
         let (m, x) = mean_max(&r.end.cpu);
         (format!("{m:.1} / {x:.1} s"), m)
@@ -1221,15 +1247,18 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
             )
         },
     );
-    row("  per write, until the last remote agent: p50 / p99", &|r| {
-        let mut v = r.last_remote.clone();
-        v.sort();
-        let p99 = percentile(&v, 0.99);
-        (
-            format!("{:.1} / {:.1} ms", ms(percentile(&v, 0.5)), ms(p99)),
-            ms(p99),
-        )
-    });
+    row(
+        "  per write, until the last remote agent: p50 / p99",
+        &|r| {
+            let mut v = r.last_remote.clone();
+            v.sort();
+            let p99 = percentile(&v, 0.99);
+            (
+                format!("{:.1} / {:.1} ms", ms(percentile(&v, 0.5)), ms(p99)),
+                ms(p99),
+            )
+        },
+    );
     row("  same-cluster agents: p50 / p99", &|r| {
         let mut v = r.local.clone();
         v.sort();
@@ -1239,12 +1268,15 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
             ms(p99),
         )
     });
-    row("  remote deliveries missing after 30 s / streams ended (at fleet ready, at end)", &|r| {
-        (
-            format!("{} / {}, {}", r.missing, r.broken, r.broken_end),
-            r.missing as f64,
-        )
-    });
+    row(
+        "  remote deliveries missing after 30 s / streams ended (at fleet ready, at end)",
+        &|r| {
+            (
+                format!("{} / {}, {}", r.missing, r.broken, r.broken_end),
+                r.missing as f64,
+            )
+        },
+    );
     row("new agent: every cluster's full state", &|r| {
         let (t, services, synced) = r.new_agent;
         (
@@ -1255,12 +1287,15 @@ fn print_reports(cfg: &Config, reports: &[(Mode, Report)]) {
             t.as_secs_f64(),
         )
     });
-    row("agent hosts (all N processes): CPU during updates + new agent / RSS", &|r| {
-        (
-            format!("{:.1} s / {} MiB", r.agents_cpu, r.agents_rss),
-            r.agents_cpu,
-        )
-    });
+    row(
+        "agent hosts (all N processes): CPU during updates + new agent / RSS",
+        &|r| {
+            (
+                format!("{:.1} s / {} MiB", r.agents_cpu, r.agents_rss),
+                r.agents_cpu,
+            )
+        },
+    );
 }
 
 #[tokio::main]
@@ -1289,7 +1324,10 @@ async fn main() {
         .collect();
     let root = tempfile::tempdir().unwrap();
     let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
-    eprintln!("open-file limit {nofile}; work dir {}", root.path().display());
+    eprintln!(
+        "open-file limit {nofile}; work dir {}",
+        root.path().display()
+    );
     let mut net = 10u8;
     for (clusters, agents) in shapes {
         let cfg = Config {
