@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, CacheEvent, Subscription, Viewer};
 use crate::metrics::Metrics;
+use crate::mirror::MirrorStatus;
 
 /// Who may call what, by the caller's role (ARCHITECTURE.md, "Identity model").
 ///
@@ -255,6 +256,7 @@ pub struct MeshApiService {
     metrics: Arc<Metrics>,
     watchers: Arc<WatcherRegistry>,
     shutdown: CancellationToken,
+    mirror: Option<MirrorStatus>,
 }
 
 impl MeshApiService {
@@ -267,7 +269,15 @@ impl MeshApiService {
             metrics,
             watchers: Arc::default(),
             shutdown: CancellationToken::new(),
+            mirror: None,
         }
+    }
+
+    /// Reports the peer mirror's status in `Status`.
+    #[must_use]
+    pub fn with_mirror(mut self, status: MirrorStatus) -> Self {
+        self.mirror = Some(status);
+        self
     }
 
     /// Ends every Watch stream when `shutdown` is cancelled (a graceful server shutdown
@@ -474,6 +484,12 @@ impl MeshApi for MeshApiService {
             revision: stats.revision,
             counts,
             watchers,
+            mirror_peers: self
+                .mirror
+                .as_ref()
+                .map(MirrorStatus::to_proto)
+                .unwrap_or_default(),
+            mirror_enabled: self.mirror.is_some(),
             ..v1::StatusResponse::default()
         }))
     }

@@ -144,6 +144,12 @@ struct Cli {
     /// Records one peer may make this cluster store (all kinds together).
     #[arg(long)]
     mirror_max_records_per_peer: Option<usize>,
+    /// Longest pause between reconnects to an unreachable peer (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    mirror_max_backoff: Option<Duration>,
+    /// How often the peer list is checked for changes (default 1s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    mirror_peers_poll: Option<Duration>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -188,6 +194,10 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde::option")]
     mirror_stale_ttl: Option<Duration>,
     mirror_max_records_per_peer: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    mirror_max_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    mirror_peers_poll: Option<Duration>,
     log_format: Option<LogFormat>,
 }
 
@@ -229,6 +239,8 @@ impl Cli {
             mirror_peers,
             mirror_stale_ttl,
             mirror_max_records_per_peer,
+            mirror_max_backoff,
+            mirror_peers_poll,
             log_format
         );
         fill_vec!(pod_cidrs, raft_peers, etcd_endpoints, allowed_clusters);
@@ -356,10 +368,15 @@ async fn run(cli: Cli) -> Result<()> {
         pod_cidrs: cli.pod_cidrs.clone(),
         trust_domain: trust_domain.clone(),
         peers_file,
-        poll: Duration::from_secs(1),
+        poll: cli.mirror_peers_poll.unwrap_or(Duration::from_secs(1)),
         cert_file: tls_dir.join(clustermesh_certs::layout::SERVER_CERT_FILE),
         key_file: tls_dir.join(clustermesh_certs::layout::SERVER_KEY_FILE),
-        backoff: ReconnectBackoff::default(),
+        backoff: ReconnectBackoff {
+            max: cli
+                .mirror_max_backoff
+                .unwrap_or(ReconnectBackoff::default().max),
+            ..ReconnectBackoff::default()
+        },
         stale_ttl: cli.mirror_stale_ttl,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),

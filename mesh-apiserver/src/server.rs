@@ -148,12 +148,13 @@ pub async fn run(
         }
     });
     tasks.spawn(exporter.run(rx, shutdown.clone()));
-    if let Some(mirror_config) = options.mirror {
+    let mirror_status = options.mirror.as_ref().map(|_| MirrorStatus::default());
+    if let (Some(mirror_config), Some(status)) = (options.mirror, &mirror_status) {
         tasks.spawn(mirror::run(
             Arc::clone(&store),
             mirror_config,
             Arc::clone(&metrics),
-            MirrorStatus::default(),
+            status.clone(),
             shutdown.clone(),
         ));
     }
@@ -168,6 +169,10 @@ pub async fn run(
         Arc::clone(&metrics),
     )
     .with_shutdown(shutdown.clone());
+    let service = match mirror_status {
+        Some(status) => service.with_mirror(status),
+        None => service,
+    };
     let result = serve_grpc_with(
         service,
         options.grpc_listener,

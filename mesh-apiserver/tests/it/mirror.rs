@@ -867,3 +867,90 @@ async fn agents_get_every_cluster_through_their_own_server() {
     n.stop().await;
     west.shutdown().await;
 }
+
+/// A peer whose store was restored from an older backup comes back at a lower revision:
+/// the mirror resyncs it in full (the server answers the resume with a Reset) and then
+/// follows its live writes, whose revisions are below anything seen before, without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_at_a_lower_revision_resyncs_without_a_gap() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    // Push west's revision well past what the restored store will have.
+    for i in 0..40 {
+        put(
+            &west.store,
+            &keys::node_key("west", &format!("n{i}")),
+            v1::Node::default().encode_to_vec(),
+        )
+        .await;
+    }
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("west is mirrored", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    let before = n.status.peer("west").unwrap().revision;
+
+    // West is restored: a new store (revision counting from 1) holding an older state,
+    // without endpoint 10.1.0.6 and with 10.1.0.8, served at the same address.
+    server.stop().await;
+    west.shutdown().await;
+    let restored = TestStore::start(Backend::Raft).await.unwrap();
+    west_state(&restored.store).await;
+    let gone = keys::endpoint_key("west", "10.1.0.6".parse().unwrap());
+    restored.store.delete(gone.as_bytes()).await.unwrap();
+    let added = keys::endpoint_key("west", "10.1.0.8".parse().unwrap());
+    put(
+        &restored.store,
+        &added,
+        endpoint("west", "10.1.0.8", 65_800).encode_to_vec(),
+    )
+    .await;
+    let now = restored.store.current_revision().await.unwrap();
+    assert!(
+        now < before,
+        "the restored store is behind ({now} < {before})"
+    );
+    let listener = fixture::rebind(([127, 0, 0, 1], port).into()).await;
+    let server = MeshServer::start(
+        Arc::clone(&restored.store),
+        &ca,
+        &ServerSpec {
+            trust_domain: TD,
+            cluster: "west",
+            id: 1,
+            pod_cidrs: &["10.1.0.0/16"],
+            stream_buffer: 64,
+        },
+        listener,
+    )
+    .await;
+    let mut expected = expected_west_keys();
+    expected.remove(&gone);
+    expected.insert(added.clone());
+    until("north holds the restored state", async || {
+        keys_of(&n.store, "west").await == expected
+    })
+    .await;
+    // Live writes at revisions below the old ones still arrive.
+    let live = keys::endpoint_key("west", "10.1.0.9".parse().unwrap());
+    put(
+        &restored.store,
+        &live,
+        endpoint("west", "10.1.0.9", 65_800).encode_to_vec(),
+    )
+    .await;
+    until(
+        "a live write of the restored west is mirrored",
+        async || keys_of(&n.store, "west").await.contains(&live),
+    )
+    .await;
+    server.stop().await;
+    n.stop().await;
+    restored.shutdown().await;
+}
