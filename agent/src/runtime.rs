@@ -792,4 +792,54 @@ mod tests {
             w.stop(&name, &view.clusters).await;
         }
     }
+
+    /// Mirror mode: one watcher, of the local cluster (its server brings every cluster),
+    /// while every configured cluster is on the board for the initial-sync gate.
+    #[tokio::test(flavor = "current_thread")]
+    async fn mirror_mode_runs_one_watcher_of_the_local_cluster() {
+        let entry = |name: &str| ClusterEntry {
+            name: name.into(),
+            id: 0,
+            endpoints: vec!["127.0.0.1:1".into()],
+            ca_file: "/nonexistent/ca.crt".into(),
+        };
+        let config = AgentConfig {
+            local_cluster: "east".into(),
+            mode: WatchMode::Mirror,
+            trust_domain: "mesh.test".into(),
+            cert_file: "/nonexistent/client.crt".into(),
+            key_file: "/nonexistent/client.key".into(),
+            clusters: vec![entry("east"), entry("west")],
+        };
+        let (tx, _rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let view = AgentView::default();
+        let mut supervisor = Supervisor {
+            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            updates: tx,
+            view: view.clone(),
+            registry: Arc::new(ClusterRegistry::default()),
+            running: BTreeMap::new(),
+            client: None,
+            cancel: cancel.clone(),
+        };
+        supervisor.sync_watchers(&config).await;
+        assert_eq!(
+            supervisor.running.keys().collect::<Vec<_>>(),
+            ["east"],
+            "one stream, to our own server"
+        );
+        let board: Vec<String> = view
+            .clusters
+            .snapshot()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(board, ["east", "west"]);
+        cancel.cancel();
+        for (name, w) in std::mem::take(&mut supervisor.running) {
+            w.stop(&name, &view.clusters).await;
+        }
+    }
 }
