@@ -741,6 +741,29 @@ mod tests {
         );
     }
 
+    /// A supervisor of nothing yet, its view, its stop token and the updates it sends.
+    fn test_supervisor() -> (
+        Supervisor,
+        AgentView,
+        CancellationToken,
+        mpsc::Receiver<Update>,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let view = AgentView::default();
+        let supervisor = Supervisor {
+            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            updates: tx,
+            view: view.clone(),
+            registry: Arc::new(ClusterRegistry::default()),
+            running: BTreeMap::new(),
+            client: None,
+            cancel: cancel.clone(),
+        };
+        (supervisor, view, cancel, rx)
+    }
+
     /// On a single-threaded runtime the spawned watchers have not run when
     /// `sync_watchers` returns; the status board must list every cluster already.
     #[tokio::test(flavor = "current_thread")]
@@ -759,19 +782,8 @@ mod tests {
             key_file: "/nonexistent/client.key".into(),
             clusters: vec![entry("east"), entry("west"), entry("north")],
         };
-        let (tx, _rx) = mpsc::channel(16);
-        let cancel = CancellationToken::new();
-        let view = AgentView::default();
-        let mut supervisor = Supervisor {
-            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
-            trust_domain: TrustDomain::new("mesh.test").unwrap(),
-            updates: tx,
-            view: view.clone(),
-            registry: Arc::new(ClusterRegistry::default()),
-            running: BTreeMap::new(),
-            client: None,
-            cancel: cancel.clone(),
-        };
+        let (supervisor, view, cancel, _rx) = test_supervisor();
+        let mut supervisor = supervisor;
         supervisor.sync_watchers(&config).await;
         let board: Vec<(String, bool)> = view
             .clusters
@@ -811,19 +823,8 @@ mod tests {
             key_file: "/nonexistent/client.key".into(),
             clusters: vec![entry("east"), entry("west")],
         };
-        let (tx, _rx) = mpsc::channel(16);
-        let cancel = CancellationToken::new();
-        let view = AgentView::default();
-        let mut supervisor = Supervisor {
-            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
-            trust_domain: TrustDomain::new("mesh.test").unwrap(),
-            updates: tx,
-            view: view.clone(),
-            registry: Arc::new(ClusterRegistry::default()),
-            running: BTreeMap::new(),
-            client: None,
-            cancel: cancel.clone(),
-        };
+        let (supervisor, view, cancel, _rx) = test_supervisor();
+        let mut supervisor = supervisor;
         supervisor.sync_watchers(&config).await;
         assert_eq!(
             supervisor.running.keys().collect::<Vec<_>>(),

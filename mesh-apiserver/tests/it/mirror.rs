@@ -239,8 +239,20 @@ async fn west_server(ca: &MeshCa, cluster: &str, id: u32) -> (MeshServer, TestSt
     west_state(&ts.store).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let server = MeshServer::start(
-        Arc::clone(&ts.store),
+    let server = serve_west(ca, cluster, id, &ts.store, listener).await;
+    (server, ts, port)
+}
+
+/// A mesh API server for cluster `cluster` (pod CIDR 10.1.0.0/16) over `store`.
+async fn serve_west(
+    ca: &MeshCa,
+    cluster: &str,
+    id: u32,
+    store: &Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+) -> MeshServer {
+    MeshServer::start(
+        Arc::clone(store),
         ca,
         &ServerSpec {
             trust_domain: TD,
@@ -251,8 +263,7 @@ async fn west_server(ca: &MeshCa, cluster: &str, id: u32) -> (MeshServer, TestSt
         },
         listener,
     )
-    .await;
-    (server, ts, port)
+    .await
 }
 
 fn expected_west_keys() -> BTreeSet<String> {
@@ -917,19 +928,7 @@ async fn a_peer_back_at_a_lower_revision_resyncs_without_a_gap() {
         "the restored store is behind ({now} < {before})"
     );
     let listener = fixture::rebind(([127, 0, 0, 1], port).into()).await;
-    let server = MeshServer::start(
-        Arc::clone(&restored.store),
-        &ca,
-        &ServerSpec {
-            trust_domain: TD,
-            cluster: "west",
-            id: 1,
-            pod_cidrs: &["10.1.0.0/16"],
-            stream_buffer: 64,
-        },
-        listener,
-    )
-    .await;
+    let server = serve_west(&ca, "west", 1, &restored.store, listener).await;
     let mut expected = expected_west_keys();
     expected.remove(&gone);
     expected.insert(added.clone());
