@@ -64,6 +64,7 @@ pub struct Metrics {
     oversized: Family<KindLabel, Gauge>,
     mirror_records: Family<PeerLabel, Gauge>,
     mirror_synced: Family<PeerLabel, Gauge>,
+    mirror_connected: Family<PeerLabel, Gauge>,
     mirror_refused: Family<PeerReasonLabel, Counter>,
 }
 
@@ -182,6 +183,12 @@ impl Metrics {
             "1 once a mirrored peer's full state is in the store, 0 before and after it is dropped",
             mirror_synced.clone(),
         );
+        let mirror_connected = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "mirror_connected",
+            "1 while the mirror's watch of a peer is established, 0 while it is not (the peer's last-known records are then kept until the stale TTL)",
+            mirror_connected.clone(),
+        );
         let mirror_refused = Family::<PeerReasonLabel, Counter>::default();
         registry.register(
             "mirror_refused",
@@ -192,6 +199,7 @@ impl Metrics {
             oversized,
             mirror_records,
             mirror_synced,
+            mirror_connected,
             mirror_refused,
             registry,
             records,
@@ -234,6 +242,23 @@ impl Metrics {
                 peer: peer.to_owned(),
             })
             .set(i64::from(synced));
+    }
+
+    /// Whether the mirror's watch of `peer` is established (`None`: the peer is gone).
+    pub fn set_mirror_connected(&self, peer: &str, connected: Option<bool>) {
+        let label = PeerLabel {
+            peer: peer.to_owned(),
+        };
+        match connected {
+            Some(c) => {
+                self.mirror_connected
+                    .get_or_create(&label)
+                    .set(i64::from(c));
+            }
+            None => {
+                self.mirror_connected.remove(&label);
+            }
+        }
     }
 
     /// The mirror refused something of `peer` for `reason`.

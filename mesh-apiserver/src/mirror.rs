@@ -217,6 +217,9 @@ pub async fn run(
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
+        for peer in status.peers() {
+            metrics.set_mirror_connected(&peer.name, Some(peer.connected));
+        }
         let text = match tokio::fs::read_to_string(&config.peers_file).await {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && first => {
@@ -278,6 +281,7 @@ pub async fn run(
                 tracing::info!(peer = %name, "peer removed from the configuration; dropping its records");
                 registry.release(&name);
                 status.board.remove(&name);
+                metrics.set_mirror_connected(&name, None);
                 let _ = tx.send(Update::DropCluster { cluster: name }).await;
             }
         }

@@ -318,6 +318,13 @@ async fn a_peers_records_are_mirrored_kept_live_and_dropped_after_the_stale_ttl(
         .encode()
         .contains("clustermesh_apiserver_mirror_records{peer=\"west\"} 4"));
 
+    until("the metrics say west is connected", async || {
+        n.metrics
+            .encode()
+            .contains("clustermesh_apiserver_mirror_connected{peer=\"west\"} 1")
+    })
+    .await;
+
     // Live changes follow.
     let new_ep = keys::endpoint_key("west", "10.1.0.7".parse().unwrap());
     put(
@@ -340,6 +347,12 @@ async fn a_peers_records_are_mirrored_kept_live_and_dropped_after_the_stale_ttl(
     server.stop().await;
     until("north notices west is gone", async || {
         n.status.peer("west").is_some_and(|s| !s.connected)
+    })
+    .await;
+    until("the metrics say west is not connected", async || {
+        n.metrics
+            .encode()
+            .contains("clustermesh_apiserver_mirror_connected{peer=\"west\"} 0")
     })
     .await;
     assert_eq!(keys_of(&n.store, "west").await, expected_west_keys());
