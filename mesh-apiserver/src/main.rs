@@ -16,10 +16,11 @@ use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, Clust
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
+use clustermesh_apiserver::leader::{ElectionConfig, DEFAULT_LEASE_TTL};
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::mirror::{MirrorConfig, MirrorLimits};
 use clustermesh_apiserver::peer_view::PodExport;
-use clustermesh_apiserver::server::{self, ServerOptions};
+use clustermesh_apiserver::server::{self, ServerOptions, SourceFactory};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
@@ -144,6 +145,15 @@ struct Cli {
     /// Records one peer may make this cluster store (all kinds together).
     #[arg(long)]
     mirror_max_records_per_peer: Option<usize>,
+    /// This replica's name in the election of the cluster's writer (one replica at a time
+    /// runs the exporter and the mirror); must be unique among the cluster's replicas.
+    /// Default: `replica-<raft-id>` with the raft store, the host (pod) name with etcd.
+    #[arg(long, env = "CLUSTERMESH_REPLICA_NAME")]
+    replica_name: Option<String>,
+    /// TTL of the election lease: a crashed leader is replaced within about this long (a
+    /// stopped one at once). Default 5s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    leader_lease_ttl: Option<Duration>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -188,6 +198,9 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde::option")]
     mirror_stale_ttl: Option<Duration>,
     mirror_max_records_per_peer: Option<usize>,
+    replica_name: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    leader_lease_ttl: Option<Duration>,
     log_format: Option<LogFormat>,
 }
 
@@ -229,6 +242,8 @@ impl Cli {
             mirror_peers,
             mirror_stale_ttl,
             mirror_max_records_per_peer,
+            replica_name,
+            leader_lease_ttl,
             log_format
         );
         fill_vec!(pod_cidrs, raft_peers, etcd_endpoints, allowed_clusters);
@@ -369,9 +384,23 @@ async fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(MirrorLimits::default().max_records_per_peer),
         },
     });
+    let replica_name = match &cli.replica_name {
+        Some(name) if name.trim().is_empty() => bail!("--replica-name must not be empty"),
+        Some(name) => name.clone(),
+        None => match cli.store.unwrap_or(StoreKind::Raft) {
+            StoreKind::Raft => format!("replica-{}", cli.raft_id.unwrap_or(1)),
+            StoreKind::Etcd => host_name(),
+        },
+    };
+    let lease_ttl = cli.leader_lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+    if lease_ttl < Duration::from_secs(1) {
+        bail!("--leader-lease-ttl must be at least 1s (got {lease_ttl:?})");
+    }
+    let election =
+        ElectionConfig::new(cluster.clone(), replica_name.clone()).with_lease_ttl(lease_ttl);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, "starting");
+    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, replica = %replica_name, ?lease_ttl, "starting");
     let options = ServerOptions {
         export,
         cache: CacheConfig::default(),
@@ -383,6 +412,7 @@ async fn run(cli: Cli) -> Result<()> {
         stream_buffer: 1024,
         metrics,
         mirror,
+        election,
     };
     let result = server::run(store, source, options, shutdown).await;
     if let Some(replica) = replica {
@@ -391,7 +421,18 @@ async fn run(cli: Cli) -> Result<()> {
     result.context("API server failed")
 }
 
-async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
+/// The host name (a pod's name in Kubernetes), for the default replica name.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "replica".to_owned())
+}
+
+/// The source factory: each leader term runs a fresh copy of the configured source.
+async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<SourceFactory> {
     let spec = cli
         .source
         .clone()
@@ -404,13 +445,18 @@ async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Sourc
         if let Some(interval) = cli.dir_poll_interval {
             source = source.with_poll_interval(interval);
         }
-        return Ok(Box::new(source));
+        return Ok(Arc::new(move || {
+            Box::new(source.clone()) as Box<dyn Source>
+        }));
     }
     if spec == "kubernetes" {
         let source = KubernetesSource::connect(cli.kube_context.as_deref())
             .await
             .context("cannot set up the Kubernetes source")?;
-        return Ok(Box::new(source.with_metrics(Arc::clone(metrics))));
+        let source = source.with_metrics(Arc::clone(metrics));
+        return Ok(Arc::new(move || {
+            Box::new(source.clone()) as Box<dyn Source>
+        }));
     }
     bail!("invalid --source {spec:?}: use kubernetes or dir:PATH")
 }
