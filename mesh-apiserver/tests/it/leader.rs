@@ -140,12 +140,12 @@ async fn churn(dir: PathBuf, state: Arc<Mutex<ChurnState>>, stop: CancellationTo
         }
         tick += 1;
         let mut s = state.lock().unwrap();
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             let id = s.next_id;
             s.next_id += 1;
             write_renamed(&dir, id, 0);
             s.live.insert(id, 0);
-        } else if tick % 25 == 0 && s.live.len() > INITIAL_FILES / 2 {
+        } else if tick.is_multiple_of(25) && s.live.len() > INITIAL_FILES / 2 {
             // The oldest file goes, for good.
             let id = *s.live.keys().next().unwrap();
             std::fs::remove_file(dir.join(format!("svc-{id}.yaml"))).unwrap();
@@ -533,13 +533,12 @@ async fn watched_services(replica: &Replica, pki: &Pki) -> BTreeMap<String, u32>
     let mut synced = BTreeSet::new();
     while synced.len() < Kind::ALL.len() {
         match support::next_event(&mut stream).await {
-            v1::watch_event::Event::Upsert(upsert) => {
+            v1::watch_event::Event::Upsert(upsert)
                 if upsert
                     .key
-                    .starts_with(&Kind::Service.cluster_prefix(CLUSTER))
-                {
-                    services.insert(upsert.key.clone(), generation(&upsert.value));
-                }
+                    .starts_with(&Kind::Service.cluster_prefix(CLUSTER)) =>
+            {
+                services.insert(upsert.key.clone(), generation(&upsert.value));
             }
             v1::watch_event::Event::Synced(s) => {
                 synced.insert(s.kind);
