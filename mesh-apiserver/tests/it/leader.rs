@@ -23,7 +23,10 @@ use clustermesh_apiserver::peer_view::PodExport;
 use clustermesh_apiserver::server::{self, ServerError, ServerOptions, SourceFactory};
 use clustermesh_apiserver::source::{DirSource, Source};
 use clustermesh_store::raft::{LocalCluster, ReplicaTls};
-use clustermesh_store::{Event, EventKind, Revision, Store, StoreError};
+use clustermesh_store::{
+    CasOutcome, CasWrite, Event, EventKind, Fence, FencedOp, FencedOutcome, KeyValue, LeaseId,
+    ListResult, Revision, Store, StoreError, WatchStream,
+};
 use clustermesh_test_support::etcd::EtcdServer;
 use futures::StreamExt;
 use prost::Message;
@@ -731,4 +734,252 @@ async fn raft_leader_stopped_or_crashed_mid_export_hands_over_without_loss_or_fl
     let store = |i: usize| -> Arc<dyn Store> { Arc::new(cluster.store(i).unwrap()) };
     handover_under_churn([store(0), store(0), store(1), store(2)], "raft").await;
     cluster.shutdown().await;
+}
+
+/// A store reached over a link that can be cut. While it is cut every call waits; a call
+/// made meanwhile is delivered when the link comes back, whether its caller still waits
+/// or not (a request already on the wire), and the outcome of every such late write is
+/// kept. Watch streams stall while the link is cut.
+struct Link {
+    inner: Arc<dyn Store>,
+    cut: tokio::sync::watch::Sender<bool>,
+    late_writes: Arc<Mutex<Vec<Result<FencedOutcome, StoreError>>>>,
+}
+
+impl Link {
+    fn new(inner: Arc<dyn Store>) -> Arc<Link> {
+        Arc::new(Link {
+            inner,
+            cut: tokio::sync::watch::channel(false).0,
+            late_writes: Arc::default(),
+        })
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+
+    /// Runs `call` once the link is up, in its own task.
+    async fn deliver<T, F>(&self, call: F) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let mut cut = self.cut.subscribe();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = cut.wait_for(|c| !c).await;
+            let _ = tx.send(call.await);
+        });
+        rx.await.expect("the delivery task ended")
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Link {
+    async fn get(&self, key: &[u8]) -> clustermesh_store::Result<Option<KeyValue>> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_vec());
+        self.deliver(async move { inner.get(&key).await }).await
+    }
+    async fn list(&self, prefix: &[u8]) -> clustermesh_store::Result<ListResult> {
+        let (inner, prefix) = (Arc::clone(&self.inner), prefix.to_vec());
+        self.deliver(async move { inner.list(&prefix).await }).await
+    }
+    async fn put(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> clustermesh_store::Result<Revision> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_vec());
+        self.deliver(async move { inner.put(&key, value, lease).await })
+            .await
+    }
+    async fn delete(&self, key: &[u8]) -> clustermesh_store::Result<Option<Revision>> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_vec());
+        self.deliver(async move { inner.delete(&key).await }).await
+    }
+    async fn delete_prefix(&self, prefix: &[u8]) -> clustermesh_store::Result<u64> {
+        let (inner, prefix) = (Arc::clone(&self.inner), prefix.to_vec());
+        self.deliver(async move { inner.delete_prefix(&prefix).await })
+            .await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Revision,
+        write: CasWrite,
+    ) -> clustermesh_store::Result<CasOutcome> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_vec());
+        self.deliver(async move { inner.compare_and_swap(&key, expected, write).await })
+            .await
+    }
+    async fn fenced_write(
+        &self,
+        fence: &Fence,
+        op: FencedOp,
+    ) -> clustermesh_store::Result<FencedOutcome> {
+        let (inner, fence) = (Arc::clone(&self.inner), fence.clone());
+        let late = (*self.cut.borrow()).then(|| Arc::clone(&self.late_writes));
+        self.deliver(async move {
+            let result = inner.fenced_write(&fence, op).await;
+            if let Some(late) = late {
+                let kept = match &result {
+                    Ok(outcome) => Ok(outcome.clone()),
+                    Err(StoreError::Fenced {
+                        key,
+                        expected,
+                        current,
+                    }) => Err(StoreError::Fenced {
+                        key: key.clone(),
+                        expected: *expected,
+                        current: *current,
+                    }),
+                    Err(other) => Err(StoreError::Backend(other.to_string())),
+                };
+                late.lock().unwrap().push(kept);
+            }
+            result
+        })
+        .await
+    }
+    async fn watch(&self, prefix: &[u8], from: Revision) -> clustermesh_store::Result<WatchStream> {
+        let (inner, prefix) = (Arc::clone(&self.inner), prefix.to_vec());
+        let stream = self
+            .deliver(async move { inner.watch(&prefix, from).await })
+            .await?;
+        let cut = self.cut.subscribe();
+        Ok(Box::pin(stream.then(move |item| {
+            let mut cut = cut.clone();
+            async move {
+                let _ = cut.wait_for(|c| !c).await;
+                item
+            }
+        })))
+    }
+    async fn grant_lease(&self, ttl: Duration) -> clustermesh_store::Result<LeaseId> {
+        let inner = Arc::clone(&self.inner);
+        self.deliver(async move { inner.grant_lease(ttl).await })
+            .await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> clustermesh_store::Result<Duration> {
+        let inner = Arc::clone(&self.inner);
+        self.deliver(async move { inner.keep_alive(lease).await })
+            .await
+    }
+    async fn revoke_lease(&self, lease: LeaseId) -> clustermesh_store::Result<()> {
+        let inner = Arc::clone(&self.inner);
+        self.deliver(async move { inner.revoke_lease(lease).await })
+            .await
+    }
+    async fn current_revision(&self) -> clustermesh_store::Result<Revision> {
+        let inner = Arc::clone(&self.inner);
+        self.deliver(async move { inner.current_revision().await })
+            .await
+    }
+    async fn compact(&self, revision: Revision) -> clustermesh_store::Result<()> {
+        let inner = Arc::clone(&self.inner);
+        self.deliver(async move { inner.compact(revision).await })
+            .await
+    }
+}
+
+/// The leader loses its store (a network partition) while it exports: it steps down on
+/// its own before its lease can expire, the follower takes over once it has, and when
+/// the link comes back the old leader's writes that were on their way all fail as
+/// fenced; it then follows. Nothing is lost or flaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_partitioned_leader_steps_down_and_its_late_writes_are_fenced() {
+    let Some(etcd) = EtcdServer::start_or_skip("leader partition").await else {
+        return;
+    };
+    let observer: Arc<dyn Store> = Arc::new(etcd.connect().await);
+    let link = Link::new(Arc::new(etcd.connect().await));
+    let pki = Pki::new();
+    let mut churn = Churn::start();
+    let recorder = Recorder::start(&observer).await;
+    let mut replicas = vec![
+        Replica::start(
+            "a",
+            Arc::clone(&link) as Arc<dyn Store>,
+            &pki,
+            &churn.path(),
+        )
+        .await,
+    ];
+    let (a, a_token) = wait_for_leader(&replicas, &observer, None).await;
+    assert_eq!(a.name, "a");
+    eventually("a ready", || async {
+        let (code, _) = support::http_get(replicas[0].ops.port(), "/readyz").await?;
+        (code == 200).then_some(())
+    })
+    .await;
+    replicas.push(Replica::start("b", Arc::new(etcd.connect().await), &pki, &churn.path()).await);
+    let sampler = LeaderSampler::start(
+        replicas
+            .iter()
+            .map(|r| (r.name.clone(), Arc::clone(&r.metrics), Arc::clone(&r.alive)))
+            .collect(),
+    );
+    eventually("b ready as a follower", || async {
+        let (code, _) = support::http_get(replicas[1].ops.port(), "/readyz").await?;
+        (code == 200 && !replicas[1].leads()).then_some(())
+    })
+    .await;
+
+    let changes = churn.snapshot().changes;
+    eventually("the source changes while a exports", || async {
+        (churn.snapshot().changes > changes + 20).then_some(())
+    })
+    .await;
+    link.set_cut(true);
+    let (b, b_token) = wait_for_leader(&replicas, &observer, Some("a")).await;
+    assert_eq!(b.name, "b");
+    assert!(b_token > a_token);
+    assert!(!replicas[0].leads(), "a must have stepped down");
+    // b writes for a while, then the link comes back with a's writes in flight.
+    let changes = churn.snapshot().changes;
+    eventually("the source changes while b exports", || async {
+        (churn.snapshot().changes > changes + 20).then_some(())
+    })
+    .await;
+    link.set_cut(false);
+    let late = eventually("a's late writes delivered", || async {
+        let late = link.late_writes.lock().unwrap();
+        (!late.is_empty()).then(|| late.len())
+    })
+    .await;
+    eventually("a follows b", || async {
+        let a = &replicas[0];
+        let (code, body) = support::http_get(a.ops.port(), "/readyz").await?;
+        (code == 200 && !a.leads() && holder(&observer).await?.0 == "b").then_some(body)
+    })
+    .await;
+    let state = churn.stop().await;
+    assert_store_matches(&observer, &state).await;
+    {
+        let late_writes = link.late_writes.lock().unwrap();
+        for result in late_writes.iter() {
+            assert!(
+                matches!(result, Err(StoreError::Fenced { expected, .. }) if *expected == a_token),
+                "a write a sent as leader arrived after b won and was not fenced: {result:?}"
+            );
+        }
+        eprintln!("{late} of a's writes arrived late, all fenced");
+    }
+    if let Some(overlap) = sampler.finish().await {
+        panic!("two replicas led at once: {overlap}");
+    }
+    assert_no_flap(&recorder.events(), &state.removed);
+    assert_eq!(
+        gauge(
+            &replicas[0].metrics,
+            "clustermesh_apiserver_leader_terms_total"
+        ),
+        1
+    );
+    for r in &mut replicas {
+        r.stop().await;
+    }
+    recorder.task.abort();
 }
