@@ -468,3 +468,44 @@ pub async fn serve_grpc_with(
         .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leader(is_leader: bool, holder: Option<&str>, problem: Option<&str>) -> LeaderState {
+        LeaderState {
+            is_leader,
+            holder: holder.map(str::to_owned),
+            token: 7,
+            terms_won: 0,
+            problem: problem.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn readiness_follows_the_role() {
+        let err = Some("store unavailable: x".to_owned());
+        let cases = [
+            // (leader state, writers, cache loaded, ever ready) → readiness
+            (leader(true, Some("r1"), None), WriterPhase::Syncing, true, false, Readiness::Syncing),
+            (leader(true, Some("r1"), None), WriterPhase::WaitingForStore(err.clone()), false, false, Readiness::WaitingForStore(err.clone())),
+            (leader(true, Some("r1"), None), WriterPhase::Synced, true, false, Readiness::Synced),
+            // A follower that wins keeps serving while its exporter syncs.
+            (leader(true, Some("r1"), None), WriterPhase::Syncing, true, true, Readiness::TakingOver),
+            (leader(false, Some("r2"), None), WriterPhase::Idle, false, false, Readiness::Syncing),
+            (leader(false, Some("r2"), None), WriterPhase::Idle, true, false, Readiness::Following(Some("r2".to_owned()))),
+            // Between two leaders: still ready once it served.
+            (leader(false, None, None), WriterPhase::Idle, true, true, Readiness::Following(None)),
+            (leader(false, None, None), WriterPhase::Idle, true, false, Readiness::Syncing),
+            (leader(false, None, err.as_deref()), WriterPhase::Idle, true, false, Readiness::WaitingForStore(err.clone())),
+        ];
+        for (state, phase, loaded, ever, want) in cases {
+            assert_eq!(
+                readiness_of(&state, &phase, loaded, ever),
+                want,
+                "{state:?} {phase:?} loaded={loaded} ever_ready={ever}"
+            );
+        }
+    }
+}
