@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, CacheEvent, Subscription, Viewer};
+use crate::leader::LeaderStatus;
 use crate::metrics::Metrics;
 
 /// Who may call what, by the caller's role (ARCHITECTURE.md, "Identity model").
@@ -255,6 +256,7 @@ pub struct MeshApiService {
     metrics: Arc<Metrics>,
     watchers: Arc<WatcherRegistry>,
     shutdown: CancellationToken,
+    leader: Option<LeaderStatus>,
 }
 
 impl MeshApiService {
@@ -267,7 +269,15 @@ impl MeshApiService {
             metrics,
             watchers: Arc::default(),
             shutdown: CancellationToken::new(),
+            leader: None,
         }
+    }
+
+    /// Reports this replica's part in the leader election in `Status`.
+    #[must_use]
+    pub fn with_leader_status(mut self, leader: LeaderStatus) -> Self {
+        self.leader = Some(leader);
+        self
     }
 
     /// Ends every Watch stream when `shutdown` is cancelled (a graceful server shutdown
@@ -474,6 +484,15 @@ impl MeshApi for MeshApiService {
             revision: stats.revision,
             counts,
             watchers,
+            leader: self.leader.as_ref().map(|l| {
+                let state = l.current();
+                v1::LeaderStatus {
+                    enabled: true,
+                    is_leader: state.is_leader,
+                    holder: state.holder.unwrap_or_default(),
+                    term: state.token,
+                }
+            }),
             ..v1::StatusResponse::default()
         }))
     }

@@ -236,6 +236,7 @@ pub async fn run(
     tasks.spawn(Arc::clone(&cache).run(Arc::clone(&store), shutdown.clone()));
 
     let election = Election::new(Arc::clone(&store), options.election, Arc::clone(&metrics));
+    let leader_status = election.status();
     let (phase, phase_rx) = watch::channel(WriterPhase::Idle);
     tasks.spawn(track_readiness(
         readiness,
@@ -268,7 +269,8 @@ pub async fn run(
         },
         Arc::clone(&metrics),
     )
-    .with_shutdown(shutdown.clone());
+    .with_shutdown(shutdown.clone())
+    .with_leader_status(leader_status);
     let result = serve_grpc_with(
         service,
         options.grpc_listener,
@@ -488,17 +490,71 @@ mod tests {
         let err = Some("store unavailable: x".to_owned());
         let cases = [
             // (leader state, writers, cache loaded, ever ready) → readiness
-            (leader(true, Some("r1"), None), WriterPhase::Syncing, true, false, Readiness::Syncing),
-            (leader(true, Some("r1"), None), WriterPhase::WaitingForStore(err.clone()), false, false, Readiness::WaitingForStore(err.clone())),
-            (leader(true, Some("r1"), None), WriterPhase::Synced, true, false, Readiness::Synced),
+            (
+                leader(true, Some("r1"), None),
+                WriterPhase::Syncing,
+                true,
+                false,
+                Readiness::Syncing,
+            ),
+            (
+                leader(true, Some("r1"), None),
+                WriterPhase::WaitingForStore(err.clone()),
+                false,
+                false,
+                Readiness::WaitingForStore(err.clone()),
+            ),
+            (
+                leader(true, Some("r1"), None),
+                WriterPhase::Synced,
+                true,
+                false,
+                Readiness::Synced,
+            ),
             // A follower that wins keeps serving while its exporter syncs.
-            (leader(true, Some("r1"), None), WriterPhase::Syncing, true, true, Readiness::TakingOver),
-            (leader(false, Some("r2"), None), WriterPhase::Idle, false, false, Readiness::Syncing),
-            (leader(false, Some("r2"), None), WriterPhase::Idle, true, false, Readiness::Following(Some("r2".to_owned()))),
+            (
+                leader(true, Some("r1"), None),
+                WriterPhase::Syncing,
+                true,
+                true,
+                Readiness::TakingOver,
+            ),
+            (
+                leader(false, Some("r2"), None),
+                WriterPhase::Idle,
+                false,
+                false,
+                Readiness::Syncing,
+            ),
+            (
+                leader(false, Some("r2"), None),
+                WriterPhase::Idle,
+                true,
+                false,
+                Readiness::Following(Some("r2".to_owned())),
+            ),
             // Between two leaders: still ready once it served.
-            (leader(false, None, None), WriterPhase::Idle, true, true, Readiness::Following(None)),
-            (leader(false, None, None), WriterPhase::Idle, true, false, Readiness::Syncing),
-            (leader(false, None, err.as_deref()), WriterPhase::Idle, true, false, Readiness::WaitingForStore(err.clone())),
+            (
+                leader(false, None, None),
+                WriterPhase::Idle,
+                true,
+                true,
+                Readiness::Following(None),
+            ),
+            (
+                leader(false, None, None),
+                WriterPhase::Idle,
+                true,
+                false,
+                Readiness::Syncing,
+            ),
+            (
+                leader(false, None, err.as_deref()),
+                WriterPhase::Idle,
+                true,
+                false,
+                Readiness::WaitingForStore(err.clone()),
+            ),
         ];
         for (state, phase, loaded, ever, want) in cases {
             assert_eq!(

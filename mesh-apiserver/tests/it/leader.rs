@@ -528,6 +528,7 @@ async fn watched_services(replica: &Replica, pki: &Pki) -> BTreeMap<String, u32>
         .watch(v1::WatchRequest {
             kinds: vec![],
             from_revision: 0,
+            all_clusters: false,
         })
         .await
         .unwrap()
@@ -550,6 +551,25 @@ async fn watched_services(replica: &Replica, pki: &Pki) -> BTreeMap<String, u32>
         }
     }
     services
+}
+
+/// The leader election as `replica`'s Status reports it (to an admin).
+async fn leader_status(replica: &Replica, pki: &Pki) -> v1::LeaderStatus {
+    let channel = MeshEndpoint::new(
+        &format!("localhost:{}", replica.addr.port()),
+        pki.admin("ops"),
+    )
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    MeshApiClient::new(channel)
+        .status(v1::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .leader
+        .expect("Status reports the election")
 }
 
 /// Three replicas share one store; the leader is stopped, then the next one crashed,
@@ -584,6 +604,21 @@ async fn handover_under_churn(stores: [Arc<dyn Store>; 4], backend: &str) {
     }
     let followers = replicas.iter().filter(|r| !r.leads()).count();
     assert_eq!(followers, 2, "two followers beside the leader");
+    // Every replica's Status names the leader and its term.
+    let (_, first_token) = holder(&observer).await.unwrap();
+    for r in &replicas {
+        let status = eventually(&format!("{} reports the leader", r.name), || async {
+            let status = leader_status(r, &pki).await;
+            (status.holder == first).then_some(status)
+        })
+        .await;
+        assert_eq!(
+            (status.enabled, status.is_leader, status.term),
+            (true, r.name == first, first_token),
+            "{}'s Status",
+            r.name
+        );
+    }
 
     // 1. The leader stops (graceful: its lease is revoked) while it exports.
     let changes = churn.snapshot().changes;
