@@ -461,6 +461,9 @@ enum PhaseEnd {
     SessionLost,
     /// Campaign (again): the key may be free.
     Campaign,
+    /// The writers stopped by themselves: campaign again after a pause, so that writers
+    /// that keep ending do not restart in a tight loop.
+    CampaignLater,
 }
 
 /// One replica's participation in the election. Build with [`Election::new`], watch with
@@ -530,7 +533,11 @@ impl Election {
                 session = None;
             }
             if session.is_none() {
-                match Session::open(&self.store, &self.config).await {
+                let opened = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    opened = Session::open(&self.store, &self.config) => opened,
+                };
+                match opened {
                     Ok(s) => {
                         tracing::debug!(lease = s.lease, "election lease granted");
                         session = Some(s);
@@ -548,7 +555,11 @@ impl Election {
             let Some(current) = session.as_ref() else {
                 continue;
             };
-            let end = match self.campaign(current.lease).await {
+            let campaign = tokio::select! {
+                () = shutdown.cancelled() => break,
+                campaign = self.campaign(current.lease) => campaign,
+            };
+            let end = match campaign {
                 Ok(Campaign::Won(token)) => {
                     pause = Duration::from_millis(100);
                     self.lead(current, token, &shutdown, &mut lead).await
@@ -571,6 +582,11 @@ impl Election {
                 PhaseEnd::Shutdown => break,
                 PhaseEnd::SessionLost => session = None,
                 PhaseEnd::Campaign => {}
+                PhaseEnd::CampaignLater => {
+                    if !sleep_or_shutdown(self.config.refresh_interval(), &shutdown).await {
+                        break;
+                    }
+                }
             }
         }
         if let Some(session) = session.take() {
@@ -700,10 +716,10 @@ impl Election {
                     break if term.was_fenced() {
                         (StepDown::Fenced, PhaseEnd::Campaign)
                     } else {
-                        (StepDown::WritersStopped, PhaseEnd::Campaign)
+                        (StepDown::WritersStopped, PhaseEnd::CampaignLater)
                     };
                 }
-                _ = &mut *writers => break (StepDown::WritersStopped, PhaseEnd::Campaign),
+                _ = &mut *writers => break (StepDown::WritersStopped, PhaseEnd::CampaignLater),
                 () = tokio::time::sleep_until(step_down_at) => {
                     break if session.expired() {
                         (StepDown::LeaseExpired, PhaseEnd::SessionLost)
@@ -772,10 +788,14 @@ impl Election {
             s.token = holder.mod_revision;
             s.problem = None;
         });
-        let mut key_watch = match self.store.watch(self.key.as_bytes(), revision + 1).await {
-            Ok(stream) => Some(stream),
-            Err(_) => return PhaseEnd::Campaign,
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return PhaseEnd::Shutdown,
+            opened = self.store.watch(self.key.as_bytes(), revision + 1) => opened,
         };
+        let Ok(stream) = opened else {
+            return PhaseEnd::Campaign;
+        };
+        let mut key_watch = Some(stream);
         let mut health = session.health.clone();
         loop {
             tokio::select! {

@@ -189,6 +189,16 @@ struct Replica {
 
 impl Replica {
     async fn start(name: &str, store: Arc<dyn Store>, pki: &Pki, source: &Path) -> Replica {
+        Replica::start_with_ttl(name, store, pki, source, LEASE_TTL).await
+    }
+
+    async fn start_with_ttl(
+        name: &str,
+        store: Arc<dyn Store>,
+        pki: &Pki,
+        source: &Path,
+        ttl: Duration,
+    ) -> Replica {
         let metrics = Arc::new(Metrics::new());
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -206,7 +216,7 @@ impl Replica {
             stream_buffer: 1024,
             metrics: Arc::clone(&metrics),
             mirror: None,
-            election: ElectionConfig::new(CLUSTER, name).with_lease_ttl(LEASE_TTL),
+            election: ElectionConfig::new(CLUSTER, name).with_lease_ttl(ttl),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(
@@ -1017,4 +1027,79 @@ async fn etcd_partitioned_leader_steps_down_and_its_late_writes_are_fenced() {
         r.stop().await;
     }
     recorder.task.abort();
+}
+
+/// A lone replica restarted after a crash leads again at once: it takes its own key back
+/// from its previous process instead of waiting for that process's lease (here ten
+/// minutes) to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_after_a_crash_takes_its_own_key_back() {
+    let Some(etcd) = EtcdServer::start_or_skip("leader restart").await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(etcd.connect().await);
+    let pki = Pki::new();
+    let mut churn = Churn::start();
+    churn.stop().await;
+    let long = Duration::from_secs(600);
+    let mut first =
+        vec![Replica::start_with_ttl("solo", Arc::clone(&store), &pki, &churn.path(), long).await];
+    let (_, token) = wait_for_leader(&first, &store, None).await;
+    first[0].crash().await;
+    let old = store
+        .get(leader_key(CLUSTER).as_bytes())
+        .await
+        .unwrap()
+        .expect("the crashed leader's key outlives it");
+    let mut second =
+        vec![Replica::start_with_ttl("solo", Arc::clone(&store), &pki, &churn.path(), long).await];
+    let (_, new_token) = wait_for_leader(&second, &store, None).await;
+    assert!(new_token > token);
+    let now = store
+        .get(leader_key(CLUSTER).as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        now.lease, old.lease,
+        "the key is bound to the new process's lease"
+    );
+    assert_store_matches(&store, &churn.snapshot()).await;
+    second[0].stop().await;
+    // A stopped leader resigns: its key is gone at once.
+    assert_eq!(holder(&store).await, None);
+}
+
+/// Two replicas given the same name: the second takes the key over once (it cannot tell
+/// its twin from its own crashed process), then the first follows instead of taking it
+/// back, so leadership does not bounce between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_a_name_do_not_take_the_key_from_each_other_forever() {
+    let Some(etcd) = EtcdServer::start_or_skip("leader duplicate names").await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(etcd.connect().await);
+    let pki = Pki::new();
+    let mut churn = Churn::start();
+    churn.stop().await;
+    let mut replicas = vec![Replica::start("twin", Arc::clone(&store), &pki, &churn.path()).await];
+    wait_for_leader(&replicas, &store, None).await;
+    replicas.push(Replica::start("twin", Arc::clone(&store), &pki, &churn.path()).await);
+    let terms = |replicas: &[Replica]| -> i64 {
+        replicas
+            .iter()
+            .map(|r| gauge(&r.metrics, "clustermesh_apiserver_leader_terms_total"))
+            .sum()
+    };
+    eventually("the second twin takes the key once", || async {
+        (terms(&replicas) == 2 && replicas[1].leads() && !replicas[0].leads()).then_some(())
+    })
+    .await;
+    // Several lease periods later nothing has moved.
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    assert_eq!(terms(&replicas), 2, "leadership bounced between the twins");
+    assert!(replicas[1].leads() && !replicas[0].leads());
+    for r in &mut replicas {
+        r.stop().await;
+    }
 }
