@@ -752,12 +752,15 @@ impl Election {
         };
         term.ended().cancel();
         if !writers.is_finished() {
-            // The writers stop at the next await point; a write already sent is fenced
-            // if it arrives late.
-            if tokio::time::timeout(self.config.step_down_margin(), &mut *writers)
-                .await
-                .is_err()
-            {
+            // The writers stop at their next await point. Writers cut off from the store
+            // are aborted at once; others get half the margin to finish what they are
+            // doing, so the role is given up well before the lease can expire. A write
+            // already sent is fenced if it arrives after another replica won.
+            let grace = match reason {
+                StepDown::LostContact | StepDown::LeaseExpired => Duration::ZERO,
+                _ => self.config.step_down_margin() / 2,
+            };
+            if tokio::time::timeout(grace, &mut *writers).await.is_err() {
                 writers.abort();
                 let _ = writers.await;
             }
