@@ -602,6 +602,10 @@ mod tests {
                 .unwrap();
         assert_eq!(file.dir_poll_interval, Some(Duration::from_millis(250)));
         assert_eq!(file.identity_gc_grace, Some(Duration::from_secs(5400)));
+        let file: FileConfig =
+            toml::from_str("leader_lease_ttl = \"3s\"\nreplica_name = \"east-0\"\n").unwrap();
+        assert_eq!(file.leader_lease_ttl, Some(Duration::from_secs(3)));
+        assert_eq!(file.replica_name.as_deref(), Some("east-0"));
         let file: FileConfig = toml::from_str("").unwrap();
         assert_eq!(file.dir_poll_interval, None);
         let err = toml::from_str::<FileConfig>("dir_poll_interval = \"5 fortnights\"\n")
