@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, CacheEvent, Subscription, Viewer};
+use crate::leader::LeaderStatus;
 use crate::metrics::Metrics;
 use crate::mirror::MirrorStatus;
 
@@ -257,6 +258,7 @@ pub struct MeshApiService {
     watchers: Arc<WatcherRegistry>,
     shutdown: CancellationToken,
     mirror: Option<MirrorStatus>,
+    leader: Option<LeaderStatus>,
 }
 
 impl MeshApiService {
@@ -270,6 +272,7 @@ impl MeshApiService {
             watchers: Arc::default(),
             shutdown: CancellationToken::new(),
             mirror: None,
+            leader: None,
         }
     }
 
@@ -277,6 +280,13 @@ impl MeshApiService {
     #[must_use]
     pub fn with_mirror(mut self, status: MirrorStatus) -> Self {
         self.mirror = Some(status);
+        self
+    }
+
+    /// Reports this replica's part in the leader election in `Status`.
+    #[must_use]
+    pub fn with_leader_status(mut self, leader: LeaderStatus) -> Self {
+        self.leader = Some(leader);
         self
     }
 
@@ -490,6 +500,15 @@ impl MeshApi for MeshApiService {
                 .map(MirrorStatus::to_proto)
                 .unwrap_or_default(),
             mirror_enabled: self.mirror.is_some(),
+            leader: self.leader.as_ref().map(|l| {
+                let state = l.current();
+                v1::LeaderStatus {
+                    enabled: true,
+                    is_leader: state.is_leader,
+                    holder: state.holder.unwrap_or_default(),
+                    term: state.token,
+                }
+            }),
             ..v1::StatusResponse::default()
         }))
     }

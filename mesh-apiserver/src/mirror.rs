@@ -335,9 +335,13 @@ pub async fn run(
             );
         }
     }
-    for (_, r) in running {
+    for (name, r) in running {
         r.cancel.cancel();
         let _ = r.task.await;
+        // Another replica mirrors from now on (or nobody, at shutdown).
+        status.board.remove(&name);
+        status.set_records(&name, None);
+        metrics.set_mirror_connected(&name, None);
     }
     drop(tx);
     let _ = writer_task.await;
