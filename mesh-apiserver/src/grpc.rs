@@ -509,7 +509,6 @@ impl MeshApi for MeshApiService {
                     term: state.token,
                 }
             }),
-            ..v1::StatusResponse::default()
         }))
     }
 }
