@@ -741,6 +741,29 @@ mod tests {
         );
     }
 
+    /// A supervisor of nothing yet, its view, its stop token and the updates it sends.
+    fn test_supervisor() -> (
+        Supervisor,
+        AgentView,
+        CancellationToken,
+        mpsc::Receiver<Update>,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let view = AgentView::default();
+        let supervisor = Supervisor {
+            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            updates: tx,
+            view: view.clone(),
+            registry: Arc::new(ClusterRegistry::default()),
+            running: BTreeMap::new(),
+            client: None,
+            cancel: cancel.clone(),
+        };
+        (supervisor, view, cancel, rx)
+    }
+
     /// On a single-threaded runtime the spawned watchers have not run when
     /// `sync_watchers` returns; the status board must list every cluster already.
     #[tokio::test(flavor = "current_thread")]
@@ -759,19 +782,8 @@ mod tests {
             key_file: "/nonexistent/client.key".into(),
             clusters: vec![entry("east"), entry("west"), entry("north")],
         };
-        let (tx, _rx) = mpsc::channel(16);
-        let cancel = CancellationToken::new();
-        let view = AgentView::default();
-        let mut supervisor = Supervisor {
-            options: AgentOptions::new("/nonexistent/agent.yaml", "n1"),
-            trust_domain: TrustDomain::new("mesh.test").unwrap(),
-            updates: tx,
-            view: view.clone(),
-            registry: Arc::new(ClusterRegistry::default()),
-            running: BTreeMap::new(),
-            client: None,
-            cancel: cancel.clone(),
-        };
+        let (supervisor, view, cancel, _rx) = test_supervisor();
+        let mut supervisor = supervisor;
         supervisor.sync_watchers(&config).await;
         let board: Vec<(String, bool)> = view
             .clusters
@@ -787,6 +799,45 @@ mod tests {
                 ("west".to_owned(), false)
             ]
         );
+        cancel.cancel();
+        for (name, w) in std::mem::take(&mut supervisor.running) {
+            w.stop(&name, &view.clusters).await;
+        }
+    }
+
+    /// Mirror mode: one watcher, of the local cluster (its server brings every cluster),
+    /// while every configured cluster is on the board for the initial-sync gate.
+    #[tokio::test(flavor = "current_thread")]
+    async fn mirror_mode_runs_one_watcher_of_the_local_cluster() {
+        let entry = |name: &str| ClusterEntry {
+            name: name.into(),
+            id: 0,
+            endpoints: vec!["127.0.0.1:1".into()],
+            ca_file: "/nonexistent/ca.crt".into(),
+        };
+        let config = AgentConfig {
+            local_cluster: "east".into(),
+            mode: WatchMode::Mirror,
+            trust_domain: "mesh.test".into(),
+            cert_file: "/nonexistent/client.crt".into(),
+            key_file: "/nonexistent/client.key".into(),
+            clusters: vec![entry("east"), entry("west")],
+        };
+        let (supervisor, view, cancel, _rx) = test_supervisor();
+        let mut supervisor = supervisor;
+        supervisor.sync_watchers(&config).await;
+        assert_eq!(
+            supervisor.running.keys().collect::<Vec<_>>(),
+            ["east"],
+            "one stream, to our own server"
+        );
+        let board: Vec<String> = view
+            .clusters
+            .snapshot()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(board, ["east", "west"]);
         cancel.cancel();
         for (name, w) in std::mem::take(&mut supervisor.running) {
             w.stop(&name, &view.clusters).await;

@@ -40,8 +40,72 @@ pub struct ApiserverStatus {
     pub watchers: Option<usize>,
     /// Exported records per kind (from `Status`), e.g. `services: 1`.
     pub records: std::collections::BTreeMap<String, u64>,
+    /// The server mirrors its peers (from `Status`).
+    #[serde(default)]
+    pub mirror_enabled: bool,
+    /// Each mirrored peer (from `Status`).
+    #[serde(default)]
+    pub mirrored: Vec<MirroredPeer>,
     /// Error when unreachable.
     pub error: Option<String>,
+}
+
+/// One peer the mesh API server mirrors into its store.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirroredPeer {
+    /// The peer cluster.
+    pub cluster: String,
+    /// connecting | syncing | watching | backoff | refused.
+    pub phase: String,
+    /// The mirror's watch of the peer is established.
+    pub connected: bool,
+    /// The peer's full state is in our store.
+    pub synced: bool,
+    /// Unreachable; its last-known records are kept.
+    pub stale: bool,
+    /// The peer's revision applied.
+    pub revision: u64,
+    /// The peer's records in our store.
+    pub records: u64,
+    /// The peer's address.
+    pub endpoint: String,
+    /// Why the last session ended, if it did.
+    pub last_error: Option<String>,
+}
+
+impl MirroredPeer {
+    fn from_proto(p: &clustermesh_api::v1::MirrorPeerStatus) -> Self {
+        Self {
+            cluster: p.cluster.clone(),
+            phase: p.phase.clone(),
+            connected: p.connected,
+            synced: p.synced,
+            stale: p.stale,
+            revision: p.revision,
+            records: p.records,
+            endpoint: p.endpoint.clone(),
+            last_error: (!p.last_error.is_empty()).then(|| p.last_error.clone()),
+        }
+    }
+
+    fn line(&self) -> String {
+        let state = match (self.connected, self.synced, self.stale) {
+            (_, _, true) => "stale (unreachable, last-known records kept)",
+            (true, true, _) => "synced",
+            (true, false, _) => "syncing",
+            (false, true, _) => "synced, reconnecting",
+            (false, false, _) => "not synced",
+        };
+        let mut line = format!(
+            "  peer {:<19} {} {state}, {} records, revision {} ({})",
+            self.cluster, self.phase, self.records, self.revision, self.endpoint
+        );
+        if let Some(e) = &self.last_error {
+            line.push_str(&format!("; last error: {e}"));
+        }
+        line.push('\n');
+        line
+    }
 }
 
 /// One agent.
@@ -160,6 +224,16 @@ impl MeshStatus {
                 .map(|(k, v)| format!("{v} {k}"))
                 .collect();
             out.push_str(&format!("Exported:    {}\n", list.join(", ")));
+        }
+        if api.mirror_enabled {
+            out.push_str(&format!(
+                "Mirroring:   {} peers, {} synced\n",
+                api.mirrored.len(),
+                api.mirrored.iter().filter(|p| p.synced).count()
+            ));
+            for p in &api.mirrored {
+                out.push_str(&p.line());
+            }
         }
         let answering = self.agents.iter().filter(|a| a.status.is_some()).count();
         out.push_str(&format!(
@@ -298,6 +372,17 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             endpoint: Some(info.endpoint),
             revision: Some(info.revision),
             watchers: info.status.as_ref().map(|s| s.watchers.len()),
+            mirror_enabled: info.status.as_ref().is_some_and(|s| s.mirror_enabled),
+            mirrored: info
+                .status
+                .as_ref()
+                .map(|s| {
+                    s.mirror_peers
+                        .iter()
+                        .map(MirroredPeer::from_proto)
+                        .collect()
+                })
+                .unwrap_or_default(),
             records: info
                 .status
                 .map(|s| {
@@ -315,6 +400,8 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             revision: None,
             watchers: None,
             records: std::collections::BTreeMap::new(),
+            mirror_enabled: false,
+            mirrored: Vec::new(),
             error: Some(e.to_string()),
         },
     };
@@ -494,10 +581,51 @@ mod tests {
                 revision: Some(3),
                 watchers: Some(2),
                 records: Default::default(),
+                mirror_enabled: false,
+                mirrored: Vec::new(),
                 error: None,
             },
             agents,
         }
+    }
+
+    #[test]
+    fn mirrored_peers_are_listed_with_their_state() {
+        let mut s = status(vec![agent("n1", &[("c1", true, true), ("c2", true, true)])]);
+        assert!(!s.table().contains("Mirroring"), "{}", s.table());
+        s.apiserver.mirror_enabled = true;
+        s.apiserver.mirrored = vec![
+            MirroredPeer::from_proto(&clustermesh_api::v1::MirrorPeerStatus {
+                cluster: "c2".into(),
+                phase: "watching".into(),
+                connected: true,
+                synced: true,
+                revision: 41,
+                records: 12,
+                endpoint: "10.0.0.2:2379".into(),
+                ..Default::default()
+            }),
+            MirroredPeer::from_proto(&clustermesh_api::v1::MirrorPeerStatus {
+                cluster: "c3".into(),
+                phase: "backoff".into(),
+                stale: true,
+                synced: true,
+                records: 7,
+                last_error: "connect 10.0.0.3:2379: refused".into(),
+                ..Default::default()
+            }),
+        ];
+        let table = s.table();
+        assert!(table.contains("Mirroring:   2 peers, 2 synced"), "{table}");
+        assert!(
+            table.contains("peer c2                  watching synced, 12 records, revision 41"),
+            "{table}"
+        );
+        assert!(
+            table.contains("stale (unreachable, last-known records kept), 7 records")
+                && table.contains("last error: connect 10.0.0.3:2379: refused"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -697,7 +697,7 @@ impl Cache {
             .iter()
             .flat_map(|k| by_kind.remove(k).unwrap_or_default())
             .collect();
-        for ((cluster, kind), _) in &inner.synced {
+        for (cluster, kind) in inner.synced.keys() {
             let own = **cluster == *self.cluster;
             if wanted(*kind) && (own || viewer == Viewer::Mesh) {
                 out.push(Arc::new(CacheEvent::Synced {

@@ -19,9 +19,12 @@
 //! fits replaces it. Splitting one service's backends over several keys would change the
 //! record layout every agent reads (one key per service), so it is not done here.
 //!
-//! The exporter assumes it is the only writer of its cluster's record keys (one active
-//! API server per cluster); identities are the exception and are allocated by
-//! compare-and-swap (see [`crate::identity`]).
+//! The exporter assumes it is the only writer of its cluster's record keys: of several API
+//! server replicas only the elected leader runs one, and its writes are fenced, so a
+//! deposed leader's writes cannot land ([`crate::leader`]). A new leader's exporter starts
+//! like a restarted one: it loads the store and writes only the differences once its
+//! sources are synced, so records its predecessor wrote are not touched again. Identities
+//! are allocated by compare-and-swap (see [`crate::identity`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;

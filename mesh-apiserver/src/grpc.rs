@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, CacheEvent, Subscription, Viewer};
+use crate::leader::LeaderStatus;
 use crate::metrics::Metrics;
+use crate::mirror::MirrorStatus;
 
 /// Who may call what, by the caller's role (ARCHITECTURE.md, "Identity model").
 ///
@@ -255,6 +257,8 @@ pub struct MeshApiService {
     metrics: Arc<Metrics>,
     watchers: Arc<WatcherRegistry>,
     shutdown: CancellationToken,
+    mirror: Option<MirrorStatus>,
+    leader: Option<LeaderStatus>,
 }
 
 impl MeshApiService {
@@ -267,7 +271,23 @@ impl MeshApiService {
             metrics,
             watchers: Arc::default(),
             shutdown: CancellationToken::new(),
+            mirror: None,
+            leader: None,
         }
+    }
+
+    /// Reports the peer mirror's status in `Status`.
+    #[must_use]
+    pub fn with_mirror(mut self, status: MirrorStatus) -> Self {
+        self.mirror = Some(status);
+        self
+    }
+
+    /// Reports this replica's part in the leader election in `Status`.
+    #[must_use]
+    pub fn with_leader_status(mut self, leader: LeaderStatus) -> Self {
+        self.leader = Some(leader);
+        self
     }
 
     /// Ends every Watch stream when `shutdown` is cancelled (a graceful server shutdown
@@ -474,7 +494,21 @@ impl MeshApi for MeshApiService {
             revision: stats.revision,
             counts,
             watchers,
-            ..v1::StatusResponse::default()
+            mirror_peers: self
+                .mirror
+                .as_ref()
+                .map(MirrorStatus::to_proto)
+                .unwrap_or_default(),
+            mirror_enabled: self.mirror.is_some(),
+            leader: self.leader.as_ref().map(|l| {
+                let state = l.current();
+                v1::LeaderStatus {
+                    enabled: true,
+                    is_leader: state.is_leader,
+                    holder: state.holder.unwrap_or_default(),
+                    term: state.token,
+                }
+            }),
         }))
     }
 }

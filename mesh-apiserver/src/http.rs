@@ -27,10 +27,28 @@ pub enum Readiness {
     /// The store has not answered yet (no raft quorum, etcd unreachable); the last
     /// error, if an attempt failed already.
     WaitingForStore(Option<String>),
-    /// The exporter runs; the initial sync of some kind is not exported yet.
+    /// The exporter runs; the initial sync of some kind is not exported yet (or, on a
+    /// follower, its cache has not loaded the store yet).
     Syncing,
-    /// Every kind is synced and exported.
+    /// This replica leads: every kind is synced and exported.
     Synced,
+    /// Another replica leads (named, when known): this one serves Watch from its loaded
+    /// cache.
+    Following(Option<String>),
+    /// This replica has just won the election and runs its initial sync; it served before
+    /// and its cache holds the previous leader's complete records, so it stays ready.
+    TakingOver,
+}
+
+impl Readiness {
+    /// Whether `/readyz` may answer "ready" (the store is probed too).
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        matches!(
+            self,
+            Readiness::Synced | Readiness::Following(_) | Readiness::TakingOver
+        )
+    }
 }
 
 /// What the endpoint reports on.
@@ -75,7 +93,7 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
             return not_ready(format!("waiting for the store: {error}"))
         }
         Readiness::Syncing => return not_ready("initial sync not complete".to_owned()),
-        Readiness::Synced => {}
+        Readiness::Synced | Readiness::Following(_) | Readiness::TakingOver => {}
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.current_revision()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),

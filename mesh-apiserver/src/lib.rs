@@ -15,6 +15,7 @@
 //! - [`peer_view`]: what other clusters may see (export rules).
 //! - [`grpc`]: the `MeshApi` service and its authorization.
 //! - [`mirror`]: connected peers' records copied into the store.
+//! - [`leader`]: which replica writes (election with fencing); all serve Watch.
 //! - [`http`] and [`metrics`]: health, readiness, Prometheus.
 //! - [`server`]: wiring and graceful shutdown.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod export;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
 pub mod mirror;
 pub mod peer_view;

@@ -16,10 +16,11 @@ use clustermesh_api::cluster::{validate_cluster_id, validate_cluster_name, Clust
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
+use clustermesh_apiserver::leader::{ElectionConfig, DEFAULT_LEASE_TTL};
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::mirror::{MirrorConfig, MirrorLimits};
 use clustermesh_apiserver::peer_view::PodExport;
-use clustermesh_apiserver::server::{self, ServerOptions};
+use clustermesh_apiserver::server::{self, ServerOptions, SourceFactory};
 use clustermesh_apiserver::source::{DirSource, KubernetesSource, Source};
 use clustermesh_certs::{PeerIdentity, ReloadingTls, TlsPaths, TlsSource, TrustDomain};
 use clustermesh_store::raft::{RaftConfig, RaftStore, Replica, ReplicaTls};
@@ -144,6 +145,21 @@ struct Cli {
     /// Records one peer may make this cluster store (all kinds together).
     #[arg(long)]
     mirror_max_records_per_peer: Option<usize>,
+    /// Longest pause between reconnects to an unreachable peer (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    mirror_max_backoff: Option<Duration>,
+    /// How often the peer list is checked for changes (default 1s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    mirror_peers_poll: Option<Duration>,
+    /// This replica's name in the election of the cluster's writer (one replica at a time
+    /// runs the exporter and the mirror); must be unique among the cluster's replicas.
+    /// Default: `replica-<raft-id>` with the raft store, the host (pod) name with etcd.
+    #[arg(long, env = "CLUSTERMESH_REPLICA_NAME")]
+    replica_name: Option<String>,
+    /// TTL of the election lease: a crashed leader is replaced within about this long (a
+    /// stopped one at once). Default 5s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    leader_lease_ttl: Option<Duration>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -188,6 +204,13 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde::option")]
     mirror_stale_ttl: Option<Duration>,
     mirror_max_records_per_peer: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    mirror_max_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    mirror_peers_poll: Option<Duration>,
+    replica_name: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    leader_lease_ttl: Option<Duration>,
     log_format: Option<LogFormat>,
 }
 
@@ -229,6 +252,10 @@ impl Cli {
             mirror_peers,
             mirror_stale_ttl,
             mirror_max_records_per_peer,
+            mirror_max_backoff,
+            mirror_peers_poll,
+            replica_name,
+            leader_lease_ttl,
             log_format
         );
         fill_vec!(pod_cidrs, raft_peers, etcd_endpoints, allowed_clusters);
@@ -356,10 +383,15 @@ async fn run(cli: Cli) -> Result<()> {
         pod_cidrs: cli.pod_cidrs.clone(),
         trust_domain: trust_domain.clone(),
         peers_file,
-        poll: Duration::from_secs(1),
+        poll: cli.mirror_peers_poll.unwrap_or(Duration::from_secs(1)),
         cert_file: tls_dir.join(clustermesh_certs::layout::SERVER_CERT_FILE),
         key_file: tls_dir.join(clustermesh_certs::layout::SERVER_KEY_FILE),
-        backoff: ReconnectBackoff::default(),
+        backoff: ReconnectBackoff {
+            max: cli
+                .mirror_max_backoff
+                .unwrap_or(ReconnectBackoff::default().max),
+            ..ReconnectBackoff::default()
+        },
         stale_ttl: cli.mirror_stale_ttl,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
@@ -369,9 +401,23 @@ async fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(MirrorLimits::default().max_records_per_peer),
         },
     });
+    let replica_name = match &cli.replica_name {
+        Some(name) if name.trim().is_empty() => bail!("--replica-name must not be empty"),
+        Some(name) => name.clone(),
+        None => match cli.store.unwrap_or(StoreKind::Raft) {
+            StoreKind::Raft => format!("replica-{}", cli.raft_id.unwrap_or(1)),
+            StoreKind::Etcd => host_name(),
+        },
+    };
+    let lease_ttl = cli.leader_lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+    if lease_ttl < Duration::from_secs(1) {
+        bail!("--leader-lease-ttl must be at least 1s (got {lease_ttl:?})");
+    }
+    let election =
+        ElectionConfig::new(cluster.clone(), replica_name.clone()).with_lease_ttl(lease_ttl);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, "starting");
+    tracing::info!(%cluster, cluster_id, %listen, %metrics_addr, %export_pods, replica = %replica_name, ?lease_ttl, "starting");
     let options = ServerOptions {
         export,
         cache: CacheConfig::default(),
@@ -383,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
         stream_buffer: 1024,
         metrics,
         mirror,
+        election,
     };
     let result = server::run(store, source, options, shutdown).await;
     if let Some(replica) = replica {
@@ -391,7 +438,18 @@ async fn run(cli: Cli) -> Result<()> {
     result.context("API server failed")
 }
 
-async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Source>> {
+/// The host name (a pod's name in Kubernetes), for the default replica name.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "replica".to_owned())
+}
+
+/// The source factory: each leader term runs a fresh copy of the configured source.
+async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<SourceFactory> {
     let spec = cli
         .source
         .clone()
@@ -404,13 +462,18 @@ async fn build_source(cli: &Cli, metrics: &Arc<Metrics>) -> Result<Box<dyn Sourc
         if let Some(interval) = cli.dir_poll_interval {
             source = source.with_poll_interval(interval);
         }
-        return Ok(Box::new(source));
+        return Ok(Arc::new(move || {
+            Box::new(source.clone()) as Box<dyn Source>
+        }));
     }
     if spec == "kubernetes" {
         let source = KubernetesSource::connect(cli.kube_context.as_deref())
             .await
             .context("cannot set up the Kubernetes source")?;
-        return Ok(Box::new(source.with_metrics(Arc::clone(metrics))));
+        let source = source.with_metrics(Arc::clone(metrics));
+        return Ok(Arc::new(move || {
+            Box::new(source.clone()) as Box<dyn Source>
+        }));
     }
     bail!("invalid --source {spec:?}: use kubernetes or dir:PATH")
 }
@@ -556,6 +619,10 @@ mod tests {
                 .unwrap();
         assert_eq!(file.dir_poll_interval, Some(Duration::from_millis(250)));
         assert_eq!(file.identity_gc_grace, Some(Duration::from_secs(5400)));
+        let file: FileConfig =
+            toml::from_str("leader_lease_ttl = \"3s\"\nreplica_name = \"east-0\"\n").unwrap();
+        assert_eq!(file.leader_lease_ttl, Some(Duration::from_secs(3)));
+        assert_eq!(file.replica_name.as_deref(), Some("east-0"));
         let file: FileConfig = toml::from_str("").unwrap();
         assert_eq!(file.dir_poll_interval, None);
         let err = toml::from_str::<FileConfig>("dir_poll_interval = \"5 fortnights\"\n")

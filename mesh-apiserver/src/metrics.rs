@@ -46,6 +46,55 @@ struct HandshakeLabel {
 
 type HistogramFamily = Family<OpLabel, Histogram, fn() -> Histogram>;
 
+/// Why a replica left the leader role (the `reason` label of
+/// `clustermesh_apiserver_leader_step_downs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepDown {
+    /// The server is stopping (the lease is then revoked: a graceful handover).
+    Shutdown,
+    /// The store said the lease expired.
+    LeaseExpired,
+    /// The lease could not be refreshed for so long that it might expire.
+    LostContact,
+    /// The leader key was deleted or taken by another replica.
+    Deposed,
+    /// A write was fenced off: another replica had won.
+    Fenced,
+    /// The writers stopped by themselves.
+    WritersStopped,
+}
+
+impl StepDown {
+    /// Every reason, exported from the start at 0.
+    pub const ALL: [StepDown; 6] = [
+        StepDown::Shutdown,
+        StepDown::LeaseExpired,
+        StepDown::LostContact,
+        StepDown::Deposed,
+        StepDown::Fenced,
+        StepDown::WritersStopped,
+    ];
+
+    /// The label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepDown::Shutdown => "shutdown",
+            StepDown::LeaseExpired => "lease_expired",
+            StepDown::LostContact => "lost_contact",
+            StepDown::Deposed => "deposed",
+            StepDown::Fenced => "fenced",
+            StepDown::WritersStopped => "writers_stopped",
+        }
+    }
+}
+
+/// `reason` label of step-downs: always a [`StepDown::as_str`] value.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepDownLabel {
+    reason: &'static str,
+}
+
 /// All metrics of the API server.
 #[derive(Debug)]
 pub struct Metrics {
@@ -64,7 +113,12 @@ pub struct Metrics {
     oversized: Family<KindLabel, Gauge>,
     mirror_records: Family<PeerLabel, Gauge>,
     mirror_synced: Family<PeerLabel, Gauge>,
+    mirror_connected: Family<PeerLabel, Gauge>,
     mirror_refused: Family<PeerReasonLabel, Counter>,
+    leader: Gauge,
+    leader_terms: Counter,
+    leader_step_downs: Family<StepDownLabel, Counter>,
+    fenced_writes: Counter,
 }
 
 /// `peer` label of the mirror's metrics.
@@ -182,16 +236,56 @@ impl Metrics {
             "1 once a mirrored peer's full state is in the store, 0 before and after it is dropped",
             mirror_synced.clone(),
         );
+        let mirror_connected = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "mirror_connected",
+            "1 while the mirror's watch of a peer is established, 0 while it is not (the peer's last-known records are then kept until the stale TTL)",
+            mirror_connected.clone(),
+        );
         let mirror_refused = Family::<PeerReasonLabel, Counter>::default();
         registry.register(
             "mirror_refused",
             "Peer records or states the mirror refused, by peer and reason",
             mirror_refused.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads its cluster: its exporter and mirror run",
+            leader.clone(),
+        );
+        let leader_terms = Counter::default();
+        registry.register(
+            "leader_terms",
+            "Leader elections this replica won",
+            leader_terms.clone(),
+        );
+        let leader_step_downs = Family::<StepDownLabel, Counter>::default();
+        registry.register(
+            "leader_step_downs",
+            "Times this replica left the leader role, by reason",
+            leader_step_downs.clone(),
+        );
+        for reason in StepDown::ALL {
+            drop(leader_step_downs.get_or_create(&StepDownLabel {
+                reason: reason.as_str(),
+            }));
+        }
+        let fenced_writes = Counter::default();
+        registry.register(
+            "fenced_writes",
+            "Writes the store refused because this replica's leader term had ended",
+            fenced_writes.clone(),
+        );
         Metrics {
+            leader,
+            leader_terms,
+            leader_step_downs,
+            fenced_writes,
             oversized,
             mirror_records,
             mirror_synced,
+            mirror_connected,
             mirror_refused,
             registry,
             records,
@@ -234,6 +328,23 @@ impl Metrics {
                 peer: peer.to_owned(),
             })
             .set(i64::from(synced));
+    }
+
+    /// Whether the mirror's watch of `peer` is established (`None`: the peer is gone).
+    pub fn set_mirror_connected(&self, peer: &str, connected: Option<bool>) {
+        let label = PeerLabel {
+            peer: peer.to_owned(),
+        };
+        match connected {
+            Some(c) => {
+                self.mirror_connected
+                    .get_or_create(&label)
+                    .set(i64::from(c));
+            }
+            None => {
+                self.mirror_connected.remove(&label);
+            }
+        }
     }
 
     /// The mirror refused something of `peer` for `reason`.
@@ -311,6 +422,30 @@ impl Metrics {
                 kind: kind.to_owned(),
             })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Whether this replica leads (its writers run).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// This replica won a leader election.
+    pub fn leader_term_won(&self) {
+        self.leader_terms.inc();
+    }
+
+    /// This replica left the leader role for `reason`.
+    pub fn leader_step_down(&self, reason: StepDown) {
+        self.leader_step_downs
+            .get_or_create(&StepDownLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// The store refused a write of an ended term.
+    pub fn fenced_write(&self) {
+        self.fenced_writes.inc();
     }
 
     /// Sets the number of identities held.

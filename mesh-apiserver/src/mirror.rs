@@ -109,9 +109,56 @@ pub struct MirrorConfig {
 #[derive(Debug, Clone, Default)]
 pub struct MirrorStatus {
     board: StatusBoard,
+    /// Records of each peer in our store.
+    records: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
 }
 
 impl MirrorStatus {
+    /// Records of `peer` in our store (as far as the mirror has written them).
+    #[must_use]
+    pub fn records(&self, peer: &str) -> usize {
+        self.records_lock().get(peer).copied().unwrap_or(0)
+    }
+
+    fn records_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_records(&self, peer: &str, n: Option<usize>) {
+        let mut all = self.records_lock();
+        match n {
+            Some(n) => {
+                all.insert(peer.to_owned(), n);
+            }
+            None => {
+                all.remove(peer);
+            }
+        }
+    }
+
+    /// The `Status` RPC form of every peer.
+    #[must_use]
+    pub fn to_proto(&self) -> Vec<v1::MirrorPeerStatus> {
+        self.peers()
+            .into_iter()
+            .map(|s| v1::MirrorPeerStatus {
+                records: self.records(&s.name) as u64,
+                phase: s.phase.to_string(),
+                connected: s.connected,
+                synced: s.synced,
+                stale: s.stale,
+                revision: s.revision,
+                endpoint: s.endpoint,
+                last_error: s.last_error.unwrap_or_default(),
+                refused_records: s.refused_records,
+                decode_errors: s.decode_errors,
+                cluster: s.name,
+            })
+            .collect()
+    }
+
     /// Every peer's watcher status.
     #[must_use]
     pub fn peers(&self) -> Vec<WatcherStatus> {
@@ -154,6 +201,7 @@ pub async fn run(
         config.limits,
         Arc::clone(&metrics),
     );
+    writer.status = Some(status.clone());
     let writer_cancel = cancel.clone();
     let writer_task = tokio::spawn(async move { writer.run(rx, writer_cancel).await });
 
@@ -168,6 +216,9 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
+        }
+        for peer in status.peers() {
+            metrics.set_mirror_connected(&peer.name, Some(peer.connected));
         }
         let text = match tokio::fs::read_to_string(&config.peers_file).await {
             Ok(t) => t,
@@ -230,6 +281,7 @@ pub async fn run(
                 tracing::info!(peer = %name, "peer removed from the configuration; dropping its records");
                 registry.release(&name);
                 status.board.remove(&name);
+                metrics.set_mirror_connected(&name, None);
                 let _ = tx.send(Update::DropCluster { cluster: name }).await;
             }
         }
@@ -283,9 +335,13 @@ pub async fn run(
             );
         }
     }
-    for (_, r) in running {
+    for (name, r) in running {
         r.cancel.cancel();
         let _ = r.task.await;
+        // Another replica mirrors from now on (or nobody, at shutdown).
+        status.board.remove(&name);
+        status.set_records(&name, None);
+        metrics.set_mirror_connected(&name, None);
     }
     drop(tx);
     let _ = writer_task.await;
@@ -318,6 +374,8 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     /// Keys of each peer in the store (loaded on the peer's first update).
     keys: BTreeMap<String, HashSet<String>>,
+    /// Where record counts are reported.
+    status: Option<MirrorStatus>,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -352,6 +410,7 @@ impl Mirror {
             limits,
             metrics,
             keys: BTreeMap::new(),
+            status: None,
         }
     }
 
@@ -483,6 +542,9 @@ impl Mirror {
                 )
                 .await?;
                 self.keys.remove(cluster);
+                if let Some(status) = &self.status {
+                    status.set_records(cluster, None);
+                }
                 self.metrics.set_mirror_records(cluster, 0);
                 self.metrics.set_mirror_synced(cluster, false);
             }
@@ -515,6 +577,9 @@ impl Mirror {
     fn count(&self, cluster: &str) {
         let n = self.keys.get(cluster).map_or(0, HashSet::len);
         self.metrics.set_mirror_records(cluster, n);
+        if let Some(status) = &self.status {
+            status.set_records(cluster, Some(n));
+        }
     }
 
     /// The peer's keys in the store (listed on first use).

@@ -22,8 +22,8 @@ mod types;
 pub use etcd::{EtcdConfig, EtcdConnectError, EtcdStore, EtcdTls};
 
 pub use types::{
-    CasOutcome, CasWrite, Event, EventKind, KeyValue, LeaseId, ListResult, Revision, WatchStream,
-    MAX_VALUE_SIZE,
+    CasOutcome, CasWrite, Event, EventKind, Fence, FencedOp, FencedOutcome, KeyValue, LeaseId,
+    ListResult, Revision, WatchStream, MAX_VALUE_SIZE,
 };
 
 use std::time::Duration;
@@ -58,6 +58,17 @@ pub enum StoreError {
     /// The lease does not exist (never granted, revoked, or expired).
     #[error("lease {0:x} not found (expired or revoked); grant a new lease")]
     LeaseNotFound(LeaseId),
+    /// A [`Store::fenced_write`] was refused: its fence key no longer has the expected
+    /// `mod_revision` (the writer was deposed); nothing was written.
+    #[error("write fenced off: {key} is at mod_revision {current} (0: absent), not {expected}")]
+    Fenced {
+        /// The fence key (lossy UTF-8).
+        key: String,
+        /// The `mod_revision` the fence required.
+        expected: Revision,
+        /// The fence key's `mod_revision` when the write was refused (`0`: absent).
+        current: Revision,
+    },
     /// No leader / no quorum right now; the operation may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -117,6 +128,13 @@ pub trait Store: Send + Sync + 'static {
         expected_mod_revision: Revision,
         write: CasWrite,
     ) -> Result<CasOutcome>;
+
+    /// Applies `op` only if `fence.key`'s `mod_revision` equals `fence.mod_revision`,
+    /// atomically (the check and the write happen at one revision). When the fence does
+    /// not hold nothing is written and the call fails with [`StoreError::Fenced`]; a
+    /// compare-and-swap whose fence holds but whose own comparison fails returns
+    /// [`CasOutcome::Failed`] as usual.
+    async fn fenced_write(&self, fence: &Fence, op: FencedOp) -> Result<FencedOutcome>;
 
     /// Streams every event under `prefix` with revision `>= from_revision`, in revision
     /// order. `from_revision == 0` means "from the next write". A start revision older

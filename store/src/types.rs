@@ -96,5 +96,68 @@ pub enum CasOutcome {
     },
 }
 
+/// A fencing condition of [`crate::Store::fenced_write`]: the write applies only while
+/// `key`'s `mod_revision` equals `mod_revision` (`0`: while the key does not exist).
+///
+/// A leader-elected writer fences its writes on its election key: the key's `mod_revision`
+/// when it won is its fencing token, and once the key is deleted (lease expiry,
+/// resignation) or rewritten by a new leader, every later write of the deposed writer
+/// fails with [`crate::StoreError::Fenced`] instead of overwriting the new leader's work.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The guard key.
+    pub key: Vec<u8>,
+    /// The `mod_revision` the guard key must have.
+    pub mod_revision: Revision,
+}
+
+/// The write of a [`crate::Store::fenced_write`]: one of the store's writes, with the
+/// semantics of the plain operation of the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FencedOp {
+    /// [`crate::Store::put`].
+    Put {
+        /// Key to write.
+        key: Vec<u8>,
+        /// New value.
+        value: Vec<u8>,
+        /// Lease to bind the key to.
+        lease: Option<LeaseId>,
+    },
+    /// [`crate::Store::delete`].
+    Delete {
+        /// Key to delete.
+        key: Vec<u8>,
+    },
+    /// [`crate::Store::delete_prefix`].
+    DeletePrefix {
+        /// Prefix of the keys to delete.
+        prefix: Vec<u8>,
+    },
+    /// [`crate::Store::compare_and_swap`].
+    CompareAndSwap {
+        /// Key compared and written.
+        key: Vec<u8>,
+        /// Expected `mod_revision` of `key` (`0`: absent).
+        expected_mod_revision: Revision,
+        /// Write applied when both the fence and the comparison hold.
+        write: CasWrite,
+    },
+}
+
+/// The result of a [`crate::Store::fenced_write`] whose fence held: the plain operation's
+/// result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FencedOutcome {
+    /// A put's revision.
+    Put(Revision),
+    /// A delete's revision, `None` when the key did not exist.
+    Delete(Option<Revision>),
+    /// How many keys a prefix delete removed.
+    DeletePrefix(u64),
+    /// The compare-and-swap's outcome.
+    CompareAndSwap(CasOutcome),
+}
+
 /// Stream returned by [`crate::Store::watch`].
 pub type WatchStream = Pin<Box<dyn Stream<Item = crate::Result<Event>> + Send>>;

@@ -405,16 +405,7 @@ impl Session<'_> {
                 s.stale = false;
                 s.last_error = Some(reason);
             });
-            if was_in_force {
-                return self
-                    .updates
-                    .send(Update::DropCluster {
-                        cluster: cluster.to_owned(),
-                    })
-                    .await
-                    .is_ok();
-            }
-            return true;
+            return !was_in_force || self.send_drop(cluster).await;
         }
         held.info = Some(info.clone());
         let endpoint = format!("via {} ({})", self.home, self.endpoint);
@@ -516,15 +507,16 @@ impl Session<'_> {
             // A configured cluster is listed again (not synced) by the supervisor.
             self.status.remove(cluster);
         }
-        if held.in_force {
-            return self
-                .updates
-                .send(Update::DropCluster {
-                    cluster: cluster.to_owned(),
-                })
-                .await
-                .is_ok();
-        }
-        true
+        !held.in_force || self.send_drop(cluster).await
+    }
+
+    /// Tells the desired state to forget `cluster` (false: the receiver is gone).
+    async fn send_drop(&self, cluster: &str) -> bool {
+        self.updates
+            .send(Update::DropCluster {
+                cluster: cluster.to_owned(),
+            })
+            .await
+            .is_ok()
     }
 }

@@ -616,6 +616,58 @@ fn to_yaml_quotes_yaml_1_1_booleans_and_dates_like_helm() {
     }
 }
 
+/// Mirror mode (the default): the agents' configuration says so, and every apiserver
+/// replica mirrors the clusters listed in it (the same ConfigMap, mounted where the CA
+/// files it names are). Direct mode: neither.
+#[test]
+fn mode_mirror_makes_the_apiserver_mirror_the_agent_configs_clusters() {
+    for (values, kind) in [
+        (base(), "Deployment"),
+        (with(json!({"apiserver": {"replicas": 3}})), "StatefulSet"),
+        (with(json!({"mode": "direct"})), "Deployment"),
+    ] {
+        let mirror = values["mode"] != "direct";
+        let r = render(values.clone()).unwrap();
+        let cm = r.get("ConfigMap", "clustermesh-agent-config");
+        let typed: clustermesh_api::agent_config::AgentConfig =
+            clustermesh_api::yaml::from_str(cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+        let want = if mirror {
+            clustermesh_api::agent_config::WatchMode::Mirror
+        } else {
+            clustermesh_api::agent_config::WatchMode::Direct
+        };
+        assert_eq!(typed.mode, want, "{values}");
+        let apiserver = r.get(kind, "clustermesh-apiserver");
+        let a = args(apiserver);
+        let flag = "--mirror-peers=/etc/clustermesh/agent/agent.yaml".to_string();
+        assert_eq!(a.contains(&flag), mirror, "{values}: {a:?}");
+        let pod = &apiserver["spec"]["template"]["spec"];
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "mesh-config")
+            .cloned();
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "mesh-config")
+            .cloned();
+        if mirror {
+            let mount = mount.unwrap();
+            assert_eq!(mount["mountPath"], "/etc/clustermesh/agent");
+            assert_eq!(mount["readOnly"], true);
+            assert_eq!(
+                volume.unwrap()["configMap"]["name"],
+                "clustermesh-agent-config"
+            );
+        } else {
+            assert!(mount.is_none() && volume.is_none(), "{values}");
+        }
+    }
+}
+
 #[test]
 fn remote_clusters_appear_in_the_agent_config_with_their_ca() {
     let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
@@ -692,6 +744,7 @@ fn invalid_values_are_refused_with_a_message_naming_the_value() {
             with(json!({"agent": {"policy": {"peerClusters": "Local"}}})),
             "agent.policy.peerClusters must be local or all",
         ),
+        (with(json!({"mode": "kvstoremesh"})), "mode must be mirror"),
     ];
     for (values, want) in cases {
         let err = render(values.clone())

@@ -1156,7 +1156,7 @@ async fn stored_overrides_that_are_refused_now_say_how_to_remove_them() {
     let r = m.enable("east", "east", "1", "LoadBalancer").await;
     assert_eq!(
         one_error_line(&r),
-        "error: ConfigMap clustermesh-config key values.yaml: unknown chart value imgae; the chart's top-level values are agent, apiserver, cluster, image, tls, trustDomain (stored by an earlier enable; remove it with --set KEY=null)"
+        "error: ConfigMap clustermesh-config key values.yaml: unknown chart value imgae; the chart's top-level values are agent, apiserver, cluster, image, mode, tls, trustDomain (stored by an earlier enable; remove it with --set KEY=null)"
     );
     assert_unchanged(&before, &content(&m.east));
     let r = m

@@ -17,6 +17,7 @@ mod identity;
 mod idle_connections;
 mod kubernetes_policy;
 mod kubernetes_source;
+mod leader;
 mod mirror;
 mod policy_source;
 mod policy_watch;

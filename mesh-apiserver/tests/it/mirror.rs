@@ -239,8 +239,20 @@ async fn west_server(ca: &MeshCa, cluster: &str, id: u32) -> (MeshServer, TestSt
     west_state(&ts.store).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let server = MeshServer::start(
-        Arc::clone(&ts.store),
+    let server = serve_west(ca, cluster, id, &ts.store, listener).await;
+    (server, ts, port)
+}
+
+/// A mesh API server for cluster `cluster` (pod CIDR 10.1.0.0/16) over `store`.
+async fn serve_west(
+    ca: &MeshCa,
+    cluster: &str,
+    id: u32,
+    store: &Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+) -> MeshServer {
+    MeshServer::start(
+        Arc::clone(store),
         ca,
         &ServerSpec {
             trust_domain: TD,
@@ -251,8 +263,7 @@ async fn west_server(ca: &MeshCa, cluster: &str, id: u32) -> (MeshServer, TestSt
         },
         listener,
     )
-    .await;
-    (server, ts, port)
+    .await
 }
 
 fn expected_west_keys() -> BTreeSet<String> {
@@ -307,6 +318,13 @@ async fn a_peers_records_are_mirrored_kept_live_and_dropped_after_the_stale_ttl(
         .encode()
         .contains("clustermesh_apiserver_mirror_records{peer=\"west\"} 4"));
 
+    until("the metrics say west is connected", async || {
+        n.metrics
+            .encode()
+            .contains("clustermesh_apiserver_mirror_connected{peer=\"west\"} 1")
+    })
+    .await;
+
     // Live changes follow.
     let new_ep = keys::endpoint_key("west", "10.1.0.7".parse().unwrap());
     put(
@@ -329,6 +347,12 @@ async fn a_peers_records_are_mirrored_kept_live_and_dropped_after_the_stale_ttl(
     server.stop().await;
     until("north notices west is gone", async || {
         n.status.peer("west").is_some_and(|s| !s.connected)
+    })
+    .await;
+    until("the metrics say west is not connected", async || {
+        n.metrics
+            .encode()
+            .contains("clustermesh_apiserver_mirror_connected{peer=\"west\"} 0")
     })
     .await;
     assert_eq!(keys_of(&n.store, "west").await, expected_west_keys());
@@ -866,4 +890,79 @@ async fn agents_get_every_cluster_through_their_own_server() {
     west_srv.stop().await;
     n.stop().await;
     west.shutdown().await;
+}
+
+/// A peer whose store was restored from an older backup comes back at a lower revision:
+/// the mirror resyncs it in full (the server answers the resume with a Reset) and then
+/// follows its live writes, whose revisions are below anything seen before, without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_at_a_lower_revision_resyncs_without_a_gap() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    // Push west's revision well past what the restored store will have.
+    for i in 0..40 {
+        put(
+            &west.store,
+            &keys::node_key("west", &format!("n{i}")),
+            v1::Node::default().encode_to_vec(),
+        )
+        .await;
+    }
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("west is mirrored", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    let before = n.status.peer("west").unwrap().revision;
+
+    // West is restored: a new store (revision counting from 1) holding an older state,
+    // without endpoint 10.1.0.6 and with 10.1.0.8, served at the same address.
+    server.stop().await;
+    west.shutdown().await;
+    let restored = TestStore::start(Backend::Raft).await.unwrap();
+    west_state(&restored.store).await;
+    let gone = keys::endpoint_key("west", "10.1.0.6".parse().unwrap());
+    restored.store.delete(gone.as_bytes()).await.unwrap();
+    let added = keys::endpoint_key("west", "10.1.0.8".parse().unwrap());
+    put(
+        &restored.store,
+        &added,
+        endpoint("west", "10.1.0.8", 65_800).encode_to_vec(),
+    )
+    .await;
+    let now = restored.store.current_revision().await.unwrap();
+    assert!(
+        now < before,
+        "the restored store is behind ({now} < {before})"
+    );
+    let listener = fixture::rebind(([127, 0, 0, 1], port).into()).await;
+    let server = serve_west(&ca, "west", 1, &restored.store, listener).await;
+    let mut expected = expected_west_keys();
+    expected.remove(&gone);
+    expected.insert(added.clone());
+    until("north holds the restored state", async || {
+        keys_of(&n.store, "west").await == expected
+    })
+    .await;
+    // Live writes at revisions below the old ones still arrive.
+    let live = keys::endpoint_key("west", "10.1.0.9".parse().unwrap());
+    put(
+        &restored.store,
+        &live,
+        endpoint("west", "10.1.0.9", 65_800).encode_to_vec(),
+    )
+    .await;
+    until(
+        "a live write of the restored west is mirrored",
+        async || keys_of(&n.store, "west").await.contains(&live),
+    )
+    .await;
+    server.stop().await;
+    n.stop().await;
+    restored.shutdown().await;
 }

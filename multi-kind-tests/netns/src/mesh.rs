@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub use clustermesh_api::agent_config::WatchMode;
+
 use crate::harness::Harness;
 use crate::topology;
 use crate::{cleanup, Error, Result};
@@ -111,6 +113,10 @@ pub struct Mesh {
     manifests: Vec<Manifests>,
     /// Extra flags of every agent.
     agent_args: Vec<String>,
+    /// Extra flags of every mesh API server.
+    apiserver_args: Vec<String>,
+    /// How agents reach the other cluster (`clustermesh enable --agent-mode`).
+    mode: WatchMode,
 }
 
 /// What a cluster's manifests hold beyond the topology.
@@ -160,6 +166,8 @@ impl Mesh {
             state_root,
             manifests,
             agent_args: Vec::new(),
+            apiserver_args: Vec::new(),
+            mode: WatchMode::Mirror,
             apiserver_pids: vec![None; h.spec().clusters.len()],
             agent_pids: h
                 .spec()
@@ -173,6 +181,24 @@ impl Mesh {
     /// Passes `args` to every agent started from now on (e.g. `--stale-ttl=5s`).
     pub fn set_agent_args(&mut self, args: &[&str]) {
         self.agent_args = args.iter().map(|a| (*a).to_string()).collect();
+    }
+
+    /// Passes `args` to every mesh API server started from now on.
+    pub fn set_apiserver_args(&mut self, args: &[&str]) {
+        self.apiserver_args = args.iter().map(|a| (*a).to_string()).collect();
+    }
+
+    /// How agents reach the other cluster, for clusters enabled from now on: `mirror`
+    /// (the default: agents watch their own mesh API server, which mirrors the peer) or
+    /// `direct` (agents watch both clusters' servers).
+    pub fn set_mode(&mut self, mode: WatchMode) {
+        self.mode = mode;
+    }
+
+    /// The mode clusters are enabled in.
+    #[must_use]
+    pub fn mode(&self) -> WatchMode {
+        self.mode
     }
 
     /// State directory of cluster `c`.
@@ -393,6 +419,8 @@ impl Mesh {
             &id,
             "--mesh-endpoint",
             &ep,
+            "--agent-mode",
+            self.mode.as_str(),
         ];
         for s in &sockets {
             args.extend(["--agent-socket", s.as_str()]);
@@ -465,7 +493,7 @@ impl Mesh {
         let listen = Self::mesh_endpoint(c).to_string();
         let raft_dir = dir.join("raft");
         let (net, len) = topology::cluster_pod_cidr(c);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             format!("--cluster-name={name}"),
             format!("--cluster-id={id}"),
             format!("--pod-cidr={net}/{len}"),
@@ -480,6 +508,16 @@ impl Mesh {
             "--trust-domain=clustermesh.local".into(),
             "--log-format=json".into(),
         ];
+        if self.mode == WatchMode::Mirror {
+            // The peers are the clusters `connect` adds to the agent configuration.
+            args.push(format!(
+                "--mirror-peers={}",
+                dir.join("agent.yaml").display()
+            ));
+            args.push("--mirror-peers-poll=200ms".into());
+            args.push("--mirror-max-backoff=1s".into());
+        }
+        args.extend(self.apiserver_args.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.apiserver_log(c);
         let pid = h.spawn_in_node_logged(

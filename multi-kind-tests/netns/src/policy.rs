@@ -320,7 +320,10 @@ pub struct Report {
 /// Brings the mesh up with the scenario's pods and agents (stale TTL [`STALE_TTL`]), the
 /// api's second port, and both clusters' policies.
 pub fn bring_up(h: &mut Harness, m: &mut Mesh, say: &dyn Fn(&str)) -> Result<()> {
-    m.set_agent_args(&[&format!("--stale-ttl={}s", STALE_TTL.as_secs())]);
+    let ttl = STALE_TTL.as_secs();
+    m.set_agent_args(&[&format!("--stale-ttl={ttl}s")]);
+    // Mirror mode: the agents' own server keeps cluster1's records as long.
+    m.set_apiserver_args(&[&format!("--mirror-stale-ttl={ttl}s")]);
     scenario::bring_up(h, m, say)?;
     let (c, n, p) = API;
     h.start_echo(c, n, p, ADMIN_PORT)?;

@@ -164,6 +164,49 @@ pub fn bring_up(h: &mut Harness, m: &mut Mesh, say: &dyn Fn(&str)) -> Result<()>
             say(&format!("  {line}"));
         }
     }
+    streams_per_server(h, m, say)
+}
+
+/// Checks how many Watch streams each mesh API server holds: its own cluster's agents,
+/// plus in mirror mode one per peer server, in direct mode one per peer agent.
+fn streams_per_server(h: &Harness, m: &Mesh, say: &dyn Fn(&str)) -> Result<()> {
+    let nodes: Vec<usize> = h.spec().clusters.iter().map(|c| c.nodes.len()).collect();
+    let total: usize = nodes.iter().sum();
+    for (c, own) in nodes.iter().enumerate() {
+        let expected = match m.mode() {
+            mesh::WatchMode::Mirror => own + nodes.len() - 1,
+            mesh::WatchMode::Direct => total,
+        };
+        let dir = m.state_dir(c).display().to_string();
+        let start = Instant::now();
+        loop {
+            let r = m.cli_on_node(h, c, 0, &["--state-dir", &dir, "-o", "json", "status"])?;
+            let watchers = serde_json::from_str::<serde_json::Value>(&r.stdout)
+                .ok()
+                .and_then(|v| v["apiserver"]["watchers"].as_u64());
+            if watchers == Some(expected as u64) {
+                say(&format!(
+                    "  {}'s mesh API server holds {expected} streams ({} mode: {own} own agents + {})",
+                    h.spec().clusters[c].name,
+                    m.mode(),
+                    expected - own
+                ));
+                break;
+            }
+            // A stream the server has not yet noticed closing can linger for a moment.
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(step(
+                    "streams per mesh API server",
+                    format!(
+                        "{} holds {watchers:?} watch streams, expected {expected} in {} mode",
+                        h.spec().clusters[c].name,
+                        m.mode()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     Ok(())
 }
 

@@ -38,11 +38,14 @@
 //! in one revision; watches ordered and complete from a past revision, from "now", and
 //! under concurrent writers; lease expiry and revoke deleting keys with delete events;
 //! keep-alive; compaction (`Compacted` for an old start revision); values up to
-//! [`MAX_VALUE_SIZE`](crate::MAX_VALUE_SIZE) and `ValueTooLarge` above; a list of 100k keys.
+//! [`MAX_VALUE_SIZE`](crate::MAX_VALUE_SIZE) and `ValueTooLarge` above; a list of 100k keys;
+//! fenced writes (applied while the fence key holds, refused without effect once it was
+//! rewritten, deleted or expired).
 //!
 //! Timing: lease checks use a short TTL and poll with generous deadlines; nothing asserts
 //! how fast a backend is (that is the benchmark's job).
 
+mod fence;
 mod kv;
 mod lease;
 mod support;
@@ -146,11 +149,15 @@ pub enum Check {
     ValueSizeLimit,
     /// A list of many keys (100k by default) is complete and sorted.
     ListManyKeys,
+    /// Fenced writes (put, delete, delete_prefix, CAS) apply while the fence key is at the
+    /// expected `mod_revision` and fail with `Fenced`, without any effect, once it was
+    /// rewritten, deleted or removed by its lease's expiry.
+    FencedWrite,
 }
 
 impl Check {
     /// Every check, in the order [`Suite::test_all`] runs them.
-    pub const ALL: [Check; 15] = [
+    pub const ALL: [Check; 16] = [
         Check::RevisionMonotonic,
         Check::GetAndRevisions,
         Check::ListSortedWithRevision,
@@ -166,6 +173,7 @@ impl Check {
         Check::CompactedWatch,
         Check::ValueSizeLimit,
         Check::ListManyKeys,
+        Check::FencedWrite,
     ];
 
     /// The check's name in reports.
@@ -187,6 +195,7 @@ impl Check {
             Check::CompactedWatch => "compacted_watch",
             Check::ValueSizeLimit => "value_size_limit",
             Check::ListManyKeys => "list_many_keys",
+            Check::FencedWrite => "fenced_write",
         }
     }
 }
@@ -367,6 +376,7 @@ async fn dispatch(
         Check::CompactedWatch => watch::compacted(store, options).await,
         Check::ValueSizeLimit => kv::value_size_limit(store, options).await,
         Check::ListManyKeys => kv::list_many_keys(store, options).await,
+        Check::FencedWrite => fence::fenced_writes(store, options).await,
     }
 }
 

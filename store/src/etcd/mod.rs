@@ -24,15 +24,15 @@ pub use config::{EtcdConfig, EtcdTls};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::proto::PbTxnOpResponse;
+use etcd_client::proto::{PbResponseOp, PbTxnOpResponse};
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions,
     GetOptions, Identity, KvClient, LeaseClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient,
 };
 
 use crate::{
-    CasOutcome, CasWrite, KeyValue, LeaseId, ListResult, Result, Revision, Store, StoreError,
-    WatchStream, MAX_VALUE_SIZE,
+    CasOutcome, CasWrite, Fence, FencedOp, FencedOutcome, KeyValue, LeaseId, ListResult, Result,
+    Revision, Store, StoreError, WatchStream, MAX_VALUE_SIZE,
 };
 use config::retry_delays;
 use convert::{condition, etcd_lease, etcd_revision, key_value, prefix_range, revision, Condition};
@@ -300,6 +300,47 @@ fn header_revision(header: Option<&etcd_client::proto::PbResponseHeader>) -> Rev
     header.map_or(0, |h| revision(h.revision))
 }
 
+/// The comparison "`key`'s `mod_revision` is `expected`" (`0`: the key is absent).
+fn mod_revision_is(key: &[u8], expected: Revision) -> Compare {
+    if expected == 0 {
+        Compare::version(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, etcd_revision(expected))
+    }
+}
+
+/// The txn operation of a compare-and-swap's write, and the lease it binds.
+fn cas_op(key: &[u8], write: CasWrite) -> Result<(TxnOp, Option<LeaseId>)> {
+    Ok(match write {
+        CasWrite::Put { value, lease } => {
+            check_size(key, &value)?;
+            let mut options = PutOptions::new();
+            if let Some(id) = lease {
+                options = options.with_lease(etcd_lease(id)?);
+            }
+            (TxnOp::put(key, value, Some(options)), lease)
+        }
+        CasWrite::Delete => (TxnOp::delete(key, None), None),
+    })
+}
+
+/// Which write a fenced txn carries, to read its answer.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Put,
+    Delete,
+    DeletePrefix,
+    CompareAndSwap,
+}
+
+/// The first key of a txn's `index`-th response, if it is a range response with a key.
+fn txn_range_kv(responses: &[PbResponseOp], index: usize) -> Option<KeyValue> {
+    match responses.get(index).and_then(|op| op.response.as_ref()) {
+        Some(PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().cloned().map(key_value),
+        _ => None,
+    }
+}
+
 /// Maps an error of an operation that used `lease`.
 fn lease_error(op: &str, lease: LeaseId, err: etcd_client::Error) -> StoreError {
     if condition(&err) == Condition::LeaseNotFound {
@@ -413,22 +454,8 @@ impl Store for EtcdStore {
         expected_mod_revision: Revision,
         write: CasWrite,
     ) -> Result<CasOutcome> {
-        let compare = if expected_mod_revision == 0 {
-            Compare::version(key, CompareOp::Equal, 0)
-        } else {
-            Compare::mod_revision(key, CompareOp::Equal, etcd_revision(expected_mod_revision))
-        };
-        let (op, lease) = match write {
-            CasWrite::Put { value, lease } => {
-                check_size(key, &value)?;
-                let mut options = PutOptions::new();
-                if let Some(id) = lease {
-                    options = options.with_lease(etcd_lease(id)?);
-                }
-                (TxnOp::put(key, value, Some(options)), lease)
-            }
-            CasWrite::Delete => (TxnOp::delete(key, None), None),
-        };
+        let compare = mod_revision_is(key, expected_mod_revision);
+        let (op, lease) = cas_op(key, write)?;
         let txn = Txn::new()
             .when([compare])
             .and_then([op])
@@ -453,6 +480,81 @@ impl Store for EtcdStore {
             .and_then(|kvs| kvs.into_iter().next())
             .map(key_value);
         Ok(CasOutcome::Failed { current })
+    }
+
+    async fn fenced_write(&self, fence: &Fence, op: FencedOp) -> Result<FencedOutcome> {
+        // when: the fence (and a CAS's own comparison); then: the write;
+        // else: read the fence key (and the CAS key) to tell the two failures apart.
+        let mut compares = vec![mod_revision_is(&fence.key, fence.mod_revision)];
+        let mut otherwise = vec![TxnOp::get(fence.key.clone(), None)];
+        let (write, lease, shape) = match op {
+            FencedOp::Put { key, value, lease } => {
+                check_size(&key, &value)?;
+                let mut options = PutOptions::new();
+                if let Some(id) = lease {
+                    options = options.with_lease(etcd_lease(id)?);
+                }
+                (TxnOp::put(key, value, Some(options)), lease, Shape::Put)
+            }
+            FencedOp::Delete { key } => (TxnOp::delete(key, None), None, Shape::Delete),
+            FencedOp::DeletePrefix { prefix } => {
+                let (start, end) = prefix_range(&prefix);
+                let options = DeleteOptions::new().with_range(end);
+                (
+                    TxnOp::delete(start, Some(options)),
+                    None,
+                    Shape::DeletePrefix,
+                )
+            }
+            FencedOp::CompareAndSwap {
+                key,
+                expected_mod_revision,
+                write,
+            } => {
+                compares.push(mod_revision_is(&key, expected_mod_revision));
+                otherwise.push(TxnOp::get(key.clone(), None));
+                let (op, lease) = cas_op(&key, write)?;
+                (op, lease, Shape::CompareAndSwap)
+            }
+        };
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([write])
+            .or_else(otherwise);
+        let resp = self.kv.clone().txn(txn).await.map_err(|e| match lease {
+            Some(id) => lease_error("fenced_write", id, e),
+            None => convert::store_error("fenced_write", e),
+        })?;
+        let revision = header_revision(resp.0.header.as_ref());
+        let responses = resp.0.responses;
+        if !resp.0.succeeded {
+            let fence_now = txn_range_kv(&responses, 0).map_or(0, |kv| kv.mod_revision);
+            if fence_now != fence.mod_revision {
+                return Err(StoreError::Fenced {
+                    key: String::from_utf8_lossy(&fence.key).into_owned(),
+                    expected: fence.mod_revision,
+                    current: fence_now,
+                });
+            }
+            // The fence held, so the CAS comparison failed.
+            return Ok(FencedOutcome::CompareAndSwap(CasOutcome::Failed {
+                current: txn_range_kv(&responses, 1),
+            }));
+        }
+        let deleted = match responses.into_iter().next().and_then(|op| op.response) {
+            Some(PbTxnOpResponse::ResponseDeleteRange(del)) => {
+                u64::try_from(del.deleted).unwrap_or_default()
+            }
+            _ => 0,
+        };
+        Ok(match shape {
+            Shape::Put => FencedOutcome::Put(revision),
+            Shape::Delete => FencedOutcome::Delete((deleted > 0).then_some(revision)),
+            Shape::DeletePrefix => FencedOutcome::DeletePrefix(deleted),
+            Shape::CompareAndSwap => {
+                FencedOutcome::CompareAndSwap(CasOutcome::Succeeded { revision })
+            }
+        })
     }
 
     async fn watch(&self, prefix: &[u8], from_revision: Revision) -> Result<WatchStream> {

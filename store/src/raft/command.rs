@@ -68,6 +68,18 @@ pub enum Command {
     /// its own revision). Batching amortises one append, one fsync and one replication
     /// round over every write that arrived while the previous entry was in flight.
     Batch(Vec<Command>),
+    /// Apply `command` only while `fence_key`'s `mod_revision` equals
+    /// `fence_mod_revision` (`0`: while it is absent); see `Store::fenced_write`. Added
+    /// last so that logs written before it still decode.
+    Fenced {
+        /// The fence key.
+        #[serde(with = "serde_bytes")]
+        fence_key: Vec<u8>,
+        /// The `mod_revision` it must have.
+        fence_mod_revision: Revision,
+        /// The guarded write: a put, delete, prefix delete or compare-and-swap.
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -81,6 +93,9 @@ impl Command {
                 key.len() + put.as_ref().map_or(0, |p| p.value.len())
             }
             Command::Batch(cmds) => cmds.iter().map(Command::size).sum(),
+            Command::Fenced {
+                fence_key, command, ..
+            } => fence_key.len() + command.size(),
             _ => 0,
         }
     }
@@ -91,6 +106,9 @@ impl Command {
         match self {
             Command::Put { .. } | Command::DeletePrefix { .. } | Command::Compact { .. } => true,
             Command::Batch(cmds) => cmds.iter().all(Command::retry_safe),
+            // A second application either repeats the first (the fence still holds) or
+            // is fenced off; the state is the same either way.
+            Command::Fenced { command, .. } => command.retry_safe(),
             _ => false,
         }
     }
@@ -147,6 +165,11 @@ pub enum CommandResponse {
     },
     /// The answers to a [`Command::Batch`], in order.
     Batch(Vec<CommandResponse>),
+    /// A [`Command::Fenced`] whose fence did not hold; nothing was written.
+    Fenced {
+        /// The fence key's `mod_revision` (`0`: absent).
+        current: Revision,
+    },
 }
 
 /// A key with its metadata, in the serializable form the state machine stores.

@@ -305,6 +305,25 @@ impl KeySpace {
             Command::Batch(cmds) => {
                 CommandResponse::Batch(cmds.into_iter().map(|c| self.apply(c)).collect())
             }
+            Command::Fenced {
+                fence_key,
+                fence_mod_revision,
+                command,
+            } => {
+                let current = self.kvs.get(&fence_key).map_or(0, |v| v.mod_revision);
+                if current != fence_mod_revision {
+                    return CommandResponse::Fenced { current };
+                }
+                match *command {
+                    cmd @ (Command::Put { .. }
+                    | Command::Delete { .. }
+                    | Command::DeletePrefix { .. }
+                    | Command::CompareAndSwap { .. }) => self.apply(cmd),
+                    // The store only fences key writes; anything else would be a bug in
+                    // the proposer, answered without a state change.
+                    _ => CommandResponse::None,
+                }
+            }
             Command::Compact { revision } => {
                 let target = revision.min(self.revision + 1);
                 self.history.drop_before(target);
@@ -493,6 +512,42 @@ mod tests {
             ks.apply(cas(1, "c")),
             CommandResponse::Written { revision: 2 }
         );
+    }
+
+    #[test]
+    fn fenced_command_applies_only_while_the_fence_holds() {
+        let mut ks = KeySpace::new(LIMITS);
+        put(&mut ks, "leader", "a", None);
+        let fenced = |rev, key: &str| Command::Fenced {
+            fence_key: b"leader".to_vec(),
+            fence_mod_revision: rev,
+            command: Box::new(Command::Put {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                lease: None,
+            }),
+        };
+        assert_eq!(
+            ks.apply(fenced(1, "x")),
+            CommandResponse::Written { revision: 2 }
+        );
+        put(&mut ks, "leader", "b", None);
+        assert_eq!(
+            ks.apply(fenced(1, "y")),
+            CommandResponse::Fenced { current: 3 }
+        );
+        assert!(ks.get(b"y").is_none());
+        assert_eq!(ks.revision(), 3);
+        // Inside a batch, a fenced-off write leaves its neighbours alone.
+        let batch = Command::Batch(vec![fenced(3, "z"), fenced(1, "w")]);
+        assert_eq!(
+            ks.apply(batch),
+            CommandResponse::Batch(vec![
+                CommandResponse::Written { revision: 4 },
+                CommandResponse::Fenced { current: 3 },
+            ])
+        );
+        assert!(ks.get(b"z").is_some() && ks.get(b"w").is_none());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use super::command::{CasPut, Command, CommandResponse};
 use super::node::Replica;
 use super::watch;
 use crate::{
-    CasOutcome, CasWrite, KeyValue, LeaseId, ListResult, Result, Revision, Store, StoreError,
-    WatchStream, MAX_VALUE_SIZE,
+    CasOutcome, CasWrite, Fence, FencedOp, FencedOutcome, KeyValue, LeaseId, ListResult, Result,
+    Revision, Store, StoreError, WatchStream, MAX_VALUE_SIZE,
 };
 
 /// A [`Store`] served by one local replica of the embedded raft cluster.
@@ -50,6 +50,82 @@ impl RaftStore {
             });
         }
         Ok(())
+    }
+
+    /// The command of a key write (shared by the plain and the fenced operations).
+    fn write_command(op: FencedOp) -> Result<Command> {
+        Ok(match op {
+            FencedOp::Put { key, value, lease } => {
+                Self::check_value(&key, &value)?;
+                Command::Put { key, value, lease }
+            }
+            FencedOp::Delete { key } => Command::Delete { key },
+            FencedOp::DeletePrefix { prefix } => Command::DeletePrefix { prefix },
+            FencedOp::CompareAndSwap {
+                key,
+                expected_mod_revision,
+                write,
+            } => {
+                let put = match write {
+                    CasWrite::Put { value, lease } => {
+                        Self::check_value(&key, &value)?;
+                        Some(CasPut { value, lease })
+                    }
+                    CasWrite::Delete => None,
+                };
+                Command::CompareAndSwap {
+                    key,
+                    expected_mod_revision,
+                    put,
+                }
+            }
+        })
+    }
+}
+
+/// Which key write a [`FencedOp`] is, to read the state machine's answer.
+#[derive(Debug, Clone, Copy)]
+enum WriteKind {
+    Put,
+    Delete,
+    DeletePrefix,
+    CompareAndSwap,
+}
+
+impl WriteKind {
+    fn of(op: &FencedOp) -> Self {
+        match op {
+            FencedOp::Put { .. } => WriteKind::Put,
+            FencedOp::Delete { .. } => WriteKind::Delete,
+            FencedOp::DeletePrefix { .. } => WriteKind::DeletePrefix,
+            FencedOp::CompareAndSwap { .. } => WriteKind::CompareAndSwap,
+        }
+    }
+}
+
+/// The state machine's answer to a key write, as the plain operation's result.
+fn write_outcome(kind: WriteKind, resp: CommandResponse) -> Result<FencedOutcome> {
+    match (kind, resp) {
+        (WriteKind::Put, CommandResponse::Written { revision }) => Ok(FencedOutcome::Put(revision)),
+        (WriteKind::Delete, CommandResponse::Written { revision }) => {
+            Ok(FencedOutcome::Delete(Some(revision)))
+        }
+        (WriteKind::Delete, CommandResponse::NotFound) => Ok(FencedOutcome::Delete(None)),
+        (WriteKind::DeletePrefix, CommandResponse::DeletedPrefix { count }) => {
+            Ok(FencedOutcome::DeletePrefix(count))
+        }
+        (WriteKind::CompareAndSwap, CommandResponse::Written { revision }) => {
+            Ok(FencedOutcome::CompareAndSwap(CasOutcome::Succeeded {
+                revision,
+            }))
+        }
+        (WriteKind::CompareAndSwap, CommandResponse::CasFailed { current }) => {
+            Ok(FencedOutcome::CompareAndSwap(CasOutcome::Failed {
+                current: current.map(Into::into),
+            }))
+        }
+        (_, CommandResponse::LeaseNotFound { lease }) => Err(StoreError::LeaseNotFound(lease)),
+        (_, other) => Err(unexpected("fenced_write", &other)),
     }
 }
 
@@ -141,6 +217,23 @@ impl Store for RaftStore {
             }),
             CommandResponse::LeaseNotFound { lease } => Err(StoreError::LeaseNotFound(lease)),
             other => Err(unexpected("compare_and_swap", &other)),
+        }
+    }
+
+    async fn fenced_write(&self, fence: &Fence, op: FencedOp) -> Result<FencedOutcome> {
+        let kind = WriteKind::of(&op);
+        let cmd = Command::Fenced {
+            fence_key: fence.key.clone(),
+            fence_mod_revision: fence.mod_revision,
+            command: Box::new(Self::write_command(op)?),
+        };
+        match self.replica.write(cmd).await? {
+            CommandResponse::Fenced { current } => Err(StoreError::Fenced {
+                key: String::from_utf8_lossy(&fence.key).into_owned(),
+                expected: fence.mod_revision,
+                current,
+            }),
+            resp => write_outcome(kind, resp),
         }
     }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clustermesh_store::conformance::{Check, FreshStore, Suite, SuiteOptions};
 use clustermesh_store::{
-    CasOutcome, CasWrite, EtcdStore, KeyValue, LeaseId, ListResult, Result, Revision, Store,
-    WatchStream,
+    CasOutcome, CasWrite, EtcdStore, Fence, FencedOp, FencedOutcome, KeyValue, LeaseId, ListResult,
+    Result, Revision, Store, WatchStream,
 };
 use clustermesh_test_support as support;
 use futures::StreamExt;
@@ -25,6 +25,8 @@ enum Fault {
     CasIgnoresRevision,
     /// Leases are granted for an hour whatever TTL was asked for.
     LeaseNeverExpires,
+    /// `fenced_write` writes without checking the fence.
+    FenceIgnored,
 }
 
 /// An etcd store with one fault.
@@ -69,6 +71,29 @@ impl Store for Faulty {
             CasWrite::Delete => self.inner.delete(key).await?.unwrap_or_default(),
         };
         Ok(CasOutcome::Succeeded { revision })
+    }
+    async fn fenced_write(&self, fence: &Fence, op: FencedOp) -> Result<FencedOutcome> {
+        if !matches!(self.fault, Fault::FenceIgnored) {
+            return self.inner.fenced_write(fence, op).await;
+        }
+        Ok(match op {
+            FencedOp::Put { key, value, lease } => {
+                FencedOutcome::Put(self.inner.put(&key, value, lease).await?)
+            }
+            FencedOp::Delete { key } => FencedOutcome::Delete(self.inner.delete(&key).await?),
+            FencedOp::DeletePrefix { prefix } => {
+                FencedOutcome::DeletePrefix(self.inner.delete_prefix(&prefix).await?)
+            }
+            FencedOp::CompareAndSwap {
+                key,
+                expected_mod_revision,
+                write,
+            } => FencedOutcome::CompareAndSwap(
+                self.inner
+                    .compare_and_swap(&key, expected_mod_revision, write)
+                    .await?,
+            ),
+        })
     }
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream> {
         let stream = self.inner.watch(prefix, from).await?;
@@ -154,4 +179,9 @@ async fn cas_without_comparison_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_that_never_expires_is_caught() {
     expect_failure(Fault::LeaseNeverExpires, Check::LeaseExpiry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_ignoring_its_fence_is_caught() {
+    expect_failure(Fault::FenceIgnored, Check::FencedWrite).await;
 }

@@ -75,8 +75,9 @@ pub enum DirSourceError {
     },
 }
 
-/// The directory source. See the module docs.
-#[derive(Debug)]
+/// The directory source. See the module docs. A clone scans the same directory from
+/// scratch when run.
+#[derive(Debug, Clone)]
 pub struct DirSource {
     root: PathBuf,
     poll_interval: Duration,

@@ -64,7 +64,9 @@ pub enum KubernetesSourceError {
     },
 }
 
-/// The Kubernetes API source. See the module docs.
+/// The Kubernetes API source. See the module docs. A clone shares the client and starts
+/// its own watchers when run.
+#[derive(Clone)]
 pub struct KubernetesSource {
     client: kube::Client,
     watcher_config: watcher::Config,
