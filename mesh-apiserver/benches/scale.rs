@@ -58,10 +58,11 @@ use clustermesh_api::v1::{self, mesh_api_client::MeshApiClient, watch_event::Eve
 use clustermesh_apiserver::cache::CacheConfig;
 use clustermesh_apiserver::export::ExportConfig;
 use clustermesh_apiserver::grpc::AccessPolicy;
+use clustermesh_apiserver::leader::ElectionConfig;
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::mirror::{MirrorConfig, MirrorLimits};
 use clustermesh_apiserver::peer_view::PodExport;
-use clustermesh_apiserver::server::{self, ServerOptions};
+use clustermesh_apiserver::server::{self, ServerOptions, SourceFactory};
 use clustermesh_apiserver::source::{
     parse_manifests, K8sObject, ObjectKind, Source, SourceError, SourceEvent,
 };
@@ -141,13 +142,14 @@ struct BenchSource {
     cluster: usize,
     services: usize,
     backends: usize,
-    commands: mpsc::UnboundedReceiver<(usize, usize)>,
+    /// Shared by every source the server makes (a new one each time it becomes leader).
+    commands: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(usize, usize)>>>,
 }
 
 #[async_trait::async_trait]
 impl Source for BenchSource {
     async fn run(
-        mut self: Box<Self>,
+        self: Box<Self>,
         events: mpsc::Sender<SourceEvent>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
@@ -182,10 +184,11 @@ impl Source for BenchSource {
                 return Ok(());
             }
         }
+        let mut commands = self.commands.lock().await;
         loop {
             let command = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                c = self.commands.recv() => c,
+                c = commands.recv() => c,
             };
             let Some((i, unready)) = command else {
                 return Ok(());
@@ -247,12 +250,16 @@ async fn server_main() {
         .unwrap(),
     );
     let (tx, commands) = mpsc::unbounded_channel();
-    let source = BenchSource {
-        cluster: args.index,
-        services: args.services,
-        backends: args.backends,
-        commands,
-    };
+    let commands = Arc::new(tokio::sync::Mutex::new(commands));
+    let (index, services, backends) = (args.index, args.services, args.backends);
+    let source: SourceFactory = Arc::new(move || -> Box<dyn Source> {
+        Box::new(BenchSource {
+            cluster: index,
+            services,
+            backends,
+            commands: Arc::clone(&commands),
+        })
+    });
     let shutdown = CancellationToken::new();
     // Commands from the orchestrator; end of stdin (the orchestrator is gone) ends the
     // process.
@@ -294,11 +301,10 @@ async fn server_main() {
         stream_buffer: 1024,
         metrics: Arc::new(Metrics::new()),
         mirror,
+        election: ElectionConfig::new(cluster.clone(), "1"),
     };
     let _ = args.clusters;
-    server::run(store, Box::new(source), options, shutdown)
-        .await
-        .unwrap();
+    server::run(store, source, options, shutdown).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
