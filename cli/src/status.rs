@@ -46,8 +46,23 @@ pub struct ApiserverStatus {
     /// Each mirrored peer (from `Status`).
     #[serde(default)]
     pub mirrored: Vec<MirroredPeer>,
+    /// The replica that runs the exporter and the mirror (from `Status`).
+    #[serde(default)]
+    pub leader: Option<Leader>,
     /// Error when unreachable.
     pub error: Option<String>,
+}
+
+/// The leader election among the mesh API server's replicas, as the replica that
+/// answered sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leader {
+    /// The replica holding the lease (empty: none right now).
+    pub holder: String,
+    /// The replica that answered is the leader.
+    pub answered_by_leader: bool,
+    /// Fencing token of the current term.
+    pub term: u64,
 }
 
 /// One peer the mesh API server mirrors into its store.
@@ -225,6 +240,19 @@ impl MeshStatus {
                 .collect();
             out.push_str(&format!("Exported:    {}\n", list.join(", ")));
         }
+        if let Some(l) = &api.leader {
+            let holder = if l.holder.is_empty() {
+                "none (election in progress)"
+            } else {
+                l.holder.as_str()
+            };
+            let who = if l.answered_by_leader {
+                "this replica"
+            } else {
+                "another replica"
+            };
+            out.push_str(&format!("Leader:      {holder} ({who}, term {})\n", l.term));
+        }
         if api.mirror_enabled {
             out.push_str(&format!(
                 "Mirroring:   {} peers, {} synced\n",
@@ -373,6 +401,16 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             revision: Some(info.revision),
             watchers: info.status.as_ref().map(|s| s.watchers.len()),
             mirror_enabled: info.status.as_ref().is_some_and(|s| s.mirror_enabled),
+            leader: info
+                .status
+                .as_ref()
+                .and_then(|s| s.leader.as_ref())
+                .filter(|l| l.enabled)
+                .map(|l| Leader {
+                    holder: l.holder.clone(),
+                    answered_by_leader: l.is_leader,
+                    term: l.term,
+                }),
             mirrored: info
                 .status
                 .as_ref()
@@ -402,6 +440,7 @@ pub async fn collect(dir: &StateDir, state: &ClusterState, timeout: Duration) ->
             records: std::collections::BTreeMap::new(),
             mirror_enabled: false,
             mirrored: Vec::new(),
+            leader: None,
             error: Some(e.to_string()),
         },
     };
@@ -583,6 +622,7 @@ mod tests {
                 records: Default::default(),
                 mirror_enabled: false,
                 mirrored: Vec::new(),
+                leader: None,
                 error: None,
             },
             agents,
@@ -615,7 +655,16 @@ mod tests {
                 ..Default::default()
             }),
         ];
+        s.apiserver.leader = Some(Leader {
+            holder: "replica-1".into(),
+            answered_by_leader: false,
+            term: 17,
+        });
         let table = s.table();
+        assert!(
+            table.contains("Leader:      replica-1 (another replica, term 17)"),
+            "{table}"
+        );
         assert!(table.contains("Mirroring:   2 peers, 2 synced"), "{table}");
         assert!(
             table.contains("peer c2                  watching synced, 12 records, revision 41"),

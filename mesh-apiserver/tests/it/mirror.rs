@@ -966,3 +966,30 @@ async fn a_peer_back_at_a_lower_revision_resyncs_without_a_gap() {
     n.stop().await;
     restored.shutdown().await;
 }
+
+/// A peer serving a record that belongs to another cluster (here a service whose record
+/// names south, under west's key) has that record refused, logged and counted; the rest
+/// of its state is mirrored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_record_of_another_cluster_is_refused_and_counted() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    let liar = keys::service_key("west", "default", "liar");
+    put(&west.store, &liar, service("south", "liar").encode_to_vec()).await;
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits::default(),
+    )
+    .await;
+    until("west's own records are mirrored", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    assert!(!keys_of(&n.store, "west").await.contains(&liar));
+    let peer = n.status.peer("west").unwrap();
+    assert!(peer.refused_records >= 1, "{peer:?}");
+    server.stop().await;
+    n.stop().await;
+    west.shutdown().await;
+}
