@@ -48,6 +48,7 @@ use clustermesh_api::keys::{self, Kind};
 use clustermesh_api::v1;
 use clustermesh_certs::TrustDomain;
 use clustermesh_store::{Store, StoreError};
+use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -55,6 +56,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::timed;
+
+/// Store writes of one peer's full state in flight at once.
+const WRITES_IN_FLIGHT: usize = 64;
 
 /// The kinds mirrored from a peer: what peers serve and agents read.
 pub const MIRRORED_KINDS: [Kind; 3] = [Kind::Identity, Kind::Endpoint, Kind::Service];
@@ -600,6 +604,25 @@ impl Mirror {
         Ok(self.keys.entry(cluster.to_owned()).or_default())
     }
 
+    /// One write of a full sync as an owned future: `Some` puts, `None` deletes.
+    fn write(
+        &self,
+        key: String,
+        value: Option<Bytes>,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (store, metrics) = (Arc::clone(&self.store), Arc::clone(&self.metrics));
+        async move {
+            match value {
+                Some(v) => timed(&metrics, "put", store.put(key.as_bytes(), v.to_vec(), None))
+                    .await
+                    .map(drop),
+                None => timed(&metrics, "delete", store.delete(key.as_bytes()))
+                    .await
+                    .map(drop),
+            }
+        }
+    }
+
     /// A full sync of `cluster`: writes what differs, deletes what is gone, then marks the
     /// peer synced.
     async fn replace(
@@ -627,33 +650,37 @@ impl Mirror {
                 }
             }
         }
-        let mut puts = 0usize;
-        let mut deletes = 0usize;
-        for (key, value) in records {
-            let Some(value) = value else {
-                // Did not validate: the previous value (if any) stays.
-                continue;
-            };
-            if current
-                .get(key)
-                .is_some_and(|v| v.as_slice() == value.as_ref())
-            {
-                continue;
-            }
-            timed(
-                &self.metrics,
-                "put",
-                self.store.put(key.as_bytes(), value.to_vec(), None),
-            )
-            .await?;
-            puts += 1;
-        }
-        for key in current.keys() {
-            if !records.contains_key(key) {
-                timed(&self.metrics, "delete", self.store.delete(key.as_bytes())).await?;
-                deletes += 1;
-            }
-        }
+        // The writes of a full state are independent (the markers come after all of
+        // them): up to WRITES_IN_FLIGHT at once, so the store can commit them in batches
+        // instead of one round trip (and fsync) per record.
+        let puts: Vec<(String, Bytes)> = records
+            .iter()
+            .filter_map(|(key, value)| {
+                // `None`: did not validate; the previous value (if any) stays.
+                let value = value.as_ref()?;
+                let same = current
+                    .get(key)
+                    .is_some_and(|v| v.as_slice() == value.as_ref());
+                (!same).then(|| (key.clone(), value.clone()))
+            })
+            .collect();
+        let deletes: Vec<String> = current
+            .keys()
+            .filter(|key| !records.contains_key(*key))
+            .cloned()
+            .collect();
+        let (puts, deletes) = (puts.len(), {
+            let writes: Vec<_> = puts
+                .into_iter()
+                .map(|(key, value)| self.write(key, Some(value)))
+                .chain(deletes.iter().cloned().map(|key| self.write(key, None)))
+                .collect();
+            futures::stream::iter(writes)
+                .buffer_unordered(WRITES_IN_FLIGHT)
+                .try_collect::<()>()
+                .await?;
+            deletes.len()
+        });
         for kind in MIRRORED_KINDS {
             let marker = keys::synced_key(cluster, kind);
             if timed(&self.metrics, "get", self.store.get(marker.as_bytes()))
