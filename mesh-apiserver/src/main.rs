@@ -145,6 +145,10 @@ struct Cli {
     /// Records one peer may make this cluster store (all kinds together).
     #[arg(long)]
     mirror_max_records_per_peer: Option<usize>,
+    /// Bytes of one mirrored record's value (default and maximum: the store's value limit,
+    /// 1.5 MiB); a peer's larger record is refused.
+    #[arg(long)]
+    mirror_max_value_bytes: Option<usize>,
     /// Longest pause between reconnects to an unreachable peer (default 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
     mirror_max_backoff: Option<Duration>,
@@ -204,6 +208,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde::option")]
     mirror_stale_ttl: Option<Duration>,
     mirror_max_records_per_peer: Option<usize>,
+    mirror_max_value_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde::option")]
     mirror_max_backoff: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -252,6 +257,7 @@ impl Cli {
             mirror_peers,
             mirror_stale_ttl,
             mirror_max_records_per_peer,
+            mirror_max_value_bytes,
             mirror_max_backoff,
             mirror_peers_poll,
             replica_name,
@@ -399,6 +405,10 @@ async fn run(cli: Cli) -> Result<()> {
             max_records_per_peer: cli
                 .mirror_max_records_per_peer
                 .unwrap_or(MirrorLimits::default().max_records_per_peer),
+            max_value_bytes: cli
+                .mirror_max_value_bytes
+                .unwrap_or(MirrorLimits::default().max_value_bytes)
+                .min(MirrorLimits::default().max_value_bytes),
         },
     });
     let replica_name = match &cli.replica_name {

@@ -68,12 +68,16 @@ pub const MIRRORED_KINDS: [Kind; 3] = [Kind::Identity, Kind::Endpoint, Kind::Ser
 pub struct MirrorLimits {
     /// Records (all mirrored kinds together) per peer.
     pub max_records_per_peer: usize,
+    /// Bytes of one record's value (at most the store's own limit, which a peer's
+    /// exporter also keeps to).
+    pub max_value_bytes: usize,
 }
 
 impl Default for MirrorLimits {
     fn default() -> Self {
         Self {
             max_records_per_peer: 2_000_000,
+            max_value_bytes: clustermesh_store::MAX_VALUE_SIZE,
         }
     }
 }
@@ -495,6 +499,11 @@ impl Mirror {
                 if self.refuse_own(cluster) {
                     return Ok(());
                 }
+                if value.len() > self.limits.max_value_bytes {
+                    self.refused(cluster, "value-size");
+                    tracing::error!(peer = %cluster, key = %key, bytes = value.len(), limit = self.limits.max_value_bytes, "peer record exceeds the value size limit; refused, its previous value (if any) stays");
+                    return Ok(());
+                }
                 let known = self.peer_keys(cluster).await?;
                 if !known.contains(key) && known.len() >= self.limits.max_records_per_peer {
                     self.refused(cluster, "limit");
@@ -653,11 +662,26 @@ impl Mirror {
         // The writes of a full state are independent (the markers come after all of
         // them): up to WRITES_IN_FLIGHT at once, so the store can commit them in batches
         // instead of one round trip (and fsync) per record.
+        let oversized: Vec<&String> = records
+            .iter()
+            .filter(|(_, v)| {
+                v.as_ref()
+                    .is_some_and(|v| v.len() > self.limits.max_value_bytes)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &oversized {
+            self.refused(cluster, "value-size");
+            tracing::error!(peer = %cluster, key = %key, limit = self.limits.max_value_bytes, "peer record exceeds the value size limit; refused, its previous value (if any) stays");
+        }
         let puts: Vec<(String, Bytes)> = records
             .iter()
             .filter_map(|(key, value)| {
-                // `None`: did not validate; the previous value (if any) stays.
-                let value = value.as_ref()?;
+                // `None`: did not validate; the previous value (if any) stays. So does
+                // the previous value of a record over the size limit.
+                let value = value
+                    .as_ref()
+                    .filter(|v| v.len() <= self.limits.max_value_bytes)?;
                 let same = current
                     .get(key)
                     .is_some_and(|v| v.as_slice() == value.as_ref());

@@ -486,6 +486,7 @@ async fn a_peer_whose_full_state_exceeds_the_limit_is_cut_off_and_named() {
         &[("north", 2, 1), ("west", 1, port)],
         MirrorLimits {
             max_records_per_peer: 3,
+            ..MirrorLimits::default()
         },
     )
     .await;
@@ -519,6 +520,7 @@ async fn the_writer_refuses_states_and_live_records_past_the_limit() {
         "north".into(),
         MirrorLimits {
             max_records_per_peer: 2,
+            ..MirrorLimits::default()
         },
         Arc::clone(&metrics),
     );
@@ -989,6 +991,64 @@ async fn a_peer_record_of_another_cluster_is_refused_and_counted() {
     assert!(!keys_of(&n.store, "west").await.contains(&liar));
     let peer = n.status.peer("west").unwrap();
     assert!(peer.refused_records >= 1, "{peer:?}");
+    server.stop().await;
+    n.stop().await;
+    west.shutdown().await;
+}
+
+/// A peer record larger than the value size limit is refused (logged, counted) instead of
+/// stalling the writer on a store that would refuse it; the previous value stays, and the
+/// rest of the peer is mirrored, in a full state and live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_record_over_the_value_size_limit_is_refused_and_the_rest_mirrored() {
+    let ca = MeshCa::generate(TrustDomain::new(TD).unwrap()).unwrap();
+    let (server, west, port) = west_server(&ca, "west", 1).await;
+    let mut big = service("west", "big");
+    let one = big.backends[0].clone();
+    big.backends = (0..100)
+        .map(|i| v1::Backend {
+            ip: format!("10.1.1.{i}"),
+            ..one.clone()
+        })
+        .collect();
+    let big_key = keys::service_key("west", "default", "big");
+    put(&west.store, &big_key, big.encode_to_vec()).await;
+    assert!(big.encode_to_vec().len() > 2_000);
+    let n = north(
+        &ca,
+        &[("north", 2, 1), ("west", 1, port)],
+        MirrorLimits {
+            max_value_bytes: 2_000,
+            ..MirrorLimits::default()
+        },
+    )
+    .await;
+    until("west's other records are mirrored", async || {
+        keys_of(&n.store, "west").await == expected_west_keys()
+    })
+    .await;
+    assert!(!keys_of(&n.store, "west").await.contains(&big_key));
+    // Live: an oversized write is refused too, and the mirror keeps going.
+    let big2 = keys::service_key("west", "default", "big2");
+    put(&west.store, &big2, big.encode_to_vec()).await;
+    let ok = keys::endpoint_key("west", "10.1.0.20".parse().unwrap());
+    put(
+        &west.store,
+        &ok,
+        endpoint("west", "10.1.0.20", 65_800).encode_to_vec(),
+    )
+    .await;
+    until("a later record of west still arrives", async || {
+        keys_of(&n.store, "west").await.contains(&ok)
+    })
+    .await;
+    assert!(!keys_of(&n.store, "west").await.contains(&big2));
+    let text = n.metrics.encode();
+    let refused = text
+        .lines()
+        .find(|l| l.contains("mirror_refused_total") && l.contains("value-size"))
+        .unwrap_or_else(|| panic!("no value-size refusal counted:\n{text}"));
+    assert!(refused.ends_with(" 2"), "{refused}");
     server.stop().await;
     n.stop().await;
     west.shutdown().await;
