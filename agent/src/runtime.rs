@@ -741,6 +741,16 @@ mod tests {
         );
     }
 
+    /// A cluster entry whose server cannot be reached (the watcher never connects).
+    fn entry(name: &str) -> ClusterEntry {
+        ClusterEntry {
+            name: name.into(),
+            id: 0,
+            endpoints: vec!["127.0.0.1:1".into()],
+            ca_file: "/nonexistent/ca.crt".into(),
+        }
+    }
+
     /// A supervisor of nothing yet, its view, its stop token and the updates it sends.
     fn test_supervisor() -> (
         Supervisor,
@@ -768,12 +778,6 @@ mod tests {
     /// `sync_watchers` returns; the status board must list every cluster already.
     #[tokio::test(flavor = "current_thread")]
     async fn every_configured_cluster_is_on_the_board_before_its_watcher_runs() {
-        let entry = |name: &str| ClusterEntry {
-            name: name.into(),
-            id: 0,
-            endpoints: vec!["127.0.0.1:1".into()],
-            ca_file: "/nonexistent/ca.crt".into(),
-        };
         let config = AgentConfig {
             local_cluster: "east".into(),
             mode: clustermesh_api::agent_config::WatchMode::Direct,
@@ -809,12 +813,6 @@ mod tests {
     /// while every configured cluster is on the board for the initial-sync gate.
     #[tokio::test(flavor = "current_thread")]
     async fn mirror_mode_runs_one_watcher_of_the_local_cluster() {
-        let entry = |name: &str| ClusterEntry {
-            name: name.into(),
-            id: 0,
-            endpoints: vec!["127.0.0.1:1".into()],
-            ca_file: "/nonexistent/ca.crt".into(),
-        };
         let config = AgentConfig {
             local_cluster: "east".into(),
             mode: WatchMode::Mirror,

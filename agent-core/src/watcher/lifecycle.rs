@@ -279,10 +279,8 @@ async fn session(
     };
     let kinds: std::collections::BTreeSet<Kind> = if config.all_clusters {
         mesh::watch_kinds()
-    } else if config.local {
-        [Kind::Identity, Kind::Endpoint, Kind::Service, Kind::Policy].into()
     } else {
-        [Kind::Identity, Kind::Endpoint, Kind::Service].into()
+        mesh::agent_kinds(config.local)
     };
     let request = v1::WatchRequest {
         kinds: kinds.iter().map(|k| k.to_proto() as i32).collect(),

@@ -152,26 +152,27 @@ impl MeshClusters {
     }
 }
 
-/// The kinds the agent reads of `cluster`: policies of its own cluster only.
-fn kinds_of(cluster: &str, home: &str) -> BTreeSet<Kind> {
+/// The kinds an agent reads of a cluster: policies of its own (`local`) cluster only.
+#[must_use]
+pub fn agent_kinds(local: bool) -> BTreeSet<Kind> {
     let mut kinds: BTreeSet<Kind> = [Kind::Identity, Kind::Endpoint, Kind::Service].into();
-    if cluster == home {
+    if local {
         kinds.insert(Kind::Policy);
     }
     kinds
 }
 
+/// The kinds the agent reads of `cluster`, whose own cluster is `home`.
+fn kinds_of(cluster: &str, home: &str) -> BTreeSet<Kind> {
+    agent_kinds(cluster == home)
+}
+
 /// The kinds an all-clusters watch asks for.
 #[must_use]
 pub fn watch_kinds() -> BTreeSet<Kind> {
-    [
-        Kind::ClusterConfig,
-        Kind::Identity,
-        Kind::Endpoint,
-        Kind::Service,
-        Kind::Policy,
-    ]
-    .into()
+    let mut kinds = agent_kinds(true);
+    kinds.insert(Kind::ClusterConfig);
+    kinds
 }
 
 /// One session's context.
@@ -342,6 +343,11 @@ impl Session<'_> {
             .is_ok()
     }
 
+    /// How a mirrored cluster is reached, for its status: through our own server.
+    fn via(&self) -> String {
+        format!("via {} ({})", self.home, self.endpoint)
+    }
+
     /// The cluster a record key belongs to; `None` (logged, counted against the home
     /// cluster) for a key that is not a mesh key.
     fn cluster_of(&self, key: &str) -> Option<String> {
@@ -408,7 +414,7 @@ impl Session<'_> {
             return !was_in_force || self.send_drop(cluster).await;
         }
         held.info = Some(info.clone());
-        let endpoint = format!("via {} ({})", self.home, self.endpoint);
+        let endpoint = self.via();
         self.status.update(cluster, |s| {
             s.connected = true;
             s.endpoint = endpoint;
@@ -446,11 +452,10 @@ impl Session<'_> {
             return true;
         }
         let done = std::mem::take(&mut held.resync);
-        held.resync.synced = done.synced.clone();
         held.syncing = false;
         held.in_force = true;
         tracing::info!(cluster = %cluster, services = done.services.len(), inputs = done.inputs.len(), "cluster synced through our cluster's server");
-        let endpoint = format!("via {} ({})", self.home, self.endpoint);
+        let endpoint = self.via();
         let home = cluster == self.home;
         self.status.update(cluster, |s| {
             s.phase = Phase::Watching;
